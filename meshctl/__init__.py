@@ -1,0 +1,1 @@
+"""meshctl: a Linux kernel-backed service mesh controller."""
