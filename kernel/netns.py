@@ -85,9 +85,19 @@ def run_in(ns: Namespace, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["value"]  # type: ignore[no-any-return]
+    value: T = outcome["value"]
+    return value
 
 
 def inode(ns: Namespace) -> int:
     """The namespace's inode number: equal inodes mean the same namespace."""
     return os.stat(path(ns) if ns is not None else "/proc/thread-self/ns/net").st_ino
+
+
+class Netns:
+    """The namespace verbs as an object, so callers can be handed the fake instead (kernel.fake)."""
+
+    create = staticmethod(create)
+    delete = staticmethod(delete)
+    exists = staticmethod(exists)
+    list_namespaces = staticmethod(list_namespaces)
