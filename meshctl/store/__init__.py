@@ -1,0 +1,198 @@
+"""The desired-state store: a small, etcd-shaped key-value API that every part of meshctl uses.
+
+Keys are (kind, name), values JSON-able dicts. One global revision grows with every write, so
+callers can compare-and-swap on a key's mod_revision and watch every change after a revision.
+The embedded SQLite implementation is the default; an etcd one can satisfy the same protocol.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol
+
+DEFAULT_STATE_DIR = "/var/lib/meshctl"
+STATE_DIR_ENV = "MESHCTL_STATE_DIR"
+STATE_DB = "state.db"
+
+# A stored value: a dict that survives a JSON round trip.
+Value = dict[str, Any]
+EventType = Literal["put", "delete"]
+
+
+@dataclass(frozen=True)
+class Record:
+    """One stored key: its value, the revision that created it and the one that last changed it."""
+
+    kind: str
+    name: str
+    value: Value
+    create_revision: int
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One change in the store's history; value is None for a delete."""
+
+    revision: int
+    type: EventType
+    kind: str
+    name: str
+    value: Value | None
+
+
+@dataclass(frozen=True)
+class Put:
+    """A write inside a txn. expect: None unconditional, 0 must not exist, N mod_revision is N."""
+
+    kind: str
+    name: str
+    value: Value
+    expect: int | None = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    """A delete inside a txn, expect as for Put; a missing key with expect None is a no-op."""
+
+    kind: str
+    name: str
+    expect: int | None = None
+
+
+Op = Put | Delete
+
+
+class StoreError(Exception):
+    """The store could not do what was asked; the message says what to do next."""
+
+
+class Conflict(StoreError):
+    """A compare-and-swap failed: the key is not at the revision the caller expected.
+
+    expect is what the caller asked for (0: must not exist); actual is the key's mod_revision
+    now (0: it does not exist). `exists` tells "already exists" from "changed meanwhile".
+    """
+
+    def __init__(self, kind: str, name: str, expect: int, actual: int) -> None:
+        self.kind = kind
+        self.name = name
+        self.expect = expect
+        self.actual = actual
+        if expect == 0:
+            detail = f"already exists (revision {actual})"
+        elif actual == 0:
+            detail = f"does not exist (expected revision {expect})"
+        else:
+            detail = f"changed meanwhile (revision {actual}, expected {expect}); read it again"
+        super().__init__(f"{kind} {name} {detail}")
+
+    @property
+    def exists(self) -> bool:
+        return self.actual != 0
+
+
+class Compacted(StoreError):
+    """The history asked for is gone: list the current state again and watch from its revision."""
+
+    def __init__(self, revision: int, compacted: int) -> None:
+        self.revision = revision
+        self.compacted = compacted
+        super().__init__(
+            f"store history up to revision {compacted} was compacted, cannot watch from "
+            f"{revision}; list again and watch from the current revision"
+        )
+
+
+class Store(Protocol):
+    """Desired state: get, list, put and delete with compare-and-swap, atomic txn, watch.
+
+    To follow the store without missing a change: rev = revision(), then list(), then loop on
+    watch(rev) and set rev to the last event's revision. A change made between the two calls
+    is seen twice (once in the list, once as an event), which a reconciler handles anyway.
+    """
+
+    def get(self, kind: str, name: str) -> Record | None:
+        """The record of a key, None if absent."""
+        ...
+
+    def list(self, kind: str) -> builtins.list[Record]:
+        """All records of a kind, sorted by name."""
+        ...
+
+    def revision(self) -> int:
+        """The store's current revision (0 for an empty store that was never written)."""
+        ...
+
+    def put(self, kind: str, name: str, value: Value, *, expect: int | None = None) -> Record:
+        """Write a key at a new revision; raise Conflict when expect does not hold."""
+        ...
+
+    def delete(self, kind: str, name: str, *, expect: int | None = None) -> bool:
+        """Delete a key; True if it existed. Raise Conflict when expect does not hold."""
+        ...
+
+    def txn(self, ops: Sequence[Op]) -> int:
+        """Apply all ops at one new revision or none (Conflict); return the store's revision.
+
+        Every op's expect is checked against the state before the txn; a key may appear only
+        once. A txn that changes nothing (only deletes of missing keys) adds no revision.
+        """
+        ...
+
+    def events_since(self, revision: int) -> builtins.list[Event]:
+        """Every event after revision, oldest first; Compacted if that history is gone."""
+        ...
+
+    def watch(self, from_revision: int, *, timeout: float) -> builtins.list[Event]:
+        """Block until there are events after from_revision and return them; [] on timeout."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's connections; the object is unusable afterwards."""
+        ...
+
+    def __enter__(self) -> Store: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+def resolve_state_dir(cli_value: str | None) -> str:
+    """The state dir as an absolute path: --state-dir, else $MESHCTL_STATE_DIR, else the default."""
+    chosen = cli_value or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return os.path.abspath(chosen)
+
+
+def default_store_url(state_dir: str) -> str:
+    """The --store default: the SQLite file state.db in the state directory."""
+    return "sqlite://" + os.path.join(os.path.abspath(state_dir), STATE_DB)
+
+
+def open_store(url: str) -> Store:
+    """Open the store a --store URL names: sqlite:///abs/path/state.db (etcd:// comes later)."""
+    if url.startswith("sqlite://"):
+        path = url.removeprefix("sqlite://")
+        if not path.startswith("/"):
+            raise StoreError(
+                f"store URL {url!r} needs an absolute path, like sqlite:///var/lib/meshctl/state.db"
+            )
+        from meshctl.store.sqlite import SqliteStore
+
+        # sqlite:////abs (SQLAlchemy's spelling) names the same file as sqlite:///abs.
+        return SqliteStore("/" + path.lstrip("/"))
+    if url.startswith("etcd://"):
+        raise StoreError(
+            f"store URL {url!r}: etcd is not supported yet; use sqlite:///<state-dir>/state.db"
+        )
+    raise StoreError(
+        f"store URL {url!r} is not understood; use sqlite:///<absolute path to state.db>"
+    )
