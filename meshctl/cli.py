@@ -1,0 +1,494 @@
+"""The docker-like command line: parse, call meshctl.ops, print (meshctl.output).
+
+Imports no kernel module at import time, so `meshctl --help` works without root. Exit codes:
+0 ok, 1 failed (one line on stderr, nothing changed), 2 usage error (click's own).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any, Literal, TypeVar
+
+import click
+
+from meshctl import ops, output
+from meshctl.model import (
+    HealthCheck,
+    HealthKind,
+    MeshctlError,
+    NetworkAttachment,
+    PublishedPort,
+    RestartPolicy,
+    Service,
+    Task,
+    ValidationError,
+    duration,
+)
+from meshctl.store import Store, StoreError, default_store_url, open_store, resolve_state_dir
+
+# How long create/update/scale wait for tasks to run when a controller is up (no --detach).
+CONVERGE_TIMEOUT = 60.0
+POLL_INTERVAL = 0.5
+Format = Literal["table", "json"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Group(click.Group):
+    """A click group that turns meshctl's errors into one line on stderr and exit code 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (MeshctlError, StoreError) as err:
+            raise click.ClickException(str(err)) from None
+
+
+class _Env:
+    """The state dir and store of this invocation; the store is opened on first use."""
+
+    def __init__(self, state_dir: str | None, store_url: str | None) -> None:
+        self.state_dir = resolve_state_dir(state_dir)
+        self.store_url = store_url or default_store_url(self.state_dir)
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.store_url)
+        return self._store
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+
+def _format_option(fn: F) -> F:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(["table", "json"]),
+        default="table",
+        show_default=True,
+        help="Output format; the JSON is stable (docs/cli-json.md).",
+    )(fn)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--state-dir",
+    envvar="MESHCTL_STATE_DIR",
+    help="Directory of meshctl's state (default /var/lib/meshctl).",
+)
+@click.option(
+    "--store",
+    "store_url",
+    envvar="MESHCTL_STORE",
+    help="Store URL (default sqlite:///<state-dir>/state.db).",
+)
+@click.pass_context
+def main(ctx: click.Context, state_dir: str | None, store_url: str | None) -> None:
+    """meshctl: DNS discovery and kernel load balancing for services on plain Linux hosts."""
+    env = _Env(state_dir, store_url)
+    ctx.obj = env
+    ctx.call_on_close(env.close)
+
+
+def _env() -> _Env:
+    env = click.get_current_context().find_object(_Env)
+    assert env is not None, "commands run inside main"
+    return env
+
+
+def _store() -> Store:
+    return _env().store
+
+
+def _pairs(values: Iterable[str], option: str) -> dict[str, str]:
+    """Read repeated KEY=VALUE options into a dict."""
+    result = {}
+    for value in values:
+        key, eq, val = value.partition("=")
+        if not eq or not key:
+            raise ValidationError(f"invalid {option} {value!r}: write KEY=VALUE")
+        result[key] = val
+    return result
+
+
+# -- network ---------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def network() -> None:
+    """Create, list, inspect and remove networks."""
+
+
+@network.command("create")
+@click.argument("name")
+@click.option("--subnet", help="IPv4 CIDR; default: the next free /24 of 10.10.0.0/16.")
+@click.option("--driver", type=click.Choice(["bridge"]), default="bridge", show_default=True)
+@click.option("--internal", is_flag=True, help="No egress: tasks reach only this network.")
+@click.option("--label", "labels", multiple=True, metavar="K=V", help="A label (repeatable).")
+def network_create(
+    name: str, subnet: str | None, driver: Literal["bridge"], internal: bool, labels: tuple[str]
+) -> None:
+    """Create network NAME and print its id."""
+    created = ops.create_network(
+        _store(),
+        name,
+        subnet=subnet,
+        driver=driver,
+        internal=internal,
+        labels=_pairs(labels, "--label"),
+    )
+    click.echo(created.id)
+
+
+@network.command("ls")
+@_format_option
+def network_ls(fmt: Format) -> None:
+    """List networks."""
+    store = _store()
+    networks = ops.list_networks(store)
+    if fmt == "json":
+        click.echo(
+            output.dumps([output.network_json(n, ops.network_ipam(store, n)) for n in networks])
+        )
+    else:
+        click.echo(output.network_table(networks))
+
+
+@network.command("inspect")
+@click.argument("name")
+@_format_option
+def network_inspect(name: str, fmt: Format) -> None:
+    """Show network NAME with its gateway and address allocations."""
+    store = _store()
+    net = ops.get_network(store, name)
+    state = ops.network_ipam(store, net)
+    if fmt == "json":
+        click.echo(output.dumps(output.network_json(net, state)))
+    else:
+        click.echo(output.network_pretty(net, state))
+
+
+@network.command("rm")
+@click.argument("name")
+def network_rm(name: str) -> None:
+    """Remove network NAME (refused while a service uses it)."""
+    ops.remove_network(_store(), name)
+    click.echo(name)
+
+
+# -- service ---------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def service() -> None:
+    """Create, list, inspect, scale, update and remove services; list their tasks; read logs."""
+
+
+def _service_options(fn: F) -> F:
+    """The spec options shared by `service create` and `service update`."""
+    options = [
+        click.option("--replicas", type=int, help="Number of tasks [create: 1]."),
+        click.option(
+            "--network",
+            "networks",
+            multiple=True,
+            metavar="NET[:ALIAS[,ALIAS]]",
+            help="Attach to a network, with extra DNS aliases (repeatable).",
+        ),
+        click.option(
+            "--publish",
+            "ports",
+            multiple=True,
+            metavar="[mode=ingress|host,][traffic=cluster|local,]PUBLISHED:TARGET[/tcp|/udp]",
+            help="Publish a port (repeatable).",
+        ),
+        click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), help="[create: vip]"),
+        click.option("--health-cmd", help="Health check: a command run with /bin/sh -c."),
+        click.option("--health-tcp", type=int, metavar="PORT", help="Health check: TCP connect."),
+        click.option("--health-http", metavar="PORT/PATH", help="Health check: HTTP GET, 2xx/3xx."),
+        click.option("--health-interval", metavar="D", help="Time between checks [30s]."),
+        click.option("--health-timeout", metavar="D", help="Time a check may take [30s]."),
+        click.option("--health-retries", type=int, help="Failures in a row to be unhealthy [3]."),
+        click.option("--health-start-period", metavar="D", help="Failures ignored after start."),
+        click.option(
+            "--restart-condition", type=click.Choice(["any", "on-failure", "none"]), help="[any]"
+        ),
+        click.option("--restart-delay", metavar="D", help="Wait before a restart [5s]."),
+        click.option("--restart-max-attempts", type=int, help="Restarts before giving up [0=∞]."),
+        click.option("--stop-grace-period", metavar="D", help="SIGTERM to SIGKILL [10s]."),
+        click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable."),
+        click.option(
+            "--hostname",
+            "hostnames",
+            multiple=True,
+            help="Hostname for the HTTP routing mesh (repeatable).",
+        ),
+        click.option("--detach", "-d", is_flag=True, help="Return without waiting for tasks."),
+        click.argument("command", nargs=-1, metavar="-- COMMAND [ARG...]"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _health(opts: Mapping[str, Any], current: HealthCheck | None) -> HealthCheck | None:
+    """The health check the options describe, layered over the current one (update)."""
+    kinds: dict[HealthKind, Any] = {
+        "cmd": opts["health_cmd"],
+        "tcp": opts["health_tcp"],
+        "http": opts["health_http"],
+    }
+    given = {k: v for k, v in kinds.items() if v is not None}
+    if len(given) > 1:
+        raise click.UsageError("give only one of --health-cmd, --health-tcp, --health-http")
+    settings: dict[str, Any] = {}
+    for key in ("interval", "timeout", "start_period"):
+        text = opts[f"health_{key}"]
+        if text is not None:
+            settings[key] = duration(text, f"--health-{key.replace('_', '-')}")
+    if opts["health_retries"] is not None:
+        settings["retries"] = opts["health_retries"]
+    if given:
+        kind, value = next(iter(given.items()))
+        if kind == "cmd":
+            settings.update(command=value, port=0, path="/")
+        elif kind == "tcp":
+            settings.update(command="", port=value, path="/")
+        else:
+            port, path = HealthCheck.parse_http(value)
+            settings.update(command="", port=port, path=path)
+        return replace(current, kind=kind, **settings) if current else HealthCheck(kind, **settings)
+    if not settings:
+        return current
+    if current is None:
+        raise click.UsageError(
+            "health settings need a check: add --health-cmd, --health-tcp or --health-http"
+        )
+    return replace(current, **settings)
+
+
+def _spec_changes(opts: Mapping[str, Any], current: Service | None) -> dict[str, Any]:
+    """The Service fields the options set (only those given, so update changes only them)."""
+    changes: dict[str, Any] = {}
+    if opts["command"]:
+        changes["command"] = tuple(opts["command"])
+    if opts["replicas"] is not None:
+        changes["replicas"] = opts["replicas"]
+    if opts["networks"]:
+        changes["networks"] = tuple(NetworkAttachment.parse(n) for n in opts["networks"])
+    if opts["ports"]:
+        changes["ports"] = tuple(PublishedPort.parse(p) for p in opts["ports"])
+    if opts["endpoint_mode"] is not None:
+        changes["endpoint_mode"] = opts["endpoint_mode"]
+    current_health = current.health if current else None
+    health = _health(opts, current_health)
+    if health is not current_health:
+        changes["health"] = health
+    restart = current.restart if current else RestartPolicy()
+    restart_changes: dict[str, Any] = {}
+    if opts["restart_condition"] is not None:
+        restart_changes["condition"] = opts["restart_condition"]
+    if opts["restart_delay"] is not None:
+        restart_changes["delay"] = duration(opts["restart_delay"], "--restart-delay")
+    if opts["restart_max_attempts"] is not None:
+        restart_changes["max_attempts"] = opts["restart_max_attempts"]
+    if restart_changes:
+        changes["restart"] = replace(restart, **restart_changes)
+    if opts["stop_grace_period"] is not None:
+        changes["stop_grace_period"] = duration(opts["stop_grace_period"], "--stop-grace-period")
+    if opts["env"]:
+        changes["env"] = _pairs(opts["env"], "--env")
+    if opts["hostnames"]:
+        changes["hostnames"] = tuple(opts["hostnames"])
+    return changes
+
+
+def _wait(store: Store, names: Sequence[str]) -> None:
+    """Wait (bounded) until the services' tasks run, if a controller is there to run them."""
+    if not ops.controller_running(store):
+        click.echo("no controller is running: tasks stay pending", err=True)
+        return
+    deadline = time.monotonic() + CONVERGE_TIMEOUT
+    last = ""
+    while True:
+        progress = []
+        for name in names:
+            svc = ops.get_service(store, name)
+            tasks = [t for t in ops.list_tasks(store, svc) if t.desired_state == "running"]
+            running = sum(t.state == "running" and t.spec_version == svc.version for t in tasks)
+            progress.append((name, running, svc.replicas))
+        line = ", ".join(f"{n}: {r}/{d} running" for n, r, d in progress)
+        if line != last:
+            click.echo(line, err=True)
+            last = line
+        if all(r == d for _, r, d in progress):
+            return
+        if time.monotonic() > deadline:
+            click.echo(
+                f"tasks did not all start within {CONVERGE_TIMEOUT:g}s; "
+                f"see: meshctl service ps {names[0]}",
+                err=True,
+            )
+            return
+        time.sleep(POLL_INTERVAL)
+
+
+# Everything after the first argument is the command, so its own options need no `--`.
+@service.command("create", context_settings={"allow_interspersed_args": False})
+@click.option("--name", required=True, help="Service name (a DNS label).")
+@_service_options
+def service_create(name: str, detach: bool, **opts: Any) -> None:
+    """Create a service running COMMAND in each task; print its id."""
+    if not opts["command"]:
+        raise click.UsageError("missing COMMAND: put it after '--', like: -- sleep infinity")
+    spec = Service(name=name, **_spec_changes(opts, None))
+    store = _store()
+    created = ops.create_service(store, spec)
+    click.echo(created.id)
+    if not detach:
+        _wait(store, [name])
+
+
+# NAME comes first here: options may follow it, and the new command goes after `--`.
+@service.command("update")
+@click.argument("name")
+@_service_options
+def service_update(name: str, detach: bool, **opts: Any) -> None:
+    """Change options of service NAME (given list options replace the old list)."""
+    store = _store()
+    changes = _spec_changes(opts, ops.get_service(store, name))
+    if not changes:
+        raise click.UsageError("nothing to update: give at least one option")
+    ops.update_service(store, name, changes)
+    click.echo(name)
+    if not detach:
+        _wait(store, [name])
+
+
+@service.command("ls")
+@_format_option
+def service_ls(fmt: Format) -> None:
+    """List services."""
+    store = _store()
+    services, tasks = ops.list_services(store), ops.list_tasks(store)
+    if fmt == "json":
+        click.echo(output.dumps([output.service_summary_json(s, tasks) for s in services]))
+    else:
+        click.echo(output.service_table(services, tasks))
+
+
+@service.command("inspect")
+@click.argument("name")
+@_format_option
+def service_inspect(name: str, fmt: Format) -> None:
+    """Show service NAME's spec, with its VIP on each network."""
+    store = _store()
+    svc = ops.get_service(store, name)
+    tasks = ops.list_tasks(store, svc)
+    if fmt == "json":
+        click.echo(output.dumps(output.service_json(svc, tasks)))
+    else:
+        click.echo(output.service_pretty(svc, tasks))
+
+
+@service.command("ps")
+@click.argument("name")
+@_format_option
+def service_ps(name: str, fmt: Format) -> None:
+    """List the tasks of service NAME, including those shutting down."""
+    store = _store()
+    tasks = ops.list_tasks(store, ops.get_service(store, name))
+    if fmt == "json":
+        click.echo(output.dumps([output.task_json(t) for t in tasks]))
+    else:
+        click.echo(output.task_table(tasks))
+
+
+@service.command("scale")
+@click.argument("assignments", nargs=-1, required=True, metavar="NAME=REPLICAS...")
+@click.option("--detach", "-d", is_flag=True, help="Return without waiting for tasks.")
+def service_scale(assignments: tuple[str, ...], detach: bool) -> None:
+    """Set the number of tasks of one or more services, all at once."""
+    replicas: dict[str, int] = {}
+    for item in assignments:
+        name, eq, count = item.partition("=")
+        if not eq or not count.lstrip("-").isdigit():
+            raise click.BadParameter(f"{item!r}: write NAME=REPLICAS, like web=3")
+        replicas[name] = int(count)
+    store = _store()
+    for svc in ops.scale_services(store, replicas):
+        click.echo(f"{svc.name} scaled to {svc.replicas}")
+    if not detach:
+        _wait(store, list(replicas))
+
+
+@service.command("rm")
+@click.argument("name")
+def service_rm(name: str) -> None:
+    """Remove service NAME; its tasks are stopped by their controllers."""
+    ops.remove_service(_store(), name)
+    click.echo(name)
+
+
+@service.command("logs")
+@click.argument("target", metavar="NAME|TASK")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
+@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each task.")
+def service_logs(target: str, follow: bool, tail: int | None) -> None:
+    """Print a service's task output, each line prefixed `web.1 | `, or one task's output."""
+    env = _env()
+    store = env.store
+
+    def tasks() -> tuple[list[Task], bool]:
+        """The tasks to show and whether lines get a task prefix (a service was named)."""
+        if store.get("service", target) is not None:
+            return ops.list_tasks(store, ops.get_service(store, target)), True
+        return [ops.find_task(store, target)], False
+
+    offsets: dict[str, int] = {}
+    shown, prefixed = tasks()
+    for task in shown:
+        offsets[task.id] = _print_log(env.state_dir, task, prefixed, 0, tail)
+    while follow:
+        time.sleep(POLL_INTERVAL)
+        shown, prefixed = tasks()
+        for task in shown:
+            offsets[task.id] = _print_log(
+                env.state_dir, task, prefixed, offsets.get(task.id, 0), None
+            )
+
+
+def _print_log(state_dir: str, task: Task, prefixed: bool, offset: int, tail: int | None) -> int:
+    """Print the task's complete log lines from byte offset on; return the new offset."""
+    try:
+        with open(ops.task_log_path(state_dir, task), "rb") as log:
+            log.seek(offset)
+            data = log.read()
+    except FileNotFoundError:
+        return offset
+    complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its end
+    lines = complete.decode(errors="replace").splitlines()
+    if tail is not None:
+        lines = lines[-tail:] if tail else []
+    prefix = f"{task.name} | " if prefixed else ""
+    for line in lines:
+        click.echo(prefix + line)
+    return offset + len(complete)
+
+
+# -- doctor ----------------------------------------------------------------------------------
+
+
+@main.command("doctor")
+@_format_option
+def doctor(fmt: Format) -> None:
+    """Report what this kernel supports (IPVS or iptables, namespaces, conntrack...)."""
+    from meshctl.doctor import run_doctor
+
+    sys.exit(run_doctor(fmt))

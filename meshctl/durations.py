@@ -1,0 +1,66 @@
+"""Durations as Docker writes them (Go's time.ParseDuration: `500ms`, `5s`, `1m30s`), in seconds.
+
+The model keeps durations as float seconds; the CLI parses user text here and prints it back
+in the same notation so `inspect` shows what the user typed.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Longest units first so `ms` is not read as `m` followed by garbage.
+_UNITS: dict[str, float] = {
+    "h": 3600.0,
+    "m": 60.0,
+    "s": 1.0,
+    "ms": 1e-3,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "ns": 1e-9,
+}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+
+
+class DurationError(ValueError):
+    """Text that is not a Docker/Go duration."""
+
+
+def parse_duration(text: str, field: str = "duration") -> float:
+    """Seconds in `text` (`1m30s` → 90.0); `0` alone needs no unit, as in Go."""
+    value = text.strip()
+    if value == "0":
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(value):
+        match = _PART.match(value, pos)
+        if match is None:
+            break
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if not value or pos != len(value):
+        raise DurationError(f"invalid {field} {text!r}: write a duration like 500ms, 5s or 1m30s")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Go-style text for `seconds` (90.0 → `1m30s`, 0.5 → `500ms`)."""
+    if seconds == 0:
+        return "0s"
+    if seconds < 1:
+        for unit in ("ms", "us", "ns"):
+            amount = seconds / _UNITS[unit]
+            if amount >= 1 or unit == "ns":
+                return f"{_trim(amount)}{unit}"
+    hours, rest = divmod(seconds, 3600.0)
+    minutes, secs = divmod(rest, 60.0)
+    text = ""
+    if hours:
+        text += f"{int(hours)}h"
+    if hours or minutes:
+        text += f"{int(minutes)}m"
+    return text + f"{_trim(secs)}s"
+
+
+def _trim(amount: float) -> str:
+    """A number without a trailing `.0` and without float noise (0.1+0.2 → 0.3)."""
+    return f"{round(amount, 6):g}"

@@ -1,0 +1,553 @@
+"""Desired and observed state as frozen dataclasses: Network, Service, Task, Node.
+
+Each class validates itself in __post_init__ (one-line errors naming the field and the fix), so
+no invalid object exists, and round-trips through to_dict()/from_dict() as the store's JSON.
+Rules that need other objects (unique names, overlapping subnets, unknown networks, ports in
+use) live in meshctl.ops, which sees the whole store. Durations are float seconds.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
+
+from meshctl.durations import DurationError, format_duration, parse_duration
+
+Driver = Literal["bridge"]
+EndpointMode = Literal["vip", "dnsrr"]
+PublishMode = Literal["ingress", "host"]
+Traffic = Literal["cluster", "local"]
+Protocol = Literal["tcp", "udp"]
+HealthKind = Literal["cmd", "tcp", "http"]
+RestartCondition = Literal["any", "on-failure", "none"]
+# removed: the service is gone; the task's controller tears it down and deletes the record.
+DesiredState = Literal["running", "shutdown", "removed"]
+TaskState = Literal[
+    "pending", "assigned", "starting", "running", "complete", "failed", "shutdown", "rejected"
+]
+Health = Literal["none", "starting", "healthy", "unhealthy"]
+NodeState = Literal["ready", "down"]
+
+# Kinds of store records this module's objects are kept under.
+NETWORK = "network"
+SERVICE = "service"
+TASK = "task"
+NODE = "node"
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+_LABEL_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL_RE}(\.{_LABEL_RE})*$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class MeshctlError(Exception):
+    """An error the user can act on; the CLI prints its one-line message and exits 1."""
+
+
+class ValidationError(MeshctlError, ValueError):
+    """Input that breaks a rule; the message names the field and how to fix it."""
+
+
+class NotFoundError(MeshctlError):
+    """A named object that does not exist."""
+
+
+def new_id() -> str:
+    """A stable random id, 12 hex characters like Docker's short ids."""
+    return secrets.token_hex(6)
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """Return `name` if it is a DNS label (lowercase letters, digits, `-`, at most 63)."""
+    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > 63:
+        raise ValidationError(
+            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
+def check_port(port: int, what: str) -> int:
+    """Return `port` if it is a port number 1-65535."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValidationError(f"invalid {what} {port!r}: use a port number from 1 to 65535")
+    return port
+
+
+def _check_choice(value: str, allowed: Any, what: str) -> None:
+    """Raise unless value is one of the Literal type's options."""
+    options = get_args(allowed)
+    if value not in options:
+        raise ValidationError(f"invalid {what} {value!r}: use one of {', '.join(options)}")
+
+
+def _check_seconds(value: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValidationError(f"invalid {what} {value!r}: use a duration like 500ms, 5s or 1m30s")
+
+
+def _check_count(value: int, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"invalid {what} {value!r}: use a whole number, 0 or more")
+
+
+def duration(text: str, what: str) -> float:
+    """Parse a Docker duration for field `what`, as a ValidationError on bad input."""
+    try:
+        return parse_duration(text, what)
+    except DurationError as err:
+        raise ValidationError(str(err)) from None
+
+
+def _subnet(text: str) -> str:
+    """The canonical form of an IPv4 CIDR, rejecting host bits and tiny or non-v4 subnets."""
+    try:
+        net = ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        raise ValidationError(
+            f"invalid subnet {text!r}: write an IPv4 network in CIDR form like 10.20.0.0/24 "
+            "(no host bits set)"
+        ) from None
+    if not isinstance(net, ipaddress.IPv4Network) or net.prefixlen > 29:
+        raise ValidationError(
+            f"invalid subnet {text!r}: use an IPv4 network of /29 or larger "
+            "(a gateway and a load-balancer address need room)"
+        )
+    return str(net)
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network: one bridge per node (overlay comes with clusters); internal = no egress."""
+
+    name: str
+    subnet: str
+    driver: Driver = "bridge"
+    internal: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+    id: str = field(default_factory=new_id)
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "network name")
+        object.__setattr__(self, "subnet", _subnet(self.subnet))
+        _check_choice(self.driver, Driver, "driver")
+        for key in self.labels:
+            if not key:
+                raise ValidationError("invalid label: the key is empty; write --label KEY=VALUE")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "subnet": self.subnet,
+            "driver": self.driver,
+            "internal": self.internal,
+            "labels": dict(self.labels),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Network:
+        return cls(
+            name=data["name"],
+            subnet=data["subnet"],
+            driver=data.get("driver", "bridge"),
+            internal=bool(data.get("internal", False)),
+            labels=dict(data.get("labels", {})),
+            id=data["id"],
+            created_at=float(data.get("created_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class NetworkAttachment:
+    """A service's place on a network: extra DNS aliases, and its VIP there (vip mode only)."""
+
+    network: str
+    aliases: tuple[str, ...] = ()
+    vip: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.network, "network name")
+        for alias in self.aliases:
+            check_name(alias, f"alias on network {self.network}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"network": self.network, "aliases": list(self.aliases), "vip": self.vip}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NetworkAttachment:
+        return cls(data["network"], tuple(data.get("aliases", ())), data.get("vip"))
+
+    @classmethod
+    def parse(cls, text: str) -> NetworkAttachment:
+        """Read --network NET[:ALIAS[,ALIAS]]."""
+        name, _, aliases = text.partition(":")
+        return cls(name, tuple(a for a in aliases.split(",") if a) if aliases else ())
+
+
+@dataclass(frozen=True)
+class PublishedPort:
+    """A published port: `ingress` on every node through the routing mesh, `host` where a task runs.
+
+    traffic=local (ingress only) sends a node's published traffic only to that node's tasks.
+    """
+
+    published: int
+    target: int
+    protocol: Protocol = "tcp"
+    mode: PublishMode = "ingress"
+    traffic: Traffic = "cluster"
+
+    def __post_init__(self) -> None:
+        check_port(self.published, "published port")
+        check_port(self.target, "target port")
+        _check_choice(self.protocol, Protocol, "protocol")
+        _check_choice(self.mode, PublishMode, "publish mode")
+        _check_choice(self.traffic, Traffic, "publish traffic")
+        if self.traffic == "local" and self.mode != "ingress":
+            raise ValidationError(
+                f"invalid --publish {self}: traffic=local needs mode=ingress; drop one of them"
+            )
+
+    def __str__(self) -> str:
+        return f"*:{self.published}->{self.target}/{self.protocol}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "target": self.target,
+            "protocol": self.protocol,
+            "mode": self.mode,
+            "traffic": self.traffic,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PublishedPort:
+        return cls(
+            data["published"],
+            data["target"],
+            data.get("protocol", "tcp"),
+            data.get("mode", "ingress"),
+            data.get("traffic", "cluster"),
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> PublishedPort:
+        """Read --publish [mode=ingress|host,][traffic=cluster|local,]PUBLISHED:TARGET[/PROTO]."""
+        options: dict[str, str] = {}
+        *settings, ports = text.split(",")
+        for setting in settings:
+            key, eq, value = setting.partition("=")
+            if not eq or key not in ("mode", "traffic"):
+                raise ValidationError(
+                    f"invalid --publish {text!r}: unknown setting {setting!r}; "
+                    "use mode=ingress|host or traffic=cluster|local"
+                )
+            options[key] = value
+        spec, _, protocol = ports.partition("/")
+        published, colon, target = spec.partition(":")
+        if not colon or not published.isdigit() or not target.isdigit():
+            raise ValidationError(
+                f"invalid --publish {text!r}: write PUBLISHED:TARGET[/tcp|/udp], like 8000:80"
+            )
+        return cls(
+            int(published),
+            int(target),
+            cast(Protocol, protocol or "tcp"),
+            cast(PublishMode, options.get("mode", "ingress")),
+            cast(Traffic, options.get("traffic", "cluster")),
+        )
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """How a task's health is probed: `cmd` runs /bin/sh -c inside the task, `tcp` connects,
+    `http` expects a 2xx/3xx from GET PATH; after `retries` failures in a row it is unhealthy."""
+
+    kind: HealthKind
+    command: str = ""
+    port: int = 0
+    path: str = "/"
+    interval: float = 30.0
+    timeout: float = 30.0
+    retries: int = 3
+    start_period: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self.kind, HealthKind, "health check kind")
+        if self.kind == "cmd" and not self.command.strip():
+            raise ValidationError("invalid --health-cmd: the command is empty; give a command")
+        if self.kind in ("tcp", "http"):
+            check_port(self.port, f"--health-{self.kind} port")
+        if self.kind == "http" and not self.path.startswith("/"):
+            raise ValidationError(
+                f"invalid --health-http path {self.path!r}: write PORT/PATH, like 8080/healthz"
+            )
+        _check_seconds(self.interval, "--health-interval")
+        _check_seconds(self.timeout, "--health-timeout")
+        _check_seconds(self.start_period, "--health-start-period")
+        if self.interval == 0 or self.timeout == 0:
+            raise ValidationError(
+                "invalid --health-interval/--health-timeout 0: use a duration above 0, like 5s"
+            )
+        _check_count(self.retries, "--health-retries")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "command": self.command,
+            "port": self.port,
+            "path": self.path,
+            "interval": self.interval,
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "start_period": self.start_period,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HealthCheck:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    @staticmethod
+    def parse_http(text: str) -> tuple[int, str]:
+        """Read --health-http PORT/PATH (PATH defaults to /)."""
+        port, slash, path = text.partition("/")
+        if not port.isdigit():
+            raise ValidationError(
+                f"invalid --health-http {text!r}: write PORT/PATH, like 8080/healthz"
+            )
+        return int(port), "/" + path if slash else "/"
+
+    def describe(self) -> str:
+        """One line for tables: what is probed and how often."""
+        probe = {
+            "cmd": self.command,
+            "tcp": f"tcp {self.port}",
+            "http": f"http {self.port}{self.path}",
+        }
+        return f"{probe[self.kind]} every {format_duration(self.interval)}"
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a stopped task is restarted: always (any), after a non-zero exit, or never."""
+
+    condition: RestartCondition = "any"
+    delay: float = 5.0
+    max_attempts: int = 0  # 0 = unlimited, as in Docker
+
+    def __post_init__(self) -> None:
+        _check_choice(self.condition, RestartCondition, "--restart-condition")
+        _check_seconds(self.delay, "--restart-delay")
+        _check_count(self.max_attempts, "--restart-max-attempts")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"condition": self.condition, "delay": self.delay, "max_attempts": self.max_attempts}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RestartPolicy:
+        return cls(data["condition"], float(data["delay"]), int(data["max_attempts"]))
+
+
+@dataclass(frozen=True)
+class Service:
+    """A replicated service: its spec as the user gave it, plus id, version and VIPs.
+
+    version grows with every `service update`; tasks carry the spec_version they run, so the
+    controller can roll the ones that are behind.
+    """
+
+    name: str
+    command: tuple[str, ...]
+    replicas: int = 1
+    env: dict[str, str] = field(default_factory=dict)
+    networks: tuple[NetworkAttachment, ...] = ()
+    endpoint_mode: EndpointMode = "vip"
+    ports: tuple[PublishedPort, ...] = ()
+    health: HealthCheck | None = None
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    stop_grace_period: float = 10.0
+    hostnames: tuple[str, ...] = ()
+    id: str = field(default_factory=new_id)
+    version: int = 1
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "service name")
+        if not self.command or not self.command[0]:
+            raise ValidationError(
+                f"service {self.name}: no command; put it after '--', "
+                "like: -- python3 -m http.server"
+            )
+        _check_count(self.replicas, "--replicas")
+        for key in self.env:
+            if not _ENV_KEY.match(key):
+                raise ValidationError(
+                    f"invalid --env key {key!r}: use letters, digits and '_', not starting "
+                    "with a digit (KEY=VALUE)"
+                )
+        _check_choice(self.endpoint_mode, EndpointMode, "--endpoint-mode")
+        seen_networks: set[str] = set()
+        for attachment in self.networks:
+            if attachment.network in seen_networks:
+                raise ValidationError(
+                    f"invalid --network {attachment.network}: given twice; give each network once"
+                )
+            seen_networks.add(attachment.network)
+        seen_ports: set[tuple[int, str]] = set()
+        for port in self.ports:
+            if (port.published, port.protocol) in seen_ports:
+                raise ValidationError(
+                    f"invalid --publish: port {port.published}/{port.protocol} is published "
+                    "twice; publish each port/protocol once"
+                )
+            seen_ports.add((port.published, port.protocol))
+            if self.endpoint_mode == "dnsrr" and port.mode == "ingress":
+                raise ValidationError(
+                    f"invalid --publish {port.published}:{port.target}: endpoint mode dnsrr has "
+                    "no VIP for the ingress routing mesh; use mode=host or --endpoint-mode vip"
+                )
+        _check_seconds(self.stop_grace_period, "--stop-grace-period")
+        for host in self.hostnames:
+            if not _HOSTNAME.match(host):
+                raise ValidationError(
+                    f"invalid --hostname {host!r}: use a lowercase DNS name like www.example.com"
+                )
+
+    def vips(self) -> dict[str, str]:
+        """The service's VIP on each network (empty in dnsrr mode)."""
+        return {a.network: a.vip for a in self.networks if a.vip}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "version": self.version,
+            "command": list(self.command),
+            "replicas": self.replicas,
+            "env": dict(self.env),
+            "networks": [a.to_dict() for a in self.networks],
+            "endpoint_mode": self.endpoint_mode,
+            "ports": [p.to_dict() for p in self.ports],
+            "health": self.health.to_dict() if self.health else None,
+            "restart": self.restart.to_dict(),
+            "stop_grace_period": self.stop_grace_period,
+            "hostnames": list(self.hostnames),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Service:
+        health, restart = data.get("health"), data.get("restart")
+        return cls(
+            name=data["name"],
+            command=tuple(data["command"]),
+            replicas=int(data["replicas"]),
+            env=dict(data.get("env", {})),
+            networks=tuple(NetworkAttachment.from_dict(a) for a in data.get("networks", ())),
+            endpoint_mode=data.get("endpoint_mode", "vip"),
+            ports=tuple(PublishedPort.from_dict(p) for p in data.get("ports", ())),
+            health=HealthCheck.from_dict(health) if health else None,
+            restart=RestartPolicy.from_dict(restart) if restart else RestartPolicy(),
+            stop_grace_period=float(data.get("stop_grace_period", 10.0)),
+            hostnames=tuple(data.get("hostnames", ())),
+            id=data["id"],
+            version=int(data.get("version", 1)),
+            created_at=float(data.get("created_at", 0.0)),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class Task:
+    """One replica (`web.1`): desired state from ops, observed state from the controller.
+
+    node is "" until a node's controller claims the task (a compare-and-swap on its record).
+    Stored under its id, so a slot can be re-created while its old task still drains.
+    """
+
+    service: str
+    service_id: str
+    slot: int
+    spec_version: int
+    desired_state: DesiredState = "running"
+    state: TaskState = "pending"
+    node: str = ""
+    addresses: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    health: Health = "none"
+    exit_code: int | None = None
+    error: str = ""
+    id: str = field(default_factory=new_id)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_choice(self.desired_state, DesiredState, "task desired state")
+        _check_choice(self.state, TaskState, "task state")
+        _check_choice(self.health, Health, "task health")
+        if self.slot < 1:
+            raise ValidationError(f"invalid task slot {self.slot}: slots start at 1")
+
+    @property
+    def name(self) -> str:
+        return f"{self.service}.{self.slot}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "service": self.service,
+            "service_id": self.service_id,
+            "slot": self.slot,
+            "spec_version": self.spec_version,
+            "desired_state": self.desired_state,
+            "state": self.state,
+            "node": self.node,
+            "addresses": dict(self.addresses),
+            "pid": self.pid,
+            "health": self.health,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Task:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Node:
+    """A node = the namespace a controller runs in; heartbeat is the controller's last sign."""
+
+    name: str
+    address: str = ""
+    state: NodeState = "ready"
+    heartbeat: float = 0.0
+    id: str = field(default_factory=new_id)
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "node name")
+        _check_choice(self.state, NodeState, "node state")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "address": self.address,
+            "state": self.state,
+            "heartbeat": self.heartbeat,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Node:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

@@ -1,0 +1,507 @@
+"""Operations on desired state: each one validated, then written in one store transaction.
+
+Every write compare-and-swaps on each record it read (service, tasks, the IPAM records of the
+networks involved, published-port claims), so two meshctl commands racing never half-apply:
+the loser re-reads and re-validates (ipam.retry_conflicts). On any error nothing is written.
+
+Records (kind → name): network → name, ipam → network id, service → name, task → task id,
+port → `PORT/PROTO` (which service publishes it), node → name.
+
+Lifecycle of tasks, with or without a controller running:
+- create/scale/update make task records for missing slots: desired `running`, state
+  `pending`, node "" (unassigned), addresses allocated on every network of the service.
+- A task that must go (scale down, service rm) and that no node has claimed yet never ran:
+  its record is deleted and its addresses released at once. A claimed task is marked desired
+  `shutdown` (scale) or `removed` (service rm); its controller tears it down, then calls
+  forget_task(), which deletes the record and releases its addresses.
+- service rm deletes the service record at once, so `service ls` no longer shows it; tasks
+  still draining on a node linger (desired `removed`) until their controller forgets them.
+- network rm refuses while a service record uses the network, not while such lingering tasks
+  hold addresses on it: it deletes the network with its IPAM record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from meshctl import ipam
+from meshctl.ipam import IpamState
+from meshctl.model import (
+    NETWORK,
+    NODE,
+    SERVICE,
+    TASK,
+    DesiredState,
+    Driver,
+    Network,
+    Node,
+    NotFoundError,
+    PublishedPort,
+    Service,
+    Task,
+    ValidationError,
+    check_name,
+)
+from meshctl.orchestrator import plan_tasks
+from meshctl.store import Delete, Op, Put, Store
+
+PORT = "port"
+# A node whose controller has not written its heartbeat for this long is not running.
+HEARTBEAT_TIMEOUT = 15.0
+# Service fields `service update` may change; id, version and timestamps are meshctl's.
+UPDATABLE = frozenset(
+    {
+        "command",
+        "replicas",
+        "env",
+        "networks",
+        "endpoint_mode",
+        "ports",
+        "health",
+        "restart",
+        "stop_grace_period",
+        "hostnames",
+    }
+)
+
+
+class _Changes:
+    """The writes of one operation: records to put/delete and the IPAM states it touched."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.ops: list[Op] = []
+        self._ipam: dict[str, tuple[Network, IpamState, int]] = {}
+
+    def ipam(self, network: Network) -> IpamState:
+        """The network's IPAM state as changed so far; touching it makes the commit CAS on it."""
+        if network.id not in self._ipam:
+            state, revision = ipam.load(self.store, network)
+            self._ipam[network.id] = (network, state, revision)
+        return self._ipam[network.id][1]
+
+    def allocate(self, network: Network, owner: str, what: str) -> str:
+        state, address = ipam.allocate(self.ipam(network), owner, what)
+        self._set(network, state)
+        return address
+
+    def release(self, network: Network, owners: Iterable[str]) -> None:
+        self._set(network, ipam.release(self.ipam(network), owners))
+
+    def _set(self, network: Network, state: IpamState) -> None:
+        _, _, revision = self._ipam[network.id]
+        self._ipam[network.id] = (network, state, revision)
+
+    def commit(self) -> None:
+        # Touched IPAM records are written even if unchanged: the CAS guards the network
+        # against a concurrent `network rm`.
+        ipam_puts = [
+            Put(ipam.KIND, net.id, state.to_dict(), expect=revision)
+            for net, state, revision in self._ipam.values()
+        ]
+        self.store.txn([*self.ops, *ipam_puts])
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+def list_networks(store: Store) -> list[Network]:
+    """All networks, sorted by name."""
+    return [Network.from_dict(r.value) for r in store.list(NETWORK)]
+
+
+def get_network(store: Store, name: str) -> Network:
+    record = store.get(NETWORK, name)
+    if record is None:
+        raise NotFoundError(f"network {name} not found; list networks with: meshctl network ls")
+    return Network.from_dict(record.value)
+
+
+def network_ipam(store: Store, network: Network) -> IpamState:
+    """The network's address allocations (gateway, VIPs, tasks, load balancers)."""
+    return ipam.load(store, network)[0]
+
+
+def create_network(
+    store: Store,
+    name: str,
+    *,
+    subnet: str | None = None,
+    driver: Driver = "bridge",
+    internal: bool = False,
+    labels: Mapping[str, str] | None = None,
+    pool: str | None = None,
+    prefix: int | None = None,
+) -> Network:
+    """Create a network with `subnet`, or the next free /prefix of the pool (see meshctl.ipam)."""
+    check_name(name, "network name")
+
+    def attempt() -> Network:
+        if store.get(NETWORK, name) is not None:
+            raise ValidationError(
+                f"network {name} already exists; choose another name or remove it first"
+            )
+        existing = list_networks(store)
+        if subnet is None:
+            chosen = ipam.pick_subnet(*ipam.configured_pool(pool, prefix), existing)
+        else:
+            chosen = subnet
+        network = Network(
+            name, chosen, driver, internal, dict(labels or {}), created_at=time.time()
+        )
+        other = ipam.overlapping(network.subnet, existing)
+        if other is not None:
+            raise ValidationError(
+                f"invalid --subnet {network.subnet}: it overlaps network {other.name} "
+                f"({other.subnet}); choose a subnet that overlaps no other network"
+            )
+        state = IpamState.new(network)
+        store.txn(
+            [
+                Put(NETWORK, name, network.to_dict(), expect=0),
+                Put(ipam.KIND, network.id, state.to_dict(), expect=0),
+            ]
+        )
+        return network
+
+    return ipam.retry_conflicts(attempt, f"creating network {name}")
+
+
+def remove_network(store: Store, name: str) -> Network:
+    """Delete a network and its IPAM record; refuse while a service is attached to it."""
+
+    def attempt() -> Network:
+        record = store.get(NETWORK, name)
+        if record is None:
+            raise NotFoundError(f"network {name} not found; list networks with: meshctl network ls")
+        network = Network.from_dict(record.value)
+        users = [s.name for s in list_services(store) if name in {a.network for a in s.networks}]
+        if users:
+            raise ValidationError(
+                f"network {name} is in use by service {', '.join(users)}; remove the service "
+                "or update it to another network first"
+            )
+        ipam_record = store.get(ipam.KIND, network.id)
+        ipam_revision = ipam_record.mod_revision if ipam_record else 0
+        store.txn(
+            [
+                Delete(NETWORK, name, expect=record.mod_revision),
+                Delete(ipam.KIND, network.id, expect=ipam_revision),
+            ]
+        )
+        return network
+
+    return ipam.retry_conflicts(attempt, f"removing network {name}")
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+def list_services(store: Store) -> list[Service]:
+    """All services, sorted by name."""
+    return [Service.from_dict(r.value) for r in store.list(SERVICE)]
+
+
+def get_service(store: Store, name: str) -> Service:
+    return _service_record(store, name)[0]
+
+
+def _service_record(store: Store, name: str) -> tuple[Service, int]:
+    """The service and its record's mod_revision, for a compare-and-swap."""
+    record = store.get(SERVICE, name)
+    if record is None:
+        raise NotFoundError(f"service {name} not found; list services with: meshctl service ls")
+    return Service.from_dict(record.value), record.mod_revision
+
+
+def list_tasks(store: Store, service: Service | None = None) -> list[Task]:
+    """Tasks (of one service, if given), by service name, slot and age."""
+    tasks = [Task.from_dict(r.value) for r in store.list(TASK)]
+    if service is not None:
+        tasks = [t for t in tasks if t.service_id == service.id]
+    return sorted(tasks, key=lambda t: (t.service, t.slot, t.created_at, t.id))
+
+
+def find_task(store: Store, name_or_id: str) -> Task:
+    """A task by name (`web.1`: its newest task in that slot) or by id."""
+    record = store.get(TASK, name_or_id)
+    if record is not None:
+        return Task.from_dict(record.value)
+    matches = [t for t in list_tasks(store) if t.name == name_or_id]
+    if not matches:
+        raise NotFoundError(
+            f"no service or task named {name_or_id}; list them with: meshctl service ls"
+        )
+    return max(matches, key=lambda t: t.created_at)
+
+
+def create_service(store: Store, spec: Service) -> Service:
+    """Store a new service with its VIPs and its pending tasks, in one transaction."""
+
+    def attempt() -> Service:
+        if store.get(SERVICE, spec.name) is not None:
+            raise ValidationError(
+                f"service {spec.name} already exists; choose another --name, or change it "
+                f"with: meshctl service update {spec.name}"
+            )
+        now = time.time()
+        service = dataclasses.replace(spec, version=1, created_at=now, updated_at=now)
+        return _write_service(store, None, service, expect=0)
+
+    return ipam.retry_conflicts(attempt, f"creating service {spec.name}")
+
+
+def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Service:
+    """Store a new spec (version + 1) with the fields in `changes` replaced."""
+    unknown = set(changes) - UPDATABLE
+    if unknown:
+        raise ValidationError(f"cannot update {', '.join(sorted(unknown))} of a service")
+
+    def attempt() -> Service:
+        old, revision = _service_record(store, name)
+        new = dataclasses.replace(old, **changes, version=old.version + 1, updated_at=time.time())
+        return _write_service(store, old, new, expect=revision)
+
+    return ipam.retry_conflicts(attempt, f"updating service {name}")
+
+
+def scale_services(store: Store, replicas: Mapping[str, int]) -> list[Service]:
+    """Set the replica count of several services in one transaction (no version bump: running
+    tasks are kept as they are)."""
+
+    def attempt() -> list[Service]:
+        changes = _Changes(store)
+        result = []
+        for name, count in replicas.items():
+            old, revision = _service_record(store, name)
+            new = dataclasses.replace(old, replicas=count, updated_at=time.time())
+            _plan_service(changes, old, new, expect=revision)
+            result.append(new)
+        changes.commit()
+        return result
+
+    return ipam.retry_conflicts(attempt, "scaling " + ", ".join(replicas))
+
+
+def remove_service(store: Store, name: str) -> Service:
+    """Delete the service record now; tasks go as described in this module's docstring."""
+
+    def attempt() -> Service:
+        old, revision = _service_record(store, name)
+        changes = _Changes(store)
+        _plan_service(changes, old, None, expect=revision)
+        changes.commit()
+        return old
+
+    return ipam.retry_conflicts(attempt, f"removing service {name}")
+
+
+def forget_task(store: Store, task_id: str) -> None:
+    """Delete a torn-down task's record and release its addresses (the controller calls this)."""
+
+    def attempt() -> None:
+        record = store.get(TASK, task_id)
+        if record is None:
+            return
+        changes = _Changes(store)
+        _drop_task(changes, Task.from_dict(record.value), record.mod_revision, _networks(store))
+        changes.commit()
+
+    ipam.retry_conflicts(attempt, f"forgetting task {task_id}")
+
+
+def _write_service(store: Store, old: Service | None, new: Service, expect: int) -> Service:
+    changes = _Changes(store)
+    service = _plan_service(changes, old, new, expect)
+    changes.commit()
+    return service
+
+
+def _networks(store: Store) -> dict[str, Network]:
+    return {n.name: n for n in list_networks(store)}
+
+
+def _plan_service(
+    changes: _Changes, old: Service | None, new: Service | None, expect: int
+) -> Service:
+    """Add to `changes` every write that takes the service from old to new (None: absent).
+
+    Validates against the rest of the store, allocates/releases VIPs, claims published ports
+    and plans tasks; returns the service as stored (with its VIPs).
+    """
+    store = changes.store
+    networks = _networks(store)
+    if new is None:
+        assert old is not None
+        changes.ops.append(Delete(SERVICE, old.name, expect=expect))
+        _release_vips(changes, old, keep=set(), networks=networks)
+        _claim_ports(changes, old, None)
+        _plan_tasks(changes, old, None, networks)
+        return old
+    for attachment in new.networks:
+        if attachment.network not in networks:
+            raise NotFoundError(
+                f"network {attachment.network} not found; create it with: "
+                f"meshctl network create {attachment.network}"
+            )
+    _check_ports_free(store, new)
+    new = _assign_vips(changes, old, new, networks)
+    changes.ops.append(Put(SERVICE, new.name, new.to_dict(), expect=expect))
+    _claim_ports(changes, old, new)
+    _plan_tasks(changes, old, new, networks)
+    return new
+
+
+def _assign_vips(
+    changes: _Changes, old: Service | None, new: Service, networks: dict[str, Network]
+) -> Service:
+    """new with a VIP on each network in vip mode: kept from old where it had one."""
+    old_vips = old.vips() if old else {}
+    attachments = []
+    for attachment in new.networks:
+        vip = None
+        if new.endpoint_mode == "vip":
+            vip = old_vips.get(attachment.network) or changes.allocate(
+                networks[attachment.network],
+                ipam.vip_owner(new.id),
+                f"the VIP of service {new.name}",
+            )
+        attachments.append(dataclasses.replace(attachment, vip=vip))
+    kept = {a.network for a in attachments if a.vip}
+    if old:
+        _release_vips(changes, old, keep=kept, networks=networks)
+    return dataclasses.replace(new, networks=tuple(attachments))
+
+
+def _release_vips(
+    changes: _Changes, old: Service, keep: set[str], networks: dict[str, Network]
+) -> None:
+    for network in old.vips():
+        if network not in keep and network in networks:
+            changes.release(networks[network], [ipam.vip_owner(old.id)])
+
+
+def _port_key(port: PublishedPort) -> str:
+    return f"{port.published}/{port.protocol}"
+
+
+def _check_ports_free(store: Store, new: Service) -> None:
+    """Reject a published port/protocol another service already publishes."""
+    wanted = {_port_key(p) for p in new.ports}
+    for other in list_services(store):
+        if other.id == new.id:
+            continue
+        clash = wanted & {_port_key(p) for p in other.ports}
+        if clash:
+            raise ValidationError(
+                f"invalid --publish: port {sorted(clash)[0]} is already published by service "
+                f"{other.name}; choose another published port"
+            )
+
+
+def _claim_ports(changes: _Changes, old: Service | None, new: Service | None) -> None:
+    """Port records make two racing creates of the same published port conflict in the store."""
+    before = {_port_key(p) for p in old.ports} if old else set()
+    after = {_port_key(p) for p in new.ports} if new else set()
+    store = changes.store
+    for key in sorted(before - after):
+        record = store.get(PORT, key)
+        changes.ops.append(Delete(PORT, key, expect=record.mod_revision if record else 0))
+    if new is not None:
+        claim = {"service": new.name, "service_id": new.id}
+        changes.ops.extend(Put(PORT, key, claim, expect=0) for key in sorted(after - before))
+
+
+def _plan_tasks(
+    changes: _Changes, old: Service | None, new: Service | None, networks: dict[str, Network]
+) -> None:
+    """Create, re-address, mark or drop task records for the change old → new."""
+    service = new or old
+    assert service is not None
+    records = [r for r in changes.store.list(TASK) if r.value.get("service_id") == service.id]
+    tasks = [(Task.from_dict(r.value), r.mod_revision) for r in records]
+    now = time.time()
+    if new is None:
+        to_create: list[Task] = []
+        to_remove = [t for t, _ in tasks if t.desired_state == "running"]
+        goal: DesiredState = "removed"
+    else:
+        to_create, to_remove = plan_tasks(new, (t for t, _ in tasks))
+        goal = "shutdown"
+    revisions = {t.id: rev for t, rev in tasks}
+    removing = {t.id for t in to_remove}
+    for task in to_remove:
+        if task.node:
+            marked = dataclasses.replace(task, desired_state=goal, updated_at=now)
+            changes.ops.append(Put(TASK, task.id, marked.to_dict(), expect=revisions[task.id]))
+        else:
+            _drop_task(changes, task, revisions[task.id], networks)
+    if new is None:
+        return
+    wanted = [a.network for a in new.networks]
+    for task, revision in tasks:
+        if task.id in removing or task.desired_state != "running":
+            continue
+        if list(task.addresses) != wanted:
+            readdressed = dataclasses.replace(
+                task, addresses=_addresses(changes, task, wanted, networks), updated_at=now
+            )
+            changes.ops.append(Put(TASK, task.id, readdressed.to_dict(), expect=revision))
+    for task in to_create:
+        created = dataclasses.replace(
+            task,
+            addresses=_addresses(changes, task, wanted, networks),
+            created_at=now,
+            updated_at=now,
+        )
+        changes.ops.append(Put(TASK, task.id, created.to_dict(), expect=0))
+
+
+def _addresses(
+    changes: _Changes, task: Task, wanted: list[str], networks: dict[str, Network]
+) -> dict[str, str]:
+    """The task's address on each wanted network (kept where it has one); others released.
+
+    A running task loses its address on a removed network at once: the controller rolls it
+    onto the new spec, and allocation order keeps the address from being reused right away.
+    """
+    owner = ipam.task_owner(task.id)
+    for network in set(task.addresses) - set(wanted):
+        if network in networks:
+            changes.release(networks[network], [owner])
+    return {
+        name: task.addresses.get(name)
+        or changes.allocate(networks[name], owner, f"task {task.name}")
+        for name in wanted
+    }
+
+
+def _drop_task(changes: _Changes, task: Task, revision: int, networks: dict[str, Network]) -> None:
+    changes.ops.append(Delete(TASK, task.id, expect=revision))
+    for network in task.addresses:
+        if network in networks:
+            changes.release(networks[network], [ipam.task_owner(task.id)])
+
+
+# -- nodes and logs --------------------------------------------------------------------------
+
+
+def list_nodes(store: Store) -> list[Node]:
+    return [Node.from_dict(r.value) for r in store.list(NODE)]
+
+
+def controller_running(store: Store, now: float | None = None) -> bool:
+    """True if some node's controller wrote its heartbeat within HEARTBEAT_TIMEOUT."""
+    now = time.time() if now is None else now
+    return any(
+        n.state == "ready" and now - n.heartbeat <= HEARTBEAT_TIMEOUT for n in list_nodes(store)
+    )
+
+
+def task_log_path(state_dir: str, task: Task) -> str:
+    """Where the runtime writes a task's output: <state-dir>/tasks/<task-id>/log."""
+    return os.path.join(state_dir, "tasks", task.id, "log")

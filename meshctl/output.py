@@ -1,0 +1,166 @@
+"""What the CLI prints: docker-like tables and the stable JSON documented in docs/cli-json.md.
+
+Pure functions from model objects to text or JSON-able dicts, so the formats are tested
+without a store; key names here are a public interface: add keys, never rename or drop them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from meshctl.durations import format_duration
+from meshctl.ipam import IpamState
+from meshctl.model import Network, PublishedPort, Service, Task
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns padded to the widest cell with three spaces between, as docker prints them."""
+    lines = [list(headers), *([str(cell) for cell in row] for row in rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    return "\n".join(
+        "   ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def dumps(data: Any) -> str:
+    """JSON as printed: two-space indent, keys in the documented order."""
+    return json.dumps(data, indent=2)
+
+
+def key_values(pairs: Iterable[tuple[str, str]]) -> str:
+    """`Key:   value` lines, for the table form of inspect."""
+    items = list(pairs)
+    width = max(len(k) for k, _ in items) + 1
+    return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in items)
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+def network_json(network: Network, state: IpamState) -> dict[str, Any]:
+    return {
+        **network.to_dict(),
+        "gateway": state.gateway,
+        "allocations": [{"address": a, "owner": o} for a, o in sorted(state.allocations.items())],
+    }
+
+
+def network_table(networks: Iterable[Network]) -> str:
+    return table(
+        ["NETWORK ID", "NAME", "DRIVER", "SUBNET", "INTERNAL"],
+        ([n.id, n.name, n.driver, n.subnet, "yes" if n.internal else "no"] for n in networks),
+    )
+
+
+def network_pretty(network: Network, state: IpamState) -> str:
+    labels = ",".join(f"{k}={v}" for k, v in network.labels.items())
+    return key_values(
+        [
+            ("ID", network.id),
+            ("Name", network.name),
+            ("Driver", network.driver),
+            ("Subnet", network.subnet),
+            ("Gateway", state.gateway),
+            ("Internal", "yes" if network.internal else "no"),
+            ("Labels", labels or "-"),
+            ("Addresses in use", str(len(state.allocations))),
+        ]
+    )
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+def _running(service: Service, tasks: Iterable[Task]) -> int:
+    return sum(1 for t in tasks if t.service_id == service.id and t.state == "running")
+
+
+def _ports(ports: Iterable[PublishedPort]) -> str:
+    return ", ".join(str(p) for p in ports)
+
+
+def service_summary_json(service: Service, tasks: Iterable[Task]) -> dict[str, Any]:
+    return {
+        "id": service.id,
+        "name": service.name,
+        "mode": "replicated",
+        "replicas": service.replicas,
+        "running": _running(service, tasks),
+        "endpoint_mode": service.endpoint_mode,
+        "ports": [p.to_dict() for p in service.ports],
+    }
+
+
+def service_json(service: Service, tasks: Iterable[Task]) -> dict[str, Any]:
+    """The whole spec (networks carry their `vip`) plus how many tasks run."""
+    return {**service.to_dict(), "mode": "replicated", "running": _running(service, tasks)}
+
+
+def service_table(services: Iterable[Service], tasks: Sequence[Task]) -> str:
+    return table(
+        ["ID", "NAME", "MODE", "REPLICAS", "PORTS"],
+        (
+            [s.id, s.name, "replicated", f"{_running(s, tasks)}/{s.replicas}", _ports(s.ports)]
+            for s in services
+        ),
+    )
+
+
+def service_pretty(service: Service, tasks: Sequence[Task]) -> str:
+    networks = "; ".join(
+        f"{a.network}"
+        + (f" aliases={','.join(a.aliases)}" if a.aliases else "")
+        + (f" vip={a.vip}" if a.vip else "")
+        for a in service.networks
+    )
+    restart = service.restart
+    return key_values(
+        [
+            ("ID", service.id),
+            ("Name", service.name),
+            ("Version", str(service.version)),
+            ("Command", " ".join(service.command)),
+            ("Replicas", f"{_running(service, tasks)}/{service.replicas}"),
+            ("Endpoint mode", service.endpoint_mode),
+            ("Networks", networks or "-"),
+            ("Ports", _ports(service.ports) or "-"),
+            ("Health check", service.health.describe() if service.health else "-"),
+            (
+                "Restart policy",
+                f"{restart.condition}, delay {format_duration(restart.delay)}, "
+                f"max attempts {restart.max_attempts or 'unlimited'}",
+            ),
+            ("Stop grace period", format_duration(service.stop_grace_period)),
+            ("Env", " ".join(f"{k}={v}" for k, v in service.env.items()) or "-"),
+            ("Hostnames", ", ".join(service.hostnames) or "-"),
+        ]
+    )
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+def task_json(task: Task) -> dict[str, Any]:
+    return task.to_dict()
+
+
+def task_table(tasks: Iterable[Task]) -> str:
+    return table(
+        ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "HEALTH", "ERROR", "ADDRESSES"],
+        (
+            [
+                t.id,
+                t.name,
+                t.node or "-",
+                t.desired_state,
+                t.state,
+                t.health,
+                t.error or "-",
+                ",".join(f"{net}={addr}" for net, addr in t.addresses.items()) or "-",
+            ]
+            for t in tasks
+        ),
+    )

@@ -1,0 +1,260 @@
+"""The CLI as a user runs it: real state dir, exit codes, one-line errors, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from meshctl import cli
+from meshctl.cli import main
+from meshctl.model import NODE, Node
+from meshctl.store import open_store
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Any:
+    """Run `meshctl --state-dir TMP ARGS...`; check the exit code when `code` is given."""
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int | None = 0) -> Result:
+        result = runner.invoke(main, ["--state-dir", str(tmp_path), *args])
+        if code is not None:
+            assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+        return result
+
+    return invoke
+
+
+def one_line_error(result: Result, message: str) -> None:
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert message in result.stderr
+
+
+def all_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = [path]
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += all_commands(command, (*path, name))
+        else:
+            found.append((*path, name))
+    return found
+
+
+@pytest.mark.parametrize("command", all_commands(main), ids=" ".join)
+def test_every_command_has_help(run: Any, command: tuple[str, ...]) -> None:
+    result = run(*command, "--help")
+    assert "Usage: " in result.stdout
+
+
+def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
+    run("network", "create", "front", "--subnet", "10.40.0.0/24")
+    result = run(
+        "service", "create", "--name", "web", "--replicas", "2", "--network", "front:www",
+        "--publish", "8000:80", "--", "python3", "-m", "http.server", "80",
+    )  # fmt: skip
+    service_id = result.stdout.strip()
+    assert len(service_id) == 12
+    assert "no controller is running: tasks stay pending" in result.stderr
+    tasks = json.loads(run("service", "ps", "web", "--format", "json").stdout)
+    assert [(t["name"], t["state"], t["node"], t["health"]) for t in tasks] == [
+        ("web.1", "pending", "", "none"),
+        ("web.2", "pending", "", "none"),
+    ]
+    assert [t["addresses"] for t in tasks] == [{"front": "10.40.0.3"}, {"front": "10.40.0.4"}]
+    table = run("service", "ps", "web").stdout.splitlines()
+    assert table[0].split() == [
+        "ID", "NAME", "NODE", "DESIRED", "STATE", "CURRENT", "STATE", "HEALTH", "ERROR", "ADDRESSES"
+    ]  # fmt: skip
+    row = "web.1 - running pending none - front=10.40.0.3"
+    assert table[1].split()[1:] == row.split()
+    inspect = json.loads(run("service", "inspect", "web", "--format", "json").stdout)
+    assert inspect["id"] == service_id
+    assert inspect["command"] == ["python3", "-m", "http.server", "80"]
+    assert inspect["networks"] == [{"network": "front", "aliases": ["www"], "vip": "10.40.0.2"}]
+    listing = run("service", "ls").stdout.splitlines()
+    assert listing[0].split() == ["ID", "NAME", "MODE", "REPLICAS", "PORTS"]
+    assert listing[1].split() == [service_id, "web", "replicated", "0/2", "*:8000->80/tcp"]
+
+
+def test_service_options_reach_the_stored_spec(run: Any) -> None:
+    run(
+        "service", "create", "--name", "api", "--endpoint-mode", "dnsrr",
+        "--publish", "mode=host,53:5353/udp", "--health-http", "8080/healthz",
+        "--health-interval", "1m30s", "--health-retries", "5", "--restart-condition",
+        "on-failure", "--restart-delay", "500ms", "--stop-grace-period", "2s", "--env", "A=1=2",
+        "--hostname", "api.example.com", "--detach", "--", "sleep", "infinity",
+    )  # fmt: skip
+    spec = json.loads(run("service", "inspect", "api", "--format", "json").stdout)
+    assert spec["endpoint_mode"] == "dnsrr"
+    assert spec["ports"] == [
+        {"published": 53, "target": 5353, "protocol": "udp", "mode": "host", "traffic": "cluster"}
+    ]
+    assert spec["health"]["kind"] == "http"
+    assert (spec["health"]["port"], spec["health"]["path"]) == (8080, "/healthz")
+    assert (spec["health"]["interval"], spec["health"]["retries"]) == (90.0, 5)
+    assert spec["restart"] == {"condition": "on-failure", "delay": 0.5, "max_attempts": 0}
+    assert spec["stop_grace_period"] == 2.0
+    assert spec["env"] == {"A": "1=2"}
+    assert spec["hostnames"] == ["api.example.com"]
+    pretty = run("service", "inspect", "api").stdout
+    assert "Health check:      http 8080/healthz every 1m30s" in pretty
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--name", "Web"], "invalid service name 'Web'"),
+        (["--name", "web", "--replicas", "-1"], "invalid --replicas -1"),
+        (["--name", "web", "--publish", "0:80"], "invalid published port 0"),
+        (["--name", "web", "--publish", "80:80", "--publish", "80:81"], "published twice"),
+        (["--name", "web", "--network", "nope"], "network nope not found; create it with"),
+        (["--name", "web", "--health-interval", "5"], "invalid --health-interval '5'"),
+        (["--name", "web", "--env", "NOVALUE"], "invalid --env 'NOVALUE': write KEY=VALUE"),
+        (
+            ["--name", "web", "--endpoint-mode", "dnsrr", "--publish", "80:80"],
+            "endpoint mode dnsrr has no VIP",
+        ),
+    ],
+)
+def test_invalid_input_is_one_line_on_stderr_and_stores_nothing(
+    run: Any, tmp_path: Path, args: list[str], message: str
+) -> None:
+    one_line_error(run("service", "create", *args, "--", "true", code=None), message)
+    assert run("service", "ls", "--format", "json").stdout.strip() == "[]"
+
+
+def test_usage_errors_exit_2(run: Any) -> None:
+    assert "missing COMMAND" in run("service", "create", "--name", "web", code=2).stderr
+    assert "Invalid value" in run("service", "create", "--endpoint-mode", "x", code=2).stderr
+    run("service", "scale", "web", code=2)
+    both = run("service", "create", "--name", "w", "--health-cmd", "true", "--health-tcp", "80",
+               "--", "true", code=2)  # fmt: skip
+    assert "give only one of --health-cmd" in both.stderr
+    assert "need a check" in run("service", "create", "--name", "w", "--health-retries", "2",
+                                 "--", "true", code=2).stderr  # fmt: skip
+
+
+def test_a_full_network_fails_cleanly(run: Any) -> None:
+    run("network", "create", "tiny", "--subnet", "10.50.0.0/29")
+    result = run("service", "create", "--name", "web", "--replicas", "6", "--network", "tiny",
+                 "--", "true", code=None)  # fmt: skip
+    one_line_error(result, "network tiny (10.50.0.0/29) has no free address for task web.5")
+    assert run("service", "ls", "--format", "json").stdout.strip() == "[]"
+    network = json.loads(run("network", "inspect", "tiny", "--format", "json").stdout)
+    assert network["allocations"] == []
+
+
+def test_network_commands(run: Any) -> None:
+    network_id = run("network", "create", "front", "--internal", "--label", "team=a").stdout.strip()
+    run("network", "create", "back")
+    one_line_error(
+        run("network", "create", "over", "--subnet", "10.10.0.0/16", code=None),
+        "it overlaps network",
+    )
+    listing = json.loads(run("network", "ls", "--format", "json").stdout)
+    assert [(n["name"], n["subnet"], n["internal"]) for n in listing] == [
+        ("back", "10.10.1.0/24", False),
+        ("front", "10.10.0.0/24", True),
+    ]
+    front = json.loads(run("network", "inspect", "front", "--format", "json").stdout)
+    assert front["id"] == network_id
+    assert (front["gateway"], front["labels"]) == ("10.10.0.1", {"team": "a"})
+    assert run("network", "ls").stdout.startswith("NETWORK ID     NAME    DRIVER   SUBNET")
+    run("service", "create", "--name", "web", "--network", "front", "-d", "--", "true")
+    one_line_error(run("network", "rm", "front", code=None), "in use by service web")
+    run("service", "rm", "web")
+    assert run("network", "rm", "front").stdout == "front\n"
+    one_line_error(run("network", "inspect", "front", code=None), "network front not found")
+
+
+def test_scale_update_and_rm(run: Any) -> None:
+    run("service", "create", "--name", "web", "--", "true")
+    run("service", "create", "--name", "api", "--", "true")
+    assert run("service", "scale", "web=3", "api=0").stdout == "web scaled to 3\napi scaled to 0\n"
+    one_line_error(run("service", "scale", "web=1", "nope=2", code=None), "service nope not found")
+    assert len(json.loads(run("service", "ps", "web", "--format", "json").stdout)) == 3
+    run("service", "update", "web", "--replicas", "1", "--env", "A=b", "--", "sleep", "5")
+    spec = json.loads(run("service", "inspect", "web", "--format", "json").stdout)
+    assert (spec["version"], spec["replicas"], spec["env"], spec["command"]) == (
+        2, 1, {"A": "b"}, ["sleep", "5"]
+    )  # fmt: skip
+    run("service", "update", "web", "--health-tcp", "80")
+    run("service", "update", "web", "--health-retries", "7")
+    health = json.loads(run("service", "inspect", "web", "--format", "json").stdout)["health"]
+    assert (health["kind"], health["port"], health["retries"]) == ("tcp", 80, 7)
+    assert "nothing to update" in run("service", "update", "web", code=2).stderr
+    assert run("service", "rm", "web").stdout == "web\n"
+    names = [s["name"] for s in json.loads(run("service", "ls", "--format", "json").stdout)]
+    assert names == ["api"]
+    one_line_error(run("service", "ps", "web", code=None), "service web not found")
+
+
+def test_logs_prefix_task_names_and_tail(run: Any, tmp_path: Path) -> None:
+    run("service", "create", "--name", "web", "--replicas", "3", "--", "true")
+    tasks = json.loads(run("service", "ps", "web", "--format", "json").stdout)
+    for task, text in zip(tasks, ["a\nb\nc\n", "x\npartial", None], strict=True):
+        if text is not None:  # web.3 has written nothing yet: it prints nothing
+            log = tmp_path / "tasks" / task["id"] / "log"
+            log.parent.mkdir(parents=True)
+            log.write_text(text)
+    out = run("service", "logs", "web").stdout
+    assert out == "web.1 | a\nweb.1 | b\nweb.1 | c\nweb.2 | x\n"
+    assert run("service", "logs", "web", "--tail", "1").stdout == "web.1 | c\nweb.2 | x\n"
+    assert run("service", "logs", "web.1", "--tail", "2").stdout == "b\nc\n"
+    assert run("service", "logs", tasks[1]["id"]).stdout == "x\n"
+    one_line_error(run("service", "logs", "nope", code=None), "no service or task named nope")
+
+
+def test_without_detach_it_waits_for_a_live_controller(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put(NODE, "node1", Node("node1", heartbeat=time.time()).to_dict())
+    monkeypatch.setattr(cli, "CONVERGE_TIMEOUT", 0.3)
+    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.05)
+    started = time.monotonic()
+    result = run("service", "create", "--name", "web", "--replicas", "2", "--", "true")
+    assert time.monotonic() - started >= 0.3
+    assert "web: 0/2 running" in result.stderr
+    assert "tasks did not all start within 0.3s; see: meshctl service ps web" in result.stderr
+    detached = run("service", "create", "--name", "api", "-d", "--", "true")
+    assert detached.stderr == ""
+
+
+def test_store_errors_are_one_line(run: Any) -> None:
+    one_line_error(run("--store", "etcd://x", "service", "ls", code=None), "etcd is not supported")
+
+
+def test_doctor_is_registered_and_loaded_only_when_run() -> None:
+    assert "doctor" in main.commands
+    assert "--format" in CliRunner().invoke(main, ["doctor", "--help"]).stdout
+
+
+def test_json_keys_are_the_documented_ones(run: Any) -> None:
+    """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
+    doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
+    examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
+    network, services, service, tasks = examples
+    run("network", "create", "front", "--label", "team=web")
+    run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
+        "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
+
+    def printed(*args: str) -> Any:
+        return json.loads(run(*args, "--format", "json").stdout)
+
+    assert printed("network", "inspect", "front").keys() == network.keys()
+    assert printed("network", "ls")[0].keys() == network.keys()
+    assert printed("service", "ls")[0].keys() == services[0].keys()
+    shown = printed("service", "inspect", "web")
+    assert shown.keys() == service.keys()
+    assert shown["health"].keys() == service["health"].keys()
+    assert shown["networks"][0].keys() == service["networks"][0].keys()
+    assert printed("service", "ps", "web")[0].keys() == tasks[0].keys()

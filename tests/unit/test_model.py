@@ -1,0 +1,220 @@
+"""The model's validation rules (each with the message a user reads), parsing and round trips."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshctl.durations import DurationError, format_duration, parse_duration
+from meshctl.model import (
+    HealthCheck,
+    Network,
+    NetworkAttachment,
+    Node,
+    PublishedPort,
+    RestartPolicy,
+    Service,
+    Task,
+    ValidationError,
+    new_id,
+)
+
+
+def svc(**overrides: Any) -> Service:
+    fields: dict[str, Any] = {"name": "web", "command": ("sleep", "infinity")}
+    fields.update(overrides)
+    return Service(**fields)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("5s", 5.0), ("1m30s", 90.0), ("1h", 3600.0), ("1.5s", 1.5), ("0", 0.0)],
+)
+def test_durations_parse_as_docker_writes_them(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5", "", "s", "5 s", "1x", "-5s", "5s3"])
+def test_bad_durations_say_how_to_write_one(text: str) -> None:
+    with pytest.raises(DurationError, match=r"invalid --health-interval .*like 500ms, 5s or 1m30s"):
+        parse_duration(text, "--health-interval")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.5, "500ms"), (5.0, "5s"), (90.0, "1m30s"), (3600.0, "1h0m0s"), (0, "0s")],
+)
+def test_durations_print_back_in_go_notation(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("name", ["Web", "web_1", "-web", "web-", "", "a" * 64, "wéb", "a.b"])
+def test_names_must_be_dns_labels(name: str) -> None:
+    message = rf"invalid service name '{name}': use 1-63 lowercase letters, digits and '-'"
+    with pytest.raises(ValidationError, match=message):
+        svc(name=name)
+    with pytest.raises(ValidationError, match="invalid network name"):
+        Network(name, "10.1.0.0/24")
+
+
+def test_longest_dns_label_is_accepted() -> None:
+    assert svc(name="a" * 63).name == "a" * 63
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1])
+def test_ports_must_be_1_to_65535(port: int) -> None:
+    with pytest.raises(ValidationError, match=rf"invalid published port {port}: use a port number"):
+        PublishedPort(port, 80)
+    with pytest.raises(ValidationError, match=rf"invalid target port {port}: use a port number"):
+        PublishedPort(80, port)
+
+
+def test_the_same_published_port_and_protocol_twice_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="port 8000/tcp is published twice"):
+        svc(ports=(PublishedPort(8000, 80), PublishedPort(8000, 81)))
+    # The same number on another protocol is another port.
+    assert len(svc(ports=(PublishedPort(53, 53), PublishedPort(53, 53, "udp"))).ports) == 2
+
+
+def test_replicas_must_not_be_negative() -> None:
+    with pytest.raises(
+        ValidationError, match=r"invalid --replicas -1: use a whole number, 0 or more"
+    ):
+        svc(replicas=-1)
+    assert svc(replicas=0).replicas == 0
+
+
+def test_dnsrr_with_an_ingress_port_is_rejected_as_docker_does() -> None:
+    with pytest.raises(ValidationError, match="endpoint mode dnsrr has no VIP .* use mode=host"):
+        svc(endpoint_mode="dnsrr", ports=(PublishedPort(8000, 80),))
+    host = svc(endpoint_mode="dnsrr", ports=(PublishedPort(8000, 80, mode="host"),))
+    assert host.ports[0].mode == "host"
+
+
+def test_a_service_needs_a_command() -> None:
+    with pytest.raises(ValidationError, match="no command; put it after '--'"):
+        svc(command=())
+
+
+def test_a_network_given_twice_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="invalid --network front: given twice"):
+        svc(networks=(NetworkAttachment("front"), NetworkAttachment("front", ("x",))))
+
+
+def test_bad_aliases_env_keys_and_hostnames_are_named() -> None:
+    with pytest.raises(ValidationError, match="invalid alias on network front 'WWW'"):
+        NetworkAttachment.parse("front:WWW")
+    with pytest.raises(ValidationError, match="invalid --env key '1A'"):
+        svc(env={"1A": "x"})
+    with pytest.raises(ValidationError, match="invalid --hostname 'Bad_Host'"):
+        svc(hostnames=("Bad_Host",))
+    assert svc(hostnames=("www.example.com",)).hostnames == ("www.example.com",)
+
+
+def test_enumerations_list_their_choices() -> None:
+    with pytest.raises(
+        ValidationError, match="invalid --endpoint-mode 'rr': use one of vip, dnsrr"
+    ):
+        svc(endpoint_mode="rr")
+    with pytest.raises(ValidationError, match="invalid protocol 'sctp': use one of tcp, udp"):
+        PublishedPort(1, 1, "sctp")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="invalid --restart-condition 'always'"):
+        RestartPolicy("always")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="invalid driver 'overlay': use one of bridge"):
+        Network("n", "10.1.0.0/24", "overlay")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("10.1.0.1/24", "no host bits set"),
+        ("banana", "write an IPv4 network in CIDR form"),
+        ("fd00::/64", "use an IPv4 network of /29 or larger"),
+        ("10.1.0.0/30", "use an IPv4 network of /29 or larger"),
+    ],
+)
+def test_subnets_must_be_ipv4_networks_of_at_least_29(text: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Network("n", text)
+
+
+@pytest.mark.parametrize(
+    ("text", "port"),
+    [
+        ("8000:80", PublishedPort(8000, 80)),
+        ("53:5353/udp", PublishedPort(53, 5353, "udp")),
+        ("mode=host,8080:80/tcp", PublishedPort(8080, 80, mode="host")),
+        ("mode=ingress,traffic=local,8000:80", PublishedPort(8000, 80, traffic="local")),
+    ],
+)
+def test_publish_syntax(text: str, port: PublishedPort) -> None:
+    assert PublishedPort.parse(text) == port
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("8000", "write PUBLISHED:TARGET"),
+        ("a:80", "write PUBLISHED:TARGET"),
+        ("8000:80/sctp", "invalid protocol 'sctp'"),
+        ("size=1,8000:80", "unknown setting 'size=1'"),
+        ("mode=edge,8000:80", "invalid publish mode 'edge'"),
+        ("mode=host,traffic=local,8000:80", "traffic=local needs mode=ingress"),
+        ("70000:80", "invalid published port 70000"),
+    ],
+)
+def test_bad_publish_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PublishedPort.parse(text)
+
+
+def test_network_argument_with_aliases() -> None:
+    assert NetworkAttachment.parse("front") == NetworkAttachment("front")
+    assert NetworkAttachment.parse("front:www,api") == NetworkAttachment("front", ("www", "api"))
+
+
+def test_health_checks() -> None:
+    assert HealthCheck.parse_http("8080/healthz") == (8080, "/healthz")
+    assert HealthCheck.parse_http("8080") == (8080, "/")
+    with pytest.raises(ValidationError, match="invalid --health-http 'x/y': write PORT/PATH"):
+        HealthCheck.parse_http("x/y")
+    with pytest.raises(ValidationError, match="invalid --health-tcp port 0"):
+        HealthCheck("tcp", port=0)
+    with pytest.raises(ValidationError, match="invalid --health-cmd: the command is empty"):
+        HealthCheck("cmd", command=" ")
+    with pytest.raises(ValidationError, match="invalid --health-retries -1"):
+        HealthCheck("tcp", port=80, retries=-1)
+    with pytest.raises(ValidationError, match="use a duration above 0"):
+        HealthCheck("tcp", port=80, interval=0)
+    assert HealthCheck("http", port=80, path="/h", interval=5).describe() == "http 80/h every 5s"
+
+
+def test_every_object_round_trips_through_its_dict() -> None:
+    service = svc(
+        replicas=2,
+        env={"A": "1"},
+        networks=(NetworkAttachment("front", ("www",), "10.10.0.2"),),
+        ports=(PublishedPort(8000, 80, traffic="local"), PublishedPort(53, 53, "udp", "host")),
+        health=HealthCheck("cmd", command="true", interval=2.5),
+        restart=RestartPolicy("on-failure", 1.0, 3),
+        stop_grace_period=0.5,
+        hostnames=("web.example.com",),
+    )
+    assert Service.from_dict(service.to_dict()) == service
+    assert service.vips() == {"front": "10.10.0.2"}
+    network = Network("front", "10.10.0.0/24", internal=True, labels={"k": "v"})
+    assert Network.from_dict(network.to_dict()) == network
+    task = Task("web", service.id, 1, 1, addresses={"front": "10.10.0.3"}, pid=7)
+    assert Task.from_dict(task.to_dict()) == task
+    assert task.to_dict()["name"] == "web.1"
+    node = Node("node1", "192.0.2.1", heartbeat=1.0)
+    assert Node.from_dict(node.to_dict()) == node
+
+
+def test_ids_are_12_hex_characters_and_differ() -> None:
+    ids = {new_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
+    assert svc().id != svc().id

@@ -1,0 +1,287 @@
+"""The operations layer against a real SQLite store: cross-object rules, tasks, VIPs, atomicity."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshctl import ops
+from meshctl.ipam import AddressExhausted
+from meshctl.model import (
+    NODE,
+    TASK,
+    NetworkAttachment,
+    Node,
+    NotFoundError,
+    PublishedPort,
+    Service,
+    Task,
+    ValidationError,
+)
+from meshctl.orchestrator import plan_tasks
+from meshctl.store import Store, open_store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    with open_store(f"sqlite://{tmp_path}/state.db") as opened:
+        yield opened
+
+
+def spec(name: str = "web", *networks: str, **fields: Any) -> Service:
+    return Service(
+        name=name,
+        command=("sleep", "infinity"),
+        networks=tuple(NetworkAttachment(n) for n in networks),
+        **fields,
+    )
+
+
+def claim(store: Store, task: Task, node: str = "node1") -> Task:
+    """What a node's controller does: take an unassigned task with a compare-and-swap."""
+    record = store.get(TASK, task.id)
+    assert record is not None
+    claimed = dataclasses.replace(task, node=node, state="running")
+    store.put(TASK, task.id, claimed.to_dict(), expect=record.mod_revision)
+    return claimed
+
+
+def snapshot(store: Store) -> dict[str, list[Any]]:
+    kinds = ("network", "ipam", "service", "task", "port")
+    return {k: [(r.name, r.value) for r in store.list(k)] for k in kinds}
+
+
+# -- networks --------------------------------------------------------------------------------
+
+
+def test_networks_get_the_next_free_24_of_the_pool(store: Store) -> None:
+    assert ops.create_network(store, "a").subnet == "10.10.0.0/24"
+    assert ops.create_network(store, "b", subnet="10.10.1.0/24").subnet == "10.10.1.0/24"
+    assert ops.create_network(store, "c").subnet == "10.10.2.0/24"
+    custom = ops.create_network(store, "d", pool="172.31.0.0/16", prefix=28)
+    assert custom.subnet == "172.31.0.0/28"
+    assert [n.name for n in ops.list_networks(store)] == ["a", "b", "c", "d"]
+
+
+def test_network_names_are_unique(store: Store) -> None:
+    ops.create_network(store, "front")
+    with pytest.raises(ValidationError, match="network front already exists; choose another name"):
+        ops.create_network(store, "front")
+
+
+def test_overlapping_subnets_are_rejected_naming_the_other_network(store: Store) -> None:
+    ops.create_network(store, "front", subnet="10.20.0.0/24")
+    before = snapshot(store)
+    with pytest.raises(ValidationError, match=r"10.20.0.0/16: it overlaps network front \(10.20"):
+        ops.create_network(store, "wide", subnet="10.20.0.0/16")
+    assert snapshot(store) == before
+
+
+def test_network_rm_refuses_while_a_service_uses_it(store: Store) -> None:
+    network = ops.create_network(store, "front")
+    ops.create_service(store, spec("web", "front"))
+    with pytest.raises(ValidationError, match="network front is in use by service web; remove"):
+        ops.remove_network(store, "front")
+    ops.remove_service(store, "web")
+    ops.remove_network(store, "front")
+    assert ops.list_networks(store) == []
+    assert store.get("ipam", network.id) is None
+    with pytest.raises(NotFoundError, match="network front not found"):
+        ops.remove_network(store, "front")
+
+
+# -- services --------------------------------------------------------------------------------
+
+
+def test_create_stores_the_spec_vip_and_pending_tasks_in_one_transaction(store: Store) -> None:
+    ops.create_network(store, "front", subnet="10.20.0.0/24")
+    revision = store.revision()
+    created = ops.create_service(store, spec("web", "front", replicas=3))
+    assert store.revision() == revision + 1  # one transaction
+    assert created.networks[0].vip == "10.20.0.2"
+    assert ops.get_service(store, "web") == created
+    tasks = ops.list_tasks(store, created)
+    assert [t.name for t in tasks] == ["web.1", "web.2", "web.3"]
+    assert {(t.desired_state, t.state, t.node, t.spec_version) for t in tasks} == {
+        ("running", "pending", "", 1)
+    }
+    assert [t.addresses for t in tasks] == [
+        {"front": "10.20.0.3"},
+        {"front": "10.20.0.4"},
+        {"front": "10.20.0.5"},
+    ]
+
+
+def test_dnsrr_services_get_no_vip(store: Store) -> None:
+    ops.create_network(store, "front")
+    created = ops.create_service(store, spec("db", "front", endpoint_mode="dnsrr"))
+    assert created.vips() == {}
+    assert created.networks[0].vip is None
+
+
+def test_service_names_are_unique(store: Store) -> None:
+    ops.create_service(store, spec("web"))
+    with pytest.raises(ValidationError, match="service web already exists; choose another --name"):
+        ops.create_service(store, spec("web"))
+
+
+def test_unknown_network_is_rejected_and_nothing_is_written(store: Store) -> None:
+    before = snapshot(store)
+    with pytest.raises(NotFoundError, match="network back not found; create it with: meshctl"):
+        ops.create_service(store, spec("web", "back"))
+    assert snapshot(store) == before
+
+
+def test_a_published_port_is_used_by_one_service_only(store: Store) -> None:
+    ops.create_service(store, spec("web", ports=(PublishedPort(8000, 80),)))
+    with pytest.raises(ValidationError, match="port 8000/tcp is already published by service web"):
+        ops.create_service(store, spec("api", ports=(PublishedPort(8000, 81, mode="host"),)))
+    ops.create_service(store, spec("dns", ports=(PublishedPort(8000, 53, "udp"),)))
+    ops.remove_service(store, "web")
+    ops.create_service(store, spec("api", ports=(PublishedPort(8000, 81),)))
+
+
+def test_a_full_29_with_more_replicas_than_addresses_fails_cleanly(store: Store) -> None:
+    ops.create_network(store, "tiny", subnet="10.30.0.0/29")  # 6 hosts: gateway + 5
+    before, revision = snapshot(store), store.revision()
+    with pytest.raises(
+        AddressExhausted, match=r"network tiny \(10.30.0.0/29\) has no free address"
+    ):
+        ops.create_service(store, spec("web", "tiny", replicas=5))  # VIP + 5 tasks = 6
+    assert snapshot(store) == before
+    assert store.revision() == revision
+    ops.create_service(store, spec("web", "tiny", replicas=4))
+    with pytest.raises(AddressExhausted, match="for task web.5"):
+        ops.scale_services(store, {"web": 5})
+    assert len(ops.list_tasks(store)) == 4
+
+
+def test_scale_down_drops_unclaimed_tasks_and_marks_claimed_ones(store: Store) -> None:
+    network = ops.create_network(store, "front")
+    created = ops.create_service(store, spec("web", "front", replicas=3))
+    tasks = ops.list_tasks(store, created)
+    claimed = claim(store, tasks[2])  # web.3 runs on node1
+    ops.scale_services(store, {"web": 1})
+    after = {t.name: t for t in ops.list_tasks(store, created)}
+    assert set(after) == {"web.1", "web.3"}  # web.2 never ran: gone at once
+    assert after["web.3"].desired_state == "shutdown"
+    owners = set(ops.network_ipam(store, network).allocations.values())
+    assert f"task:{tasks[1].id}" not in owners
+    assert f"task:{claimed.id}" in owners  # still in use until its controller forgets it
+    ops.forget_task(store, claimed.id)
+    assert f"task:{claimed.id}" not in set(ops.network_ipam(store, network).allocations.values())
+    assert ops.get_service(store, "web").version == 1  # scaling rolls nothing
+
+
+def test_scale_up_again_while_an_old_task_drains_makes_a_new_task(store: Store) -> None:
+    created = ops.create_service(store, spec("web", replicas=2))
+    old = claim(store, ops.list_tasks(store, created)[1])
+    ops.scale_services(store, {"web": 1})
+    ops.scale_services(store, {"web": 2})
+    slot2 = [t for t in ops.list_tasks(store, created) if t.slot == 2]
+    assert {(t.id == old.id, t.desired_state) for t in slot2} == {
+        (True, "shutdown"),
+        (False, "running"),
+    }
+
+
+def test_scale_of_several_services_is_all_or_nothing(store: Store) -> None:
+    ops.create_service(store, spec("web"))
+    with pytest.raises(NotFoundError, match="service nope not found"):
+        ops.scale_services(store, {"web": 3, "nope": 1})
+    assert ops.get_service(store, "web").replicas == 1
+    with pytest.raises(ValidationError, match="invalid --replicas -2"):
+        ops.scale_services(store, {"web": -2})
+
+
+def test_rm_hides_the_service_and_hands_claimed_tasks_to_their_controller(store: Store) -> None:
+    network = ops.create_network(store, "front")
+    created = ops.create_service(store, spec("web", "front", replicas=2))
+    running = claim(store, ops.list_tasks(store, created)[0])
+    ops.remove_service(store, "web")
+    assert ops.list_services(store) == []
+    left = ops.list_tasks(store)
+    assert [(t.id, t.desired_state) for t in left] == [(running.id, "removed")]
+    assert set(ops.network_ipam(store, network).allocations.values()) == {f"task:{running.id}"}
+    # Lingering tasks do not block the network; a new service with the name starts afresh.
+    ops.create_service(store, spec("web", "front"))
+    with pytest.raises(NotFoundError, match="service gone not found; list services with"):
+        ops.remove_service(store, "gone")
+
+
+def test_update_bumps_the_version_keeps_vips_and_readdresses_tasks(store: Store) -> None:
+    front = ops.create_network(store, "front")
+    back = ops.create_network(store, "back")
+    created = ops.create_service(store, spec("web", "front", replicas=2))
+    vip = created.vips()["front"]
+    updated = ops.update_service(
+        store,
+        "web",
+        {"networks": (NetworkAttachment("front", ("www",)), NetworkAttachment("back"))},
+    )
+    assert updated.version == 2
+    assert updated.vips()["front"] == vip
+    assert updated.networks[0].aliases == ("www",)
+    tasks = ops.list_tasks(store, updated)
+    assert all(set(t.addresses) == {"front", "back"} and t.spec_version == 1 for t in tasks)
+    ops.update_service(store, "web", {"networks": (NetworkAttachment("back"),)})
+    front_owners = set(ops.network_ipam(store, front).allocations.values())
+    assert front_owners == set()  # VIP and task addresses on front released
+    assert len(ops.network_ipam(store, back).allocations) == 3
+
+
+def test_update_to_dnsrr_releases_the_vip_and_validates(store: Store) -> None:
+    network = ops.create_network(store, "front")
+    ops.create_service(store, spec("web", "front", ports=(PublishedPort(8000, 80),)))
+    with pytest.raises(ValidationError, match="endpoint mode dnsrr has no VIP"):
+        ops.update_service(store, "web", {"endpoint_mode": "dnsrr"})
+    updated = ops.update_service(store, "web", {"endpoint_mode": "dnsrr", "ports": ()})
+    assert updated.vips() == {}
+    assert "vip:" + updated.id not in set(ops.network_ipam(store, network).allocations.values())
+    with pytest.raises(ValidationError, match="cannot update id of a service"):
+        ops.update_service(store, "web", {"id": "x"})
+
+
+def test_update_with_new_replicas_plans_tasks_at_the_new_version(store: Store) -> None:
+    created = ops.create_service(store, spec("web"))
+    ops.update_service(store, "web", {"replicas": 2, "command": ("true",)})
+    tasks = ops.list_tasks(store, created)
+    assert [(t.slot, t.spec_version) for t in tasks] == [(1, 1), (2, 2)]
+
+
+def test_find_task_by_name_or_id(store: Store) -> None:
+    created = ops.create_service(store, spec("web", replicas=2))
+    task = ops.list_tasks(store, created)[1]
+    assert ops.find_task(store, "web.2") == task
+    assert ops.find_task(store, task.id) == task
+    with pytest.raises(NotFoundError, match="no service or task named web.9"):
+        ops.find_task(store, "web.9")
+
+
+def test_controller_running_needs_a_fresh_heartbeat(store: Store) -> None:
+    assert not ops.controller_running(store)
+    now = time.time()
+    store.put(NODE, "node1", Node("node1", heartbeat=now - 60).to_dict())
+    assert not ops.controller_running(store, now)
+    store.put(NODE, "node2", Node("node2", heartbeat=now - 1).to_dict())
+    assert ops.controller_running(store, now)
+
+
+def test_plan_tasks_fills_missing_slots_and_trims_extra_ones() -> None:
+    service = spec("web", replicas=2)
+    extra = Task("web", service.id, 3, 1)
+    gone = Task("web", service.id, 1, 1, desired_state="shutdown")
+    other = Task("api", "someone-else", 1, 1)
+    keep = Task("web", service.id, 2, 1, created_at=1.0)
+    twin = Task("web", service.id, 2, 1, created_at=2.0)
+    to_create, to_remove = plan_tasks(service, [extra, gone, other, keep, twin])
+    assert [(t.slot, t.service_id, t.desired_state, t.state) for t in to_create] == [
+        (1, service.id, "running", "pending")
+    ]
+    assert to_remove == [twin, extra]
+    assert plan_tasks(dataclasses.replace(service, replicas=0), [keep]) == ([], [keep])
