@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
 from meshctl.durations import DurationError, format_duration, parse_duration
@@ -488,8 +488,14 @@ class Task:
     id: str = field(default_factory=new_id)
     created_at: float = 0.0
     updated_at: float = 0.0
+    # With pid, names the process for good (a reused PID starts later): how a restarted
+    # controller re-adopts the task instead of starting it again.
+    start_time: int | None = None
+    restarts: int = 0
+    history: tuple[TaskEvent, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "history", tuple(self.history))
         _check_choice(self.desired_state, DesiredState, "task desired state")
         _check_choice(self.state, TaskState, "task state")
         _check_choice(self.health, Health, "task health")
@@ -518,11 +524,41 @@ class Task:
             "error": self.error,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "start_time": self.start_time,
+            "restarts": self.restarts,
+            "history": [e.to_dict() for e in self.history],
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Task:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "history"}
+        history = tuple(TaskEvent.from_dict(e) for e in data.get("history", ()))
+        return cls(**fields, history=history)
+
+    def with_event(self, now: float, state: TaskState, message: str = "") -> Task:
+        """The task in `state`, the transition recorded (the last HISTORY_SIZE are kept)."""
+        event = TaskEvent(now, state, message)
+        history = (*self.history, event)[-HISTORY_SIZE:]
+        return replace(self, state=state, updated_at=now, history=history)
+
+
+HISTORY_SIZE = 10
+
+
+@dataclass(frozen=True)
+class TaskEvent:
+    """One transition of a task: when, into which observed state, and why."""
+
+    time: float
+    state: str
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "state": self.state, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskEvent:
+        return cls(float(data["time"]), str(data["state"]), str(data.get("message", "")))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ without a store; key names here are a public interface: add keys, never rename o
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,20 +148,48 @@ def task_json(task: Task) -> dict[str, Any]:
     return task.to_dict()
 
 
-def task_table(tasks: Iterable[Task]) -> str:
-    return table(
-        ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "HEALTH", "ERROR", "ADDRESSES"],
-        (
+def task_table(tasks: Iterable[Task], now: float | None = None) -> str:
+    """docker service ps: a row per task, then (as `\\_ web.1`) its earlier transitions."""
+    now = time.time() if now is None else now
+    rows: list[list[str]] = []
+    for t in tasks:
+        current = f"{t.state} {_ago(now, t.updated_at)}" if t.updated_at else t.state
+        rows.append(
             [
                 t.id,
                 t.name,
                 t.node or "-",
                 t.desired_state,
-                t.state,
+                current,
                 t.health,
                 t.error or "-",
                 ",".join(f"{net}={addr}" for net, addr in t.addresses.items()) or "-",
             ]
-            for t in tasks
-        ),
+        )
+        for event in reversed(t.history[:-1]):
+            rows.append(
+                [
+                    "",
+                    f" \\_ {t.name}",
+                    "",
+                    "",
+                    f"{event.state} {_ago(now, event.time)}",
+                    "",
+                    event.message or "-",
+                    "",
+                ]  # fmt: skip
+            )
+    return table(
+        ["ID", "NAME", "NODE", "DESIRED STATE", "CURRENT STATE", "HEALTH", "ERROR", "ADDRESSES"],
+        rows,
     )
+
+
+def _ago(now: float, then: float) -> str:
+    """Docker's "3 seconds ago" in short form."""
+    seconds = max(0, int(now - then))
+    if seconds < 120:
+        return f"{seconds}s ago"
+    if seconds < 7200:
+        return f"{seconds // 60}m ago"
+    return f"{seconds // 3600}h ago"
