@@ -1,0 +1,318 @@
+"""kernel.links in memory: links, addresses, static routes and neighbours per fake namespace.
+
+It follows the kernel where meshctl can observe a difference (checked by tests/conformance):
+a new namespace holds only lo, down; a veth end dies with its peer and its peer's namespace;
+taking a device down, deleting it or removing its last address drops the static routes through
+it; a route needs its device up and its gateway on a subnet of an up device.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from kernel.errors import KernelError, translate
+from kernel.fake.world import FakeNamespace, FakeWorld
+from kernel.links import (
+    MAIN_TABLE,
+    VXLAN_PORT,
+    Address,
+    Link,
+    Neighbour,
+    Route,
+    kind_clash,
+    missing_link,
+    peer_clash,
+    route_dst,
+    route_name,
+    route_what,
+    vni_clash,
+    where,
+)
+from kernel.netns import Namespace
+
+PART = "links"  # this subsystem's key in FakeNamespace.parts (kernel.fake.sysctl reads it)
+DEFAULT_MTU = 1500
+VXLAN_OVERHEAD = 50
+
+
+@dataclass
+class FakeLink:
+    """A link's mutable state; peer is (namespace, name) of a veth's other end."""
+
+    name: str
+    kind: str | None
+    index: int
+    mtu: int = DEFAULT_MTU
+    up: bool = False
+    master: str | None = None
+    mac: str = "00:00:00:00:00:00"
+    vni: int | None = None
+    peer: tuple[Namespace, str] | None = None
+
+    def view(self) -> Link:
+        return Link(
+            self.name, self.kind, self.index, self.up, self.mtu, self.master, self.mac, self.vni
+        )
+
+
+@dataclass
+class NsLinks:
+    """Everything the link layer keeps in one namespace."""
+
+    links: dict[str, FakeLink] = field(default_factory=dict)
+    addresses: list[Address] = field(default_factory=list)  # in the order added, as listed
+    routes: dict[tuple[int, str], Route] = field(default_factory=dict)
+    neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)
+    indexes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def __post_init__(self) -> None:
+        self.links["lo"] = FakeLink("lo", None, next(self.indexes), mtu=65536)
+
+
+def failure(code: int, what: str) -> KernelError:
+    """The typed error the real layer raises for this errno (same class and code)."""
+    return translate(OSError(code, os.strerror(code)), what)
+
+
+class FakeLinks:
+    """kernel.links.LinksAPI in memory; unsupported_kinds models a kernel without, say, dummy."""
+
+    def __init__(self, world: FakeWorld, unsupported_kinds: Iterable[str] = ()) -> None:
+        self.world = world
+        self.unsupported_kinds = frozenset(unsupported_kinds)
+        self._macs = itertools.count(1)
+        world.on_namespace_deleted.append(self._namespace_deleted)
+
+    # links
+
+    def ensure_bridge(self, ns: Namespace, name: str, mtu: int | None = None) -> None:
+        state = self._state(ns)
+        if self._ensure_kind(state, ns, name, "bridge") is None:
+            self._add(ns, state, FakeLink(name, "bridge", 0))
+        if mtu is not None:
+            self.set_mtu(ns, name, mtu)
+
+    def ensure_veth(self, ns: Namespace, name: str, peer_name: str, peer_ns: Namespace) -> None:
+        state = self._state(ns)
+        peer_state = self._state(peer_ns)
+        if self._ensure_kind(state, ns, name, "veth") is not None:
+            peer = peer_state.links.get(peer_name)
+            if peer is None or peer.kind != "veth":
+                raise peer_clash(ns, name, peer_name, peer_ns)
+            return
+        if peer_name in peer_state.links or (peer_ns == ns and peer_name == name):
+            raise failure(
+                errno.EEXIST,
+                f"create veth {name} in {where(ns)} with peer {peer_name} in {where(peer_ns)} "
+                f"(is {peer_name} taken there?)",
+            )
+        # The kernel registers the peer first: it gets the lower index.
+        self._add(peer_ns, peer_state, FakeLink(peer_name, "veth", 0, peer=(ns, name)))
+        self._add(ns, state, FakeLink(name, "veth", 0, peer=(peer_ns, peer_name)))
+
+    def ensure_dummy(self, ns: Namespace, name: str) -> None:
+        state = self._state(ns)
+        if self._ensure_kind(state, ns, name, "dummy") is None:
+            self._add(ns, state, FakeLink(name, "dummy", 0))
+
+    def ensure_vxlan(
+        self,
+        ns: Namespace,
+        name: str,
+        vni: int,
+        local: str | None = None,
+        remote: str | None = None,
+        dev: str | None = None,
+        port: int = VXLAN_PORT,
+    ) -> None:
+        state = self._state(ns)
+        found = self._ensure_kind(state, ns, name, "vxlan")
+        if found is not None:
+            if found.vni != vni:
+                raise vni_clash(ns, name, found.vni, vni)
+            return
+        mtu = DEFAULT_MTU if dev is None else self._link(state, ns, dev).mtu - VXLAN_OVERHEAD
+        self._add(ns, state, FakeLink(name, "vxlan", 0, mtu=mtu, vni=vni))
+
+    def delete_link(self, ns: Namespace, name: str) -> None:
+        state = self._state(ns)
+        link = state.links.get(name)
+        if link is None:
+            return
+        self._drop(ns, state, link)
+        if link.peer is not None:
+            peer_ns, peer_name = link.peer
+            peer_state = self.world.namespaces.get(peer_ns)
+            if peer_state is not None and peer_name in self._of(peer_state).links:
+                self._drop(peer_ns, self._of(peer_state), self._of(peer_state).links[peer_name])
+
+    def get_link(self, ns: Namespace, name: str) -> Link | None:
+        link = self._state(ns).links.get(name)
+        return None if link is None else link.view()
+
+    def list_links(self, ns: Namespace) -> list[Link]:
+        found = [link.view() for link in self._state(ns).links.values()]
+        return sorted(found, key=lambda link: link.index)
+
+    def set_up(self, ns: Namespace, name: str) -> None:
+        state = self._state(ns)
+        link = self._link(state, ns, name)
+        link.up = True
+        if link.name == "lo" and not any(a.ifname == "lo" for a in state.addresses):
+            state.addresses.append(Address("lo", "127.0.0.1/8"))  # as the kernel does
+
+    def set_down(self, ns: Namespace, name: str) -> None:
+        state = self._state(ns)
+        self._link(state, ns, name).up = False
+        self._flush_routes(state, name)
+
+    def set_master(self, ns: Namespace, name: str, bridge: str | None) -> None:
+        state = self._state(ns)
+        link = self._link(state, ns, name)
+        if bridge is not None and self._link(state, ns, bridge).kind != "bridge":
+            raise failure(errno.EOPNOTSUPP, f"set master of {name} to {bridge} in {where(ns)}")
+        link.master = bridge
+
+    def set_mtu(self, ns: Namespace, name: str, mtu: int) -> None:
+        self._link(self._state(ns), ns, name).mtu = mtu
+
+    # addresses
+
+    def ensure_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
+        state = self._state(ns)
+        self._link(state, ns, ifname)
+        address = Address(ifname, str(ipaddress.ip_interface(cidr)))
+        if address not in state.addresses:
+            state.addresses.append(address)
+
+    def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
+        state = self._state(ns)
+        address = Address(ifname, str(ipaddress.ip_interface(cidr)))
+        if address in state.addresses:
+            state.addresses.remove(address)
+            if not any(a.ifname == ifname for a in state.addresses):
+                self._flush_routes(state, ifname)  # the kernel's fib_disable_ip
+
+    def list_addresses(self, ns: Namespace, ifname: str | None = None) -> list[Address]:
+        state = self._state(ns)
+        order = {name: link.index for name, link in state.links.items()}
+        found = [a for a in state.addresses if ifname is None or a.ifname == ifname]
+        return sorted(found, key=lambda a: order[a.ifname])
+
+    # routes
+
+    def ensure_route(self, ns: Namespace, route: Route) -> None:
+        state = self._state(ns)
+        prefix, prefixlen = route_dst(route.dst)
+        ifname = route.ifname
+        if ifname is not None and not self._link(state, ns, ifname).up:
+            raise failure(errno.ENETDOWN, route_what(ns, route))
+        if route.gateway is not None:
+            ifname = self._gateway_link(state, route.gateway, ifname)
+            if ifname is None:
+                raise failure(errno.ENETUNREACH, route_what(ns, route))
+        if ifname is None:
+            raise failure(errno.EINVAL, route_what(ns, route))
+        dst = route_name(prefix, prefixlen)
+        state.routes[(route.table, dst)] = Route(dst, route.gateway, ifname, route.table)
+
+    def delete_route(self, ns: Namespace, route: Route) -> None:
+        state = self._state(ns)
+        key = (route.table, route_name(*route_dst(route.dst)))
+        found = state.routes.get(key)
+        if found is None:
+            return
+        if route.gateway not in (None, found.gateway) or route.ifname not in (None, found.ifname):
+            return  # another route for that dst: the kernel answers ESRCH, a no-op
+        del state.routes[key]
+
+    def list_routes(self, ns: Namespace, table: int = MAIN_TABLE) -> list[Route]:
+        routes = [r for (t, _), r in self._state(ns).routes.items() if t == table]
+
+        def order(route: Route) -> tuple[int, int]:
+            # The kernel dumps a table by prefix, shorter prefixes first.
+            prefix, prefixlen = route_dst(route.dst)
+            return prefixlen, int(ipaddress.IPv4Address(prefix))
+
+        return sorted(routes, key=order)
+
+    # neighbours
+
+    def ensure_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
+        state = self._state(ns)
+        self._link(state, ns, neighbour.ifname)
+        state.neighbours[(neighbour.ifname, neighbour.address)] = replace(
+            neighbour, mac=neighbour.mac.lower()
+        )
+
+    def delete_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
+        self._state(ns).neighbours.pop((neighbour.ifname, neighbour.address), None)
+
+    def list_neighbours(self, ns: Namespace, ifname: str | None = None) -> list[Neighbour]:
+        return [n for n in self._state(ns).neighbours.values() if ifname in (None, n.ifname)]
+
+    # helpers
+
+    def _of(self, space: FakeNamespace) -> NsLinks:
+        state: NsLinks = space.part(PART, NsLinks)
+        return state
+
+    def _state(self, ns: Namespace) -> NsLinks:
+        return self._of(self.world.require(ns))
+
+    def _link(self, state: NsLinks, ns: Namespace, name: str) -> FakeLink:
+        try:
+            return state.links[name]
+        except KeyError:
+            raise missing_link(ns, name) from None
+
+    def _ensure_kind(self, state: NsLinks, ns: Namespace, name: str, kind: str) -> FakeLink | None:
+        found = state.links.get(name)
+        if found is not None and found.kind != kind:
+            raise kind_clash(ns, name, found.kind, kind)
+        if found is None and kind in self.unsupported_kinds:
+            raise failure(errno.EOPNOTSUPP, f"create {kind} {name} in {where(ns)}")
+        return found
+
+    def _add(self, ns: Namespace, state: NsLinks, link: FakeLink) -> None:
+        link.index = next(state.indexes)
+        n = next(self._macs)
+        link.mac = f"02:00:00:{n >> 16 & 0xFF:02x}:{n >> 8 & 0xFF:02x}:{n & 0xFF:02x}"
+        state.links[link.name] = link
+
+    def _drop(self, ns: Namespace, state: NsLinks, link: FakeLink) -> None:
+        """Remove a link and all that lives on it, as the kernel does on unregister."""
+        del state.links[link.name]
+        for port in state.links.values():
+            if port.master == link.name:
+                port.master = None
+        state.addresses = [a for a in state.addresses if a.ifname != link.name]
+        state.neighbours = {k: n for k, n in state.neighbours.items() if n.ifname != link.name}
+        self._flush_routes(state, link.name)
+
+    def _flush_routes(self, state: NsLinks, ifname: str) -> None:
+        state.routes = {k: r for k, r in state.routes.items() if r.ifname != ifname}
+
+    def _gateway_link(self, state: NsLinks, gateway: str, ifname: str | None) -> str | None:
+        """The up device with a subnet holding gateway (ifname if given), else None."""
+        ip = ipaddress.IPv4Address(gateway)
+        for address in state.addresses:
+            link = state.links[address.ifname]
+            if ifname not in (None, link.name) or not link.up:
+                continue
+            if ip in ipaddress.IPv4Interface(address.cidr).network:
+                return link.name
+        return None
+
+    def _namespace_deleted(self, name: str) -> None:
+        """A namespace went: the veth ends elsewhere whose peer lived there go with it."""
+        for ns, space in self.world.namespaces.items():
+            state = self._of(space)
+            for link in list(state.links.values()):
+                if link.peer is not None and link.peer[0] == name:
+                    self._drop(ns, state, link)

@@ -1,0 +1,102 @@
+"""The conformance fixture: one `kernel` per test, the fake and the real one, same verbs.
+
+Every conformance test takes `kernel` and runs twice, so the fake cannot drift from the truth.
+Subsystems that are not written yet (or cannot be imported) are None; their tests skip.
+Real-kernel tests never act in the node's namespace (ns=None): they make theirs with new_ns().
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.conftest import NetnsFactory
+
+
+@dataclass
+class KernelUnderTest:
+    """One kernel, fake or real, with each subsystem's implementation of its protocol."""
+
+    name: str  # "fake" or "real"
+    netns: Any  # kernel.netns.Netns or kernel.fake.world.FakeNetns
+    links: Any  # kernel.links.LinksAPI
+    sysctl: Any  # kernel.sysctl.SysctlAPI
+    iptables: Any | None  # kernel.iptables.IptablesAPI, None until it exists
+    ipvs: Any | None  # kernel.ipvs.IpvsAPI, None until it exists
+    world: Any | None  # kernel.fake.world.FakeWorld for the fake, None for the real kernel
+    new_ns: Callable[[str], str]  # a fresh namespace in this kernel, removed after the test
+
+    @property
+    def is_fake(self) -> bool:
+        return self.world is not None
+
+
+def _optional(module: str, cls: str, *args: Any) -> Any | None:
+    """An instance of module.cls, or None while that module does not exist yet."""
+    try:
+        found = importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name != module:  # the module exists but is broken: say so
+            raise
+        return None
+    return getattr(found, cls)(*args)
+
+
+def _fake_kernel() -> KernelUnderTest:
+    from kernel.fake.sysctl import FakeSysctl
+
+    from kernel.fake.links import FakeLinks
+    from kernel.fake.world import FakeNetns, FakeWorld
+
+    world = FakeWorld()
+    fake_netns = FakeNetns(world)
+    counter = iter(range(1_000_000))
+
+    def new_ns(tag: str) -> str:
+        name = f"fake-{tag}{next(counter)}"
+        fake_netns.create(name)
+        return name
+
+    return KernelUnderTest(
+        name="fake",
+        netns=fake_netns,
+        links=FakeLinks(world),
+        sysctl=FakeSysctl(world),
+        iptables=_optional("kernel.fake.iptables", "FakeIptables", world),
+        ipvs=_optional("kernel.fake.ipvs", "FakeIpvs", world),
+        world=world,
+        new_ns=new_ns,
+    )
+
+
+def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
+    from kernel.sysctl import Sysctl
+
+    from kernel.links import Links
+    from kernel.netns import Netns
+
+    return KernelUnderTest(
+        name="real",
+        netns=Netns(),
+        links=Links(),
+        sysctl=Sysctl(),
+        iptables=_optional("kernel.iptables", "Iptables"),
+        ipvs=_optional("kernel.ipvs", "Ipvs"),
+        world=None,
+        new_ns=netns_factory,
+    )
+
+
+@pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.root)])
+def kernel(
+    request: pytest.FixtureRequest, netns_factory: NetnsFactory
+) -> Iterator[KernelUnderTest]:
+    """The kernel under test: the in-memory fake, then the real one (root only)."""
+    if request.param == "fake":
+        yield _fake_kernel()
+    else:
+        yield _real_kernel(netns_factory)

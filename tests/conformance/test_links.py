@@ -1,0 +1,372 @@
+"""kernel.links against the fake and the real kernel: links, addresses, routes, neighbours.
+
+Each test runs on both (the `kernel` fixture); the last ones send real packets between
+namespaces over a veth pair and over a bridge, on the real kernel only.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+
+import pytest
+
+from kernel import netns
+from kernel.errors import AlreadyExists, KernelError, NotFound, Unsupported
+from kernel.fake.links import FakeLinks
+from kernel.fake.world import FakeNetns, FakeWorld
+from kernel.links import Address, Link, Neighbour, Route
+from tests.conformance.conftest import KernelUnderTest
+from tests.conftest import NetnsFactory
+
+
+def names(links: list[Link]) -> list[str]:
+    return [link.name for link in links]
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Poll check until it holds or timeout seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def link(kernel: KernelUnderTest, ns: str, name: str) -> Link:
+    found = kernel.links.get_link(ns, name)
+    assert found is not None, f"{name} missing in {ns}"
+    return found
+
+
+def up_pair(kernel: KernelUnderTest, ns: str, cidr: str) -> None:
+    """A veth pair a/b in ns, a up with cidr: a device that routes can use."""
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.set_up(ns, "a")
+    kernel.links.ensure_address(ns, "a", cidr)
+
+
+def test_new_namespace_holds_only_lo_down(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("lo")
+    (lo,) = kernel.links.list_links(ns)
+    assert (lo.name, lo.kind, lo.up, lo.mtu, lo.master) == ("lo", None, False, 65536, None)
+    assert kernel.links.list_addresses(ns) == []
+    kernel.links.set_up(ns, "lo")
+    assert link(kernel, ns, "lo").up
+    assert kernel.links.list_addresses(ns) == [Address("lo", "127.0.0.1/8")]
+    assert kernel.links.list_routes(ns) == []
+
+
+def test_bridge_ensure_twice_is_a_no_op(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("br")
+    kernel.links.ensure_bridge(ns, "meshbr0", mtu=1400)
+    first = link(kernel, ns, "meshbr0")
+    kernel.links.ensure_bridge(ns, "meshbr0")
+    assert link(kernel, ns, "meshbr0") == first
+    assert (first.kind, first.mtu, first.up) == ("bridge", 1400, False)
+    assert names(kernel.links.list_links(ns)) == ["lo", "meshbr0"]
+
+
+def test_kind_clash_raises_already_exists(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("clash")
+    kernel.links.ensure_bridge(ns, "x0")
+    with pytest.raises(AlreadyExists, match="x0 .* is a bridge, not a veth"):
+        kernel.links.ensure_veth(ns, "x0", "x1", ns)
+    with pytest.raises(AlreadyExists, match="lo .* is a device, not a bridge"):
+        kernel.links.ensure_bridge(ns, "lo")
+    assert link(kernel, ns, "x0").kind == "bridge"
+
+
+def test_veth_peer_lands_in_the_other_namespace(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    assert link(kernel, node, "meshv1").kind == "veth"
+    assert link(kernel, task, "eth0").kind == "veth"
+    assert kernel.links.get_link(node, "eth0") is None
+    assert kernel.links.get_link(task, "meshv1") is None
+
+
+def test_veth_without_its_peer_is_not_the_pair_asked_for(kernel: KernelUnderTest) -> None:
+    node, task, other = kernel.new_ns("node"), kernel.new_ns("task"), kernel.new_ns("other")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    with pytest.raises(AlreadyExists, match="peer eth0 is not in"):
+        kernel.links.ensure_veth(node, "meshv1", "eth0", other)
+    kernel.links.ensure_bridge(other, "taken")
+    with pytest.raises(AlreadyExists):
+        kernel.links.ensure_veth(node, "meshv2", "taken", other)
+    assert kernel.links.get_link(node, "meshv2") is None
+
+
+def test_deleting_one_end_deletes_the_other(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    kernel.links.delete_link(task, "eth0")
+    assert kernel.links.get_link(node, "meshv1") is None
+    kernel.links.delete_link(task, "eth0")  # already gone: no-op
+    kernel.links.delete_link(node, "meshv1")
+
+
+def test_deleting_the_peer_namespace_deletes_the_local_end(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    kernel.links.ensure_bridge(node, "meshbr0")
+    kernel.links.set_master(node, "meshv1", "meshbr0")
+    kernel.netns.delete(task)
+    assert not kernel.netns.exists(task)
+    # The kernel frees a namespace in a work queue: the local end goes soon, not at once.
+    assert eventually(lambda: names(kernel.links.list_links(node)) == ["lo", "meshbr0"])
+
+
+def test_veth_to_the_node_namespace_fake_only() -> None:
+    """peer_ns=None is the node; only the fake may be pointed there in tests."""
+    world = FakeWorld()
+    FakeNetns(world).create("task")
+    links = FakeLinks(world)
+    links.ensure_veth("task", "eth0", "meshv1", None)
+    node_end = links.get_link(None, "meshv1")
+    assert node_end is not None and node_end.kind == "veth"
+    FakeNetns(world).delete("task")
+    assert links.get_link(None, "meshv1") is None
+
+
+def test_dummy(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("dummy")
+    try:
+        kernel.links.ensure_dummy(ns, "meshd0")
+    except Unsupported as err:
+        assert not kernel.is_fake
+        pytest.skip(f"this kernel has no dummy links: {err}")
+    kernel.links.ensure_dummy(ns, "meshd0")
+    assert link(kernel, ns, "meshd0").kind == "dummy"
+
+
+def test_fake_models_a_kernel_without_dummy() -> None:
+    world = FakeWorld()
+    with pytest.raises(Unsupported):
+        FakeLinks(world, unsupported_kinds={"dummy"}).ensure_dummy(None, "d0")
+
+
+def test_vxlan(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("vx")
+    kernel.links.ensure_veth(ns, "under", "under-p", ns)
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.0.0.1", remote="10.0.0.2")
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.0.0.1", remote="10.0.0.2")
+    kernel.links.ensure_vxlan(ns, "meshvx1", 4098, dev="under")
+    vx0, vx1 = link(kernel, ns, "meshvx0"), link(kernel, ns, "meshvx1")
+    assert (vx0.kind, vx0.vni, vx0.mtu) == ("vxlan", 4097, 1500)
+    assert (vx1.vni, vx1.mtu) == (4098, 1450)  # the underlay's MTU less the 50-byte header
+    with pytest.raises(AlreadyExists, match="has VNI 4097, not 9"):
+        kernel.links.ensure_vxlan(ns, "meshvx0", 9)
+    with pytest.raises(NotFound, match="link nodev does not exist"):
+        kernel.links.ensure_vxlan(ns, "meshvx2", 5, dev="nodev")
+
+
+def test_up_down_mtu_and_master(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("state")
+    kernel.links.ensure_bridge(ns, "meshbr0")
+    kernel.links.ensure_veth(ns, "p1", "p2", ns)
+    kernel.links.set_up(ns, "p1")
+    kernel.links.set_mtu(ns, "p1", 1400)
+    kernel.links.set_master(ns, "p1", "meshbr0")
+    p1 = link(kernel, ns, "p1")
+    assert (p1.up, p1.mtu, p1.master) == (True, 1400, "meshbr0")
+    assert not link(kernel, ns, "p2").up
+    kernel.links.set_down(ns, "p1")
+    kernel.links.set_master(ns, "p1", None)
+    p1 = link(kernel, ns, "p1")
+    assert (p1.up, p1.master) == (False, None)
+    kernel.links.set_master(ns, "p1", "meshbr0")
+    kernel.links.delete_link(ns, "meshbr0")
+    assert link(kernel, ns, "p1").master is None  # a deleted bridge releases its ports
+
+
+def test_master_must_be_an_existing_bridge(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("master")
+    kernel.links.ensure_veth(ns, "p1", "p2", ns)
+    with pytest.raises(NotFound, match="link nobr does not exist"):
+        kernel.links.set_master(ns, "p1", "nobr")
+    with pytest.raises(Unsupported):
+        kernel.links.set_master(ns, "p1", "p2")
+
+
+def test_verbs_on_a_missing_link_raise_not_found(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("missing")
+    for verb in (kernel.links.set_up, kernel.links.set_down):
+        with pytest.raises(NotFound, match="link nope does not exist .*ensure it first"):
+            verb(ns, "nope")
+    with pytest.raises(NotFound):
+        kernel.links.ensure_address(ns, "nope", "10.1.0.1/24")
+    with pytest.raises(NotFound):
+        kernel.links.ensure_neighbour(ns, Neighbour("nope", "10.1.0.7", "02:00:00:00:00:07"))
+    with pytest.raises(NotFound):
+        kernel.links.ensure_route(ns, Route("10.2.0.0/24", ifname="nope"))
+    assert kernel.links.get_link(ns, "nope") is None
+
+
+def test_deleting_missing_things_is_a_no_op(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("gone")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.delete_link(ns, "nope")
+    kernel.links.delete_address(ns, "a", "10.1.0.1/24")
+    kernel.links.delete_address(ns, "nope", "10.1.0.1/24")
+    kernel.links.delete_route(ns, Route("10.3.0.0/24", ifname="a"))
+    kernel.links.delete_route(ns, Route("10.3.0.0/24", ifname="nope"))
+    kernel.links.delete_neighbour(ns, Neighbour("a", "10.1.0.7", "02:00:00:00:00:07"))
+    kernel.links.delete_neighbour(ns, Neighbour("nope", "10.1.0.7", "02:00:00:00:00:07"))
+    assert names(kernel.links.list_links(ns)) == ["lo", "b", "a"]  # the peer is made first
+
+
+def test_a_missing_namespace_raises_not_found(kernel: KernelUnderTest) -> None:
+    missing = kernel.new_ns("vanishing")
+    kernel.netns.delete(missing)
+    with pytest.raises(NotFound, match=f"namespace {missing} does not exist"):
+        kernel.links.list_links(missing)
+    with pytest.raises(NotFound):
+        kernel.links.ensure_bridge(missing, "meshbr0")
+    with pytest.raises(NotFound):
+        kernel.links.ensure_veth(kernel.new_ns("here"), "v1", "v2", missing)
+    assert not kernel.netns.exists(missing)  # and no verb created it
+
+
+def test_addresses(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("addr")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.ensure_address(ns, "a", "10.10.0.1/24")
+    kernel.links.ensure_address(ns, "a", "10.10.0.1/24")
+    kernel.links.ensure_address(ns, "a", "10.11.0.1/16")
+    kernel.links.ensure_address(ns, "b", "10.10.0.2/24")
+    assert kernel.links.list_addresses(ns, "a") == [
+        Address("a", "10.10.0.1/24"),
+        Address("a", "10.11.0.1/16"),
+    ]
+    assert Address("b", "10.10.0.2/24") in kernel.links.list_addresses(ns)
+    kernel.links.delete_address(ns, "a", "10.11.0.1/16")
+    assert kernel.links.list_addresses(ns, "a") == [Address("a", "10.10.0.1/24")]
+    kernel.links.delete_link(ns, "a")  # takes b and both addresses with it
+    assert kernel.links.list_addresses(ns) == []
+
+
+def test_routes_via_gateway_and_via_device(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("route")
+    up_pair(kernel, ns, "10.20.0.1/24")
+    kernel.links.ensure_route(ns, Route("default", gateway="10.20.0.254"))
+    kernel.links.ensure_route(ns, Route("default", gateway="10.20.0.254"))
+    kernel.links.ensure_route(ns, Route("10.30.0.0/16", ifname="a"))
+    # Connected routes follow addresses and are not listed; the gateway's device is.
+    assert kernel.links.list_routes(ns) == [
+        Route("default", "10.20.0.254", "a"),
+        Route("10.30.0.0/16", None, "a"),
+    ]
+    kernel.links.ensure_route(ns, Route("default", gateway="10.20.0.253"))  # replaces
+    kernel.links.delete_route(ns, Route("10.30.0.0/16", gateway="10.20.0.9"))  # not this one
+    assert kernel.links.list_routes(ns) == [
+        Route("default", "10.20.0.253", "a"),
+        Route("10.30.0.0/16", None, "a"),
+    ]
+    kernel.links.delete_route(ns, Route("default"))
+    kernel.links.delete_route(ns, Route("10.30.0.0/16", ifname="a"))
+    assert kernel.links.list_routes(ns) == []
+
+
+def test_a_route_needs_an_up_device_and_a_reachable_gateway(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("noroute")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.ensure_address(ns, "a", "10.20.0.1/24")
+    with pytest.raises(KernelError, match="is the device up") as down:
+        kernel.links.ensure_route(ns, Route("10.30.0.0/16", ifname="a"))
+    assert down.value.code == 100  # ENETDOWN
+    kernel.links.set_up(ns, "a")
+    with pytest.raises(KernelError) as unreachable:
+        kernel.links.ensure_route(ns, Route("default", gateway="10.99.0.1"))
+    assert unreachable.value.code == 101  # ENETUNREACH
+    assert kernel.links.list_routes(ns) == []
+
+
+def test_routes_go_when_their_device_goes_down_or_loses_its_address(
+    kernel: KernelUnderTest,
+) -> None:
+    ns = kernel.new_ns("flush")
+    up_pair(kernel, ns, "10.20.0.1/24")
+    kernel.links.ensure_route(ns, Route("default", gateway="10.20.0.254"))
+    kernel.links.set_down(ns, "a")
+    assert kernel.links.list_routes(ns) == []
+    kernel.links.set_up(ns, "a")
+    kernel.links.ensure_route(ns, Route("10.30.0.0/16", ifname="a"))
+    kernel.links.delete_address(ns, "a", "10.20.0.1/24")
+    assert kernel.links.list_routes(ns) == []
+
+
+def test_neighbours(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("neigh")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    entry = Neighbour("a", "10.20.0.7", "02:00:0a:14:00:07")
+    kernel.links.ensure_neighbour(ns, entry)
+    kernel.links.ensure_neighbour(ns, entry)
+    kernel.links.ensure_neighbour(ns, Neighbour("b", "10.20.0.8", "02:00:0a:14:00:08"))
+    assert kernel.links.list_neighbours(ns, "a") == [entry]
+    moved = Neighbour("a", "10.20.0.7", "02:00:0a:14:00:99")
+    kernel.links.ensure_neighbour(ns, moved)  # a new MAC replaces the old one
+    assert kernel.links.list_neighbours(ns, "a") == [moved]
+    kernel.links.delete_neighbour(ns, moved)
+    assert kernel.links.list_neighbours(ns, "a") == []
+    assert len(kernel.links.list_neighbours(ns)) == 1
+
+
+# Real packets, real kernel only.
+
+
+def udp_round_trip(src_ns: str, dst_ns: str, dst_ip: str, timeout: float = 5.0) -> bytes:
+    """Send a datagram from src_ns to dst_ip in dst_ns and return the echoed reply."""
+    # A socket keeps the namespace it was made in, so make each inside its namespace.
+    server = netns.run_in(dst_ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    client = netns.run_in(src_ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+    with server, client:
+        server.bind((dst_ip, 9999))
+        server.settimeout(timeout)
+        client.settimeout(timeout)
+        client.sendto(b"ping", (dst_ip, 9999))
+        data, peer = server.recvfrom(64)
+        server.sendto(b"pong:" + data, peer)
+        reply, _ = client.recvfrom(64)
+        return reply
+
+
+@pytest.mark.root
+def test_packets_cross_a_veth_pair(netns_factory: NetnsFactory) -> None:
+    from kernel.links import Links
+
+    links = Links()
+    left, right = netns_factory("left"), netns_factory("right")
+    links.ensure_veth(left, "meshv1", "eth0", right)
+    for ns, dev, cidr in ((left, "meshv1", "10.40.0.1/24"), (right, "eth0", "10.40.0.2/24")):
+        links.ensure_address(ns, dev, cidr)
+        links.set_up(ns, dev)
+    assert udp_round_trip(left, right, "10.40.0.2") == b"pong:ping"
+    links.set_down(right, "eth0")
+    with pytest.raises(OSError):  # timeout (or unreachable): the link is really down
+        udp_round_trip(left, right, "10.40.0.2", timeout=1)
+
+
+@pytest.mark.root
+def test_packets_cross_a_bridge_between_two_veths(netns_factory: NetnsFactory) -> None:
+    from kernel.links import Links
+
+    links = Links()
+    node = netns_factory("node")
+    t1, t2 = netns_factory("t1"), netns_factory("t2")
+    links.ensure_bridge(node, "meshbr0")
+    links.set_up(node, "meshbr0")
+    for i, task in enumerate((t1, t2), start=1):
+        links.ensure_veth(node, f"meshv{i}", "eth0", task)
+        links.set_master(node, f"meshv{i}", "meshbr0")
+        links.set_up(node, f"meshv{i}")
+        links.ensure_address(task, "eth0", f"10.50.0.{i}/24")
+        links.set_up(task, "eth0")
+    assert udp_round_trip(t1, t2, "10.50.0.2") == b"pong:ping"
+    assert udp_round_trip(t2, t1, "10.50.0.1") == b"pong:ping"
+    links.set_master(node, "meshv2", None)  # off the bridge: t2 is cut off
+    with pytest.raises(OSError):
+        udp_round_trip(t1, t2, "10.50.0.2", timeout=1)
