@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pyroute2 import netns as _pr_netns
 
@@ -92,6 +92,15 @@ def run_in(ns: Namespace, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 def inode(ns: Namespace) -> int:
     """The namespace's inode number: equal inodes mean the same namespace."""
     return os.stat(path(ns) if ns is not None else "/proc/thread-self/ns/net").st_ino
+
+
+class NetnsAPI(Protocol):
+    """Named namespaces: what kernel.fake.world.FakeNetns implements in memory."""
+
+    def create(self, name: str) -> None: ...
+    def delete(self, name: str) -> None: ...
+    def exists(self, name: str) -> bool: ...
+    def list_namespaces(self, prefix: str = "") -> list[str]: ...
 
 
 class Netns:

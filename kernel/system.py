@@ -1,0 +1,49 @@
+"""The kernel as one object: every subsystem's verbs, real or fake, behind their protocols.
+
+The controller and the load balancer take a Kernel, so unit tests hand them kernel.fake's and
+the daemon hands them the real one; nothing above kernel/ imports a subsystem directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernel.iptables import IptablesAPI
+from kernel.ipvs import IpvsAPI
+from kernel.links import LinksAPI
+from kernel.netns import NetnsAPI
+from kernel.sysctl import SysctlAPI
+
+
+@dataclass(frozen=True)
+class Kernel:
+    netns: NetnsAPI
+    links: LinksAPI
+    sysctl: SysctlAPI
+    iptables: IptablesAPI
+    ipvs: IpvsAPI
+
+
+def real_kernel() -> Kernel:
+    """The running kernel, through pyroute2 and python-iptables."""
+    from kernel.iptables import Iptables
+    from kernel.ipvs import Ipvs
+    from kernel.links import Links
+    from kernel.netns import Netns
+    from kernel.sysctl import Sysctl
+
+    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs())
+
+
+def fake_kernel() -> Kernel:
+    """A fresh in-memory kernel (kernel.fake), one world shared by all its subsystems."""
+    from kernel.fake.iptables import FakeIptables
+    from kernel.fake.ipvs import FakeIpvs
+    from kernel.fake.links import FakeLinks
+    from kernel.fake.sysctl import FakeSysctl
+    from kernel.fake.world import FakeNetns, FakeWorld
+
+    world = FakeWorld()
+    return Kernel(
+        FakeNetns(world), FakeLinks(world), FakeSysctl(world), FakeIptables(world), FakeIpvs(world)
+    )

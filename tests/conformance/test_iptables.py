@@ -1,0 +1,488 @@
+"""kernel.iptables against the fake and the real kernel: what meshctl owns, and nothing else.
+
+Foreign state is installed as another tool would (the `iptables-legacy` command on the real
+kernel, `add_foreign` in the fake) and must come out of every meshctl operation byte-identical.
+The real-only tests send TCP connections through DNAT and statistic rules between namespaces.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kernel import netns
+from kernel.errors import KernelError
+from kernel.fake.iptables import FakeIptables
+from kernel.iptables import (
+    BUILTIN_CHAINS,
+    Iptables,
+    IptablesAPI,
+    Match,
+    OwnedTable,
+    Rule,
+    TableChange,
+    opts,
+)
+from tests.conftest import NetnsFactory
+
+C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl
+
+
+def api(kernel: Any) -> IptablesAPI:
+    backend: IptablesAPI | None = getattr(kernel, "iptables", None)
+    if backend is None:
+        pytest.skip("the conformance kernel fixture provides no iptables backend")
+    return backend
+
+
+def is_fake(kernel: Any) -> bool:
+    return isinstance(getattr(kernel, "iptables", None), FakeIptables)
+
+
+def in_ns(ns: str, *cmd: str) -> str:
+    """Run a command inside a namespace this test created; its stdout."""
+    done = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+    assert done.returncode == 0, f"{cmd} in {ns}: {done.stderr}"
+    return done.stdout
+
+
+def add_foreign(kernel: Any, ns: str, table: str, chain: str, rule: Rule | None = None) -> None:
+    """Install a chain and rule as another tool would: not through meshctl."""
+    if is_fake(kernel):
+        kernel.iptables.add_foreign(ns, table, chain, rule)
+        return
+    if chain not in BUILTIN_CHAINS[table] and f":{chain} " not in whole_table(kernel, ns, table):
+        in_ns(ns, "iptables-legacy", "-t", table, "-N", chain)
+    if rule is not None:
+        in_ns(ns, "iptables-legacy", "-t", table, *shlex.split(rule.render()))
+
+
+def whole_table(kernel: Any, ns: str, table: str) -> str:
+    """Everything in the table, foreign and owned, as text to compare (counters left out)."""
+    if is_fake(kernel):
+        text: str = kernel.iptables.save(ns, table)
+        return text
+    return saved(ns, table)
+
+
+def saved(ns: str, table: str) -> str:
+    """iptables-legacy-save of a real namespace's table, without its timestamp comments."""
+    out = in_ns(ns, "iptables-legacy-save", "-t", table)
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+
+
+@pytest.fixture
+def ns(kernel: Any) -> str:
+    name: str = kernel.new_ns("ipt")
+    return name
+
+
+def every_kind_of_rule(chain: str) -> tuple[Rule, ...]:
+    """One rule per feature the planner uses, given loosely so canonicalisation is exercised."""
+    return (
+        Rule(
+            chain,
+            "DNAT",
+            C,
+            opts(to_destination="10.0.0.2:8080"),
+            source="10.0.0.5/24",
+            destination="10.0.9.9",
+            protocol="TCP",
+            in_interface="meshbr0",
+            matches=(
+                Match("tcp", opts(dport=80)),
+                Match("statistic", opts(mode="random", probability=1 / 3)),
+                Match("conntrack", opts(ctstate="established,related")),
+                Match("mark", opts(mark="0x10/0xff")),
+                Match("addrtype", opts(dst_type="local")),
+            ),
+        ),
+        Rule(chain, "SNAT", C, opts(to_source="10.0.0.1"), out_interface="meshbr0"),
+        Rule(chain, "MASQUERADE", C, protocol="udp", matches=(Match("udp", opts(sport="1:1024")),)),
+        Rule(
+            chain,
+            "REDIRECT",
+            C,
+            opts(to_ports=5353),
+            protocol="udp",
+            matches=(Match("udp", opts(dport=53)),),
+        ),
+        Rule(chain, "MARK", C, opts(set_mark=0x4000)),
+        Rule(chain, "MARK", C, opts(set_mark="0x1/0xf"), matches=(Match("mark", opts(mark=1)),)),
+        Rule(chain, "MESH-OTHER", C),
+        Rule(chain, "RETURN", C),
+    )
+
+
+def test_every_rule_kind_reads_back_equal(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    rules = every_kind_of_rule("MESH-SVC-WEB")
+    ipt.apply(ns, "nat", TableChange(create=("MESH-OTHER",), replace={"MESH-SVC-WEB": rules}))
+    assert ipt.list_owned(ns, "nat") == OwnedTable(chains={"MESH-SVC-WEB": rules, "MESH-OTHER": ()})
+    # The canonical form is what iptables itself prints.
+    assert rules[0].render() == (
+        "-A MESH-SVC-WEB -s 10.0.0.0/24 -d 10.0.9.9/32 -i meshbr0 -p tcp -m tcp --dport 80 "
+        "-m statistic --mode random --probability 0.33333333349 "
+        "-m conntrack --ctstate RELATED,ESTABLISHED -m mark --mark 0x10/0xff "
+        "-m addrtype --dst-type LOCAL -m comment --comment meshctl:svc-web "
+        "-j DNAT --to-destination 10.0.0.2:8080"
+    )
+    assert rules[4].target_args == (("set-xmark", "0x4000/0xffffffff"),)
+    assert rules[5].target_args == (("set-xmark", "0x1/0xf"),)
+
+
+def test_filter_verdicts_read_back_equal(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    rules = (
+        Rule(
+            "MESH-FILTER", "ACCEPT", C, matches=(Match("conntrack", opts(ctstate="ESTABLISHED")),)
+        ),
+        Rule("MESH-FILTER", "REJECT", C, protocol="tcp", matches=(Match("tcp", opts(dport=81)),)),
+        Rule("MESH-FILTER", "DROP", C, source="192.168.7.0/24"),
+    )
+    ipt.apply(ns, "filter", TableChange(replace={"MESH-FILTER": rules}))
+    assert ipt.list_owned(ns, "filter").chains == {"MESH-FILTER": rules}
+    assert rules[1].target_args == (("reject-with", "icmp-port-unreachable"),)
+
+
+def test_create_replace_delete_chains(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    web = (Rule("MESH-SVC-WEB", "DNAT", C, opts(to_destination="10.0.0.2:80"), protocol="tcp"),)
+    ipt.apply(ns, "nat", TableChange(create=("MESH-SVC-A",), replace={"MESH-SVC-WEB": web}))
+    assert dict(ipt.list_owned(ns, "nat").chains) == {"MESH-SVC-A": (), "MESH-SVC-WEB": web}
+
+    # Replacing a chain sets its rules wholly; other chains stay as they are.
+    web2 = (
+        Rule("MESH-SVC-WEB", "DNAT", C, opts(to_destination="10.0.0.3:80"), protocol="tcp"),
+        Rule("MESH-SVC-WEB", "RETURN", C),
+    )
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-SVC-WEB": web2}))
+    assert dict(ipt.list_owned(ns, "nat").chains) == {"MESH-SVC-A": (), "MESH-SVC-WEB": web2}
+
+    ipt.apply(ns, "nat", TableChange(delete=("MESH-SVC-A", "MESH-NEVER-MADE")))
+    assert dict(ipt.list_owned(ns, "nat").chains) == {"MESH-SVC-WEB": web2}
+
+
+def test_second_identical_apply_changes_nothing(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    change = TableChange(
+        replace={"MESH-PREROUTING": (Rule("MESH-PREROUTING", "RETURN", C),)},
+        ensure_jumps=(Rule("PREROUTING", "MESH-PREROUTING", "meshctl:node"),),
+    )
+    ipt.apply(ns, "nat", change)
+    owned, text = ipt.list_owned(ns, "nat"), whole_table(kernel, ns, "nat")
+    ipt.apply(ns, "nat", change)
+    assert ipt.list_owned(ns, "nat") == owned
+    assert whole_table(kernel, ns, "nat") == text
+
+
+def test_jump_rules_go_first_once_and_leave_alone(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    foreign = Rule(
+        "PREROUTING",
+        "ACCEPT",
+        "other-tool",
+        protocol="tcp",
+        matches=(Match("tcp", opts(dport=22)),),
+    )
+    add_foreign(kernel, ns, "nat", "PREROUTING", foreign)
+    jump = Rule("PREROUTING", "MESH-PREROUTING", "meshctl:node")
+    local = Rule(
+        "OUTPUT",
+        "MESH-OUTPUT",
+        "meshctl:node",
+        matches=(Match("addrtype", opts(dst_type="LOCAL")),),
+    )
+    change = TableChange(create=("MESH-PREROUTING", "MESH-OUTPUT"), ensure_jumps=(jump, local))
+    ipt.apply(ns, "nat", change)
+    ipt.apply(ns, "nat", change)
+    assert ipt.list_owned(ns, "nat").jumps == (jump, local)
+    prerouting = [
+        line for line in whole_table(kernel, ns, "nat").splitlines() if "PREROUTING " in line
+    ]
+    # Ours is inserted above the foreign rule, and only once.
+    ours = [i for i, line in enumerate(prerouting) if line.endswith("-j MESH-PREROUTING")]
+    theirs = [i for i, line in enumerate(prerouting) if "--dport 22" in line]
+    assert len(ours) == 1 and len(theirs) == 1 and ours[0] < theirs[0], prerouting
+
+    ipt.apply(ns, "nat", TableChange(delete_jumps=(jump,), delete=("MESH-PREROUTING",)))
+    assert ipt.list_owned(ns, "nat") == OwnedTable(chains={"MESH-OUTPUT": ()}, jumps=(local,))
+    assert "--dport 22" in whole_table(kernel, ns, "nat")
+
+
+def test_foreign_rules_and_chains_survive_a_full_lifecycle(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    add_foreign(kernel, ns, "nat", "DOCKER")
+    add_foreign(kernel, ns, "nat", "DOCKER", Rule("DOCKER", "RETURN", "", in_interface="docker0"))
+    add_foreign(
+        kernel,
+        ns,
+        "nat",
+        "PREROUTING",
+        Rule("PREROUTING", "DOCKER", "", matches=(Match("addrtype", opts(dst_type="LOCAL")),)),
+    )
+    add_foreign(
+        kernel,
+        ns,
+        "nat",
+        "POSTROUTING",
+        Rule("POSTROUTING", "MASQUERADE", "not meshctl", source="172.17.0.0/16"),
+    )
+    add_foreign(kernel, ns, "filter", "FORWARD", Rule("FORWARD", "DROP", "", out_interface="x0"))
+    before = {t: whole_table(kernel, ns, t) for t in ("nat", "filter")}
+
+    svc = tuple(every_kind_of_rule("MESH-SVC-WEB"))
+    ipt.apply(
+        ns,
+        "nat",
+        TableChange(
+            create=("MESH-OTHER",),
+            replace={
+                # Not a jump to MESH-SVC-WEB: SNAT and MASQUERADE are refused under PREROUTING.
+                "MESH-PREROUTING": (Rule("MESH-PREROUTING", "RETURN", C),),
+                "MESH-SVC-WEB": svc,
+            },
+            ensure_jumps=(Rule("PREROUTING", "MESH-PREROUTING", "meshctl:node"),),
+        ),
+    )
+    ipt.apply(
+        ns,
+        "filter",
+        TableChange(
+            replace={"MESH-FORWARD": (Rule("MESH-FORWARD", "ACCEPT", C),)},
+            ensure_jumps=(Rule("FORWARD", "MESH-FORWARD", "meshctl:node"),),
+        ),
+    )
+    assert ipt.list_owned(ns, "nat").chains["MESH-SVC-WEB"] == svc
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-SVC-WEB": svc[:1]}, delete=()))
+    # Foreign rules are never listed as meshctl's.
+    assert all(j.comment.startswith("meshctl:") for j in ipt.list_owned(ns, "nat").jumps)
+    assert "DOCKER" not in ipt.list_owned(ns, "nat").chains
+
+    for table in ("nat", "filter"):
+        ipt.flush_owned(ns, table)
+        assert ipt.list_owned(ns, table) == OwnedTable()
+    assert {t: whole_table(kernel, ns, t) for t in ("nat", "filter")} == before
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        TableChange(create=("DOCKER",)),
+        TableChange(replace={"mesh-lower": ()}),
+        TableChange(delete=("PREROUTING",)),
+        TableChange(replace={"MESH-X": (Rule("MESH-X", "RETURN", ""),)}),
+        TableChange(replace={"MESH-X": (Rule("MESH-X", "RETURN", "svc-web"),)}),
+        TableChange(replace={"MESH-X": (Rule("MESH-Y", "RETURN", C),)}),
+        TableChange(ensure_jumps=(Rule("PREROUTING", "MESH-X", ""),)),
+        TableChange(ensure_jumps=(Rule("PREROUTING", "ACCEPT", C),)),
+        TableChange(ensure_jumps=(Rule("MESH-X", "MESH-Y", C),)),
+        TableChange(delete_jumps=(Rule("FORWARD", "MESH-X", C),)),  # not a nat chain
+        TableChange(replace={"MESH-X": (Rule("MESH-X", "REDIRECT", C, opts(to_ports=1)),)}),
+    ],
+    ids=lambda change: repr(change)[12:60],
+)
+def test_refused_changes_change_nothing(kernel: Any, ns: str, change: TableChange) -> None:
+    ipt = api(kernel)
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-X": (Rule("MESH-X", "RETURN", C),)}))
+    before = whole_table(kernel, ns, "nat")
+    with pytest.raises(ValueError, match="meshctl|MESH-|listed under|builtin chain|protocol="):
+        ipt.apply(ns, "nat", change)
+    assert whole_table(kernel, ns, "nat") == before
+
+
+def test_deleting_a_chain_still_jumped_to_fails_whole(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    ipt.apply(
+        ns,
+        "nat",
+        TableChange(create=("MESH-B",), replace={"MESH-A": (Rule("MESH-A", "MESH-B", C),)}),
+    )
+    before = whole_table(kernel, ns, "nat")
+    with pytest.raises(KernelError):
+        ipt.apply(ns, "nat", TableChange(create=("MESH-C",), delete=("MESH-B",)))
+    assert whole_table(kernel, ns, "nat") == before
+
+
+def test_nat_target_reached_from_the_wrong_builtin_chain_fails_whole(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    masquerade = (Rule("MESH-SNAT", "MASQUERADE", C, out_interface="meshbr0"),)
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-SNAT": masquerade}))
+    before = whole_table(kernel, ns, "nat")
+    with pytest.raises(KernelError):
+        ipt.apply(
+            ns,
+            "nat",
+            TableChange(
+                replace={"MESH-PREROUTING": (Rule("MESH-PREROUTING", "MESH-SNAT", C),)},
+                ensure_jumps=(Rule("PREROUTING", "MESH-PREROUTING", "meshctl:node"),),
+            ),
+        )
+    assert whole_table(kernel, ns, "nat") == before
+
+
+def test_available(kernel: Any, ns: str) -> None:
+    assert api(kernel).available(ns) is None
+
+
+# ---- real kernel only: namespaces kept apart, and real packets through the rules ----------
+
+
+@pytest.fixture
+def real() -> Iptables:
+    return Iptables()
+
+
+@pytest.mark.root
+def test_namespaces_never_see_each_others_tables(
+    netns_factory: NetnsFactory, real: Iptables
+) -> None:
+    first, second = netns_factory("ipta"), netns_factory("iptb")
+    a = (Rule("MESH-A", "RETURN", "meshctl:a"),)
+    b = (Rule("MESH-B", "ACCEPT", "meshctl:b"),)
+    # Interleave namespaces so a handle or socket kept from the last batch would show.
+    real.apply(first, "nat", TableChange(replace={"MESH-A": a}))
+    assert real.list_owned(second, "nat") == OwnedTable()
+    real.apply(second, "nat", TableChange(replace={"MESH-B": b}))
+    assert real.list_owned(first, "nat").chains == {"MESH-A": a}
+    assert real.list_owned(second, "nat").chains == {"MESH-B": b}
+    assert "MESH-B" not in saved(first, "nat")
+    assert "MESH-A" not in saved(second, "nat")
+    real.flush_owned(first, "nat")
+    assert real.list_owned(second, "nat").chains == {"MESH-B": b}
+
+
+SERVER, CLIENT = "10.231.0.2", "10.231.0.1"
+
+
+def veth_pair(client: str, server: str) -> None:
+    """Join two test namespaces with a veth made inside them (never in the root namespace)."""
+    subprocess.run(
+        [
+            "ip",
+            "-n",
+            client,
+            "link",
+            "add",
+            "mtc0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mts0",
+            "netns",
+            server,
+        ],
+        check=True,
+    )
+    for ns, dev, addr in ((client, "mtc0", CLIENT), (server, "mts0", SERVER)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev], check=True)
+        for link in (dev, "lo"):
+            subprocess.run(["ip", "-n", ns, "link", "set", link, "up"], check=True)
+
+
+def fetch(host: str, port: int) -> str:
+    """Open a TCP connection and read what the server says until it closes."""
+    with socket.create_connection((host, port), timeout=3) as conn:
+        chunks = []
+        while data := conn.recv(100):
+            chunks.append(data)
+    return b"".join(chunks).decode().strip()
+
+
+@pytest.fixture
+def two_hosts(netns_factory: NetnsFactory) -> Iterator[tuple[str, str]]:
+    """A client and a server namespace on one veth; the server answers its port on 8081, 8082."""
+    client, server = netns_factory("cli"), netns_factory("srv")
+    veth_pair(client, server)
+    servers = [
+        subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                server,
+                "socat",
+                f"TCP-LISTEN:{port},fork,reuseaddr",
+                f"SYSTEM:echo {port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for port in (8081, 8082)
+    ]
+    try:
+        for port in (8081, 8082):
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    assert netns.run_in(server, fetch, "127.0.0.1", port) == str(port)
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        yield client, server
+    finally:
+        for proc in servers:
+            proc.kill()
+            proc.wait()
+
+
+def lb_change(*targets: Rule) -> TableChange:
+    """PREROUTING → MESH-PREROUTING → MESH-SVC-WEB for SERVER:80/tcp, then the given rules."""
+    return TableChange(
+        replace={
+            "MESH-PREROUTING": (
+                Rule(
+                    "MESH-PREROUTING",
+                    "MESH-SVC-WEB",
+                    C,
+                    destination=SERVER,
+                    protocol="tcp",
+                    matches=(Match("tcp", opts(dport=80)),),
+                ),
+            ),
+            "MESH-SVC-WEB": targets,
+        },
+        ensure_jumps=(Rule("PREROUTING", "MESH-PREROUTING", "meshctl:node"),),
+    )
+
+
+def dnat(port: int, *matches: Match) -> Rule:
+    return Rule(
+        "MESH-SVC-WEB",
+        "DNAT",
+        C,
+        opts(to_destination=f"{SERVER}:{port}"),
+        protocol="tcp",
+        matches=matches,
+    )
+
+
+@pytest.mark.root
+def test_dnat_rule_redirects_a_tcp_connection(real: Iptables, two_hosts: tuple[str, str]) -> None:
+    client, server = two_hosts
+    with pytest.raises(ConnectionRefusedError):  # nothing listens on :80 without the rule
+        netns.run_in(client, fetch, SERVER, 80)
+    real.apply(server, "nat", lb_change(dnat(8081)))
+    assert netns.run_in(client, fetch, SERVER, 80) == "8081"
+    real.flush_owned(server, "nat")
+    with pytest.raises(ConnectionRefusedError):
+        netns.run_in(client, fetch, SERVER, 80)
+
+
+@pytest.mark.root
+def test_statistic_random_spreads_connections(real: Iptables, two_hosts: tuple[str, str]) -> None:
+    client, server = two_hosts
+    half = Match("statistic", opts(mode="random", probability=0.5))
+    real.apply(server, "nat", lb_change(dnat(8081, half), dnat(8082)))
+    answers = [netns.run_in(client, fetch, SERVER, 80) for _ in range(40)]
+    counts = {port: answers.count(port) for port in ("8081", "8082")}
+    assert sum(counts.values()) == 40 and all(counts.values()), counts
