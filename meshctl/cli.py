@@ -44,6 +44,13 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (MeshctlError, StoreError) as err:
             raise click.ClickException(str(err)) from None
+        except Exception as err:
+            # Kernel errors carry their own one-line message; imported lazily (no root for --help).
+            from kernel.errors import KernelError
+
+            if isinstance(err, KernelError):
+                raise click.ClickException(str(err)) from None
+            raise
 
 
 class _Env:
@@ -492,3 +499,139 @@ def doctor(fmt: Format) -> None:
     from meshctl.doctor import run_doctor
 
     sys.exit(run_doctor(fmt))
+
+
+# -- controller and tasks --------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def controller() -> None:
+    """Run the per-node controller."""
+
+
+@controller.command("run")
+@click.option("--node", help="This node's name (default: the host name).")
+@click.option(
+    "--lb-backend",
+    type=click.Choice(["auto", "ipvs", "iptables"]),
+    default="auto",
+    show_default=True,
+    help="Load-balancer backend; auto picks ipvs where the kernel has it (see doctor).",
+)
+@click.option(
+    "--upstream-dns", multiple=True, help="Upstream resolver (default: /etc/resolv.conf)."
+)
+@click.option("--resync-period", default="10s", show_default=True, help="Full resync interval.")
+def controller_run(
+    node: str | None, lb_backend: str, upstream_dns: tuple[str, ...], resync_period: str
+) -> None:
+    """Run the controller in the foreground on this node (the network namespace it starts in).
+
+    Stop it with SIGTERM: tasks keep running and a new controller adopts them. In a test or on
+    a host that should stay untouched, start it inside a namespace with
+    `nsenter --net=/run/netns/NODE meshctl controller run` (not `ip netns exec`, whose private
+    mount namespace would hide the task namespaces the controller makes).
+    """
+    from meshctl.controller.main import run_controller
+
+    env = _env()
+    sys.exit(
+        run_controller(
+            env.store,
+            env.state_dir,
+            node=node,
+            lb_backend=lb_backend,
+            upstream_dns=list(upstream_dns),
+            resync_period=duration(resync_period, "--resync-period"),
+        )
+    )
+
+
+@main.command("exec", context_settings={"allow_interspersed_args": False})
+@click.argument("task")
+@click.argument("command", nargs=-1, required=True)
+def exec_(task: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND inside a running task (name like web.1, or id), as `docker exec` does.
+
+    It gets the task's network, mount and UTS namespaces (its hostname, resolv.conf and hosts)
+    and environment; stdin, stdout and stderr stay attached and its exit code is meshctl's.
+    """
+    import os
+
+    from meshctl.controller import names
+    from meshctl.runtime import exec_argv
+
+    if command[:1] == ("--",):  # click keeps the separator once parsing stopped at TASK
+        command = command[1:]
+    if not command:
+        raise click.UsageError("give the command to run after --, like: meshctl exec web.1 -- sh")
+    found = ops.find_task(_store(), task)
+    if found.pid is None or found.state != "running":
+        raise MeshctlError(
+            f"task {found.name} is not running ({found.state}); see meshctl service ps"
+        )
+    argv = exec_argv(names.task_netns(found.id), found.pid, list(command))
+    os.execvp(argv[0], argv)
+
+
+@main.group(cls=_Group)
+def container() -> None:
+    """Attach namespaces made by other runtimes (Docker, podman, unshare) to networks."""
+
+
+@container.command("attach")
+@click.option("--pid", type=int, help="A process whose network namespace to attach.")
+@click.option("--netns", "netns_path", help="The namespace's path (e.g. /run/netns/NAME).")
+@click.option("--name", required=True, help="A name for the attachment (a DNS label).")
+@click.option("--network", required=True, help="The network to attach it to.")
+@click.option("--node", help="The node whose controller wires it (default: the only node).")
+@_format_option
+def container_attach(
+    pid: int | None,
+    netns_path: str | None,
+    name: str,
+    network: str,
+    node: str | None,
+    fmt: Format,
+) -> None:
+    """Give a foreign namespace an address on NETWORK: one veth, nothing else of its changes."""
+    if (pid is None) == (netns_path is None):
+        raise click.UsageError("give exactly one of --pid PID or --netns PATH")
+    path = netns_path if netns_path is not None else f"/proc/{pid}/ns/net"
+    store = _store()
+    if node is None:
+        nodes = [n.name for n in ops.list_nodes(store)]
+        if len(nodes) != 1:
+            raise MeshctlError(
+                f"{'no node is known' if not nodes else 'several nodes are known'}: "
+                "say which node's controller wires it with --node NAME"
+            )
+        node = nodes[0]
+    attached = ops.attach_container(store, name, path, network, node)
+    if fmt == "json":
+        click.echo(output.dumps(attached.to_dict()))
+    else:
+        click.echo(f"{attached.name} {attached.network}={attached.address}")
+
+
+@container.command("detach")
+@click.argument("name")
+def container_detach(name: str) -> None:
+    """Remove exactly what attach added: the veth and the address."""
+    ops.detach_container(_store(), name)
+
+
+@container.command("ls")
+@_format_option
+def container_ls(fmt: Format) -> None:
+    """List attached namespaces."""
+    containers = ops.list_containers(_store())
+    if fmt == "json":
+        click.echo(output.dumps([c.to_dict() for c in containers]))
+        return
+    click.echo(
+        output.table(
+            ["NAME", "NETWORK", "ADDRESS", "NODE", "NETNS"],
+            ([c.name, c.network, c.address, c.node, c.netns] for c in containers),
+        )
+    )

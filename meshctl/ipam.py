@@ -42,6 +42,10 @@ def task_owner(task_id: str) -> str:
     return f"task:{task_id}"
 
 
+def container_owner(container_id: str) -> str:
+    return f"container:{container_id}"
+
+
 def lb_owner(node: str) -> str:
     return f"lb:{node}"
 

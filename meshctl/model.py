@@ -36,6 +36,7 @@ NETWORK = "network"
 SERVICE = "service"
 TASK = "task"
 NODE = "node"
+CONTAINER = "container"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _LABEL_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
@@ -586,4 +587,44 @@ class Node:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Node:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Container:
+    """A namespace another runtime made (Docker, podman, unshare...), attached to a network.
+
+    netns is the path the node's controller opens (/proc/PID/ns/net or a bind mount); the
+    controller adds one veth (`mesh-<network-id>` inside) with the address, and nothing else.
+    """
+
+    name: str
+    netns: str
+    network: str
+    node: str
+    address: str = ""
+    id: str = field(default_factory=new_id)
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_name(self.name, "container name")
+        check_name(self.network, "network name")
+        if not self.netns.startswith("/"):
+            raise ValidationError(
+                f"invalid --netns {self.netns!r}: give an absolute path like /run/netns/NAME"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "netns": self.netns,
+            "network": self.network,
+            "node": self.node,
+            "address": self.address,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Container:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

@@ -31,10 +31,12 @@ from typing import Any
 from meshctl import ipam
 from meshctl.ipam import IpamState
 from meshctl.model import (
+    CONTAINER,
     NETWORK,
     NODE,
     SERVICE,
     TASK,
+    Container,
     DesiredState,
     Driver,
     Network,
@@ -184,6 +186,12 @@ def remove_network(store: Store, name: str) -> Network:
             raise ValidationError(
                 f"network {name} is in use by service {', '.join(users)}; remove the service "
                 "or update it to another network first"
+            )
+        attached = [c.name for c in list_containers(store) if c.network == name]
+        if attached:
+            raise ValidationError(
+                f"network {name} has attached container {', '.join(attached)}; "
+                "detach it first with: meshctl container detach NAME"
             )
         ipam_record = store.get(ipam.KIND, network.id)
         ipam_revision = ipam_record.mod_revision if ipam_record else 0
@@ -505,3 +513,94 @@ def controller_running(store: Store, now: float | None = None) -> bool:
 def task_log_path(state_dir: str, task: Task) -> str:
     """Where the runtime writes a task's output: <state-dir>/tasks/<task-id>/log."""
     return os.path.join(state_dir, "tasks", task.id, "log")
+
+
+def replace_task(store: Store, task_id: str) -> Task | None:
+    """Start a rolling update of one task: a new task for its slot on the service's current spec.
+
+    The new task is pending and unassigned with fresh addresses; the old one keeps running
+    until the controller sees the new one running (new before old), then marks it shutdown.
+    None if the task or its service is gone, or the slot already has a current task.
+    """
+
+    def attempt() -> Task | None:
+        record = store.get(TASK, task_id)
+        if record is None:
+            return None
+        old = Task.from_dict(record.value)
+        services = {s.id: s for s in list_services(store)}
+        service = services.get(old.service_id)
+        if service is None or old.spec_version >= service.version:
+            return None
+        siblings = [Task.from_dict(r.value) for r in store.list(TASK)]
+        if any(
+            t.service_id == service.id
+            and t.slot == old.slot
+            and t.spec_version == service.version
+            and t.desired_state == "running"
+            for t in siblings
+        ):
+            return None
+        changes = _Changes(store)
+        now = time.time()
+        new = Task(
+            service=service.name,
+            service_id=service.id,
+            slot=old.slot,
+            spec_version=service.version,
+            created_at=now,
+            updated_at=now,
+        )
+        wanted = [a.network for a in service.networks]
+        new = dataclasses.replace(new, addresses=_addresses(changes, new, wanted, _networks(store)))
+        changes.ops.append(Put(TASK, new.id, new.to_dict(), expect=0))
+        changes.commit()
+        return new
+
+    return ipam.retry_conflicts(attempt, f"replacing task {task_id}")
+
+
+# -- containers ------------------------------------------------------------------------------
+
+
+def attach_container(store: Store, name: str, netns: str, network: str, node: str) -> Container:
+    """Store a foreign namespace's attachment with its address; the node's controller wires it."""
+    if not os.path.exists(netns):
+        raise NotFoundError(f"network namespace {netns} does not exist; is the process running?")
+
+    def attempt() -> Container:
+        net = get_network(store, network)
+        if store.get(CONTAINER, name) is not None:
+            raise ValidationError(f"container {name} is attached already; detach it first")
+        changes = _Changes(store)
+        container = Container(name, netns, net.name, node, created_at=time.time())
+        address = changes.allocate(net, ipam.container_owner(container.id), f"container {name}")
+        container = dataclasses.replace(container, address=address)
+        changes.ops.append(Put(CONTAINER, name, container.to_dict(), expect=0))
+        changes.commit()
+        return container
+
+    return ipam.retry_conflicts(attempt, f"attaching container {name}")
+
+
+def detach_container(store: Store, name: str) -> Container:
+    """Forget an attachment and free its address; the controller removes its veth."""
+
+    def attempt() -> Container:
+        record = store.get(CONTAINER, name)
+        if record is None:
+            raise NotFoundError(f"container {name} is not attached; see meshctl container ls")
+        container = Container.from_dict(record.value)
+        changes = _Changes(store)
+        changes.ops.append(Delete(CONTAINER, name, expect=record.mod_revision))
+        networks = _networks(store)
+        if container.network in networks:
+            changes.release(networks[container.network], [ipam.container_owner(container.id)])
+        changes.commit()
+        return container
+
+    return ipam.retry_conflicts(attempt, f"detaching container {name}")
+
+
+def list_containers(store: Store) -> list[Container]:
+    return [Container.from_dict(r.value) for r in store.list(CONTAINER)]

@@ -1,0 +1,5 @@
+"""`python -m meshctl`: the same CLI as the meshctl console script."""
+
+from meshctl.cli import main
+
+main()

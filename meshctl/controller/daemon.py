@@ -1,0 +1,218 @@
+"""`meshctl controller run`: the node's reconcile loop.
+
+One asyncio loop waits for a reason to reconcile — a store change, a task process exit, a
+stop finishing, a back-off or health deadline, the resync period — and runs each pass in one
+worker thread, so passes never overlap. A pass: read the store once, claim and adopt tasks,
+build the node's desired kernel objects, observe the kernel, apply the difference, check that
+a second diff is empty, then start, restart and stop task processes and write their states.
+SIGTERM ends the loop and leaves every task running; a restarted controller adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+from kernel.system import Kernel
+from meshctl import runtime
+from meshctl.controller import names
+from meshctl.controller.node import desired_node, plan_node
+from meshctl.controller.node_kernel import apply_node, observe_node
+from meshctl.controller.supervisor import Local, Supervisor
+from meshctl.controller.view import ClusterView, read_view
+from meshctl.model import NODE, HealthCheck, Node, NodeState
+from meshctl.store import Compacted, Store
+
+log = logging.getLogger("meshctl.controller")
+
+HEARTBEAT_PERIOD = 5.0  # well inside ops.HEARTBEAT_TIMEOUT
+
+
+class Controller:
+    """One node's controller: the store, the kernel, and what it supervises."""
+
+    def __init__(
+        self, store: Store, kernel: Kernel, node: str, state_dir: str, resync_period: float = 10.0
+    ) -> None:
+        self.store = store
+        self.kernel = kernel
+        self.node = node
+        self.state_dir = state_dir
+        self.resync_period = resync_period
+        self.supervisor = Supervisor(store, node, state_dir)
+        self._adopted = False
+        self._last_heartbeat = 0.0
+        self._last_view: ClusterView | None = None
+        self._monitors: dict[str, asyncio.Task[None]] = {}
+        self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
+        self._stop_watching = False
+
+    # -- one pass (runs in the worker thread) --------------------------------------------------
+
+    def reconcile_once(self) -> float:
+        """One full pass; returns the time by which the next one is due."""
+        view = read_view(self.store)
+        if self.supervisor.claim(view):
+            view = read_view(self.store)
+        self._last_view = view
+        if not self._adopted:
+            self.supervisor.adopt(view)
+            self._adopted = True
+        self._sync_node(view)
+        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+        unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
+        deadline = self.supervisor.step(view, unwired)
+        self._heartbeat()
+        return min(
+            deadline, time.time() + self.resync_period, self._last_heartbeat + HEARTBEAT_PERIOD
+        )
+
+    def _sync_node(self, view: ClusterView) -> None:
+        desired = desired_node(view, self.node, self.supervisor.wired(view))
+        containers = [t for t in desired.tasks.values() if not t.owns_netns]
+        actual, stray = observe_node(self.kernel, containers)
+        plan = plan_node(desired, actual, stray)
+        if not plan:
+            return
+        log.info("applying node plan %s", _summary(plan))
+        apply_node(self.kernel, plan)
+        actual, stray = observe_node(self.kernel, containers)
+        residue = plan_node(desired, actual, stray)
+        if residue:  # the convergence check: after applying, a second diff must be empty
+            log.warning("node not converged after apply: %s", _summary(residue))
+
+    def _heartbeat(self, state: NodeState = "ready") -> None:
+        now = time.time()
+        if state == "ready" and now - self._last_heartbeat < HEARTBEAT_PERIOD:
+            return
+        record = self.store.get(NODE, self.node)
+        node = Node.from_dict(record.value) if record else Node(self.node)
+        self.store.put(NODE, self.node, replace(node, state=state, heartbeat=now).to_dict())
+        self._last_heartbeat = now
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        wake_event = asyncio.Event()
+        stopping = asyncio.Event()
+
+        def wake() -> None:
+            loop.call_soon_threadsafe(wake_event.set)
+
+        self.supervisor.wake = wake
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        self.kernel.sysctl.set(None, "net.ipv4.ip_forward", "1")
+        watcher = threading.Thread(target=self._watch_store, args=(wake,), daemon=True)
+        watcher.start()
+        worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
+        log.info("controller started node=%s state_dir=%s", self.node, self.state_dir)
+        try:
+            while not stopping.is_set():
+                wake_event.clear()
+                try:
+                    deadline = await loop.run_in_executor(worker, self.reconcile_once)
+                except Exception:
+                    log.exception("reconcile pass failed; retrying")
+                    deadline = time.time() + 1.0
+                self._watch_exits(loop, wake)
+                self._sync_monitors(wake)
+                timeout = max(0.01, deadline - time.time())
+                waits = {
+                    asyncio.ensure_future(wake_event.wait()),
+                    asyncio.ensure_future(stopping.wait()),
+                }
+                _, pending = await asyncio.wait(
+                    waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
+                for waiter in pending:
+                    waiter.cancel()
+        finally:
+            for monitor in self._monitors.values():
+                monitor.cancel()
+            worker.shutdown(wait=True)
+            self._stop_watching = True
+            with contextlib.suppress(Exception):
+                self._heartbeat("down")
+            log.info("controller stopped; tasks keep running")
+
+    def _watch_store(self, wake: Callable[[], None]) -> None:
+        """Wake the loop on every store change (the CLI's writes and our own)."""
+        revision = self.store.revision()
+        while not self._stop_watching:
+            try:
+                events = self.store.watch(revision, timeout=1.0)
+            except Compacted:
+                revision = self.store.revision()
+                wake()
+                continue
+            if events:
+                revision = events[-1].revision
+                wake()
+
+    def _watch_exits(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        """Wake the loop when a task process exits: its pidfd turns readable."""
+        for local in self.supervisor.tasks.values():
+            process = local.process
+            if process is None or process.pid in self._exit_fds:
+                continue
+            # Our own copy of the pidfd, so the supervisor closing its one cannot race with us.
+            fd = os.dup(process.wait_fd())
+            self._exit_fds[process.pid] = fd
+
+            def exited(pid: int = process.pid, fd: int = fd) -> None:
+                loop.remove_reader(fd)
+                os.close(fd)
+                self._exit_fds.pop(pid, None)
+                wake()
+
+            loop.add_reader(fd, exited)
+
+    def _sync_monitors(self, wake: Callable[[], None]) -> None:
+        """A health monitor per running task whose service has a check; none for the others."""
+        view = self.supervisor
+        wanted: dict[str, tuple[int, HealthCheck, str]] = {}
+        for task_id, local in view.tasks.items():
+            spec = self._health_target(task_id)
+            if local.process is not None and spec is not None:
+                wanted[task_id] = (local.process.pid, *spec)
+        for task_id in set(self._monitors) - set(wanted):
+            self._monitors.pop(task_id).cancel()
+        for task_id, (pid, check, address) in wanted.items():
+            if task_id in self._monitors and not self._monitors[task_id].done():
+                continue
+            local = view.tasks[task_id]
+
+            async def on_change(
+                state: runtime.HealthState, result: runtime.ProbeResult, local: Local = local
+            ) -> None:
+                local.health = state
+                log.info("health %s: %s", state, result.output.strip()[:200])
+                wake()
+
+            self._monitors[task_id] = asyncio.ensure_future(
+                runtime.monitor(check, names.task_netns(task_id), pid, address, on_change)
+            )
+
+    def _health_target(self, task_id: str) -> tuple[HealthCheck, str] | None:
+        view = self._last_view
+        if view is None or task_id not in view.tasks:
+            return None
+        task = view.tasks[task_id]
+        service = view.service_of(task)
+        if service is None or service.health is None or not task.addresses:
+            return None
+        return service.health, next(iter(task.addresses.values()))
+
+
+def _summary(plan: object) -> str:
+    return " ".join(f"{k}={len(v)}" for k, v in vars(plan).items() if v)

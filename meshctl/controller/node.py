@@ -1,0 +1,234 @@
+"""The node's own networking as desired kernel objects: pure functions of the cluster view.
+
+Per network a bridge (`mesh` + id) holding the gateway address; per task on this node a
+namespace with one veth per network (node end on the bridge, `ethN` inside with the task's
+address) and a default route via its first network's gateway. In the node namespace, filter
+and nat rules: egress by masquerade unless the network is internal, and no forwarding between
+different networks' bridges.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
+from meshctl.controller import names
+from meshctl.controller.tables import table_change
+from meshctl.controller.view import ClusterView
+from meshctl.model import Container, Network, Task
+
+FORWARD_CHAIN = "MESH-FORWARD"
+POSTROUTING_CHAIN = "MESH-POSTROUTING"
+NODE_COMMENT = "meshctl:node"
+
+
+@dataclass(frozen=True)
+class BridgeSpec:
+    """A network's bridge on this node with the gateway address on it."""
+
+    name: str
+    address: str  # gateway in CIDR form, e.g. 10.10.1.1/24
+
+
+@dataclass(frozen=True)
+class TaskLinkSpec:
+    """One of a task's legs: the node end on a bridge, the task end with the task's address."""
+
+    node_end: str
+    bridge: str
+    task_end: str
+    address: str  # CIDR
+
+
+@dataclass(frozen=True)
+class TaskNetSpec:
+    """A task's namespace, its legs and its default gateway."""
+
+    task_id: str
+    netns: str
+    links: tuple[TaskLinkSpec, ...]
+    gateway: str | None
+    # False for an attached container: its namespace is another runtime's; meshctl adds only
+    # its veth and address there (no lo, no route) and never deletes the namespace.
+    owns_netns: bool = True
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """Everything of the node's own networking, desired or observed, in one comparable shape."""
+
+    bridges: dict[str, BridgeSpec]
+    tasks: dict[str, TaskNetSpec]  # tasks and attached containers, by id
+    tables: dict[str, OwnedTable]
+
+
+def _cidr(address: str, network: Network) -> str:
+    return f"{address}/{ipaddress.IPv4Network(network.subnet).prefixlen}"
+
+
+def bridge_spec(view: ClusterView, network: Network) -> BridgeSpec:
+    return BridgeSpec(
+        name=names.bridge(network.id),
+        address=_cidr(view.gateways[network.name], network),
+    )
+
+
+def task_spec(view: ClusterView, task: Task) -> TaskNetSpec:
+    """The wiring of one task: a leg per network in the order the service lists them."""
+    links = []
+    gateway = None
+    for index, (network_name, address) in enumerate(task.addresses.items()):
+        network = view.networks.get(network_name)
+        if network is None:  # the network is going away; the task is being rolled off it
+            continue
+        if gateway is None:
+            gateway = view.gateways.get(network_name)
+        links.append(
+            TaskLinkSpec(
+                node_end=names.task_veth(task.id, index),
+                bridge=names.bridge(network.id),
+                task_end=names.task_interface(index),
+                address=_cidr(address, network),
+            )
+        )
+    return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway)
+
+
+def container_spec(view: ClusterView, container: Container) -> TaskNetSpec | None:
+    network = view.networks.get(container.network)
+    if network is None:
+        return None
+    link = TaskLinkSpec(
+        node_end=names.container_veth(container.id),
+        bridge=names.bridge(network.id),
+        task_end=names.container_interface(network.id),
+        address=_cidr(container.address, network),
+    )
+    return TaskNetSpec(container.id, container.netns, (link,), None, owns_netns=False)
+
+
+def node_tables(networks: Collection[Network]) -> dict[str, OwnedTable]:
+    """filter: isolation between networks and egress; nat: masquerade for non-internal ones."""
+    forward: list[Rule] = []
+    postrouting: list[Rule] = []
+    for network in sorted(networks, key=lambda n: n.name):
+        bridge = names.bridge(network.id)
+        comment = f"meshctl:net-{network.id}"
+        forward.append(
+            Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge, out_interface=bridge)
+        )
+        # Another network's bridge (all are mesh*): the networks are isolated from each other.
+        forward.append(
+            Rule(
+                FORWARD_CHAIN,
+                "DROP",
+                comment,
+                in_interface=bridge,
+                out_interface=f"{names.LINK_PREFIX}+",
+            )
+        )
+        if network.internal:
+            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, in_interface=bridge))
+            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
+            continue
+        forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
+        forward.append(
+            Rule(
+                FORWARD_CHAIN,
+                "ACCEPT",
+                comment,
+                out_interface=bridge,
+                matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED")),),
+            )
+        )
+        postrouting.append(
+            Rule(POSTROUTING_CHAIN, "RETURN", comment, source=network.subnet, out_interface=bridge)
+        )
+        postrouting.append(Rule(POSTROUTING_CHAIN, "MASQUERADE", comment, source=network.subnet))
+    if not networks:
+        return {"filter": OwnedTable(), "nat": OwnedTable()}
+    return {
+        "filter": OwnedTable(
+            chains={FORWARD_CHAIN: tuple(forward)},
+            jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
+        ),
+        "nat": OwnedTable(
+            chains={POSTROUTING_CHAIN: tuple(postrouting)},
+            jumps=(Rule("POSTROUTING", POSTROUTING_CHAIN, NODE_COMMENT),),
+        ),
+    }
+
+
+def desired_node(view: ClusterView, node: str, wired_tasks: Collection[str]) -> NodeSpec:
+    """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops).
+
+    Every network gets its bridge on every node, so DNS and load balancing never wait for one.
+    """
+    networks = list(view.networks.values())
+    bridges = {
+        b.name: b for b in (bridge_spec(view, n) for n in networks if n.name in view.gateways)
+    }
+    tasks = {
+        task_id: task_spec(view, view.tasks[task_id])
+        for task_id in wired_tasks
+        if task_id in view.tasks and view.tasks[task_id].node == node
+    }
+    for container in view.containers.values():
+        spec = container_spec(view, container) if container.node == node else None
+        if spec is not None:
+            tasks[container.id] = spec
+    return NodeSpec(bridges=bridges, tasks=tasks, tables=node_tables(networks))
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    """What to change on the node, in the order apply runs it."""
+
+    ensure_bridges: tuple[BridgeSpec, ...] = ()
+    wire_tasks: tuple[TaskNetSpec, ...] = ()
+    unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
+    delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
+    tables: dict[str, TableChange] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.ensure_bridges
+            or self.wire_tasks
+            or self.unwire_tasks
+            or self.delete_links
+            or self.tables
+        )
+
+
+def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] = ()) -> NodePlan:
+    """The smallest change from actual to desired; empty (falsy) when they agree.
+
+    stray_links are node-side links of meshctl's that belong to nothing observed (a veth whose
+    task namespace is gone); they are deleted.
+    """
+    tables = {}
+    for table in sorted(set(desired.tables) | set(actual.tables)):
+        change = table_change(
+            desired.tables.get(table, OwnedTable()), actual.tables.get(table, OwnedTable())
+        )
+        if change is not None:
+            tables[table] = change
+    return NodePlan(
+        ensure_bridges=tuple(
+            b for name, b in sorted(desired.bridges.items()) if actual.bridges.get(name) != b
+        ),
+        wire_tasks=tuple(
+            t for tid, t in sorted(desired.tasks.items()) if actual.tasks.get(tid) != t
+        ),
+        unwire_tasks=tuple(
+            t.netns
+            for tid, t in sorted(actual.tasks.items())
+            if tid not in desired.tasks and t.owns_netns
+        ),
+        delete_links=tuple(
+            sorted({*stray_links, *(b for b in actual.bridges if b not in desired.bridges)})
+        ),
+        tables=tables,
+    )

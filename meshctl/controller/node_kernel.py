@@ -1,0 +1,173 @@
+"""The node's networking in the kernel: observe it in the shape of node.NodeSpec, apply a plan.
+
+Only objects that are meshctl's by name are read or touched: bridges `mesh*`, task veths
+`meshv*`, namespaces `mesh-t-*`, iptables chains `MESH-*` and their commented jumps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+from kernel.errors import KernelError
+from kernel.iptables import OwnedTable
+from kernel.links import Link, Route
+from kernel.system import Kernel
+from meshctl.controller import names
+from meshctl.controller.node import BridgeSpec, NodePlan, NodeSpec, TaskLinkSpec, TaskNetSpec
+
+log = logging.getLogger("meshctl.node")
+
+NODE = None  # the controller's own namespace
+TABLES = ("filter", "nat")
+
+
+def observe_node(
+    kernel: Kernel, containers: Iterable[TaskNetSpec] = ()
+) -> tuple[NodeSpec, list[str]]:
+    """What the node has now, and the meshctl links on it that belong to nothing.
+
+    Task namespaces are found by their name; attached containers' namespaces belong to other
+    runtimes and cannot be listed, so the ones desired are looked at where they should be.
+    """
+    node_links = {link.name: link for link in kernel.links.list_links(NODE)}
+    addresses: dict[str, list[str]] = {}
+    for address in kernel.links.list_addresses(NODE):
+        addresses.setdefault(address.ifname, []).append(address.cidr)
+    bridges = {
+        name: BridgeSpec(name, _only(addresses.get(name, [])))
+        for name, link in node_links.items()
+        if link.kind == "bridge" and names.owns_link(name) and link.up
+    }
+    tasks: dict[str, TaskNetSpec] = {}
+    for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
+        task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
+        tasks[task_id] = _observe_task(kernel, task_id, ns, node_links)
+    for container in containers:
+        if os.path.exists(container.netns):
+            tasks[container.task_id] = _observe_container(kernel, container, node_links)
+    claimed = {link.node_end for t in tasks.values() for link in t.links}
+    ours = (names.TASK_VETH_PREFIX, names.CONTAINER_VETH_PREFIX)
+    stray = [
+        name
+        for name, link in node_links.items()
+        if link.kind == "veth" and name.startswith(ours) and name not in claimed
+    ]
+    tables = {table: kernel.iptables.list_owned(NODE, table) for table in TABLES}
+    return NodeSpec(bridges=bridges, tasks=tasks, tables=tables), stray
+
+
+def _only(cidrs: list[str]) -> str:
+    """A bridge's address if it has exactly one; anything else differs from every desired one."""
+    return cidrs[0] if len(cidrs) == 1 else ",".join(sorted(cidrs))
+
+
+def _observe_task(
+    kernel: Kernel, task_id: str, ns: str, node_links: dict[str, Link]
+) -> TaskNetSpec:
+    inside = {link.name: link for link in kernel.links.list_links(ns)}
+    addresses: dict[str, list[str]] = {}
+    for address in kernel.links.list_addresses(ns):
+        addresses.setdefault(address.ifname, []).append(address.cidr)
+    links = []
+    for index in range(16):
+        task_end = names.task_interface(index)
+        node_end = names.task_veth(task_id, index)
+        if task_end not in inside:
+            break
+        node_link = node_links.get(node_end)
+        links.append(
+            TaskLinkSpec(
+                node_end=node_end if node_link is not None and node_link.up else "",
+                bridge=(node_link.master or "") if node_link is not None else "",
+                task_end=task_end if inside[task_end].up and _lo_up(inside) else "",
+                address=_only(addresses.get(task_end, [])),
+            )
+        )
+    gateway = next(
+        (r.gateway for r in kernel.links.list_routes(ns) if r.dst == "default"),
+        None,
+    )
+    return TaskNetSpec(task_id, ns, tuple(links), gateway)
+
+
+def _observe_container(
+    kernel: Kernel, container: TaskNetSpec, node_links: dict[str, Link]
+) -> TaskNetSpec:
+    (want,) = container.links
+    inside = {link.name: link for link in kernel.links.list_links(container.netns)}
+    node_link = node_links.get(want.node_end)
+    link = TaskLinkSpec(
+        node_end=want.node_end if node_link is not None and node_link.up else "",
+        bridge=(node_link.master or "") if node_link is not None else "",
+        task_end=want.task_end if want.task_end in inside and inside[want.task_end].up else "",
+        address=_only(
+            [a.cidr for a in kernel.links.list_addresses(container.netns, want.task_end)]
+            if want.task_end in inside
+            else []
+        ),
+    )
+    return TaskNetSpec(container.task_id, container.netns, (link,), None, owns_netns=False)
+
+
+def _lo_up(inside: dict[str, Link]) -> bool:
+    return "lo" in inside and inside["lo"].up
+
+
+def apply_node(kernel: Kernel, plan: NodePlan) -> None:
+    """Carry out a node plan; every step is an ensure or a delete, so a retry is safe."""
+    for bridge in plan.ensure_bridges:
+        _ensure_bridge(kernel, bridge)
+    for table, change in plan.tables.items():
+        kernel.iptables.apply(NODE, table, change)
+    for task in plan.wire_tasks:
+        try:
+            wire_task(kernel, task)
+        except KernelError as err:
+            # One endpoint that cannot be wired (an attached container whose process ended)
+            # must not stop the others; the next pass tries again.
+            log.warning("cannot wire %s: %s", task.netns, err)
+    for ns in plan.unwire_tasks:
+        kernel.netns.delete(ns)
+    for name in plan.delete_links:
+        kernel.links.delete_link(NODE, name)
+
+
+def _ensure_bridge(kernel: Kernel, bridge: BridgeSpec) -> None:
+    kernel.links.ensure_bridge(NODE, bridge.name)
+    _set_addresses(kernel, NODE, bridge.name, [bridge.address])
+    kernel.links.set_up(NODE, bridge.name)
+
+
+def _set_addresses(kernel: Kernel, ns: str | None, ifname: str, wanted: Iterable[str]) -> None:
+    wanted = list(wanted)
+    for address in kernel.links.list_addresses(ns, ifname):
+        if address.cidr not in wanted:
+            kernel.links.delete_address(ns, ifname, address.cidr)
+    for cidr in wanted:
+        kernel.links.ensure_address(ns, ifname, cidr)
+
+
+def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
+    """A task's namespace with lo up, a veth per network onto its bridge, the default route."""
+    if task.owns_netns:
+        kernel.netns.create(task.netns)
+        kernel.links.set_up(task.netns, "lo")
+    for link in task.links:
+        kernel.links.ensure_veth(NODE, link.node_end, link.task_end, task.netns)
+        kernel.links.set_master(NODE, link.node_end, link.bridge)
+        kernel.links.set_up(NODE, link.node_end)
+        _set_addresses(kernel, task.netns, link.task_end, [link.address])
+        kernel.links.set_up(task.netns, link.task_end)
+    if not task.owns_netns:
+        return
+    for route in kernel.links.list_routes(task.netns):
+        if route.dst == "default" and route.gateway != task.gateway:
+            kernel.links.delete_route(task.netns, route)
+    if task.gateway is not None:
+        kernel.links.ensure_route(task.netns, Route("default", gateway=task.gateway))
+
+
+def empty_tables() -> dict[str, OwnedTable]:
+    return {table: OwnedTable() for table in TABLES}

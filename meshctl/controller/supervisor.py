@@ -1,0 +1,265 @@
+"""Task processes on this node: start, watch, restart by policy with back-off, stop, re-adopt.
+
+The supervisor keeps what only this process knows (the TaskProcess handles, back-off timers,
+stops in progress) and writes what users see (state, pid, exit code, error, history) back to
+the task records. Every decision is taken again on each pass from the store's view plus that
+local knowledge, so a missed wake-up costs one resync period, never correctness.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from kernel.errors import KernelError
+from meshctl import ops, runtime
+from meshctl.controller import names
+from meshctl.controller.view import ClusterView
+from meshctl.model import TASK, Health, Service, Task, TaskState
+from meshctl.store import Conflict, Store
+
+log = logging.getLogger("meshctl.supervisor")
+
+BACKOFF_CAP = 60.0  # seconds: the restart delay doubles after each failure up to this
+MIN_DELAY = 0.1  # even with --restart-delay 0 a crash loop backs off
+STABLE_RUN = 10.0  # a process that ran this long resets the back-off
+DEFAULT_GRACE = 10.0
+
+
+@dataclass
+class Local:
+    """What this controller alone knows of one task."""
+
+    process: runtime.TaskProcess | None = None
+    started_at: float = 0.0
+    failures: int = 0  # restarts in a row without a stable run, for the back-off
+    not_before: float = 0.0  # no (re)start before this time
+    stopping: threading.Thread | None = None
+    health: Health = "none"
+    last_exit: tuple[int | None, str] | None = None  # (code, message) not yet written
+
+
+@dataclass
+class Supervisor:
+    store: Store
+    node: str
+    state_dir: str
+    wake: Callable[[], None] = lambda: None
+    tasks: dict[str, Local] = field(default_factory=dict)
+
+    # -- the pass ------------------------------------------------------------------------------
+
+    def claim(self, view: ClusterView) -> bool:
+        """Take unassigned tasks for this node (single-node scheduling); True if any was taken."""
+        claimed = False
+        for task in view.tasks.values():
+            if task.node or task.desired_state != "running":
+                continue
+            mine = dataclasses.replace(task, node=self.node).with_event(
+                time.time(), "assigned", f"assigned to node {self.node}"
+            )
+            try:
+                self.store.put(TASK, task.id, mine.to_dict(), expect=view.task_revisions[task.id])
+                claimed = True
+            except Conflict:
+                continue  # another controller took it, or the CLI changed it: next pass
+        return claimed
+
+    def adopt(self, view: ClusterView) -> None:
+        """After a restart: take over the processes an earlier controller started."""
+        for task in view.tasks_on(self.node):
+            if task.id in self.tasks or task.pid is None or task.start_time is None:
+                continue
+            process = runtime.adopt(task.pid, task.start_time)
+            local = self.tasks.setdefault(task.id, Local())
+            if process is None:
+                local.last_exit = (None, "the process ended while the controller was away")
+            else:
+                local.process = process
+                local.health = task.health if task.health != "none" else "none"
+                log.info("adopted task=%s pid=%d", task.name, task.pid)
+
+    def wired(self, view: ClusterView) -> set[str]:
+        """Tasks whose namespace and links must exist: wanted running, or not yet stopped."""
+        wanted = {t.id for t in view.tasks_on(self.node) if t.desired_state == "running"}
+        alive = {tid for tid, local in self.tasks.items() if local.process or local.stopping}
+        return wanted | alive
+
+    def step(self, view: ClusterView, unwired: set[str]) -> float:
+        """Start, restart, stop and forget tasks; write what changed. Returns the next deadline.
+
+        unwired: task ids whose namespace is gone from the kernel (torn down this pass or before).
+        """
+        now = time.time()
+        deadline = now + 3600
+        for task in view.tasks_on(self.node):
+            local = self.tasks.setdefault(task.id, Local())
+            service = view.service_of(task)
+            self._notice_exit(task, local)
+            if task.desired_state == "running" and service is not None:
+                when = self._keep_running(view, task, service, local, now)
+            else:
+                when = self._wind_down(task, service, local, unwired)
+            if when is not None:
+                deadline = min(deadline, when)
+            self._write(view, task, local)
+        for task_id in set(self.tasks) - set(view.tasks):
+            self._drop_local(task_id)
+        return deadline
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _notice_exit(self, task: Task, local: Local) -> None:
+        process = local.process
+        if process is None or not process.exited():
+            return
+        code = process.exit_code()
+        process.close()
+        local.process = None
+        if time.time() - local.started_at > STABLE_RUN:
+            local.failures = 0  # it ran well for a while: the next restart waits only the delay
+        if code is not None and code < 0:
+            code = 128 - code  # killed by a signal: as a shell (and Docker) reports it
+        message = "exit code unknown (adopted task)" if code is None else f"exit code {code}"
+        local.last_exit = (code, message)
+        log.info("task=%s exited %s", task.name, message)
+
+    def _keep_running(
+        self, view: ClusterView, task: Task, service: Service, local: Local, now: float
+    ) -> float | None:
+        if local.process is not None or local.stopping is not None:
+            return None
+        if local.last_exit is not None or task.state in ("running", "starting", "failed"):
+            # It ran before and stopped: the restart policy decides, with back-off.
+            code = local.last_exit[0] if local.last_exit else task.exit_code
+            if not self._may_restart(service, task, code):
+                return None
+            if local.not_before == 0.0:
+                base = max(service.restart.delay, MIN_DELAY)
+                cap = max(BACKOFF_CAP, service.restart.delay)
+                local.not_before = now + min(base * 2**local.failures, cap)
+                local.failures += 1
+            if now < local.not_before:
+                return local.not_before
+        self._start(view, task, service, local)
+        return None
+
+    def _may_restart(self, service: Service, task: Task, code: int | None) -> bool:
+        policy = service.restart
+        if policy.condition == "none":
+            return False
+        if policy.condition == "on-failure" and code == 0:
+            return False
+        return not (policy.max_attempts and task.restarts >= policy.max_attempts)
+
+    def _start(self, view: ClusterView, task: Task, service: Service, local: Local) -> None:
+        task_dir = self.task_dir(task.id)
+        spec = runtime.TaskProcessSpec(
+            task_name=task.name,
+            netns=names.task_netns(task.id),
+            command=service.command,
+            log_path=ops.task_log_path(self.state_dir, task),
+            files_dir=task_dir,
+            env=tuple(sorted(service.env.items())),
+            hosts=runtime.hosts_text(task.name, tuple(task.addresses.values())),
+        )
+        try:
+            local.process = runtime.start(spec)
+        except (KernelError, OSError) as err:
+            local.last_exit = (None, f"start failed: {err}")
+            local.not_before = 0.0
+            log.warning("task=%s start failed: %s", task.name, err)
+            return
+        local.not_before = 0.0
+        local.started_at = time.time()
+        local.health = "starting" if service.health else "none"
+        log.info("task=%s started pid=%d", task.name, local.process.pid)
+
+    # -- stopping ------------------------------------------------------------------------------
+
+    def _wind_down(
+        self, task: Task, service: Service | None, local: Local, unwired: set[str]
+    ) -> float | None:
+        if local.process is not None and local.stopping is None:
+            grace = service.stop_grace_period if service else DEFAULT_GRACE
+            local.stopping = threading.Thread(
+                target=self._stop, args=(task, local, grace), name=f"stop:{task.name}", daemon=True
+            )
+            local.stopping.start()
+            return None
+        if local.process is None and local.stopping is None and task.id in unwired:
+            self._forget(task)
+        return None
+
+    def _stop(self, task: Task, local: Local, grace: float) -> None:
+        process = local.process
+        assert process is not None
+        code = process.stop(grace)
+        process.close()
+        if code is not None and code < 0:
+            code = 128 - code
+        local.last_exit = (code, "stopped")
+        local.process = None
+        local.stopping = None
+        log.info("task=%s stopped", task.name)
+        self.wake()
+
+    def _forget(self, task: Task) -> None:
+        """The task is stopped and unwired: its record, addresses and files go."""
+        ops.forget_task(self.store, task.id)
+        shutil.rmtree(self.task_dir(task.id), ignore_errors=True)
+        self._drop_local(task.id)
+        log.info("task=%s removed", task.name)
+
+    def _drop_local(self, task_id: str) -> None:
+        local = self.tasks.pop(task_id, None)
+        if local is not None and local.process is not None and local.stopping is None:
+            local.process.close()
+
+    def task_dir(self, task_id: str) -> str:
+        return os.path.join(self.state_dir, "tasks", task_id)
+
+    # -- what users see ------------------------------------------------------------------------
+
+    def _write(self, view: ClusterView, task: Task, local: Local) -> None:
+        """Bring the task record's observed fields in line with what this controller knows."""
+        now = time.time()
+        updated = task
+        if local.last_exit is not None:
+            code, message = local.last_exit
+            state: TaskState = "complete" if code == 0 else "failed"
+            if task.desired_state != "running":
+                state = "shutdown"
+            updated = dataclasses.replace(
+                updated, exit_code=code, error="" if code == 0 else message
+            )
+            updated = updated.with_event(now, state, message)
+        if local.process is not None:
+            pid, start_time = local.process.pid, local.process.start_time
+            if (updated.pid, updated.start_time) != (pid, start_time):
+                # A start after a recorded exit is a restart; the first start is not.
+                restarted = updated.state in ("failed", "complete")
+                restarts = updated.restarts + (1 if restarted else 0)
+                updated = dataclasses.replace(
+                    updated, pid=pid, start_time=start_time, restarts=restarts
+                ).with_event(now, "running", f"started, pid {pid}")
+            elif updated.state != "running":
+                updated = updated.with_event(now, "running")
+        elif updated.pid is not None and local.stopping is None:
+            updated = dataclasses.replace(updated, pid=None, start_time=None)
+        if updated.health != local.health:
+            updated = dataclasses.replace(updated, health=local.health)
+        if updated == task:
+            return
+        try:
+            self.store.put(TASK, task.id, updated.to_dict(), expect=view.task_revisions[task.id])
+        except Conflict:
+            self.wake()  # changed meanwhile: read again and redo this on the next pass
+            return
+        local.last_exit = None
