@@ -23,7 +23,7 @@ from dataclasses import replace
 
 from kernel.system import Kernel
 from meshctl import runtime
-from meshctl.controller import names
+from meshctl.controller import names, updater
 from meshctl.controller.node import desired_node, plan_node
 from meshctl.controller.node_kernel import apply_node, observe_node
 from meshctl.controller.supervisor import Local, Supervisor
@@ -60,6 +60,8 @@ class Controller:
     def reconcile_once(self) -> float:
         """One full pass; returns the time by which the next one is due."""
         view = read_view(self.store)
+        if updater.roll(self.store, view):
+            view = read_view(self.store)
         if self.supervisor.claim(view):
             view = read_view(self.store)
         self._last_view = view

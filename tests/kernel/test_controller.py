@@ -213,3 +213,28 @@ def test_attached_namespace_reaches_tasks_and_detach_removes_it(mesh: Mesh) -> N
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_update_rolls_one_task_at_a_time_new_before_old(mesh: Mesh) -> None:
+    mesh.cli("network", "create", "front", "--subnet", "10.58.0.0/24")
+    _create(mesh, "web", "front", 2)
+    mesh.start_controller()
+    old = {t["id"] for t in mesh.wait_running("web", 2)}
+    mesh.cli("service", "update", "web", "--env", "RELEASE=2", "--detach")
+    fewest_running = 2
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = mesh.ps("web")
+        running = [t for t in tasks if t["state"] == "running"]
+        fewest_running = min(fewest_running, len(running))
+        if len(tasks) == 2 and all(
+            t["spec_version"] == 2 and t["state"] == "running" for t in tasks
+        ):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"the update did not finish: {mesh.ps('web')}")
+    assert fewest_running >= 2, "a task was stopped before its replacement ran"
+    assert not old & {t["id"] for t in mesh.ps("web")}
+    env = mesh.cli("exec", "web.1", "--", "sh", "-c", "echo $RELEASE").stdout
+    assert env.strip() == "2"
