@@ -79,7 +79,15 @@ def task_spec(view: ClusterView, task: Task) -> TaskNetSpec:
     """The wiring of one task: a leg per network in the order the service lists them."""
     links = []
     gateway = None
-    for index, (network_name, address) in enumerate(task.addresses.items()):
+    service = view.service_of(task)
+    # The service's network order decides eth0, eth1... and the default route; the stored
+    # addresses carry no order.
+    order = [a.network for a in service.networks] if service else []
+    ordered = sorted(
+        task.addresses, key=lambda n: (order.index(n) if n in order else len(order), n)
+    )
+    for index, network_name in enumerate(ordered):
+        address = task.addresses[network_name]
         network = view.networks.get(network_name)
         if network is None:  # the network is going away; the task is being rolled off it
             continue

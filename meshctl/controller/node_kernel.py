@@ -74,14 +74,16 @@ def _observe_task(
     for index in range(16):
         task_end = names.task_interface(index)
         node_end = names.task_veth(task_id, index)
-        if task_end not in inside:
-            break
         node_link = node_links.get(node_end)
+        if task_end not in inside and node_link is None:
+            continue
         links.append(
             TaskLinkSpec(
                 node_end=node_end if node_link is not None and node_link.up else "",
                 bridge=(node_link.master or "") if node_link is not None else "",
-                task_end=task_end if inside[task_end].up and _lo_up(inside) else "",
+                task_end=task_end
+                if task_end in inside and inside[task_end].up and _lo_up(inside)
+                else "",
                 address=_only(addresses.get(task_end, [])),
             )
         )

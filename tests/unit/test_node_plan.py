@@ -1,0 +1,91 @@
+"""The node planner against the fake kernel: plan, apply, and a second diff that is empty."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kernel.system import fake_kernel
+from meshctl import ops
+from meshctl.controller import names
+from meshctl.controller.node import desired_node, plan_node
+from meshctl.controller.node_kernel import apply_node, observe_node
+from meshctl.controller.view import read_view
+from meshctl.model import NetworkAttachment, Service
+from meshctl.store.sqlite import SqliteStore
+
+
+def _store(tmp_path: Path) -> SqliteStore:
+    store = SqliteStore(str(tmp_path / "state.db"))
+    ops.create_network(store, "front", subnet="10.60.0.0/24")
+    ops.create_network(store, "back", subnet="10.61.0.0/24", internal=True)
+    ops.create_service(
+        store,
+        Service(
+            "web",
+            ("true",),
+            replicas=2,
+            networks=(NetworkAttachment("front"), NetworkAttachment("back")),
+        ),
+    )
+    return store
+
+
+def test_apply_converges_and_a_second_plan_is_empty(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    view = read_view(store)
+    kernel = fake_kernel()
+    desired = desired_node(view, "node1", set(view.tasks))  # unclaimed: nothing for this node
+    assert desired.tasks == {}
+    tasks = list(view.tasks)
+    for task_id in tasks:
+        record = store.get("task", task_id)
+        assert record is not None
+        store.put("task", task_id, {**record.value, "node": "node1"})
+    view = read_view(store)
+    desired = desired_node(view, "node1", set(tasks))
+    plan = plan_node(desired, *observe_node(kernel))
+    assert len(plan.ensure_bridges) == 2 and len(plan.wire_tasks) == 2
+    apply_node(kernel, plan)
+    assert not plan_node(desired, *observe_node(kernel))
+    # Each task: a leg per network, in the service's order, default route via front's gateway.
+    spec = desired.tasks[tasks[0]]
+    assert [link.task_end for link in spec.links] == ["eth0", "eth1"]
+    assert spec.gateway == "10.60.0.1"
+    rules = "\n".join(r.render() for r in desired.tables["nat"].chains["MESH-POSTROUTING"])
+    assert "10.60.0.0/24" in rules and "10.61.0.0/24" not in rules  # internal: no masquerade
+
+
+def test_drift_is_planned_back_and_removed_tasks_are_unwired(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    desired = desired_node(view, "node1", set(view.tasks))
+    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    task_id = next(iter(view.tasks))
+    kernel.links.delete_link(None, names.task_veth(task_id, 0))  # drift: a leg deleted by hand
+    plan = plan_node(desired, *observe_node(kernel))
+    assert [t.task_id for t in plan.wire_tasks] == [task_id]
+    apply_node(kernel, plan)
+    assert not plan_node(desired, *observe_node(kernel))
+    gone = desired_node(view, "node1", set(view.tasks) - {task_id})
+    plan = plan_node(gone, *observe_node(kernel))
+    assert plan.unwire_tasks == (names.task_netns(task_id),)
+    apply_node(kernel, plan)
+    assert not kernel.netns.exists(names.task_netns(task_id))
+    assert not plan_node(gone, *observe_node(kernel))
+
+
+def test_no_networks_means_no_rules(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "state.db"))
+    kernel = fake_kernel()
+    ops.create_network(store, "front", subnet="10.62.0.0/24")
+    desired = desired_node(read_view(store), "node1", ())
+    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    ops.remove_network(store, "front")
+    empty = desired_node(read_view(store), "node1", ())
+    apply_node(kernel, plan_node(empty, *observe_node(kernel)))
+    observed, stray = observe_node(kernel)
+    assert observed.bridges == {} and stray == []
+    assert all(not t.chains and not t.jumps for t in observed.tables.values())
