@@ -47,9 +47,8 @@ def _optional(module: str, cls: str, *args: Any) -> Any | None:
 
 
 def _fake_kernel() -> KernelUnderTest:
-    from kernel.fake.sysctl import FakeSysctl
-
     from kernel.fake.links import FakeLinks
+    from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
 
     world = FakeWorld()
@@ -74,10 +73,9 @@ def _fake_kernel() -> KernelUnderTest:
 
 
 def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
-    from kernel.sysctl import Sysctl
-
     from kernel.links import Links
     from kernel.netns import Netns
+    from kernel.sysctl import Sysctl
 
     return KernelUnderTest(
         name="real",
