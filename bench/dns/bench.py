@@ -1,0 +1,186 @@
+"""Embedded DNS vs dnsmasq: QPS and latency with dnsperf from inside a task namespace.
+
+Builds a node namespace (running the embedded server) and a task namespace in which the
+server listens on 127.0.0.11:53 and dnsmasq, serving the same names from a hosts file, on
+127.0.0.12:53. dnsperf runs inside the task against each in turn, rounds alternating, then once
+more against the embedded server through the production path: a random port reached by a nat
+redirect of 127.0.0.11:53. Prints a markdown table and the ratio. Needs root, dnsperf, dnsmasq.
+
+    /opt/meshvenv/bin/python bench/dns/bench.py [--seconds 10] [--rounds 3] [--services 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernel import netns
+from meshctl.dns import DnsServer, DnsService, DnsTask, DnsView
+from meshctl.dns.thread import ServerThread
+
+PREFIX = f"mbench{os.getpid()}-"
+EMBEDDED, DNSMASQ = "127.0.0.11", "127.0.0.12"
+REPLICAS = 3
+
+
+@dataclass
+class Run:
+    label: str
+    qps: float
+    avg_latency_ms: float
+    lost: int
+
+
+def sh(*cmd: str) -> str:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def build_view(services: int) -> DnsView:
+    """services VIP services with REPLICAS tasks each, all on one network."""
+    return DnsView(
+        networks=frozenset({"front"}),
+        services=tuple(
+            DnsService(f"svc{s}", "vip", {"front": f"10.1.{s // 200}.{s % 200 + 1}"})
+            for s in range(services)
+        ),
+        tasks=tuple(
+            DnsTask(f"svc{s}.{r}", f"svc{s}", {"front": f"10.2.{s // 60}.{(s % 60) * 4 + r}"})
+            for s in range(services)
+            for r in range(1, REPLICAS + 1)
+        ),
+    )
+
+
+def hosts_file(view: DnsView) -> str:
+    """The same A records for dnsmasq: service VIPs, task names, tasks.<service> sets."""
+    lines = [f"{s.vips['front']} {s.name}" for s in view.services]
+    for task in view.tasks:
+        lines.append(f"{task.addresses['front']} {task.name}")
+        lines.append(f"{task.addresses['front']} tasks.{task.service}")
+    return "\n".join(lines) + "\n"
+
+
+def query_file(view: DnsView) -> str:
+    """dnsperf input: each service, tasks.<service>, a task name and a task's PTR."""
+    lines = []
+    for service, task in zip(view.services, view.tasks[::REPLICAS], strict=True):
+        reverse = ".".join(reversed(task.addresses["front"].split("."))) + ".in-addr.arpa"
+        lines += [
+            f"{service.name} A",
+            f"tasks.{service.name} A",
+            f"{task.name} A",
+            f"{reverse} PTR",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+@contextmanager
+def namespace(tag: str) -> Iterator[str]:
+    name = f"{PREFIX}{tag}"
+    netns.create(name)
+    try:
+        sh("ip", "-n", name, "link", "set", "lo", "up")
+        yield name
+    finally:
+        netns.delete(name)
+
+
+@contextmanager
+def dnsmasq(ns: str, hosts: Path) -> Iterator[None]:
+    process = subprocess.Popen(
+        ["ip", "netns", "exec", ns, "dnsmasq", "-k", "-C", "/dev/null", "--no-resolv"]
+        + ["--no-hosts", f"--addn-hosts={hosts}", f"--listen-address={DNSMASQ}"]
+        + ["--bind-interfaces", "--pid-file=", "--user=root", "--server=/#/"]
+        + ["--cache-size=10000"]
+    )
+    try:
+        yield
+    finally:
+        process.kill()
+        process.wait()
+
+
+def dnsperf(ns: str, server: str, queries: Path, seconds: int, label: str) -> Run:
+    out = sh(
+        "ip", "netns", "exec", ns, "dnsperf", "-s", server, "-d", str(queries),
+        "-l", str(seconds), "-q", "200", "-t", "2",
+    )  # fmt: skip
+    qps = re.search(r"Queries per second:\s+([\d.]+)", out)
+    latency = re.search(r"Average Latency \(s\):\s+([\d.]+)", out)
+    lost = re.search(r"Queries lost:\s+(\d+)", out)
+    if not (qps and latency and lost):
+        sys.exit(f"could not read dnsperf's output:\n{out}")
+    return Run(label, float(qps.group(1)), float(latency.group(1)) * 1000, int(lost.group(1)))
+
+
+def check_same_answers(ns: str, names: list[str]) -> None:
+    """Both servers must answer the benchmark's names alike, or the comparison is void."""
+    for name in names:
+        ours = sorted(sh("ip", "netns", "exec", ns, "dig", f"@{EMBEDDED}", "+short", name).split())
+        theirs = sorted(sh("ip", "netns", "exec", ns, "dig", f"@{DNSMASQ}", "+short", name).split())
+        if ours != theirs or not ours:
+            sys.exit(f"answers differ for {name}: embedded {ours}, dnsmasq {theirs}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="per dnsperf run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per server")
+    parser.add_argument("--services", type=int, default=100)
+    args = parser.parse_args()
+    view = build_view(args.services)
+    runs: list[Run] = []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        namespace("node") as node,
+        namespace("task") as task,
+        ServerThread(DnsServer([]), namespace=node) as thread,
+    ):
+        hosts, queries = Path(tmp, "hosts"), Path(tmp, "queries")
+        hosts.write_text(hosts_file(view))
+        queries.write_text(query_file(view))
+        hosts.chmod(0o644)
+        thread.update(view)
+        thread.add_endpoint("direct", task, frozenset({"front"}), port=53)
+        with dnsmasq(task, hosts):
+            check_same_answers(task, ["svc0", "tasks.svc1", "svc2.3"])
+            for _ in range(args.rounds):
+                runs.append(dnsperf(task, DNSMASQ, queries, args.seconds, "dnsmasq"))
+                runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, "embedded"))
+        udp_port, _ = thread.add_endpoint("redirected", task, frozenset({"front"}), port=0)
+        sh(
+            "ip", "netns", "exec", task, "iptables", "-t", "nat", "-A", "OUTPUT",
+            "-d", EMBEDDED, "-p", "udp", "--dport", "53",
+            "-j", "DNAT", "--to-destination", f"{EMBEDDED}:{udp_port}",
+        )  # fmt: skip
+        runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, "embedded, nat redirect"))
+    report(runs, args)
+
+
+def report(runs: list[Run], args: argparse.Namespace) -> None:
+    print(f"DNS bench: {args.services} services x {REPLICAS} tasks, {4 * args.services} names")
+    print(f"(A service, A tasks.service, A task, PTR), dnsperf -q 200, {args.seconds} s per run,")
+    print(f"{os.cpu_count()} cores shared by server, dnsperf and anything else running.\n")
+    print("| server | QPS | avg latency (ms) | lost |")
+    print("|---|---:|---:|---:|")
+    for run in runs:
+        print(f"| {run.label} | {run.qps:,.0f} | {run.avg_latency_ms:.3f} | {run.lost} |")
+    # Each round's runs are back to back, so their ratio is the least disturbed by other load.
+    ours = [r.qps for r in runs if r.label == "embedded"]
+    theirs = [r.qps for r in runs if r.label == "dnsmasq"]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+    print(f"\nembedded / dnsmasq QPS per round: {', '.join(f'{r:.2f}' for r in ratios)}")
+    print(f"median ratio: {statistics.median(ratios):.2f}")
+
+
+if __name__ == "__main__":
+    main()
