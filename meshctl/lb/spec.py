@@ -1,0 +1,283 @@
+"""The desired load balancer of one network on one node, and the kernel objects it becomes.
+
+Pure: an `LbSpec` (the network's VIPs with their backends) turns into the addresses of the LB
+namespace's leg, its iptables tables, its IPVS services and its sysctls. Like Docker swarm, a VIP
+balances every port and protocol: VIP traffic is marked in mangle PREROUTING with the VIP's own
+fwmark, balanced to backend:same-port, and source-NATed to the node's LB address so replies come
+back through the LB namespace (client and backend share the bridge).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from kernel.iptables import Match, OwnedTable, Rule, opts
+from kernel.ipvs import Destination, VirtualService
+from meshctl.controller import names
+
+BackendKind = Literal["ipvs", "iptables"]
+BACKENDS: tuple[BackendKind, ...] = ("ipvs", "iptables")
+
+LB_INTERFACE = "eth0"  # the LB namespace's leg on the bridge, named as a task's first leg
+# meshctl's fwmark range: 'M' in the top byte, the VIP's offset in its subnet below.
+FWMARK_BASE = 0x4D000000
+FWMARK_MASK = 0xFF000000
+
+MARK_CHAIN = "MESH-MARK"
+SERVICES_CHAIN = "MESH-SERVICES"
+POSTROUTING_CHAIN = "MESH-POSTROUTING"
+SVC_CHAIN_PREFIX = "MESH-SVC-"
+SEP_CHAIN_PREFIX = "MESH-SEP-"
+
+
+def lb_netns_prefix(node_id: str) -> str:
+    """The prefix of every LB namespace of this node: what `sync` may delete, and nothing else."""
+    return f"{names.LB_NETNS_PREFIX}{node_id[:8]}-"
+
+
+def lb_netns(node_id: str, network_id: str) -> str:
+    """`mesh-lb-<node-id-8>-<network-id-8>`: one LB namespace per network per node."""
+    return f"{lb_netns_prefix(node_id)}{network_id[:8]}"
+
+
+def lb_node_end(network_id: str) -> str:
+    """The node end of the LB leg's veth, enslaved to the network's bridge: `meshl` + 8."""
+    return f"{names.LINK_PREFIX}l{network_id[:8]}"
+
+
+def _short(*parts: str) -> str:
+    """A stable 16-character id for chain names (28 characters at most with their prefix)."""
+    digest = hashlib.sha256("/".join(parts).encode()).digest()
+    return base64.b32encode(digest).decode()[:16]
+
+
+def svc_chain(vip: VirtualIp) -> str:
+    return f"{SVC_CHAIN_PREFIX}{_short(vip.service_id, vip.vip)}"
+
+
+def sep_chain(vip: VirtualIp, backend: Backend) -> str:
+    return f"{SEP_CHAIN_PREFIX}{_short(vip.service_id, vip.vip, backend.address)}"
+
+
+def _ipv4(value: str, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ValueError(
+            f"{what} {value!r} is not an IPv4 address; give one like 10.0.1.5"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One task of a service on this network; weight 0 drains it (no new connections)."""
+
+    address: str
+    weight: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", _ipv4(self.address, "backend address"))
+        if self.weight not in (0, 1):
+            raise ValueError(f"backend {self.address} weight {self.weight}: use 1, or 0 to drain")
+
+
+@dataclass(frozen=True)
+class VirtualIp:
+    """A service's VIP on this network and its backends (kept sorted by address)."""
+
+    service_id: str
+    service_name: str
+    vip: str
+    backends: tuple[Backend, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vip", _ipv4(self.vip, f"VIP of service {self.service_name}"))
+        backends = tuple(sorted(self.backends, key=lambda b: ipaddress.IPv4Address(b.address)))
+        addresses = [b.address for b in backends]
+        if len(set(addresses)) != len(addresses):
+            raise ValueError(
+                f"service {self.service_name}: a backend address is listed twice ({addresses}); "
+                "give each task's address once"
+            )
+        object.__setattr__(self, "backends", backends)
+
+    @property
+    def active(self) -> tuple[Backend, ...]:
+        """The backends that take new connections."""
+        return tuple(b for b in self.backends if b.weight > 0)
+
+    @property
+    def comment(self) -> str:
+        return f"meshctl:{self.service_id}"
+
+
+@dataclass(frozen=True)
+class LbSpec:
+    """The load balancer of one network on one node: its namespace, leg, address and VIPs."""
+
+    netns: str
+    network_id: str
+    bridge: str
+    node_end: str
+    lb_address_cidr: str  # the node's LB address of this network with the subnet's prefix
+    vips: tuple[VirtualIp, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.netns.startswith(names.LB_NETNS_PREFIX):
+            raise ValueError(f"LB namespace {self.netns!r} must start with {names.LB_NETNS_PREFIX}")
+        subnet = self.subnet
+        if subnet.prefixlen < 8 or subnet.prefixlen > 30:
+            raise ValueError(f"network {self.network_id} subnet {subnet}: use a /8 to /30")
+        vips = tuple(sorted(self.vips, key=lambda v: ipaddress.IPv4Address(v.vip)))
+        seen = [v.vip for v in vips]
+        if len(set(seen)) != len(seen):
+            raise ValueError(f"network {self.network_id}: two services share a VIP ({seen})")
+        for vip in vips:
+            if ipaddress.IPv4Address(vip.vip) not in subnet:
+                raise ValueError(
+                    f"VIP {vip.vip} of service {vip.service_name} is outside the network's subnet "
+                    f"{subnet}; allocate it from the network's IPAM"
+                )
+        object.__setattr__(self, "vips", vips)
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(self.lb_address_cidr).network
+
+    @property
+    def lb_address(self) -> str:
+        return str(ipaddress.IPv4Interface(self.lb_address_cidr).ip)
+
+    @property
+    def comment(self) -> str:
+        """The comment of the rules that belong to the LB itself rather than to one service."""
+        return f"meshctl:lb-{self.network_id}"
+
+    def fwmark(self, vip: VirtualIp) -> int:
+        """The VIP's mark: stable, unique within the network, inside meshctl's fwmark range."""
+        offset = int(ipaddress.IPv4Address(vip.vip)) - int(self.subnet.network_address)
+        return FWMARK_BASE | offset
+
+
+def lb_spec(
+    node_id: str, network_id: str, lb_address_cidr: str, vips: tuple[VirtualIp, ...]
+) -> LbSpec:
+    """The spec of a network's LB on a node, with every name derived from the two ids."""
+    return LbSpec(
+        netns=lb_netns(node_id, network_id),
+        network_id=network_id,
+        bridge=names.bridge(network_id),
+        node_end=lb_node_end(network_id),
+        lb_address_cidr=str(ipaddress.IPv4Interface(lb_address_cidr)),
+        vips=vips,
+    )
+
+
+def addresses(spec: LbSpec) -> frozenset[str]:
+    """The CIDRs of the LB leg: the LB address, and each VIP as a /32 so the leg answers ARP."""
+    return frozenset({spec.lb_address_cidr, *(f"{v.vip}/32" for v in spec.vips)})
+
+
+def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
+    """nat chains of the iptables backend: VIP → per-service chain → random spread → DNAT."""
+    chains: dict[str, tuple[Rule, ...]] = {}
+    services: list[Rule] = []
+    for vip in spec.vips:
+        active = vip.active
+        if not active:  # nothing balances: the VIP stays local and refuses the connection
+            continue
+        svc = svc_chain(vip)
+        services.append(Rule(SERVICES_CHAIN, svc, vip.comment, destination=vip.vip))
+        spread = []
+        for index, backend in enumerate(active):
+            left = len(active) - index
+            # Each rule takes 1/left of what the earlier ones left: an even spread overall.
+            statistic = (
+                (Match("statistic", opts(mode="random", probability=1 / left)),) if left > 1 else ()
+            )
+            sep = sep_chain(vip, backend)
+            spread.append(Rule(svc, sep, vip.comment, matches=statistic))
+            # No port in the DNAT: the connection keeps its port, as swarm's VIPs do.
+            chains[sep] = (
+                Rule(sep, "DNAT", vip.comment, target_args=opts(to_destination=backend.address)),
+            )
+        chains[svc] = tuple(spread)
+    chains[SERVICES_CHAIN] = tuple(services)
+    return chains
+
+
+def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str, OwnedTable]:
+    """What meshctl owns in the LB namespace's mangle and nat tables.
+
+    Both backends mark VIP traffic (the ipvs backend balances on the mark) and SNAT marked
+    traffic to the LB address; only the iptables backend balances in the nat table.
+    """
+    marks = tuple(
+        Rule(
+            MARK_CHAIN,
+            "MARK",
+            vip.comment,
+            destination=vip.vip,
+            target_args=opts(set_mark=f"{spec.fwmark(vip):#x}"),
+        )
+        for vip in spec.vips
+    )
+    mangle = OwnedTable(
+        chains={MARK_CHAIN: marks},
+        jumps=(Rule("PREROUTING", MARK_CHAIN, spec.comment),),
+    )
+    snat = Rule(
+        POSTROUTING_CHAIN,
+        "SNAT",
+        spec.comment,
+        matches=(Match("mark", opts(mark=f"{FWMARK_BASE:#x}/{FWMARK_MASK:#x}")),),
+        target_args=opts(to_source=spec.lb_address),
+    )
+    nat_chains: dict[str, tuple[Rule, ...]] = {POSTROUTING_CHAIN: (snat,)}
+    nat_jumps = [Rule("POSTROUTING", POSTROUTING_CHAIN, spec.comment)]
+    if backend == "iptables":
+        nat_chains.update(_balancing_chains(spec))
+        nat_jumps.insert(0, Rule("PREROUTING", SERVICES_CHAIN, spec.comment))
+    return {"mangle": mangle, "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps))}
+
+
+def ipvs_state(spec: LbSpec) -> dict[VirtualService, tuple[Destination, ...]]:
+    """One fwmark service per VIP (every port), round robin, masquerading to backend:same-port.
+
+    Draining backends stay as weight-0 destinations so their connections carry on.
+    """
+    return {
+        VirtualService(fwmark=spec.fwmark(vip), scheduler="rr"): tuple(
+            Destination(b.address, 0, weight=b.weight, forward="masq") for b in vip.backends
+        )
+        for vip in spec.vips
+    }
+
+
+def is_owned_service(svc: VirtualService) -> bool:
+    """An IPVS service in meshctl's fwmark range (the only ones it may change or delete)."""
+    return svc.fwmark is not None and svc.fwmark & FWMARK_MASK == FWMARK_BASE
+
+
+def sysctls(spec: LbSpec, backend: BackendKind) -> dict[str, str]:
+    """The LB namespace's sysctls: it forwards; IPVS ones only where the ipvs backend runs."""
+    values = {
+        "net.ipv4.ip_forward": "1",
+        # It forwards back out of the leg it received on: no redirects telling clients to bypass.
+        "net.ipv4.conf.all.send_redirects": "0",
+        f"net.ipv4.conf.{LB_INTERFACE}.send_redirects": "0",
+    }
+    if backend == "ipvs":
+        values.update(
+            {
+                "net.ipv4.vs.conntrack": "1",  # netfilter sees IPVS connections: SNAT works
+                "net.ipv4.vs.expire_nodest_conn": "1",
+                "net.ipv4.vs.expire_quiescent_template": "1",
+                "net.ipv4.vs.conn_reuse_mode": "0",
+            }
+        )
+    return values

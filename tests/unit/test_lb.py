@@ -1,0 +1,293 @@
+"""The load balancer's pure builders and its reconciler against the fake kernel (no root)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import pytest
+
+from kernel.errors import Unsupported
+from kernel.fake.conntrack import FakeConntrack
+from kernel.fake.iptables import FakeIptables
+from kernel.fake.ipvs import FakeIpvs
+from kernel.fake.links import FakeLinks
+from kernel.fake.sysctl import FakeSysctl
+from kernel.fake.world import FakeNetns, FakeWorld
+from kernel.iptables import Match, TableChange, opts, validate
+from kernel.ipvs import Destination, VirtualService
+from meshctl.lb.reconcile import LbKernel, LbReconciler, choose_backend
+from meshctl.lb.spec import (
+    FWMARK_BASE,
+    FWMARK_MASK,
+    SERVICES_CHAIN,
+    Backend,
+    BackendKind,
+    LbSpec,
+    VirtualIp,
+    iptables_tables,
+    ipvs_state,
+    lb_netns_prefix,
+    lb_spec,
+    sep_chain,
+    svc_chain,
+    sysctls,
+)
+
+NODE_ID = "node0001"
+PREFIX = lb_netns_prefix(NODE_ID)
+
+
+def web(*backends: Backend, vip: str = "10.0.1.100", sid: str = "svc-web") -> VirtualIp:
+    return VirtualIp(sid, "web", vip, backends)
+
+
+def spec(*vips: VirtualIp, network_id: str = "net00001") -> LbSpec:
+    return lb_spec(NODE_ID, network_id, "10.0.1.2/24", vips)
+
+
+THREE = web(Backend("10.0.1.13"), Backend("10.0.1.11"), Backend("10.0.1.12"))
+
+
+# pure builders
+
+
+def test_names_follow_the_naming_rules() -> None:
+    s = spec()
+    assert s.netns == "mesh-lb-node0001-net00001"
+    assert s.bridge == "meshnet00001" and s.node_end == "meshlnet00001"
+    assert len(s.node_end) <= 15
+    assert all(len(c) <= 28 for c in (svc_chain(THREE), sep_chain(THREE, THREE.backends[0])))
+
+
+def test_iptables_backend_spreads_evenly_over_active_backends_in_a_stable_order() -> None:
+    vip = replace(THREE, backends=(*THREE.backends, Backend("10.0.1.14", weight=0)))
+    nat = iptables_tables(spec(vip))["nat"]
+
+    svc = svc_chain(vip)
+    assert [r.target for r in nat.chains[SERVICES_CHAIN]] == [svc]
+    assert nat.chains[SERVICES_CHAIN][0].destination == "10.0.1.100/32"
+    spread = nat.chains[svc]
+    assert [r.matches for r in spread] == [
+        (Match("statistic", opts(mode="random", probability=1 / 3)),),
+        (Match("statistic", opts(mode="random", probability=1 / 2)),),
+        (),
+    ]
+    # Sorted by address; the draining backend (weight 0) takes no new connections.
+    backends = [b for b in vip.backends if b.weight]
+    assert [r.target for r in spread] == [sep_chain(vip, b) for b in backends]
+    dnat = [nat.chains[sep_chain(vip, b)][0] for b in backends]
+    assert [dict(r.target_args)["to-destination"] for r in dnat] == [
+        "10.0.1.11",
+        "10.0.1.12",
+        "10.0.1.13",
+    ]
+    assert sep_chain(vip, Backend("10.0.1.14")) not in nat.chains
+
+
+@pytest.mark.parametrize("backend", ["iptables", "ipvs"])
+def test_every_rule_is_commented_and_passes_the_iptables_ownership_checks(
+    backend: BackendKind,
+) -> None:
+    for table, owned in iptables_tables(spec(THREE), backend).items():
+        rules = [r for rules in owned.chains.values() for r in rules] + list(owned.jumps)
+        assert all(r.comment.startswith("meshctl:") for r in rules)
+        validate(table, TableChange(replace=owned.chains, ensure_jumps=owned.jumps))
+
+
+def test_vip_traffic_is_marked_and_source_natted_to_the_lb_address() -> None:
+    s = spec(THREE)
+    tables = iptables_tables(s, "ipvs")
+    (mark,) = tables["mangle"].chains["MESH-MARK"]
+    assert mark.destination == "10.0.1.100/32"
+    assert dict(mark.target_args)["set-xmark"] == f"{s.fwmark(THREE):#x}/0xffffffff"
+    (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
+    assert dict(snat.target_args) == {"to-source": "10.0.1.2"}
+    assert SERVICES_CHAIN not in tables["nat"].chains  # IPVS balances, not nat
+
+
+def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations() -> None:
+    vip = web(Backend("10.0.1.11"), Backend("10.0.1.12", weight=0))
+    s = spec(vip, web(vip="10.0.1.101", sid="svc-api"))
+
+    state = ipvs_state(s)
+
+    marks = [svc.fwmark for svc in state]
+    assert len(set(marks)) == 2
+    assert all(m is not None and m & FWMARK_MASK == FWMARK_BASE for m in marks)
+    assert state[VirtualService(fwmark=s.fwmark(vip))] == (
+        Destination("10.0.1.11", 0, 1, "masq"),
+        Destination("10.0.1.12", 0, 0, "masq"),
+    )
+
+
+def test_ipvs_sysctls_only_for_the_ipvs_backend() -> None:
+    assert sysctls(spec(), "iptables")["net.ipv4.ip_forward"] == "1"
+    assert not any(k.startswith("net.ipv4.vs.") for k in sysctls(spec(), "iptables"))
+    assert sysctls(spec(), "ipvs")["net.ipv4.vs.conntrack"] == "1"
+
+
+@pytest.mark.parametrize(
+    "build, error",
+    [
+        (lambda: spec(web(vip="10.9.9.9")), "outside the network's subnet"),
+        (lambda: web(Backend("10.0.1.11"), Backend("10.0.1.11")), "listed twice"),
+        (lambda: Backend("10.0.1.11", weight=5), "use 1, or 0 to drain"),
+        (lambda: spec(web(), web(sid="svc-api")), "share a VIP"),
+    ],
+)
+def test_invalid_specs_say_what_to_fix(build: Callable[[], object], error: str) -> None:
+    with pytest.raises(ValueError, match=error):
+        build()
+
+
+# the reconciler on the fake kernel
+
+
+class Fake:
+    """A fake node with the network's bridge, and a reconciler over it."""
+
+    def __init__(self, backend: BackendKind) -> None:
+        self.world = FakeWorld()
+        self.links = FakeLinks(self.world)
+        self.iptables = FakeIptables(self.world)
+        self.ipvs = FakeIpvs(self.world)
+        self.conntrack = FakeConntrack(self.world)
+        kernel = LbKernel(
+            FakeNetns(self.world),
+            self.links,
+            FakeSysctl(self.world, ipvs=True),
+            self.iptables,
+            self.ipvs,
+            self.conntrack,
+        )
+        self.reconciler = LbReconciler(kernel, backend)
+        self.links.ensure_bridge(None, spec().bridge)
+
+    def sync(self, *specs: LbSpec) -> bool:
+        """Sync, and say whether a second plan is empty (it must be)."""
+        self.reconciler.sync(list(specs), PREFIX)
+        return self.reconciler.plan(list(specs), PREFIX).empty
+
+
+@pytest.fixture(params=["iptables", "ipvs"])
+def fake(request: pytest.FixtureRequest) -> Fake:
+    return Fake(request.param)
+
+
+def test_sync_builds_the_lb_namespace_and_converges(fake: Fake) -> None:
+    s = spec(THREE)
+
+    assert fake.sync(s)
+
+    ns = s.netns
+    assert fake.links.get_link(None, s.node_end).master == s.bridge  # type: ignore[union-attr]
+    cidrs = {a.cidr for a in fake.links.list_addresses(ns, "eth0")}
+    assert cidrs == {"10.0.1.2/24", "10.0.1.100/32"}
+    if fake.reconciler.backend == "ipvs":
+        (dests,) = fake.ipvs.snapshot(ns).values()
+        assert [d.address for d in dests] == ["10.0.1.11", "10.0.1.12", "10.0.1.13"]
+
+
+def test_changing_one_service_rebuilds_only_its_chains() -> None:
+    fake = Fake("iptables")
+    api = web(Backend("10.0.1.21"), vip="10.0.1.101", sid="svc-api")
+    fake.sync(spec(THREE, api))
+    changed = replace(THREE, backends=THREE.backends[:2])
+
+    (change,) = fake.reconciler.plan([spec(changed, api)], PREFIX).changes
+
+    nat = change.tables["nat"]
+    assert set(nat.replace) == {svc_chain(THREE)}
+    assert nat.delete == (sep_chain(THREE, THREE.backends[2]),)
+    assert "mangle" not in change.tables
+
+
+def test_drift_is_repaired(fake: Fake) -> None:
+    s = spec(THREE)
+    fake.sync(s)
+    fake.links.delete_address(s.netns, "eth0", "10.0.1.100/32")
+    fake.iptables.flush_owned(s.netns, "mangle")
+    if fake.reconciler.backend == "ipvs":
+        (svc,) = fake.ipvs.list_services(s.netns)
+        fake.ipvs.delete_destination(s.netns, svc, Destination("10.0.1.11", 0))
+    else:
+        fake.iptables.flush_owned(s.netns, "nat")
+    assert not fake.reconciler.plan([s], PREFIX).empty
+
+    assert fake.sync(s)
+
+
+def test_a_deleted_lb_namespace_is_rebuilt(fake: Fake) -> None:
+    s = spec(THREE)
+    fake.sync(s)
+    fake.reconciler.kernel.netns.delete(s.netns)
+
+    assert fake.sync(s)
+
+    assert fake.links.get_link(s.netns, "eth0") is not None
+
+
+def test_auto_picks_ipvs_where_the_kernel_has_it() -> None:
+    fake = Fake("iptables")
+    kernel = fake.reconciler.kernel
+    assert choose_backend(kernel, "auto") == "ipvs"
+    fake.ipvs.unavailable = "no IPVS here"
+    assert choose_backend(kernel, "auto") == "iptables"
+    assert choose_backend(kernel, "iptables") == "iptables"
+    with pytest.raises(Unsupported, match="no IPVS here; choose iptables"):
+        choose_backend(kernel, "ipvs")
+
+
+def test_removed_backends_lose_their_udp_flows_draining_ones_keep_them(fake: Fake) -> None:
+    s = spec(THREE)
+    fake.sync(s)
+    for backend in ("10.0.1.11", "10.0.1.12", "10.0.1.13"):
+        fake.conntrack.add_flow(s.netns, "10.0.1.100", backend)
+    fake.conntrack.add_flow(s.netns, "10.0.1.2", "10.0.1.2")  # not balanced: not ours
+    draining = replace(THREE, backends=(Backend("10.0.1.11"), Backend("10.0.1.12", 0)))
+
+    assert fake.sync(spec(draining))
+
+    assert {(f.vip, f.backend) for f in fake.conntrack.list_udp_flows(s.netns)} == {
+        ("10.0.1.100", "10.0.1.11"),
+        ("10.0.1.100", "10.0.1.12"),
+        ("10.0.1.2", "10.0.1.2"),
+    }
+
+
+def test_sync_deletes_only_this_nodes_lb_namespaces_no_longer_desired(fake: Fake) -> None:
+    netns = fake.reconciler.kernel.netns
+    second = spec(network_id="net00002")
+    fake.links.ensure_bridge(None, second.bridge)
+    fake.sync(spec(THREE), second)
+    netns.create("mesh-lb-othernod-net00001")
+    netns.create("mesh-t-web.1")
+
+    assert fake.sync(spec(THREE))
+
+    assert netns.list_namespaces("mesh-") == [
+        "mesh-lb-node0001-net00001",
+        "mesh-lb-othernod-net00001",
+        "mesh-t-web.1",
+    ]
+    assert fake.links.get_link(None, "meshlnet00002") is None
+
+
+def test_foreign_ipvs_services_are_left_alone() -> None:
+    fake = Fake("ipvs")
+    s = spec(THREE)
+    fake.sync(s)
+    foreign = [VirtualService("10.0.1.200", 80), VirtualService(fwmark=7)]
+    for svc in foreign:
+        fake.ipvs.ensure_service(s.netns, svc)
+
+    assert fake.sync(spec())
+
+    assert fake.ipvs.list_services(s.netns) == foreign
+
+
+@pytest.mark.parametrize("prefix", ["mesh-lb-", "mesh-", "", "mesh-lb-node0001"])
+def test_a_prefix_reaching_beyond_this_node_is_refused(prefix: str) -> None:
+    with pytest.raises(ValueError, match="lb_netns_prefix"):
+        Fake("iptables").reconciler.sync([], prefix)
