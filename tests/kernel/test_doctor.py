@@ -1,0 +1,130 @@
+"""`meshctl doctor` on the real kernel, run as a user runs it: exit code, JSON, the backend it
+picks, privilege handling, and that probing leaves the host as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernel import features, netns
+from kernel.ipvs import Ipvs
+from tests.conftest import root_namespace_snapshot
+
+pytestmark = pytest.mark.root
+
+REPO = Path(__file__).parents[2]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+REQUIRED = {"netns", "veth", "bridge", "iptables"}
+
+
+def meshctl(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a process of its own, as a user would."""
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "meshctl", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+def host_state() -> dict[str, str]:
+    """The root namespace's links, addresses, routes and firewall (the netns list is left out:
+    other test runs on this machine add and remove their own namespaces meanwhile)."""
+    return {k: v for k, v in root_namespace_snapshot().items() if k != "netns"}
+
+
+def doctor_json() -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    done = meshctl("doctor", "--format", "json")
+    return done, json.loads(done.stdout)
+
+
+def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
+    ipvs_reason = Ipvs().available(None)
+
+    done, doc = doctor_json()
+
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert done.stderr == ""
+    assert doc["ok"] is True
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "conntrack", "br_netfilter", "ip_forward"}
+    assert all(checks[name]["ok"] and checks[name]["required"] for name in REQUIRED)
+    if ipvs_reason:  # this host: no IPVS, so iptables balances
+        assert checks["ipvs"]["ok"] is False
+        assert checks["ipvs"]["status"] == "missing"
+        assert ipvs_reason in checks["ipvs"]["detail"]
+        assert "iptables backend" in checks["ipvs"]["detail"]
+        assert doc["lb_backend"] == "iptables"
+    else:
+        assert checks["ipvs"]["ok"] is True
+        assert doc["lb_backend"] == "ipvs"
+
+
+def test_ip_forward_reports_the_current_namespace() -> None:
+    value = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+
+    _, doc = doctor_json()
+
+    ip_forward = next(c for c in doc["checks"] if c["name"] == "ip_forward")
+    assert ip_forward["status"] == "info" and ip_forward["required"] is False
+    assert ip_forward["ok"] is (value == "1")
+    assert f"net.ipv4.ip_forward={value}" in ip_forward["detail"]
+
+
+def test_table_ends_with_backend_and_verdict() -> None:
+    done = meshctl("doctor")
+
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
+    expected = "iptables" if Ipvs().available(None) else "ipvs"
+    assert lines[-2:] == [f"lb_backend: {expected}", "verdict: ok, the mesh can run here"]
+
+
+def test_probing_leaves_the_host_unchanged() -> None:
+    before = host_state()
+
+    done, _ = doctor_json()
+
+    assert done.returncode == 0
+    assert host_state() == before
+    assert netns.list_namespaces(features.DOCTOR_NS_PREFIX) == []
+
+
+def test_probe_namespace_is_removed_when_a_probe_crashes(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[list[str]] = []
+
+    def crash(ns: str) -> list[features.Check]:
+        seen.append(netns.list_namespaces(features.DOCTOR_NS_PREFIX))
+        raise RuntimeError("probe crashed")
+
+    monkeypatch.setattr(features, "_in_namespace_checks", crash)
+
+    with pytest.raises(RuntimeError):
+        features.probe()
+
+    assert seen == [[f"{features.DOCTOR_NS_PREFIX}{os.getpid()}"]]
+    assert netns.list_namespaces(features.DOCTOR_NS_PREFIX) == []
+
+
+def test_unprivileged_user_gets_one_line_and_exit_1() -> None:
+    done = meshctl("doctor", "--format", "json", prefix=tuple(NOBODY))
+
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == features.NOT_PRIVILEGED + "\n"
+
+
+def test_help_works_without_root() -> None:
+    done = meshctl("--help", prefix=tuple(NOBODY))
+
+    assert done.returncode == 0, done.stderr
+    assert "doctor" in done.stdout

@@ -1,0 +1,168 @@
+"""`meshctl doctor` without a kernel: verdict, backend choice and both renderings from made-up
+checks, and the CLI's exit codes and streams with the probes replaced."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kernel import features
+from kernel.features import Check, pick_lb_backend, privileged
+from meshctl.cli import main
+from meshctl.doctor import lb_backend, render, report_json, report_table, status
+
+NO_IPVS = "the kernel has no IPVS; not required: the iptables backend balances instead"
+
+
+def host_like(**broken: str) -> list[Check]:
+    """This host's shape (no IPVS); each keyword turns that check into a failure with a reason."""
+    checks = [
+        Check("netns", True, True, "network namespace created"),
+        Check("veth", True, True, "veth pair created"),
+        Check("bridge", True, True, "bridge created"),
+        Check("vxlan", True, False, "vxlan created"),
+        Check("iptables", True, True, "legacy iptables usable"),
+        Check("ipvs", False, False, NO_IPVS),
+        Check("conntrack", True, False, "connection tracking active"),
+        Check("br_netfilter", False, False, "not loaded", info=True),
+        Check("ip_forward", False, False, "net.ipv4.ip_forward=0 in this namespace", info=True),
+    ]
+    return [
+        Check(c.name, False, c.required, broken[c.name], c.info) if c.name in broken else c
+        for c in checks
+    ]
+
+
+def with_ipvs(checks: list[Check]) -> list[Check]:
+    return [Check("ipvs", True, False, "IPVS answers") if c.name == "ipvs" else c for c in checks]
+
+
+def test_host_without_ipvs_can_run_and_picks_iptables() -> None:
+    out, reasons, code = render(host_like(), "json")
+
+    doc = json.loads(out)
+    assert code == 0 and reasons == []
+    assert doc["ok"] is True
+    assert doc["lb_backend"] == "iptables"
+    ipvs = next(c for c in doc["checks"] if c["name"] == "ipvs")
+    assert ipvs == {
+        "name": "ipvs",
+        "ok": False,
+        "required": False,
+        "status": "missing",
+        "detail": NO_IPVS,
+    }
+
+
+def test_json_keys() -> None:
+    doc = report_json(host_like())
+    assert list(doc) == ["checks", "lb_backend", "ok"]
+    assert all(list(c) == ["name", "ok", "required", "status", "detail"] for c in doc["checks"])
+    assert [c["name"] for c in doc["checks"]] == [c.name for c in host_like()]
+
+
+def test_ipvs_present_picks_ipvs() -> None:
+    checks = with_ipvs(host_like())
+    assert lb_backend(checks) == "ipvs"
+    assert json.loads(render(checks, "json")[0])["lb_backend"] == "ipvs"
+    assert report_table(checks).splitlines()[-2] == "lb_backend: ipvs"
+
+
+def test_auto_backend_policy() -> None:
+    assert pick_lb_backend(True) == "ipvs"
+    assert pick_lb_backend(False) == "iptables"
+    assert lb_backend([]) == "iptables"  # no ipvs check at all: no IPVS
+
+
+def test_each_missing_required_piece_fails_with_its_own_line() -> None:
+    checks = host_like(veth="no veth; modprobe veth", iptables="no libiptc; apt-get install")
+
+    out, reasons, code = render(checks, "table")
+
+    assert code == 1
+    assert reasons == [
+        "meshctl doctor: veth missing: no veth; modprobe veth",
+        "meshctl doctor: iptables missing: no libiptc; apt-get install",
+    ]
+    assert out.splitlines()[-1] == "verdict: the mesh cannot run here: veth, iptables missing"
+    assert json.loads(render(checks, "json")[0])["ok"] is False
+
+
+def test_optional_pieces_missing_do_not_fail() -> None:
+    checks = host_like(vxlan="no vxlan", conntrack="no conntrack")
+    out, reasons, code = render(checks, "table")
+    assert (code, reasons) == (0, [])
+    assert out.splitlines()[-1] == "verdict: ok, the mesh can run here"
+
+
+def test_status_column() -> None:
+    checks = {c.name: c for c in host_like(bridge="no bridge")}
+    assert status(checks["netns"]) == "ok"
+    assert status(checks["bridge"]) == "missing"
+    assert status(checks["ipvs"]) == "missing"
+    # Informational checks report a fact, whatever its value.
+    assert status(checks["ip_forward"]) == "info"
+    assert status(Check("br_netfilter", True, False, "loaded", info=True)) == "info"
+
+
+def test_table_is_aligned_and_ends_with_backend_and_verdict() -> None:
+    lines = report_table(host_like()).splitlines()
+
+    header, rows, tail = lines[0], lines[1:-2], lines[-2:]
+    assert header.split() == ["CHECK", "STATUS", "DETAIL"]
+    status_col, detail_col = header.index("STATUS"), header.index("DETAIL")
+    by_name = {row.split()[0]: row for row in rows}
+    assert list(by_name) == [c.name for c in host_like()]
+    for check in host_like():
+        row = by_name[check.name]
+        assert row[status_col:detail_col].strip() == status(check)
+        assert row[detail_col:] == check.detail
+    assert tail == ["lb_backend: iptables", "verdict: ok, the mesh can run here"]
+
+
+def test_cli_not_privileged_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never() -> list[Check]:
+        raise AssertionError("probed without privilege")
+
+    monkeypatch.setattr(features, "privileged", lambda: False)
+    monkeypatch.setattr(features, "probe", never)
+
+    result = CliRunner().invoke(main, ["doctor"])
+
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    assert result.stderr == features.NOT_PRIVILEGED + "\n"
+
+
+@pytest.mark.parametrize(("broken", "code"), [({}, 0), ({"bridge": "no bridge"}, 1)])
+def test_cli_prints_report_and_reasons(
+    monkeypatch: pytest.MonkeyPatch, broken: dict[str, str], code: int
+) -> None:
+    monkeypatch.setattr(features, "privileged", lambda: True)
+    monkeypatch.setattr(features, "probe", lambda: host_like(**broken))
+
+    result = CliRunner().invoke(main, ["doctor", "--format", "json"])
+
+    assert result.exit_code == code
+    assert json.loads(result.stdout)["ok"] is (code == 0)
+    assert result.stderr == ("meshctl doctor: bridge missing: no bridge\n" if broken else "")
+
+
+@pytest.mark.parametrize(
+    ("capeff", "expected"),
+    [
+        ("000001ffffffffff", True),  # root
+        ("0000000000000000", False),  # an ordinary user
+        ("0000000000001000", False),  # NET_ADMIN alone cannot make namespaces
+        ("0000000000201000", True),  # NET_ADMIN and SYS_ADMIN
+    ],
+)
+def test_privileged_reads_effective_capabilities(
+    tmp_path: Path, capeff: str, expected: bool
+) -> None:
+    status_file = tmp_path / "status"
+    status_file.write_text(f"Name:\tmeshctl\nCapInh:\t0000000000000000\nCapEff:\t{capeff}\n")
+    assert privileged(str(status_file)) is expected
