@@ -1,4 +1,5 @@
-"""Connection tracking: the load-balanced UDP flows of a namespace, and deleting stale ones.
+"""Connection tracking: the load-balanced UDP flows of a namespace, and deleting stale ones;
+the open TCP connections a backend still serves, so draining knows when it may stop.
 
 UDP has no end of connection: a flow that was balanced to a backend stays pinned to it until its
 conntrack entry times out, so when a backend goes away its entries are deleted (kube-proxy's
@@ -33,6 +34,8 @@ class ConntrackAPI(Protocol):
     def list_udp_flows(self, ns: netns.Namespace) -> frozenset[UdpFlow]: ...
 
     def delete_udp_entries(self, ns: netns.Namespace, vip: str, backend: str) -> int: ...
+
+    def count_tcp_connections(self, ns: netns.Namespace, backend: str) -> int: ...
 
 
 def _session(ns: netns.Namespace, what: str, fn: Callable[[Any], T]) -> T:
@@ -82,5 +85,26 @@ class Conntrack:
                 with deleting(f"delete {what}"):  # an entry may expire meanwhile: done
                     sock.delete(entry)
             return len(stale)
+
+        return _session(ns, "open conntrack netlink socket", run)
+
+    def count_tcp_connections(self, ns: netns.Namespace, backend: str) -> int:
+        """TCP connections of ns answered by backend that are not closing (before FIN_WAIT)."""
+
+        def run(sock: Any) -> int:
+            from pyroute2.netlink.nfnetlink.nfctsocket import (
+                TCP_CONNTRACK_ESTABLISHED,
+                NFCTAttrTuple,
+            )
+
+            with calling(f"dump TCP conntrack entries in netns {ns or '(node)'}"):
+                entries = sock.dump_entries(tuple_orig=NFCTAttrTuple(proto=socket.IPPROTO_TCP))
+                return sum(
+                    1
+                    for e in entries
+                    if e.tuple_reply.saddr == backend
+                    and e.protoinfo is not None
+                    and e.protoinfo.state <= TCP_CONNTRACK_ESTABLISHED
+                )
 
         return _session(ns, "open conntrack netlink socket", run)

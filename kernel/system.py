@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kernel.conntrack import ConntrackAPI
 from kernel.iptables import IptablesAPI
 from kernel.ipvs import IpvsAPI
 from kernel.links import LinksAPI
@@ -22,21 +23,27 @@ class Kernel:
     sysctl: SysctlAPI
     iptables: IptablesAPI
     ipvs: IpvsAPI
+    conntrack: ConntrackAPI
 
 
 def real_kernel() -> Kernel:
     """The running kernel, through pyroute2 and python-iptables."""
+    from kernel.conntrack import Conntrack
     from kernel.iptables import Iptables
     from kernel.ipvs import Ipvs
     from kernel.links import Links
     from kernel.netns import Netns
     from kernel.sysctl import Sysctl
 
-    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs())
+    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack())
 
 
-def fake_kernel() -> Kernel:
-    """A fresh in-memory kernel (kernel.fake), one world shared by all its subsystems."""
+def fake_kernel(ipvs: bool = True) -> Kernel:
+    """A fresh in-memory kernel (kernel.fake), one world shared by all its subsystems.
+
+    ipvs=False models a kernel without IPVS, like the build machines'.
+    """
+    from kernel.fake.conntrack import FakeConntrack
     from kernel.fake.iptables import FakeIptables
     from kernel.fake.ipvs import FakeIpvs
     from kernel.fake.links import FakeLinks
@@ -45,5 +52,10 @@ def fake_kernel() -> Kernel:
 
     world = FakeWorld()
     return Kernel(
-        FakeNetns(world), FakeLinks(world), FakeSysctl(world), FakeIptables(world), FakeIpvs(world)
+        FakeNetns(world),
+        FakeLinks(world),
+        FakeSysctl(world, ipvs=ipvs),
+        FakeIptables(world),
+        FakeIpvs(world, unavailable=None if ipvs else "the kernel has no IPVS"),
+        FakeConntrack(world),
     )

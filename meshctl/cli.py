@@ -635,3 +635,40 @@ def container_ls(fmt: Format) -> None:
             ([c.name, c.network, c.address, c.node, c.netns] for c in containers),
         )
     )
+
+
+@main.command("diff")
+@click.option("--node", help="This node's name (default: the host name), as the controller's.")
+@click.option(
+    "--lb-backend",
+    type=click.Choice(["auto", "ipvs", "iptables"]),
+    default="auto",
+    show_default=True,
+    help="The backend the node's controller runs.",
+)
+def diff(node: str | None, lb_backend: str) -> None:
+    """Print what the kernel of this node lacks or has too much of; exit 0 when converged.
+
+    Run it where the controller runs (its network namespace). Each line is one difference:
+    `+` missing, `-` to remove, `~` to change. Exit code 1 when there is any.
+    """
+    from kernel.system import real_kernel
+    from meshctl.controller.diff import describe, node_differences
+    from meshctl.controller.main import default_node_name
+    from meshctl.controller.view import read_view
+    from meshctl.lb.reconcile import LbReconciler, choose_backend
+    from meshctl.model import NODE, Node
+
+    store = _store()
+    name = node or default_node_name()
+    record = store.get(NODE, name)
+    if record is None:
+        raise MeshctlError(f"no controller has run as node {name}; give its name with --node")
+    kernel = real_kernel()
+    lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
+    node_id = Node.from_dict(record.value).id
+    plans = node_differences(kernel, read_view(store), name, node_id, _env().state_dir, lb)
+    lines = list(describe(*plans))
+    for line in lines:
+        click.echo(line)
+    sys.exit(1 if lines else 0)

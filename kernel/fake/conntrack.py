@@ -21,6 +21,17 @@ class FakeConntrack:
         """What traffic balanced from vip to backend would leave behind."""
         self._flows(ns).add(UdpFlow(vip, backend))
 
+    def _open(self, ns: netns.Namespace) -> dict[str, int]:
+        counts: dict[str, int] = self.world.require(ns).part("conntrack-tcp", dict)
+        return counts
+
+    def set_tcp_connections(self, ns: netns.Namespace, backend: str, count: int) -> None:
+        """What open TCP connections through the LB to backend would leave behind."""
+        self._open(ns)[backend] = count
+
+    def count_tcp_connections(self, ns: netns.Namespace, backend: str) -> int:
+        return self._open(ns).get(backend, 0)
+
     def list_udp_flows(self, ns: netns.Namespace) -> frozenset[UdpFlow]:
         return frozenset(self._flows(ns))
 

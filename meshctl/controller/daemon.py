@@ -21,14 +21,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
+from kernel.errors import KernelError
 from kernel.system import Kernel
-from meshctl import runtime
+from meshctl import ipam, runtime
 from meshctl.controller import names, updater
+from meshctl.controller.diff import write_dns_ports
+from meshctl.controller.discovery import dns_view, lb_specs
 from meshctl.controller.node import desired_node, plan_node
 from meshctl.controller.node_kernel import apply_node, observe_node
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, read_view
-from meshctl.model import NODE, HealthCheck, Node, NodeState
+from meshctl.dns import DnsServer, DnsView
+from meshctl.dns.thread import ServerThread
+from meshctl.lb.reconcile import LbReconciler, choose_backend
+from meshctl.lb.spec import lb_netns, lb_netns_prefix
+from meshctl.model import NODE, HealthCheck, Node, NodeState, Task
 from meshctl.store import Compacted, Store
 
 log = logging.getLogger("meshctl.controller")
@@ -40,20 +47,46 @@ class Controller:
     """One node's controller: the store, the kernel, and what it supervises."""
 
     def __init__(
-        self, store: Store, kernel: Kernel, node: str, state_dir: str, resync_period: float = 10.0
+        self,
+        store: Store,
+        kernel: Kernel,
+        node: str,
+        state_dir: str,
+        *,
+        resync_period: float = 10.0,
+        lb_backend: str = "auto",
+        upstreams: list[str] | None = None,
     ) -> None:
         self.store = store
         self.kernel = kernel
         self.node = node
+        self.node_id = self._register()
         self.state_dir = state_dir
         self.resync_period = resync_period
-        self.supervisor = Supervisor(store, node, state_dir)
+        backend = choose_backend(kernel, lb_backend)
+        self.lb = LbReconciler(kernel, backend)
+        self.dns = ServerThread(DnsServer(upstreams or []))
+        self.supervisor = Supervisor(
+            store, node, state_dir, open_connections=self._open_connections
+        )
         self._adopted = False
         self._last_heartbeat = 0.0
         self._last_view: ClusterView | None = None
+        self._dns_view: DnsView | None = None
+        self._dns_ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
+        self._dns_networks: dict[str, frozenset[str]] = {}
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
         self._stop_watching = False
+        log.info("node=%s id=%s lb_backend=%s", node, self.node_id, backend)
+
+    def _register(self) -> str:
+        """This node's record (made on first start): its id names the node's LB namespaces."""
+        record = self.store.get(NODE, self.node)
+        node = Node.from_dict(record.value) if record else Node(self.node, heartbeat=time.time())
+        if record is None:
+            self.store.put(NODE, self.node, node.to_dict(), expect=0)
+        return node.id
 
     # -- one pass (runs in the worker thread) --------------------------------------------------
 
@@ -62,13 +95,17 @@ class Controller:
         view = read_view(self.store)
         if updater.roll(self.store, view):
             view = read_view(self.store)
-        if self.supervisor.claim(view):
+        if self.supervisor.claim(view) | self._claim_lb_addresses(view):
             view = read_view(self.store)
         self._last_view = view
         if not self._adopted:
             self.supervisor.adopt(view)
             self._adopted = True
         self._sync_node(view)
+        if self._sync_dns_endpoints(view):
+            self._sync_node(view)  # the new endpoints' redirect rules
+        self._sync_dns_records(view)
+        self._sync_lb(view)
         present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
         deadline = self.supervisor.step(view, unwired)
@@ -77,8 +114,73 @@ class Controller:
             deadline, time.time() + self.resync_period, self._last_heartbeat + HEARTBEAT_PERIOD
         )
 
+    def _claim_lb_addresses(self, view: ClusterView) -> bool:
+        """A load-balancer address on every network for this node (IPAM gives one per node)."""
+        missing = [n for n in view.networks if (n, self.node) not in view.lb_addresses]
+        for network in missing:
+            ipam.allocate_lb_address(self.store, network, self.node)
+        return bool(missing)
+
+    def _sync_dns_endpoints(self, view: ClusterView) -> bool:
+        """DNS sockets in every wired task namespace, none in the others; True if any was added."""
+        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+        wanted = {
+            tid: frozenset(view.tasks[tid].addresses)
+            for tid in self.supervisor.wired(view)
+            if tid in view.tasks and names.task_netns(tid) in present
+        }
+        for task_id in set(self._dns_ports) - set(wanted):
+            self.dns.remove_endpoint(task_id)
+            del self._dns_ports[task_id]
+        added = False
+        for task_id, networks in wanted.items():
+            if task_id in self._dns_ports and self._dns_networks.get(task_id) == networks:
+                continue
+            try:
+                ports = self.dns.add_endpoint(task_id, names.task_netns(task_id), networks)
+            except KernelError as err:
+                log.warning("no DNS for task %s yet: %s", task_id, err)
+                continue
+            self._dns_ports[task_id] = ports
+            self._dns_networks[task_id] = networks
+            write_dns_ports(self.supervisor.task_dir(task_id), ports)  # for meshctl diff
+            added = True
+        return added
+
+    def _sync_dns_records(self, view: ClusterView) -> None:
+        records = dns_view(view)
+        if records != self._dns_view:
+            self.dns.update(records)
+            self._dns_view = records
+
+    def _sync_lb(self, view: ClusterView) -> None:
+        specs = lb_specs(view, self.node, self.node_id)
+        prefix = lb_netns_prefix(self.node_id)
+        plan = self.lb.plan(specs, prefix)
+        if plan.empty:
+            return
+        log.info("applying load-balancer plan")
+        self.lb.apply(plan)
+        if not self.lb.plan(specs, prefix).empty:
+            log.warning("load balancer not converged after apply")
+
+    def _open_connections(self, task: Task) -> int:
+        """TCP connections the task still serves through this node's load balancers."""
+        total = 0
+        for network, address in task.addresses.items():
+            net = self._last_view.networks.get(network) if self._last_view else None
+            if net is None:
+                continue
+            try:
+                total += self.kernel.conntrack.count_tcp_connections(
+                    lb_netns(self.node_id, net.id), address
+                )
+            except KernelError:
+                continue  # no LB namespace (yet): nothing goes through it
+        return total
+
     def _sync_node(self, view: ClusterView) -> None:
-        desired = desired_node(view, self.node, self.supervisor.wired(view))
+        desired = desired_node(view, self.node, self.supervisor.wired(view), self._dns_ports)
         containers = [t for t in desired.tasks.values() if not t.owns_netns]
         actual, stray = observe_node(self.kernel, containers)
         plan = plan_node(desired, actual, stray)
@@ -114,6 +216,7 @@ class Controller:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         self.kernel.sysctl.set(None, "net.ipv4.ip_forward", "1")
+        self.dns.__enter__()
         watcher = threading.Thread(target=self._watch_store, args=(wake,), daemon=True)
         watcher.start()
         worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
@@ -142,6 +245,7 @@ class Controller:
             for monitor in self._monitors.values():
                 monitor.cancel()
             worker.shutdown(wait=True)
+            self.dns.__exit__(None, None, None)
             self._stop_watching = True
             with contextlib.suppress(Exception):
                 self._heartbeat("down")

@@ -44,12 +44,22 @@ def run_controller(
     """Run until SIGTERM/SIGINT; returns the exit code."""
     from kernel.system import real_kernel
     from meshctl.controller.daemon import Controller
+    from meshctl.dns import read_resolv_conf
     from meshctl.model import check_name
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     name = check_name(node or default_node_name(), "--node")
-    controller = Controller(store, real_kernel(), name, state_dir, resync_period)
+    upstreams = upstream_dns or read_resolv_conf("/etc/resolv.conf")
+    controller = Controller(
+        store,
+        real_kernel(),
+        name,
+        state_dir,
+        resync_period=resync_period,
+        lb_backend=lb_backend,
+        upstreams=upstreams,
+    )
     asyncio.run(controller.run())
     return 0

@@ -10,7 +10,7 @@ different networks' bridges.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
@@ -22,6 +22,8 @@ from meshctl.model import Container, Network, Task
 FORWARD_CHAIN = "MESH-FORWARD"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 NODE_COMMENT = "meshctl:node"
+DNS_CHAIN = "MESH-DNS"
+DNS_ADDRESS = "127.0.0.11"
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,10 @@ class TaskNetSpec:
     links: tuple[TaskLinkSpec, ...]
     gateway: str | None
     # False for an attached container: its namespace is another runtime's; meshctl adds only
-    # its veth and address there (no lo, no route) and never deletes the namespace.
+    # its veth and address there (no lo, no route, no rules) and never deletes the namespace.
     owns_netns: bool = True
+    # The task's own nat table: 127.0.0.11:53 redirected to the embedded DNS server's ports.
+    nat: OwnedTable = field(default_factory=OwnedTable)
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,29 @@ def bridge_spec(view: ClusterView, network: Network) -> BridgeSpec:
     )
 
 
-def task_spec(view: ClusterView, task: Task) -> TaskNetSpec:
+def dns_redirect(task_id: str, udp_port: int, tcp_port: int) -> OwnedTable:
+    """Inside a task, 127.0.0.11:53 goes to the DNS server's sockets on their random ports (as
+    Docker does), so the task's own server on port 53 still works; replies are un-NATed by
+    conntrack."""
+    comment = f"meshctl:dns-{task_id}"
+    rules = tuple(
+        Rule(
+            DNS_CHAIN,
+            "DNAT",
+            comment,
+            target_args=opts(to_destination=f"{DNS_ADDRESS}:{port}"),
+            destination=f"{DNS_ADDRESS}/32",
+            protocol=proto,
+            matches=(Match(proto, opts(dport="53")),),
+        )
+        for proto, port in (("udp", udp_port), ("tcp", tcp_port))
+    )
+    return OwnedTable(chains={DNS_CHAIN: rules}, jumps=(Rule("OUTPUT", DNS_CHAIN, comment),))
+
+
+def task_spec(
+    view: ClusterView, task: Task, dns_ports: tuple[int, int] | None = None
+) -> TaskNetSpec:
     """The wiring of one task: a leg per network in the order the service lists them."""
     links = []
     gateway = None
@@ -101,7 +127,8 @@ def task_spec(view: ClusterView, task: Task) -> TaskNetSpec:
                 address=_cidr(address, network),
             )
         )
-    return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway)
+    nat = dns_redirect(task.id, *dns_ports) if dns_ports else OwnedTable()
+    return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway, nat=nat)
 
 
 def container_spec(view: ClusterView, container: Container) -> TaskNetSpec | None:
@@ -169,8 +196,14 @@ def node_tables(networks: Collection[Network]) -> dict[str, OwnedTable]:
     }
 
 
-def desired_node(view: ClusterView, node: str, wired_tasks: Collection[str]) -> NodeSpec:
-    """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops).
+def desired_node(
+    view: ClusterView,
+    node: str,
+    wired_tasks: Collection[str],
+    dns_ports: Mapping[str, tuple[int, int]] | None = None,
+) -> NodeSpec:
+    """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops);
+    dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them.
 
     Every network gets its bridge on every node, so DNS and load balancing never wait for one.
     """
@@ -179,7 +212,7 @@ def desired_node(view: ClusterView, node: str, wired_tasks: Collection[str]) -> 
         b.name: b for b in (bridge_spec(view, n) for n in networks if n.name in view.gateways)
     }
     tasks = {
-        task_id: task_spec(view, view.tasks[task_id])
+        task_id: task_spec(view, view.tasks[task_id], (dns_ports or {}).get(task_id))
         for task_id in wired_tasks
         if task_id in view.tasks and view.tasks[task_id].node == node
     }

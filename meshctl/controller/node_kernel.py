@@ -16,6 +16,7 @@ from kernel.links import Link, Route
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.node import BridgeSpec, NodePlan, NodeSpec, TaskLinkSpec, TaskNetSpec
+from meshctl.controller.tables import table_change
 
 log = logging.getLogger("meshctl.node")
 
@@ -91,7 +92,8 @@ def _observe_task(
         (r.gateway for r in kernel.links.list_routes(ns) if r.dst == "default"),
         None,
     )
-    return TaskNetSpec(task_id, ns, tuple(links), gateway)
+    nat = kernel.iptables.list_owned(ns, "nat")
+    return TaskNetSpec(task_id, ns, tuple(links), gateway, nat=nat)
 
 
 def _observe_container(
@@ -169,6 +171,9 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
             kernel.links.delete_route(task.netns, route)
     if task.gateway is not None:
         kernel.links.ensure_route(task.netns, Route("default", gateway=task.gateway))
+    change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
+    if change is not None:
+        kernel.iptables.apply(task.netns, "nat", change)
 
 
 def empty_tables() -> dict[str, OwnedTable]:

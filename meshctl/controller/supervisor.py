@@ -29,6 +29,7 @@ log = logging.getLogger("meshctl.supervisor")
 BACKOFF_CAP = 60.0  # seconds: the restart delay doubles after each failure up to this
 MIN_DELAY = 0.1  # even with --restart-delay 0 a crash loop backs off
 STABLE_RUN = 10.0  # a process that ran this long resets the back-off
+DRAIN_CHECK = 0.2  # seconds between looks at a draining task's open connections
 DEFAULT_GRACE = 10.0
 
 
@@ -41,6 +42,7 @@ class Local:
     failures: int = 0  # restarts in a row without a stable run, for the back-off
     not_before: float = 0.0  # no (re)start before this time
     stopping: threading.Thread | None = None
+    draining_since: float | None = None  # leaving: out of the LB spread, connections finishing
     health: Health = "none"
     last_exit: tuple[int | None, str] | None = None  # (code, message) not yet written
 
@@ -50,6 +52,8 @@ class Supervisor:
     store: Store
     node: str
     state_dir: str
+    # How many connections the load balancers still send to a task (0 when none pass there).
+    open_connections: Callable[[Task], int] = lambda task: 0
     wake: Callable[[], None] = lambda: None
     tasks: dict[str, Local] = field(default_factory=dict)
 
@@ -133,7 +137,13 @@ class Supervisor:
     def _keep_running(
         self, view: ClusterView, task: Task, service: Service, local: Local, now: float
     ) -> float | None:
-        if local.process is not None or local.stopping is not None:
+        if local.stopping is not None:
+            return None
+        if local.process is not None:
+            if local.health == "unhealthy" and self._may_restart(service, task, 1):
+                # As Docker does: an unhealthy task is replaced by a fresh process (its LB
+                # weight is 0 already, established connections finish in the grace period).
+                self._begin_stop(task, local, service.stop_grace_period, "unhealthy")
             return None
         if local.last_exit is not None or task.state in ("running", "starting", "failed"):
             # It ran before and stopped: the restart policy decides, with back-off.
@@ -188,23 +198,35 @@ class Supervisor:
     ) -> float | None:
         if local.process is not None and local.stopping is None:
             grace = service.stop_grace_period if service else DEFAULT_GRACE
-            local.stopping = threading.Thread(
-                target=self._stop, args=(task, local, grace), name=f"stop:{task.name}", daemon=True
-            )
-            local.stopping.start()
+            now = time.time()
+            # Drain first: this pass already gave it weight 0 in the load balancer (it is
+            # leaving); stop it once its connections are done or the grace period is over.
+            if local.draining_since is None:
+                local.draining_since = now
+                return now + DRAIN_CHECK
+            if now - local.draining_since < grace and self.open_connections(task) > 0:
+                return now + DRAIN_CHECK
+            self._begin_stop(task, local, grace, "stopped")
             return None
         if local.process is None and local.stopping is None and task.id in unwired:
             self._forget(task)
         return None
 
-    def _stop(self, task: Task, local: Local, grace: float) -> None:
+    def _begin_stop(self, task: Task, local: Local, grace: float, why: str) -> None:
+        local.stopping = threading.Thread(
+            target=self._stop, args=(task, local, grace, why), name=f"stop:{task.name}", daemon=True
+        )
+        local.stopping.start()
+
+    def _stop(self, task: Task, local: Local, grace: float, why: str) -> None:
         process = local.process
         assert process is not None
         code = process.stop(grace)
         process.close()
         if code is not None and code < 0:
             code = 128 - code
-        local.last_exit = (code, "stopped")
+        local.last_exit = (code, why)
+        local.draining_since = None
         local.process = None
         local.stopping = None
         log.info("task=%s stopped", task.name)

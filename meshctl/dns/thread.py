@@ -48,6 +48,14 @@ class ServerThread:
         """DnsServer.add_endpoint, from this thread."""
         return self.run(self.server.add_endpoint(endpoint_id, namespace, networks, **kw))
 
+    def remove_endpoint(self, endpoint_id: str) -> None:
+        """DnsServer.remove_endpoint, from this thread."""
+
+        async def remove() -> None:
+            self.server.remove_endpoint(endpoint_id)
+
+        self.run(remove())
+
     def __enter__(self) -> ServerThread:
         self._thread.start()
         return self

@@ -12,13 +12,13 @@ import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from kernel.conntrack import ConntrackAPI, UdpFlow
+from kernel.conntrack import UdpFlow
 from kernel.errors import NotFound, Unsupported
-from kernel.iptables import IptablesAPI, OwnedTable, TableChange
-from kernel.ipvs import Destination, IpvsAPI, VirtualService
-from kernel.links import Link, LinksAPI
-from kernel.netns import Namespace, NetnsAPI
-from kernel.sysctl import SysctlAPI
+from kernel.iptables import OwnedTable, TableChange
+from kernel.ipvs import Destination, VirtualService
+from kernel.links import Link
+from kernel.netns import Namespace
+from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.tables import table_change
 from meshctl.lb.spec import (
@@ -38,31 +38,7 @@ TABLES = ("mangle", "nat")  # mangle first: nat's SNAT matches the mark set ther
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 
 
-@dataclass(frozen=True)
-class LbKernel:
-    """The kernel subsystems the reconciler drives: the real ones, or kernel.fake's."""
-
-    netns: NetnsAPI
-    links: LinksAPI
-    sysctl: SysctlAPI
-    iptables: IptablesAPI
-    ipvs: IpvsAPI
-    conntrack: ConntrackAPI
-
-
-def real_kernel() -> LbKernel:
-    """The real kernel's subsystems (imported here so the pure parts load without pyroute2)."""
-    from kernel.conntrack import Conntrack
-    from kernel.iptables import Iptables
-    from kernel.ipvs import Ipvs as RealIpvs
-    from kernel.links import Links
-    from kernel.netns import Netns
-    from kernel.sysctl import Sysctl
-
-    return LbKernel(Netns(), Links(), Sysctl(), Iptables(), RealIpvs(), Conntrack())
-
-
-def choose_backend(kernel: LbKernel, wanted: str, ns: Namespace = None) -> BackendKind:
+def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> BackendKind:
     """The backend to run: "auto" picks IPVS where the kernel has it, else iptables."""
     reason = kernel.ipvs.available(ns) if wanted in ("auto", "ipvs") else None
     if wanted == "auto":
@@ -225,7 +201,7 @@ class LbReconciler:
     networks' bridges and the LB legs' node ends live.
     """
 
-    def __init__(self, kernel: LbKernel, backend: BackendKind, node_ns: Namespace = None) -> None:
+    def __init__(self, kernel: Kernel, backend: BackendKind, node_ns: Namespace = None) -> None:
         if backend not in ("ipvs", "iptables"):
             raise ValueError(f"load-balancer backend {backend!r}: use 'ipvs' or 'iptables'")
         self.kernel = kernel

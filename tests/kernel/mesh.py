@@ -20,6 +20,7 @@ from kernel import netns
 from tests.conftest import kill_processes_in
 
 MESHCTL = [sys.executable, "-m", "meshctl"]
+LB_BACKEND = os.environ.get("MESHCTL_LB_BACKEND", "auto")
 
 
 class Mesh:
@@ -63,7 +64,10 @@ class Mesh:
     # -- the controller ------------------------------------------------------------------------
 
     def start_controller(self, *extra: str) -> None:
+        """The controller in the node namespace, with the backend the lane asks for (the QEMU
+        lane sets MESHCTL_LB_BACKEND=ipvs; here auto picks iptables)."""
         assert self.controller is None or self.controller.poll() is not None
+        extra = ("--lb-backend", LB_BACKEND, *extra)
         log = open(self.controller_log, "ab")  # noqa: SIM115 - the controller holds it open
         self.controller = subprocess.Popen(
             ["nsenter", f"--net={netns.path(self.node_ns)}", "--", *MESHCTL,
@@ -80,6 +84,24 @@ class Mesh:
             except subprocess.TimeoutExpired:
                 self.controller.kill()
                 self.controller.wait()
+
+    def diff(self) -> subprocess.CompletedProcess[str]:
+        """meshctl diff, run where the controller runs."""
+        return subprocess.run(
+            ["nsenter", f"--net={netns.path(self.node_ns)}", "--", *MESHCTL, "diff",
+             "--node", self.node_name, "--lb-backend", LB_BACKEND],
+            env=self.env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    def node_id(self) -> str | None:
+        from meshctl.store import open_store
+
+        store = open_store(f"sqlite:///{self.state_dir}/state.db")
+        try:
+            record = store.get("node", self.node_name)
+            return str(record.value["id"]) if record else None
+        finally:
+            store.close()
 
     def in_node(self, *argv: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["ip", "netns", "exec", self.node_ns, *argv],
@@ -109,6 +131,12 @@ class Mesh:
                 path = netns.path("mesh-t-" + task_id)
                 kill_processes_in(path)
                 netns.delete("mesh-t-" + task_id)
+            node_id = self.node_id()
+            if node_id is not None:
+                from meshctl.lb.spec import lb_netns_prefix
+
+                for name in netns.list_namespaces(lb_netns_prefix(node_id)):
+                    netns.delete(name)
 
 
 def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -23,7 +23,8 @@ import pytest
 from kernel import netns
 from kernel.ipvs import Ipvs
 from kernel.links import Links
-from meshctl.lb.reconcile import LbReconciler, real_kernel
+from kernel.system import real_kernel
+from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import (
     Backend,
     BackendKind,

@@ -16,7 +16,8 @@ from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
 from kernel.iptables import Match, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
-from meshctl.lb.reconcile import LbKernel, LbReconciler, choose_backend
+from kernel.system import Kernel
+from meshctl.lb.reconcile import LbReconciler, choose_backend
 from meshctl.lb.spec import (
     FWMARK_BASE,
     FWMARK_MASK,
@@ -153,7 +154,7 @@ class Fake:
         self.iptables = FakeIptables(self.world)
         self.ipvs = FakeIpvs(self.world)
         self.conntrack = FakeConntrack(self.world)
-        kernel = LbKernel(
+        kernel = Kernel(
             FakeNetns(self.world),
             self.links,
             FakeSysctl(self.world, ipvs=True),

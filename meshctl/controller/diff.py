@@ -1,0 +1,115 @@
+"""`meshctl diff`: what this node's kernel lacks or has too much of, compared to the store.
+
+It computes exactly what a controller pass would plan — node networking and load balancers —
+without applying anything, and prints one line per difference. What only a running controller
+knows is read from where it leaves it: which task processes run (their pid and start time in
+the store) and the DNS ports of each task (`dns-ports` in the task's directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+from kernel.iptables import TableChange
+from kernel.system import Kernel
+from meshctl.controller.discovery import lb_specs
+from meshctl.controller.node import NodePlan, desired_node, plan_node
+from meshctl.controller.node_kernel import observe_node
+from meshctl.controller.view import ClusterView
+from meshctl.lb.reconcile import LbPlan, LbReconciler
+from meshctl.lb.spec import lb_netns_prefix
+from meshctl.runtime import read_start_time
+
+DNS_PORTS_FILE = "dns-ports"
+
+
+def write_dns_ports(task_dir: str, ports: tuple[int, int]) -> None:
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, DNS_PORTS_FILE), "w") as f:
+        json.dump(list(ports), f)
+
+
+def read_dns_ports(state_dir: str, task_ids: list[str]) -> dict[str, tuple[int, int]]:
+    ports = {}
+    for task_id in task_ids:
+        try:
+            with open(os.path.join(state_dir, "tasks", task_id, DNS_PORTS_FILE)) as f:
+                udp, tcp = json.load(f)
+        except (FileNotFoundError, ValueError):
+            continue
+        ports[task_id] = (int(udp), int(tcp))
+    return ports
+
+
+def running_here(view: ClusterView, node: str) -> set[str]:
+    """The tasks of this node that should be wired: wanted running, or their process lives."""
+    return {
+        t.id
+        for t in view.tasks_on(node)
+        if t.desired_state == "running"
+        or (t.pid is not None and read_start_time(t.pid) == t.start_time)
+    }
+
+
+def node_differences(
+    kernel: Kernel, view: ClusterView, node: str, node_id: str, state_dir: str, lb: LbReconciler
+) -> tuple[NodePlan, LbPlan]:
+    wired = running_here(view, node)
+    desired = desired_node(view, node, wired, read_dns_ports(state_dir, sorted(wired)))
+    containers = [t for t in desired.tasks.values() if not t.owns_netns]
+    node_plan = plan_node(desired, *observe_node(kernel, containers))
+    lb_plan = lb.plan(lb_specs(view, node, node_id), lb_netns_prefix(node_id))
+    return node_plan, lb_plan
+
+
+def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
+    """One line per difference: `+` to add, `-` to remove, `~` to change."""
+    for bridge in node_plan.ensure_bridges:
+        yield f"~ bridge {bridge.name} {bridge.address}"
+    for task in node_plan.wire_tasks:
+        yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
+    for ns in node_plan.unwire_tasks:
+        yield f"- task namespace {ns}"
+    for link in node_plan.delete_links:
+        yield f"- link {link}"
+    for table, change in node_plan.tables.items():
+        yield from _table_lines("node", table, change)
+    for ns_change in lb_plan.changes:
+        ns = ns_change.spec.netns
+        if ns_change.create_netns:
+            yield f"+ load-balancer namespace {ns}"
+        if ns_change.ensure_leg:
+            yield f"~ {ns}: leg {ns_change.spec.node_end} on {ns_change.spec.bridge}"
+        for key, value in ns_change.sysctls.items():
+            yield f"~ {ns}: sysctl {key}={value}"
+        for address in ns_change.add_addresses:
+            yield f"+ {ns}: address {address}"
+        for address in ns_change.delete_addresses:
+            yield f"- {ns}: address {address}"
+        for table, change in ns_change.tables.items():
+            yield from _table_lines(ns, table, change)
+        for svc in ns_change.ensure_services:
+            yield f"~ {ns}: ipvs service fwmark {svc.fwmark} {svc.scheduler}"
+        for svc, dest in ns_change.ensure_destinations:
+            yield f"~ {ns}: ipvs fwmark {svc.fwmark} -> {dest.address} weight {dest.weight}"
+        for svc, dest in ns_change.delete_destinations:
+            yield f"- {ns}: ipvs fwmark {svc.fwmark} -> {dest.address}"
+        for svc in ns_change.delete_services:
+            yield f"- {ns}: ipvs service fwmark {svc.fwmark}"
+        for flow in ns_change.stale_udp:
+            yield f"- {ns}: udp conntrack {flow.vip} -> {flow.backend}"
+    for ns in lb_plan.delete_netns:
+        yield f"- load-balancer namespace {ns}"
+
+
+def _table_lines(where: str, table: str, change: TableChange) -> Iterator[str]:
+    for chain, rules in change.replace.items():
+        yield f"~ {where}: {table} chain {chain} ({len(rules)} rules)"
+    for chain in change.delete:
+        yield f"- {where}: {table} chain {chain}"
+    for rule in change.ensure_jumps:
+        yield f"+ {where}: {table} {rule.render()}"
+    for rule in change.delete_jumps:
+        yield f"- {where}: {table} {rule.render()}"

@@ -1,0 +1,86 @@
+"""What load balancing and DNS should know of the cluster: pure functions of the cluster view.
+
+A task joins its service's VIP and its DNS answers only when it runs and is healthy (or the
+service has no check). A task that is leaving (scaled away, updated, removed) or unhealthy
+stays a VIP backend with weight 0 while its process runs: no new connections, established
+ones continue; it is taken out when its process has stopped.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from meshctl.controller.view import ClusterView
+from meshctl.dns import DnsPort, DnsService, DnsTask, DnsView
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
+from meshctl.model import Service, Task
+
+
+def serving(task: Task) -> bool:
+    """Whether the task gets new connections and appears in DNS answers."""
+    return (
+        task.desired_state == "running"
+        and task.state == "running"
+        and task.health in ("none", "healthy")
+    )
+
+
+def backend_weight(task: Task) -> int | None:
+    """1 serving, 0 draining (running but leaving or unhealthy), None not a backend at all."""
+    if serving(task):
+        return 1
+    if task.state == "running" and task.pid is not None and task.health != "starting":
+        return 0
+    return None
+
+
+def _backends(view: ClusterView, service: Service, network: str) -> tuple[Backend, ...]:
+    backends: dict[str, int] = {}
+    for task in view.tasks.values():
+        if task.service_id != service.id or network not in task.addresses:
+            continue
+        weight = backend_weight(task)
+        if weight is None:
+            continue
+        address = task.addresses[network]
+        # A slot being replaced may briefly have two tasks; an address is one backend.
+        backends[address] = max(weight, backends.get(address, 0))
+    return tuple(Backend(address, weight) for address, weight in sorted(backends.items()))
+
+
+def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
+    """One LB namespace per network that has this node's LB address, with its services' VIPs."""
+    specs = []
+    for network in sorted(view.networks.values(), key=lambda n: n.name):
+        address = view.lb_addresses.get((network.name, node))
+        if address is None:
+            continue
+        prefix = ipaddress.IPv4Network(network.subnet).prefixlen
+        vips = tuple(
+            VirtualIp(service.id, service.name, vip, _backends(view, service, network.name))
+            for service in sorted(view.services.values(), key=lambda s: s.name)
+            if (vip := service.vips().get(network.name)) is not None
+        )
+        specs.append(lb_spec(node_id, network.id, f"{address}/{prefix}", vips))
+    return specs
+
+
+def dns_view(view: ClusterView) -> DnsView:
+    """Every name the embedded DNS answers, for every network."""
+    services = tuple(
+        DnsService(
+            name=service.name,
+            mode=service.endpoint_mode,
+            vips=service.vips(),
+            aliases={a.network: a.aliases for a in service.networks if a.aliases},
+            ports=tuple(sorted({DnsPort(p.target, p.protocol) for p in service.ports}, key=str)),
+        )
+        for service in sorted(view.services.values(), key=lambda s: s.name)
+    )
+    live = {s.id for s in view.services.values()}
+    tasks = tuple(
+        DnsTask(task.name, task.service, dict(task.addresses), healthy=serving(task))
+        for task in sorted(view.tasks.values(), key=lambda t: (t.name, t.id))
+        if task.service_id in live and task.desired_state == "running"
+    )
+    return DnsView(networks=frozenset(view.networks), services=services, tasks=tasks)

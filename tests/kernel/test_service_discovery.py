@@ -1,0 +1,245 @@
+"""Service discovery and load balancing through the whole controller, as a user sees them.
+
+A client task on the service's network resolves the service through its own resolv.conf
+(127.0.0.11, redirected to the embedded DNS server) and connects to the VIP; the controller's
+load balancer (iptables here, IPVS in the QEMU lane) spreads new connections over the healthy
+tasks. `meshctl diff` must be empty after every step.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kernel import netns
+from tests.kernel.mesh import Mesh, wait_for
+
+pytestmark = pytest.mark.root
+
+# TCP 80 answers the task name; UDP 81 answers it per datagram; TCP 82 echoes (long-lived).
+BACKEND = [
+    "sh", "-c",
+    "socat UDP-RECVFROM:81,fork SYSTEM:hostname & socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
+    "exec socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname",
+]  # fmt: skip
+
+
+@pytest.fixture
+def mesh(node_ns: str, tmp_path: Path) -> Iterator[Mesh]:
+    m = Mesh(node_ns, str(tmp_path / "state"))
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def _web(mesh: Mesh, subnet: str, replicas: int = 3, *extra: str) -> tuple[str, dict]:  # type: ignore[type-arg]
+    """A network, the web service and a client task on it; returns (VIP, client task)."""
+    mesh.cli("network", "create", "front", "--subnet", subnet)
+    mesh.cli("service", "create", "--name", "web", "--replicas", str(replicas), "--network",
+             "front:www", "--stop-grace-period", "3s", "--restart-delay", "0s", *extra,
+             "--detach", "--", *BACKEND)  # fmt: skip
+    mesh.cli("service", "create", "--name", "client", "--network", "front", "--detach",
+             "--", "sleep", "3600")  # fmt: skip
+    mesh.start_controller()
+    mesh.wait_running("client", 1)
+    inspect = json.loads(mesh.cli("service", "inspect", "web", "--format", "json").stdout)
+    (client,) = mesh.running("client")
+    return inspect["networks"][0]["vip"], client
+
+
+def _converged(mesh: Mesh) -> None:
+    wait_for(lambda: mesh.diff().returncode == 0, 15, "meshctl diff to be empty")
+    assert mesh.diff().stdout == ""
+
+
+def _get(mesh: Mesh, client: dict, address: str, port: int = 80) -> str:  # type: ignore[type-arg]
+    return mesh.in_task(
+        client["id"], "socat", "-T2", "-", f"TCP:{address}:{port},connect-timeout=2"
+    ).stdout.strip()
+
+
+def _spread(mesh: Mesh, client: dict, vip: str, count: int) -> collections.Counter[str]:  # type: ignore[type-arg]
+    return collections.Counter(_get(mesh, client, vip) for _ in range(count))
+
+
+def _dig(mesh: Mesh, *query: str) -> list[str]:
+    """Ask through the client task's own resolv.conf (127.0.0.11:53, redirected)."""
+    out = mesh.cli("exec", "client.1", "--", "dig", "+short", "+tries=1", "+time=2", *query).stdout
+    return sorted(out.split())
+
+
+def test_vip_spreads_over_replicas_and_dns_answers(mesh: Mesh) -> None:
+    vip, client = _web(mesh, "10.71.0.0/24")
+    tasks = {t["name"]: t["addresses"]["front"] for t in mesh.wait_running("web", 3)}
+    _converged(mesh)
+    counts = _spread(mesh, client, vip, 60)
+    assert set(counts) == {"web.1", "web.2", "web.3"}, counts
+    assert all(10 <= n <= 30 for n in counts.values()), counts
+    udp = collections.Counter(
+        mesh.in_task(client["id"], "sh", "-c", f"echo x | socat -T1 - UDP:{vip}:81").stdout.strip()
+        for _ in range(30)
+    )
+    assert set(udp) == {"web.1", "web.2", "web.3"}, udp
+    # DNS through the task's resolv.conf: service, alias, mixed case, tasks.*, a task, PTR.
+    assert _dig(mesh, "web") == [vip]
+    assert _dig(mesh, "www") == [vip]
+    assert _dig(mesh, "WeB") == [vip]
+    assert _dig(mesh, "tasks.web") == sorted(tasks.values())
+    assert _dig(mesh, "web.2") == [tasks["web.2"]]
+    assert _dig(mesh, "-x", vip)[0].startswith("web")
+    assert _dig(mesh, "-x", tasks["web.1"])[0].startswith("web.1")
+    assert _dig(mesh, "web", "AAAA") == []
+    assert mesh.diff().returncode == 0
+
+
+def test_unhealthy_task_leaves_the_vip_and_dns_and_comes_back(mesh: Mesh, tmp_path: Path) -> None:
+    sick = tmp_path / "sick"
+    sick.mkdir()
+    vip, client = _web(
+        mesh, "10.72.0.0/24", 3,
+        "--health-cmd", f"test ! -e {sick}/$HOSTNAME", "--health-interval", "1s",
+        "--health-retries", "2", "--restart-condition", "none",
+    )  # fmt: skip
+    wait_for(
+        lambda: len([t for t in mesh.running("web") if t["health"] == "healthy"]) == 3,
+        20,
+        "healthy",
+    )
+    _converged(mesh)
+    (sick / "web.2").touch()
+    became_sick = time.monotonic()
+    wait_for(lambda: "web.2" not in _spread(mesh, client, vip, 12), 10, "web.2 out of the VIP")
+    # interval × retries + 1 s, with the time one spread takes as slack for the observation.
+    assert time.monotonic() - became_sick < 1 * 2 + 1 + 3
+    assert "web.2" not in _spread(mesh, client, vip, 30)
+    web2 = next(t for t in mesh.ps("web") if t["name"] == "web.2")
+    assert web2["health"] == "unhealthy"
+    assert web2["addresses"]["front"] not in _dig(mesh, "tasks.web")
+    (sick / "web.2").unlink()
+    wait_for(lambda: "web.2" in _spread(mesh, client, vip, 12), 15, "web.2 back in the VIP")
+    _converged(mesh)
+
+
+def test_scale_down_during_requests_loses_none(mesh: Mesh) -> None:
+    vip, client = _web(mesh, "10.73.0.0/24")
+    mesh.wait_running("web", 3)
+    _converged(mesh)
+    answers: list[str] = []
+    stop = threading.Event()
+
+    def requests() -> None:
+        while not stop.is_set():
+            answers.append(_get(mesh, client, vip))
+
+    worker = threading.Thread(target=requests)
+    worker.start()
+    try:
+        time.sleep(1)
+        mesh.cli("service", "scale", "web=1", "--detach")
+        wait_for(lambda: len(mesh.ps("web")) == 1, 20, "scaled to 1")
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join()
+    assert len(answers) > 20
+    assert "" not in answers, f"{answers.count('')} of {len(answers)} requests failed"
+    assert set(answers[-5:]) == {"web.1"}
+    _converged(mesh)
+
+
+def test_drift_restart_and_foreign_rules(mesh: Mesh) -> None:
+    # Another tool's rules in the node namespace, before meshctl starts.
+    foreign = [
+        ["-t", "nat", "-A", "POSTROUTING", "-s", "192.0.2.0/24", "-j", "RETURN"],
+        ["-t", "filter", "-N", "OTHER-TOOL"],
+        ["-t", "filter", "-A", "FORWARD", "-j", "OTHER-TOOL"],
+        ["-t", "filter", "-A", "OTHER-TOOL", "-p", "tcp", "--dport", "9", "-j", "DROP"],
+    ]
+    for rule in foreign:
+        mesh.in_node("iptables-legacy", *rule, check=True)
+
+    def foreign_rules() -> list[str]:
+        """Every rule and user chain not meshctl's, by table (tables that the kernel makes on
+        first use hold no rule and do not count)."""
+        table, found = "", []
+        for line in mesh.in_node("iptables-legacy-save").stdout.splitlines():
+            if line.startswith("*"):
+                table = line
+            elif (
+                line.startswith("-A")
+                and "meshctl:" not in line
+                or line.startswith(":")
+                and line.endswith("- [0:0]")
+                and "MESH-" not in line
+            ):
+                found.append(f"{table} {line}")
+        return found
+
+    before = foreign_rules()
+    vip, client = _web(mesh, "10.74.0.0/24")
+    mesh.wait_running("web", 3)
+    _converged(mesh)
+    node_id = mesh.node_id()
+    (lb_ns,) = [n for n in netns.list_namespaces("mesh-lb-") if node_id and node_id[:8] in n]
+
+    # Drift: the VIP address and a balancing chain's rules deleted by hand come back.
+    subprocess.run(["ip", "-n", lb_ns, "addr", "del", f"{vip}/32", "dev", "eth0"], check=True)
+    chains = subprocess.run(["ip", "netns", "exec", lb_ns, "iptables-legacy-save", "-t", "nat"],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    svc_chain = next(w for w in chains.split() if w.startswith("MESH-SVC-"))
+    subprocess.run(
+        ["ip", "netns", "exec", lb_ns, "iptables-legacy", "-t", "nat", "-F", svc_chain], check=True
+    )
+    assert mesh.diff().returncode == 1
+    _converged(mesh)  # within the resync period (2 s in these tests)
+    assert set(_spread(mesh, client, vip, 12)) == {"web.1", "web.2", "web.3"}
+
+    # An established connection through the VIP survives a controller restart.
+    with _connect(client["id"], vip, 82) as conn:
+        conn.sendall(b"before\n")
+        assert conn.recv(64) == b"before\n"
+        pids = {t["id"]: t["pid"] for t in mesh.running("web")}
+        mesh.stop_controller(signal.SIGKILL)
+        mesh.start_controller()
+        wait_for(lambda: mesh.diff().returncode == 0, 20, "converged after restart")
+        conn.sendall(b"after\n")
+        assert conn.recv(64) == b"after\n"
+    assert {t["id"]: t["pid"] for t in mesh.running("web")} == pids
+
+    # The rest of the lifecycle; the foreign rules stay byte-identical throughout.
+    mesh.cli("service", "scale", "web=1", "--detach")
+    wait_for(lambda: len(mesh.ps("web")) == 1, 20, "scaled to 1")
+    mesh.cli("service", "update", "web", "--env", "RELEASE=2", "--detach")
+    wait_for(lambda: [t["spec_version"] for t in mesh.running("web")] == [2], 30, "updated")
+    _converged(mesh)
+    mesh.cli("service", "rm", "web")
+    mesh.cli("service", "rm", "client")
+    wait_for(lambda: mesh.task_ids() == [], 20, "tasks gone")
+    mesh.cli("network", "rm", "front")
+    _converged(mesh)
+    assert foreign_rules() == before
+    assert not [n for n in netns.list_namespaces("mesh-lb-") if node_id and node_id[:8] in n]
+
+
+class _connect:
+    """A TCP connection made from inside a task's namespace (the socket keeps the namespace)."""
+
+    def __init__(self, task_id: str, address: str, port: int) -> None:
+        self.sock = netns.run_in(f"mesh-t-{task_id}", socket.create_connection, (address, port), 5)
+
+    def __enter__(self) -> socket.socket:
+        self.sock.settimeout(10)
+        return self.sock
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
