@@ -98,13 +98,13 @@ class Controller:
         if self.supervisor.claim(view) | self._claim_lb_addresses(view):
             view = read_view(self.store)
         self._last_view = view
+        self._sync_dns_records(view)  # first: answers follow the store within one store poll
         if not self._adopted:
             self.supervisor.adopt(view)
             self._adopted = True
         self._sync_node(view)
         if self._sync_dns_endpoints(view):
             self._sync_node(view)  # the new endpoints' redirect rules
-        self._sync_dns_records(view)
         self._sync_lb(view)
         present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}

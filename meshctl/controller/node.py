@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 
 from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
 from meshctl.controller import names
+from meshctl.controller.discovery import serving
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 from meshctl.model import Container, Network, Task
 
 FORWARD_CHAIN = "MESH-FORWARD"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
+INGRESS_CHAIN = "MESH-INGRESS"
 NODE_COMMENT = "meshctl:node"
 DNS_CHAIN = "MESH-DNS"
 DNS_ADDRESS = "127.0.0.11"
@@ -144,10 +146,14 @@ def container_spec(view: ClusterView, container: Container) -> TaskNetSpec | Non
     return TaskNetSpec(container.id, container.netns, (link,), None, owns_netns=False)
 
 
-def node_tables(networks: Collection[Network]) -> dict[str, OwnedTable]:
-    """filter: isolation between networks and egress; nat: masquerade for non-internal ones."""
+def node_tables(
+    networks: Collection[Network], ingress: tuple[tuple[Rule, ...], tuple[Rule, ...]] = ((), ())
+) -> dict[str, OwnedTable]:
+    """filter: isolation between networks and egress; nat: masquerade for non-internal ones,
+    and the published ports (ingress: the DNATs, and the masquerades that go first)."""
     forward: list[Rule] = []
-    postrouting: list[Rule] = []
+    catch, masquerade = ingress
+    postrouting: list[Rule] = list(masquerade)
     for network in sorted(networks, key=lambda n: n.name):
         bridge = names.bridge(network.id)
         comment = f"meshctl:net-{network.id}"
@@ -169,6 +175,16 @@ def node_tables(networks: Collection[Network]) -> dict[str, OwnedTable]:
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
             continue
         forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
+        # New connections in only where a published port sent them (DNAT); replies always.
+        forward.append(
+            Rule(
+                FORWARD_CHAIN,
+                "ACCEPT",
+                comment,
+                out_interface=bridge,
+                matches=(Match("conntrack", opts(ctstate="DNAT")),),
+            )
+        )
         forward.append(
             Rule(
                 FORWARD_CHAIN,
@@ -184,16 +200,94 @@ def node_tables(networks: Collection[Network]) -> dict[str, OwnedTable]:
         postrouting.append(Rule(POSTROUTING_CHAIN, "MASQUERADE", comment, source=network.subnet))
     if not networks:
         return {"filter": OwnedTable(), "nat": OwnedTable()}
+    nat_chains = {POSTROUTING_CHAIN: tuple(postrouting)}
+    nat_jumps = [Rule("POSTROUTING", POSTROUTING_CHAIN, NODE_COMMENT)]
+    if catch:
+        # Published ports are caught on every local address, from outside (PREROUTING) and
+        # from the node itself (OUTPUT), as swarm's DOCKER-INGRESS does.
+        nat_chains[INGRESS_CHAIN] = catch
+        local = (Match("addrtype", opts(dst_type="LOCAL")),)
+        nat_jumps += [
+            Rule(hook, INGRESS_CHAIN, NODE_COMMENT, matches=local)
+            for hook in ("PREROUTING", "OUTPUT")
+        ]
     return {
         "filter": OwnedTable(
             chains={FORWARD_CHAIN: tuple(forward)},
             jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
         ),
-        "nat": OwnedTable(
-            chains={POSTROUTING_CHAIN: tuple(postrouting)},
-            jumps=(Rule("POSTROUTING", POSTROUTING_CHAIN, NODE_COMMENT),),
-        ),
+        "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps)),
     }
+
+
+def ingress_rules(view: ClusterView, node: str) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+    """The published ports of every service, as (DNAT rules, masquerade rules).
+
+    mode=ingress (traffic=cluster): port → the service's VIP on its first network, so the
+    network's load balancer spreads over every healthy task; masqueraded, so replies come back
+    through this node (also for a task of the service reaching the port: hairpin).
+    mode=host and traffic=local: port → this node's own healthy tasks, spread at random,
+    without source NAT: the task sees the client's address. No local task: no rule, and the
+    node refuses the connection.
+    """
+    catch: list[Rule] = []
+    masquerade: list[Rule] = []
+    for service in sorted(view.services.values(), key=lambda s: s.name):
+        if not service.ports or not service.networks:
+            continue
+        first = service.networks[0].network
+        comment = f"meshctl:{service.id}"
+        local = sorted(
+            t.addresses[first]
+            for t in view.tasks_on(node)
+            if t.service_id == service.id and serving(t) and first in t.addresses
+        )
+        for port in service.ports:
+            proto = port.protocol
+            published = (Match(proto, opts(dport=str(port.published))),)
+            if port.mode == "ingress" and port.traffic == "cluster":
+                vip = service.vips().get(first)
+                if vip is None:
+                    continue
+                target = f"{vip}:{port.target}"
+                catch.append(
+                    Rule(
+                        INGRESS_CHAIN,
+                        "DNAT",
+                        comment,
+                        protocol=proto,
+                        matches=published,
+                        target_args=opts(to_destination=target),
+                    )
+                )
+                dnat = (
+                    Match(proto, opts(dport=str(port.target))),
+                    Match("conntrack", opts(ctstate="DNAT")),
+                )
+                masquerade.append(
+                    Rule(
+                        POSTROUTING_CHAIN,
+                        "MASQUERADE",
+                        comment,
+                        destination=vip,
+                        protocol=proto,
+                        matches=dnat,
+                    )
+                )
+                continue  # fmt: skip
+            for index, address in enumerate(local):
+                left = len(local) - index
+                spread = (
+                    (Match("statistic", opts(mode="random", probability=1 / left)),)
+                    if left > 1
+                    else ()
+                )
+                catch.append(
+                    Rule(INGRESS_CHAIN, "DNAT", comment, protocol=proto,
+                         matches=published + spread,
+                         target_args=opts(to_destination=f"{address}:{port.target}"))
+                )  # fmt: skip
+    return tuple(catch), tuple(masquerade)
 
 
 def desired_node(
@@ -220,7 +314,8 @@ def desired_node(
         spec = container_spec(view, container) if container.node == node else None
         if spec is not None:
             tasks[container.id] = spec
-    return NodeSpec(bridges=bridges, tasks=tasks, tables=node_tables(networks))
+    tables = node_tables(networks, ingress_rules(view, node))
+    return NodeSpec(bridges=bridges, tasks=tasks, tables=tables)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from meshctl.lb.spec import (
     sysctls,
 )
 
-TABLES = ("mangle", "nat")  # mangle first: nat's SNAT matches the mark set there
+TABLES = ("mangle", "nat", "filter")  # mangle first: nat's SNAT matches the mark set there
 
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 

@@ -28,6 +28,7 @@ FWMARK_BASE = 0x4D000000
 FWMARK_MASK = 0xFF000000
 
 MARK_CHAIN = "MESH-MARK"
+REFUSE_CHAIN = "MESH-REFUSE"
 SERVICES_CHAIN = "MESH-SERVICES"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 SVC_CHAIN_PREFIX = "MESH-SVC-"
@@ -242,7 +243,26 @@ def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str
     if backend == "iptables":
         nat_chains.update(_balancing_chains(spec))
         nat_jumps.insert(0, Rule("PREROUTING", SERVICES_CHAIN, spec.comment))
-    return {"mangle": mangle, "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps))}
+    # A VIP with no backend to take a new connection refuses it at once (IPVS would drop it
+    # silently and leave the client hanging).
+    refuse = tuple(
+        rule
+        for vip in spec.vips
+        if not vip.active
+        for rule in (
+            Rule(REFUSE_CHAIN, "REJECT", vip.comment, destination=vip.vip, protocol="tcp",
+                 target_args=opts(reject_with="tcp-reset")),
+            Rule(REFUSE_CHAIN, "REJECT", vip.comment, destination=vip.vip),
+        )
+    )  # fmt: skip
+    filter_table = OwnedTable(
+        chains={REFUSE_CHAIN: refuse}, jumps=(Rule("INPUT", REFUSE_CHAIN, spec.comment),)
+    )
+    return {
+        "mangle": mangle,
+        "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps)),
+        "filter": filter_table,
+    }
 
 
 def ipvs_state(spec: LbSpec) -> dict[VirtualService, tuple[Destination, ...]]:

@@ -375,3 +375,13 @@ def test_lb_namespaces_no_longer_desired_are_deleted_and_no_other(
             mesh.in_client(ask_tcp)
     finally:
         netns.delete(other_node)
+
+
+def test_a_vip_with_no_backend_refuses_at_once(mesh: Mesh) -> None:
+    """Scaled to 0 (or all draining): a new connection is refused, never left hanging."""
+    mesh.spec = mesh.with_backends(dict.fromkeys(TASKS, 0))
+    mesh.sync()
+    started = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        mesh.in_client(ask_tcp, VIP, 5.0)
+    assert time.monotonic() - started < 1

@@ -1,0 +1,104 @@
+"""Published ports on a node: the routing mesh, host mode, traffic=local, hairpin, refusal.
+
+The client is a namespace outside the mesh with its own veth to the node (192.0.2.2 → node
+192.0.2.1); every task answers with its name and the address it sees the client at.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import NetnsFactory
+from tests.kernel.mesh import Mesh, wait_for
+
+pytestmark = pytest.mark.root
+
+NODE_IP, CLIENT_IP = "198.51.100.1", "198.51.100.2"
+# TCP and UDP 80 answer "<task name> <the client address it sees>".
+ANSWER = "SYSTEM:echo $(hostname) $SOCAT_PEERADDR"
+BACKEND = ["sh", "-c", f"socat UDP-RECVFROM:80,fork '{ANSWER}' & "
+           f"exec socat TCP-LISTEN:80,reuseaddr,fork '{ANSWER}'"]  # fmt: skip
+
+
+@pytest.fixture
+def world(node_ns: str, netns_factory: NetnsFactory, tmp_path: Path) -> Iterator[tuple[Mesh, str]]:
+    client = netns_factory("client")
+    ip = ["ip", "link", "add", "mtnode", "netns", node_ns, "type", "veth", "peer", "mtclient"]
+    subprocess.run(["ip", "-n", client, *ip[1:]], check=True)
+    for ns, dev, address in ((node_ns, "mtnode", NODE_IP), (client, "mtclient", CLIENT_IP)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    subprocess.run(["ip", "-n", client, "link", "set", "lo", "up"], check=True)
+    mesh = Mesh(node_ns, str(tmp_path / "state"))
+    try:
+        yield mesh, client
+    finally:
+        mesh.close()
+
+
+def _ask(ns: str, port: int, udp: bool = False) -> str:
+    target = f"UDP:{NODE_IP}:{port}" if udp else f"TCP:{NODE_IP}:{port},connect-timeout=2"
+    cmd = ["ip", "netns", "exec", ns, "sh", "-c", f"echo x | socat -T1 - {target}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+def _service(mesh: Mesh, publish: str, replicas: int = 3) -> None:
+    mesh.cli("network", "create", "front", "--subnet", "10.81.0.0/24")
+    mesh.cli("service", "create", "--name", "web", "--replicas", str(replicas), "--network",
+             "front", "--publish", publish, "--publish", publish.replace("/tcp", "") + "/udp",
+             "--stop-grace-period", "2s", "--detach", "--", *BACKEND)  # fmt: skip
+    mesh.start_controller()
+    if replicas:
+        mesh.wait_running("web", replicas)
+        # Running is not listening yet (no health check here): wait for every task's socket.
+        for task in mesh.running("web"):
+            listening = ["socat", "-T1", "/dev/null", f"TCP:{task['addresses']['front']}:80"]
+            wait_for(lambda c=listening: mesh.in_node(*c).returncode == 0, 10, "listening")
+    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+
+
+def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
+    world: tuple[Mesh, str],
+) -> None:
+    mesh, client = world
+    _service(mesh, "8000:80")
+    tcp = collections.Counter(_ask(client, 8000).split()[0] for _ in range(60))
+    assert set(tcp) == {"web.1", "web.2", "web.3"} and min(tcp.values()) >= 10, tcp
+    udp = collections.Counter(_ask(client, 8000, udp=True).split()[0] for _ in range(60))
+    assert set(udp) == {"web.1", "web.2", "web.3"} and min(udp.values()) >= 10, udp
+    # From the node itself (OUTPUT) and from a task of the service (hairpin).
+    assert _ask(mesh.node_ns, 8000).startswith("web.")
+    (task, *_) = mesh.running("web")
+    hairpin = mesh.in_task(task["id"], "socat", "-T2", "-", f"TCP:{NODE_IP}:8000")
+    assert hairpin.stdout.startswith("web.")
+    shown = mesh.cli("service", "ls").stdout
+    assert "*:8000->80/tcp" in shown and "*:8000->80/udp" in shown
+    # Scaled to 0: refused at once, not left hanging.
+    mesh.cli("service", "scale", "web=0", "--detach")
+    wait_for(lambda: mesh.ps("web") == [], 20, "tasks gone")
+    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+    started = time.monotonic()
+    refused = subprocess.run(["ip", "netns", "exec", client, "socat", "-T5", "-",
+                              f"TCP:{NODE_IP}:8000,connect-timeout=5"],
+                             input="x", capture_output=True, text=True)  # fmt: skip
+    assert refused.returncode != 0 and time.monotonic() - started < 1
+    mesh.cli("service", "rm", "web")
+    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+    assert "8000" not in mesh.in_node("iptables-legacy-save").stdout
+
+
+@pytest.mark.parametrize("publish", ["mode=host,8001:80", "mode=ingress,traffic=local,8001:80"])
+def test_local_publishing_keeps_the_client_address(world: tuple[Mesh, str], publish: str) -> None:
+    mesh, client = world
+    _service(mesh, publish, replicas=2)
+    answers = [_ask(client, 8001) for _ in range(20)]
+    assert {a.split()[0] for a in answers} == {"web.1", "web.2"}
+    assert {a.split()[1] for a in answers} == {CLIENT_IP}, answers
+    udp = _ask(client, 8001, udp=True)
+    assert udp.split()[1] == CLIENT_IP
