@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
+from tests.conftest import NetnsFactory
 from tests.kernel.mesh import Mesh, wait_for
 
 pytestmark = pytest.mark.root
@@ -243,3 +244,49 @@ class _connect:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+def test_task_keeps_its_own_dns_server_and_other_names_go_upstream_from_the_node(
+    mesh: Mesh, netns_factory: NetnsFactory, tmp_path: Path
+) -> None:
+    # An upstream resolver in its own namespace, reachable from the node only.
+    upstream = netns_factory("upstream")
+    subprocess.run(["ip", "-n", mesh.node_ns, "link", "add", "mtup", "type", "veth",
+                    "peer", "mtdns", "netns", upstream], check=True)  # fmt: skip
+    for ns, dev, address in (
+        (mesh.node_ns, "mtup", "198.51.100.1"),
+        (upstream, "mtdns", "198.51.100.53"),
+    ):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    subprocess.run(["ip", "-n", upstream, "link", "set", "lo", "up"], check=True)
+    dnsmasq = subprocess.Popen(
+        ["ip", "netns", "exec", upstream, "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts",
+         "--listen-address=198.51.100.53", "--bind-interfaces",
+         "--address=/outside.test/203.0.113.9",
+         f"--pid-file={tmp_path}/up.pid"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        mesh.cli("network", "create", "front", "--subnet", "10.75.0.0/24")
+        # The task runs its own DNS server on port 53 of every address.
+        mesh.cli("service", "create", "--name", "dnsd", "--network", "front", "--detach", "--",
+                 "dnsmasq", "--no-daemon", "--no-resolv", "--no-hosts", "--port=53",
+                 "--address=/own.test/192.0.2.77", f"--pid-file={tmp_path}/own.pid")  # fmt: skip
+        mesh.start_controller("--upstream-dns", "198.51.100.53")
+        (task,) = mesh.wait_running("dnsd", 1)
+        own = task["addresses"]["front"]
+
+        def ask(*query: str) -> list[str]:
+            dig = ["dig", "+short", "+tries=1", "+time=2", *query]
+            return mesh.cli("exec", "dnsd.1", "--", *dig).stdout.split()
+
+        vip = json.loads(mesh.cli("service", "inspect", "dnsd", "--format", "json").stdout)
+        assert wait_for(lambda: ask("dnsd"), 10, "an answer for dnsd") == [
+            vip["networks"][0]["vip"]
+        ]
+        assert ask(f"@{own}", "own.test") == ["192.0.2.77"]  # its own server, on its address
+        assert ask("outside.test") == ["203.0.113.9"]  # forwarded from the node side
+    finally:
+        dnsmasq.kill()
+        dnsmasq.wait()
