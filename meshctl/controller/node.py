@@ -175,23 +175,14 @@ def node_tables(
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
             continue
         forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
-        # New connections in only where a published port sent them (DNAT); replies always.
+        # Replies always; new connections in only where a published port sent them (DNAT).
         forward.append(
             Rule(
                 FORWARD_CHAIN,
                 "ACCEPT",
                 comment,
                 out_interface=bridge,
-                matches=(Match("conntrack", opts(ctstate="DNAT")),),
-            )
-        )
-        forward.append(
-            Rule(
-                FORWARD_CHAIN,
-                "ACCEPT",
-                comment,
-                out_interface=bridge,
-                matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED")),),
+                matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
             )
         )
         postrouting.append(
