@@ -11,8 +11,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -23,15 +21,6 @@ pytestmark = pytest.mark.root
 
 # A task that answers every TCP connection on port 80 with its own host name (the task name).
 NAME_SERVER = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]
-
-
-@pytest.fixture
-def mesh(node_ns: str, tmp_path: Path) -> Iterator[Mesh]:
-    m = Mesh(node_ns, str(tmp_path / "state"))
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def _create(mesh: Mesh, name: str, network: str, replicas: int, *extra: str) -> None:

@@ -15,7 +15,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,15 +31,6 @@ BACKEND = [
     "socat UDP-RECVFROM:81,fork SYSTEM:hostname & socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
     "exec socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname",
 ]  # fmt: skip
-
-
-@pytest.fixture
-def mesh(node_ns: str, tmp_path: Path) -> Iterator[Mesh]:
-    m = Mesh(node_ns, str(tmp_path / "state"))
-    try:
-        yield m
-    finally:
-        m.close()
 
 
 def _web(mesh: Mesh, subnet: str, replicas: int = 3, *extra: str) -> tuple[str, dict]:  # type: ignore[type-arg]
