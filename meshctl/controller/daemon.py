@@ -34,7 +34,6 @@ from meshctl.controller.view import ClusterView, read_view
 from meshctl.dns import DnsServer, DnsView
 from meshctl.dns.thread import ServerThread
 from meshctl.lb.reconcile import LbReconciler, choose_backend
-from meshctl.lb.spec import lb_netns, lb_netns_prefix
 from meshctl.model import NODE, HealthCheck, Node, NodeState, Task
 from meshctl.store import Compacted, Store
 
@@ -103,10 +102,11 @@ class Controller:
             self.supervisor.adopt(view)
             self._adopted = True
         self._sync_node(view)
-        if self._sync_dns_endpoints(view):
+        # Task namespaces after wiring; adding DNS endpoints below creates or removes none.
+        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+        if self._sync_dns_endpoints(view, present):
             self._sync_node(view)  # the new endpoints' redirect rules
         self._sync_lb(view)
-        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
         deadline = self.supervisor.step(view, unwired)
         self._heartbeat()
@@ -121,9 +121,9 @@ class Controller:
             ipam.allocate_lb_address(self.store, network, self.node)
         return bool(missing)
 
-    def _sync_dns_endpoints(self, view: ClusterView) -> bool:
-        """DNS sockets in every wired task namespace, none in the others; True if any was added."""
-        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+    def _sync_dns_endpoints(self, view: ClusterView, present: set[str]) -> bool:
+        """DNS sockets in every wired task namespace (of those present), none in the others;
+        True if any was added."""
         wanted = {
             tid: frozenset(view.tasks[tid].addresses)
             for tid in self.supervisor.wired(view)
@@ -155,7 +155,7 @@ class Controller:
 
     def _sync_lb(self, view: ClusterView) -> None:
         specs = lb_specs(view, self.node, self.node_id)
-        prefix = lb_netns_prefix(self.node_id)
+        prefix = names.lb_netns_prefix(self.node_id)
         plan = self.lb.plan(specs, prefix)
         if plan.empty:
             return
@@ -173,7 +173,7 @@ class Controller:
                 continue
             try:
                 total += self.kernel.conntrack.count_tcp_connections(
-                    lb_netns(self.node_id, net.id), address
+                    names.lb_netns(self.node_id, net.id), address
                 )
             except KernelError:
                 continue  # no LB namespace (yet): nothing goes through it

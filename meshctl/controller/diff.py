@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 from kernel.iptables import TableChange
 from kernel.system import Kernel
+from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, desired_node, plan_node
 from meshctl.controller.node_kernel import observe_node
 from meshctl.controller.view import ClusterView
 from meshctl.lb.reconcile import LbPlan, LbReconciler
-from meshctl.lb.spec import lb_netns_prefix
 from meshctl.runtime import read_start_time
 
 DNS_PORTS_FILE = "dns-ports"
@@ -60,7 +60,7 @@ def node_differences(
     desired = desired_node(view, node, wired, read_dns_ports(state_dir, sorted(wired)))
     containers = [t for t in desired.tasks.values() if not t.owns_netns]
     node_plan = plan_node(desired, *observe_node(kernel, containers))
-    lb_plan = lb.plan(lb_specs(view, node, node_id), lb_netns_prefix(node_id))
+    lb_plan = lb.plan(lb_specs(view, node, node_id), names.lb_netns_prefix(node_id))
     return node_plan, lb_plan
 
 

@@ -47,10 +47,10 @@ def run_controller(
     from meshctl.dns import read_resolv_conf
     from meshctl.model import check_name
 
+    name = check_name(node or default_node_name(), "--node")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LogfmtFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
-    name = check_name(node or default_node_name(), "--node")
     upstreams = upstream_dns or read_resolv_conf("/etc/resolv.conf")
     controller = Controller(
         store,

@@ -45,6 +45,21 @@ def container_interface(network_id: str) -> str:
     return f"{LINK_PREFIX}-{network_id[:8]}"
 
 
+def lb_netns_prefix(node_id: str) -> str:
+    """The prefix of every LB namespace of this node: what `sync` may delete, and nothing else."""
+    return f"{LB_NETNS_PREFIX}{node_id[:8]}-"
+
+
+def lb_netns(node_id: str, network_id: str) -> str:
+    """`mesh-lb-<node-id-8>-<network-id-8>`: one LB namespace per network per node."""
+    return f"{lb_netns_prefix(node_id)}{network_id[:8]}"
+
+
+def lb_node_end(network_id: str) -> str:
+    """The node end of the LB leg's veth, enslaved to the network's bridge: `meshl` + 8."""
+    return f"{LINK_PREFIX}l{network_id[:8]}"
+
+
 def is_task_netns(name: str) -> bool:
     return name.startswith(TASK_NETNS_PREFIX)
 

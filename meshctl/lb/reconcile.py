@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from kernel.conntrack import UdpFlow
 from kernel.errors import NotFound, Unsupported
+from kernel.features import pick_lb_backend
 from kernel.iptables import OwnedTable, TableChange
 from kernel.ipvs import Destination, VirtualService
 from kernel.links import Link
@@ -42,7 +43,7 @@ def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> Backend
     """The backend to run: "auto" picks IPVS where the kernel has it, else iptables."""
     reason = kernel.ipvs.available(ns) if wanted in ("auto", "ipvs") else None
     if wanted == "auto":
-        return "iptables" if reason is not None else "ipvs"
+        return pick_lb_backend(reason is None)  # the rule meshctl doctor reports
     if wanted == "ipvs" and reason is not None:
         raise Unsupported(f"load-balancer backend ipvs: {reason}; choose iptables or auto")
     if wanted not in ("ipvs", "iptables"):

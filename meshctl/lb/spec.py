@@ -18,6 +18,7 @@ from typing import Literal
 from kernel.iptables import Match, OwnedTable, Rule, opts
 from kernel.ipvs import Destination, VirtualService
 from meshctl.controller import names
+from meshctl.controller.names import lb_netns, lb_node_end
 
 BackendKind = Literal["ipvs", "iptables"]
 BACKENDS: tuple[BackendKind, ...] = ("ipvs", "iptables")
@@ -33,21 +34,6 @@ SERVICES_CHAIN = "MESH-SERVICES"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 SVC_CHAIN_PREFIX = "MESH-SVC-"
 SEP_CHAIN_PREFIX = "MESH-SEP-"
-
-
-def lb_netns_prefix(node_id: str) -> str:
-    """The prefix of every LB namespace of this node: what `sync` may delete, and nothing else."""
-    return f"{names.LB_NETNS_PREFIX}{node_id[:8]}-"
-
-
-def lb_netns(node_id: str, network_id: str) -> str:
-    """`mesh-lb-<node-id-8>-<network-id-8>`: one LB namespace per network per node."""
-    return f"{lb_netns_prefix(node_id)}{network_id[:8]}"
-
-
-def lb_node_end(network_id: str) -> str:
-    """The node end of the LB leg's veth, enslaved to the network's bridge: `meshl` + 8."""
-    return f"{names.LINK_PREFIX}l{network_id[:8]}"
 
 
 def _short(*parts: str) -> str:

@@ -133,7 +133,7 @@ class Mesh:
                 netns.delete("mesh-t-" + task_id)
             node_id = self.node_id()
             if node_id is not None:
-                from meshctl.lb.spec import lb_netns_prefix
+                from meshctl.controller.names import lb_netns_prefix
 
                 for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                     netns.delete(name)

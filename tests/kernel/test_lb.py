@@ -24,13 +24,13 @@ from kernel import netns
 from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.system import real_kernel
+from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import (
     Backend,
     BackendKind,
     LbSpec,
     VirtualIp,
-    lb_netns_prefix,
     lb_spec,
     sep_chain,
     svc_chain,

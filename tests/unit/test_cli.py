@@ -260,3 +260,35 @@ def test_json_keys_are_the_documented_ones(run: Any) -> None:
     assert shown["health"].keys() == service["health"].keys()
     assert shown["networks"][0].keys() == service["networks"][0].keys()
     assert printed("service", "ps", "web")[0].keys() == tasks[0].keys()
+
+
+def _one_line(result: Any) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return str(lines[0])
+
+
+def test_container_attach_refuses_bad_input_and_stores_nothing(run: Any, tmp_path: Path) -> None:
+    run("network", "create", "front", "--subnet", "10.44.0.0/24")
+    usage = run("container", "attach", "--name", "c", "--network", "front", code=2)
+    assert "exactly one of --pid PID or --netns PATH" in usage.stderr
+    missing = run("container", "attach", "--netns", str(tmp_path / "nope"), "--name", "c",
+                  "--network", "front", "--node", "n1", code=1)  # fmt: skip
+    assert "does not exist" in _one_line(missing)
+    unknown = run("container", "attach", "--netns", "/proc/self/ns/net", "--name", "c",
+                  "--network", "back", "--node", "n1", code=1)  # fmt: skip
+    assert "network back not found" in _one_line(unknown)
+    nodeless = run("container", "attach", "--netns", "/proc/self/ns/net", "--name", "c",
+                   "--network", "front", code=1)  # fmt: skip
+    assert "--node NAME" in _one_line(nodeless)
+    assert json.loads(run("container", "ls", "--format", "json").stdout) == []
+    assert "front" in run("network", "rm", "front").stdout  # no attachment held it
+
+
+def test_diff_and_controller_refuse_bad_input_in_one_line(run: Any) -> None:
+    assert "no controller has run as node" in _one_line(run("diff", "--node", "ghost", code=1))
+    bad = run("controller", "run", "--node", "Bad_Name", code=1)
+    assert "invalid --node" in _one_line(bad)
+    period = run("controller", "run", "--resync-period", "soon", code=1)
+    assert "--resync-period" in _one_line(period)
+    assert "exec" in run("exec", "--help").stdout and run("exec", "web.1", code=2)

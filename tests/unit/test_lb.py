@@ -17,6 +17,7 @@ from kernel.fake.world import FakeNetns, FakeWorld
 from kernel.iptables import Match, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
 from kernel.system import Kernel
+from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.reconcile import LbReconciler, choose_backend
 from meshctl.lb.spec import (
     FWMARK_BASE,
@@ -28,7 +29,6 @@ from meshctl.lb.spec import (
     VirtualIp,
     iptables_tables,
     ipvs_state,
-    lb_netns_prefix,
     lb_spec,
     sep_chain,
     svc_chain,
