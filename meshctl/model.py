@@ -37,6 +37,8 @@ SERVICE = "service"
 TASK = "task"
 NODE = "node"
 CONTAINER = "container"
+# The routing mesh's network: services publishing through it join it (see meshctl.ops).
+INGRESS = "ingress"
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 _LABEL_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"

@@ -32,6 +32,7 @@ from meshctl import ipam
 from meshctl.ipam import IpamState
 from meshctl.model import (
     CONTAINER,
+    INGRESS,
     NETWORK,
     NODE,
     SERVICE,
@@ -40,6 +41,7 @@ from meshctl.model import (
     DesiredState,
     Driver,
     Network,
+    NetworkAttachment,
     Node,
     NotFoundError,
     PublishedPort,
@@ -128,6 +130,54 @@ def network_ipam(store: Store, network: Network) -> IpamState:
     return ipam.load(store, network)[0]
 
 
+# The routing mesh's network (Docker's `ingress`): every service that publishes a port in
+# ingress mode joins it; its load-balancer namespace on each node is swarm's ingress_sbox.
+INGRESS_SUBNET_ENV = "MESHCTL_INGRESS_SUBNET"
+DEFAULT_INGRESS_SUBNET = "10.255.0.0/16"
+
+
+def ensure_ingress_network(store: Store) -> Network:
+    """The ingress network, made on first use (subnet from MESHCTL_INGRESS_SUBNET)."""
+    record = store.get(NETWORK, INGRESS)
+    if record is not None:
+        return Network.from_dict(record.value)
+    subnet = os.environ.get(INGRESS_SUBNET_ENV, DEFAULT_INGRESS_SUBNET)
+    try:
+        return create_network(store, INGRESS, subnet=subnet, labels={"meshctl.ingress": "true"},
+                              _reserved_ok=True)  # fmt: skip
+    except ValidationError as err:
+        if store.get(NETWORK, INGRESS) is not None:  # another command made it meanwhile
+            return get_network(store, INGRESS)
+        raise ValidationError(
+            f"cannot make the ingress network for published ports: {err}; set "
+            f"{INGRESS_SUBNET_ENV} to a free subnet"
+        ) from None
+
+
+def _routed(service: Service) -> bool:
+    """Whether the service publishes a port through the routing mesh (ingress, cluster)."""
+    return any(p.mode == "ingress" and p.traffic == "cluster" for p in service.ports)
+
+
+def _with_ingress(store: Store, service: Service) -> Service:
+    """The service on the ingress network (last, so its own first network keeps the default
+    route) exactly when it publishes through the routing mesh."""
+    own = tuple(a for a in service.networks if a.network != INGRESS)
+    if not _routed(service):
+        return dataclasses.replace(service, networks=own)
+    ensure_ingress_network(store)
+    kept = next((a for a in service.networks if a.network == INGRESS), NetworkAttachment(INGRESS))
+    return dataclasses.replace(service, networks=(*own, kept))
+
+
+def _refuse_ingress(networks: Iterable[NetworkAttachment]) -> None:
+    if any(a.network == INGRESS for a in networks):
+        raise ValidationError(
+            f"invalid --network {INGRESS}: it is the routing mesh's own network; publish a port "
+            "with --publish PUBLISHED:TARGET instead"
+        )
+
+
 def create_network(
     store: Store,
     name: str,
@@ -138,9 +188,15 @@ def create_network(
     labels: Mapping[str, str] | None = None,
     pool: str | None = None,
     prefix: int | None = None,
+    _reserved_ok: bool = False,
 ) -> Network:
     """Create a network with `subnet`, or the next free /prefix of the pool (see meshctl.ipam)."""
     check_name(name, "network name")
+    if name == INGRESS and not _reserved_ok:
+        raise ValidationError(
+            f"network name {INGRESS} is reserved for the routing mesh (made when a service "
+            "publishes a port); choose another name"
+        )
 
     def attempt() -> Network:
         if store.get(NETWORK, name) is not None:
@@ -260,6 +316,8 @@ def create_service(store: Store, spec: Service) -> Service:
         service = dataclasses.replace(spec, version=1, created_at=now, updated_at=now)
         return _write_service(store, None, service, expect=0)
 
+    _refuse_ingress(spec.networks)
+
     return ipam.retry_conflicts(attempt, f"creating service {spec.name}")
 
 
@@ -268,6 +326,7 @@ def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Servi
     unknown = set(changes) - UPDATABLE
     if unknown:
         raise ValidationError(f"cannot update {', '.join(sorted(unknown))} of a service")
+    _refuse_ingress(changes.get("networks", ()))
 
     def attempt() -> Service:
         old, revision = _service_record(store, name)
@@ -350,6 +409,8 @@ def _plan_service(
         _claim_ports(changes, old, None)
         _plan_tasks(changes, old, None, networks)
         return old
+    new = _with_ingress(store, new)
+    networks = _networks(store)
     for attachment in new.networks:
         if attachment.network not in networks:
             raise NotFoundError(

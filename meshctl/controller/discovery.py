@@ -13,7 +13,7 @@ import ipaddress
 from meshctl.controller.view import ClusterView
 from meshctl.dns import DnsPort, DnsService, DnsTask, DnsView
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
-from meshctl.model import Service, Task
+from meshctl.model import INGRESS, Service, Task
 
 
 def serving(task: Task) -> bool:
@@ -66,12 +66,13 @@ def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
 
 
 def dns_view(view: ClusterView) -> DnsView:
-    """Every name the embedded DNS answers, for every network."""
+    """Every name the embedded DNS answers, for every network but ingress (as in Docker, the
+    routing mesh's network carries published traffic only, no discovery)."""
     services = tuple(
         DnsService(
             name=service.name,
             mode=service.endpoint_mode,
-            vips=service.vips(),
+            vips={n: vip for n, vip in service.vips().items() if n != INGRESS},
             aliases={a.network: a.aliases for a in service.networks if a.aliases},
             ports=tuple(sorted({DnsPort(p.target, p.protocol) for p in service.ports}, key=str)),
         )
@@ -79,8 +80,13 @@ def dns_view(view: ClusterView) -> DnsView:
     )
     live = {s.id for s in view.services.values()}
     tasks = tuple(
-        DnsTask(task.name, task.service, dict(task.addresses), healthy=serving(task))
+        DnsTask(
+            task.name,
+            task.service,
+            {n: a for n, a in task.addresses.items() if n != INGRESS},
+            healthy=serving(task),
+        )
         for task in sorted(view.tasks.values(), key=lambda t: (t.name, t.id))
         if task.service_id in live and task.desired_state == "running"
     )
-    return DnsView(networks=frozenset(view.networks), services=services, tasks=tasks)
+    return DnsView(networks=frozenset(view.networks) - {INGRESS}, services=services, tasks=tasks)

@@ -18,7 +18,7 @@ from meshctl.controller import names
 from meshctl.controller.discovery import serving
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
-from meshctl.model import Container, Network, Task
+from meshctl.model import INGRESS, Container, Network, Task
 
 FORWARD_CHAIN = "MESH-FORWARD"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
@@ -151,7 +151,19 @@ def node_tables(
 ) -> dict[str, OwnedTable]:
     """filter: isolation between networks and egress; nat: masquerade for non-internal ones,
     and the published ports (ingress: the DNATs, and the masquerades that go first)."""
-    forward: list[Rule] = []
+    # Replies, and new connections a published port sent (DNAT), go into any bridge that is
+    # not internal — before the isolation rules, so the routing mesh crosses networks.
+    forward: list[Rule] = [
+        Rule(
+            FORWARD_CHAIN,
+            "ACCEPT",
+            f"meshctl:net-{network.id}",
+            out_interface=names.bridge(network.id),
+            matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
+        )
+        for network in sorted(networks, key=lambda n: n.name)
+        if not network.internal
+    ]
     catch, masquerade = ingress
     postrouting: list[Rule] = list(masquerade)
     for network in sorted(networks, key=lambda n: n.name):
@@ -175,16 +187,6 @@ def node_tables(
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
             continue
         forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
-        # Replies always; new connections in only where a published port sent them (DNAT).
-        forward.append(
-            Rule(
-                FORWARD_CHAIN,
-                "ACCEPT",
-                comment,
-                out_interface=bridge,
-                matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
-            )
-        )
         postrouting.append(
             Rule(POSTROUTING_CHAIN, "RETURN", comment, source=network.subnet, out_interface=bridge)
         )
@@ -214,9 +216,9 @@ def node_tables(
 def ingress_rules(view: ClusterView, node: str) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
     """The published ports of every service, as (DNAT rules, masquerade rules).
 
-    mode=ingress (traffic=cluster): port → the service's VIP on its first network, so the
-    network's load balancer spreads over every healthy task; masqueraded, so replies come back
-    through this node (also for a task of the service reaching the port: hairpin).
+    mode=ingress (traffic=cluster): port → the service's VIP on the ingress network, whose
+    load-balancer namespace (swarm's ingress_sbox) spreads over every healthy task; masqueraded,
+    so replies come back through this node (also for a task reaching the port: hairpin).
     mode=host and traffic=local: port → this node's own healthy tasks, spread at random,
     without source NAT: the task sees the client's address. No local task: no rule, and the
     node refuses the connection.
@@ -237,7 +239,7 @@ def ingress_rules(view: ClusterView, node: str) -> tuple[tuple[Rule, ...], tuple
             proto = port.protocol
             published = (Match(proto, opts(dport=str(port.published))),)
             if port.mode == "ingress" and port.traffic == "cluster":
-                vip = service.vips().get(first)
+                vip = service.vips().get(INGRESS)
                 if vip is None:
                     continue
                 target = f"{vip}:{port.target}"

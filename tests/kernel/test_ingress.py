@@ -68,6 +68,8 @@ def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
 ) -> None:
     mesh, client = world
     _service(mesh, "8000:80")
+    # Through the ingress network's load balancer (swarm's ingress_sbox): tasks see its address.
+    assert _ask(client, 8000).split()[1].startswith("10.255.")
     tcp = collections.Counter(_ask(client, 8000).split()[0] for _ in range(60))
     assert set(tcp) == {"web.1", "web.2", "web.3"} and min(tcp.values()) >= 10, tcp
     udp = collections.Counter(_ask(client, 8000, udp=True).split()[0] for _ in range(60))

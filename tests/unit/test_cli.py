@@ -68,7 +68,11 @@ def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
         ("web.1", "pending", "", "none"),
         ("web.2", "pending", "", "none"),
     ]
-    assert [t["addresses"] for t in tasks] == [{"front": "10.40.0.3"}, {"front": "10.40.0.4"}]
+    # Publishing through the routing mesh joins the service to the ingress network too.
+    assert [t["addresses"] for t in tasks] == [
+        {"front": "10.40.0.3", "ingress": "10.255.0.3"},
+        {"front": "10.40.0.4", "ingress": "10.255.0.4"},
+    ]
     table = run("service", "ps", "web").stdout.splitlines()
     assert table[0].split() == [
         "ID", "NAME", "NODE", "DESIRED", "STATE", "CURRENT", "STATE", "HEALTH", "ERROR", "ADDRESSES"
@@ -76,11 +80,14 @@ def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
     name, node, desired, state, age, ago, *rest = table[1].split()[1:]
     assert (name, node, desired, state, ago) == ("web.1", "-", "running", "pending", "ago")
     assert age.endswith("s")
-    assert rest == ["none", "-", "front=10.40.0.3"]
+    assert rest == ["none", "-", "front=10.40.0.3,ingress=10.255.0.3"]
     inspect = json.loads(run("service", "inspect", "web", "--format", "json").stdout)
     assert inspect["id"] == service_id
     assert inspect["command"] == ["python3", "-m", "http.server", "80"]
-    assert inspect["networks"] == [{"network": "front", "aliases": ["www"], "vip": "10.40.0.2"}]
+    assert inspect["networks"] == [
+        {"network": "front", "aliases": ["www"], "vip": "10.40.0.2"},
+        {"network": "ingress", "aliases": [], "vip": "10.255.0.2"},
+    ]
     listing = run("service", "ls").stdout.splitlines()
     assert listing[0].split() == ["ID", "NAME", "MODE", "REPLICAS", "PORTS"]
     assert listing[1].split() == [service_id, "web", "replicated", "0/2", "*:8000->80/tcp"]
@@ -292,3 +299,27 @@ def test_diff_and_controller_refuse_bad_input_in_one_line(run: Any) -> None:
     period = run("controller", "run", "--resync-period", "soon", code=1)
     assert "--resync-period" in _one_line(period)
     assert "exec" in run("exec", "--help").stdout and run("exec", "web.1", code=2)
+
+
+def test_the_routing_mesh_network_is_made_joined_and_left_as_ports_change(run: Any) -> None:
+    run("network", "create", "front", "--subnet", "10.45.0.0/24")
+    reserved = run("network", "create", "ingress", code=1)
+    assert "reserved for the routing mesh" in _one_line(reserved)
+    refused = run("service", "create", "--name", "x", "--network", "ingress", "-d", "--", "true",
+                  code=1)  # fmt: skip
+    assert "publish a port" in _one_line(refused)
+    run("service", "create", "--name", "web", "--network", "front", "--publish", "8000:80",
+        "-d", "--", "true")  # fmt: skip
+
+    def networks() -> list[str]:
+        spec = json.loads(run("service", "inspect", "web", "--format", "json").stdout)
+        return [a["network"] for a in spec["networks"]]
+
+    assert networks() == ["front", "ingress"]
+    assert "ingress" in run("network", "ls").stdout
+    run("service", "update", "web", "--replicas", "2", "-d")
+    assert networks() == ["front", "ingress"]  # kept, with the same VIP
+    run("service", "update", "web", "--publish", "mode=host,8000:80", "-d")
+    assert networks() == ["front"]  # host mode does not go through the mesh
+    refused = run("service", "update", "web", "--network", "ingress", "-d", code=1)
+    assert "publish a port" in _one_line(refused)
