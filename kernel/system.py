@@ -13,6 +13,7 @@ from kernel.iptables import IptablesAPI
 from kernel.ipvs import IpvsAPI
 from kernel.links import LinksAPI
 from kernel.netns import NetnsAPI
+from kernel.sockets import SocketsAPI
 from kernel.sysctl import SysctlAPI
 
 
@@ -24,6 +25,7 @@ class Kernel:
     iptables: IptablesAPI
     ipvs: IpvsAPI
     conntrack: ConntrackAPI
+    sockets: SocketsAPI
 
 
 def real_kernel() -> Kernel:
@@ -33,9 +35,10 @@ def real_kernel() -> Kernel:
     from kernel.ipvs import Ipvs
     from kernel.links import Links
     from kernel.netns import Netns
+    from kernel.sockets import Sockets
     from kernel.sysctl import Sysctl
 
-    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack())
+    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack(), Sockets())
 
 
 def fake_kernel(ipvs: bool = True) -> Kernel:
@@ -47,6 +50,7 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
     from kernel.fake.iptables import FakeIptables
     from kernel.fake.ipvs import FakeIpvs
     from kernel.fake.links import FakeLinks
+    from kernel.fake.sockets import FakeSockets
     from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
 
@@ -58,4 +62,5 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
         FakeIptables(world),
         FakeIpvs(world, unavailable=None if ipvs else "the kernel has no IPVS"),
         FakeConntrack(world),
+        FakeSockets(world),
     )

@@ -347,6 +347,20 @@ def _wait(store: Store, names: Sequence[str]) -> None:
 
 
 # Everything after the first argument is the command, so its own options need no `--`.
+def _refuse_ports_in_use(ports: Iterable[PublishedPort]) -> None:
+    """A published port that a process of this host already holds is refused at once (where
+    the controller runs elsewhere, it reports the clash on the service's tasks instead)."""
+    from kernel.sockets import Sockets
+
+    held = Sockets().bound_ports(None)
+    for port in ports:
+        if (port.published, port.protocol) in held:
+            raise MeshctlError(
+                f"published port {port.published}/{port.protocol} is already in use on this host; "
+                "free it or publish another port"
+            )
+
+
 @service.command("create", context_settings={"allow_interspersed_args": False})
 @click.option("--name", required=True, help="Service name (a DNS label).")
 @_service_options
@@ -355,6 +369,7 @@ def service_create(name: str, detach: bool, **opts: Any) -> None:
     if not opts["command"]:
         raise click.UsageError("missing COMMAND: put it after '--', like: -- sleep infinity")
     spec = Service(name=name, **_spec_changes(opts, None))
+    _refuse_ports_in_use(spec.ports)
     store = _store()
     created = ops.create_service(store, spec)
     click.echo(created.id)
@@ -372,6 +387,10 @@ def service_update(name: str, detach: bool, **opts: Any) -> None:
     changes = _spec_changes(opts, ops.get_service(store, name))
     if not changes:
         raise click.UsageError("nothing to update: give at least one option")
+    old_ports = {(p.published, p.protocol) for p in ops.get_service(store, name).ports}
+    _refuse_ports_in_use(
+        [p for p in changes.get("ports", ()) if (p.published, p.protocol) not in old_ports]
+    )
     ops.update_service(store, name, changes)
     click.echo(name)
     if not detach:

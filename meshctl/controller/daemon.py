@@ -22,13 +22,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from kernel.errors import KernelError
+from kernel.iptables import OwnedTable
 from kernel.system import Kernel
 from meshctl import ipam, runtime
 from meshctl.controller import names, updater
 from meshctl.controller.diff import write_dns_ports
 from meshctl.controller.discovery import dns_view, lb_specs
-from meshctl.controller.node import desired_node, plan_node
-from meshctl.controller.node_kernel import apply_node, observe_node
+from meshctl.controller.node import (
+    container_spec,
+    desired_node,
+    plan_node,
+    published_ports,
+)
+from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.dns import DnsServer, DnsView
@@ -180,9 +186,16 @@ class Controller:
         return total
 
     def _sync_node(self, view: ClusterView) -> None:
-        desired = desired_node(view, self.node, self.supervisor.wired(view), self._dns_ports)
-        containers = [t for t in desired.tasks.values() if not t.owns_netns]
+        containers = [
+            spec
+            for c in view.containers.values()
+            if c.node == self.node and (spec := container_spec(view, c)) is not None
+        ]
         actual, stray = observe_node(self.kernel, containers)
+        blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
+        desired = desired_node(
+            view, self.node, self.supervisor.wired(view), self._dns_ports, blocked
+        )
         plan = plan_node(desired, actual, stray)
         if not plan:
             return
@@ -192,6 +205,21 @@ class Controller:
         residue = plan_node(desired, actual, stray)
         if residue:  # the convergence check: after applying, a second diff must be empty
             log.warning("node not converged after apply: %s", _summary(residue))
+
+    def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
+        """Published ports that another process of this node holds: left to it, and said on the
+        service's tasks. A port meshctl already catches stays meshctl's."""
+        wanted = published_ports(view)
+        blocked = blocked_ports(self.kernel, view, nat)
+        errors = {
+            wanted[key]: f"published port {key[0]}/{key[1]} is in use on node {self.node} by "
+            "another process; free it or publish another port"
+            for key in sorted(blocked)
+        }
+        for message in set(errors.values()) - set(self.supervisor.port_errors.values()):
+            log.warning("%s", message)
+        self.supervisor.port_errors = errors
+        return blocked
 
     def _heartbeat(self, state: NodeState = "ready") -> None:
         now = time.time()

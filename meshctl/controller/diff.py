@@ -12,12 +12,12 @@ import json
 import os
 from collections.abc import Iterator
 
-from kernel.iptables import TableChange
+from kernel.iptables import OwnedTable, TableChange
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs
-from meshctl.controller.node import NodePlan, desired_node, plan_node
-from meshctl.controller.node_kernel import observe_node
+from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
+from meshctl.controller.node_kernel import blocked_ports, observe_node
 from meshctl.controller.view import ClusterView
 from meshctl.lb.reconcile import LbPlan, LbReconciler
 from meshctl.runtime import read_start_time
@@ -57,9 +57,16 @@ def node_differences(
     kernel: Kernel, view: ClusterView, node: str, node_id: str, state_dir: str, lb: LbReconciler
 ) -> tuple[NodePlan, LbPlan]:
     wired = running_here(view, node)
-    desired = desired_node(view, node, wired, read_dns_ports(state_dir, sorted(wired)))
-    containers = [t for t in desired.tasks.values() if not t.owns_netns]
-    node_plan = plan_node(desired, *observe_node(kernel, containers))
+    containers = [
+        spec
+        for c in view.containers.values()
+        if c.node == node and (spec := container_spec(view, c)) is not None
+    ]
+    actual, stray = observe_node(kernel, containers)
+    blocked = blocked_ports(kernel, view, actual.tables.get("nat", OwnedTable()))
+    dns_ports = read_dns_ports(state_dir, sorted(wired))
+    desired = desired_node(view, node, wired, dns_ports, blocked)
+    node_plan = plan_node(desired, actual, stray)
     lb_plan = lb.plan(lb_specs(view, node, node_id), names.lb_netns_prefix(node_id))
     return node_plan, lb_plan
 

@@ -213,8 +213,32 @@ def node_tables(
     }
 
 
-def ingress_rules(view: ClusterView, node: str) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
-    """The published ports of every service, as (DNAT rules, masquerade rules).
+def published_ports(view: ClusterView) -> dict[tuple[int, str], str]:
+    """(port, protocol) → the id of the service that publishes it."""
+    return {
+        (port.published, port.protocol): service.id
+        for service in view.services.values()
+        for port in service.ports
+    }
+
+
+def ports_in_use(nat: OwnedTable) -> set[tuple[int, str]]:
+    """The (port, protocol) pairs the node's MESH-INGRESS chain catches now."""
+    return {
+        (int(value), match.name)
+        for rule in nat.chains.get(INGRESS_CHAIN, ())
+        for match in rule.matches
+        if match.name in ("tcp", "udp")
+        for key, value in match.args
+        if key == "dport"
+    }
+
+
+def ingress_rules(
+    view: ClusterView, node: str, blocked: Collection[tuple[int, str]] = ()
+) -> tuple[tuple[Rule, ...], tuple[Rule, ...]]:
+    """The published ports of every service, as (DNAT rules, masquerade rules); ports in
+    `blocked` (held by another process on this node) are left to that process.
 
     mode=ingress (traffic=cluster): port → the service's VIP on the ingress network, whose
     load-balancer namespace (swarm's ingress_sbox) spreads over every healthy task; masqueraded,
@@ -236,6 +260,8 @@ def ingress_rules(view: ClusterView, node: str) -> tuple[tuple[Rule, ...], tuple
             if t.service_id == service.id and serving(t) and first in t.addresses
         )
         for port in service.ports:
+            if (port.published, port.protocol) in blocked:
+                continue
             proto = port.protocol
             published = (Match(proto, opts(dport=str(port.published))),)
             if port.mode == "ingress" and port.traffic == "cluster":
@@ -288,9 +314,11 @@ def desired_node(
     node: str,
     wired_tasks: Collection[str],
     dns_ports: Mapping[str, tuple[int, int]] | None = None,
+    blocked_ports: Collection[tuple[int, str]] = (),
 ) -> NodeSpec:
     """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops);
-    dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them.
+    dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them;
+    blocked_ports: published ports another process of the node holds (not taken over).
 
     Every network gets its bridge on every node, so DNS and load balancing never wait for one.
     """
@@ -307,7 +335,7 @@ def desired_node(
         spec = container_spec(view, container) if container.node == node else None
         if spec is not None:
             tasks[container.id] = spec
-    tables = node_tables(networks, ingress_rules(view, node))
+    tables = node_tables(networks, ingress_rules(view, node, blocked_ports))
     return NodeSpec(bridges=bridges, tasks=tasks, tables=tables)
 
 

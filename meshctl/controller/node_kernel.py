@@ -15,8 +15,17 @@ from kernel.iptables import OwnedTable
 from kernel.links import Link, Route
 from kernel.system import Kernel
 from meshctl.controller import names
-from meshctl.controller.node import BridgeSpec, NodePlan, NodeSpec, TaskLinkSpec, TaskNetSpec
+from meshctl.controller.node import (
+    BridgeSpec,
+    NodePlan,
+    NodeSpec,
+    TaskLinkSpec,
+    TaskNetSpec,
+    ports_in_use,
+    published_ports,
+)
 from meshctl.controller.tables import table_change
+from meshctl.controller.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
 
@@ -178,3 +187,12 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
 
 def empty_tables() -> dict[str, OwnedTable]:
     return {table: OwnedTable() for table in TABLES}
+
+
+def blocked_ports(kernel: Kernel, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
+    """Published ports another process of the node holds; a port that the node's MESH-INGRESS
+    chain (`nat`, as observed) already catches stays meshctl's."""
+    wanted = set(published_ports(view))
+    if not wanted:
+        return set()
+    return (set(kernel.sockets.bound_ports(NODE)) & wanted) - ports_in_use(nat)

@@ -56,6 +56,8 @@ class Supervisor:
     open_connections: Callable[[Task], int] = lambda task: 0
     wake: Callable[[], None] = lambda: None
     tasks: dict[str, Local] = field(default_factory=dict)
+    # service id → why one of its published ports is not published on this node
+    port_errors: dict[str, str] = field(default_factory=dict)
 
     # -- the pass ------------------------------------------------------------------------------
 
@@ -277,6 +279,12 @@ class Supervisor:
             updated = dataclasses.replace(updated, pid=None, start_time=None)
         if updated.health != local.health:
             updated = dataclasses.replace(updated, health=local.health)
+        port_error = self.port_errors.get(task.service_id)
+        if port_error and updated.error != port_error:
+            updated = dataclasses.replace(updated, error=port_error)
+            updated = updated.with_event(now, updated.state, port_error)
+        elif not port_error and updated.error.startswith("published port "):
+            updated = dataclasses.replace(updated, error="")
         if updated == task:
             return
         try:

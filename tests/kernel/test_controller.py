@@ -30,7 +30,7 @@ def _create(mesh: Mesh, name: str, network: str, replicas: int, *extra: str) -> 
 
 
 def _tcp(mesh: Mesh, task_id: str, address: str) -> subprocess.CompletedProcess[str]:
-    return mesh.in_task(task_id, "socat", "-T2", "-", f"TCP:{address}:80,connect-timeout=2")
+    return mesh.in_task(task_id, "socat", "-T5", "-", f"TCP:{address}:80,connect-timeout=5")
 
 
 def _ping(mesh: Mesh, task_id: str, address: str) -> int:

@@ -43,8 +43,11 @@ def world(node_ns: str, netns_factory: NetnsFactory, tmp_path: Path) -> Iterator
 
 
 def _ask(ns: str, port: int, udp: bool = False) -> str:
-    target = f"UDP:{NODE_IP}:{port}" if udp else f"TCP:{NODE_IP}:{port},connect-timeout=2"
-    cmd = ["ip", "netns", "exec", ns, "sh", "-c", f"echo x | socat -T1 - {target}"]
+    # TCP ends when the server closes (-T only bounds a hang); a UDP ask waits out -T after the
+    # answer, so it stays short there.
+    target = f"UDP:{NODE_IP}:{port}" if udp else f"TCP:{NODE_IP}:{port},connect-timeout=5"
+    idle = "-T2" if udp else "-T5"
+    cmd = ["ip", "netns", "exec", ns, "sh", "-c", f"echo x | socat {idle} - {target}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
 
 
@@ -104,3 +107,24 @@ def test_local_publishing_keeps_the_client_address(world: tuple[Mesh, str], publ
     assert {a.split()[1] for a in answers} == {CLIENT_IP}, answers
     udp = _ask(client, 8001, udp=True)
     assert udp.split()[1] == CLIENT_IP
+
+
+def test_a_port_held_on_the_node_is_left_to_its_process_and_reported(
+    world: tuple[Mesh, str],
+) -> None:
+    mesh, client = world
+    # Another process of the node listens on 8002 (the CLI, outside the node, cannot see it).
+    holder = subprocess.Popen(["ip", "netns", "exec", mesh.node_ns, "socat",
+                               "TCP-LISTEN:8002,reuseaddr,fork", "SYSTEM:echo holder"])  # fmt: skip
+    try:
+        wait_for(lambda: _ask(client, 8002) == "holder", 10, "the holder listening")
+        _service(mesh, "8002:80", replicas=1)
+        message = "published port 8002/tcp is in use on node node1"
+        wait_for(lambda: message in mesh.ps("web")[0]["error"], 10, "the error in service ps")
+        assert message in mesh.cli("service", "ps", "web").stdout
+        assert "-m tcp --dport 8002" not in mesh.in_node("iptables-legacy-save", "-t", "nat").stdout
+        assert _ask(client, 8002) == "holder"  # still the holder's port
+        assert _ask(client, 8002, udp=True).startswith("web.1")  # the free UDP port works
+    finally:
+        holder.kill()
+        holder.wait()

@@ -55,7 +55,7 @@ def _converged(mesh: Mesh) -> None:
 
 def _get(mesh: Mesh, client: dict, address: str, port: int = 80) -> str:  # type: ignore[type-arg]
     return mesh.in_task(
-        client["id"], "socat", "-T2", "-", f"TCP:{address}:{port},connect-timeout=2"
+        client["id"], "socat", "-T5", "-", f"TCP:{address}:{port},connect-timeout=5"
     ).stdout.strip()
 
 
@@ -77,7 +77,7 @@ def test_vip_spreads_over_replicas_and_dns_answers(mesh: Mesh) -> None:
     assert set(counts) == {"web.1", "web.2", "web.3"}, counts
     assert all(10 <= n <= 30 for n in counts.values()), counts
     udp = collections.Counter(
-        mesh.in_task(client["id"], "sh", "-c", f"echo x | socat -T1 - UDP:{vip}:81").stdout.strip()
+        mesh.in_task(client["id"], "sh", "-c", f"echo x | socat -T2 - UDP:{vip}:81").stdout.strip()
         for _ in range(30)
     )
     assert set(udp) == {"web.1", "web.2", "web.3"}, udp

@@ -323,3 +323,19 @@ def test_the_routing_mesh_network_is_made_joined_and_left_as_ports_change(run: A
     assert networks() == ["front"]  # host mode does not go through the mesh
     refused = run("service", "update", "web", "--network", "ingress", "-d", code=1)
     assert "publish a port" in _one_line(refused)
+
+
+def test_a_published_port_in_use_here_is_refused_at_create(run: Any) -> None:
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        run("network", "create", "front", "--subnet", "10.46.0.0/24")
+        refused = run("service", "create", "--name", "web", "--network", "front",
+                      "--publish", f"{port}:80", "-d", "--", "true", code=1)  # fmt: skip
+        assert f"published port {port}/tcp is already in use" in _one_line(refused)
+        assert json.loads(run("service", "ls", "--format", "json").stdout) == []
+        run("service", "create", "--name", "web", "--network", "front",
+            "--publish", f"{port}:80/udp", "-d", "--", "true")  # fmt: skip

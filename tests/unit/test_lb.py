@@ -12,6 +12,7 @@ from kernel.fake.conntrack import FakeConntrack
 from kernel.fake.iptables import FakeIptables
 from kernel.fake.ipvs import FakeIpvs
 from kernel.fake.links import FakeLinks
+from kernel.fake.sockets import FakeSockets
 from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
 from kernel.iptables import Match, TableChange, opts, validate
@@ -161,6 +162,7 @@ class Fake:
             self.iptables,
             self.ipvs,
             self.conntrack,
+            FakeSockets(self.world),
         )
         self.reconciler = LbReconciler(kernel, backend)
         self.links.ensure_bridge(None, spec().bridge)
