@@ -5,6 +5,8 @@ stop finishing, a back-off or health deadline, the resync period — and runs ea
 worker thread, so passes never overlap. A pass: read the store once, claim and adopt tasks,
 build the node's desired kernel objects, observe the kernel, apply the difference, check that
 a second diff is empty, then start, restart and stop task processes and write their states.
+The load balancers are observed in full once per resync period; passes in between apply only
+the services whose spec changed (their cost follows the change, not the number of services).
 SIGTERM ends the loop and leaves every task running; a restarted controller adopts them.
 """
 
@@ -76,6 +78,7 @@ class Controller:
         )
         self._adopted = False
         self._last_heartbeat = 0.0
+        self._last_full_lb = -float("inf")  # monotonic time of the last full LB observe
         self._last_view: ClusterView | None = None
         self._dns_view: DnsView | None = None
         self._dns_ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
@@ -160,8 +163,17 @@ class Controller:
             self._dns_view = records
 
     def _sync_lb(self, view: ClusterView) -> None:
+        """The load balancers: a full observe once per resync period (it repairs drift and
+        checks convergence); in between, only the services whose spec changed."""
         specs = lb_specs(view, self.node, self.node_id)
         prefix = names.lb_netns_prefix(self.node_id)
+        now = time.monotonic()
+        if now - self._last_full_lb < self.resync_period:
+            plan = self.lb.sync_changed(specs, prefix)
+            if not plan.empty:
+                log.info("applied load-balancer changes to %d namespace(s)", len(plan.changes))
+            return
+        self._last_full_lb = now
         plan = self.lb.plan(specs, prefix)
         if plan.empty:
             return

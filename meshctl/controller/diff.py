@@ -19,7 +19,8 @@ from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
 from meshctl.controller.node_kernel import blocked_ports, observe_node
 from meshctl.controller.view import ClusterView
-from meshctl.lb.reconcile import LbPlan, LbReconciler
+from meshctl.lb.plan import LbPlan
+from meshctl.lb.reconcile import LbReconciler
 from meshctl.runtime import read_start_time
 
 DNS_PORTS_FILE = "dns-ports"

@@ -2,41 +2,33 @@
 
 Per network an `LbSpec` says what its LB namespace should hold; `observe` reads what it holds
 (leg, addresses, sysctls, owned iptables tables, IPVS services in meshctl's fwmark range, UDP
-flows), `diff` computes the smallest change, `apply` makes it. `sync` does it for every network
-of the node and deletes the node's LB namespaces that are no longer desired, and nothing else.
+flows), `meshctl.lb.plan` computes the smallest change, `apply` makes it. `sync` does it for
+every network of the node and deletes the node's LB namespaces that are no longer desired, and
+nothing else. `sync_changed` is the fast path between full syncs: it reads nothing back and
+changes only the VIPs whose spec differs from the one it last applied.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
-from kernel.conntrack import UdpFlow
 from kernel.errors import NotFound, Unsupported
 from kernel.features import pick_lb_backend
-from kernel.iptables import OwnedTable, TableChange
-from kernel.ipvs import Destination, VirtualService
-from kernel.links import Link
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.controller import names
-from meshctl.controller.tables import table_change
+from meshctl.lb.plan import Ipvs, LbObserved, LbPlan, NsChange, diff, vip_change
 from meshctl.lb.spec import (
     LB_INTERFACE,
     BackendKind,
     LbSpec,
-    addresses,
-    iptables_tables,
-    ipvs_state,
     is_owned_service,
     lb_node_end,
     sysctls,
 )
 
 TABLES = ("mangle", "nat", "filter")  # mangle first: nat's SNAT matches the mark set there
-
-Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 
 
 def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> BackendKind:
@@ -49,146 +41,6 @@ def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> Backend
     if wanted not in ("ipvs", "iptables"):
         raise ValueError(f"load-balancer backend {wanted!r}: use auto, ipvs or iptables")
     return "ipvs" if wanted == "ipvs" else "iptables"
-
-
-@dataclass(frozen=True)
-class LbObserved:
-    """What one LB namespace holds, in the shapes the spec builders produce."""
-
-    netns: str
-    exists: bool = False
-    node_end: Link | None = None  # the veth end on the node, enslaved to the bridge
-    inside: Link | None = None  # eth0 in the LB namespace
-    addresses: frozenset[str] = frozenset()
-    sysctls: Mapping[str, str | None] = field(default_factory=dict)  # None: key missing
-    tables: Mapping[str, OwnedTable] = field(default_factory=dict)
-    ipvs: Ipvs = field(default_factory=dict)  # meshctl's fwmark services only
-    udp_flows: frozenset[UdpFlow] = frozenset()
-
-
-@dataclass(frozen=True)
-class NsChange:
-    """The change that brings one LB namespace to its spec, in the order `apply` makes it."""
-
-    spec: LbSpec
-    create_netns: bool = False
-    ensure_leg: bool = False
-    sysctls: Mapping[str, str] = field(default_factory=dict)
-    add_addresses: tuple[str, ...] = ()
-    tables: Mapping[str, TableChange] = field(default_factory=dict)
-    ensure_services: tuple[VirtualService, ...] = ()
-    ensure_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
-    delete_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
-    delete_services: tuple[VirtualService, ...] = ()
-    delete_addresses: tuple[str, ...] = ()
-    stale_udp: tuple[UdpFlow, ...] = ()  # flows pinned to backends that are gone
-
-    @property
-    def empty(self) -> bool:
-        return not any(
-            (
-                self.create_netns,
-                self.ensure_leg,
-                self.sysctls,
-                self.add_addresses,
-                self.tables,
-                self.ensure_services,
-                self.ensure_destinations,
-                self.delete_destinations,
-                self.delete_services,
-                self.delete_addresses,
-                self.stale_udp,
-            )
-        )
-
-
-@dataclass(frozen=True)
-class LbPlan:
-    """Changes to the desired LB namespaces, and the node's LB namespaces to delete."""
-
-    changes: tuple[NsChange, ...] = ()
-    delete_netns: tuple[str, ...] = ()
-
-    @property
-    def empty(self) -> bool:
-        return not self.changes and not self.delete_netns
-
-
-def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
-    end, inside = observed.node_end, observed.inside
-    return (
-        end is not None
-        and end.kind == "veth"
-        and end.master == spec.bridge
-        and end.up
-        and inside is not None
-        and inside.kind == "veth"
-        and inside.up
-    )
-
-
-Pairs = tuple[tuple[VirtualService, Destination], ...]
-
-
-def _ipvs_change(
-    desired: Ipvs, observed: Ipvs
-) -> tuple[tuple[VirtualService, ...], Pairs, Pairs, tuple[VirtualService, ...]]:
-    """IPVS services to ensure, destinations to ensure and delete, services to delete,
-    compared by the kernel's keys."""
-    have = {svc.key: (svc, dests) for svc, dests in observed.items()}
-    ensure_services: list[VirtualService] = []
-    ensure_dests: list[tuple[VirtualService, Destination]] = []
-    delete_dests: list[tuple[VirtualService, Destination]] = []
-    for svc, dests in desired.items():
-        old_svc, old_dests = have.get(svc.key, (None, ()))
-        if old_svc != svc:
-            ensure_services.append(svc)
-        old = {d.key: d for d in old_dests}
-        ensure_dests += [(svc, d) for d in dests if old.get(d.key) != d]
-        wanted = {d.key for d in dests}
-        delete_dests += [(svc, d) for d in old_dests if d.key not in wanted]
-    wanted_keys = {svc.key for svc in desired}
-    delete_services = tuple(svc for svc in observed if svc.key not in wanted_keys)
-    return tuple(ensure_services), tuple(ensure_dests), tuple(delete_dests), delete_services
-
-
-def _stale_udp(spec: LbSpec, flows: frozenset[UdpFlow]) -> tuple[UdpFlow, ...]:
-    """Balanced UDP flows whose backend is no longer one of its VIP's (draining ones stay)."""
-    backends = {v.vip: {b.address for b in v.backends} for v in spec.vips}
-    return tuple(
-        sorted(
-            (f for f in flows if f.vip != f.backend and f.backend not in backends.get(f.vip, ())),
-            key=lambda f: (f.vip, f.backend),
-        )
-    )
-
-
-def diff(spec: LbSpec, observed: LbObserved, backend: BackendKind) -> NsChange:
-    """The smallest change from observed to spec for one LB namespace (empty when converged)."""
-    want_sysctls = sysctls(spec, backend)
-    want_addresses = addresses(spec)
-    tables = {}
-    for table, desired in iptables_tables(spec, backend).items():
-        change = table_change(desired, observed.tables.get(table, OwnedTable()))
-        if change is not None:
-            tables[table] = change
-    ensure_svcs, ensure_dests, delete_dests, delete_svcs = _ipvs_change(
-        ipvs_state(spec) if backend == "ipvs" else {}, observed.ipvs
-    )
-    return NsChange(
-        spec=spec,
-        create_netns=not observed.exists,
-        ensure_leg=not _leg_ok(spec, observed),
-        sysctls={k: v for k, v in want_sysctls.items() if observed.sysctls.get(k) != v},
-        add_addresses=tuple(sorted(want_addresses - observed.addresses)),
-        tables=tables,
-        ensure_services=ensure_svcs,
-        ensure_destinations=ensure_dests,
-        delete_destinations=delete_dests,
-        delete_services=delete_svcs,
-        delete_addresses=tuple(sorted(observed.addresses - want_addresses)),
-        stale_udp=_stale_udp(spec, observed.udp_flows),
-    )
 
 
 def _cidr(cidr: str) -> str:
@@ -208,6 +60,10 @@ class LbReconciler:
         self.kernel = kernel
         self.backend = backend
         self.node_ns = node_ns
+        # The spec each LB namespace is known to hold: set when a change to it was applied or a
+        # full observe found it converged, dropped before a change is made (a failed apply
+        # leaves it unknown, so the next pass observes it).
+        self._applied: dict[str, LbSpec] = {}
 
     def observe(self, spec: LbSpec) -> LbObserved:
         """Read the LB namespace of spec's network (spec names its leg and sysctls)."""
@@ -243,8 +99,33 @@ class LbReconciler:
 
     def plan(self, desired: Sequence[LbSpec], owned_prefix: str) -> LbPlan:
         """Observe every desired LB namespace and every one of this node; the changes to make."""
+        return self._plan(desired, owned_prefix, self._observed_change)
+
+    def plan_changes(self, desired: Sequence[LbSpec], owned_prefix: str) -> LbPlan:
+        """The changes to make, read from what this reconciler last applied: only namespaces
+        it knows nothing of (or whose frame changed) are observed."""
+
+        def change(spec: LbSpec) -> NsChange:
+            applied = self._applied.get(spec.netns)
+            known = vip_change(applied, spec, self.backend) if applied is not None else None
+            return known if known is not None else self._observed_change(spec)
+
+        return self._plan(desired, owned_prefix, change)
+
+    def _observed_change(self, spec: LbSpec) -> NsChange:
+        change = self.diff(spec, self.observe(spec))
+        if change.empty:
+            self._applied[spec.netns] = spec
+        return change
+
+    def _plan(
+        self,
+        desired: Sequence[LbSpec],
+        owned_prefix: str,
+        change: Callable[[LbSpec], NsChange],
+    ) -> LbPlan:
         _check_prefix(owned_prefix, desired)
-        changes = tuple(c for c in (self.diff(s, self.observe(s)) for s in desired) if not c.empty)
+        changes = tuple(c for c in map(change, desired) if not c.empty)
         wanted = {s.netns for s in desired}
         stale = tuple(n for n in self.kernel.netns.list_namespaces(owned_prefix) if n not in wanted)
         return LbPlan(changes, stale)
@@ -252,8 +133,11 @@ class LbReconciler:
     def apply(self, plan: LbPlan) -> None:
         """Make the plan: each namespace's change in dependency order, then the deletions."""
         for change in plan.changes:
+            self._applied.pop(change.spec.netns, None)
             self._apply_change(change)
+            self._applied[change.spec.netns] = change.spec
         for ns in plan.delete_netns:
+            self._applied.pop(ns, None)
             # The node end goes first, explicitly: a namespace dies only when unreferenced.
             self.kernel.links.delete_link(self.node_ns, lb_node_end(ns.rsplit("-", 1)[1]))
             self.kernel.netns.delete(ns)
@@ -265,6 +149,13 @@ class LbReconciler:
         deleted; no other namespace is ever touched.
         """
         plan = self.plan(desired, owned_prefix)
+        self.apply(plan)
+        return plan
+
+    def sync_changed(self, desired: Sequence[LbSpec], owned_prefix: str) -> LbPlan:
+        """`sync` without reading back what it already knows: a change to one service costs
+        that service's rules. What drifted behind its back waits for the next `sync`."""
+        plan = self.plan_changes(desired, owned_prefix)
         self.apply(plan)
         return plan
 

@@ -1,0 +1,257 @@
+"""What to change in the load-balancer namespaces of one node: pure diffs, no kernel access.
+
+`diff` compares an LB namespace's spec with what `LbReconciler.observe` read from it. The change
+tracker, `vip_change`, compares the spec last applied with the desired one and builds the change
+from the VIPs that differ alone, without reading the kernel: one service's change costs that
+service's rules, whatever the number of services (kube-proxy's partial sync). The periodic full
+resync observes everything and repairs whatever drifted meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+from kernel.conntrack import UdpFlow
+from kernel.iptables import OwnedTable, Rule, TableChange
+from kernel.ipvs import Destination, VirtualService
+from kernel.links import Link
+from meshctl.controller.tables import table_change
+from meshctl.lb.spec import (
+    MARK_CHAIN,
+    POSTROUTING_CHAIN,
+    REFUSE_CHAIN,
+    SERVICES_CHAIN,
+    BackendKind,
+    LbSpec,
+    VirtualIp,
+    addresses,
+    iptables_tables,
+    ipvs_state,
+    sysctls,
+)
+
+Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
+
+# Chains holding one rule per VIP of the network: a change that adds, removes, or (de)activates
+# a VIP rewrites them whole; a change of backends alone leaves them as they are.
+SHARED_CHAINS = frozenset({MARK_CHAIN, SERVICES_CHAIN, REFUSE_CHAIN, POSTROUTING_CHAIN})
+
+
+@dataclass(frozen=True)
+class LbObserved:
+    """What one LB namespace holds, in the shapes the spec builders produce."""
+
+    netns: str
+    exists: bool = False
+    node_end: Link | None = None  # the veth end on the node, enslaved to the bridge
+    inside: Link | None = None  # eth0 in the LB namespace
+    addresses: frozenset[str] = frozenset()
+    sysctls: Mapping[str, str | None] = field(default_factory=dict)  # None: key missing
+    tables: Mapping[str, OwnedTable] = field(default_factory=dict)
+    ipvs: Ipvs = field(default_factory=dict)  # meshctl's fwmark services only
+    udp_flows: frozenset[UdpFlow] = frozenset()
+
+
+@dataclass(frozen=True)
+class NsChange:
+    """The change that brings one LB namespace to its spec, in the order `apply` makes it."""
+
+    spec: LbSpec
+    create_netns: bool = False
+    ensure_leg: bool = False
+    sysctls: Mapping[str, str] = field(default_factory=dict)
+    add_addresses: tuple[str, ...] = ()
+    tables: Mapping[str, TableChange] = field(default_factory=dict)
+    ensure_services: tuple[VirtualService, ...] = ()
+    ensure_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
+    delete_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
+    delete_services: tuple[VirtualService, ...] = ()
+    delete_addresses: tuple[str, ...] = ()
+    stale_udp: tuple[UdpFlow, ...] = ()  # flows pinned to backends that are gone
+
+    @property
+    def empty(self) -> bool:
+        return not any(
+            (
+                self.create_netns,
+                self.ensure_leg,
+                self.sysctls,
+                self.add_addresses,
+                self.tables,
+                self.ensure_services,
+                self.ensure_destinations,
+                self.delete_destinations,
+                self.delete_services,
+                self.delete_addresses,
+                self.stale_udp,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class LbPlan:
+    """Changes to the desired LB namespaces, and the node's LB namespaces to delete."""
+
+    changes: tuple[NsChange, ...] = ()
+    delete_netns: tuple[str, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.changes and not self.delete_netns
+
+
+def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
+    end, inside = observed.node_end, observed.inside
+    return (
+        end is not None
+        and end.kind == "veth"
+        and end.master == spec.bridge
+        and end.up
+        and inside is not None
+        and inside.kind == "veth"
+        and inside.up
+    )
+
+
+Pairs = tuple[tuple[VirtualService, Destination], ...]
+
+
+def _ipvs_change(
+    desired: Ipvs, observed: Ipvs
+) -> tuple[tuple[VirtualService, ...], Pairs, Pairs, tuple[VirtualService, ...]]:
+    """IPVS services to ensure, destinations to ensure and delete, services to delete,
+    compared by the kernel's keys."""
+    have = {svc.key: (svc, dests) for svc, dests in observed.items()}
+    ensure_services: list[VirtualService] = []
+    ensure_dests: list[tuple[VirtualService, Destination]] = []
+    delete_dests: list[tuple[VirtualService, Destination]] = []
+    for svc, dests in desired.items():
+        old_svc, old_dests = have.get(svc.key, (None, ()))
+        if old_svc != svc:
+            ensure_services.append(svc)
+        old = {d.key: d for d in old_dests}
+        ensure_dests += [(svc, d) for d in dests if old.get(d.key) != d]
+        wanted = {d.key for d in dests}
+        delete_dests += [(svc, d) for d in old_dests if d.key not in wanted]
+    wanted_keys = {svc.key for svc in desired}
+    delete_services = tuple(svc for svc in observed if svc.key not in wanted_keys)
+    return tuple(ensure_services), tuple(ensure_dests), tuple(delete_dests), delete_services
+
+
+def _stale_udp(spec: LbSpec, flows: frozenset[UdpFlow]) -> tuple[UdpFlow, ...]:
+    """Balanced UDP flows whose backend is no longer one of its VIP's (draining ones stay)."""
+    backends = {v.vip: {b.address for b in v.backends} for v in spec.vips}
+    return tuple(
+        sorted(
+            (f for f in flows if f.vip != f.backend and f.backend not in backends.get(f.vip, ())),
+            key=lambda f: (f.vip, f.backend),
+        )
+    )
+
+
+def _table_changes(
+    desired: Mapping[str, OwnedTable], held: Mapping[str, OwnedTable]
+) -> dict[str, TableChange]:
+    """One batched change per table that differs."""
+    changes = {}
+    for table, rules in desired.items():
+        change = table_change(rules, held.get(table, OwnedTable()))
+        if change is not None:
+            changes[table] = change
+    return changes
+
+
+def _objects_change(
+    spec: LbSpec, held: LbObserved, backend: BackendKind, tables: Mapping[str, TableChange]
+) -> NsChange:
+    """The addresses, IPVS entries and UDP flows to change so that `held` becomes spec's, with
+    the given table changes.
+
+    Only those fields of `held` are read: the namespace, its leg and sysctls are `diff`'s part.
+    """
+    want_addresses = addresses(spec)
+    ensure_svcs, ensure_dests, delete_dests, delete_svcs = _ipvs_change(
+        ipvs_state(spec) if backend == "ipvs" else {}, held.ipvs
+    )
+    return NsChange(
+        spec=spec,
+        add_addresses=tuple(sorted(want_addresses - held.addresses)),
+        tables=tables,
+        ensure_services=ensure_svcs,
+        ensure_destinations=ensure_dests,
+        delete_destinations=delete_dests,
+        delete_services=delete_svcs,
+        delete_addresses=tuple(sorted(held.addresses - want_addresses)),
+        stale_udp=_stale_udp(spec, held.udp_flows),
+    )
+
+
+def diff(spec: LbSpec, observed: LbObserved, backend: BackendKind) -> NsChange:
+    """The smallest change from observed to spec for one LB namespace (empty when converged)."""
+    want_sysctls = sysctls(spec, backend)
+    tables = _table_changes(iptables_tables(spec, backend), observed.tables)
+    return replace(
+        _objects_change(spec, observed, backend, tables),
+        create_netns=not observed.exists,
+        ensure_leg=not _leg_ok(spec, observed),
+        sysctls={k: v for k, v in want_sysctls.items() if observed.sysctls.get(k) != v},
+    )
+
+
+def held_by(spec: LbSpec, backend: BackendKind) -> LbObserved:
+    """What an LB namespace holds once spec has been applied to it: its addresses, tables and
+    IPVS entries, and a UDP flow to every backend (the flows that may exist)."""
+    return LbObserved(
+        netns=spec.netns,
+        exists=True,
+        addresses=addresses(spec),
+        sysctls=sysctls(spec, backend),
+        tables=iptables_tables(spec, backend),
+        ipvs=ipvs_state(spec) if backend == "ipvs" else {},
+        udp_flows=frozenset(UdpFlow(v.vip, b.address) for v in spec.vips for b in v.backends),
+    )
+
+
+def _frame(spec: LbSpec) -> tuple[str, ...]:
+    """What places an LB namespace: a change here needs a full observe, not a VIP change."""
+    return (spec.netns, spec.network_id, spec.bridge, spec.node_end, spec.lb_address_cidr)
+
+
+def _shared_part(vip: VirtualIp) -> tuple[str, str, bool]:
+    """What a VIP contributes to the shared chains (its mark, service jump, refusal)."""
+    return (vip.vip, vip.service_id, bool(vip.active))
+
+
+def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChange | None:
+    """The change from the kernel state `applied` left to `desired`'s, built from the VIPs that
+    differ alone; None when the namespace itself changed (observe it instead).
+
+    A VIP whose backends changed is compared as two one-VIP specs, so the cost follows that
+    service's size. The shared chains are rebuilt from all of `desired` only when the set of
+    VIPs or their being active changed.
+    """
+    if _frame(applied) != _frame(desired):
+        return None
+    applied_vips, desired_vips = set(applied.vips), set(desired.vips)
+    gone = tuple(v for v in applied.vips if v not in desired_vips)
+    came = tuple(v for v in desired.vips if v not in applied_vips)
+    if not gone and not came:
+        return NsChange(spec=desired)
+    old, new = held_by(replace(applied, vips=gone), backend), replace(desired, vips=came)
+    shared_changed = sorted(map(_shared_part, gone)) != sorted(map(_shared_part, came))
+    shared = iptables_tables(desired, backend) if shared_changed else {}
+    want, had = {}, {}
+    for table, rules in iptables_tables(new, backend).items():
+        # The changed VIPs' own chains; the shared chains whole, and only if they changed.
+        chains = _without_shared(rules)
+        if table in shared:
+            chains |= {c: r for c, r in shared[table].chains.items() if c in SHARED_CHAINS}
+        want[table] = OwnedTable(chains=chains)
+        had[table] = OwnedTable(chains=_without_shared(old.tables[table]))
+    change = _objects_change(new, old, backend, _table_changes(want, had))
+    return replace(change, spec=desired)
+
+
+def _without_shared(table: OwnedTable) -> dict[str, tuple[Rule, ...]]:
+    return {c: r for c, r in table.chains.items() if c not in SHARED_CHAINS}

@@ -1,0 +1,129 @@
+"""The change tracker (`sync_changed`): one service's change without reading the kernel back,
+checked against the fake kernel, where a full observe afterwards must find nothing to do."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from kernel.errors import KernelError
+from meshctl.lb.plan import vip_change
+from meshctl.lb.spec import Backend, VirtualIp, sep_chain, svc_chain
+from tests.unit.test_lb import PREFIX, Fake, spec
+from tests.unit.test_lb import fake as fake  # noqa: F401  (the fixture, over both backends)
+
+RANDOM_STEPS = 150
+
+
+def service(index: int, backends: int = 3) -> VirtualIp:
+    return VirtualIp(
+        f"svc-{index}",
+        f"s{index}",
+        f"10.0.1.{100 + index}",
+        tuple(Backend(f"10.0.1.{10 + index * 5 + b}") for b in range(backends)),
+    )
+
+
+def mutate(vips: dict[int, VirtualIp], rng: random.Random) -> None:
+    """One change a controller makes: a service comes or goes, or one backend changes."""
+    index = rng.randrange(12)
+    vip = vips.get(index)
+    if vip is None:
+        vips[index] = service(index, rng.randrange(0, 4))
+        return
+    step = rng.choice(["remove", "drain", "drop", "add", "rename"])
+    backends = list(vip.backends)
+    if step == "remove":
+        del vips[index]
+    elif step == "drain" and backends:
+        b = rng.randrange(len(backends))
+        backends[b] = replace(backends[b], weight=1 - backends[b].weight)
+    elif step == "drop" and backends:
+        backends.pop(rng.randrange(len(backends)))
+    elif step == "add" and len(backends) < 5:
+        taken = {b.address for b in backends}
+        free = [f"10.0.1.{10 + index * 5 + b}" for b in range(5)]
+        backends.append(Backend(rng.choice([a for a in free if a not in taken])))
+    elif step == "rename":  # the VIP handed to another service
+        vip = replace(vip, service_id=f"svc-{index}-{rng.randrange(1000)}")
+    vips[index] = replace(vip, backends=tuple(backends))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_changes_applied_one_by_one_converge_like_a_full_sync(fake: Fake, seed: int) -> None:
+    rng = random.Random(seed)
+    vips = {i: service(i) for i in range(6)}
+    fake.reconciler.sync_changed([spec(*vips.values())], PREFIX)
+    for _ in range(RANDOM_STEPS):
+        mutate(vips, rng)
+        desired = [spec(*vips.values())]
+
+        fake.reconciler.sync_changed(desired, PREFIX)
+
+        leftover = fake.reconciler.plan(desired, PREFIX)
+        assert leftover.empty, leftover
+
+
+def test_a_backend_change_touches_only_that_services_objects(fake: Fake) -> None:
+    vips = [service(i) for i in range(12)]
+    fake.reconciler.sync([spec(*vips)], PREFIX)
+    web = vips[5]
+    vips[5] = replace(web, backends=web.backends[:2])
+
+    (change,) = fake.reconciler.plan_changes([spec(*vips)], PREFIX).changes
+
+    if fake.reconciler.backend == "iptables":
+        (nat,) = change.tables.values()
+        assert set(nat.replace) == {svc_chain(web)}
+        assert nat.delete == (sep_chain(web, web.backends[2]),)
+    else:
+        assert change.tables == {}
+        ((_, gone),) = change.delete_destinations
+        assert gone.address == web.backends[2].address
+        assert not change.ensure_destinations and not change.ensure_services
+    assert [(f.vip, f.backend) for f in change.stale_udp] == [(web.vip, web.backends[2].address)]
+    assert not change.add_addresses and not change.delete_addresses
+
+
+def test_a_new_or_removed_service_rewrites_the_shared_chains(fake: Fake) -> None:
+    before = spec(service(1), service(2))
+    fake.reconciler.sync([before], PREFIX)
+
+    change = vip_change(before, spec(service(1)), fake.reconciler.backend)
+
+    assert change is not None
+    assert "MESH-MARK" in change.tables["mangle"].replace
+    assert change.delete_addresses == (f"{service(2).vip}/32",)
+
+
+def test_without_a_record_it_observes_and_drift_waits_for_the_full_sync(fake: Fake) -> None:
+    s = spec(service(1))
+    assert fake.reconciler.sync_changed([s], PREFIX).changes  # nothing known: observed, built
+    fake.links.delete_address(s.netns, "eth0", f"{service(1).vip}/32")
+
+    assert fake.reconciler.plan_changes([s], PREFIX).empty  # it trusts its record...
+    assert not fake.reconciler.sync([s], PREFIX).empty  # ...until the full sync repairs it
+    assert fake.reconciler.plan([s], PREFIX).empty
+
+
+def test_a_failed_apply_makes_the_next_pass_observe(
+    fake: Fake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = spec(service(1))
+    fake.reconciler.sync([s], PREFIX)
+    changed = spec(replace(service(1), backends=service(1).backends[:1]))
+    kernel = fake.reconciler.kernel
+
+    def refuse(*args: object) -> None:
+        raise KernelError("refused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kernel.iptables, "apply", refuse)
+        patch.setattr(kernel.ipvs, "delete_destination", refuse)
+        with pytest.raises(KernelError):
+            fake.reconciler.sync_changed([changed], PREFIX)
+
+    fake.reconciler.sync_changed([changed], PREFIX)
+    assert fake.reconciler.plan([changed], PREFIX).empty
