@@ -31,6 +31,7 @@ from meshctl.controller import names, updater
 from meshctl.controller.diff import write_dns_ports
 from meshctl.controller.discovery import dns_view, lb_specs
 from meshctl.controller.node import (
+    TaskNetSpec,
     container_spec,
     desired_node,
     plan_node,
@@ -79,6 +80,8 @@ class Controller:
         self._adopted = False
         self._last_heartbeat = 0.0
         self._last_full_lb = -float("inf")  # monotonic time of the last full LB observe
+        self._last_full_node = -float("inf")  # and of the node's task namespaces
+        self._wired_tasks: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
         self._last_view: ClusterView | None = None
         self._dns_view: DnsView | None = None
         self._dns_ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
@@ -198,25 +201,37 @@ class Controller:
         return total
 
     def _sync_node(self, view: ClusterView) -> None:
+        """The node's bridges, task legs and rules. Tasks known to be wired are not read back
+        between full observes (once per resync period), so a pass costs what changed."""
         containers = [
             spec
             for c in view.containers.values()
             if c.node == self.node and (spec := container_spec(view, c)) is not None
         ]
-        actual, stray = observe_node(self.kernel, containers)
+        full = time.monotonic() - self._last_full_node >= self.resync_period
+        if full:
+            self._last_full_node = time.monotonic()
+            self._wired_tasks = {}
+        actual, stray = observe_node(self.kernel, containers, self._wired_tasks)
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
             view, self.node, self.supervisor.wired(view), self._dns_ports, blocked
         )
         plan = plan_node(desired, actual, stray)
-        if not plan:
-            return
-        log.info("applying node plan %s", _summary(plan))
-        apply_node(self.kernel, plan)
-        actual, stray = observe_node(self.kernel, containers)
-        residue = plan_node(desired, actual, stray)
-        if residue:  # the convergence check: after applying, a second diff must be empty
-            log.warning("node not converged after apply: %s", _summary(residue))
+        if plan:
+            log.info("applying node plan %s", _summary(plan))
+            apply_node(self.kernel, plan)
+            rewired = {t.task_id for t in plan.wire_tasks}
+            known = {k: v for k, v in self._wired_tasks.items() if k not in rewired}
+            actual, stray = observe_node(self.kernel, containers, known)
+            residue = plan_node(desired, actual, stray)
+            if residue:  # the convergence check: after applying, a second diff must be empty
+                log.warning("node not converged after apply: %s", _summary(residue))
+        self._wired_tasks = {
+            task_id: spec
+            for task_id, spec in desired.tasks.items()
+            if spec.owns_netns and actual.tasks.get(task_id) == spec
+        }
 
     def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
         """Published ports that another process of this node holds: left to it, and said on the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from kernel.errors import KernelError
 from kernel.iptables import OwnedTable
@@ -34,13 +34,18 @@ TABLES = ("filter", "nat")
 
 
 def observe_node(
-    kernel: Kernel, containers: Iterable[TaskNetSpec] = ()
+    kernel: Kernel,
+    containers: Iterable[TaskNetSpec] = (),
+    known: Mapping[str, TaskNetSpec] | None = None,
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
     Task namespaces are found by their name; attached containers' namespaces belong to other
     runtimes and cannot be listed, so the ones desired are looked at where they should be.
+    A present task namespace listed in `known` is taken to hold what it says, unread: the
+    controller passes the tasks it wired or saw converged since its last full observe.
     """
+    known = known or {}
     node_links = {link.name: link for link in kernel.links.list_links(NODE)}
     addresses: dict[str, list[str]] = {}
     for address in kernel.links.list_addresses(NODE):
@@ -53,7 +58,8 @@ def observe_node(
     tasks: dict[str, TaskNetSpec] = {}
     for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
         task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
-        tasks[task_id] = _observe_task(kernel, task_id, ns, node_links)
+        trusted = known.get(task_id)
+        tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links)
     for container in containers:
         if os.path.exists(container.netns):
             tasks[container.task_id] = _observe_container(kernel, container, node_links)

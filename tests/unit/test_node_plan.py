@@ -89,3 +89,22 @@ def test_no_networks_means_no_rules(tmp_path: Path) -> None:
     observed, stray = observe_node(kernel)
     assert observed.bridges == {} and stray == []
     assert all(not t.chains and not t.jumps for t in observed.tables.values())
+
+
+def test_known_tasks_are_not_read_back_until_a_full_observe(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    desired = desired_node(view, "node1", set(view.tasks))
+    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    task_id = next(iter(desired.tasks))
+    kernel.netns.delete(names.task_netns(task_id))
+    kernel.netns.create(names.task_netns(task_id))  # drift: the namespace is back, empty
+
+    trusting = plan_node(desired, *observe_node(kernel, known=desired.tasks))
+    full = plan_node(desired, *observe_node(kernel))
+
+    assert not trusting
+    assert [t.task_id for t in full.wire_tasks] == [task_id]
