@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -105,6 +105,8 @@ class LinksAPI(Protocol):
     def set_mtu(self, ns: Namespace, name: str, mtu: int) -> None: ...
     def ensure_address(self, ns: Namespace, ifname: str, cidr: str) -> None: ...
     def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None: ...
+    def ensure_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None: ...
+    def delete_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None: ...
     def list_addresses(self, ns: Namespace, ifname: str | None = None) -> list[Address]: ...
     def ensure_route(self, ns: Namespace, route: Route) -> None: ...
     def delete_route(self, ns: Namespace, route: Route) -> None: ...
@@ -313,31 +315,42 @@ class Links:
     # addresses
 
     def ensure_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
-        iface = ipaddress.ip_interface(cidr)
+        self.ensure_addresses(ns, ifname, [cidr])
+
+    def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
+        self.delete_addresses(ns, ifname, [cidr])
+
+    def ensure_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
+        """Every cidr on ifname, over one socket in one namespace thread (a VIP leg holds
+        thousands); present ones are no-ops."""
+        ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]  # bad input fails before any
 
         def body(ipr: IPRoute) -> None:
             index = self._index(ipr, ns, ifname)
-            with ensuring(f"add address {cidr} to {ifname} in {where(ns)}"):
-                ipr.addr(
-                    "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-                )
+            for iface in ifaces:
+                with ensuring(f"add address {iface} to {ifname} in {where(ns)}"):
+                    ipr.addr(
+                        "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
+                    )
 
         self._run(ns, body)
 
-    def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
-        iface = ipaddress.ip_interface(cidr)
+    def delete_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
+        """No cidr left on ifname, over one socket; missing addresses (or link) are no-ops."""
+        ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]
 
         def body(ipr: IPRoute) -> None:
             found = self._find(ipr, ifname)
             if found is None:
-                return
-            with deleting(f"delete address {cidr} from {ifname} in {where(ns)}"):
-                ipr.addr(
-                    "del",
-                    index=found["index"],
-                    address=str(iface.ip),
-                    prefixlen=iface.network.prefixlen,
-                )
+                return  # the link went, and its addresses with it
+            for iface in ifaces:
+                with deleting(f"delete address {iface} from {ifname} in {where(ns)}"):
+                    ipr.addr(
+                        "del",
+                        index=found["index"],
+                        address=str(iface.ip),
+                        prefixlen=iface.network.prefixlen,
+                    )
 
         self._run(ns, body)
 

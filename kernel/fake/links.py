@@ -184,19 +184,28 @@ class FakeLinks:
     # addresses
 
     def ensure_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
-        state = self._state(ns)
-        self._link(state, ns, ifname)
-        address = Address(ifname, str(ipaddress.ip_interface(cidr)))
-        if address not in state.addresses:
-            state.addresses.append(address)
+        self.ensure_addresses(ns, ifname, [cidr])
 
     def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None:
+        self.delete_addresses(ns, ifname, [cidr])
+
+    def ensure_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
+        wanted = [Address(ifname, str(ipaddress.ip_interface(cidr))) for cidr in cidrs]
         state = self._state(ns)
-        address = Address(ifname, str(ipaddress.ip_interface(cidr)))
-        if address in state.addresses:
-            state.addresses.remove(address)
-            if not any(a.ifname == ifname for a in state.addresses):
-                self._flush_routes(state, ifname)  # the kernel's fib_disable_ip
+        self._link(state, ns, ifname)
+        present = set(state.addresses)  # a set: a VIP leg holds thousands
+        for address in wanted:
+            if address not in present:
+                state.addresses.append(address)
+                present.add(address)
+
+    def delete_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
+        unwanted = {Address(ifname, str(ipaddress.ip_interface(cidr))) for cidr in cidrs}
+        state = self._state(ns)
+        had = any(a.ifname == ifname for a in state.addresses)
+        state.addresses = [a for a in state.addresses if a not in unwanted]
+        if had and not any(a.ifname == ifname for a in state.addresses):
+            self._flush_routes(state, ifname)  # the kernel's fib_disable_ip
 
     def list_addresses(self, ns: Namespace, ifname: str | None = None) -> list[Address]:
         state = self._state(ns)

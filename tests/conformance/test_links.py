@@ -249,6 +249,76 @@ def test_addresses(kernel: KernelUnderTest) -> None:
     assert kernel.links.list_addresses(ns) == []
 
 
+def cidrs_on(kernel: KernelUnderTest, ns: str, ifname: str) -> set[str]:
+    return {a.cidr for a in kernel.links.list_addresses(ns, ifname)}
+
+
+def test_batch_address_verbs_add_and_remove_many(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("addrs")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.ensure_address(ns, "a", "10.60.0.2/32")
+    kernel.links.ensure_address(ns, "b", "10.60.0.9/32")
+    vips = [f"10.60.0.{i}/32" for i in range(1, 6)]  # 10.60.0.2 is there already
+    kernel.links.ensure_addresses(ns, "a", vips)
+    assert cidrs_on(kernel, ns, "a") == set(vips)
+    kernel.links.ensure_addresses(ns, "a", vips)  # all present: a no-op
+    kernel.links.ensure_addresses(ns, "a", [])
+    assert len(kernel.links.list_addresses(ns, "a")) == 5
+    # 10.60.0.7 was never there, 10.60.0.9 lives on b: neither is an error, b keeps its own.
+    kernel.links.delete_addresses(ns, "a", ["10.60.0.1/32", "10.60.0.7/32", "10.60.0.9/32"])
+    kernel.links.delete_addresses(ns, "a", ["10.60.0.3/32", "10.60.0.4/32"])
+    assert cidrs_on(kernel, ns, "a") == {"10.60.0.2/32", "10.60.0.5/32"}
+    assert cidrs_on(kernel, ns, "b") == {"10.60.0.9/32"}
+    kernel.links.delete_addresses(ns, "a", iter(vips))  # any iterable, gone or not
+    assert cidrs_on(kernel, ns, "a") == set()
+
+
+def test_batch_address_verbs_on_a_missing_link(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("addrsgone")
+    with pytest.raises(NotFound, match="link nope does not exist .*ensure it first"):
+        kernel.links.ensure_addresses(ns, "nope", ["10.61.0.1/32", "10.61.0.2/32"])
+    kernel.links.delete_addresses(ns, "nope", ["10.61.0.1/32"])  # gone with its link
+    assert kernel.links.list_addresses(ns) == []
+
+
+def test_batch_address_verbs_reject_a_bad_cidr_before_adding_any(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("addrsbad")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    with pytest.raises(ValueError, match="10.62.0.300"):
+        kernel.links.ensure_addresses(ns, "a", ["10.62.0.1/32", "10.62.0.300/32"])
+    assert kernel.links.list_addresses(ns, "a") == []
+
+
+def test_losing_the_last_address_in_a_batch_drops_routes(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("addrsroute")
+    up_pair(kernel, ns, "10.63.0.1/24")
+    kernel.links.ensure_addresses(ns, "a", ["10.64.0.1/24"])
+    kernel.links.ensure_route(ns, Route("default", gateway="10.63.0.254"))
+    kernel.links.delete_addresses(ns, "a", ["10.64.0.1/24"])  # the gateway's subnet stays
+    assert kernel.links.list_routes(ns) == [Route("default", "10.63.0.254", "a")]
+    kernel.links.delete_addresses(ns, "a", ["10.63.0.1/24"])
+    assert kernel.links.list_routes(ns) == []
+
+
+@pytest.mark.root
+def test_batch_addresses_answer_on_the_wire(netns_factory: NetnsFactory) -> None:
+    from kernel.links import Links
+
+    links = Links()
+    lb, client = netns_factory("lbleg"), netns_factory("client")
+    links.ensure_veth(client, "eth0", "leg0", lb)
+    links.ensure_address(client, "eth0", "10.65.0.1/24")
+    links.ensure_addresses(lb, "leg0", ["10.65.0.2/24", "10.65.1.7/32", "10.65.1.8/32"])
+    for ns, dev in ((client, "eth0"), (lb, "leg0")):
+        links.set_up(ns, dev)
+    links.ensure_route(client, Route("10.65.1.0/24", gateway="10.65.0.2"))
+    assert udp_round_trip(client, lb, "10.65.1.7") == b"pong:ping"
+    links.delete_addresses(lb, "leg0", ["10.65.1.7/32"])
+    with pytest.raises(OSError):  # the VIP is gone: lb cannot even bind it now
+        udp_round_trip(client, lb, "10.65.1.7", timeout=1)
+    assert udp_round_trip(client, lb, "10.65.1.8") == b"pong:ping"
+
+
 def test_routes_via_gateway_and_via_device(kernel: KernelUnderTest) -> None:
     ns = kernel.new_ns("route")
     up_pair(kernel, ns, "10.20.0.1/24")
