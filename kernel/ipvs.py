@@ -119,6 +119,17 @@ def destination_order(dest: Destination) -> tuple[str, int]:
     return dest.key
 
 
+@dataclass(frozen=True)
+class IpvsChange:
+    """A batch for one namespace, made in this order: services ensured, destinations ensured
+    and deleted, services deleted."""
+
+    ensure_services: tuple[VirtualService, ...] = ()
+    ensure_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
+    delete_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
+    delete_services: tuple[VirtualService, ...] = ()
+
+
 class IpvsAPI(Protocol):
     """The IPVS verbs the controller uses; kernel.fake.ipvs.FakeIpvs implements it."""
 
@@ -141,6 +152,8 @@ class IpvsAPI(Protocol):
     def list_destinations(self, ns: netns.Namespace, svc: VirtualService) -> list[Destination]: ...
 
     def snapshot(self, ns: netns.Namespace) -> dict[VirtualService, list[Destination]]: ...
+
+    def apply(self, ns: netns.Namespace, change: IpvsChange) -> None: ...
 
 
 def _netmask(family: int) -> str:
@@ -241,6 +254,56 @@ def _dump_destinations(sock: Any, svc: VirtualService) -> list[Destination]:
     return sorted(dests, key=destination_order)
 
 
+def _ensure_service(sock: Any, svc: VirtualService) -> None:
+    """Create the service, or bring an existing one to svc's scheduler, timeout and flags."""
+    with ensuring(f"add IPVS service {svc.key}"):
+        sock.service("add", service=_service_request(svc))
+        return
+    # Already there: an edit with the same values changes nothing in the kernel.
+    with calling(f"edit IPVS service {svc.key}"):
+        sock.service("set", service=_service_request(svc))
+
+
+def _delete_service(sock: Any, svc: VirtualService) -> None:
+    with deleting(f"delete IPVS service {svc.key}"):
+        sock.service("del", service=_service_request(svc))
+
+
+def _ensure_destination(sock: Any, svc: VirtualService, dest: Destination) -> None:
+    what = f"IPVS destination {dest.key} of service {svc.key}"
+    try:
+        with ensuring(f"add {what}"):
+            sock.dest("add", service=_service_request(svc), dest=_destination_request(dest))
+            return
+        with calling(f"edit {what}"):
+            sock.dest("set", service=_service_request(svc), dest=_destination_request(dest))
+    except KernelError as err:
+        if err.code != errno.EINVAL:
+            raise
+        # The kernel refuses a destination whose address is not unicast as seen from ns.
+        raise KernelError(
+            f"{err}; the destination must be a unicast address routable from the "
+            "namespace (its loopback up, its addresses and routes set)",
+            err.code,
+        ) from err
+
+
+def _delete_destination(sock: Any, svc: VirtualService, dest: Destination) -> None:
+    with deleting(f"delete IPVS destination {dest.key} of service {svc.key}"):
+        sock.dest("del", service=_service_request(svc), dest=_destination_request(dest))
+
+
+def _apply(sock: Any, change: IpvsChange) -> None:
+    for svc in change.ensure_services:
+        _ensure_service(sock, svc)
+    for svc, dest in change.ensure_destinations:
+        _ensure_destination(sock, svc, dest)
+    for svc, dest in change.delete_destinations:
+        _delete_destination(sock, svc, dest)
+    for svc in change.delete_services:
+        _delete_service(sock, svc)
+
+
 class Ipvs:
     """IpvsAPI on the real kernel through pyroute2's IPVS socket."""
 
@@ -256,25 +319,11 @@ class Ipvs:
 
     def ensure_service(self, ns: netns.Namespace, svc: VirtualService) -> None:
         """Create the service, or bring an existing one to svc's scheduler, timeout and flags."""
-
-        def run(sock: Any) -> None:
-            with ensuring(f"add IPVS service {svc.key}"):
-                sock.service("add", service=_service_request(svc))
-                return
-            # Already there: an edit with the same values changes nothing in the kernel.
-            with calling(f"edit IPVS service {svc.key}"):
-                sock.service("set", service=_service_request(svc))
-
-        _session(ns, run)
+        _session(ns, lambda sock: _ensure_service(sock, svc))
 
     def delete_service(self, ns: netns.Namespace, svc: VirtualService) -> None:
         """Delete the service and its destinations; a missing service is already done."""
-
-        def run(sock: Any) -> None:
-            with deleting(f"delete IPVS service {svc.key}"):
-                sock.service("del", service=_service_request(svc))
-
-        _session(ns, run)
+        _session(ns, lambda sock: _delete_service(sock, svc))
 
     def list_services(self, ns: netns.Namespace) -> list[VirtualService]:
         def run(sock: Any) -> list[VirtualService]:
@@ -286,37 +335,18 @@ class Ipvs:
         self, ns: netns.Namespace, svc: VirtualService, dest: Destination
     ) -> None:
         """Add the destination, or bring an existing one to dest's weight and forwarding."""
-
-        def run(sock: Any) -> None:
-            what = f"IPVS destination {dest.key} of service {svc.key}"
-            try:
-                with ensuring(f"add {what}"):
-                    sock.dest("add", service=_service_request(svc), dest=_destination_request(dest))
-                    return
-                with calling(f"edit {what}"):
-                    sock.dest("set", service=_service_request(svc), dest=_destination_request(dest))
-            except KernelError as err:
-                if err.code != errno.EINVAL:
-                    raise
-                # The kernel refuses a destination whose address is not unicast as seen from ns.
-                raise KernelError(
-                    f"{err}; the destination must be a unicast address routable from the "
-                    "namespace (its loopback up, its addresses and routes set)",
-                    err.code,
-                ) from err
-
-        _session(ns, run)
+        _session(ns, lambda sock: _ensure_destination(sock, svc, dest))
 
     def delete_destination(
         self, ns: netns.Namespace, svc: VirtualService, dest: Destination
     ) -> None:
         """Remove the destination; a missing one (or a missing service) is already done."""
+        _session(ns, lambda sock: _delete_destination(sock, svc, dest))
 
-        def run(sock: Any) -> None:
-            with deleting(f"delete IPVS destination {dest.key} of service {svc.key}"):
-                sock.dest("del", service=_service_request(svc), dest=_destination_request(dest))
-
-        _session(ns, run)
+    def apply(self, ns: netns.Namespace, change: IpvsChange) -> None:
+        """Make a batch of changes over one socket, in IpvsChange's order (not atomic: a
+        failure leaves the ones before it made, and a retry is safe)."""
+        _session(ns, lambda sock: _apply(sock, change))
 
     def list_destinations(self, ns: netns.Namespace, svc: VirtualService) -> list[Destination]:
         """The service's destinations; none for a missing service (the kernel's dump is empty)."""

@@ -12,6 +12,7 @@ from kernel.errors import NotFound
 from kernel.fake.world import FakeWorld
 from kernel.ipvs import (
     Destination,
+    IpvsChange,
     VirtualService,
     destination_order,
     service_order,
@@ -82,3 +83,13 @@ class FakeIpvs:
 
     def snapshot(self, ns: netns.Namespace) -> dict[VirtualService, list[Destination]]:
         return {svc: self.list_destinations(ns, svc) for svc in self.list_services(ns)}
+
+    def apply(self, ns: netns.Namespace, change: IpvsChange) -> None:
+        for svc in change.ensure_services:
+            self.ensure_service(ns, svc)
+        for svc, dest in change.ensure_destinations:
+            self.ensure_destination(ns, svc, dest)
+        for svc, dest in change.delete_destinations:
+            self.delete_destination(ns, svc, dest)
+        for svc in change.delete_services:
+            self.delete_service(ns, svc)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 
 from kernel.errors import NotFound, Unsupported
 from kernel.features import pick_lb_backend
+from kernel.ipvs import IpvsChange
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.controller import names
@@ -170,21 +171,21 @@ class LbReconciler:
             k.links.set_up(ns, LB_INTERFACE)
         for key, value in change.sysctls.items():
             k.sysctl.set(ns, key, value)
-        for cidr in change.add_addresses:
-            k.links.ensure_address(ns, LB_INTERFACE, cidr)
+        if change.add_addresses:
+            k.links.ensure_addresses(ns, LB_INTERFACE, change.add_addresses)
         for table in TABLES:
             if table in change.tables:
                 k.iptables.apply(ns, table, change.tables[table])
-        for svc in change.ensure_services:
-            k.ipvs.ensure_service(ns, svc)
-        for svc, dest in change.ensure_destinations:
-            k.ipvs.ensure_destination(ns, svc, dest)
-        for svc, dest in change.delete_destinations:
-            k.ipvs.delete_destination(ns, svc, dest)
-        for svc in change.delete_services:
-            k.ipvs.delete_service(ns, svc)
-        for cidr in change.delete_addresses:
-            k.links.delete_address(ns, LB_INTERFACE, cidr)
+        ipvs = IpvsChange(
+            change.ensure_services,
+            change.ensure_destinations,
+            change.delete_destinations,
+            change.delete_services,
+        )
+        if ipvs != IpvsChange():
+            k.ipvs.apply(ns, ipvs)
+        if change.delete_addresses:
+            k.links.delete_addresses(ns, LB_INTERFACE, change.delete_addresses)
         # Last: only now can no new flow reach a removed backend.
         for flow in change.stale_udp:
             k.conntrack.delete_udp_entries(ns, flow.vip, flow.backend)

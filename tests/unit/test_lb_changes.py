@@ -121,7 +121,7 @@ def test_a_failed_apply_makes_the_next_pass_observe(
 
     with monkeypatch.context() as patch:
         patch.setattr(kernel.iptables, "apply", refuse)
-        patch.setattr(kernel.ipvs, "delete_destination", refuse)
+        patch.setattr(kernel.ipvs, "apply", refuse)
         with pytest.raises(KernelError):
             fake.reconciler.sync_changed([changed], PREFIX)
 
