@@ -236,7 +236,7 @@ def test_malformed_and_odd_packets() -> None:
     assert reply and DNSRecord.parse(reply).header.rcode == RCODE.NOTIMP
 
 
-def test_rebuild_for_thousands_of_tasks_is_fast() -> None:
+def test_rebuild_for_thousands_of_tasks_answers_every_name() -> None:
     """500 VIP services of 10 tasks and one dnsrr service of 2000: rebuilt and answering."""
     tasks = tuple(
         DnsTask(f"svc{s}.{r}", f"svc{s}", {"front": f"10.{s // 250}.{s % 250}.{r}"})
@@ -250,12 +250,10 @@ def test_rebuild_for_thousands_of_tasks_is_fast() -> None:
         for s in range(500)
     ) + (DnsService("big", "dnsrr", {}, {"front": ("huge",)}, (DnsPort(80),)),)
     view = DnsView(frozenset({"front"}), services, tasks)
-    start = time.perf_counter()
+    # No timing here: speed is measured by bench/dns, never by a timed test.
     t = table("front", view=view)
-    first = ask(t, "tasks.svc499")
-    elapsed = time.perf_counter() - start
-    assert len(rdatas(first)) == 10
-    assert elapsed < 0.1, f"rebuilding 7000 tasks took {elapsed * 1000:.0f} ms"
+    assert len(rdatas(ask(t, "tasks.svc499"))) == 10
+    assert rdatas(ask(t, "svc0")) == ["10.9.0.0"]
     assert len(rdatas(ask(t, "huge", tcp=True))) == 2000
 
 
