@@ -19,7 +19,7 @@ import pytest
 
 from kernel import netns
 from kernel.errors import NotFound
-from kernel.ipvs import NO_IPVS, Destination, Ipvs, IpvsAPI, VirtualService
+from kernel.ipvs import NO_IPVS, Destination, Ipvs, IpvsAPI, IpvsChange, VirtualService
 from tests.conftest import NetnsFactory
 
 # The conformance kernel fixture, with only its real-kernel case marked as needing IPVS so the
@@ -115,6 +115,32 @@ def test_destinations_lifecycle_and_snapshot(ipvs: IpvsAPI, ns: str) -> None:
     ipvs.ensure_service(ns, v6)
     ipvs.ensure_destination(ns, v6, dest6)
     assert ipvs.list_destinations(ns, v6) == [dest6]
+
+
+@both
+def test_a_batch_applies_in_order_and_again_changes_nothing(ipvs: IpvsAPI, ns: str) -> None:
+    mark = VirtualService(fwmark=0x4D000002)
+    one, two = Destination("10.10.1.2", 0), Destination("10.10.1.3", 0)
+    build = IpvsChange(
+        ensure_services=(WEB, mark),
+        ensure_destinations=((WEB, one), (mark, one), (mark, two)),
+    )
+    ipvs.apply(ns, build)
+    ipvs.apply(ns, build)
+    assert ipvs.snapshot(ns) == {WEB: [one], mark: [one, two]}
+
+    drained = Destination("10.10.1.3", 0, weight=0)
+    ipvs.apply(
+        ns,
+        IpvsChange(
+            ensure_destinations=((mark, drained),),
+            delete_destinations=((mark, one), (WEB, two)),  # the second was never there
+            delete_services=(WEB,),
+        ),
+    )
+    assert ipvs.snapshot(ns) == {mark: [drained]}
+    with pytest.raises(NotFound):  # a destination of a missing service, as the single verb
+        ipvs.apply(ns, IpvsChange(ensure_destinations=((WEB, one),)))
 
 
 @both
