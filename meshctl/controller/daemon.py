@@ -212,7 +212,8 @@ class Controller:
         if full:
             self._last_full_node = time.monotonic()
             self._wired_tasks = {}
-        actual, stray = observe_node(self.kernel, containers, self._wired_tasks)
+        mine = {task.id for task in view.tasks_on(self.node)}
+        actual, stray = observe_node(self.kernel, containers, self._wired_tasks, mine)
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
             view, self.node, self.supervisor.wired(view), self._dns_ports, blocked
@@ -223,7 +224,7 @@ class Controller:
             apply_node(self.kernel, plan)
             rewired = {t.task_id for t in plan.wire_tasks}
             known = {k: v for k, v in self._wired_tasks.items() if k not in rewired}
-            actual, stray = observe_node(self.kernel, containers, known)
+            actual, stray = observe_node(self.kernel, containers, known, mine)
             residue = plan_node(desired, actual, stray)
             if residue:  # the convergence check: after applying, a second diff must be empty
                 log.warning("node not converged after apply: %s", _summary(residue))

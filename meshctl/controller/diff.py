@@ -63,7 +63,8 @@ def node_differences(
         for c in view.containers.values()
         if c.node == node and (spec := container_spec(view, c)) is not None
     ]
-    actual, stray = observe_node(kernel, containers)
+    mine = {task.id for task in view.tasks_on(node)}
+    actual, stray = observe_node(kernel, containers, mine=mine)
     blocked = blocked_ports(kernel, view, actual.tables.get("nat", OwnedTable()))
     dns_ports = read_dns_ports(state_dir, sorted(wired))
     desired = desired_node(view, node, wired, dns_ports, blocked)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 from kernel.errors import KernelError
 from kernel.iptables import OwnedTable
@@ -31,17 +31,21 @@ log = logging.getLogger("meshctl.node")
 
 NODE = None  # the controller's own namespace
 TABLES = ("filter", "nat")
+LEG_INDEXES = range(16)  # one hex digit in a task veth's name: at most 16 networks a task
 
 
 def observe_node(
     kernel: Kernel,
     containers: Iterable[TaskNetSpec] = (),
     known: Mapping[str, TaskNetSpec] | None = None,
+    mine: Collection[str] = (),
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
-    Task namespaces are found by their name; attached containers' namespaces belong to other
-    runtimes and cannot be listed, so the ones desired are looked at where they should be.
+    Task namespaces are found by their name, and are this node's when the store puts the task
+    here (`mine`) or a leg of it ends in this node: other nodes on the same host (test nodes,
+    benches) keep theirs. Attached containers' namespaces belong to other runtimes and cannot
+    be listed, so the ones desired are looked at where they should be.
     A present task namespace listed in `known` is taken to hold what it says, unread: the
     controller passes the tasks it wired or saw converged since its last full observe.
     """
@@ -58,6 +62,8 @@ def observe_node(
     tasks: dict[str, TaskNetSpec] = {}
     for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
         task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
+        if task_id not in mine and not _has_leg_here(task_id, node_links):
+            continue
         trusted = known.get(task_id)
         tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links)
     for container in containers:
@@ -74,6 +80,10 @@ def observe_node(
     return NodeSpec(bridges=bridges, tasks=tasks, tables=tables), stray
 
 
+def _has_leg_here(task_id: str, node_links: Mapping[str, Link]) -> bool:
+    return any(names.task_veth(task_id, index) in node_links for index in LEG_INDEXES)
+
+
 def _only(cidrs: list[str]) -> str:
     """A bridge's address if it has exactly one; anything else differs from every desired one."""
     return cidrs[0] if len(cidrs) == 1 else ",".join(sorted(cidrs))
@@ -87,7 +97,7 @@ def _observe_task(
     for address in kernel.links.list_addresses(ns):
         addresses.setdefault(address.ifname, []).append(address.cidr)
     links = []
-    for index in range(16):
+    for index in LEG_INDEXES:
         task_end = names.task_interface(index)
         node_end = names.task_veth(task_id, index)
         node_link = node_links.get(node_end)

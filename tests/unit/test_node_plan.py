@@ -103,8 +103,31 @@ def test_known_tasks_are_not_read_back_until_a_full_observe(tmp_path: Path) -> N
     kernel.netns.delete(names.task_netns(task_id))
     kernel.netns.create(names.task_netns(task_id))  # drift: the namespace is back, empty
 
-    trusting = plan_node(desired, *observe_node(kernel, known=desired.tasks))
-    full = plan_node(desired, *observe_node(kernel))
+    trusting = plan_node(desired, *observe_node(kernel, known=desired.tasks, mine=desired.tasks))
+    full = plan_node(desired, *observe_node(kernel, mine=desired.tasks))
 
     assert not trusting
     assert [t.task_id for t in full.wire_tasks] == [task_id]
+
+
+def test_another_nodes_task_namespaces_are_not_this_nodes(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    tasks = [record.name for record in store.list("task")]
+    kernel = fake_kernel()
+    foreign = names.task_netns("f0f0f0f0f0f0")  # another node's task on the same host
+    kernel.netns.create(foreign)
+    for task_id, node in zip(tasks, ("node1", "node2"), strict=True):
+        record = store.get("task", task_id)
+        assert record is not None
+        store.put("task", task_id, {**record.value, "node": node})
+    view = read_view(store)
+    desired = desired_node(view, "node1", set(tasks))
+    apply_node(kernel, plan_node(desired, *observe_node(kernel, mine={tasks[0]})))
+    kernel.netns.create(names.task_netns(tasks[1]))  # node2's, made in its own node
+
+    observed, _ = observe_node(kernel, mine={tasks[0]})
+    plan = plan_node(desired, observed)
+
+    assert set(observed.tasks) == {tasks[0]}
+    assert not plan.unwire_tasks
+    assert kernel.netns.exists(foreign)
