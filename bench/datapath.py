@@ -1,12 +1,19 @@
-"""Load-balancer data path, iptables backend: HTTP through a VIP vs the same backends directly.
+"""Load-balancer data path, iptables backend: HTTP through a VIP and through a published port
+vs the same servers directly.
 
-Builds a node namespace with a network bridge, three backend namespaces on it each running nginx
+VIP: a node namespace with a network bridge, three backend namespaces on it each running nginx
 (one worker) serving a small static file, and a client namespace on the same bridge; the LB
 namespace is built by `LbReconciler.sync` with two VIPs: one over the first backend only (the
 same server capacity as the direct path, so the ratio is the LB's cost) and one over all three.
-wrk runs in the client against the first backend directly and through each VIP, rounds
-alternating, and the bench prints a markdown table and the ratio VIP / direct. Needs root,
-nginx (nginx-light), wrk and curl.
+
+Published port: a second node run as the product runs it (tests/kernel/mesh.py: a controller
+in the node namespace, `meshctl service create --publish 8080:80` of one nginx task), and a
+client namespace outside the mesh with its own veth to the node. wrk asks nodeIP:8080 (nat
+DNAT to the service's ingress VIP, masquerade, the ingress LB namespace, the task) and the same
+task directly, routed through the node to the task's address.
+
+wrk runs every path once per round, back to back, and the bench prints a markdown table and the
+ratios to direct. Needs root, nginx (nginx-light), wrk and curl.
 
     /opt/meshvenv/bin/python bench/datapath.py [--seconds 10] [--rounds 3] [--connections 32]
 """
@@ -29,11 +36,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel import netns
-from kernel.links import Links
+from kernel.links import Links, Route
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
+
+# The root tests' mesh is reused as is; it lives under tests/, importable from the repo root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.kernel.mesh import Mesh, wait_for  # noqa: E402
 
 PREFIX = f"mbench{os.getpid()}-"
 SUBNET = "10.78.0"
@@ -41,6 +52,10 @@ LB_ADDRESS, CLIENT = f"{SUBNET}.2", f"{SUBNET}.50"
 VIP_ONE, VIP_ALL = f"{SUBNET}.100", f"{SUBNET}.101"  # over the first backend, over all three
 BACKENDS = (f"{SUBNET}.11", f"{SUBNET}.12", f"{SUBNET}.13")
 DIRECT, THROUGH_VIP = "direct to backend 1", "VIP over backend 1"
+NODE_IP, OUTSIDE = "198.51.100.1", "198.51.100.2"  # the published node's veth to the client
+TASK_SUBNET, PUBLISHED_PORT = "10.79.0.0/24", 8080
+TASK_DIRECT, PUBLISHED = "direct to the task, routed via the node", "published port nodeIP:8080"
+PRIVATE_NETNS = "MBENCH_PRIVATE_NETNS"  # set once the bench runs with its own /var/run/netns
 BODY = b"x" * 612  # the size of nginx's default index page
 
 NGINX_CONF = """
@@ -123,6 +138,7 @@ def _ms(value: str, unit: str) -> float:
 
 
 def wrk(client: str, address: str, args: argparse.Namespace, label: str) -> Run:
+    """One wrk run from client against http://address/ (address may carry a :port)."""
     out = sh(
         "nsenter", f"--net={netns.path(client)}", "wrk", "--latency", "-t", "2",
         "-c", str(args.connections), "-d", f"{args.seconds}s", f"http://{address}/",
@@ -138,15 +154,68 @@ def wrk(client: str, address: str, args: argparse.Namespace, label: str) -> Run:
     return Run(label, float(rps.group(1)), _ms(*p50.groups()), _ms(*p99.groups()), errors)
 
 
-def attach(links: Links, node: str, bridge: str, ns: str, address: str) -> None:
-    """A veth from the node's bridge to eth0 in ns with address/24."""
+def attach(links: Links, node: str, bridge: str, ns: str, address: str, prefix: int = 24) -> None:
+    """A veth from the node's bridge to eth0 in ns with address/prefix."""
     end = f"mb{uuid.uuid4().hex[:8]}"
     links.ensure_veth(node, end, "eth0", ns)
     links.set_master(node, end, bridge)
     links.set_up(node, end)
     links.set_up(ns, "lo")
-    links.ensure_address(ns, "eth0", f"{address}/24")
+    links.ensure_address(ns, "eth0", f"{address}/{prefix}")
     links.set_up(ns, "eth0")
+
+
+@contextmanager
+def published_task(stack: ExitStack, tmp: Path) -> Iterator[tuple[str, str]]:
+    """A mesh node with one nginx task published on 8080 and a client outside the mesh:
+    yields (client namespace, the task's address)."""
+    links = Links()
+    node = stack.enter_context(namespace("mesh-node"))
+    outside = stack.enter_context(namespace("outside"))
+    links.set_up(node, "lo")
+    links.set_up(outside, "lo")
+    links.ensure_veth(outside, "mbclient", "mbnode", node)
+    for ns, dev, address in ((node, "mbnode", NODE_IP), (outside, "mbclient", OUTSIDE)):
+        links.ensure_address(ns, dev, f"{address}/24")
+        links.set_up(ns, dev)
+    # The peer path: the client reaches the task's network through the node, as a router would.
+    links.ensure_route(outside, Route(TASK_SUBNET, gateway=NODE_IP))
+    root = tmp / "task"
+    root.mkdir()
+    (root / "index.html").write_bytes(BODY)
+    conf = root / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=root, address="0.0.0.0"))
+    mesh = Mesh(node, str(tmp / "state"))
+    try:
+        mesh.cli("network", "create", "front", "--subnet", TASK_SUBNET)
+        mesh.cli("service", "create", "--name", "web", "--network", "front",
+                 "--publish", f"{PUBLISHED_PORT}:80", "--stop-grace-period", "2s", "--detach",
+                 "--", "nginx", "-c", str(conf), "-e", "stderr")  # fmt: skip
+        mesh.start_controller()
+        (task,) = mesh.wait_running("web", 1)
+        try:
+            wait_for(lambda: mesh.diff().returncode == 0, 60, "the controller to converge")
+        except AssertionError as err:
+            log = Path(mesh.controller_log).read_text()[-3000:]
+            sys.exit(f"{err}\nmeshctl diff:\n{mesh.diff().stdout}\ncontroller log:\n{log}")
+        yield outside, task["addresses"]["front"]
+    finally:
+        mesh.close()
+
+
+def private_netns_dir() -> None:
+    """Re-run this bench in its own mount namespace with an empty /var/run/netns of its own.
+
+    The controller takes every task namespace (mesh-t-*) under /var/run/netns that its store
+    does not know for a leftover of its own and deletes it: on a host shared with other meshes
+    (tests, benches) it must see only this bench's namespaces.
+    """
+    if os.environ.get(PRIVATE_NETNS) == "1":
+        sh("mount", "-t", "tmpfs", "mbench-netns", netns.NETNS_DIR)
+        return
+    env = {**os.environ, PRIVATE_NETNS: "1"}
+    argv = ["unshare", "--mount", "--propagation", "private", sys.executable, *sys.argv]
+    os.execvpe("unshare", argv, env)
 
 
 def main() -> None:
@@ -158,6 +227,7 @@ def main() -> None:
     for tool in ("nginx", "wrk", "curl"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is missing: apt-get install nginx-light wrk curl")
+    private_netns_dir()
     links = Links()
     node_id, network_id = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
     one = VirtualIp("svc-one", "one", VIP_ONE, (Backend(BACKENDS[0]),))
@@ -185,10 +255,15 @@ def main() -> None:
         LbReconciler(real_kernel(), "iptables", node_ns=node).sync([spec], lb_netns_prefix(node_id))
         for address in (*BACKENDS, VIP_ONE, VIP_ALL):
             wait_serving(client, address)
+        outside, task = stack.enter_context(published_task(stack, tmp))
+        for address in (task, f"{NODE_IP}:{PUBLISHED_PORT}"):
+            wait_serving(outside, address)
         for _ in range(args.rounds):
             runs.append(wrk(client, BACKENDS[0], args, DIRECT))
             runs.append(wrk(client, VIP_ONE, args, THROUGH_VIP))
             runs.append(wrk(client, VIP_ALL, args, "VIP over 3 backends"))
+            runs.append(wrk(outside, task, args, TASK_DIRECT))
+            runs.append(wrk(outside, f"{NODE_IP}:{PUBLISHED_PORT}", args, PUBLISHED))
     report(runs, args)
 
 
@@ -196,19 +271,26 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     print(f"Data path: HTTP GET of {len(BODY)} bytes from nginx (1 worker per backend),")
     print(f"keep-alive, wrk -t2 -c{args.connections} -d{args.seconds}s in a client namespace on")
     print("the same bridge (so VIP traffic is source-NATed through the LB namespace both ways);")
+    print("published port: a client outside the mesh on its own veth to a controller-run node;")
     print(f"{os.cpu_count()} cores shared by wrk, the servers, the kernel and anything else.\n")
     print("| path | requests/s | p50 latency (ms) | p99 latency (ms) | errors |")
     print("|---|---:|---:|---:|---:|")
     for run in runs:
         latency = f"{run.p50_ms:.2f} | {run.p99_ms:.2f}"
         print(f"| {run.label} | {run.rps:,.0f} | {latency} | {run.errors} |")
-    # Each round's runs are back to back, so their ratio is the least disturbed by other load.
-    ours = [r.rps for r in runs if r.label == THROUGH_VIP]
-    theirs = [r.rps for r in runs if r.label == DIRECT]
-    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-    per_round = ", ".join(f"{r:.2f}" for r in ratios)
-    print(f"\nVIP over backend 1 / direct to it, requests/s per round: {per_round}")
-    print(f"median ratio: {statistics.median(ratios):.2f}")
+    for ours, theirs in ((THROUGH_VIP, DIRECT), (PUBLISHED, TASK_DIRECT)):
+        # Each round's runs are back to back, so their ratio is the least disturbed by other load.
+        ratios = [
+            a.rps / b.rps
+            for a, b in zip(
+                (r for r in runs if r.label == ours),
+                (r for r in runs if r.label == theirs),
+                strict=True,
+            )
+        ]
+        per_round = ", ".join(f"{r:.2f}" for r in ratios)
+        print(f"\n{ours} / {theirs}, requests/s per round: {per_round}; "
+              f"median {statistics.median(ratios):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
