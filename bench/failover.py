@@ -595,7 +595,7 @@ def report(
           + _periods(periods) + "):\n")  # fmt: skip
     print("| from the kill until | p50 (ms) | max (ms) |")
     print("|---|---:|---:|")
-    for key in rows[0]:
+    for key in rows[0] if rows else ():
         if key in ("VIP errors", "same address"):
             continue
         p50, top = stats(rows, key)
@@ -610,7 +610,7 @@ def report(
           f"{len(rows)} rounds (probe periods: {_periods(periods)}):\n")  # fmt: skip
     print("| from the flip until | p50 (s) | max (s) | reference (s) | p50 / reference |")
     print("|---|---:|---:|---:|---:|")
-    for key in rows[0]:
+    for key in rows[0] if rows else ():
         ref = back_ref if key.startswith(("back", "answers")) else gone_ref
         label = "interval" if ref == back_ref and key.startswith(("back", "answers")) else (
             "interval x retries")  # fmt: skip

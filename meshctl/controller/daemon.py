@@ -222,8 +222,8 @@ class Controller:
         if plan:
             log.info("applying node plan %s", _summary(plan))
             apply_node(self.kernel, plan)
-            rewired = {t.task_id for t in plan.wire_tasks}
-            known = {k: v for k, v in self._wired_tasks.items() if k not in rewired}
+            changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_rules}
+            known = {k: v for k, v in self._wired_tasks.items() if v.netns not in changed}
             actual, stray = observe_node(self.kernel, containers, known, mine)
             residue = plan_node(desired, actual, stray)
             if residue:  # the convergence check: after applying, a second diff must be empty

@@ -79,6 +79,8 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
         yield f"~ bridge {bridge.name} {bridge.address}"
     for task in node_plan.wire_tasks:
         yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
+    for ns, change in node_plan.task_rules:
+        yield from _table_lines(ns, "nat", change)
     for ns in node_plan.unwire_tasks:
         yield f"- task namespace {ns}"
     for link in node_plan.delete_links:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
 from meshctl.controller import names
@@ -345,6 +345,8 @@ class NodePlan:
 
     ensure_bridges: tuple[BridgeSpec, ...] = ()
     wire_tasks: tuple[TaskNetSpec, ...] = ()
+    # Tasks wired as desired but for their nat rules (a new DNS endpoint): the rules alone.
+    task_rules: tuple[tuple[str, TableChange], ...] = ()  # (task netns, its nat change)
     unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
     delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
     tables: dict[str, TableChange] = field(default_factory=dict)
@@ -353,6 +355,7 @@ class NodePlan:
         return bool(
             self.ensure_bridges
             or self.wire_tasks
+            or self.task_rules
             or self.unwire_tasks
             or self.delete_links
             or self.tables
@@ -372,13 +375,22 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         )
         if change is not None:
             tables[table] = change
+    wire, rules = [], []
+    for task_id, want in sorted(desired.tasks.items()):
+        have = actual.tasks.get(task_id)
+        if have == want:
+            continue
+        nat = table_change(want.nat, have.nat) if have is not None else None
+        if have is not None and nat is not None and replace(have, nat=want.nat) == want:
+            rules.append((want.netns, nat))
+        else:
+            wire.append(want)
     return NodePlan(
         ensure_bridges=tuple(
             b for name, b in sorted(desired.bridges.items()) if actual.bridges.get(name) != b
         ),
-        wire_tasks=tuple(
-            t for tid, t in sorted(desired.tasks.items()) if actual.tasks.get(tid) != t
-        ),
+        wire_tasks=tuple(wire),
+        task_rules=tuple(rules),
         unwire_tasks=tuple(
             t.netns
             for tid, t in sorted(actual.tasks.items())

@@ -157,6 +157,11 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> None:
             # One endpoint that cannot be wired (an attached container whose process ended)
             # must not stop the others; the next pass tries again.
             log.warning("cannot wire %s: %s", task.netns, err)
+    for ns, change in plan.task_rules:
+        try:
+            kernel.iptables.apply(ns, "nat", change)
+        except KernelError as err:
+            log.warning("cannot set the rules of %s: %s", ns, err)
     for ns in plan.unwire_tasks:
         kernel.netns.delete(ns)
     for name in plan.delete_links:

@@ -131,3 +131,23 @@ def test_another_nodes_task_namespaces_are_not_this_nodes(tmp_path: Path) -> Non
     assert set(observed.tasks) == {tasks[0]}
     assert not plan.unwire_tasks
     assert kernel.netns.exists(foreign)
+
+
+def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    tasks = set(view.tasks)
+    apply_node(kernel, plan_node(desired_node(view, "node1", tasks), *observe_node(kernel)))
+    task_id = sorted(tasks)[0]
+    desired = desired_node(view, "node1", tasks, {task_id: (40001, 40002)})
+
+    plan = plan_node(desired, *observe_node(kernel))
+
+    assert not plan.wire_tasks
+    ((ns, change),) = plan.task_rules
+    assert ns == names.task_netns(task_id) and change.replace
+    apply_node(kernel, plan)
+    assert not plan_node(desired, *observe_node(kernel))
