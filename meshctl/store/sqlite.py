@@ -67,7 +67,7 @@ class SqliteStore:
         *,
         history: int = 10_000,
         busy_timeout: float = 30.0,
-        poll_interval: float = 0.01,
+        poll_interval: float = 0.002,
     ) -> None:
         self.path = path
         self._history = history
@@ -75,6 +75,7 @@ class SqliteStore:
         self._poll_interval = poll_interval
         # sqlite3 connections are not safe to use from two threads at once: serialize.
         self._lock = threading.Lock()
+        self._written = threading.Condition()  # notified after each of this object's commits
         _create_private_file(path)
         try:
             self._db = sqlite3.connect(
@@ -168,7 +169,10 @@ class SqliteStore:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            time.sleep(min(self._poll_interval, remaining))
+            # Another process's write is seen at the next poll; this object's own writes wake
+            # the watcher at once (the controller's writes, a bench driving it).
+            with self._written:
+                self._written.wait(min(self._poll_interval, remaining))
 
     # -- writes --------------------------------------------------------------------------------
 
@@ -231,6 +235,8 @@ class SqliteStore:
                 )
             db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
             self._compact(db, revision)
+        with self._written:
+            self._written.notify_all()
         return revision, before
 
     def _compact(self, db: sqlite3.Connection, revision: int) -> None:
