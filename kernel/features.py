@@ -132,10 +132,11 @@ def _in_namespace_checks(ns: str) -> list[Check]:
         _probe(
             "iptables",
             True,
-            "install iptables (apt-get install iptables) and make the legacy backend available "
-            "(CONFIG_IP_NF_IPTABLES, ip_tables and iptable_nat modules)",
+            "meshctl needs iptables-legacy-save/-restore (Debian's iptables package) and a "
+            "kernel with legacy xtables (CONFIG_IP_NF_IPTABLES; ip_tables and iptable_nat modules)",
             lambda: Iptables().available(ns),
-            "legacy iptables filter and nat tables usable from python-iptables",
+            "legacy iptables filter and nat tables read and written by "
+            "iptables-legacy-save/-restore",
         ),
         _probe(
             "ipvs",

@@ -29,7 +29,7 @@ class Kernel:
 
 
 def real_kernel() -> Kernel:
-    """The running kernel, through pyroute2 and python-iptables."""
+    """The running kernel, through pyroute2 and the iptables-legacy tools."""
     from kernel.conntrack import Conntrack
     from kernel.iptables import Iptables
     from kernel.ipvs import Ipvs

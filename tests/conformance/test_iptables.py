@@ -7,7 +7,6 @@ The real-only tests send TCP connections through DNAT and statistic rules betwee
 
 from __future__ import annotations
 
-import shlex
 import socket
 import subprocess
 import time
@@ -16,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from kernel import netns
-from kernel.errors import KernelError
+from kernel import iptables, netns
+from kernel.errors import KernelError, Unsupported
 from kernel.fake.iptables import FakeIptables
 from kernel.iptables import (
     BUILTIN_CHAINS,
@@ -28,7 +27,9 @@ from kernel.iptables import (
     Rule,
     TableChange,
     opts,
+    parse_rule,
 )
+from meshctl.lb.spec import Backend, VirtualIp, iptables_tables, lb_spec
 from tests.conftest import NetnsFactory
 
 C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl
@@ -45,9 +46,11 @@ def is_fake(kernel: Any) -> bool:
     return isinstance(getattr(kernel, "iptables", None), FakeIptables)
 
 
-def in_ns(ns: str, *cmd: str) -> str:
+def in_ns(ns: str, *cmd: str, stdin: str | None = None) -> str:
     """Run a command inside a namespace this test created; its stdout."""
-    done = subprocess.run(["ip", "netns", "exec", ns, *cmd], capture_output=True, text=True)
+    done = subprocess.run(
+        ["ip", "netns", "exec", ns, *cmd], input=stdin, capture_output=True, text=True
+    )
     assert done.returncode == 0, f"{cmd} in {ns}: {done.stderr}"
     return done.stdout
 
@@ -57,10 +60,14 @@ def add_foreign(kernel: Any, ns: str, table: str, chain: str, rule: Rule | None 
     if is_fake(kernel):
         kernel.iptables.add_foreign(ns, table, chain, rule)
         return
-    if chain not in BUILTIN_CHAINS[table] and f":{chain} " not in whole_table(kernel, ns, table):
-        in_ns(ns, "iptables-legacy", "-t", table, "-N", chain)
-    if rule is not None:
-        in_ns(ns, "iptables-legacy", "-t", table, *shlex.split(rule.render()))
+    add_foreign_lines(ns, table, chain, *([rule.render()] if rule else []))
+
+
+def add_foreign_lines(ns: str, table: str, chain: str, *lines: str) -> None:
+    """Another tool's chain (created if missing) and rules in iptables-save syntax, real kernel."""
+    declare = [] if chain in BUILTIN_CHAINS[table] or f":{chain} " in saved(ns, table) else [chain]
+    text = "\n".join([f"*{table}", *(f":{c} - [0:0]" for c in declare), *lines, "COMMIT", ""])
+    in_ns(ns, "iptables-legacy-restore", "--noflush", stdin=text)
 
 
 def whole_table(kernel: Any, ns: str, table: str) -> str:
@@ -130,7 +137,7 @@ def test_every_rule_kind_reads_back_equal(kernel: Any, ns: str) -> None:
         "-A MESH-SVC-WEB -s 10.0.0.0/24 -d 10.0.9.9/32 -i meshbr0 -p tcp -m tcp --dport 80 "
         "-m statistic --mode random --probability 0.33333333349 "
         "-m conntrack --ctstate RELATED,ESTABLISHED -m mark --mark 0x10/0xff "
-        "-m addrtype --dst-type LOCAL -m comment --comment meshctl:svc-web "
+        '-m addrtype --dst-type LOCAL -m comment --comment "meshctl:svc-web" '
         "-j DNAT --to-destination 10.0.0.2:8080"
     )
     assert rules[4].target_args == (("set-xmark", "0x4000/0xffffffff"),)
@@ -327,6 +334,122 @@ def test_nat_target_reached_from_the_wrong_builtin_chain_fails_whole(kernel: Any
     assert whole_table(kernel, ns, "nat") == before
 
 
+def test_every_lb_rule_reads_back_equal(kernel: Any, ns: str) -> None:
+    # The load balancer's tables as its planner builds them: balanced, drained and refused VIPs.
+    backends = tuple(Backend(f"10.0.0.{20 + i}") for i in range(3))
+    vips = (
+        VirtualIp("svc-a", "a", "10.0.0.10", backends),
+        VirtualIp("svc-b", "b", "10.0.0.11", (Backend("10.0.0.30", weight=0),)),
+        VirtualIp("svc-c", "c", "10.0.0.12"),
+    )
+    ipt = api(kernel)
+    for table, owned in iptables_tables(lb_spec("n1", "net1", "10.0.0.2/24", vips)).items():
+        ipt.apply(ns, table, TableChange(replace=owned.chains, ensure_jumps=owned.jumps))
+        assert ipt.list_owned(ns, table) == owned, table
+
+
+def node_rules() -> dict[str, tuple[Rule, ...]]:
+    """Every rule shape the node planner builds (DNS, forwarding, masquerade, ingress)."""
+    dport, net = Match("tcp", opts(dport="8080")), "meshctl:net-1"
+    return {
+        "MESH-DNS": (
+            Rule(
+                "MESH-DNS",
+                "DNAT",
+                "meshctl:dns",
+                opts(to_destination="127.0.0.11:40053"),
+                destination="127.0.0.11/32",
+                protocol="udp",
+                matches=(Match("udp", opts(dport="53")),),
+            ),
+        ),
+        "MESH-FORWARD": (
+            Rule(
+                "MESH-FORWARD",
+                "ACCEPT",
+                net,
+                out_interface="meshbr1",
+                matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
+            ),
+            Rule("MESH-FORWARD", "ACCEPT", net, in_interface="meshbr1", out_interface="meshbr1"),
+            Rule("MESH-FORWARD", "DROP", net, in_interface="meshbr1", out_interface="mesh+"),
+            Rule("MESH-FORWARD", "DROP", net, out_interface="meshbr1"),
+        ),
+        "MESH-POSTROUTING": (
+            Rule("MESH-POSTROUTING", "RETURN", net, source="10.60.0.0/24", out_interface="meshbr1"),
+            Rule("MESH-POSTROUTING", "MASQUERADE", net, source="10.60.0.0/24"),
+            Rule(
+                "MESH-POSTROUTING",
+                "MASQUERADE",
+                "meshctl:svc-1",
+                destination="10.255.0.5",
+                protocol="tcp",
+                matches=(dport, Match("conntrack", opts(ctstate="DNAT"))),
+            ),
+        ),
+        "MESH-INGRESS": (
+            Rule("MESH-INGRESS", "DNAT", "meshctl:svc-1", opts(to_destination="10.255.0.5:8080"),
+                 protocol="tcp", matches=(dport,)),
+            Rule("MESH-INGRESS", "DNAT", "meshctl:svc-1", opts(to_destination="10.60.0.7:80"),
+                 protocol="tcp",
+                 matches=(dport, Match("statistic", opts(mode="random", probability=1 / 3)))),
+        ),
+    }  # fmt: skip
+
+
+def test_every_node_rule_reads_back_equal(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    chains = node_rules()
+    local = (Match("addrtype", opts(dst_type="LOCAL")),)
+    jumps = (
+        Rule("PREROUTING", "MESH-INGRESS", "meshctl:node", matches=local),
+        Rule("OUTPUT", "MESH-INGRESS", "meshctl:node", matches=local),
+        Rule("OUTPUT", "MESH-DNS", "meshctl:node"),
+        Rule("POSTROUTING", "MESH-POSTROUTING", "meshctl:node"),
+    )
+    nat = OwnedTable({c: r for c, r in chains.items() if c != "MESH-FORWARD"}, jumps)
+    ipt.apply(ns, "nat", TableChange(replace=nat.chains, ensure_jumps=nat.jumps))
+    assert ipt.list_owned(ns, "nat") == nat
+    forward = {"MESH-FORWARD": chains["MESH-FORWARD"]}
+    ipt.apply(ns, "filter", TableChange(replace=forward))
+    assert ipt.list_owned(ns, "filter").chains == forward
+
+
+@pytest.mark.parametrize(
+    "comment",
+    ["meshctl:a b", 'meshctl:say "hi"', "meshctl:it's", "meshctl:back\\slash", "meshctl:-j x -m y"],
+)
+def test_comments_with_spaces_quotes_and_backslashes_round_trip(
+    kernel: Any, ns: str, comment: str
+) -> None:
+    ipt = api(kernel)
+    rule = Rule("MESH-X", "RETURN", comment, protocol="tcp", matches=(Match("tcp", opts(dport=1)),))
+    jump = Rule("OUTPUT", "MESH-X", comment)
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-X": (rule,)}, ensure_jumps=(jump,)))
+    assert ipt.list_owned(ns, "nat") == OwnedTable({"MESH-X": (rule,)}, (jump,))
+    ipt.apply(ns, "nat", TableChange(delete_jumps=(jump,), delete=("MESH-X",)))
+    assert ipt.list_owned(ns, "nat") == OwnedTable()
+
+
+def test_create_keeps_an_existing_chain_and_missing_things_are_no_ops(kernel: Any, ns: str) -> None:
+    ipt = api(kernel)
+    rules = (Rule("MESH-A", "RETURN", C),)
+    ipt.apply(ns, "nat", TableChange(replace={"MESH-A": rules}))
+    text = whole_table(kernel, ns, "nat")
+    # Creating a chain that exists leaves its rules; deleting what is not there does nothing.
+    ipt.apply(ns, "nat", TableChange(create=("MESH-A",)))
+    ipt.apply(
+        ns,
+        "nat",
+        TableChange(
+            delete=("MESH-NEVER-MADE",),
+            delete_jumps=(Rule("OUTPUT", "MESH-A", "meshctl:node"),),
+        ),
+    )
+    assert ipt.list_owned(ns, "nat") == OwnedTable({"MESH-A": rules})
+    assert whole_table(kernel, ns, "nat") == text
+
+
 def test_available(kernel: Any, ns: str) -> None:
     assert api(kernel).available(ns) is None
 
@@ -356,6 +479,82 @@ def test_namespaces_never_see_each_others_tables(
     assert "MESH-A" not in saved(second, "nat")
     real.flush_owned(first, "nat")
     assert real.list_owned(second, "nat").chains == {"MESH-B": b}
+
+
+@pytest.mark.root
+def test_rules_are_written_as_iptables_save_prints_them(
+    netns_factory: NetnsFactory, real: Iptables
+) -> None:
+    ns = netns_factory("iptsave")
+    rules = every_kind_of_rule("MESH-SVC-WEB")
+    real.apply(ns, "nat", TableChange(create=("MESH-OTHER",), replace={"MESH-SVC-WEB": rules}))
+    lines = [line for line in saved(ns, "nat").splitlines() if line.startswith("-A MESH-SVC-WEB ")]
+    assert lines == [rule.render() for rule in rules]
+
+
+@pytest.mark.root
+def test_rules_meshctl_cannot_express_are_listed_never_fatal(
+    netns_factory: NetnsFactory, real: Iptables
+) -> None:
+    ns = netns_factory("iptodd")
+    real.apply(ns, "nat", TableChange(replace={"MESH-X": (Rule("MESH-X", "RETURN", C),)}))
+    # Negations and quotes: another tool's rules, or meshctl's edited by hand.
+    odd_jump = '-A OUTPUT ! -d 10.9.9.9/32 -m comment --comment "meshctl:node" -j MESH-X'
+    add_foreign_lines(
+        ns,
+        "nat",
+        "OUTPUT",
+        '-A OUTPUT ! -s 10.1.1.1/32 -m comment --comment "other \\"tool\\"" -j RETURN',
+        odd_jump,
+    )
+    negated, no_target = "-A MESH-X -p tcp -m tcp ! --dport 22 -j RETURN", "-A MESH-X -s 10.2.2.2"
+    add_foreign_lines(ns, "nat", "MESH-X", negated, no_target)
+    before = saved(ns, "nat")
+
+    owned = real.list_owned(ns, "nat")
+
+    (jump,) = owned.jumps
+    assert (jump.chain, jump.target, jump.comment) == ("OUTPUT", "MESH-X", "meshctl:node")
+    assert owned.chains["MESH-X"][0] == Rule("MESH-X", "RETURN", C)
+    assert [rule.target for rule in owned.chains["MESH-X"]] == ["RETURN", "RETURN", ""]
+    # A planner sees them unequal to what it wants: it rewrites the chain and drops the jump.
+    real.apply(ns, "nat", TableChange(replace={"MESH-X": ()}, delete_jumps=(jump,)))
+    assert real.list_owned(ns, "nat") == OwnedTable({"MESH-X": ()})
+    assert odd_jump not in saved(ns, "nat") and "other" in saved(ns, "nat")
+    real.apply(ns, "nat", TableChange(replace={"MESH-X": (Rule("MESH-X", "RETURN", C),)}))
+    add_foreign_lines(ns, "nat", "OUTPUT", odd_jump)
+    real.flush_owned(ns, "nat")
+    assert saved(ns, "nat") == "\n".join(
+        line for line in before.splitlines() if "MESH-X" not in line
+    )
+
+
+@pytest.mark.root
+def test_a_refused_write_names_the_line_and_what_to_do(
+    netns_factory: NetnsFactory, real: Iptables
+) -> None:
+    ns = netns_factory("iptline")
+    real.apply(
+        ns,
+        "nat",
+        TableChange(create=("MESH-B",), replace={"MESH-A": (Rule("MESH-A", "MESH-B", C),)}),
+    )
+    with pytest.raises(KernelError, match=r"line 3 failed \(input line 3: -X MESH-B\).*jumps"):
+        real.apply(ns, "nat", TableChange(delete=("MESH-B",)))
+
+
+@pytest.mark.root
+def test_missing_tools_say_which_package_to_install(
+    netns_factory: NetnsFactory, real: Iptables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = netns_factory("iptmiss")
+    monkeypatch.setattr(iptables, "RESTORE", "iptables-legacy-restore-not-installed")
+    with pytest.raises(Unsupported, match="install Debian's iptables package"):
+        real.apply(ns, "nat", TableChange(create=("MESH-A",)))
+    reason = real.available(ns)
+    assert reason is not None and "install Debian's iptables package" in reason
+    assert "\n" not in reason
+    assert real.list_owned(ns, "nat") == OwnedTable()
 
 
 SERVER, CLIENT = "10.231.0.2", "10.231.0.1"
@@ -486,3 +685,50 @@ def test_statistic_random_spreads_connections(real: Iptables, two_hosts: tuple[s
     answers = [netns.run_in(client, fetch, SERVER, 80) for _ in range(40)]
     counts = {port: answers.count(port) for port in ("8081", "8082")}
     assert sum(counts.values()) == 40 and all(counts.values()), counts
+
+
+# ---- the parser alone: iptables-save lines meshctl meets -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "rule"),
+    [
+        (
+            '-A MESH-S -d 10.1.0.1/32 -m comment --comment "meshctl:svc-a" -j MESH-SVC-A',
+            Rule("MESH-S", "MESH-SVC-A", "meshctl:svc-a", destination="10.1.0.1"),
+        ),
+        (
+            "-A MESH-S -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN --dport 80 -m comment "
+            '--comment "meshctl:a \\"b\\" \\\\ it\\\'s" -j DNAT --to-destination 1.2.3.4 --random',
+            Rule(
+                "MESH-S",
+                "DNAT",
+                'meshctl:a "b" \\ it\'s',
+                (("to-destination", "1.2.3.4"), ("random", "")),
+                protocol="tcp",
+                matches=(Match("tcp", (("tcp-flags", "FIN,SYN,RST,ACK SYN"), ("dport", "80"))),),
+            ),
+        ),
+        ("-A MESH-S -m comment --comment plain -j RETURN", Rule("MESH-S", "RETURN", "plain")),
+        ("-A MESH-S -j REJECT --reject-with icmp-port-unreachable", Rule("MESH-S", "REJECT")),
+    ],
+)
+def test_parse_rule_reads_what_iptables_save_prints(line: str, rule: Rule) -> None:
+    assert parse_rule(line) == rule
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '-A OUTPUT ! -d 10.0.0.1/32 -m comment --comment "meshctl:node" -j MESH-X',
+        '-A OUTPUT -m comment --comment "meshctl:node" -g MESH-X',
+        '-A OUTPUT -m comment --comment "meshctl:node" -m comment --comment "again" -j MESH-X',
+        '-A OUTPUT -f -m comment --comment "meshctl:node" -j MESH-X',
+        '-A OUTPUT -m comment --comment "meshctl:node"',
+    ],
+)
+def test_parse_rule_keeps_what_a_rule_cannot_express_as_text(line: str) -> None:
+    rule = parse_rule(line)
+    assert rule.chain == "OUTPUT" and rule.comment == "meshctl:node"
+    assert rule.matches == (Match("unparsed", (("rule", line),)),)
+    assert rule != Rule("OUTPUT", "MESH-X", "meshctl:node")

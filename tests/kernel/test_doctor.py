@@ -23,13 +23,16 @@ NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 REQUIRED = {"netns", "veth", "bridge", "iptables"}
 
 
-def meshctl(*args: str, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+def meshctl(
+    *args: str, prefix: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a process of its own, as a user would."""
     return subprocess.run(
         [*prefix, sys.executable, "-m", "meshctl", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
+        env=env,
         timeout=60,
         check=False,
     )
@@ -57,6 +60,7 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
     checks = {c["name"]: c for c in doc["checks"]}
     assert set(checks) == REQUIRED | {"vxlan", "ipvs", "conntrack", "br_netfilter", "ip_forward"}
     assert all(checks[name]["ok"] and checks[name]["required"] for name in REQUIRED)
+    assert "iptables-legacy-save/-restore" in checks["iptables"]["detail"]
     if ipvs_reason:  # this host: no IPVS, so iptables balances
         assert checks["ipvs"]["ok"] is False
         assert checks["ipvs"]["status"] == "missing"
@@ -87,6 +91,20 @@ def test_table_ends_with_backend_and_verdict() -> None:
     assert lines[0].split() == ["CHECK", "STATUS", "DETAIL"]
     expected = "iptables" if Ipvs().available(None) else "ipvs"
     assert lines[-2:] == [f"lb_backend: {expected}", "verdict: ok, the mesh can run here"]
+
+
+def test_without_the_iptables_tools_says_which_package_to_install() -> None:
+    # A PATH without iptables-legacy-save/-restore, as on a host without the iptables package.
+    done = meshctl("doctor", "--format", "json", env={**os.environ, "PATH": "/var/empty"})
+
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("meshctl doctor: iptables missing: ")
+    assert "iptables-legacy-save not found" in line
+    assert "install Debian's iptables package" in line
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert checks["iptables"]["ok"] is False and checks["veth"]["ok"] is True
+    assert netns.list_namespaces(features.DOCTOR_NS_PREFIX) == []
 
 
 def test_probing_leaves_the_host_unchanged() -> None:

@@ -78,14 +78,14 @@ def test_auto_backend_policy() -> None:
 
 
 def test_each_missing_required_piece_fails_with_its_own_line() -> None:
-    checks = host_like(veth="no veth; modprobe veth", iptables="no libiptc; apt-get install")
+    checks = host_like(veth="no veth; modprobe veth", iptables="no iptables-legacy-save; apt-get")
 
     out, reasons, code = render(checks, "table")
 
     assert code == 1
     assert reasons == [
         "meshctl doctor: veth missing: no veth; modprobe veth",
-        "meshctl doctor: iptables missing: no libiptc; apt-get install",
+        "meshctl doctor: iptables missing: no iptables-legacy-save; apt-get",
     ]
     assert out.splitlines()[-1] == "verdict: the mesh cannot run here: veth, iptables missing"
     assert json.loads(render(checks, "json")[0])["ok"] is False
