@@ -233,9 +233,10 @@ def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChan
     """
     if _frame(applied) != _frame(desired):
         return None
-    applied_vips, desired_vips = set(applied.vips), set(desired.vips)
-    gone = tuple(v for v in applied.vips if v not in desired_vips)
-    came = tuple(v for v in desired.vips if v not in applied_vips)
+    applied_at = {v.vip: v for v in applied.vips}
+    desired_at = {v.vip: v for v in desired.vips}
+    gone = tuple(v for v in applied.vips if desired_at.get(v.vip) != v)
+    came = tuple(v for v in desired.vips if applied_at.get(v.vip) != v)
     if not gone and not came:
         return NsChange(spec=desired)
     old, new = held_by(replace(applied, vips=gone), backend), replace(desired, vips=came)

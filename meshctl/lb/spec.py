@@ -10,6 +10,7 @@ back through the LB namespace (client and backend share the bridge).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import ipaddress
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ SVC_CHAIN_PREFIX = "MESH-SVC-"
 SEP_CHAIN_PREFIX = "MESH-SEP-"
 
 
+@functools.lru_cache(maxsize=1 << 18)  # every pass names every chain again: hash each name once
 def _short(*parts: str) -> str:
     """A stable 16-character id for chain names (28 characters at most with their prefix)."""
     digest = hashlib.sha256("/".join(parts).encode()).digest()
@@ -50,9 +52,25 @@ def sep_chain(vip: VirtualIp, backend: Backend) -> str:
     return f"{SEP_CHAIN_PREFIX}{_short(vip.service_id, vip.vip, backend.address)}"
 
 
+@functools.lru_cache(maxsize=1 << 18)  # specs are rebuilt every pass from the same addresses
+def _parsed(value: str) -> tuple[str, int]:
+    """An IPv4 address as its canonical text and its integer (ValueError if it is not one)."""
+    address = ipaddress.IPv4Address(value)
+    return str(address), int(address)
+
+
+@functools.lru_cache(maxsize=1024)
+def _interface(cidr: str) -> ipaddress.IPv4Interface:
+    return ipaddress.IPv4Interface(cidr)
+
+
+def _as_int(address: str) -> int:
+    return _parsed(address)[1]
+
+
 def _ipv4(value: str, what: str) -> str:
     try:
-        return str(ipaddress.IPv4Address(value))
+        return _parsed(value)[0]
     except ValueError:
         raise ValueError(
             f"{what} {value!r} is not an IPv4 address; give one like 10.0.1.5"
@@ -83,7 +101,7 @@ class VirtualIp:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vip", _ipv4(self.vip, f"VIP of service {self.service_name}"))
-        backends = tuple(sorted(self.backends, key=lambda b: ipaddress.IPv4Address(b.address)))
+        backends = tuple(sorted(self.backends, key=lambda b: _as_int(b.address)))
         addresses = [b.address for b in backends]
         if len(set(addresses)) != len(addresses):
             raise ValueError(
@@ -119,12 +137,13 @@ class LbSpec:
         subnet = self.subnet
         if subnet.prefixlen < 8 or subnet.prefixlen > 30:
             raise ValueError(f"network {self.network_id} subnet {subnet}: use a /8 to /30")
-        vips = tuple(sorted(self.vips, key=lambda v: ipaddress.IPv4Address(v.vip)))
+        vips = tuple(sorted(self.vips, key=lambda v: _as_int(v.vip)))
         seen = [v.vip for v in vips]
         if len(set(seen)) != len(seen):
             raise ValueError(f"network {self.network_id}: two services share a VIP ({seen})")
+        first, last = int(subnet.network_address), int(subnet.broadcast_address)
         for vip in vips:
-            if ipaddress.IPv4Address(vip.vip) not in subnet:
+            if not first <= _as_int(vip.vip) <= last:
                 raise ValueError(
                     f"VIP {vip.vip} of service {vip.service_name} is outside the network's subnet "
                     f"{subnet}; allocate it from the network's IPAM"
@@ -133,11 +152,11 @@ class LbSpec:
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Interface(self.lb_address_cidr).network
+        return _interface(self.lb_address_cidr).network
 
     @property
     def lb_address(self) -> str:
-        return str(ipaddress.IPv4Interface(self.lb_address_cidr).ip)
+        return str(_interface(self.lb_address_cidr).ip)
 
     @property
     def comment(self) -> str:
@@ -146,7 +165,7 @@ class LbSpec:
 
     def fwmark(self, vip: VirtualIp) -> int:
         """The VIP's mark: stable, unique within the network, inside meshctl's fwmark range."""
-        offset = int(ipaddress.IPv4Address(vip.vip)) - int(self.subnet.network_address)
+        offset = _as_int(vip.vip) - int(self.subnet.network_address)
         return FWMARK_BASE | offset
 
 
