@@ -3,22 +3,34 @@
 Every verb opens one rtnetlink socket inside the namespace (a thread that entered it through
 kernel.netns.run_in: cheaper than pyroute2's forked helper, and like it never creates a namespace
 by accident), does its work and closes the socket. Ensures are idempotent, deletes of missing
-objects are no-ops, and only dataclasses from this module leave it.
+objects are no-ops, and only dataclasses from this module leave it. The batch address verbs
+send many requests per write through kernel.netlink.NetlinkBatch.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
+from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 
 from kernel import netns
-from kernel.errors import AlreadyExists, NotFound, calling, deleting, ensuring, translate
+from kernel.errors import (
+    AlreadyExists,
+    NotFound,
+    calling,
+    deleting,
+    ensuring,
+    translate,
+)
+from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, NetlinkBatch, judged
 from kernel.netns import Namespace
 
 T = TypeVar("T")
@@ -172,6 +184,22 @@ def route_name(prefix: str, prefixlen: int) -> str:
     return "default" if prefixlen == 0 else f"{prefix}/{prefixlen}"
 
 
+def _address_request(kind: int, flags: int, index: int, iface: Any) -> bytes:
+    """The RTM_NEWADDR/RTM_DELADDR request pyroute2's addr() would make for iface on index."""
+    msg = ifaddrmsg()
+    ip = str(iface.ip)
+    msg["family"] = socket.AF_INET if iface.version == 4 else socket.AF_INET6
+    msg["prefixlen"] = iface.network.prefixlen
+    msg["index"] = index
+    msg["attrs"] = (
+        [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)] if iface.version == 4 else [("IFA_ADDRESS", ip)]
+    )
+    msg["header"]["type"] = kind
+    msg["header"]["flags"] = flags
+    msg.encode()
+    return bytes(msg.data)
+
+
 class Links:
     """The real link layer (pyroute2 rtnetlink); see LinksAPI."""
 
@@ -321,36 +349,34 @@ class Links:
         self.delete_addresses(ns, ifname, [cidr])
 
     def ensure_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
-        """Every cidr on ifname, over one socket in one namespace thread (a VIP leg holds
-        thousands); present ones are no-ops."""
+        """Every cidr on ifname, BATCH_SIZE requests per write (a VIP leg holds thousands);
+        present ones are no-ops. Not atomic: a failure raises naming its address, after the
+        addresses before it (and the rest of its write) are made; a retry is safe."""
         ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]  # bad input fails before any
 
         def body(ipr: IPRoute) -> None:
             index = self._index(ipr, ns, ifname)
-            for iface in ifaces:
-                with ensuring(f"add address {iface} to {ifname} in {where(ns)}"):
-                    ipr.addr(
-                        "add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen
-                    )
+            with NetlinkBatch(socket.NETLINK_ROUTE) as batch:
+                requests = (_address_request(RTM_NEWADDR, ADD_FLAGS, index, i) for i in ifaces)
+                for iface, code in zip(ifaces, batch.run(requests), strict=True):
+                    judged(ensuring(f"add address {iface} to {ifname} in {where(ns)}"), code)
 
         self._run(ns, body)
 
     def delete_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
-        """No cidr left on ifname, over one socket; missing addresses (or link) are no-ops."""
+        """No cidr left on ifname, BATCH_SIZE requests per write; missing addresses (or link)
+        are no-ops."""
         ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]
 
         def body(ipr: IPRoute) -> None:
             found = self._find(ipr, ifname)
             if found is None:
                 return  # the link went, and its addresses with it
-            for iface in ifaces:
-                with deleting(f"delete address {iface} from {ifname} in {where(ns)}"):
-                    ipr.addr(
-                        "del",
-                        index=found["index"],
-                        address=str(iface.ip),
-                        prefixlen=iface.network.prefixlen,
-                    )
+            index = found["index"]
+            with NetlinkBatch(socket.NETLINK_ROUTE) as batch:
+                requests = (_address_request(RTM_DELADDR, DELETE_FLAGS, index, i) for i in ifaces)
+                for iface, code in zip(ifaces, batch.run(requests), strict=True):
+                    judged(deleting(f"delete address {iface} from {ifname} in {where(ns)}"), code)
 
         self._run(ns, body)
 

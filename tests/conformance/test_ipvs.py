@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from kernel import netns
-from kernel.errors import NotFound
+from kernel.errors import KernelError, NotFound
 from kernel.ipvs import NO_IPVS, Destination, Ipvs, IpvsAPI, IpvsChange, VirtualService
 from tests.conftest import NetnsFactory
 
@@ -141,6 +141,62 @@ def test_a_batch_applies_in_order_and_again_changes_nothing(ipvs: IpvsAPI, ns: s
     assert ipvs.snapshot(ns) == {mark: [drained]}
     with pytest.raises(NotFound):  # a destination of a missing service, as the single verb
         ipvs.apply(ns, IpvsChange(ensure_destinations=((WEB, one),)))
+
+
+def backends(count: int, port: int = 8080) -> list[Destination]:
+    """count destinations in 10.10.2.0/23, in the order listings give (by address text)."""
+    made = [Destination(f"10.10.{2 + i // 250}.{i % 250 + 1}", port) for i in range(count)]
+    return sorted(made, key=lambda dest: dest.key)
+
+
+@both
+def test_a_batch_larger_than_a_write(ipvs: IpvsAPI, ns: str) -> None:
+    """30 services x 10 destinations: more requests than one write holds (BATCH_SIZE), with
+    entries there before (edited to what is asked) and deletes of entries never there."""
+    services = [VirtualService(f"10.10.0.{i + 2}", 80) for i in range(30)]
+    dests = {svc: backends(10 * (i + 1))[10 * i :] for i, svc in enumerate(services)}
+    ipvs.ensure_service(ns, VirtualService("10.10.0.2", 80, scheduler="wrr"))
+    ipvs.ensure_destination(ns, services[0], Destination(dests[services[0]][3].address, 8080, 5))
+    ipvs.ensure_service(ns, services[17])
+    ipvs.ensure_destination(ns, services[17], dests[services[17]][9])
+    build = IpvsChange(
+        ensure_services=tuple(services),
+        ensure_destinations=tuple((svc, dest) for svc in services for dest in dests[svc]),
+    )
+    ipvs.apply(ns, build)
+    assert ipvs.snapshot(ns) == dests
+    ipvs.apply(ns, build)  # all there: changes nothing
+    assert ipvs.snapshot(ns) == dests
+
+    # Half the destinations of every service, 40 never there, 20 services, 5 never there.
+    never = [VirtualService(f"10.10.1.{i}", 443) for i in range(5)]
+    ipvs.apply(
+        ns,
+        IpvsChange(
+            delete_destinations=(
+                *((svc, dest) for svc in services for dest in dests[svc][::2]),
+                *((svc, dest) for svc in services[:4] for dest in backends(10, port=9)),
+            ),
+            delete_services=(*services[10:], *never),
+        ),
+    )
+    assert ipvs.snapshot(ns) == {svc: dests[svc][1::2] for svc in services[:10]}
+
+
+@pytest.mark.parametrize(
+    "kernel", [pytest.param("real", marks=[pytest.mark.root, pytest.mark.ipvs])], indirect=True
+)
+def test_a_failure_deep_in_a_batch_names_its_destination(ipvs: IpvsAPI, ns: str) -> None:
+    """The kernel refuses a multicast destination, the 281st of 300: the error names it and
+    says what to do, and the destinations before it are made."""
+    dests = backends(300)
+    dests[280] = Destination("224.0.0.1", 8080)
+    with pytest.raises(KernelError, match=r"IPVS destination \('224.0.0.1', 8080\).*unicast"):
+        ipvs.apply(
+            ns,
+            IpvsChange(ensure_services=(WEB,), ensure_destinations=tuple((WEB, d) for d in dests)),
+        )
+    assert set(dests[:280]) <= set(ipvs.list_destinations(ns, WEB))
 
 
 @both

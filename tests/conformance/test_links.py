@@ -273,6 +273,69 @@ def test_batch_address_verbs_add_and_remove_many(kernel: KernelUnderTest) -> Non
     assert cidrs_on(kernel, ns, "a") == set()
 
 
+def vip_range(count: int, start: int = 0) -> list[str]:
+    """count /32s in 10.66.0.0/16, from the start-th on."""
+    return [f"10.66.{i // 256}.{i % 256}/32" for i in range(start, start + count)]
+
+
+def test_batch_address_verbs_span_many_writes(kernel: KernelUnderTest) -> None:
+    """More addresses than one write holds (BATCH_SIZE), some there before, some never."""
+    ns = kernel.new_ns("addrsmany")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    vips = vip_range(2500)
+    for cidr in vips[::300]:  # present ones scattered over several writes
+        kernel.links.ensure_address(ns, "a", cidr)
+    kernel.links.ensure_address(ns, "b", vips[1000])  # the same address on another link
+    kernel.links.ensure_addresses(ns, "a", vips)
+    assert cidrs_on(kernel, ns, "a") == set(vips)
+    kernel.links.ensure_addresses(ns, "a", vips)
+    assert len(kernel.links.list_addresses(ns, "a")) == 2500
+    # Every other address of the first 2000, and 600 that were never there.
+    gone = vips[:2000:2] + vip_range(600, start=3000)
+    kernel.links.delete_addresses(ns, "a", gone)
+    assert cidrs_on(kernel, ns, "a") == set(vips[1:2000:2] + vips[2000:])
+    assert cidrs_on(kernel, ns, "b") == {vips[1000]}
+    kernel.links.delete_addresses(ns, "a", vips)
+    assert cidrs_on(kernel, ns, "a") == set()
+
+
+@pytest.mark.root
+def test_batch_address_failure_names_its_address(netns_factory: NetnsFactory) -> None:
+    """The kernel refuses one address deep in a large batch: the error names that address,
+    the ones before it are made, and the batch without it then completes."""
+    from kernel.links import Links
+
+    links, ns = Links(), netns_factory("addrsfail")
+    links.ensure_veth(ns, "a", "b", ns)
+    vips = vip_range(700)
+    bad = "ff02::5/128"  # IPv6 multicast: the kernel refuses it
+    with pytest.raises(KernelError, match=f"add address {bad} to a in namespace {ns}: "):
+        links.ensure_addresses(ns, "a", [*vips[:400], bad, *vips[400:]])
+    assert set(vips[:400]) <= {a.cidr for a in links.list_addresses(ns, "a")}
+    links.ensure_addresses(ns, "a", vips)
+    assert {a.cidr for a in links.list_addresses(ns, "a")} == set(vips)
+
+
+@pytest.mark.root
+def test_batch_addresses_survive_dropped_acks(
+    netns_factory: NetnsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A receive buffer too small for a write's acks loses some (ENOBUFS): those writes are
+    redone one request at a time, and the result is the same."""
+    import kernel.netlink
+    from kernel.links import Links
+
+    monkeypatch.setattr(kernel.netlink, "RECEIVE_BUFFER", 4096)
+    links, ns = Links(), netns_factory("addrsnobufs")
+    links.ensure_veth(ns, "a", "b", ns)
+    vips = vip_range(600)
+    links.ensure_addresses(ns, "a", vips[::2])
+    links.ensure_addresses(ns, "a", vips)
+    assert {a.cidr for a in links.list_addresses(ns, "a")} == set(vips)
+    links.delete_addresses(ns, "a", vips[:300])
+    assert {a.cidr for a in links.list_addresses(ns, "a")} == set(vips[300:])
+
+
 def test_batch_address_verbs_on_a_missing_link(kernel: KernelUnderTest) -> None:
     ns = kernel.new_ns("addrsgone")
     with pytest.raises(NotFound, match="link nope does not exist .*ensure it first"):
