@@ -259,8 +259,13 @@ def _check_commented(rule: Rule) -> None:
         )
 
 
+_PORT_TARGETS = frozenset({"REDIRECT", "DNAT", "SNAT"})  # targets whose options may carry ports
+
+
 def _check_protocol(rule: Rule) -> None:
     """Ports need their protocol, as iptables insists (it fails with an obscure parameter error)."""
+    if rule.protocol is None and not rule.matches and rule.target not in _PORT_TARGETS:
+        return  # the common case (no ports anywhere), checked cheaply: planners write thousands
     needs: list[tuple[str, ...]] = [(m.name,) for m in rule.matches if m.name in ("tcp", "udp")]
     to = dict(rule.target_args)
     if rule.target == "REDIRECT" or ":" in to.get("to-destination", to.get("to-source", "")):

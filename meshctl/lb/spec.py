@@ -9,7 +9,6 @@ back through the LB namespace (client and backend share the bridge).
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
 import ipaddress
@@ -40,8 +39,8 @@ SEP_CHAIN_PREFIX = "MESH-SEP-"
 @functools.lru_cache(maxsize=1 << 18)  # every pass names every chain again: hash each name once
 def _short(*parts: str) -> str:
     """A stable 16-character id for chain names (28 characters at most with their prefix)."""
-    digest = hashlib.sha256("/".join(parts).encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    # 64 bits of SHA-256 in hex: base64's base32 is pure Python and cost 11 us a name.
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:16].upper()
 
 
 def svc_chain(vip: VirtualIp) -> str:
