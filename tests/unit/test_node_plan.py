@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernel.system import fake_kernel
+from kernel.system import Kernel, fake_kernel
 from meshctl import ops
 from meshctl.controller import names
-from meshctl.controller.node import desired_node, plan_node
+from meshctl.controller.node import NodeSpec, desired_node, plan_node
 from meshctl.controller.node_kernel import apply_node, observe_node
-from meshctl.controller.view import read_view
+from meshctl.controller.view import ClusterView, read_view
 from meshctl.model import NetworkAttachment, Service
 from meshctl.store.sqlite import SqliteStore
 
@@ -28,6 +28,18 @@ def _store(tmp_path: Path) -> SqliteStore:
         ),
     )
     return store
+
+
+def _wired_node(tmp_path: Path) -> tuple[ClusterView, Kernel, NodeSpec]:
+    """Both tasks on node1, wired in a fake kernel as desired."""
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    desired = desired_node(view, "node1", set(view.tasks))
+    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    return view, kernel, desired
 
 
 def test_apply_converges_and_a_second_plan_is_empty(tmp_path: Path) -> None:
@@ -56,13 +68,7 @@ def test_apply_converges_and_a_second_plan_is_empty(tmp_path: Path) -> None:
 
 
 def test_drift_is_planned_back_and_removed_tasks_are_unwired(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    for record in store.list("task"):
-        store.put("task", record.name, {**record.value, "node": "node1"})
-    view = read_view(store)
-    kernel = fake_kernel()
-    desired = desired_node(view, "node1", set(view.tasks))
-    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    view, kernel, desired = _wired_node(tmp_path)
     task_id = next(iter(view.tasks))
     kernel.links.delete_link(None, names.task_veth(task_id, 0))  # drift: a leg deleted by hand
     plan = plan_node(desired, *observe_node(kernel))
@@ -92,13 +98,7 @@ def test_no_networks_means_no_rules(tmp_path: Path) -> None:
 
 
 def test_known_tasks_are_not_read_back_until_a_full_observe(tmp_path: Path) -> None:
-    store = _store(tmp_path)
-    for record in store.list("task"):
-        store.put("task", record.name, {**record.value, "node": "node1"})
-    view = read_view(store)
-    kernel = fake_kernel()
-    desired = desired_node(view, "node1", set(view.tasks))
-    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    _, kernel, desired = _wired_node(tmp_path)
     task_id = next(iter(desired.tasks))
     kernel.netns.delete(names.task_netns(task_id))
     kernel.netns.create(names.task_netns(task_id))  # drift: the namespace is back, empty
