@@ -231,11 +231,11 @@ def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str
         )
         for vip in spec.vips
     )
-    # MESH-MARK holds one rule per VIP and mangle sees every packet; on the iptables backend
-    # only a connection's first packet needs the mark (nat reads it once, for the SNAT), so only
-    # new connections walk it (at 10,000 VIPs every packet walking it cost 5/6 of the VIP's
-    # requests/s).
-    new_only = (Match("conntrack", opts(ctstate="NEW")),) if backend == "iptables" else ()
+    # MESH-MARK holds one rule per VIP and mangle sees every packet, but only a connection's
+    # first packet needs the mark: nat reads it once, for the SNAT, and IPVS schedules on it
+    # once, then finds the connection by its addresses. So only new connections walk it (at
+    # 10,000 VIPs, every packet walking it cost 5/6 of a VIP's requests/s).
+    new_only = (Match("conntrack", opts(ctstate="NEW")),)
     mangle = OwnedTable(
         chains={MARK_CHAIN: marks},
         jumps=(Rule("PREROUTING", MARK_CHAIN, spec.comment, matches=new_only),),
