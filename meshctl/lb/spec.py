@@ -2,8 +2,8 @@
 
 Pure: an `LbSpec` (the network's VIPs with their backends) turns into the addresses of the LB
 namespace's leg, its iptables tables, its IPVS services and its sysctls. Like Docker swarm, a VIP
-balances every port and protocol: VIP traffic is marked in mangle PREROUTING with the VIP's own
-fwmark, balanced to backend:same-port, and source-NATed to the node's LB address so replies come
+balances every port and protocol: VIP traffic is balanced to backend:same-port (by IPVS on the
+VIP's own fwmark, or by nat rules) and source-NATed to the node's LB address so replies come
 back through the LB namespace (client and backend share the bridge).
 """
 
@@ -215,11 +215,13 @@ def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
     return chains
 
 
-def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str, OwnedTable]:
-    """What meshctl owns in the LB namespace's mangle and nat tables.
+def _mark_table(spec: LbSpec) -> OwnedTable:
+    """mangle for the ipvs backend: each VIP's connections get the VIP's fwmark.
 
-    Both backends mark VIP traffic (the ipvs backend balances on the mark) and SNAT marked
-    traffic to the LB address; only the iptables backend balances in the nat table.
+    MESH-MARK holds one rule per VIP and mangle sees every packet, but only a connection's
+    first packet needs the mark: IPVS schedules on it once, then finds the connection by its
+    addresses, and nat reads it once, for the SNAT. So only new connections walk it (at 10,000
+    VIPs, every packet walking it cost 5/6 of a VIP's requests/s).
     """
     marks = tuple(
         Rule(
@@ -231,20 +233,32 @@ def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str
         )
         for vip in spec.vips
     )
-    # MESH-MARK holds one rule per VIP and mangle sees every packet, but only a connection's
-    # first packet needs the mark: nat reads it once, for the SNAT, and IPVS schedules on it
-    # once, then finds the connection by its addresses. So only new connections walk it (at
-    # 10,000 VIPs, every packet walking it cost 5/6 of a VIP's requests/s).
     new_only = (Match("conntrack", opts(ctstate="NEW")),)
-    mangle = OwnedTable(
+    return OwnedTable(
         chains={MARK_CHAIN: marks},
         jumps=(Rule("PREROUTING", MARK_CHAIN, spec.comment, matches=new_only),),
     )
+
+
+def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str, OwnedTable]:
+    """What meshctl owns in the LB namespace's mangle, nat and filter tables.
+
+    Both backends SNAT VIP traffic to the LB address (client and backend share the bridge).
+    The ipvs backend marks VIP traffic with the VIP's fwmark, which IPVS balances on; the
+    iptables backend balances in nat and needs no mark: conntrack knows which connections
+    its DNAT rules balanced, and the first packet walks no mark chain.
+    """
+    if backend == "ipvs":
+        mangle = _mark_table(spec)
+        balanced = Match("mark", opts(mark=f"{FWMARK_BASE:#x}/{FWMARK_MASK:#x}"))
+    else:
+        mangle = OwnedTable()
+        balanced = Match("conntrack", opts(ctstate="DNAT"))
     snat = Rule(
         POSTROUTING_CHAIN,
         "SNAT",
         spec.comment,
-        matches=(Match("mark", opts(mark=f"{FWMARK_BASE:#x}/{FWMARK_MASK:#x}")),),
+        matches=(balanced,),
         target_args=opts(to_source=spec.lb_address),
     )
     nat_chains: dict[str, tuple[Rule, ...]] = {POSTROUTING_CHAIN: (snat,)}

@@ -338,13 +338,13 @@ def test_drift_is_repaired_by_the_next_sync(mesh: Mesh) -> None:
     mesh.sync()
     web = mesh.spec.vips[0]
     mesh.lb("ip", "addr", "del", f"{VIP}/32", "dev", "eth0")
-    mesh.lb("iptables-legacy", "-t", "mangle", "-D", "PREROUTING", "1")
     if mesh.reconciler.backend == "iptables":
         mesh.lb("iptables-legacy", "-t", "nat", "-F", svc_chain(web))
         sep = sep_chain(web, web.backends[0])
         mesh.lb("iptables-legacy", "-t", "nat", "-F", sep)
         mesh.lb("iptables-legacy", "-t", "nat", "-X", sep)
     else:
+        mesh.lb("iptables-legacy", "-t", "mangle", "-D", "PREROUTING", "1")  # the mark jump
         mark = str(mesh.spec.fwmark(web))  # ipvsadm reads a decimal mark
         mesh.lb("ipvsadm", "-d", "-f", mark, "-r", web.backends[0].address)
     assert not mesh.converged()

@@ -105,7 +105,16 @@ def test_vip_traffic_is_marked_and_source_natted_to_the_lb_address() -> None:
     assert dict(mark.target_args)["set-xmark"] == f"{s.fwmark(THREE):#x}/0xffffffff"
     (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
     assert dict(snat.target_args) == {"to-source": "10.0.1.2"}
+    assert snat.matches[0].name == "mark"
     assert SERVICES_CHAIN not in tables["nat"].chains  # IPVS balances, not nat
+
+
+def test_the_iptables_backend_needs_no_mark_its_snat_follows_its_dnat() -> None:
+    tables = iptables_tables(spec(THREE), "iptables")
+    (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
+    assert snat.matches[0].name == "conntrack"
+    assert dict(snat.matches[0].args) == {"ctstate": "DNAT"}
+    assert tables["mangle"].chains == {} and tables["mangle"].jumps == ()
 
 
 def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations() -> None:

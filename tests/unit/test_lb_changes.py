@@ -10,6 +10,7 @@ import pytest
 
 from kernel.errors import KernelError
 from meshctl.lb.plan import vip_change
+from meshctl.lb.spec import SERVICES_CHAIN as SERVICES
 from meshctl.lb.spec import Backend, VirtualIp, sep_chain, svc_chain
 from tests.unit.test_lb import PREFIX, Fake, spec
 from tests.unit.test_lb import fake as fake  # noqa: F401  (the fixture, over both backends)
@@ -94,7 +95,8 @@ def test_a_new_or_removed_service_rewrites_the_shared_chains(fake: Fake) -> None
     change = vip_change(before, spec(service(1)), fake.reconciler.backend)
 
     assert change is not None
-    assert "MESH-MARK" in change.tables["mangle"].replace
+    shared = ("mangle", "MESH-MARK") if fake.reconciler.backend == "ipvs" else ("nat", SERVICES)
+    assert shared[1] in change.tables[shared[0]].replace
     assert change.delete_addresses == (f"{service(2).vip}/32",)
 
 
