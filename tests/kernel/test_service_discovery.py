@@ -109,7 +109,7 @@ def test_unhealthy_task_leaves_the_vip_and_dns_and_comes_back(mesh: Mesh, tmp_pa
     _converged(mesh)
     (sick / "web.2").touch()
     became_sick = time.monotonic()
-    wait_for(lambda: "web.2" not in _spread(mesh, client, vip, 12), 10, "web.2 out of the VIP")
+    wait_for(lambda: "web.2" not in _spread(mesh, client, vip, 30), 10, "web.2 out of the VIP")
     # interval × retries + 1 s, with the time one spread takes as slack for the observation.
     assert time.monotonic() - became_sick < 1 * 2 + 1 + 3
     assert "web.2" not in _spread(mesh, client, vip, 30)
