@@ -82,6 +82,7 @@ class Controller:
         self._last_full_lb = -float("inf")  # monotonic time of the last full LB observe
         self._last_full_node = -float("inf")  # and of the node's task namespaces
         self._wired_tasks: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
+        self._node_tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
         self._last_view: ClusterView | None = None
         self._dns_view: DnsView | None = None
         self._dns_ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
@@ -201,8 +202,9 @@ class Controller:
         return total
 
     def _sync_node(self, view: ClusterView) -> None:
-        """The node's bridges, task legs and rules. Tasks known to be wired are not read back
-        between full observes (once per resync period), so a pass costs what changed."""
+        """The node's bridges, task legs and rules. Tasks known to be wired and the node's rules
+        known to be right are not read back between full observes (once per resync period),
+        so a pass costs what changed."""
         containers = [
             spec
             for c in view.containers.values()
@@ -211,9 +213,11 @@ class Controller:
         full = time.monotonic() - self._last_full_node >= self.resync_period
         if full:
             self._last_full_node = time.monotonic()
-            self._wired_tasks = {}
+            self._wired_tasks, self._node_tables = {}, None
         mine = {task.id for task in view.tasks_on(self.node)}
-        actual, stray = observe_node(self.kernel, containers, self._wired_tasks, mine)
+        actual, stray = observe_node(
+            self.kernel, containers, self._wired_tasks, mine, self._node_tables
+        )
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
             view, self.node, self.supervisor.wired(view), self._dns_ports, blocked
@@ -224,7 +228,8 @@ class Controller:
             apply_node(self.kernel, plan)
             changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_rules}
             known = {k: v for k, v in self._wired_tasks.items() if v.netns not in changed}
-            actual, stray = observe_node(self.kernel, containers, known, mine)
+            tables = None if plan.tables else self._node_tables
+            actual, stray = observe_node(self.kernel, containers, known, mine, tables)
             residue = plan_node(desired, actual, stray)
             if residue:  # the convergence check: after applying, a second diff must be empty
                 log.warning("node not converged after apply: %s", _summary(residue))
@@ -233,6 +238,7 @@ class Controller:
             for task_id, spec in desired.tasks.items()
             if spec.owns_netns and actual.tasks.get(task_id) == spec
         }
+        self._node_tables = desired.tables if actual.tables == desired.tables else None
 
     def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
         """Published ports that another process of this node holds: left to it, and said on the

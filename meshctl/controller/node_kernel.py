@@ -39,6 +39,7 @@ def observe_node(
     containers: Iterable[TaskNetSpec] = (),
     known: Mapping[str, TaskNetSpec] | None = None,
     mine: Collection[str] = (),
+    known_tables: Mapping[str, OwnedTable] | None = None,
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
@@ -46,8 +47,9 @@ def observe_node(
     here (`mine`) or a leg of it ends in this node: other nodes on the same host (test nodes,
     benches) keep theirs. Attached containers' namespaces belong to other runtimes and cannot
     be listed, so the ones desired are looked at where they should be.
-    A present task namespace listed in `known` is taken to hold what it says, unread: the
-    controller passes the tasks it wired or saw converged since its last full observe.
+    A present task namespace listed in `known` is taken to hold what it says, unread, and so
+    are the node's own rules when `known_tables` is given: the controller passes what it wired
+    or saw converged since its last full observe.
     """
     known = known or {}
     node_links = {link.name: link for link in kernel.links.list_links(NODE)}
@@ -76,7 +78,10 @@ def observe_node(
         for name, link in node_links.items()
         if link.kind == "veth" and name.startswith(ours) and name not in claimed
     ]
-    tables = {table: kernel.iptables.list_owned(NODE, table) for table in TABLES}
+    if known_tables is not None:
+        tables = dict(known_tables)
+    else:
+        tables = {table: kernel.iptables.list_owned(NODE, table) for table in TABLES}
     return NodeSpec(bridges=bridges, tasks=tasks, tables=tables), stray
 
 

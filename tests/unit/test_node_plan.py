@@ -97,17 +97,22 @@ def test_no_networks_means_no_rules(tmp_path: Path) -> None:
     assert all(not t.chains and not t.jumps for t in observed.tables.values())
 
 
-def test_known_tasks_are_not_read_back_until_a_full_observe(tmp_path: Path) -> None:
+def test_known_tasks_and_rules_are_not_read_back_until_a_full_observe(tmp_path: Path) -> None:
     _, kernel, desired = _wired_node(tmp_path)
     task_id = next(iter(desired.tasks))
     kernel.netns.delete(names.task_netns(task_id))
     kernel.netns.create(names.task_netns(task_id))  # drift: the namespace is back, empty
+    kernel.iptables.flush_owned(None, "nat")  # and the node's nat rules are gone
 
-    trusting = plan_node(desired, *observe_node(kernel, known=desired.tasks, mine=desired.tasks))
+    trusting = plan_node(
+        desired,
+        *observe_node(kernel, known=desired.tasks, mine=desired.tasks, known_tables=desired.tables),
+    )
     full = plan_node(desired, *observe_node(kernel, mine=desired.tasks))
 
     assert not trusting
     assert [t.task_id for t in full.wire_tasks] == [task_id]
+    assert "nat" in full.tables
 
 
 def test_another_nodes_task_namespaces_are_not_this_nodes(tmp_path: Path) -> None:
