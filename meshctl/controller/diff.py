@@ -101,13 +101,13 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
             yield f"- {ns}: address {address}"
         for table, change in ns_change.tables.items():
             yield from _table_lines(ns, table, change)
-        for svc in ns_change.ensure_services:
+        for svc in ns_change.ipvs.ensure_services:
             yield f"~ {ns}: ipvs service fwmark {svc.fwmark} {svc.scheduler}"
-        for svc, dest in ns_change.ensure_destinations:
+        for svc, dest in ns_change.ipvs.ensure_destinations:
             yield f"~ {ns}: ipvs fwmark {svc.fwmark} -> {dest.address} weight {dest.weight}"
-        for svc, dest in ns_change.delete_destinations:
+        for svc, dest in ns_change.ipvs.delete_destinations:
             yield f"- {ns}: ipvs fwmark {svc.fwmark} -> {dest.address}"
-        for svc in ns_change.delete_services:
+        for svc in ns_change.ipvs.delete_services:
             yield f"- {ns}: ipvs service fwmark {svc.fwmark}"
         for flow in ns_change.stale_udp:
             yield f"- {ns}: udp conntrack {flow.vip} -> {flow.backend}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from kernel.conntrack import UdpFlow
 from kernel.iptables import OwnedTable, Rule, TableChange
-from kernel.ipvs import Destination, VirtualService
+from kernel.ipvs import Destination, IpvsChange, VirtualService
 from kernel.links import Link
 from meshctl.controller.tables import table_change
 from meshctl.lb.spec import (
@@ -63,10 +63,7 @@ class NsChange:
     sysctls: Mapping[str, str] = field(default_factory=dict)
     add_addresses: tuple[str, ...] = ()
     tables: Mapping[str, TableChange] = field(default_factory=dict)
-    ensure_services: tuple[VirtualService, ...] = ()
-    ensure_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
-    delete_destinations: tuple[tuple[VirtualService, Destination], ...] = ()
-    delete_services: tuple[VirtualService, ...] = ()
+    ipvs: IpvsChange = IpvsChange()
     delete_addresses: tuple[str, ...] = ()
     stale_udp: tuple[UdpFlow, ...] = ()  # flows pinned to backends that are gone
 
@@ -79,10 +76,7 @@ class NsChange:
                 self.sysctls,
                 self.add_addresses,
                 self.tables,
-                self.ensure_services,
-                self.ensure_destinations,
-                self.delete_destinations,
-                self.delete_services,
+                self.ipvs != IpvsChange(),
                 self.delete_addresses,
                 self.stale_udp,
             )
@@ -114,12 +108,7 @@ def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
     )
 
 
-Pairs = tuple[tuple[VirtualService, Destination], ...]
-
-
-def _ipvs_change(
-    desired: Ipvs, observed: Ipvs
-) -> tuple[tuple[VirtualService, ...], Pairs, Pairs, tuple[VirtualService, ...]]:
+def _ipvs_change(desired: Ipvs, observed: Ipvs) -> IpvsChange:
     """IPVS services to ensure, destinations to ensure and delete, services to delete,
     compared by the kernel's keys."""
     have = {svc.key: (svc, dests) for svc, dests in observed.items()}
@@ -136,7 +125,9 @@ def _ipvs_change(
         delete_dests += [(svc, d) for d in old_dests if d.key not in wanted]
     wanted_keys = {svc.key for svc in desired}
     delete_services = tuple(svc for svc in observed if svc.key not in wanted_keys)
-    return tuple(ensure_services), tuple(ensure_dests), tuple(delete_dests), delete_services
+    return IpvsChange(
+        tuple(ensure_services), tuple(ensure_dests), tuple(delete_dests), delete_services
+    )
 
 
 def _stale_udp(spec: LbSpec, flows: frozenset[UdpFlow]) -> tuple[UdpFlow, ...]:
@@ -171,17 +162,11 @@ def _objects_change(
     Only those fields of `held` are read: the namespace, its leg and sysctls are `diff`'s part.
     """
     want_addresses = addresses(spec)
-    ensure_svcs, ensure_dests, delete_dests, delete_svcs = _ipvs_change(
-        ipvs_state(spec) if backend == "ipvs" else {}, held.ipvs
-    )
     return NsChange(
         spec=spec,
         add_addresses=tuple(sorted(want_addresses - held.addresses)),
         tables=tables,
-        ensure_services=ensure_svcs,
-        ensure_destinations=ensure_dests,
-        delete_destinations=delete_dests,
-        delete_services=delete_svcs,
+        ipvs=_ipvs_change(ipvs_state(spec) if backend == "ipvs" else {}, held.ipvs),
         delete_addresses=tuple(sorted(held.addresses - want_addresses)),
         stale_udp=_stale_udp(spec, held.udp_flows),
     )

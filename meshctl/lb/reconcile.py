@@ -176,14 +176,8 @@ class LbReconciler:
         for table in TABLES:
             if table in change.tables:
                 k.iptables.apply(ns, table, change.tables[table])
-        ipvs = IpvsChange(
-            change.ensure_services,
-            change.ensure_destinations,
-            change.delete_destinations,
-            change.delete_services,
-        )
-        if ipvs != IpvsChange():
-            k.ipvs.apply(ns, ipvs)
+        if change.ipvs != IpvsChange():
+            k.ipvs.apply(ns, change.ipvs)
         if change.delete_addresses:
             k.links.delete_addresses(ns, LB_INTERFACE, change.delete_addresses)
         # Last: only now can no new flow reach a removed backend.

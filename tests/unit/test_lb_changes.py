@@ -81,9 +81,9 @@ def test_a_backend_change_touches_only_that_services_objects(fake: Fake) -> None
         assert nat.delete == (sep_chain(web, web.backends[2]),)
     else:
         assert change.tables == {}
-        ((_, gone),) = change.delete_destinations
+        ((_, gone),) = change.ipvs.delete_destinations
         assert gone.address == web.backends[2].address
-        assert not change.ensure_destinations and not change.ensure_services
+        assert not change.ipvs.ensure_destinations and not change.ipvs.ensure_services
     assert [(f.vip, f.backend) for f in change.stale_udp] == [(web.vip, web.backends[2].address)]
     assert not change.add_addresses and not change.delete_addresses
 
