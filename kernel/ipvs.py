@@ -11,10 +11,10 @@ import errno
 import ipaddress
 import socket
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, replace
-from typing import Any, Literal, Protocol, TypeVar
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 from pyroute2.netlink import NETLINK_GENERIC, NLM_F_ACK, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
@@ -29,7 +29,7 @@ from kernel.errors import (
     ensuring,
     errno_of,
 )
-from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, NetlinkBatch, judged
+from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, AddressTemplates, NetlinkBatch, judged
 
 T = TypeVar("T")
 E = TypeVar("E")  # what a batch step acts on: a service, or a (service, destination) pair
@@ -293,38 +293,27 @@ def _judged_destination(guard: AbstractContextManager[None], code: int) -> None:
         ) from err
 
 
-# Stand-in destination addresses for templates (TEST-NET-1, documentation prefix): a template is
-# encoded once by pyroute2 with one of them, and each destination's address written over it.
-_PLACEHOLDERS = {4: "192.0.2.255", 6: "2001:db8::ffff:ffff"}
-
-
 class _Requests:
     """The encoded IPVS generic netlink requests of one batch, as pyroute2's IPVS.service() and
-    IPVS.dest() build them. pyroute2's encoder costs 0.3 ms per destination natively (5 ms
-    under the QEMU lane's emulation, 10x ipvsadm), so destinations that differ only in address
-    share one template per (command, service, port, weight, forwarding, family)."""
+    IPVS.dest() build them. Destinations that differ only in address share one template per
+    (command, service, port, weight, forwarding): pyroute2's encoder cost 0.3 ms a destination
+    natively and 5 ms under the QEMU lane's emulation, 10x ipvsadm."""
 
     def __init__(self, family_id: int) -> None:
         self._family_id = family_id
-        self._templates: dict[tuple[Any, ...], tuple[bytes, int] | None] = {}
+        self._destinations = AddressTemplates(self._destination_shape)
 
     def service(self, cmd: int, flags: int, svc: VirtualService) -> bytes:
         return self._encode(cmd, flags, _service_request(svc).dump_nla())
 
     def destination(self, cmd: int, flags: int, entry: tuple[VirtualService, Destination]) -> bytes:
         svc, dest = entry
-        packed = ipaddress.ip_address(dest.address).packed
-        shape = (cmd, flags, svc, dest.port, dest.weight, dest.forward, len(packed))
-        if shape not in self._templates:
-            stand_in = _PLACEHOLDERS[4 if len(packed) == 4 else 6]
-            data = self._destination(cmd, flags, svc, replace(dest, address=stand_in))
-            mark = ipaddress.ip_address(stand_in).packed
-            self._templates[shape] = (data, data.find(mark)) if data.count(mark) == 1 else None
-        template = self._templates[shape]
-        if template is None:  # the stand-in is the service's own address: encode in full
-            return self._destination(cmd, flags, svc, dest)
-        data, where = template
-        return data[:where] + packed + data[where + len(packed) :]
+        shape = (cmd, flags, svc, dest.port, dest.weight, dest.forward)
+        return self._destinations.request(shape, dest.address)
+
+    def _destination_shape(self, shape: Hashable, address: str) -> bytes:
+        cmd, flags, svc, port, weight, forward = cast(tuple[Any, ...], shape)
+        return self._destination(cmd, flags, svc, Destination(address, port, weight, forward))
 
     def _destination(self, cmd: int, flags: int, svc: VirtualService, dest: Destination) -> bytes:
         key = _service_request(svc).dump_key()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -30,7 +30,7 @@ from kernel.errors import (
     ensuring,
     translate,
 )
-from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, NetlinkBatch, judged
+from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, AddressTemplates, NetlinkBatch, judged
 from kernel.netns import Namespace
 
 T = TypeVar("T")
@@ -184,20 +184,30 @@ def route_name(prefix: str, prefixlen: int) -> str:
     return "default" if prefixlen == 0 else f"{prefix}/{prefixlen}"
 
 
-def _address_request(kind: int, flags: int, index: int, iface: Any) -> bytes:
-    """The RTM_NEWADDR/RTM_DELADDR request pyroute2's addr() would make for iface on index."""
+def _address_request(shape: Hashable, ip: str) -> bytes:
+    """The RTM_NEWADDR/RTM_DELADDR request pyroute2's addr() would make for ip; shape is
+    (message type, flags, link index, prefix length)."""
+    kind, flags, index, prefixlen = cast(tuple[int, int, int, int], shape)
+    version = ipaddress.ip_address(ip).version
     msg = ifaddrmsg()
-    ip = str(iface.ip)
-    msg["family"] = socket.AF_INET if iface.version == 4 else socket.AF_INET6
-    msg["prefixlen"] = iface.network.prefixlen
+    msg["family"] = socket.AF_INET if version == 4 else socket.AF_INET6
+    msg["prefixlen"] = prefixlen
     msg["index"] = index
     msg["attrs"] = (
-        [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)] if iface.version == 4 else [("IFA_ADDRESS", ip)]
+        [("IFA_LOCAL", ip), ("IFA_ADDRESS", ip)] if version == 4 else [("IFA_ADDRESS", ip)]
     )
     msg["header"]["type"] = kind
     msg["header"]["flags"] = flags
     msg.encode()
     return bytes(msg.data)
+
+
+def _address_requests(kind: int, flags: int, index: int, ifaces: Iterable[Any]) -> Iterator[bytes]:
+    """One request per interface address, encoded from a template per prefix length."""
+    templates = AddressTemplates(_address_request)
+    for iface in ifaces:
+        shape = (kind, flags, index, iface.network.prefixlen)
+        yield templates.request(shape, str(iface.ip))
 
 
 class Links:
@@ -357,7 +367,7 @@ class Links:
         def body(ipr: IPRoute) -> None:
             index = self._index(ipr, ns, ifname)
             with NetlinkBatch(socket.NETLINK_ROUTE) as batch:
-                requests = (_address_request(RTM_NEWADDR, ADD_FLAGS, index, i) for i in ifaces)
+                requests = _address_requests(RTM_NEWADDR, ADD_FLAGS, index, ifaces)
                 for iface, code in zip(ifaces, batch.run(requests), strict=True):
                     judged(ensuring(f"add address {iface} to {ifname} in {where(ns)}"), code)
 
@@ -374,7 +384,7 @@ class Links:
                 return  # the link went, and its addresses with it
             index = found["index"]
             with NetlinkBatch(socket.NETLINK_ROUTE) as batch:
-                requests = (_address_request(RTM_DELADDR, DELETE_FLAGS, index, i) for i in ifaces)
+                requests = _address_requests(RTM_DELADDR, DELETE_FLAGS, index, ifaces)
                 for iface, code in zip(ifaces, batch.run(requests), strict=True):
                     judged(deleting(f"delete address {iface} from {ifname} in {where(ns)}"), code)
 

@@ -1,0 +1,56 @@
+"""Requests patched from a template are byte for byte what pyroute2 encodes for them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Hashable
+
+import pytest
+from pyroute2.netlink.generic import ipvs as genl
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
+
+from kernel.ipvs import Destination, VirtualService, _Requests
+from kernel.links import _address_request
+from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, AddressTemplates
+
+
+def addresses(rng: random.Random, count: int) -> list[str]:
+    """IPv4 and IPv6 addresses, the stand-ins' bytes and zero bytes among them."""
+    fixed = ["0.0.0.1", "165.165.165.165", "90.90.90.90", "10.0.0.2", "::1", "a5a5::5a5a"]
+    v4 = [".".join(str(rng.choice((0, 90, 165, rng.randrange(256)))) for _ in range(4))]
+    v6 = [":".join(f"{rng.randrange(1 << 16):x}" for _ in range(8))]
+    return fixed + [rng.choice((v4, v6))[0] for _ in range(count)]
+
+
+@pytest.mark.parametrize("kind, flags", [(RTM_NEWADDR, ADD_FLAGS), (RTM_DELADDR, DELETE_FLAGS)])
+def test_address_requests_match_pyroute2(kind: int, flags: int) -> None:
+    templates = AddressTemplates(_address_request)
+    for address in addresses(random.Random(kind), 300):
+        prefixlen = 32 if "." in address else 128
+        shape = (kind, flags, 7, prefixlen)
+        assert templates.request(shape, address) == _address_request(shape, address)
+
+
+def test_ipvs_destinations_match_pyroute2() -> None:
+    requests = _Requests(family_id=33)
+    services = [
+        VirtualService(fwmark=0x4D000001, scheduler="rr"),
+        # The service's own address is a stand-in: only the destination's bytes may change.
+        VirtualService(protocol="tcp", address="165.165.165.165", port=80, scheduler="rr"),
+    ]
+    rng = random.Random(1)
+    for address in addresses(rng, 200):
+        svc = rng.choice(services)
+        dest = Destination(address, rng.choice((0, 80)), weight=rng.choice((0, 1)))
+        for cmd in (genl.IPVS_CMD_NEW_DEST, genl.IPVS_CMD_DEL_DEST):
+            patched = requests.destination(cmd, ADD_FLAGS, (svc, dest))
+            assert patched == requests._destination(cmd, ADD_FLAGS, svc, dest)
+
+
+def test_a_shape_whose_length_follows_the_address_is_encoded_in_full() -> None:
+    def encode(shape: Hashable, address: str) -> bytes:
+        return f"{shape}:{address}".encode()  # the text's length varies with the address
+
+    templates = AddressTemplates(encode)
+    assert templates.request("s", "10.1.2.3") == b"s:10.1.2.3"
+    assert templates.request("s", "192.168.100.200") == b"s:192.168.100.200"
