@@ -68,7 +68,7 @@ LB_ADDRESS = "10.0.0.2/8"  # a /8 holds 10,000 VIPs and 100,000 backends
 VIP_BASE, BACKEND_BASE = 0x0A010000, 0x0A100000  # 10.1.0.0 and 10.16.0.0
 KIND = "bench-service"  # the store kind the bench writes its services under
 # The kernel verb whose writes the peer tool makes too; the rest of meshctl's time it does not.
-PEER_VERB = {"iptables": "iptables.apply", "ipvs": "ipvs.apply"}
+PEER_VERB = {"iptables": "iptables.apply_tables", "ipvs": "ipvs.apply"}
 PEER_TOOL = {"iptables": "iptables-legacy-restore", "ipvs": "ipvsadm -R"}
 CHANGE_TOOL = {"iptables": "iptables-legacy-restore --noflush", "ipvs": "ipvsadm -e/-a/-d"}
 

@@ -8,6 +8,7 @@ to fails. Tests inject foreign state with `add_foreign` and compare whole tables
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 
 from kernel import netns
 from kernel.errors import KernelError
@@ -78,6 +79,10 @@ class FakeIptables:
         self._check_targets(ns, table, chains)
         current.clear()
         current.update(chains)
+
+    def apply_tables(self, ns: netns.Namespace, changes: Mapping[str, TableChange]) -> None:
+        for table, change in changes.items():
+            self.apply(ns, table, change)
 
     def flush_owned(self, ns: netns.Namespace, table: str) -> None:
         current = self._table(ns, table)

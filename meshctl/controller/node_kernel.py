@@ -153,8 +153,8 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> None:
     """Carry out a node plan; every step is an ensure or a delete, so a retry is safe."""
     for bridge in plan.ensure_bridges:
         _ensure_bridge(kernel, bridge)
-    for table, change in plan.tables.items():
-        kernel.iptables.apply(NODE, table, change)
+    if plan.tables:
+        kernel.iptables.apply_tables(NODE, plan.tables)
     for task in plan.wire_tasks:
         try:
             wire_task(kernel, task)

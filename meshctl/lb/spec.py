@@ -187,6 +187,13 @@ def addresses(spec: LbSpec) -> frozenset[str]:
     return frozenset({spec.lb_address_cidr, *(f"{v.vip}/32" for v in spec.vips)})
 
 
+@functools.lru_cache(maxsize=256)
+def _spread(left: int) -> tuple[Match, ...]:
+    """The match of a service chain's rule with `left` backends from it to the last: it takes
+    1/left of what the earlier rules left, an even spread overall (the last takes the rest)."""
+    return (Match("statistic", opts(mode="random", probability=1 / left)),) if left > 1 else ()
+
+
 def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
     """nat chains of the iptables backend: VIP → per-service chain → random spread → DNAT."""
     chains: dict[str, tuple[Rule, ...]] = {}
@@ -195,21 +202,15 @@ def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
         active = vip.active
         if not active:  # nothing balances: the VIP stays local and refuses the connection
             continue
-        svc = svc_chain(vip)
-        services.append(Rule(SERVICES_CHAIN, svc, vip.comment, destination=vip.vip))
+        svc, comment = svc_chain(vip), vip.comment
+        services.append(Rule(SERVICES_CHAIN, svc, comment, destination=vip.vip))
         spread = []
         for index, backend in enumerate(active):
-            left = len(active) - index
-            # Each rule takes 1/left of what the earlier ones left: an even spread overall.
-            statistic = (
-                (Match("statistic", opts(mode="random", probability=1 / left)),) if left > 1 else ()
-            )
             sep = sep_chain(vip, backend)
-            spread.append(Rule(svc, sep, vip.comment, matches=statistic))
+            spread.append(Rule(svc, sep, comment, matches=_spread(len(active) - index)))
             # No port in the DNAT: the connection keeps its port, as swarm's VIPs do.
-            chains[sep] = (
-                Rule(sep, "DNAT", vip.comment, target_args=opts(to_destination=backend.address)),
-            )
+            dnat = (("to-destination", backend.address),)
+            chains[sep] = (Rule(sep, "DNAT", comment, target_args=dnat),)
         chains[svc] = tuple(spread)
     chains[SERVICES_CHAIN] = tuple(services)
     return chains

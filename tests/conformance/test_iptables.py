@@ -189,6 +189,33 @@ def test_second_identical_apply_changes_nothing(kernel: Any, ns: str) -> None:
     assert whole_table(kernel, ns, "nat") == text
 
 
+def test_several_tables_in_one_batch(kernel: Any, ns: str) -> None:
+    """apply_tables: both tables read in one save (their jumps go in once), written in one run;
+    a refused table is left unchanged, and one before it is either changed whole or not at all."""
+    ipt = api(kernel)
+    add_foreign(kernel, ns, "filter", "INPUT")
+    nat = TableChange(
+        replace={"MESH-N": (Rule("MESH-N", "RETURN", C),)},
+        ensure_jumps=(Rule("PREROUTING", "MESH-N", C),),
+    )
+    filter_change = TableChange(
+        replace={"MESH-F": (Rule("MESH-F", "ACCEPT", C),)},
+        ensure_jumps=(Rule("INPUT", "MESH-F", C),),
+    )
+    for _ in range(2):
+        ipt.apply_tables(ns, {"nat": nat, "filter": filter_change})
+        assert ipt.list_owned(ns, "nat") == OwnedTable(nat.replace, nat.ensure_jumps)
+        owned = OwnedTable(filter_change.replace, filter_change.ensure_jumps)
+        assert ipt.list_owned(ns, "filter") == owned
+    filter_before = whole_table(kernel, ns, "filter")
+    emptied = TableChange(replace={"MESH-N": ()})
+    refused = TableChange(replace={"MESH-F": (Rule("MESH-F", "ACCEPT", "not-meshctl"),)})
+    with pytest.raises(ValueError, match="meshctl"):
+        ipt.apply_tables(ns, {"nat": emptied, "filter": refused})
+    assert ipt.list_owned(ns, "nat").chains["MESH-N"] in ((), nat.replace["MESH-N"])
+    assert whole_table(kernel, ns, "filter") == filter_before
+
+
 def test_jump_rules_go_first_once_and_leave_alone(kernel: Any, ns: str) -> None:
     ipt = api(kernel)
     foreign = Rule(
@@ -292,6 +319,18 @@ def test_foreign_rules_and_chains_survive_a_full_lifecycle(kernel: Any, ns: str)
         TableChange(ensure_jumps=(Rule("MESH-X", "MESH-Y", C),)),
         TableChange(delete_jumps=(Rule("FORWARD", "MESH-X", C),)),  # not a nat chain
         TableChange(replace={"MESH-X": (Rule("MESH-X", "REDIRECT", C, opts(to_ports=1)),)}),
+        # Refused after thousands of rules went to the restore tool: it is stopped uncommitted.
+        TableChange(
+            replace={
+                "MESH-X": (
+                    *(
+                        Rule("MESH-X", "RETURN", C, destination=f"10.9.{i >> 8}.{i & 255}")
+                        for i in range(5000)
+                    ),
+                    Rule("MESH-X", "RETURN", "svc-web"),
+                )
+            }
+        ),
     ],
     ids=lambda change: repr(change)[12:60],
 )
