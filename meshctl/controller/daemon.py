@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 from kernel.errors import KernelError
+from kernel.gcpause import gc_paused
 from kernel.iptables import OwnedTable
 from kernel.system import Kernel
 from meshctl import ipam, runtime
@@ -104,6 +105,10 @@ class Controller:
 
     def reconcile_once(self) -> float:
         """One full pass; returns the time by which the next one is due."""
+        with gc_paused():  # a pass builds many objects that form no cycles (kernel/gcpause.py)
+            return self._reconcile_once()
+
+    def _reconcile_once(self) -> float:
         view = read_view(self.store)
         if updater.roll(self.store, view):
             view = read_view(self.store)

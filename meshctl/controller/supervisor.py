@@ -123,8 +123,8 @@ class Supervisor:
 
     def _notice_exit(self, task: Task, local: Local) -> None:
         process = local.process
-        if process is None or not process.exited():
-            return
+        if process is None or local.stopping is not None or not process.exited():
+            return  # a stopping thread owns the process: it records the exit and closes it
         code = process.exit_code()
         process.close()
         local.process = None

@@ -134,8 +134,11 @@ class TaskProcess:
         return self.exit_code()
 
     def close(self) -> None:
-        """Release the pidfd (the process goes on)."""
-        os.close(self.pidfd)
+        """Release the pidfd (the process goes on). Once only: a second close could hit an
+        unrelated file that got the number meanwhile."""
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
     def _signal_group(self, sig: signal.Signals) -> None:
         # Only while the PID is still ours (running, or a zombie not yet reaped): the group id

@@ -1,0 +1,43 @@
+"""The supervisor's bookkeeping of task processes, with stand-in processes (no kernel)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, cast
+
+from meshctl.controller.supervisor import Local, Supervisor
+from meshctl.model import Task
+from meshctl.store.sqlite import SqliteStore
+
+
+class ExitedProcess:
+    """A task process that has ended, counting how often it is closed."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def exited(self) -> bool:
+        return True
+
+    def exit_code(self) -> int:
+        return -15
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_an_exit_during_a_stop_is_left_to_the_stopping_thread(tmp_path: Path) -> None:
+    """The pass must not record and close a process that a stop thread is stopping: the thread
+    closed it a second time (EBADF), died, and the task was never forgotten."""
+    with SqliteStore(str(tmp_path / "state.db")) as store:
+        supervisor = Supervisor(store, "node1", str(tmp_path))
+        task = Task(service="web", service_id="s1", slot=2, spec_version=1)
+        process = ExitedProcess()
+        local = Local(process=cast(Any, process), stopping=threading.Thread(target=lambda: None))
+        supervisor._notice_exit(task, local)
+        assert (process.closed, local.process, local.last_exit) == (0, process, None)
+
+        local.stopping = None  # no stop in flight: the pass records the exit itself
+        supervisor._notice_exit(task, local)
+        assert (process.closed, local.process, local.last_exit) == (1, None, (143, "exit code 143"))
