@@ -30,7 +30,14 @@ from kernel.errors import (
     ensuring,
     translate,
 )
-from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, AddressTemplates, NetlinkBatch, judged
+from kernel.netlink import (
+    ADD_FLAGS,
+    DELETE_FLAGS,
+    NetlinkBatch,
+    Templates,
+    address_field,
+    judged,
+)
 from kernel.netns import Namespace
 
 T = TypeVar("T")
@@ -184,10 +191,11 @@ def route_name(prefix: str, prefixlen: int) -> str:
     return "default" if prefixlen == 0 else f"{prefix}/{prefixlen}"
 
 
-def _address_request(shape: Hashable, ip: str) -> bytes:
-    """The RTM_NEWADDR/RTM_DELADDR request pyroute2's addr() would make for ip; shape is
-    (message type, flags, link index, prefix length)."""
+def _address_request(shape: Hashable, values: tuple[Any, ...]) -> bytes:
+    """The RTM_NEWADDR/RTM_DELADDR request pyroute2's addr() would make for the address in
+    values; shape is (message type, flags, link index, prefix length)."""
     kind, flags, index, prefixlen = cast(tuple[int, int, int, int], shape)
+    (ip,) = values
     version = ipaddress.ip_address(ip).version
     msg = ifaddrmsg()
     msg["family"] = socket.AF_INET if version == 4 else socket.AF_INET6
@@ -204,10 +212,10 @@ def _address_request(shape: Hashable, ip: str) -> bytes:
 
 def _address_requests(kind: int, flags: int, index: int, ifaces: Iterable[Any]) -> Iterator[bytes]:
     """One request per interface address, encoded from a template per prefix length."""
-    templates = AddressTemplates(_address_request)
+    templates = Templates(_address_request)
     for iface in ifaces:
         shape = (kind, flags, index, iface.network.prefixlen)
-        yield templates.request(shape, str(iface.ip))
+        yield templates.request(shape, (address_field(str(iface.ip)),))
 
 
 class Links:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Hashable
+from dataclasses import replace
+from typing import Any
 
 import pytest
 from pyroute2.netlink.generic import ipvs as genl
 from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
 
-from kernel.ipvs import Destination, VirtualService, _Requests
+from kernel.ipvs import Destination, VirtualService, _Requests, _service_request
 from kernel.links import _address_request
-from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, AddressTemplates
+from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, Templates, address_field
 
 
 def addresses(rng: random.Random, count: int) -> list[str]:
@@ -24,33 +26,50 @@ def addresses(rng: random.Random, count: int) -> list[str]:
 
 @pytest.mark.parametrize("kind, flags", [(RTM_NEWADDR, ADD_FLAGS), (RTM_DELADDR, DELETE_FLAGS)])
 def test_address_requests_match_pyroute2(kind: int, flags: int) -> None:
-    templates = AddressTemplates(_address_request)
+    templates = Templates(_address_request)
     for address in addresses(random.Random(kind), 300):
         prefixlen = 32 if "." in address else 128
         shape = (kind, flags, 7, prefixlen)
-        assert templates.request(shape, address) == _address_request(shape, address)
+        expected = _address_request(shape, (address,))
+        assert templates.request(shape, (address_field(address),)) == expected
+
+
+SERVICES = [
+    VirtualService(fwmark=0x4D000001, scheduler="rr"),
+    VirtualService(fwmark=0xA5A5A5A5, scheduler="rr"),  # a mark made of a stand-in's bytes
+    VirtualService(fwmark=0x5A5A5A5A, scheduler="wrr", timeout=30),
+    # The service's own address is a stand-in: only the destination's bytes may change.
+    VirtualService(protocol="tcp", address="165.165.165.165", port=80, scheduler="rr"),
+]
 
 
 def test_ipvs_destinations_match_pyroute2() -> None:
     requests = _Requests(family_id=33)
-    services = [
-        VirtualService(fwmark=0x4D000001, scheduler="rr"),
-        # The service's own address is a stand-in: only the destination's bytes may change.
-        VirtualService(protocol="tcp", address="165.165.165.165", port=80, scheduler="rr"),
-    ]
     rng = random.Random(1)
     for address in addresses(rng, 200):
-        svc = rng.choice(services)
+        svc = rng.choice(SERVICES)
+        if rng.random() < 0.5 and svc.fwmark is not None:
+            svc = replace(svc, fwmark=rng.randrange(1, 1 << 32))
         dest = Destination(address, rng.choice((0, 80)), weight=rng.choice((0, 1)))
         for cmd in (genl.IPVS_CMD_NEW_DEST, genl.IPVS_CMD_DEL_DEST):
             patched = requests.destination(cmd, ADD_FLAGS, (svc, dest))
             assert patched == requests._destination(cmd, ADD_FLAGS, svc, dest)
 
 
-def test_a_shape_whose_length_follows_the_address_is_encoded_in_full() -> None:
-    def encode(shape: Hashable, address: str) -> bytes:
-        return f"{shape}:{address}".encode()  # the text's length varies with the address
+def test_ipvs_services_match_pyroute2() -> None:
+    requests = _Requests(family_id=33)
+    rng = random.Random(2)
+    marks = [1, 0xFFFFFFFF, 0xA5A5A5A5, *(rng.randrange(1, 1 << 32) for _ in range(100))]
+    for svc in [*SERVICES, *(replace(SERVICES[0], fwmark=mark) for mark in marks)]:
+        for cmd in (genl.IPVS_CMD_NEW_SERVICE, genl.IPVS_CMD_DEL_SERVICE):
+            expected = requests._encode(cmd, ADD_FLAGS, _service_request(svc).dump_nla())
+            assert requests.service(cmd, ADD_FLAGS, svc) == expected
 
-    templates = AddressTemplates(encode)
-    assert templates.request("s", "10.1.2.3") == b"s:10.1.2.3"
-    assert templates.request("s", "192.168.100.200") == b"s:192.168.100.200"
+
+def test_a_shape_whose_length_follows_the_address_is_encoded_in_full() -> None:
+    def encode(shape: Hashable, values: tuple[Any, ...]) -> bytes:
+        return f"{shape}:{values[0]}".encode()  # the text's length varies with the address
+
+    templates = Templates(encode)
+    assert templates.request("s", (address_field("10.1.2.3"),)) == b"s:10.1.2.3"
+    assert templates.request("s", (address_field("192.168.10.200"),)) == b"s:192.168.10.200"
