@@ -2,10 +2,11 @@
 
 meshctl owns only chains named MESH-*, every rule it writes carries a `meshctl:<object-id>` comment,
 and its only edit outside its chains is one commented jump rule per builtin chain. A batch
-(`TableChange`) is written as one `iptables-legacy-restore --noflush` run per table, so one commit:
-a controller rebuilds just the chains of the services that changed, atomically. A table is read
-with one `iptables-legacy-save` run. Text in and out is what kube-proxy does; building rules as
-libiptc objects from Python (python-iptables) measured 28x slower than restore.
+(`TableChange`) is one commit of `iptables-legacy-restore --noflush`: a controller rebuilds just
+the chains of the services that changed, atomically; `apply_tables` writes several tables' batches
+in one run, streamed to the tool as they are rendered. A table is read with one
+`iptables-legacy-save` run. Text in and out is what kube-proxy does; building rules as libiptc
+objects from Python (python-iptables) measured 28x slower than restore.
 
 Rules are plain frozen dataclasses in a canonical form: what `apply` writes is exactly what
 `list_owned` reads back, so a planner diffs desired against observed by equality.
