@@ -197,8 +197,10 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
         kernel.links.ensure_veth(NODE, link.node_end, link.task_end, task.netns)
         kernel.links.set_master(NODE, link.node_end, link.bridge)
         kernel.links.set_up(NODE, link.node_end)
-        _set_addresses(kernel, task.netns, link.task_end, [link.address])
+        # Up before its address: once the address shows, the leg carries packets (a ping right
+        # after it appeared could find the link still down).
         kernel.links.set_up(task.netns, link.task_end)
+        _set_addresses(kernel, task.netns, link.task_end, [link.address])
     if not task.owns_netns:
         return
     for route in kernel.links.list_routes(task.netns):
