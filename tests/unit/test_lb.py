@@ -303,3 +303,25 @@ def test_foreign_ipvs_services_are_left_alone() -> None:
 def test_a_prefix_reaching_beyond_this_node_is_refused(prefix: str) -> None:
     with pytest.raises(ValueError, match="lb_netns_prefix"):
         Fake("iptables").reconciler.sync([], prefix)
+
+
+def test_a_failure_beside_the_iptables_batch_is_raised_and_the_next_pass_repairs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leg, sysctls and addresses go in a thread beside the iptables batch: its error must
+    reach the caller (not vanish with the thread), and the next sync must finish the job."""
+    fake = Fake("iptables")
+    s = spec(THREE)
+    real_add = fake.links.ensure_addresses
+
+    def refuse(*args: object) -> None:
+        raise Unsupported("no addresses today")
+
+    monkeypatch.setattr(fake.links, "ensure_addresses", refuse)
+    with pytest.raises(Unsupported, match="no addresses today"):
+        fake.reconciler.sync([s], PREFIX)
+    assert fake.iptables.list_owned(s.netns, "nat").chains  # written beside it, kept
+
+    monkeypatch.setattr(fake.links, "ensure_addresses", real_add)
+    assert fake.sync(s)
+    assert "10.0.1.100/32" in {a.cidr for a in fake.links.list_addresses(s.netns, "eth0")}
