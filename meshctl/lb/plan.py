@@ -18,6 +18,7 @@ from kernel.ipvs import Destination, IpvsChange, VirtualService
 from kernel.links import Link
 from meshctl.controller.tables import table_change
 from meshctl.lb.spec import (
+    BLOCK_PREFIXES,
     MARK_CHAIN,
     POSTROUTING_CHAIN,
     REFUSE_CHAIN,
@@ -33,9 +34,14 @@ from meshctl.lb.spec import (
 
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 
-# Chains holding one rule per VIP of the network: a change that adds, removes, or (de)activates
-# a VIP rewrites them whole; a change of backends alone leaves them as they are.
+# Chains shared by the network's VIPs (one rule per VIP or per block of VIPs): a change that
+# adds, removes, or (de)activates a VIP rewrites those of them that differ; a change of backends
+# alone leaves them as they are.
 SHARED_CHAINS = frozenset({MARK_CHAIN, SERVICES_CHAIN, REFUSE_CHAIN, POSTROUTING_CHAIN})
+
+
+def is_shared(chain: str) -> bool:
+    return chain in SHARED_CHAINS or chain.startswith(BLOCK_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -226,18 +232,22 @@ def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChan
         return NsChange(spec=desired)
     old, new = held_by(replace(applied, vips=gone), backend), replace(desired, vips=came)
     shared_changed = sorted(map(_shared_part, gone)) != sorted(map(_shared_part, came))
-    shared = iptables_tables(desired, backend) if shared_changed else {}
+    # The shared chains of the whole network before and after, only if they changed: the diff
+    # then rewrites the ones that differ (MESH-SERVICES, a block) and deletes emptied blocks.
+    after = iptables_tables(desired, backend) if shared_changed else {}
+    before = iptables_tables(applied, backend) if shared_changed else {}
     want, had = {}, {}
     for table, rules in iptables_tables(new, backend).items():
-        # The changed VIPs' own chains; the shared chains whole, and only if they changed.
-        chains = _without_shared(rules)
-        if table in shared:
-            chains |= {c: r for c, r in shared[table].chains.items() if c in SHARED_CHAINS}
-        want[table] = OwnedTable(chains=chains)
-        had[table] = OwnedTable(chains=_without_shared(old.tables[table]))
+        want[table] = OwnedTable(chains=_own(rules) | _shared(after.get(table)))
+        had[table] = OwnedTable(chains=_own(old.tables[table]) | _shared(before.get(table)))
     change = _objects_change(new, old, backend, _table_changes(want, had))
     return replace(change, spec=desired)
 
 
-def _without_shared(table: OwnedTable) -> dict[str, tuple[Rule, ...]]:
-    return {c: r for c, r in table.chains.items() if c not in SHARED_CHAINS}
+def _own(table: OwnedTable) -> dict[str, tuple[Rule, ...]]:
+    """The chains of single services (their MESH-SVC-* and MESH-SEP-* chains)."""
+    return {c: r for c, r in table.chains.items() if not is_shared(c)}
+
+
+def _shared(table: OwnedTable | None) -> dict[str, tuple[Rule, ...]]:
+    return {c: r for c, r in table.chains.items() if is_shared(c)} if table else {}

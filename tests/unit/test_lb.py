@@ -67,8 +67,10 @@ def test_iptables_backend_spreads_evenly_over_active_backends_in_a_stable_order(
     nat = iptables_tables(spec(vip))["nat"]
 
     svc = svc_chain(vip)
-    assert [r.target for r in nat.chains[SERVICES_CHAIN]] == [svc]
-    assert nat.chains[SERVICES_CHAIN][0].destination == "10.0.1.100/32"
+    (block,) = nat.chains[SERVICES_CHAIN]  # one rule per /24 holding VIPs...
+    assert (block.target, block.destination) == ("MESH-VIPS-0A000100", "10.0.1.0/24")
+    (jump,) = nat.chains[block.target]  # ...and in its chain, one per VIP
+    assert (jump.target, jump.destination) == (svc, "10.0.1.100/32")
     spread = nat.chains[svc]
     assert [r.matches for r in spread] == [
         (Match("statistic", opts(mode="random", probability=1 / 3)),),
@@ -100,7 +102,8 @@ def test_every_rule_is_commented_and_passes_the_iptables_ownership_checks(
 def test_vip_traffic_is_marked_and_source_natted_to_the_lb_address() -> None:
     s = spec(THREE)
     tables = iptables_tables(s, "ipvs")
-    (mark,) = tables["mangle"].chains["MESH-MARK"]
+    (block,) = tables["mangle"].chains["MESH-MARK"]
+    (mark,) = tables["mangle"].chains[block.target]
     assert mark.destination == "10.0.1.100/32"
     assert dict(mark.target_args)["set-xmark"] == f"{s.fwmark(THREE):#x}/0xffffffff"
     (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
@@ -325,3 +328,25 @@ def test_a_failure_beside_the_iptables_batch_is_raised_and_the_next_pass_repairs
     monkeypatch.setattr(fake.links, "ensure_addresses", real_add)
     assert fake.sync(s)
     assert "10.0.1.100/32" in {a.cidr for a in fake.links.list_addresses(s.netns, "eth0")}
+
+
+def test_vips_are_dispatched_per_24_block_in_address_order() -> None:
+    """A first packet walks the blocks, then one block's VIPs: not every VIP of the network."""
+    vips = [web(Backend("10.0.9.9"), vip=v, sid=f"svc-{v}") for v in
+            ("10.0.1.100", "10.0.3.7", "10.0.1.101", "10.0.3.1", "10.0.2.250")]  # fmt: skip
+    s = replace(spec(), lb_address_cidr="10.0.0.2/16", vips=tuple(vips))
+    for backend, top, prefix in (("iptables", SERVICES_CHAIN, "MESH-VIPS-"),
+                                 ("ipvs", "MESH-MARK", "MESH-MARKS-")):  # fmt: skip
+        chains = iptables_tables(s, backend)["nat" if backend == "iptables" else "mangle"].chains
+        blocks = [(r.destination, r.target) for r in chains[top]]
+        assert blocks == [
+            ("10.0.1.0/24", f"{prefix}0A000100"),
+            ("10.0.2.0/24", f"{prefix}0A000200"),
+            ("10.0.3.0/24", f"{prefix}0A000300"),
+        ]
+        in_blocks = [[r.destination for r in chains[chain]] for _, chain in blocks]
+        assert in_blocks == [
+            ["10.0.1.100/32", "10.0.1.101/32"],
+            ["10.0.2.250/32"],
+            ["10.0.3.1/32", "10.0.3.7/32"],
+        ]

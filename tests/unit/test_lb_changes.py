@@ -4,6 +4,7 @@ checked against the fake kernel, where a full observe afterwards must find nothi
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import replace
 
 import pytest
@@ -11,28 +12,35 @@ import pytest
 from kernel.errors import KernelError
 from meshctl.lb.plan import vip_change
 from meshctl.lb.spec import SERVICES_CHAIN as SERVICES
-from meshctl.lb.spec import Backend, VirtualIp, sep_chain, svc_chain
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp, sep_chain, svc_chain
 from tests.unit.test_lb import PREFIX, Fake, spec
 from tests.unit.test_lb import fake as fake  # noqa: F401  (the fixture, over both backends)
 
 RANDOM_STEPS = 150
 
 
-def service(index: int, backends: int = 3) -> VirtualIp:
+def service(index: int, backends: int = 3, blocks: int = 1) -> VirtualIp:
+    """Service index; with blocks > 1 the VIPs spread over that many /24s (of a /16)."""
     return VirtualIp(
         f"svc-{index}",
         f"s{index}",
-        f"10.0.1.{100 + index}",
+        f"10.0.{1 + index % blocks}.{100 + index}",
         tuple(Backend(f"10.0.1.{10 + index * 5 + b}") for b in range(backends)),
     )
 
 
-def mutate(vips: dict[int, VirtualIp], rng: random.Random) -> None:
+def spread_spec(vips: Iterable[VirtualIp], blocks: int) -> LbSpec:
+    if blocks == 1:
+        return spec(*vips)
+    return replace(spec(), lb_address_cidr="10.0.1.2/16", vips=tuple(vips))
+
+
+def mutate(vips: dict[int, VirtualIp], rng: random.Random, blocks: int = 1) -> None:
     """One change a controller makes: a service comes or goes, or one backend changes."""
     index = rng.randrange(12)
     vip = vips.get(index)
     if vip is None:
-        vips[index] = service(index, rng.randrange(0, 4))
+        vips[index] = service(index, rng.randrange(0, 4), blocks)
         return
     step = rng.choice(["remove", "drain", "drop", "add", "rename"])
     backends = list(vip.backends)
@@ -52,14 +60,18 @@ def mutate(vips: dict[int, VirtualIp], rng: random.Random) -> None:
     vips[index] = replace(vip, backends=tuple(backends))
 
 
+@pytest.mark.parametrize("blocks", [1, 3], ids=["one-24", "three-24s"])
 @pytest.mark.parametrize("seed", range(4))
-def test_changes_applied_one_by_one_converge_like_a_full_sync(fake: Fake, seed: int) -> None:
+def test_changes_applied_one_by_one_converge_like_a_full_sync(
+    fake: Fake, seed: int, blocks: int
+) -> None:
+    """Across /24 blocks too: blocks that empty are deleted, new ones made and jumped to."""
     rng = random.Random(seed)
-    vips = {i: service(i) for i in range(6)}
-    fake.reconciler.sync_changed([spec(*vips.values())], PREFIX)
+    vips = {i: service(i, blocks=blocks) for i in range(6)}
+    fake.reconciler.sync_changed([spread_spec(vips.values(), blocks)], PREFIX)
     for _ in range(RANDOM_STEPS):
-        mutate(vips, rng)
-        desired = [spec(*vips.values())]
+        mutate(vips, rng, blocks)
+        desired = [spread_spec(vips.values(), blocks)]
 
         fake.reconciler.sync_changed(desired, PREFIX)
 
@@ -95,8 +107,12 @@ def test_a_new_or_removed_service_rewrites_the_shared_chains(fake: Fake) -> None
     change = vip_change(before, spec(service(1)), fake.reconciler.backend)
 
     assert change is not None
-    shared = ("mangle", "MESH-MARK") if fake.reconciler.backend == "ipvs" else ("nat", SERVICES)
-    assert shared[1] in change.tables[shared[0]].replace
+    table = "mangle" if fake.reconciler.backend == "ipvs" else "nat"
+    held = fake.iptables.list_owned(before.netns, table).chains
+    (block,) = (c for c in held if c.startswith(("MESH-VIPS-", "MESH-MARKS-")))  # one /24
+    assert block in change.tables[table].replace  # its block loses service 2's rule
+    top = "MESH-MARK" if table == "mangle" else SERVICES
+    assert top not in change.tables[table].replace  # the block stays, and its jump with it
     assert change.delete_addresses == (f"{service(2).vip}/32",)
 
 
