@@ -18,30 +18,18 @@ from kernel.ipvs import Destination, IpvsChange, VirtualService
 from kernel.links import Link
 from meshctl.controller.tables import table_change
 from meshctl.lb.spec import (
-    BLOCK_PREFIXES,
-    MARK_CHAIN,
-    POSTROUTING_CHAIN,
-    REFUSE_CHAIN,
-    SERVICES_CHAIN,
     BackendKind,
     LbSpec,
     VirtualIp,
     addresses,
     iptables_tables,
     ipvs_state,
+    service_chains,
+    shared_tables,
     sysctls,
 )
 
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
-
-# Chains shared by the network's VIPs (one rule per VIP or per block of VIPs): a change that
-# adds, removes, or (de)activates a VIP rewrites those of them that differ; a change of backends
-# alone leaves them as they are.
-SHARED_CHAINS = frozenset({MARK_CHAIN, SERVICES_CHAIN, REFUSE_CHAIN, POSTROUTING_CHAIN})
-
-
-def is_shared(chain: str) -> bool:
-    return chain in SHARED_CHAINS or chain.startswith(BLOCK_PREFIXES)
 
 
 @dataclass(frozen=True)
@@ -230,24 +218,24 @@ def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChan
     came = tuple(v for v in desired.vips if applied_at.get(v.vip) != v)
     if not gone and not came:
         return NsChange(spec=desired)
-    old, new = held_by(replace(applied, vips=gone), backend), replace(desired, vips=came)
+    gone_spec, new = replace(applied, vips=gone), replace(desired, vips=came)
+    old = held_by(gone_spec, backend)
+    # The changed VIPs' own chains; the chains the VIPs share (MESH-SERVICES and its blocks,
+    # marks, refusals) before and after, only if they changed: the diff then rewrites those
+    # that differ and deletes emptied blocks.
     shared_changed = sorted(map(_shared_part, gone)) != sorted(map(_shared_part, came))
-    # The shared chains of the whole network before and after, only if they changed: the diff
-    # then rewrites the ones that differ (MESH-SERVICES, a block) and deletes emptied blocks.
-    after = iptables_tables(desired, backend) if shared_changed else {}
-    before = iptables_tables(applied, backend) if shared_changed else {}
+    after = shared_tables(desired, backend) if shared_changed else {}
+    before = shared_tables(applied, backend) if shared_changed else {}
+    balanced = backend == "iptables"  # only its nat table holds chains of single services
     want, had = {}, {}
-    for table, rules in iptables_tables(new, backend).items():
-        want[table] = OwnedTable(chains=_own(rules) | _shared(after.get(table)))
-        had[table] = OwnedTable(chains=_own(old.tables[table]) | _shared(before.get(table)))
+    for table in old.tables:
+        own_new = service_chains(new) if balanced and table == "nat" else {}
+        own_old = service_chains(gone_spec) if balanced and table == "nat" else {}
+        want[table] = OwnedTable(chains={**own_new, **_chains(after, table)})
+        had[table] = OwnedTable(chains={**own_old, **_chains(before, table)})
     change = _objects_change(new, old, backend, _table_changes(want, had))
     return replace(change, spec=desired)
 
 
-def _own(table: OwnedTable) -> dict[str, tuple[Rule, ...]]:
-    """The chains of single services (their MESH-SVC-* and MESH-SEP-* chains)."""
-    return {c: r for c, r in table.chains.items() if not is_shared(c)}
-
-
-def _shared(table: OwnedTable | None) -> dict[str, tuple[Rule, ...]]:
-    return {c: r for c, r in table.chains.items() if is_shared(c)} if table else {}
+def _chains(tables: Mapping[str, OwnedTable], table: str) -> dict[str, tuple[Rule, ...]]:
+    return dict(tables[table].chains) if table in tables else {}

@@ -39,7 +39,6 @@ SEP_CHAIN_PREFIX = "MESH-SEP-"
 # or MESH-MARK (ipvs backend) by one rule per block: see _by_block.
 SERVICES_BLOCK_PREFIX = "MESH-VIPS-"
 MARK_BLOCK_PREFIX = "MESH-MARKS-"
-BLOCK_PREFIXES = (SERVICES_BLOCK_PREFIX, MARK_BLOCK_PREFIX)
 BLOCK_PREFIXLEN = 24
 
 
@@ -228,21 +227,24 @@ def _by_block(
     return {top: tuple(jumps), **{chain: tuple(rules) for chain, rules in blocks.items()}}
 
 
-def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
-    """nat chains of the iptables backend: VIP → per-service chain → random spread → DNAT."""
-    chains: dict[str, tuple[Rule, ...]] = {}
-    active_vips = [vip for vip in spec.vips if vip.active]
-    # A VIP with no active backend is not balanced: it stays local and refuses the connection.
-    chains.update(
-        _by_block(
-            spec,
-            SERVICES_CHAIN,
-            SERVICES_BLOCK_PREFIX,
-            active_vips,
-            lambda chain, vip: Rule(chain, svc_chain(vip), vip.comment, destination=vip.vip),
-        )
+def _dispatch_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
+    """nat chains of the iptables backend shared by the VIPs: MESH-SERVICES and its blocks,
+    each VIP's rule jumping to its service chain. A VIP with no active backend is left out: it
+    stays local and refuses the connection."""
+    return _by_block(
+        spec,
+        SERVICES_CHAIN,
+        SERVICES_BLOCK_PREFIX,
+        (vip for vip in spec.vips if vip.active),
+        lambda chain, vip: Rule(chain, svc_chain(vip), vip.comment, destination=vip.vip),
     )
-    for vip in active_vips:
+
+
+def service_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
+    """nat chains of the iptables backend that belong to one service each: its MESH-SVC-*
+    chain spreading at random over its active backends, and a MESH-SEP-* DNAT chain per one."""
+    chains: dict[str, tuple[Rule, ...]] = {}
+    for vip in spec.vips:
         active = vip.active
         svc, comment = svc_chain(vip), vip.comment
         spread = []
@@ -252,7 +254,8 @@ def _balancing_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
             # No port in the DNAT: the connection keeps its port, as swarm's VIPs do.
             dnat = (("to-destination", backend.address),)
             chains[sep] = (Rule(sep, "DNAT", comment, target_args=dnat),)
-        chains[svc] = tuple(spread)
+        if active:
+            chains[svc] = tuple(spread)
     return chains
 
 
@@ -284,6 +287,16 @@ def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str
     iptables backend balances in nat and needs no mark: conntrack knows which connections
     its DNAT rules balanced, and the first packet walks no mark chain.
     """
+    tables = shared_tables(spec, backend)
+    if backend == "iptables":
+        nat = tables["nat"]
+        tables["nat"] = OwnedTable({**nat.chains, **service_chains(spec)}, nat.jumps)
+    return tables
+
+
+def shared_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str, OwnedTable]:
+    """iptables_tables without the chains of single services: the chains the network's VIPs
+    share (dispatch, marks, SNAT, refusals), one rule per VIP at most, and the jump rules."""
     if backend == "ipvs":
         mangle = _mark_table(spec)
         balanced = Match("mark", opts(mark=f"{FWMARK_BASE:#x}/{FWMARK_MASK:#x}"))
@@ -300,7 +313,7 @@ def iptables_tables(spec: LbSpec, backend: BackendKind = "iptables") -> dict[str
     nat_chains: dict[str, tuple[Rule, ...]] = {POSTROUTING_CHAIN: (snat,)}
     nat_jumps = [Rule("POSTROUTING", POSTROUTING_CHAIN, spec.comment)]
     if backend == "iptables":
-        nat_chains.update(_balancing_chains(spec))
+        nat_chains.update(_dispatch_chains(spec))
         nat_jumps.insert(0, Rule("PREROUTING", SERVICES_CHAIN, spec.comment))
     # A VIP with no backend to take a new connection refuses it at once (IPVS would drop it
     # silently and leave the client hanging).
