@@ -44,6 +44,7 @@ from types import TracebackType
 from typing import Any, cast
 
 from kernel import netns
+from kernel.gcpause import gc_paused
 from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.system import Kernel, real_kernel
@@ -265,9 +266,11 @@ class Watcher:
                 for event in events:
                     if event.kind == KIND and event.value is not None:
                         self._vips[event.name] = decode(event.name, event.value)
-                # The network's whole spec, as the controller builds it from the store.
-                self.spec = replace(self.spec, vips=tuple(self._vips.values()))
-                self.reconcile([self.spec], self.prefix)
+                # The network's whole spec, as the controller builds it from the store, and
+                # its reconcile, with the cyclic GC paused as in the controller's pass.
+                with gc_paused():
+                    self.spec = replace(self.spec, vips=tuple(self._vips.values()))
+                    self.reconcile([self.spec], self.prefix)
             except BaseException as err:  # handed to the bench's thread, which stops
                 self.done.put(err)
                 return
@@ -293,7 +296,8 @@ def full_sync(
     """Seconds meshctl's sync from empty takes, seconds the peer tool takes to restore what it
     wrote into peer, and what that was."""
     start = time.perf_counter()
-    reconciler.sync([spec], prefix)
+    with gc_paused():  # as the controller's every pass runs
+        reconciler.sync([spec], prefix)
     sync_s = time.perf_counter() - start
     dump = tmp / "dump"
     if backend == "ipvs":

@@ -18,7 +18,6 @@ from functools import partial
 
 from kernel.errors import NotFound, Unsupported
 from kernel.features import pick_lb_backend
-from kernel.gcpause import gc_paused
 from kernel.ipvs import IpvsChange
 from kernel.netns import Namespace
 from kernel.system import Kernel
@@ -153,17 +152,15 @@ class LbReconciler:
         owned_prefix is `lb_netns_prefix(node_id)`: namespaces with it that no spec wants are
         deleted; no other namespace is ever touched.
         """
-        with gc_paused():  # a pass builds a rule object per backend and forms no cycles
-            plan = self.plan(desired, owned_prefix)
-            self.apply(plan)
+        plan = self.plan(desired, owned_prefix)
+        self.apply(plan)
         return plan
 
     def sync_changed(self, desired: Sequence[LbSpec], owned_prefix: str) -> LbPlan:
         """`sync` without reading back what it already knows: a change to one service costs
         that service's rules. What drifted behind its back waits for the next `sync`."""
-        with gc_paused():
-            plan = self.plan_changes(desired, owned_prefix)
-            self.apply(plan)
+        plan = self.plan_changes(desired, owned_prefix)
+        self.apply(plan)
         return plan
 
     def _apply_change(self, change: NsChange) -> None:
