@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.etcd import EtcdServer
+
 IS_ROOT = os.geteuid() == 0
 TEST_NETNS_PREFIX = f"mt{os.getpid()}-"
 _counter = itertools.count()
@@ -49,6 +51,8 @@ def root_namespace_snapshot() -> dict[str, str]:
         "iptables-legacy": run("iptables-legacy-save"),
         "iptables-nft": run("iptables-nft-save"),
         "netns": "\n".join(n for n in _list_netns() if not n.startswith(TEST_NETNS_PREFIX)),
+        # New namespaces inherit it: a controller run in the root namespace by mistake shows here.
+        "ip_forward": run("sysctl", "-n", "net.ipv4.ip_forward"),
     }
 
 
@@ -85,6 +89,13 @@ def kill_processes_in(ns_path: str) -> None:
 
 
 NetnsFactory = Callable[[str], str]
+
+
+@pytest.fixture(scope="session")
+def etcd_server() -> Iterator[EtcdServer]:
+    """One etcd on a loopback port for the whole run; each test keeps to a key prefix of its own."""
+    with EtcdServer() as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,17 +2,18 @@
 
 Keys are (kind, name), values JSON-able dicts. One global revision grows with every write, so
 callers can compare-and-swap on a key's mod_revision and watch every change after a revision.
-The embedded SQLite implementation is the default; an etcd one can satisfy the same protocol.
+Leases make keys that vanish when their owner stops renewing them (node liveness, leadership).
+Two implementations: embedded SQLite (the default, one host) and etcd (a cluster).
 """
 
 from __future__ import annotations
 
 import builtins
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 DEFAULT_STATE_DIR = "/var/lib/meshctl"
 STATE_DIR_ENV = "MESHCTL_STATE_DIR"
@@ -47,12 +48,16 @@ class Event:
 
 @dataclass(frozen=True)
 class Put:
-    """A write inside a txn. expect: None unconditional, 0 must not exist, N mod_revision is N."""
+    """A write inside a txn. expect: None unconditional, 0 must not exist, N mod_revision is N.
+
+    lease: 0 for a key that stays, else a lease id from grant_lease (the key goes with it).
+    """
 
     kind: str
     name: str
     value: Value
     expect: int | None = None
+    lease: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,30 @@ class Delete:
     expect: int | None = None
 
 
-Op = Put | Delete
+@dataclass(frozen=True)
+class Check:
+    """A compare inside a txn that writes nothing: the key's mod_revision is expect (0: absent).
+
+    It makes a txn depend on a record it does not change (an allocation on a network that a
+    concurrent `network rm` could delete)."""
+
+    kind: str
+    name: str
+    expect: int
+
+
+Op = Put | Delete | Check
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Every record of the store at one revision, by kind (each list sorted by name)."""
+
+    revision: int
+    records: dict[str, builtins.list[Record]]
+
+    def of(self, kind: str) -> builtins.list[Record]:
+        return self.records.get(kind, [])
 
 
 class StoreError(Exception):
@@ -108,27 +136,45 @@ class Compacted(StoreError):
         )
 
 
-class Store(Protocol):
-    """Desired state: get, list, put and delete with compare-and-swap, atomic txn, watch.
+class Unavailable(StoreError):
+    """The store cannot be reached now (etcd down or cut off); the caller may retry later."""
 
-    To follow the store without missing a change: rev = revision(), then list(), then loop on
-    watch(rev) and set rev to the last event's revision. A change made between the two calls
-    is seen twice (once in the list, once as an event), which a reconciler handles anyway.
+
+class LeaseExpired(StoreError):
+    """A write named a lease that has expired (or never existed): grant a new one."""
+
+    def __init__(self, lease: int) -> None:
+        self.lease = lease
+        super().__init__(f"lease {lease:x} has expired; its keys are gone")
+
+
+class Store(Protocol):
+    """Desired state: get, list, put and delete with compare-and-swap, atomic txn, watch, leases.
+
+    To follow the store without missing a change: snap = snapshot(), then loop on
+    watch(snap.revision) and move on to the last event's revision (meshctl.store.informer does
+    this, and re-lists when the history it needs was compacted).
     """
 
     def get(self, kind: str, name: str) -> Record | None:
         """The record of a key, None if absent."""
         ...
 
-    def list(self, kind: str) -> builtins.list[Record]:
-        """All records of a kind, sorted by name."""
+    def list(self, kind: str, prefix: str = "") -> builtins.list[Record]:
+        """All records of a kind (whose name starts with prefix), sorted by name."""
+        ...
+
+    def snapshot(self) -> Snapshot:
+        """Every record at one revision: what a reconcile pass reads."""
         ...
 
     def revision(self) -> int:
         """The store's current revision (0 for an empty store that was never written)."""
         ...
 
-    def put(self, kind: str, name: str, value: Value, *, expect: int | None = None) -> Record:
+    def put(
+        self, kind: str, name: str, value: Value, *, expect: int | None = None, lease: int = 0
+    ) -> Record:
         """Write a key at a new revision; raise Conflict when expect does not hold."""
         ...
 
@@ -140,16 +186,26 @@ class Store(Protocol):
         """Apply all ops at one new revision or none (Conflict); return the store's revision.
 
         Every op's expect is checked against the state before the txn; a key may appear only
-        once. A txn that changes nothing (only deletes of missing keys) adds no revision.
+        once. A txn that changes nothing (only checks, deletes of missing keys) adds no revision.
         """
         ...
 
-    def events_since(self, revision: int) -> builtins.list[Event]:
-        """Every event after revision, oldest first; Compacted if that history is gone."""
+    def watch(self, from_revision: int, *, timeout: float) -> builtins.list[Event]:
+        """Block until there are events after from_revision and return them, oldest first (not
+        necessarily all of them: watch again from the last one's revision); [] on timeout.
+        Compacted if that history is gone."""
         ...
 
-    def watch(self, from_revision: int, *, timeout: float) -> builtins.list[Event]:
-        """Block until there are events after from_revision and return them; [] on timeout."""
+    def grant_lease(self, ttl: float) -> int:
+        """A new lease that expires ttl seconds from now unless kept alive; its id (never 0)."""
+        ...
+
+    def keep_alive(self, lease: int) -> bool:
+        """Renew a lease for its whole ttl; False if it expired already (its keys are gone)."""
+        ...
+
+    def revoke_lease(self, lease: int) -> None:
+        """End a lease now: its keys are deleted. A missing lease is a no-op."""
         ...
 
     def close(self) -> None:
@@ -166,6 +222,25 @@ class Store(Protocol):
     ) -> None: ...
 
 
+RETRY_ATTEMPTS = 20
+T = TypeVar("T")
+
+
+def retry_conflicts(attempt: Callable[[], T], what: str) -> T:
+    """Run a read-compute-txn attempt again while another writer wins the compare-and-swap.
+
+    Every operation that reads records and writes them back is one such attempt: it reads,
+    validates and writes in one txn whose expects name what it read, so racing writers never
+    half-apply and the loser decides again on fresh data.
+    """
+    for _ in range(RETRY_ATTEMPTS):
+        try:
+            return attempt()
+        except Conflict:
+            continue
+    raise StoreError(f"{what}: the store kept changing meanwhile; try again")
+
+
 def resolve_state_dir(cli_value: str | None) -> str:
     """The state dir as an absolute path: --state-dir, else $MESHCTL_STATE_DIR, else the default."""
     chosen = cli_value or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
@@ -178,7 +253,8 @@ def default_store_url(state_dir: str) -> str:
 
 
 def open_store(url: str) -> Store:
-    """Open the store a --store URL names: sqlite:///abs/path/state.db (etcd:// comes later)."""
+    """Open the store a --store URL names: sqlite:///abs/path/state.db, or
+    etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (keys under PREFIX, default /meshctl)."""
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://")
         if not path.startswith("/"):
@@ -190,9 +266,11 @@ def open_store(url: str) -> Store:
         # sqlite:////abs (SQLAlchemy's spelling) names the same file as sqlite:///abs.
         return SqliteStore("/" + path.lstrip("/"))
     if url.startswith("etcd://"):
-        raise StoreError(
-            f"store URL {url!r}: etcd is not supported yet; use sqlite:///<state-dir>/state.db"
-        )
+        from meshctl.store.etcd import EtcdStore, parse_etcd_url
+
+        endpoints, prefix = parse_etcd_url(url)
+        return EtcdStore(endpoints, prefix)
     raise StoreError(
-        f"store URL {url!r} is not understood; use sqlite:///<absolute path to state.db>"
+        f"store URL {url!r} is not understood; use sqlite:///<absolute path to state.db> or "
+        "etcd://HOST:PORT[,HOST:PORT...]"
     )

@@ -3,6 +3,8 @@
 Writes run in BEGIN IMMEDIATE transactions, so a compare-and-swap check and its write are one
 atomic step across processes. Every write appends to an events table (the watch history), which
 is compacted to the last `history` revisions; watchers poll the revision every few milliseconds.
+Leases expire by the wall clock, which every process on the host shares: any store object that
+writes, watches or reads next deletes an expired lease's keys, as etcd's leader would.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from meshctl.store import (
     Conflict,
     Delete,
     Event,
+    LeaseExpired,
     Op,
     Put,
     Record,
+    Snapshot,
     StoreError,
     Value,
 )
@@ -51,7 +55,15 @@ _SCHEMA = (
         value TEXT
     )""",
     "CREATE INDEX IF NOT EXISTS events_revision ON events (revision)",
+    """CREATE TABLE IF NOT EXISTS leases (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ttl REAL NOT NULL,
+        expires REAL NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS leases_expires ON leases (expires)",
 )
+# Files made before leases existed get the column on open.
+_KV_LEASE = "ALTER TABLE kv ADD COLUMN lease INTEGER NOT NULL DEFAULT 0"
 
 
 class SqliteStore:
@@ -100,6 +112,9 @@ class SqliteStore:
         with self._transaction() as db:
             for statement in _SCHEMA:
                 db.execute(statement)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(kv)")}
+            if "lease" not in columns:
+                db.execute(_KV_LEASE)
 
     def _enable_wal(self) -> str:
         """Set WAL mode and return the mode SQLite settled on.
@@ -120,6 +135,7 @@ class SqliteStore:
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, kind: str, name: str) -> Record | None:
+        self._expire_due()
         with self._reading() as db:
             row = db.execute(
                 "SELECT value, create_revision, mod_revision FROM kv WHERE kind = ? AND name = ?",
@@ -127,14 +143,32 @@ class SqliteStore:
             ).fetchone()
         return None if row is None else Record(kind, name, json.loads(row[0]), row[1], row[2])
 
-    def list(self, kind: str) -> builtins.list[Record]:
+    def list(self, kind: str, prefix: str = "") -> builtins.list[Record]:
+        self._expire_due()
         with self._reading() as db:
             rows = db.execute(
                 "SELECT name, value, create_revision, mod_revision FROM kv WHERE kind = ? "
-                "ORDER BY name",
-                (kind,),
+                "AND substr(name, 1, ?) = ? ORDER BY name",
+                (kind, len(prefix), prefix),
             ).fetchall()
         return [Record(kind, name, json.loads(value), c, m) for name, value, c, m in rows]
+
+    def snapshot(self) -> Snapshot:
+        self._expire_due()
+        records: dict[str, builtins.list[Record]] = {}
+        with self._reading() as db:
+            db.execute("BEGIN")  # one read transaction: one revision
+            try:
+                revision = _meta(db, "revision")
+                rows = db.execute(
+                    "SELECT kind, name, value, create_revision, mod_revision FROM kv "
+                    "ORDER BY kind, name"
+                ).fetchall()
+            finally:
+                db.execute("COMMIT")
+        for kind, name, value, c, m in rows:
+            records.setdefault(kind, []).append(Record(kind, name, json.loads(value), c, m))
+        return Snapshot(revision, records)
 
     def revision(self) -> int:
         with self._reading() as db:
@@ -164,6 +198,7 @@ class SqliteStore:
         deadline = time.monotonic() + timeout
         while True:
             # The revision is one indexed row: cheap enough to poll every few milliseconds.
+            self._expire_due()
             if self.revision() > from_revision:
                 return self.events_since(from_revision)
             remaining = deadline - time.monotonic()
@@ -176,8 +211,10 @@ class SqliteStore:
 
     # -- writes --------------------------------------------------------------------------------
 
-    def put(self, kind: str, name: str, value: Value, *, expect: int | None = None) -> Record:
-        revision, before = self._apply([Put(kind, name, value, expect)])
+    def put(
+        self, kind: str, name: str, value: Value, *, expect: int | None = None, lease: int = 0
+    ) -> Record:
+        revision, before = self._apply([Put(kind, name, value, expect, lease)])
         prior = before[(kind, name)]
         # Give back what get() would: the value after its JSON round trip.
         stored = json.loads(_encode(value))
@@ -204,17 +241,21 @@ class SqliteStore:
         # Serialize before locking: a bad value fails without holding the write lock.
         encoded = [_encode(op.value) if isinstance(op, Put) else None for op in ops]
         with self._transaction() as db:
+            self._expire(db)
             before = {key: _revisions(db, *key) for key in keys}
             for op, key in zip(ops, keys, strict=True):
                 prior = before[key]
                 actual = prior[1] if prior else 0
                 if op.expect is not None and op.expect != actual:
                     raise Conflict(op.kind, op.name, op.expect, actual)
+            for op in ops:
+                if isinstance(op, Put) and op.lease and not _lease_alive(db, op.lease):
+                    raise LeaseExpired(op.lease)
             # Deleting a missing key changes nothing: no event, and no revision if nothing else.
             changes = [
                 (op, key, value)
                 for op, key, value in zip(ops, keys, encoded, strict=True)
-                if isinstance(op, Put) or before[key] is not None
+                if isinstance(op, Put) or (isinstance(op, Delete) and before[key] is not None)
             ]
             revision = _meta(db, "revision")
             if not changes:
@@ -224,20 +265,87 @@ class SqliteStore:
                 prior = before[key]
                 if isinstance(op, Put):
                     db.execute(
-                        "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?)",
-                        (*key, value, prior[0] if prior else revision, revision),
+                        "INSERT OR REPLACE INTO kv VALUES (?, ?, ?, ?, ?, ?)",
+                        (*key, value, prior[0] if prior else revision, revision, op.lease),
                     )
                 else:
                     db.execute("DELETE FROM kv WHERE kind = ? AND name = ?", key)
-                db.execute(
-                    "INSERT INTO events (revision, type, kind, name, value) VALUES (?, ?, ?, ?, ?)",
-                    (revision, "put" if isinstance(op, Put) else "delete", *key, value),
-                )
-            db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
-            self._compact(db, revision)
+                _record_event(db, revision, "put" if isinstance(op, Put) else "delete", key, value)
+            self._commit_revision(db, revision)
+        self._notify()
+        return revision, before
+
+    def _commit_revision(self, db: sqlite3.Connection, revision: int) -> None:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'revision'", (revision,))
+        self._compact(db, revision)
+
+    def _notify(self) -> None:
         with self._written:
             self._written.notify_all()
-        return revision, before
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def grant_lease(self, ttl: float) -> int:
+        if ttl <= 0:
+            raise ValueError(f"a lease needs a ttl above 0, not {ttl}")
+        with self._transaction() as db:
+            self._expire(db)
+            cursor = db.execute(
+                "INSERT INTO leases (ttl, expires) VALUES (?, ?)", (ttl, time.time() + ttl)
+            )
+            lease = cursor.lastrowid
+        assert lease
+        return lease
+
+    def keep_alive(self, lease: int) -> bool:
+        with self._transaction() as db:
+            expired = self._expire(db)
+            cursor = db.execute(
+                "UPDATE leases SET expires = ? + ttl WHERE id = ?", (time.time(), lease)
+            )
+            alive = cursor.rowcount == 1
+        if expired:
+            self._notify()
+        return alive
+
+    def revoke_lease(self, lease: int) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE leases SET expires = 0 WHERE id = ?", (lease,))
+            expired = self._expire(db)
+        if expired:
+            self._notify()
+
+    def _expire_due(self) -> None:
+        """Expire leases whose time is up, if any (a cheap indexed look when none is)."""
+        with self._reading() as db:
+            due = db.execute(
+                "SELECT 1 FROM leases WHERE expires <= ? LIMIT 1", (time.time(),)
+            ).fetchone()
+        if due:
+            with self._transaction() as db:
+                self._expire(db)
+            self._notify()
+
+    def _expire(self, db: sqlite3.Connection) -> bool:
+        """Inside a write transaction: delete the expired leases and their keys, at one new
+        revision with an event per key; True if any key went."""
+        now = time.time()
+        leases = [row[0] for row in db.execute("SELECT id FROM leases WHERE expires <= ?", (now,))]
+        if not leases:
+            return False
+        marks = ",".join("?" * len(leases))
+        keys = db.execute(
+            f"SELECT kind, name FROM kv WHERE lease IN ({marks}) ORDER BY kind, name", leases
+        ).fetchall()
+        db.execute(f"DELETE FROM leases WHERE id IN ({marks})", leases)
+        if not keys:
+            return False
+        revision = _meta(db, "revision") + 1
+        db.execute(f"DELETE FROM kv WHERE lease IN ({marks})", leases)
+        for key in keys:
+            _record_event(db, revision, "delete", key, None)
+        self._commit_revision(db, revision)
+        return True
 
     def _compact(self, db: sqlite3.Connection, revision: int) -> None:
         """Forget events older than the last `history` revisions, so the log stays bounded."""
@@ -326,6 +434,20 @@ def _revisions(db: sqlite3.Connection, kind: str, name: str) -> tuple[int, int] 
         "SELECT create_revision, mod_revision FROM kv WHERE kind = ? AND name = ?", (kind, name)
     ).fetchone()
     return None if row is None else (row[0], row[1])
+
+
+def _lease_alive(db: sqlite3.Connection, lease: int) -> bool:
+    row = db.execute("SELECT expires FROM leases WHERE id = ?", (lease,)).fetchone()
+    return row is not None and row[0] > time.time()
+
+
+def _record_event(
+    db: sqlite3.Connection, revision: int, kind: str, key: tuple[str, str], value: str | None
+) -> None:
+    db.execute(
+        "INSERT INTO events (revision, type, kind, name, value) VALUES (?, ?, ?, ?, ?)",
+        (revision, kind, *key, value),
+    )
 
 
 def _encode(value: Value) -> str:

@@ -1,6 +1,9 @@
-"""The desired-state store: compare-and-swap, txn, watch, compaction, file safety, concurrency.
+"""The desired-state store: compare-and-swap, txn, watch, compaction, leases, concurrency.
 
-The concurrency tests use real OS processes on one db file, as several CLIs and a controller do.
+Every protocol test runs on both stores: the SQLite file and a real etcd (one server for the
+run, a key prefix per test). Revisions are compared relative to where a test started, since
+etcd's revision is the server's. The concurrency tests use real OS processes, as several CLIs
+and a controller do.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import os
 import stat
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
@@ -18,10 +22,12 @@ from pathlib import Path
 import pytest
 
 from meshctl.store import (
+    Check,
     Compacted,
     Conflict,
     Delete,
     Event,
+    LeaseExpired,
     Put,
     Record,
     Store,
@@ -30,7 +36,9 @@ from meshctl.store import (
     open_store,
     resolve_state_dir,
 )
+from meshctl.store.etcd import EtcdStore, parse_etcd_url
 from meshctl.store.sqlite import SqliteStore
+from tests.etcd import EtcdServer
 
 
 @pytest.fixture
@@ -38,35 +46,59 @@ def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "state" / "state.db")
 
 
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_url(request: pytest.FixtureRequest, db_path: str) -> str:
+    """The URL of an empty store: a new SQLite file, or a new key prefix on the run's etcd."""
+    if request.param == "sqlite":
+        return default_store_url(os.path.dirname(db_path))
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    return server.url(f"/test-{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture
-def store(db_path: str) -> Iterator[Store]:
-    with open_store(default_store_url(os.path.dirname(db_path))) as opened:
+def store(store_url: str) -> Iterator[Store]:
+    with open_store(store_url) as opened:
         yield opened
 
 
 def test_put_get_list_and_revisions(store: Store) -> None:
-    assert store.revision() == 0
+    base = store.revision()
     assert store.get("service", "web") is None
     web = store.put("service", "web", {"replicas": 2})
     store.put("service", "api", {"replicas": 1})
     store.put("network", "web", {"subnet": "10.0.1.0/24"})
     updated = store.put("service", "web", {"replicas": 3})
 
-    assert (web.create_revision, web.mod_revision) == (1, 1)
-    assert (updated.create_revision, updated.mod_revision) == (1, 4)
+    assert (web.create_revision, web.mod_revision) == (base + 1, base + 1)
+    assert (updated.create_revision, updated.mod_revision) == (base + 1, base + 4)
     assert store.get("service", "web") == updated
-    assert store.revision() == 4
+    assert store.revision() == base + 4
     assert [r.name for r in store.list("service")] == ["api", "web"]
     assert [r.value for r in store.list("network")] == [{"subnet": "10.0.1.0/24"}]
     assert store.list("task") == []
 
 
+def test_list_by_name_prefix_and_snapshot(store: Store) -> None:
+    store.put("address", "net1/10.0.0.2", {"owner": "a"})
+    store.put("address", "net1/10.0.0.3", {"owner": "b"})
+    store.put("address", "net10/10.0.0.2", {"owner": "c"})
+    store.put("network", "net1", {})
+    assert [r.name for r in store.list("address", "net1/")] == ["net1/10.0.0.2", "net1/10.0.0.3"]
+    assert len(store.list("address", "net1")) == 3
+    snap = store.snapshot()
+    assert snap.revision == store.revision()
+    assert [r.name for r in snap.of("address")] == [r.name for r in store.list("address")]
+    assert [r.name for r in snap.of("network")] == ["net1"]
+    assert snap.of("task") == []
+
+
 def test_create_of_existing_key_conflicts_and_names_it(store: Store) -> None:
-    store.put("service", "web", {"image": "a"}, expect=0)
+    first = store.put("service", "web", {"image": "a"}, expect=0)
     with pytest.raises(Conflict, match="service web already exists") as caught:
         store.put("service", "web", {"image": "b"}, expect=0)
     assert caught.value.exists
-    assert store.get("service", "web") == Record("service", "web", {"image": "a"}, 1, 1)
+    rev = first.mod_revision
+    assert store.get("service", "web") == Record("service", "web", {"image": "a"}, rev, rev)
 
 
 def test_update_with_stale_revision_conflicts(store: Store) -> None:
@@ -94,6 +126,18 @@ def test_delete_semantics(store: Store) -> None:
         store.delete("service", "web", expect=web.mod_revision)
 
 
+def _events(store: Store, after: int) -> list[Event]:
+    """Every event after revision `after` up to now (watch returns them in batches)."""
+    events: list[Event] = []
+    now = store.revision()
+    while after < now:
+        batch = store.watch(after, timeout=2)
+        assert batch, f"no events between {after} and {now}"
+        events += batch
+        after = batch[-1].revision
+    return events
+
+
 def test_txn_is_all_or_nothing(store: Store) -> None:
     store.put("ipam", "10.0.1.5", {"task": "old.1"})
     before = store.revision()
@@ -107,11 +151,10 @@ def test_txn_is_all_or_nothing(store: Store) -> None:
     assert store.revision() == before
     assert store.get("service", "web") is None
     assert store.get("task", "web.1") is None
-    assert store.events_since(before) == []
 
     revision = store.txn([*ops[:2], Delete("ipam", "10.0.1.5"), Delete("ipam", "nothing")])
     assert revision == before + 1
-    assert [(e.type, e.kind, e.name, e.revision) for e in store.events_since(before)] == [
+    assert [(e.type, e.kind, e.name, e.revision) for e in _events(store, before)] == [
         ("put", "service", "web", revision),
         ("put", "task", "web.1", revision),
         ("delete", "ipam", "10.0.1.5", revision),
@@ -120,23 +163,37 @@ def test_txn_is_all_or_nothing(store: Store) -> None:
     assert task is not None and task.create_revision == revision
 
 
+def test_check_makes_a_txn_depend_on_a_key_it_does_not_write(store: Store) -> None:
+    network = store.put("network", "front", {"subnet": "10.0.1.0/24"})
+    store.txn([Check("network", "front", network.mod_revision), Put("address", "a", {})])
+    assert store.get("address", "a") is not None
+    store.delete("network", "front")
+    with pytest.raises(Conflict, match="network front does not exist"):
+        store.txn([Check("network", "front", network.mod_revision), Put("address", "b", {})])
+    assert store.get("address", "b") is None
+    before = store.revision()
+    store.txn([Check("network", "front", 0)])  # a txn of checks only writes nothing
+    assert store.revision() == before
+
+
 def test_txn_rejects_a_key_named_twice(store: Store) -> None:
+    before = store.revision()
     with pytest.raises(ValueError, match="each key once"):
         store.txn([Put("service", "web", {}), Delete("service", "web")])
-    assert store.revision() == 0
+    assert store.revision() == before
 
 
-def test_events_since_and_watch_timeout(store: Store) -> None:
+def test_watch_returns_history_then_times_out(store: Store) -> None:
+    base = store.revision()
     store.put("service", "web", {"replicas": 1})
     store.delete("service", "web")
-    assert store.events_since(0) == [
-        Event(1, "put", "service", "web", {"replicas": 1}),
-        Event(2, "delete", "service", "web", None),
+    assert _events(store, base) == [
+        Event(base + 1, "put", "service", "web", {"replicas": 1}),
+        Event(base + 2, "delete", "service", "web", None),
     ]
-    assert store.watch(0, timeout=1) == store.events_since(0)  # history returns at once
     started = time.monotonic()
-    assert store.watch(2, timeout=0.2) == []
-    assert 0.2 <= time.monotonic() - started < 1
+    assert store.watch(base + 2, timeout=0.3) == []
+    assert 0.3 <= time.monotonic() - started < 1.3
 
 
 def _watch_once(store: Store, revision: int, seen: list[tuple[float, list[Event]]]) -> None:
@@ -144,9 +201,9 @@ def _watch_once(store: Store, revision: int, seen: list[tuple[float, list[Event]
     seen.append((time.monotonic(), events))
 
 
-def test_watcher_sees_another_connections_write_within_100ms(db_path: str) -> None:
+def test_watcher_sees_another_connections_write_within_100ms(store_url: str) -> None:
     """The controller's connection sees a CLI's commit within 100 ms of it."""
-    with SqliteStore(db_path) as watcher, SqliteStore(db_path) as writer:
+    with open_store(store_url) as watcher, open_store(store_url) as writer:
         for i in range(6):
             seen: list[tuple[float, list[Event]]] = []
             thread = threading.Thread(target=_watch_once, args=(watcher, watcher.revision(), seen))
@@ -165,13 +222,30 @@ def test_compacted_history_asks_for_a_relist(db_path: str) -> None:
     with SqliteStore(db_path, history=3) as store:
         for i in range(10):
             store.put("task", f"t{i}", {})
-        assert [e.revision for e in store.events_since(7)] == [8, 9, 10]
+        assert [e.revision for e in store.watch(7, timeout=1)] == [8, 9, 10]
         with pytest.raises(Compacted, match="list again") as caught:
-            store.events_since(6)
+            store.watch(6, timeout=1)
         assert caught.value.compacted == 7
-        with pytest.raises(Compacted):
-            store.watch(1, timeout=1)
         assert len(store.list("task")) == 10  # compaction drops history, never state
+
+
+def test_etcd_compaction_is_reported_not_swallowed(etcd_server: EtcdServer) -> None:
+    """etcd cancels a watch from a compacted revision; etcd3gw drops that, the store must not."""
+    with open_store(etcd_server.url(f"/test-{uuid.uuid4().hex[:12]}")) as store:
+        assert isinstance(store, EtcdStore)
+        base = store.revision()
+        for i in range(10):
+            store.put("task", f"t{i}", {})
+        store.compact(base + 7)
+        assert [e.revision for e in store.watch(base + 7, timeout=2)] == [
+            base + 8,
+            base + 9,
+            base + 10,
+        ]
+        with pytest.raises(Compacted, match="list again") as caught:
+            store.watch(base + 5, timeout=2)
+        assert caught.value.compacted == base + 7
+        assert len(store.list("task")) == 10
 
 
 def test_state_survives_reopen(db_path: str) -> None:
@@ -193,6 +267,30 @@ def test_files_are_private(tmp_path: Path) -> None:
     assert files == {"state.db": 0o600, "state.db-wal": 0o600, "state.db-shm": 0o600}
 
 
+def test_leased_keys_go_when_the_lease_expires_and_stay_while_kept_alive(store: Store) -> None:
+    kept = store.grant_lease(2)
+    lost = store.grant_lease(1)
+    store.put("node-alive", "n1", {"up": True}, lease=kept)
+    store.put("node-alive", "n2", {"up": True}, lease=lost, expect=0)
+    with pytest.raises(Conflict):  # a live key blocks a second owner
+        store.put("node-alive", "n2", {"up": True}, expect=0)
+    base = store.revision()
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline and store.get("node-alive", "n2") is not None:
+        assert store.keep_alive(kept)
+        time.sleep(0.3)
+    assert store.get("node-alive", "n2") is None, "the lapsed lease's key is still there"
+    assert store.get("node-alive", "n1") is not None
+    deleted = [e for e in _events(store, base) if e.type == "delete"]
+    assert [(e.kind, e.name) for e in deleted] == [("node-alive", "n2")]
+    assert not store.keep_alive(lost)
+    with pytest.raises(LeaseExpired):
+        store.put("node-alive", "n3", {}, lease=lost)
+    store.revoke_lease(kept)
+    assert store.get("node-alive", "n1") is None
+    store.revoke_lease(kept)  # a second revoke is a no-op
+
+
 def test_threads_share_one_store(store: Store) -> None:
     def create(i: int) -> None:
         for j in range(10):
@@ -204,19 +302,18 @@ def test_threads_share_one_store(store: Store) -> None:
     for thread in threads:
         thread.join()
     assert len(store.list("task")) == 80
-    assert store.revision() == 80
 
 
 Outcome = tuple[str, int, object]
 
 
 def _create_service(
-    path: str, name: str, owner: int, start: Barrier, results: Queue[Outcome]
+    url: str, name: str, owner: int, start: Barrier, results: Queue[Outcome]
 ) -> None:
     """One 'meshctl service create' in its own process: open the store, then create at once."""
     start.wait()
     try:
-        with SqliteStore(path) as store:
+        with open_store(url) as store:
             record = store.put("service", name, {"owner": owner}, expect=0)
         results.put(("ok", owner, record.mod_revision))
     except Conflict as err:
@@ -225,13 +322,13 @@ def _create_service(
         results.put(("error", owner, repr(err)))
 
 
-def _race(path: str, names: list[str]) -> list[Outcome]:
-    """Start one process per name on a fresh db file, all released together."""
+def _race(url: str, names: list[str]) -> list[Outcome]:
+    """Start one process per name on a fresh store, all released together."""
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(len(names))
     results: Queue[Outcome] = ctx.Queue()
     procs = [
-        ctx.Process(target=_create_service, args=(path, name, i, start, results))
+        ctx.Process(target=_create_service, args=(url, name, i, start, results))
         for i, name in enumerate(names)
     ]
     for proc in procs:
@@ -246,24 +343,29 @@ def _race(path: str, names: list[str]) -> list[Outcome]:
     return outcomes
 
 
-def test_20_processes_create_distinct_services_all_stored(db_path: str) -> None:
-    outcomes = _race(db_path, [f"svc{i}" for i in range(20)])
+def test_20_processes_create_distinct_services_all_stored(store_url: str) -> None:
+    with open_store(store_url) as store:
+        base = store.revision()
+    outcomes = _race(store_url, [f"svc{i}" for i in range(20)])
     assert [o for o in outcomes if o[0] != "ok"] == []
-    with SqliteStore(db_path) as store:
+    with open_store(store_url) as store:
         assert sorted(r.name for r in store.list("service")) == sorted(f"svc{i}" for i in range(20))
-        assert sorted(r.mod_revision for r in store.list("service")) == list(range(1, 21))
+        revisions = sorted(r.mod_revision for r in store.list("service"))
+        assert revisions == list(range(base + 1, base + 21))
 
 
-def test_20_processes_create_the_same_service_exactly_one_wins(db_path: str) -> None:
-    outcomes = _race(db_path, ["web"] * 20)
+def test_20_processes_create_the_same_service_exactly_one_wins(store_url: str) -> None:
+    with open_store(store_url) as store:
+        base = store.revision()
+    outcomes = _race(store_url, ["web"] * 20)
     winners = [o for o in outcomes if o[0] == "ok"]
     losers = [o for o in outcomes if o[0] == "conflict"]
     assert len(winners) == 1 and len(losers) == 19, outcomes
     assert all("service web already exists" in str(o[2]) for o in losers)
-    with SqliteStore(db_path) as store:
+    with open_store(store_url) as store:
         (web,) = store.list("service")
         assert web.value == {"owner": winners[0][1]}
-        assert store.revision() == 1
+        assert store.revision() == base + 1
 
 
 def test_state_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -280,8 +382,11 @@ def test_open_store_urls(tmp_path: Path) -> None:
         store.put("node", "n1", {})
     with open_store(f"sqlite://{tmp_path}/a.db") as store:
         assert store.get("node", "n1") is not None
-    with pytest.raises(StoreError, match="etcd is not supported yet"):
-        open_store("etcd://10.0.0.1:2379")
+    assert parse_etcd_url("etcd://10.0.0.1:2379") == ([("10.0.0.1", 2379)], "/meshctl")
+    assert parse_etcd_url("etcd://a,b:4001/x/y/") == ([("a", 2379), ("b", 4001)], "/x/y")
+    for bad in ("etcd://", "etcd://a:notaport", "etcd://a,,b"):
+        with pytest.raises(StoreError, match="HOST:PORT"):
+            parse_etcd_url(bad)
     with pytest.raises(StoreError, match="absolute path"):
         open_store("sqlite://state.db")
     with pytest.raises(StoreError, match="use sqlite:///"):
