@@ -456,7 +456,7 @@ def _refuse_ports_in_use(ports: Iterable[PublishedPort]) -> None:
 
 
 @service.command("create", context_settings={"allow_interspersed_args": False})
-@click.option("--name", required=True, help="Service name (a DNS label).")
+@click.option("--name", required=True, help="Service name (a DNS label of at most 56 characters).")
 @_service_options
 def service_create(name: str, detach: bool, **opts: Any) -> None:
     """Create a service running COMMAND in each task; print its id."""
