@@ -6,6 +6,7 @@ Imports no kernel module at import time, so `meshctl --help` works without root.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ import click
 
 from meshctl import ops, output
 from meshctl.model import (
+    REPLICAS_CEILING,
     HealthCheck,
     HealthKind,
     MeshctlError,
@@ -25,7 +27,11 @@ from meshctl.model import (
     Service,
     Task,
     ValidationError,
+    ascii_int,
+    check_name,
+    check_text,
     duration,
+    proc_pid,
 )
 from meshctl.store import Store, StoreError, default_store_url, open_store, resolve_state_dir
 
@@ -34,6 +40,12 @@ CONVERGE_TIMEOUT = 60.0
 POLL_INTERVAL = 0.5
 Format = Literal["table", "json"]
 F = TypeVar("F", bound=Callable[..., Any])
+# Limits a host sets in the environment (see README, "Limits").
+MAX_REPLICAS_ENV = "MESHCTL_MAX_REPLICAS"
+DEFAULT_MAX_REPLICAS = 1_000
+MAX_NETWORKS_ENV = "MESHCTL_MAX_NETWORKS"
+DEFAULT_MAX_NETWORKS = 1_000
+PID_MAX = 4_194_304  # the kernel's PID_MAX_LIMIT
 
 
 class _Group(click.Group):
@@ -70,6 +82,63 @@ class _Env:
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
+
+
+class _Int(click.ParamType):
+    """A whole number in ASCII digits, optionally within [minimum, maximum]: click's int also
+    takes ' 3', '+3', '1_000' and other scripts' digits."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int | None = None, maximum: int | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            number: int | None = value
+        else:
+            number = ascii_int(value)
+        if number is None:
+            self.fail(f"{value!r} is not a whole number in digits 0-9 (at most 18)", param, ctx)
+        if self.minimum is not None and number < self.minimum:
+            self.fail(f"{number} is below {self.minimum}", param, ctx)
+        if self.maximum is not None and number > self.maximum:
+            self.fail(f"{number} is above {self.maximum}", param, ctx)
+        return number
+
+
+def _env_limit(variable: str, default: int, ceiling: int | None = None) -> int:
+    """A limit set by an environment variable: a whole number from 1 (to ceiling)."""
+    text = os.environ.get(variable)
+    if text is None:
+        return default
+    value = ascii_int(text)
+    if value is None or value < 1 or (ceiling is not None and value > ceiling):
+        top = f" to {ceiling:,}" if ceiling is not None else " or more"
+        raise ValidationError(f"invalid ${variable} {text!r}: set a whole number from 1{top}")
+    return value
+
+
+def _check_replicas(name: str, replicas: int) -> int:
+    """Refuse a replica count above $MESHCTL_MAX_REPLICAS before any task is planned."""
+    limit = _env_limit(MAX_REPLICAS_ENV, DEFAULT_MAX_REPLICAS, REPLICAS_CEILING)
+    if replicas > limit:
+        raise ValidationError(
+            f"invalid replicas {replicas} for service {name}: at most {limit:,} per service; "
+            f"use fewer, or raise ${MAX_REPLICAS_ENV}"
+        )
+    return replicas
+
+
+def _task_ref(text: str) -> str:
+    """A service name, a task name (web.1) or a task id, checked before it reaches the store."""
+    service, dot, slot = text.rpartition(".")
+    slot_number = ascii_int(slot) if dot else None
+    if dot and slot_number is not None and slot_number > 0:
+        check_name(service, "service name")
+        return text
+    return check_name(text, "service or task name")
 
 
 def _format_option(fn: F) -> F:
@@ -141,14 +210,27 @@ def network() -> None:
 def network_create(
     name: str, subnet: str | None, driver: Literal["bridge"], internal: bool, labels: tuple[str]
 ) -> None:
-    """Create network NAME and print its id."""
+    """Create network NAME and print its id.
+
+    At most $MESHCTL_MAX_NETWORKS networks exist at once (default 1,000).
+    """
+    check_name(name, "network name")
+    labels_given = _pairs(labels, "--label")
+    store = _store()
+    limit = _env_limit(MAX_NETWORKS_ENV, DEFAULT_MAX_NETWORKS)
+    count = len(ops.list_networks(store))
+    if count >= limit:
+        raise ValidationError(
+            f"cannot create network {name}: {count} networks exist, the limit is {limit:,}; "
+            f"remove one, or raise ${MAX_NETWORKS_ENV}"
+        )
     created = ops.create_network(
-        _store(),
+        store,
         name,
         subnet=subnet,
         driver=driver,
         internal=internal,
-        labels=_pairs(labels, "--label"),
+        labels=labels_given,
     )
     click.echo(created.id)
 
@@ -173,7 +255,7 @@ def network_ls(fmt: Format) -> None:
 def network_inspect(name: str, fmt: Format) -> None:
     """Show network NAME with its gateway and address allocations."""
     store = _store()
-    net = ops.get_network(store, name)
+    net = ops.get_network(store, check_name(name, "network name"))
     state = ops.network_ipam(store, net)
     if fmt == "json":
         click.echo(output.dumps(output.network_json(net, state)))
@@ -185,7 +267,7 @@ def network_inspect(name: str, fmt: Format) -> None:
 @click.argument("name")
 def network_rm(name: str) -> None:
     """Remove network NAME (refused while a service uses it)."""
-    ops.remove_network(_store(), name)
+    ops.remove_network(_store(), check_name(name, "network name"))
     click.echo(name)
 
 
@@ -200,34 +282,46 @@ def service() -> None:
 def _service_options(fn: F) -> F:
     """The spec options shared by `service create` and `service update`."""
     options = [
-        click.option("--replicas", type=int, help="Number of tasks [create: 1]."),
+        click.option(
+            "--replicas",
+            type=_Int(),
+            help=f"Number of tasks [create: 1; at most ${MAX_REPLICAS_ENV}, default "
+            f"{DEFAULT_MAX_REPLICAS:,}].",
+        ),
         click.option(
             "--network",
             "networks",
             multiple=True,
             metavar="NET[:ALIAS[,ALIAS]]",
-            help="Attach to a network, with extra DNS aliases (repeatable).",
+            help="Attach to a network, with extra DNS aliases (repeatable; at most 16, a "
+            "routing-mesh port adds one).",
         ),
         click.option(
             "--publish",
             "ports",
             multiple=True,
             metavar="[mode=ingress|host,][traffic=cluster|local,]PUBLISHED:TARGET[/tcp|/udp]",
-            help="Publish a port (repeatable).",
+            help="Publish a port (repeatable); mode=host and traffic=local need --network.",
         ),
         click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), help="[create: vip]"),
         click.option("--health-cmd", help="Health check: a command run with /bin/sh -c."),
-        click.option("--health-tcp", type=int, metavar="PORT", help="Health check: TCP connect."),
+        click.option(
+            "--health-tcp", type=_Int(), metavar="PORT", help="Health check: TCP connect."
+        ),
         click.option("--health-http", metavar="PORT/PATH", help="Health check: HTTP GET, 2xx/3xx."),
         click.option("--health-interval", metavar="D", help="Time between checks [30s]."),
         click.option("--health-timeout", metavar="D", help="Time a check may take [30s]."),
-        click.option("--health-retries", type=int, help="Failures in a row to be unhealthy [3]."),
+        click.option(
+            "--health-retries", type=_Int(), help="Failures in a row to be unhealthy [3]."
+        ),
         click.option("--health-start-period", metavar="D", help="Failures ignored after start."),
         click.option(
             "--restart-condition", type=click.Choice(["any", "on-failure", "none"]), help="[any]"
         ),
         click.option("--restart-delay", metavar="D", help="Wait before a restart [5s]."),
-        click.option("--restart-max-attempts", type=int, help="Restarts before giving up [0=∞]."),
+        click.option(
+            "--restart-max-attempts", type=_Int(), help="Restarts before giving up [0=∞]."
+        ),
         click.option("--stop-grace-period", metavar="D", help="SIGTERM to SIGKILL [10s]."),
         click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable."),
         click.option(
@@ -280,13 +374,13 @@ def _health(opts: Mapping[str, Any], current: HealthCheck | None) -> HealthCheck
     return replace(current, **settings)
 
 
-def _spec_changes(opts: Mapping[str, Any], current: Service | None) -> dict[str, Any]:
+def _spec_changes(name: str, opts: Mapping[str, Any], current: Service | None) -> dict[str, Any]:
     """The Service fields the options set (only those given, so update changes only them)."""
     changes: dict[str, Any] = {}
     if opts["command"]:
         changes["command"] = tuple(opts["command"])
     if opts["replicas"] is not None:
-        changes["replicas"] = opts["replicas"]
+        changes["replicas"] = _check_replicas(name, opts["replicas"])
     if opts["networks"]:
         changes["networks"] = tuple(NetworkAttachment.parse(n) for n in opts["networks"])
     if opts["ports"]:
@@ -362,13 +456,13 @@ def _refuse_ports_in_use(ports: Iterable[PublishedPort]) -> None:
 
 
 @service.command("create", context_settings={"allow_interspersed_args": False})
-@click.option("--name", required=True, help="Service name (a DNS label).")
+@click.option("--name", required=True, help="Service name (a DNS label of at most 56 characters).")
 @_service_options
 def service_create(name: str, detach: bool, **opts: Any) -> None:
     """Create a service running COMMAND in each task; print its id."""
     if not opts["command"]:
         raise click.UsageError("missing COMMAND: put it after '--', like: -- sleep infinity")
-    spec = Service(name=name, **_spec_changes(opts, None))
+    spec = Service(name=name, **_spec_changes(name, opts, None))
     _refuse_ports_in_use(spec.ports)
     store = _store()
     created = ops.create_service(store, spec)
@@ -384,7 +478,7 @@ def service_create(name: str, detach: bool, **opts: Any) -> None:
 def service_update(name: str, detach: bool, **opts: Any) -> None:
     """Change options of service NAME (given list options replace the old list)."""
     store = _store()
-    changes = _spec_changes(opts, ops.get_service(store, name))
+    changes = _spec_changes(name, opts, ops.get_service(store, check_name(name, "service name")))
     if not changes:
         raise click.UsageError("nothing to update: give at least one option")
     old_ports = {(p.published, p.protocol) for p in ops.get_service(store, name).ports}
@@ -415,7 +509,7 @@ def service_ls(fmt: Format) -> None:
 def service_inspect(name: str, fmt: Format) -> None:
     """Show service NAME's spec, with its VIP on each network."""
     store = _store()
-    svc = ops.get_service(store, name)
+    svc = ops.get_service(store, check_name(name, "service name"))
     tasks = ops.list_tasks(store, svc)
     if fmt == "json":
         click.echo(output.dumps(output.service_json(svc, tasks)))
@@ -429,7 +523,7 @@ def service_inspect(name: str, fmt: Format) -> None:
 def service_ps(name: str, fmt: Format) -> None:
     """List the tasks of service NAME, including those shutting down."""
     store = _store()
-    tasks = ops.list_tasks(store, ops.get_service(store, name))
+    tasks = ops.list_tasks(store, ops.get_service(store, check_name(name, "service name")))
     if fmt == "json":
         click.echo(output.dumps([output.task_json(t) for t in tasks]))
     else:
@@ -444,9 +538,10 @@ def service_scale(assignments: tuple[str, ...], detach: bool) -> None:
     replicas: dict[str, int] = {}
     for item in assignments:
         name, eq, count = item.partition("=")
-        if not eq or not count.lstrip("-").isdigit():
+        number = ascii_int(count)
+        if not eq or number is None:
             raise click.BadParameter(f"{item!r}: write NAME=REPLICAS, like web=3")
-        replicas[name] = int(count)
+        replicas[check_name(name, "service name")] = _check_replicas(name, number)
     store = _store()
     for svc in ops.scale_services(store, replicas):
         click.echo(f"{svc.name} scaled to {svc.replicas}")
@@ -458,16 +553,21 @@ def service_scale(assignments: tuple[str, ...], detach: bool) -> None:
 @click.argument("name")
 def service_rm(name: str) -> None:
     """Remove service NAME; its tasks are stopped by their controllers."""
-    ops.remove_service(_store(), name)
+    ops.remove_service(_store(), check_name(name, "service name"))
     click.echo(name)
 
 
 @service.command("logs")
 @click.argument("target", metavar="NAME|TASK")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
-@click.option("--tail", type=click.IntRange(min=0), help="Only the last N lines of each task.")
+@click.option("--tail", type=_Int(minimum=0), help="Only the last N lines of each task.")
 def service_logs(target: str, follow: bool, tail: int | None) -> None:
-    """Print a service's task output, each line prefixed `web.1 | `, or one task's output."""
+    """Print a service's task output, each line prefixed `web.1 | `, or one task's output.
+
+    A task's log is rotated at 10 MiB, keeping 3 files (log, log.1, log.2): the oldest
+    lines go first, and the output starts with the oldest kept.
+    """
+    _task_ref(target)
     env = _env()
     store = env.store
 
@@ -480,7 +580,7 @@ def service_logs(target: str, follow: bool, tail: int | None) -> None:
     offsets: dict[str, int] = {}
     shown, prefixed = tasks()
     for task in shown:
-        offsets[task.id] = _print_log(env.state_dir, task, prefixed, 0, tail)
+        offsets[task.id] = _print_log(env.state_dir, task, prefixed, None, tail)
     while follow:
         time.sleep(POLL_INTERVAL)
         shown, prefixed = tasks()
@@ -490,14 +590,27 @@ def service_logs(target: str, follow: bool, tail: int | None) -> None:
             )
 
 
-def _print_log(state_dir: str, task: Task, prefixed: bool, offset: int, tail: int | None) -> int:
-    """Print the task's complete log lines from byte offset on; return the new offset."""
-    try:
-        with open(ops.task_log_path(state_dir, task), "rb") as log:
-            log.seek(offset)
-            data = log.read()
-    except FileNotFoundError:
+def _print_log(
+    state_dir: str, task: Task, prefixed: bool, offset: int | None, tail: int | None
+) -> int:
+    """Print the task's complete log lines from byte offset of its live log on (None: all of
+    it, its rotated files first); return the new offset."""
+    from meshctl.runtime import rotated_paths
+
+    path = ops.task_log_path(state_dir, task)
+    earlier = b""
+    if offset is None:
+        earlier = b"".join(_read_log(p, 0) or b"" for p in rotated_paths(path))
+        offset = 0
+    elif os.path.exists(path) and os.path.getsize(path) < offset:
+        # Rotated (copied to log.1 and emptied) since the last read: log.1's rest comes first.
+        earlier = _read_log(rotated_paths(path)[-1], offset) or b""
+        earlier += b"" if earlier.endswith(b"\n") or not earlier else b"\n"
+        offset = 0
+    data = _read_log(path, offset)
+    if data is None:
         return offset
+    data = earlier + data
     complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its end
     lines = complete.decode(errors="replace").splitlines()
     if tail is not None:
@@ -505,7 +618,17 @@ def _print_log(state_dir: str, task: Task, prefixed: bool, offset: int, tail: in
     prefix = f"{task.name} | " if prefixed else ""
     for line in lines:
         click.echo(prefix + line)
-    return offset + len(complete)
+    return offset + max(0, len(complete) - len(earlier))
+
+
+def _read_log(path: str, offset: int) -> bytes | None:
+    """The bytes of a log file from offset on; None if it does not exist (yet)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return log.read()
+    except FileNotFoundError:
+        return None
 
 
 # -- doctor ----------------------------------------------------------------------------------
@@ -551,19 +674,14 @@ def controller_run(
     `nsenter --net=/run/netns/NODE meshctl controller run` (not `ip netns exec`, whose private
     mount namespace would hide the task namespaces the controller makes).
     """
-    from meshctl.controller.main import run_controller
+    from meshctl.controller.main import controller_settings, run_controller
 
-    env = _env()
-    sys.exit(
-        run_controller(
-            env.store,
-            env.state_dir,
-            node=node,
-            lb_backend=lb_backend,
-            upstream_dns=list(upstream_dns),
-            resync_period=duration(resync_period, "--resync-period"),
-        )
+    # Every option is checked before the store is opened (the node registers in it).
+    settings = controller_settings(
+        node, lb_backend, upstream_dns, duration(resync_period, "--resync-period")
     )
+    env = _env()
+    sys.exit(run_controller(env.store, env.state_dir, settings))
 
 
 @main.command("exec", context_settings={"allow_interspersed_args": False})
@@ -584,7 +702,7 @@ def exec_(task: str, command: tuple[str, ...]) -> None:
         command = command[1:]
     if not command:
         raise click.UsageError("give the command to run after --, like: meshctl exec web.1 -- sh")
-    found = ops.find_task(_store(), task)
+    found = ops.find_task(_store(), _task_ref(task))
     if found.pid is None or found.state != "running":
         raise MeshctlError(
             f"task {found.name} is not running ({found.state}); see meshctl service ps"
@@ -599,7 +717,12 @@ def container() -> None:
 
 
 @container.command("attach")
-@click.option("--pid", type=int, help="A process whose network namespace to attach.")
+@click.option(
+    "--pid",
+    type=_Int(minimum=1, maximum=PID_MAX),
+    help="A process whose network namespace to attach (its start time is recorded: a later "
+    "process that gets the same PID is never wired).",
+)
 @click.option("--netns", "netns_path", help="The namespace's path (e.g. /run/netns/NAME).")
 @click.option("--name", required=True, help="A name for the attachment (a DNS label).")
 @click.option("--network", required=True, help="The network to attach it to.")
@@ -616,7 +739,12 @@ def container_attach(
     """Give a foreign namespace an address on NETWORK: one veth, nothing else of its changes."""
     if (pid is None) == (netns_path is None):
         raise click.UsageError("give exactly one of --pid PID or --netns PATH")
+    check_name(name, "container name")
+    if node is not None:
+        check_name(node, "--node")
     path = netns_path if netns_path is not None else f"/proc/{pid}/ns/net"
+    _refuse_own_netns(path)
+    start_time = _start_time(path)
     store = _store()
     if node is None:
         nodes = [n.name for n in ops.list_nodes(store)]
@@ -626,18 +754,50 @@ def container_attach(
                 "say which node's controller wires it with --node NAME"
             )
         node = nodes[0]
-    attached = ops.attach_container(store, name, path, network, node)
+    attached = ops.attach_container(store, name, path, network, node, start_time)
     if fmt == "json":
         click.echo(output.dumps(attached.to_dict()))
     else:
         click.echo(f"{attached.name} {attached.network}={attached.address}")
 
 
+def _refuse_own_netns(path: str) -> None:
+    """Refuse the namespace meshctl itself runs in, or the host's (PID 1's): a mesh leg there
+    would wire the node itself into the network."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return  # a missing path is refused by ops.attach_container, saying so
+    for own, whose in (("/proc/self/ns/net", "meshctl's own"), ("/proc/1/ns/net", "the host's")):
+        try:
+            mine = os.stat(own)
+        except OSError:
+            continue  # PID 1's is not readable without root
+        if (target.st_dev, target.st_ino) == (mine.st_dev, mine.st_ino):
+            raise ValidationError(
+                f"invalid namespace {path}: it is {whose} network namespace; attaching it "
+                "would put a mesh leg into the node itself: give a container's namespace"
+            )
+
+
+def _start_time(path: str) -> int | None:
+    """For /proc/PID/ns/net, the start time of PID's process, recorded against PID reuse."""
+    from meshctl.runtime import read_start_time
+
+    pid = proc_pid(path)
+    if pid is None:
+        return None
+    start_time = read_start_time(pid)
+    if start_time is None:
+        raise MeshctlError(f"process {pid} is not running; give the PID of a running process")
+    return start_time
+
+
 @container.command("detach")
 @click.argument("name")
 def container_detach(name: str) -> None:
     """Remove exactly what attach added: the veth and the address."""
-    ops.detach_container(_store(), name)
+    ops.detach_container(_store(), check_name(name, "container name"))
 
 
 @container.command("ls")
@@ -654,6 +814,27 @@ def container_ls(fmt: Format) -> None:
             ([c.name, c.network, c.address, c.node, c.netns] for c in containers),
         )
     )
+
+
+@main.group("store", cls=_Group)
+def store_group() -> None:
+    """Repair the store by hand (for a record an error names as invalid)."""
+
+
+@store_group.command("rm")
+@click.argument("kind")
+@click.argument("name")
+def store_rm(kind: str, name: str) -> None:
+    """Delete the raw record KIND NAME, as an error naming it invalid says.
+
+    Nothing that refers to it changes (tasks of a service, addresses it holds): use it only
+    for a record meshctl cannot read, and remove or re-create what depends on it after.
+    """
+    check_text(kind, "record kind")
+    check_text(name, "record name")
+    if not _store().delete(kind, name):
+        raise MeshctlError(f"there is no record {kind} {name}; nothing was removed")
+    click.echo(f"{kind} {name}")
 
 
 @main.command("diff")

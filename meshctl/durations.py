@@ -18,7 +18,10 @@ _UNITS: dict[str, float] = {
     "µs": 1e-6,
     "ns": 1e-9,
 }
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+# ASCII digits only: \d would also take other scripts' digits, which float() reads.
+_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+# Go's durations are int64 nanoseconds: about 292 years, as Docker accepts at most.
+MAX_SECONDS = (2**63 - 1) / 1e9
 
 
 class DurationError(ValueError):
@@ -39,6 +42,10 @@ def parse_duration(text: str, field: str = "duration") -> float:
         pos = match.end()
     if not value or pos != len(value):
         raise DurationError(f"invalid {field} {text!r}: write a duration like 500ms, 5s or 1m30s")
+    if not total <= MAX_SECONDS:  # also catches inf from hundreds of digits
+        raise DurationError(
+            f"invalid {field} {text!r}: that is too long; use at most {MAX_SECONDS // 3600:.0f}h"
+        )
     return total
 
 

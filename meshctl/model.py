@@ -11,8 +11,9 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import typing
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 from meshctl.durations import DurationError, format_duration, parse_duration
 
@@ -40,10 +41,36 @@ CONTAINER = "container"
 # The routing mesh's network: services publishing through it join it (see meshctl.ops).
 INGRESS = "ingress"
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+# Every pattern is applied with fullmatch: `$` would also match before a final newline.
+_DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _LABEL_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL_RE}(\.{_LABEL_RE})*$")
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL_RE}(\.{_LABEL_RE})*")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Docker's label keys: reverse-DNS-like words (com.example.team), also with '_' and '/'.
+_LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
+# ASCII digits only: str.isdigit() and int() also take other scripts' digits (and '²', which
+# int() refuses); 18 digits keep int() far from its limit on huge input.
+_INTEGER = re.compile(r"-?[0-9]{1,18}")
+# An HTTP request target: printable ASCII without spaces, so the request line stays one line.
+_HTTP_PATH = re.compile(r"/[!-~]*")
+_PROC_NETNS = re.compile(r"/proc/([1-9][0-9]{0,9})/ns/net")
+
+# A task's hostname is NAME.SLOT and Linux keeps at most 64 characters of a hostname: a
+# service name leaves room for the dot and a slot of up to 7 digits (REPLICAS_CEILING).
+HOSTNAME_MAX = 64
+REPLICAS_CEILING = 1_000_000
+SERVICE_NAME_MAX = HOSTNAME_MAX - 1 - len(str(REPLICAS_CEILING))
+# A task's veth is named with one hex digit for its leg (controller.node_kernel.LEG_INDEXES).
+MAX_SERVICE_NETWORKS = 16
+# Ranges the kernel treats specially (this host, loopback, link-local, multicast, reserved and
+# broadcast): a bridge or route there would break the node's own networking.
+RESERVED_SUBNETS = {
+    ipaddress.IPv4Network("0.0.0.0/8"): "'this network'",
+    ipaddress.IPv4Network("127.0.0.0/8"): "loopback",
+    ipaddress.IPv4Network("169.254.0.0/16"): "link-local",
+    ipaddress.IPv4Network("224.0.0.0/4"): "multicast",
+    ipaddress.IPv4Network("240.0.0.0/4"): "reserved and broadcast",
+}
 
 
 class MeshctlError(Exception):
@@ -65,12 +92,53 @@ def new_id() -> str:
 
 def check_name(name: str, what: str = "name") -> str:
     """Return `name` if it is a DNS label (lowercase letters, digits, `-`, at most 63)."""
-    if not isinstance(name, str) or not _DNS_LABEL.match(name) or len(name) > 63:
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name) or len(name) > 63:
         raise ValidationError(
             f"invalid {what} {name!r}: use 1-63 lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
         )
     return name
+
+
+def ascii_int(text: str) -> int | None:
+    """The whole number `text` writes in ASCII digits (an optional leading '-'), else None."""
+    return int(text) if _INTEGER.fullmatch(text) else None
+
+
+def parse_int(text: str, what: str) -> int:
+    """ascii_int(text), or a ValidationError naming `what`."""
+    value = ascii_int(text)
+    if value is None:
+        raise ValidationError(
+            f"invalid {what} {text!r}: write a whole number in digits 0-9 (at most 18), like 3"
+        )
+    return value
+
+
+def check_text(text: str, what: str) -> str:
+    """Return `text` if a process and the store can take it: no NUL byte, valid UTF-8."""
+    if "\0" in text:
+        raise ValidationError(f"invalid {what} {text!r}: it contains a NUL byte; remove it")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise ValidationError(f"invalid {what} {text!r}: it is not valid UTF-8") from None
+    return text
+
+
+def check_one_line(text: str, what: str) -> str:
+    """Return `text` if it prints on one line: no newline, control or unencodable character."""
+    if not text.isprintable():
+        raise ValidationError(
+            f"invalid {what} {text!r}: use printable characters only (no newline or tab)"
+        )
+    return check_text(text, what)
+
+
+def proc_pid(netns: str) -> int | None:
+    """The PID in a namespace path of the form /proc/PID/ns/net, else None."""
+    match = _PROC_NETNS.fullmatch(netns)
+    return int(match.group(1)) if match else None
 
 
 def check_port(port: int, what: str) -> int:
@@ -105,8 +173,23 @@ def duration(text: str, what: str) -> float:
         raise ValidationError(str(err)) from None
 
 
+def check_not_reserved(subnet: str, what: str = "subnet") -> None:
+    """Refuse an IPv4 network that overlaps a range the kernel reserves (RESERVED_SUBNETS).
+
+    For every source of subnets: --subnet, the address pool ($MESHCTL_ADDRESS_POOL) and the
+    ingress network ($MESHCTL_INGRESS_SUBNET). `subnet` must already parse as an IPv4 network.
+    """
+    net = ipaddress.IPv4Network(subnet)
+    for reserved, kind in RESERVED_SUBNETS.items():
+        if net.overlaps(reserved):
+            raise ValidationError(
+                f"invalid {what} {subnet}: it overlaps {reserved} ({kind} addresses); use a "
+                "private range like 10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+            )
+
+
 def _subnet(text: str) -> str:
-    """The canonical form of an IPv4 CIDR, rejecting host bits and tiny or non-v4 subnets."""
+    """The canonical form of an IPv4 CIDR, rejecting host bits, tiny, non-v4 and reserved ones."""
     try:
         net = ipaddress.ip_network(text, strict=True)
     except ValueError:
@@ -119,6 +202,7 @@ def _subnet(text: str) -> str:
             f"invalid subnet {text!r}: use an IPv4 network of /29 or larger "
             "(a gateway and a load-balancer address need room)"
         )
+    check_not_reserved(str(net))
     return str(net)
 
 
@@ -138,9 +222,13 @@ class Network:
         check_name(self.name, "network name")
         object.__setattr__(self, "subnet", _subnet(self.subnet))
         _check_choice(self.driver, Driver, "driver")
-        for key in self.labels:
-            if not key:
-                raise ValidationError("invalid label: the key is empty; write --label KEY=VALUE")
+        for key, value in self.labels.items():
+            if not _LABEL_KEY.fullmatch(key):
+                raise ValidationError(
+                    f"invalid --label key {key!r}: use letters, digits, '.', '_', '/' and '-', "
+                    "starting and ending with a letter or digit, like com.example.team"
+                )
+            check_one_line(value, f"--label {key} value")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -220,6 +308,12 @@ class PublishedPort:
     def __str__(self) -> str:
         return f"*:{self.published}->{self.target}/{self.protocol}"
 
+    @property
+    def routed(self) -> bool:
+        """Whether the port goes through the routing mesh (the ingress network's VIP); the
+        others go to the tasks' address on the service's first network."""
+        return self.mode == "ingress" and self.traffic == "cluster"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "published": self.published,
@@ -254,13 +348,14 @@ class PublishedPort:
             options[key] = value
         spec, _, protocol = ports.partition("/")
         published, colon, target = spec.partition(":")
-        if not colon or not published.isdigit() or not target.isdigit():
+        published_port, target_port = ascii_int(published), ascii_int(target)
+        if not colon or published_port is None or target_port is None:
             raise ValidationError(
                 f"invalid --publish {text!r}: write PUBLISHED:TARGET[/tcp|/udp], like 8000:80"
             )
         return cls(
-            int(published),
-            int(target),
+            published_port,
+            target_port,
             cast(Protocol, protocol or "tcp"),
             cast(PublishMode, options.get("mode", "ingress")),
             cast(Traffic, options.get("traffic", "cluster")),
@@ -287,10 +382,12 @@ class HealthCheck:
             raise ValidationError("invalid --health-cmd: the command is empty; give a command")
         if self.kind in ("tcp", "http"):
             check_port(self.port, f"--health-{self.kind} port")
-        if self.kind == "http" and not self.path.startswith("/"):
+        if self.kind == "http" and not _HTTP_PATH.fullmatch(self.path):
             raise ValidationError(
-                f"invalid --health-http path {self.path!r}: write PORT/PATH, like 8080/healthz"
+                f"invalid --health-http path {self.path!r}: write PORT/PATH, like 8080/healthz "
+                "(no spaces or control characters in PATH)"
             )
+        check_text(self.command, "--health-cmd")
         _check_seconds(self.interval, "--health-interval")
         _check_seconds(self.timeout, "--health-timeout")
         _check_seconds(self.start_period, "--health-start-period")
@@ -320,11 +417,12 @@ class HealthCheck:
     def parse_http(text: str) -> tuple[int, str]:
         """Read --health-http PORT/PATH (PATH defaults to /)."""
         port, slash, path = text.partition("/")
-        if not port.isdigit():
+        number = ascii_int(port)
+        if number is None:
             raise ValidationError(
                 f"invalid --health-http {text!r}: write PORT/PATH, like 8080/healthz"
             )
-        return int(port), "/" + path if slash else "/"
+        return number, "/" + path if slash else "/"
 
     def describe(self) -> str:
         """One line for tables: what is probed and how often."""
@@ -383,19 +481,41 @@ class Service:
 
     def __post_init__(self) -> None:
         check_name(self.name, "service name")
+        if len(self.name) > SERVICE_NAME_MAX:
+            raise ValidationError(
+                f"invalid service name {self.name!r}: it has {len(self.name)} characters, use at "
+                f"most {SERVICE_NAME_MAX} (a task's hostname NAME.SLOT must fit Linux's "
+                f"{HOSTNAME_MAX})"
+            )
         if not self.command or not self.command[0]:
             raise ValidationError(
                 f"service {self.name}: no command; put it after '--', "
                 "like: -- python3 -m http.server"
             )
+        for arg in self.command:
+            check_text(arg, "command argument")
         _check_count(self.replicas, "--replicas")
-        for key in self.env:
-            if not _ENV_KEY.match(key):
+        if self.replicas > REPLICAS_CEILING:
+            raise ValidationError(
+                f"invalid --replicas {self.replicas}: a service has at most "
+                f"{REPLICAS_CEILING:,} tasks"
+            )
+        for key, value in self.env.items():
+            if not _ENV_KEY.fullmatch(key):
                 raise ValidationError(
                     f"invalid --env key {key!r}: use letters, digits and '_', not starting "
                     "with a digit (KEY=VALUE)"
                 )
+            check_text(value, f"--env {key} value")
         _check_choice(self.endpoint_mode, EndpointMode, "--endpoint-mode")
+        routed = any(port.routed for port in self.ports)
+        joined = {a.network for a in self.networks} | ({INGRESS} if routed else set())
+        if len(joined) > MAX_SERVICE_NETWORKS:
+            raise ValidationError(
+                f"invalid --network: service {self.name} is on {len(joined)} networks, "
+                f"at most {MAX_SERVICE_NETWORKS} are possible (a routing-mesh port adds the "
+                f"{INGRESS} network); drop some"
+            )
         seen_networks: set[str] = set()
         for attachment in self.networks:
             if attachment.network in seen_networks:
@@ -416,9 +536,15 @@ class Service:
                     f"invalid --publish {port.published}:{port.target}: endpoint mode dnsrr has "
                     "no VIP for the ingress routing mesh; use mode=host or --endpoint-mode vip"
                 )
+            if not port.routed and not any(a.network != INGRESS for a in self.networks):
+                # ingress_rules sends such a port to the tasks' address on the first network.
+                raise ValidationError(
+                    f"invalid --publish {port}: mode=host and traffic=local send the port to "
+                    "the tasks' address on the service's first network; add --network NAME"
+                )
         _check_seconds(self.stop_grace_period, "--stop-grace-period")
         for host in self.hostnames:
-            if not _HOSTNAME.match(host):
+            if not _HOSTNAME.fullmatch(host):
                 raise ValidationError(
                     f"invalid --hostname {host!r}: use a lowercase DNS name like www.example.com"
                 )
@@ -607,14 +733,25 @@ class Container:
     address: str = ""
     id: str = field(default_factory=new_id)
     created_at: float = 0.0
+    # For a netns of the form /proc/PID/ns/net: that process's start time when it was attached.
+    # A PID is reused once its process ends; the controller wires nothing into a namespace
+    # whose PID no longer names that process (see controller.node.container_spec).
+    start_time: int | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "container name")
         check_name(self.network, "network name")
+        check_name(self.node, "node name")
         if not self.netns.startswith("/"):
             raise ValidationError(
                 f"invalid --netns {self.netns!r}: give an absolute path like /run/netns/NAME"
             )
+        check_one_line(self.netns, "--netns")
+
+    @property
+    def pid(self) -> int | None:
+        """The process whose namespace netns names, if it is /proc/PID/ns/net."""
+        return proc_pid(self.netns)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -625,8 +762,49 @@ class Container:
             "node": self.node,
             "address": self.address,
             "created_at": self.created_at,
+            "start_time": self.start_time,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Container:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class _Decodable(typing.Protocol):
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any: ...
+
+
+class _StoredRecord(typing.Protocol):
+    """What from_record reads of a store record (meshctl.store.Record)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def value(self) -> Any: ...
+
+
+D = TypeVar("D", bound=_Decodable)
+
+
+class CorruptRecordError(MeshctlError):
+    """A stored record the model cannot read: hand-edited, damaged, or of another version."""
+
+
+def from_record(cls: type[D], record: _StoredRecord) -> D:
+    """The model object a store record holds; a record it cannot be read from is a one-line
+    error naming the record and how to get rid of it, not a KeyError deep in from_dict."""
+    try:
+        if not isinstance(record.value, dict):
+            raise TypeError(f"a JSON object was expected, not {type(record.value).__name__}")
+        return cast(D, cls.from_dict(record.value))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+        raise CorruptRecordError(
+            f"{record.kind} {record.name}: stored record is invalid ({detail}); remove it with: "
+            f"meshctl store rm {record.kind} {record.name}"
+        ) from None

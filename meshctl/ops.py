@@ -49,6 +49,7 @@ from meshctl.model import (
     Task,
     ValidationError,
     check_name,
+    from_record,
 )
 from meshctl.orchestrator import plan_tasks
 from meshctl.store import Delete, Op, Put, Store
@@ -115,14 +116,14 @@ class _Changes:
 
 def list_networks(store: Store) -> list[Network]:
     """All networks, sorted by name."""
-    return [Network.from_dict(r.value) for r in store.list(NETWORK)]
+    return [from_record(Network, r) for r in store.list(NETWORK)]
 
 
 def get_network(store: Store, name: str) -> Network:
     record = store.get(NETWORK, name)
     if record is None:
         raise NotFoundError(f"network {name} not found; list networks with: meshctl network ls")
-    return Network.from_dict(record.value)
+    return from_record(Network, record)
 
 
 def network_ipam(store: Store, network: Network) -> IpamState:
@@ -140,7 +141,7 @@ def ensure_ingress_network(store: Store) -> Network:
     """The ingress network, made on first use (subnet from MESHCTL_INGRESS_SUBNET)."""
     record = store.get(NETWORK, INGRESS)
     if record is not None:
-        return Network.from_dict(record.value)
+        return from_record(Network, record)
     subnet = os.environ.get(INGRESS_SUBNET_ENV, DEFAULT_INGRESS_SUBNET)
     try:
         return create_network(store, INGRESS, subnet=subnet, labels={"meshctl.ingress": "true"},
@@ -236,7 +237,7 @@ def remove_network(store: Store, name: str) -> Network:
         record = store.get(NETWORK, name)
         if record is None:
             raise NotFoundError(f"network {name} not found; list networks with: meshctl network ls")
-        network = Network.from_dict(record.value)
+        network = from_record(Network, record)
         users = [s.name for s in list_services(store) if name in {a.network for a in s.networks}]
         if users:
             raise ValidationError(
@@ -267,7 +268,7 @@ def remove_network(store: Store, name: str) -> Network:
 
 def list_services(store: Store) -> list[Service]:
     """All services, sorted by name."""
-    return [Service.from_dict(r.value) for r in store.list(SERVICE)]
+    return [from_record(Service, r) for r in store.list(SERVICE)]
 
 
 def get_service(store: Store, name: str) -> Service:
@@ -279,12 +280,12 @@ def _service_record(store: Store, name: str) -> tuple[Service, int]:
     record = store.get(SERVICE, name)
     if record is None:
         raise NotFoundError(f"service {name} not found; list services with: meshctl service ls")
-    return Service.from_dict(record.value), record.mod_revision
+    return from_record(Service, record), record.mod_revision
 
 
 def list_tasks(store: Store, service: Service | None = None) -> list[Task]:
     """Tasks (of one service, if given), by service name, slot and age."""
-    tasks = [Task.from_dict(r.value) for r in store.list(TASK)]
+    tasks = [from_record(Task, r) for r in store.list(TASK)]
     if service is not None:
         tasks = [t for t in tasks if t.service_id == service.id]
     return sorted(tasks, key=lambda t: (t.service, t.slot, t.created_at, t.id))
@@ -294,7 +295,7 @@ def find_task(store: Store, name_or_id: str) -> Task:
     """A task by name (`web.1`: its newest task in that slot) or by id."""
     record = store.get(TASK, name_or_id)
     if record is not None:
-        return Task.from_dict(record.value)
+        return from_record(Task, record)
     matches = [t for t in list_tasks(store) if t.name == name_or_id]
     if not matches:
         raise NotFoundError(
@@ -375,7 +376,7 @@ def forget_task(store: Store, task_id: str) -> None:
         if record is None:
             return
         changes = _Changes(store)
-        _drop_task(changes, Task.from_dict(record.value), record.mod_revision, _networks(store))
+        _drop_task(changes, from_record(Task, record), record.mod_revision, _networks(store))
         changes.commit()
 
     ipam.retry_conflicts(attempt, f"forgetting task {task_id}")
@@ -409,15 +410,18 @@ def _plan_service(
         _claim_ports(changes, old, None)
         _plan_tasks(changes, old, None, networks)
         return old
-    new = _with_ingress(store, new)
+    # Checked before _with_ingress, which may create the ingress network: a refused
+    # command leaves no ingress network behind.
     networks = _networks(store)
     for attachment in new.networks:
-        if attachment.network not in networks:
+        if attachment.network not in networks and attachment.network != INGRESS:
             raise NotFoundError(
                 f"network {attachment.network} not found; create it with: "
                 f"meshctl network create {attachment.network}"
             )
     _check_ports_free(store, new)
+    new = _with_ingress(store, new)
+    networks = _networks(store)
     new = _assign_vips(changes, old, new, networks)
     changes.ops.append(Put(SERVICE, new.name, new.to_dict(), expect=expect))
     _claim_ports(changes, old, new)
@@ -492,7 +496,7 @@ def _plan_tasks(
     service = new or old
     assert service is not None
     records = [r for r in changes.store.list(TASK) if r.value.get("service_id") == service.id]
-    tasks = [(Task.from_dict(r.value), r.mod_revision) for r in records]
+    tasks = [(from_record(Task, r), r.mod_revision) for r in records]
     now = time.time()
     if new is None:
         to_create: list[Task] = []
@@ -560,7 +564,7 @@ def _drop_task(changes: _Changes, task: Task, revision: int, networks: dict[str,
 
 
 def list_nodes(store: Store) -> list[Node]:
-    return [Node.from_dict(r.value) for r in store.list(NODE)]
+    return [from_record(Node, r) for r in store.list(NODE)]
 
 
 def controller_running(store: Store, now: float | None = None) -> bool:
@@ -588,12 +592,12 @@ def replace_task(store: Store, task_id: str) -> Task | None:
         record = store.get(TASK, task_id)
         if record is None:
             return None
-        old = Task.from_dict(record.value)
+        old = from_record(Task, record)
         services = {s.id: s for s in list_services(store)}
         service = services.get(old.service_id)
         if service is None or old.spec_version >= service.version:
             return None
-        siblings = [Task.from_dict(r.value) for r in store.list(TASK)]
+        siblings = [from_record(Task, r) for r in store.list(TASK)]
         if any(
             t.service_id == service.id
             and t.slot == old.slot
@@ -624,8 +628,12 @@ def replace_task(store: Store, task_id: str) -> Task | None:
 # -- containers ------------------------------------------------------------------------------
 
 
-def attach_container(store: Store, name: str, netns: str, network: str, node: str) -> Container:
-    """Store a foreign namespace's attachment with its address; the node's controller wires it."""
+def attach_container(
+    store: Store, name: str, netns: str, network: str, node: str, start_time: int | None = None
+) -> Container:
+    """Store a foreign namespace's attachment with its address; the node's controller wires it.
+
+    start_time: for netns /proc/PID/ns/net, that process's start time (see Container)."""
     if not os.path.exists(netns):
         raise NotFoundError(f"network namespace {netns} does not exist; is the process running?")
 
@@ -634,7 +642,9 @@ def attach_container(store: Store, name: str, netns: str, network: str, node: st
         if store.get(CONTAINER, name) is not None:
             raise ValidationError(f"container {name} is attached already; detach it first")
         changes = _Changes(store)
-        container = Container(name, netns, net.name, node, created_at=time.time())
+        container = Container(
+            name, netns, net.name, node, created_at=time.time(), start_time=start_time
+        )
         address = changes.allocate(net, ipam.container_owner(container.id), f"container {name}")
         container = dataclasses.replace(container, address=address)
         changes.ops.append(Put(CONTAINER, name, container.to_dict(), expect=0))
@@ -651,7 +661,7 @@ def detach_container(store: Store, name: str) -> Container:
         record = store.get(CONTAINER, name)
         if record is None:
             raise NotFoundError(f"container {name} is not attached; see meshctl container ls")
-        container = Container.from_dict(record.value)
+        container = from_record(Container, record)
         changes = _Changes(store)
         changes.ops.append(Delete(CONTAINER, name, expect=record.mod_revision))
         networks = _networks(store)
@@ -664,4 +674,4 @@ def detach_container(store: Store, name: str) -> Container:
 
 
 def list_containers(store: Store) -> list[Container]:
-    return [Container.from_dict(r.value) for r in store.list(CONTAINER)]
+    return [from_record(Container, r) for r in store.list(CONTAINER)]

@@ -10,7 +10,7 @@ different networks' bridges.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
@@ -19,6 +19,7 @@ from meshctl.controller.discovery import serving
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 from meshctl.model import INGRESS, Container, Network, Task
+from meshctl.runtime.process import read_start_time
 
 FORWARD_CHAIN = "MESH-FORWARD"
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
@@ -133,7 +134,23 @@ def task_spec(
     return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway, nat=nat)
 
 
-def container_spec(view: ClusterView, container: Container) -> TaskNetSpec | None:
+def container_process_current(container: Container, start_time: int | None) -> bool:
+    """Whether an attached container's namespace still belongs to the process it was attached
+    with: start_time is what /proc now says of its PID (None: no such process). A PID reused
+    by another process names that process's namespace, possibly the node's own."""
+    return container.start_time is None or start_time == container.start_time
+
+
+def container_spec(
+    view: ClusterView,
+    container: Container,
+    start_time_of: Callable[[int], int | None] = read_start_time,
+) -> TaskNetSpec | None:
+    """An attached container's one leg; None (nothing wired, a leg there removed) when its
+    network is gone or its process is no longer the one attached (container_process_current)."""
+    pid = container.pid
+    if pid is not None and not container_process_current(container, start_time_of(pid)):
+        return None
     network = view.networks.get(container.network)
     if network is None:
         return None

@@ -115,6 +115,9 @@ class Supervisor:
             if when is not None:
                 deadline = min(deadline, when)
             self._write(view, task, local)
+            runtime.rotate_log(
+                ops.task_log_path(self.state_dir, task), runtime.LOG_MAX_BYTES, runtime.LOG_KEEP
+            )
         for task_id in set(self.tasks) - set(view.tasks):
             self._drop_local(task_id)
         return deadline

@@ -23,15 +23,24 @@ EMBEDDED_ADDRESS = "127.0.0.11"
 _GIVE_UP_RCODES = frozenset({RCODE_SERVFAIL, RCODE_REFUSED})
 
 
+def _port(text: str) -> int:
+    """A port 1-65535 in ASCII digits (int() would also take ' 53', '+53' or other scripts')."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 5 and 1 <= int(text) <= 65535):
+        raise ValueError(text)
+    return int(text)
+
+
 def parse_upstream(text: str) -> tuple[str, int]:
     """'1.2.3.4', '1.2.3.4:5353', '::1' or '[::1]:5353' as (address, port); ValueError if not."""
     try:
         if text.startswith("["):
-            host, _, port = text[1:].partition("]:")
-            return str(ipaddress.ip_address(host.rstrip("]"))), int(port or DNS_PORT)
+            host, colon, port = text[1:].partition("]:")
+            if not colon and not host.endswith("]"):
+                raise ValueError(text)
+            return str(ipaddress.ip_address(host.removesuffix("]"))), _port(port or "53")
         if text.count(":") == 1:
             host, port = text.split(":")
-            return str(ipaddress.ip_address(host)), int(port)
+            return str(ipaddress.ip_address(host)), _port(port)
         return str(ipaddress.ip_address(text)), DNS_PORT
     except ValueError:
         raise ValueError(

@@ -1,6 +1,7 @@
 """The task runtime: task processes in their own namespaces, and their health checks.
 
-Callers import from here; only `kernel/` touches netlink, this package runs processes and probes.
+Callers import from here; only `kernel/` touches netlink, this package runs processes and probes
+and keeps their logs bounded.
 """
 
 from meshctl.runtime.health import (
@@ -13,6 +14,7 @@ from meshctl.runtime.health import (
     probe_tcp,
     run_probe,
 )
+from meshctl.runtime.logs import LOG_KEEP, LOG_MAX_BYTES, rotate_log, rotated_paths
 from meshctl.runtime.process import (
     RESOLV_CONF,
     TaskProcess,
@@ -25,6 +27,8 @@ from meshctl.runtime.process import (
 )
 
 __all__ = [
+    "LOG_KEEP",
+    "LOG_MAX_BYTES",
     "RESOLV_CONF",
     "HealthState",
     "HealthTracker",
@@ -39,6 +43,8 @@ __all__ = [
     "probe_http",
     "probe_tcp",
     "read_start_time",
+    "rotate_log",
+    "rotated_paths",
     "run_probe",
     "start",
 ]

@@ -127,7 +127,7 @@ class SqliteStore:
             try:
                 with self._lock:
                     return str(self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0])
-            except sqlite3.OperationalError as err:
+            except sqlite3.Error as err:
                 if "locked" not in str(err) or time.monotonic() > deadline:
                     raise self._error(err) from err
             time.sleep(random.uniform(0.001, 0.02))
@@ -141,7 +141,9 @@ class SqliteStore:
                 "SELECT value, create_revision, mod_revision FROM kv WHERE kind = ? AND name = ?",
                 (kind, name),
             ).fetchone()
-        return None if row is None else Record(kind, name, json.loads(row[0]), row[1], row[2])
+        if row is None:
+            return None
+        return Record(kind, name, _decode(self.path, kind, name, row[0]), row[1], row[2])
 
     def list(self, kind: str, prefix: str = "") -> builtins.list[Record]:
         self._expire_due()
@@ -151,7 +153,10 @@ class SqliteStore:
                 "AND substr(name, 1, ?) = ? ORDER BY name",
                 (kind, len(prefix), prefix),
             ).fetchall()
-        return [Record(kind, name, json.loads(value), c, m) for name, value, c, m in rows]
+        return [
+            Record(kind, name, _decode(self.path, kind, name, value), c, m)
+            for name, value, c, m in rows
+        ]
 
     def snapshot(self) -> Snapshot:
         self._expire_due()
@@ -190,7 +195,7 @@ class SqliteStore:
         if revision < compacted:
             raise Compacted(revision, compacted)
         return [
-            Event(rev, typ, kind, name, None if value is None else json.loads(value))
+            Event(rev, typ, kind, name, _decode(self.path, kind, name, value) if value else None)
             for rev, typ, kind, name, value in rows
         ]
 
@@ -398,6 +403,9 @@ class SqliteStore:
 
     def _error(self, err: sqlite3.Error) -> StoreError:
         """A StoreError for a SQLite failure that says what to do about it."""
+        corrupt = _corrupt(self.path, err)
+        if corrupt is not None:
+            return corrupt
         text = str(err)
         if "locked" in text or "busy" in text:
             return StoreError(
@@ -422,6 +430,30 @@ def _create_private_file(path: str) -> None:
         raise StoreError(
             f"cannot open store {path} ({err.strerror}); run as root or pass a writable --state-dir"
         ) from err
+
+
+def _corrupt(path: str, err: sqlite3.Error) -> StoreError | None:
+    """The one-line error for a file SQLite cannot read as a database (random bytes, damaged
+    pages); None for any other failure."""
+    code = getattr(err, "sqlite_errorcode", 0) & 0xFF  # the primary code of an extended one
+    if code not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return None
+    return StoreError(
+        f"store {path} is corrupt ({err}); move it aside and recreate the state, or restore "
+        "a backup"
+    )
+
+
+def _decode(path: str, kind: str, name: str, text: str) -> Value:
+    """A stored value; a row that is not JSON is a one-line error naming it, not a traceback."""
+    try:
+        value: Value = json.loads(text)
+        return value
+    except (ValueError, RecursionError) as err:
+        raise StoreError(
+            f"store {path}: {kind} {name}: stored record is invalid (not JSON: {err}); "
+            f"remove it with: meshctl store rm {kind} {name}"
+        ) from None
 
 
 def _meta(db: sqlite3.Connection, key: str) -> int:

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
-from meshctl.runtime import TaskProcess, TaskProcessSpec, adopt, exec_argv, read_start_time, start
+from meshctl.runtime import (
+    TaskProcess,
+    TaskProcessSpec,
+    adopt,
+    exec_argv,
+    read_start_time,
+    rotate_log,
+    rotated_paths,
+    start,
+)
 
 pytestmark = pytest.mark.root
 
@@ -305,3 +314,33 @@ def test_exec_into_a_gone_task_says_so(run_task: TaskRunner, task_ns: str) -> No
     proc.exit_code()
     with pytest.raises(NotFound, match="not running"):
         exec_argv(task_ns, proc.pid, ["hostname"])
+
+
+def test_the_log_of_a_writing_task_is_rotated_without_loss_of_order_or_holes(
+    run_task: TaskRunner, tmp_path: Path
+) -> None:
+    """The task writes its log itself (O_APPEND) while the controller rotates it: its writes go
+    on at the start of the emptied file (no hole of NULs), at most `keep` files exist, and the
+    lines kept, read oldest file first, are in the order written (copytruncate may lose a few
+    written between copy and truncation, never reorder them)."""
+    lines = 3000
+    run_task(
+        "sh", "-c",
+        f'i=0; while [ $i -lt {lines} ]; do echo "line $i"; i=$((i+1)); '
+        '[ $((i % 100)) = 0 ] && sleep 0.02; done; echo done; sleep 60',
+    )  # fmt: skip
+    log = tmp_path / "logs" / "web.1.log"
+    rotations = 0
+    deadline = time.monotonic() + 30
+    while "done" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the task did not finish writing"
+        rotations += rotate_log(str(log), 2000, 3)
+        time.sleep(0.005)
+    assert rotations >= 5
+    kept = sorted(p.name for p in log.parent.iterdir())
+    assert kept == ["web.1.log", "web.1.log.1", "web.1.log.2"]
+    texts = [Path(p).read_bytes() for p in [*rotated_paths(str(log), 3), str(log)]]
+    assert all(b"\0" not in text and len(text) <= 4000 for text in texts)
+    numbers = [int(line.split()[1]) for line in b"".join(texts).decode().splitlines()[:-1]]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+    assert numbers[-1] == lines - 1

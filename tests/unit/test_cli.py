@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from meshctl import cli
 from meshctl.cli import main
-from meshctl.model import NODE, Node
+from meshctl.model import NODE, Container, Node
 from meshctl.store import open_store
 
 
@@ -29,6 +29,18 @@ def run(tmp_path: Path) -> Any:
         return result
 
     return invoke
+
+
+@pytest.fixture(autouse=True)
+def _no_controller(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `controller run` whose options pass must not start a controller here: it would
+    program this test process's namespace (the host's)."""
+    import meshctl.controller.main
+
+    def refuse(*args: Any, **kwargs: Any) -> int:
+        raise AssertionError("a unit test reached run_controller")
+
+    monkeypatch.setattr(meshctl.controller.main, "run_controller", refuse)
 
 
 def one_line_error(result: Result, message: str) -> None:
@@ -94,8 +106,9 @@ def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
 
 
 def test_service_options_reach_the_stored_spec(run: Any) -> None:
+    run("network", "create", "front", "--subnet", "10.41.0.0/24")
     run(
-        "service", "create", "--name", "api", "--endpoint-mode", "dnsrr",
+        "service", "create", "--name", "api", "--endpoint-mode", "dnsrr", "--network", "front",
         "--publish", "mode=host,53:5353/udp", "--health-http", "8080/healthz",
         "--health-interval", "1m30s", "--health-retries", "5", "--restart-condition",
         "on-failure", "--restart-delay", "500ms", "--stop-grace-period", "2s", "--env", "A=1=2",
@@ -247,11 +260,11 @@ def test_doctor_is_registered_and_loaded_only_when_run() -> None:
     assert "--format" in CliRunner().invoke(main, ["doctor", "--help"]).stdout
 
 
-def test_json_keys_are_the_documented_ones(run: Any) -> None:
+def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path) -> None:
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
     examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
-    network, services, service, tasks = examples
+    network, services, service, tasks, containers = examples
     run("network", "create", "front", "--label", "team=web")
     run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
         "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
@@ -267,6 +280,11 @@ def test_json_keys_are_the_documented_ones(run: Any) -> None:
     assert shown["health"].keys() == service["health"].keys()
     assert shown["networks"][0].keys() == service["networks"][0].keys()
     assert printed("service", "ps", "web")[0].keys() == tasks[0].keys()
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:  # attach needs a live namespace
+        store.put(
+            "container", "legacy", Container("legacy", "/run/netns/x", "front", "n1").to_dict()
+        )
+    assert printed("container", "ls")[0].keys() == containers[0].keys()
 
 
 def _one_line(result: Any) -> str:
@@ -282,10 +300,12 @@ def test_container_attach_refuses_bad_input_and_stores_nothing(run: Any, tmp_pat
     missing = run("container", "attach", "--netns", str(tmp_path / "nope"), "--name", "c",
                   "--network", "front", "--node", "n1", code=1)  # fmt: skip
     assert "does not exist" in _one_line(missing)
-    unknown = run("container", "attach", "--netns", "/proc/self/ns/net", "--name", "c",
+    elsewhere = tmp_path / "ns"  # stands for another runtime's namespace: it exists
+    elsewhere.touch()
+    unknown = run("container", "attach", "--netns", str(elsewhere), "--name", "c",
                   "--network", "back", "--node", "n1", code=1)  # fmt: skip
     assert "network back not found" in _one_line(unknown)
-    nodeless = run("container", "attach", "--netns", "/proc/self/ns/net", "--name", "c",
+    nodeless = run("container", "attach", "--netns", str(elsewhere), "--name", "c",
                    "--network", "front", code=1)  # fmt: skip
     assert "--node NAME" in _one_line(nodeless)
     assert json.loads(run("container", "ls", "--format", "json").stdout) == []
@@ -339,3 +359,292 @@ def test_a_published_port_in_use_here_is_refused_at_create(run: Any) -> None:
         assert json.loads(run("service", "ls", "--format", "json").stdout) == []
         run("service", "create", "--name", "web", "--network", "front",
             "--publish", f"{port}:80/udp", "-d", "--", "true")  # fmt: skip
+
+
+# -- hardening (#14) --------------------------------------------------------------------------
+
+
+def stored(tmp_path: Path) -> list[tuple[str, str, Any, int]]:
+    """Every record of the store, with its revision: to show a refusal changed nothing."""
+    if not (tmp_path / "state.db").exists():
+        return []
+    kinds = ["network", "ipam", "service", "task", "port", "node", "container"]
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        return [(r.kind, r.name, r.value, r.mod_revision) for k in kinds for r in store.list(k)]
+
+
+def refused(result: Result, message: str, code: int = 1) -> None:
+    """A one-line refusal (click's usage errors add a usage line and a hint) with no traceback."""
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert "Traceback" not in result.stdout + result.stderr
+    assert message in result.stderr, result.stderr
+    if code == 1:
+        assert result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["network", "create", "web\n"], "invalid network name 'web\\n'"),
+        (["network", "create", "n", "--label", "team\n=a"], "invalid --label key"),
+        (["service", "create", "--name", "web\n", "--", "true"], "invalid service name"),
+        (["service", "create", "--name", "web", "--env", "A\n=1", "--", "true"], "--env key"),
+        (["service", "create", "--name", "web", "--hostname", "a.com\n", "--", "true"],
+         "invalid --hostname"),
+        (["service", "create", "--name", "web", "--network", "front:www\n", "--", "true"],
+         "invalid alias"),
+        (["container", "attach", "--netns", "/run/netns/x", "--name", "c\n", "--network",
+          "front", "--node", "n1"], "invalid container name"),
+        (["container", "attach", "--netns", "/run/netns/x", "--name", "c", "--network",
+          "front", "--node", "n1\n"], "invalid --node"),
+        (["controller", "run", "--node", "node1\n"], "invalid --node"),
+    ],
+)  # fmt: skip
+def test_names_with_a_trailing_newline_are_refused(
+    run: Any, tmp_path: Path, args: list[str], message: str
+) -> None:
+    run("network", "create", "front", "--subnet", "10.47.0.0/24")
+    before = stored(tmp_path)
+    refused(run(*args, code=None), message)
+    assert stored(tmp_path) == before
+    assert "\n" not in "".join(n for _, n, _, _ in stored(tmp_path))
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["service", "scale", "api=--5"], 2, "write NAME=REPLICAS"),
+        (["service", "scale", "api=²"], 2, "write NAME=REPLICAS"),
+        (["service", "scale", "api=٣"], 2, "write NAME=REPLICAS"),
+        (["service", "scale", "api=" + "9" * 5000], 2, "write NAME=REPLICAS"),
+        (["service", "update", "api", "--publish", "²:80"], 1, "write PUBLISHED:TARGET"),
+        (["service", "update", "api", "--health-http", "²/x"], 1, "write PORT/PATH"),
+        (["service", "update", "api", "--replicas", "٣"], 2, "not a whole number in digits"),
+        (["service", "update", "api", "--replicas", "+3"], 2, "not a whole number in digits"),
+        (["service", "update", "api", "--health-tcp", "²"], 2, "not a whole number in digits"),
+        (["service", "logs", "api", "--tail", "٣"], 2, "not a whole number in digits"),
+        (["container", "attach", "--pid", "٣", "--name", "c", "--network", "front"], 2,
+         "not a whole number in digits"),
+        (["container", "attach", "--pid", "0", "--name", "c", "--network", "front"], 2,
+         "0 is below 1"),
+        (["service", "update", "api", "--health-interval", "9" * 400 + "h"], 1, "too long"),
+    ],
+)  # fmt: skip
+def test_numbers_are_read_as_ascii_decimal_with_no_traceback(
+    run: Any, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    run("network", "create", "front", "--subnet", "10.48.0.0/24")
+    run("service", "create", "--name", "api", "-d", "--", "true")
+    before = stored(tmp_path)
+    refused(run(*args, code=None), message, code)
+    assert stored(tmp_path) == before
+
+
+def test_reserved_ranges_are_refused_from_every_source(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused(run("network", "create", "lo", "--subnet", "127.0.0.0/24", code=None),
+            "overlaps 127.0.0.0/8 (loopback addresses)")  # fmt: skip
+    refused(run("network", "create", "all", "--subnet", "0.0.0.0/0", code=None), "overlaps")
+    monkeypatch.setenv("MESHCTL_ADDRESS_POOL", "169.254.0.0/16")
+    refused(run("network", "create", "front", code=None), "link-local")
+    monkeypatch.delenv("MESHCTL_ADDRESS_POOL")
+    run("network", "create", "front")
+    monkeypatch.setenv("MESHCTL_INGRESS_SUBNET", "224.1.0.0/16")
+    before = stored(tmp_path)
+    result = run("service", "create", "--name", "web", "--publish", "8000:80", "-d", "--",
+                 "true", code=None)  # fmt: skip
+    refused(result, "set MESHCTL_INGRESS_SUBNET to a free subnet")
+    assert "multicast" in result.stderr
+    assert stored(tmp_path) == before
+
+
+def test_replicas_have_a_configurable_limit_checked_before_anything_is_built(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run("network", "create", "front", "--subnet", "10.49.0.0/16")
+    started = time.monotonic()
+    result = run("service", "create", "--name", "web", "--replicas", "100000", "--network",
+                 "front", "--", "true", code=None)  # fmt: skip
+    assert time.monotonic() - started < 2
+    refused(result, "at most 1,000 per service; use fewer, or raise $MESHCTL_MAX_REPLICAS")
+    assert "MESHCTL_MAX_REPLICAS" in run("service", "create", "--help").stdout
+    monkeypatch.setenv("MESHCTL_MAX_REPLICAS", "3")
+    run("service", "create", "--name", "web", "--replicas", "3", "-d", "--", "true")
+    before = stored(tmp_path)
+    refused(run("service", "scale", "web=4", code=None), "at most 3 per service")
+    refused(run("service", "update", "web", "--replicas", "4", code=None), "at most 3")
+    assert stored(tmp_path) == before
+    monkeypatch.setenv("MESHCTL_MAX_REPLICAS", "lots")
+    refused(run("service", "scale", "web=1", code=None), "invalid $MESHCTL_MAX_REPLICAS 'lots'")
+    monkeypatch.setenv("MESHCTL_MAX_REPLICAS", "2000000")
+    refused(run("service", "scale", "web=1", code=None), "from 1 to 1,000,000")
+    assert stored(tmp_path) == before
+
+
+def test_networks_have_limits_per_service_and_in_all(
+    run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"n{i}" for i in range(17)]
+    for name in names:
+        run("network", "create", name)
+    attach = [arg for name in names for arg in ("--network", name)]
+    refused(run("service", "create", "--name", "web", *attach, "-d", "--", "true", code=None),
+            "on 17 networks, at most 16")  # fmt: skip
+    result = run("service", "create", "--name", "web", *attach[2:], "--publish", "80:80",
+                 "-d", "--", "true", code=None)  # fmt: skip
+    refused(result, "at most 16 are possible (a routing-mesh port adds the ingress network)")
+    run("service", "create", "--name", "web", *attach[2:], "-d", "--", "true")
+    monkeypatch.setenv("MESHCTL_MAX_NETWORKS", "17")
+    before = stored(tmp_path)
+    refused(
+        run("network", "create", "one-more", code=None),
+        "17 networks exist, the limit is 17; remove one, or raise $MESHCTL_MAX_NETWORKS",
+    )
+    assert stored(tmp_path) == before
+
+
+def test_service_names_leave_room_for_the_slot_in_a_hostname(run: Any) -> None:
+    refused(run("service", "create", "--name", "a" * 57, "--", "true", code=None),
+            "use at most 56")  # fmt: skip
+    run("service", "create", "--name", "a" * 56, "-d", "--", "true")
+
+
+def test_host_mode_without_a_network_is_refused(run: Any, tmp_path: Path) -> None:
+    for publish in ("mode=host,8000:80", "traffic=local,8000:80"):
+        result = run("service", "create", "--name", "web", "--publish", publish, "-d", "--",
+                     "true", code=None)  # fmt: skip
+        refused(result, "add --network NAME")
+    assert stored(tmp_path) == []
+
+
+def test_container_attach_refuses_the_nodes_own_namespace_and_bad_pids(
+    run: Any, tmp_path: Path
+) -> None:
+    import os
+
+    run("network", "create", "front", "--subnet", "10.43.0.0/24")
+    before = stored(tmp_path)
+    link = tmp_path / "looks-foreign"
+    link.symlink_to("/proc/self/ns/net")
+    for args in (["--netns", "/proc/self/ns/net"], ["--netns", str(link)],
+                 ["--pid", str(os.getpid())]):  # fmt: skip
+        result = run("container", "attach", *args, "--name", "c", "--network", "front",
+                     "--node", "n1", code=None)  # fmt: skip
+        refused(result, "own network namespace; attaching it would put a mesh leg into the node")
+    refused(run("container", "attach", "--netns", "/x", "--name", "c", "--network", "front",
+                "--node", "Bad_Node", code=None), "invalid --node 'Bad_Node'")  # fmt: skip
+    gone = run("container", "attach", "--pid", "4194304", "--name", "c", "--network", "front",
+               "--node", "n1", code=None)  # fmt: skip
+    refused(gone, "process 4194304 is not running")
+    assert stored(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--upstream-dns", "dns.example"], "invalid --upstream-dns"),
+        (["--upstream-dns", "1.1.1.1:99999"], "invalid --upstream-dns"),
+        (["--upstream-dns", "1.1.1.1:٥٣"], "invalid --upstream-dns"),
+        (["--node", "Bad_Name"], "invalid --node"),
+        (["--resync-period", "soon"], "--resync-period"),
+        (["--resync-period", "0"], "use a duration above 0"),
+    ],
+)
+def test_controller_options_are_checked_before_the_store_is_touched(
+    run: Any, tmp_path: Path, args: list[str], message: str
+) -> None:
+    refused(run("controller", "run", "--node", "node1", *args, code=None), message)
+    assert not (tmp_path / "state.db").exists()
+
+
+def test_a_corrupt_store_file_is_one_line_naming_it(run: Any, tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    db.write_bytes(bytes(range(256)) * 32)
+    for args in (["service", "ls"], ["network", "create", "front"], ["container", "ls"]):
+        refused(run(*args, code=None), f"store {db} is corrupt (file is not a database); "
+                "move it aside and recreate the state, or restore a backup")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("value", "detail"),
+    [
+        ("{", "not JSON"),
+        ('{"name": "web"}', "missing field 'command'"),
+        ('{"name": "web", "command": ["true"], "id": "x", "replicas": "many"}', "invalid literal"),
+        ("[1, 2]", "a JSON object was expected"),
+        ("[" * 100_000, "not JSON"),
+    ],
+)
+def test_a_corrupt_record_is_named_with_how_to_remove_it(
+    run: Any, tmp_path: Path, value: str, detail: str
+) -> None:
+    import sqlite3
+
+    run("service", "create", "--name", "web", "-d", "--", "true")
+    run("service", "create", "--name", "api", "-d", "--", "true")
+    db = sqlite3.connect(tmp_path / "state.db")
+    with db:
+        db.execute("UPDATE kv SET value = ? WHERE kind = 'service' AND name = 'web'", (value,))
+    db.close()
+    for args in (["service", "ls"], ["service", "inspect", "web"], ["service", "ps", "web"]):
+        result = run(*args, code=None)
+        refused(result, "service web: stored record is invalid (")
+        assert detail in result.stderr
+        assert result.stderr.rstrip().endswith("remove it with: meshctl store rm service web")
+    assert run("service", "inspect", "api", "--format", "json").stdout  # the others still read
+    assert run("store", "rm", "service", "web").stdout == "service web\n"
+    assert [s["name"] for s in json.loads(run("service", "ls", "--format", "json").stdout)] == [
+        "api"
+    ]
+    refused(run("store", "rm", "service", "web", code=None), "there is no record service web")
+
+
+def test_logs_read_the_rotated_files_oldest_first(run: Any, tmp_path: Path) -> None:
+    from meshctl import runtime
+
+    run("service", "create", "--name", "web", "--", "true")
+    (task,) = json.loads(run("service", "ps", "web", "--format", "json").stdout)
+    log = tmp_path / "tasks" / task["id"] / "log"
+    log.parent.mkdir(parents=True)
+    log.write_text("1\n2\n3\n")
+    assert runtime.rotate_log(str(log), 4, 3)
+    with open(log, "a") as f:
+        f.write("4\n5\n6\n")
+    assert runtime.rotate_log(str(log), 4, 3)
+    with open(log, "a") as f:
+        f.write("7\n8")  # a partial line waits for its end
+    assert sorted(p.name for p in log.parent.iterdir()) == ["log", "log.1", "log.2"]
+    assert run("service", "logs", "web").stdout == "".join(f"web.1 | {i}\n" for i in range(1, 8))
+    assert run("service", "logs", "web.1", "--tail", "3").stdout == "5\n6\n7\n"
+
+
+def test_following_a_log_goes_on_across_a_rotation(tmp_path: Path) -> None:
+    from meshctl import ops, runtime
+    from meshctl.model import Task
+
+    task = Task("web", "s1", 1, 1)
+    log = Path(ops.task_log_path(str(tmp_path), task))
+    log.parent.mkdir(parents=True)
+    log.write_text("a\nb\n")
+    runner = CliRunner()
+
+    def follow(offset: int | None) -> tuple[str, int]:
+        printed: list[int] = []
+
+        @click.command()
+        def once() -> None:
+            printed.append(cli._print_log(str(tmp_path), task, False, offset, None))
+
+        result = runner.invoke(once)
+        return result.stdout, printed[0]
+
+    out, offset = follow(None)
+    assert (out, offset) == ("a\nb\n", 4)
+    with open(log, "a") as f:
+        f.write("c\nd\n")
+    assert runtime.rotate_log(str(log), 4, 3)  # c and d are in log.1 now, unread
+    with open(log, "a") as f:
+        f.write("e\n")
+    out, offset = follow(offset)
+    assert (out, offset) == ("c\nd\ne\n", 2)

@@ -8,6 +8,7 @@ import pytest
 
 from meshctl.durations import DurationError, format_duration, parse_duration
 from meshctl.model import (
+    Container,
     HealthCheck,
     Network,
     NetworkAttachment,
@@ -60,7 +61,7 @@ def test_names_must_be_dns_labels(name: str) -> None:
 
 
 def test_longest_dns_label_is_accepted() -> None:
-    assert svc(name="a" * 63).name == "a" * 63
+    assert Network("a" * 63, "10.1.0.0/24").name == "a" * 63
 
 
 @pytest.mark.parametrize("port", [0, 65536, -1])
@@ -89,7 +90,11 @@ def test_replicas_must_not_be_negative() -> None:
 def test_dnsrr_with_an_ingress_port_is_rejected_as_docker_does() -> None:
     with pytest.raises(ValidationError, match="endpoint mode dnsrr has no VIP .* use mode=host"):
         svc(endpoint_mode="dnsrr", ports=(PublishedPort(8000, 80),))
-    host = svc(endpoint_mode="dnsrr", ports=(PublishedPort(8000, 80, mode="host"),))
+    host = svc(
+        endpoint_mode="dnsrr",
+        networks=(NetworkAttachment("front"),),
+        ports=(PublishedPort(8000, 80, mode="host"),),
+    )
     assert host.ports[0].mode == "host"
 
 
@@ -218,3 +223,154 @@ def test_ids_are_12_hex_characters_and_differ() -> None:
     assert len(ids) == 100
     assert all(len(i) == 12 and int(i, 16) >= 0 for i in ids)
     assert svc().id != svc().id
+
+
+# -- hardening (#14): names, numbers, reserved ranges, limits, stored records -----------------
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: Network("web\n", "10.1.0.0/24"), "invalid network name"),
+        (lambda: svc(name="web\n"), "invalid service name"),
+        (lambda: svc(env={"A\n": "1"}), "invalid --env key"),
+        (lambda: svc(hostnames=("a.com\n",)), "invalid --hostname"),
+        (lambda: Node("node1\n"), "invalid node name"),
+        (lambda: NetworkAttachment("front", ("www\n",)), "invalid alias"),
+        (lambda: Container("c\n", "/run/netns/x", "front", "n1"), "invalid container name"),
+        (lambda: Container("c", "/run/netns/x", "front", "n1\n"), "invalid node name"),
+        (lambda: Container("c", "/run/netns/x\n", "front", "n1"), "invalid --netns"),
+        (lambda: Network("n", "10.1.0.0/24", labels={"team\n": "a"}), "invalid --label key"),
+        (lambda: Network("n", "10.1.0.0/24", labels={"team": "a\nb"}), "--label team value"),
+    ],
+)
+def test_a_trailing_newline_is_refused_everywhere(make: Any, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        make()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("²:80", "write PUBLISHED:TARGET"),
+        ("٣:80", "write PUBLISHED:TARGET"),
+        ("80:+80", "write PUBLISHED:TARGET"),
+        ("9" * 400 + ":80", "write PUBLISHED:TARGET"),
+        ("-5:80", "invalid published port -5"),
+    ],
+)
+def test_published_ports_are_ascii_decimal(text: str, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PublishedPort.parse(text)
+
+
+@pytest.mark.parametrize("text", ["²/x", "٣/x", " 80/x", "9" * 5000])
+def test_health_http_ports_are_ascii_decimal(text: str) -> None:
+    with pytest.raises(ValidationError, match="write PORT/PATH"):
+        HealthCheck.parse_http(text)
+
+
+def test_numbers_and_durations_take_ascii_digits_only() -> None:
+    from meshctl.model import parse_int
+
+    assert parse_int("-12", "x") == -12
+    for text in ["²", "٣", "+3", " 3", "1_000", "", "--5", "3\n", "9" * 19]:
+        with pytest.raises(ValidationError, match="write a whole number in digits 0-9"):
+            parse_int(text, "x")
+    for text in ["٣s", "9" * 400 + "h", "2562048h"]:
+        with pytest.raises(DurationError, match="invalid duration"):
+            parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    "subnet",
+    [
+        "0.0.0.0/8",
+        "0.0.0.0/0",
+        "127.0.0.0/24",
+        "126.0.0.0/7",
+        "169.254.3.0/24",
+        "224.0.0.0/24",
+        "239.1.0.0/16",
+        "240.0.0.0/24",
+        "255.255.255.248/29",
+    ],
+)
+def test_reserved_ranges_are_refused_as_subnets(subnet: str) -> None:
+    from meshctl.model import check_not_reserved
+
+    with pytest.raises(ValidationError, match=f"invalid subnet {subnet}: it overlaps"):
+        Network("n", subnet)
+    with pytest.raises(ValidationError, match="MESHCTL_ADDRESS_POOL .* use a private range"):
+        check_not_reserved(subnet, "$MESHCTL_ADDRESS_POOL")
+    check_not_reserved("10.0.0.0/8")
+    check_not_reserved("100.64.0.0/10")
+
+
+def test_service_limits() -> None:
+    from meshctl.model import MAX_SERVICE_NETWORKS, REPLICAS_CEILING, SERVICE_NAME_MAX
+
+    assert SERVICE_NAME_MAX + len(f".{REPLICAS_CEILING}") == 64  # Linux's hostname limit
+    assert svc(name="a" * SERVICE_NAME_MAX).name == "a" * SERVICE_NAME_MAX
+    with pytest.raises(ValidationError, match=f"use at most {SERVICE_NAME_MAX}"):
+        svc(name="a" * (SERVICE_NAME_MAX + 1))
+    assert svc(replicas=REPLICAS_CEILING).replicas == REPLICAS_CEILING
+    with pytest.raises(ValidationError, match="at most 1,000,000 tasks"):
+        svc(replicas=REPLICAS_CEILING + 1)
+    networks = tuple(NetworkAttachment(f"n{i}") for i in range(MAX_SERVICE_NETWORKS + 1))
+    assert len(svc(networks=networks[:-1]).networks) == 16
+    with pytest.raises(ValidationError, match="on 17 networks, at most 16"):
+        svc(networks=networks)
+
+
+def test_host_mode_and_local_traffic_need_a_network_of_the_service() -> None:
+    for port in (PublishedPort(8000, 80, mode="host"), PublishedPort(8000, 80, traffic="local")):
+        with pytest.raises(ValidationError, match="add --network NAME"):
+            svc(ports=(port,))
+        with pytest.raises(ValidationError, match="add --network NAME"):
+            svc(ports=(port,), networks=(NetworkAttachment("ingress"),))
+        assert svc(ports=(port,), networks=(NetworkAttachment("front"),)).ports == (port,)
+    assert svc(ports=(PublishedPort(8000, 80),)).ports  # the routing mesh needs none
+
+
+def test_text_a_process_cannot_take_is_refused() -> None:
+    with pytest.raises(ValidationError, match="command argument .* NUL byte"):
+        svc(command=("echo", "a\0b"))
+    with pytest.raises(ValidationError, match="--env A value .* NUL byte"):
+        svc(env={"A": "a\0b"})
+    with pytest.raises(ValidationError, match="not valid UTF-8"):
+        svc(command=("echo", "\udcff"))
+    with pytest.raises(ValidationError, match="invalid --health-http path"):
+        HealthCheck("http", port=80, path="/x HTTP/1.0\r\nHost: y")
+
+
+def test_stored_records_that_the_model_refuses_are_named() -> None:
+    from meshctl.model import CorruptRecordError, from_record
+    from meshctl.store import Record
+
+    network = Network("front", "10.1.0.0/24")
+    good = Record("network", "front", network.to_dict(), 1, 1)
+    assert from_record(Network, good) == network
+    broken = [
+        {"name": "front"},
+        {**network.to_dict(), "subnet": "banana"},
+        {**network.to_dict(), "labels": 3},
+        ["not", "an", "object"],
+    ]
+    for value in broken:
+        record = Record("network", "front", value, 1, 1)  # type: ignore[arg-type]
+        with pytest.raises(
+            CorruptRecordError,
+            match=r"^network front: stored record is invalid \(.*\); remove it with: "
+            r"meshctl store rm network front$",
+        ):
+            from_record(Network, record)
+
+
+def test_a_container_knows_its_pid_and_keeps_its_start_time() -> None:
+    attached = Container("c", "/proc/42/ns/net", "front", "n1", start_time=1234)
+    assert (attached.pid, Container.from_dict(attached.to_dict())) == (42, attached)
+    assert Container("c", "/run/netns/x", "front", "n1").pid is None
+    assert Container("c", "/proc/self/ns/net", "front", "n1").pid is None
+    old = {k: v for k, v in attached.to_dict().items() if k != "start_time"}
+    assert Container.from_dict(old).start_time is None  # records from before the field

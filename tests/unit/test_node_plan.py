@@ -156,3 +156,20 @@ def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None
     assert ns == names.task_netns(task_id) and change.replace
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
+
+
+def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: Path) -> None:
+    """A PID reused after the attached process ended names a stranger's namespace (perhaps
+    the node's own): the controller wires nothing there, and unwires a leg it made before."""
+    from meshctl.controller.node import container_spec
+    from meshctl.model import Container
+
+    view = read_view(_store(tmp_path))
+    attached = Container(
+        "legacy", "/proc/4242/ns/net", "front", "node1", "10.60.0.9", start_time=1000
+    )
+    assert container_spec(view, attached, lambda pid: 1000 if pid == 4242 else None) is not None
+    assert container_spec(view, attached, lambda pid: 2000) is None  # the PID was reused
+    assert container_spec(view, attached, lambda pid: None) is None  # the process is gone
+    by_path = Container("byname", "/run/netns/x", "front", "node1", "10.60.0.10")
+    assert container_spec(view, by_path, lambda pid: None) is not None

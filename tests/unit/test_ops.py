@@ -139,8 +139,11 @@ def test_unknown_network_is_rejected_and_nothing_is_written(store: Store) -> Non
 
 def test_a_published_port_is_used_by_one_service_only(store: Store) -> None:
     ops.create_service(store, spec("web", ports=(PublishedPort(8000, 80),)))
+    ops.create_network(store, "front", subnet="10.31.0.0/24")
     with pytest.raises(ValidationError, match="port 8000/tcp is already published by service web"):
-        ops.create_service(store, spec("api", ports=(PublishedPort(8000, 81, mode="host"),)))
+        ops.create_service(
+            store, spec("api", "front", ports=(PublishedPort(8000, 81, mode="host"),))
+        )
     ops.create_service(store, spec("dns", ports=(PublishedPort(8000, 53, "udp"),)))
     ops.remove_service(store, "web")
     ops.create_service(store, spec("api", ports=(PublishedPort(8000, 81),)))

@@ -6,6 +6,8 @@ import threading
 from pathlib import Path
 from typing import Any, cast
 
+import pytest
+
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.model import Task
 from meshctl.store.sqlite import SqliteStore
@@ -41,3 +43,29 @@ def test_an_exit_during_a_stop_is_left_to_the_stopping_thread(tmp_path: Path) ->
         local.stopping = None  # no stop in flight: the pass records the exit itself
         supervisor._notice_exit(task, local)
         assert (process.closed, local.process, local.last_exit) == (1, None, (143, "exit code 143"))
+
+
+def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tasks outlive the controller and write their logs themselves: the pass keeps them
+    bounded (here the task cannot start, with no namespace: its log is rotated all the same)."""
+    from meshctl import ops, runtime
+    from meshctl.controller.view import read_view
+    from meshctl.model import Service
+
+    monkeypatch.setattr(runtime, "LOG_MAX_BYTES", 20)
+    with SqliteStore(str(tmp_path / "state.db")) as store:
+        ops.create_service(store, Service("web", ("true",)))
+        supervisor = Supervisor(store, "node1", str(tmp_path))
+        supervisor.claim(read_view(store))
+        view = read_view(store)
+        (task,) = view.tasks.values()
+        log = Path(ops.task_log_path(str(tmp_path), task))
+        log.parent.mkdir(parents=True)
+        log.write_text("twenty-five bytes of log\n")
+        supervisor.step(view, set())
+        assert (log.read_text(), (log.parent / "log.1").read_text()) == (
+            "",
+            "twenty-five bytes of log\n",
+        )

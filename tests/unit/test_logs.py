@@ -1,0 +1,49 @@
+"""Task log rotation (copytruncate) on plain files: what is kept, in which file, and bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from meshctl.runtime import rotate_log, rotated_paths
+
+
+def files(directory: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in sorted(directory.iterdir())}
+
+
+def test_a_log_past_its_size_moves_to_log_1_and_the_oldest_copy_goes(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    assert not rotate_log(str(log), 10, 3)  # nothing written yet
+    log.write_text("0123456789\n")
+    assert rotate_log(str(log), 10, 3)
+    assert not rotate_log(str(log), 10, 3)  # empty now
+    for text in ("second....\n", "third.....\n"):
+        with open(log, "a") as f:
+            f.write(text)
+        assert rotate_log(str(log), 10, 3)
+    assert files(tmp_path) == {"log": "", "log.1": "third.....\n", "log.2": "second....\n"}
+    assert rotated_paths(str(log), 3) == [f"{log}.2", f"{log}.1"]
+
+
+def test_only_emptied_with_keep_1_and_a_flood_keeps_its_last_lines(tmp_path: Path) -> None:
+    log = tmp_path / "log"
+    log.write_text("x" * 30)
+    assert rotate_log(str(log), 10, 1)
+    assert files(tmp_path) == {"log": ""}
+    log.write_text("".join(f"line {i}\n" for i in range(10)))  # 70 bytes, over twice 20
+    assert rotate_log(str(log), 20, 2)
+    assert files(tmp_path) == {"log": "", "log.1": "line 8\nline 9\n"}  # from a line start
+
+
+def test_a_log_that_cannot_be_rotated_is_left_and_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = tmp_path / "log"
+    log.write_text("x" * 30)
+    (tmp_path / "log.1").mkdir()  # in the way of the copy
+    (tmp_path / "log.1" / "f").touch()
+    assert not rotate_log(str(log), 10, 2)
+    assert log.read_text() == "x" * 30
+    assert "cannot rotate" in caplog.text
