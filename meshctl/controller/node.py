@@ -21,6 +21,8 @@ from meshctl.controller.view import ClusterView
 from meshctl.model import INGRESS, Container, Network, Task
 
 FORWARD_CHAIN = "MESH-FORWARD"
+ISOLATION_CHAIN = "MESH-ISOLATION-1"  # per network: from its bridge elsewhere → stage 2
+ISOLATION_DROP_CHAIN = "MESH-ISOLATION-2"  # per network: into its bridge → dropped
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 INGRESS_CHAIN = "MESH-INGRESS"
 NODE_COMMENT = "meshctl:node"
@@ -150,38 +152,40 @@ def node_tables(
     networks: Collection[Network], ingress: tuple[tuple[Rule, ...], tuple[Rule, ...]] = ((), ())
 ) -> dict[str, OwnedTable]:
     """filter: isolation between networks and egress; nat: masquerade for non-internal ones,
-    and the published ports (ingress: the DNATs, and the masquerades that go first)."""
+    and the published ports (ingress: the DNATs, and the masquerades that go first).
+
+    Isolation is Docker's two stages, named by bridge, never by a name pattern (`mesh+` would
+    catch other tools' `mesh*` links too): stage 1 sends what leaves a meshctl bridge for
+    another interface to stage 2, which drops it if that interface is a meshctl bridge; egress
+    and other tools' interfaces are left alone. Traffic within one bridge is accepted before
+    stage 1 (Docker's `! -o <bridge>` there, which kernel.iptables.Rule does not express).
+    """
+    ordered = sorted(networks, key=lambda n: n.name)
+    bridges = [(names.bridge(n.id), f"meshctl:net-{n.id}", n) for n in ordered]
     # Replies, and new connections a published port sent (DNAT), go into any bridge that is
     # not internal — before the isolation rules, so the routing mesh crosses networks.
+    replies = Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT"))
     forward: list[Rule] = [
-        Rule(
-            FORWARD_CHAIN,
-            "ACCEPT",
-            f"meshctl:net-{network.id}",
-            out_interface=names.bridge(network.id),
-            matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
-        )
-        for network in sorted(networks, key=lambda n: n.name)
+        Rule(FORWARD_CHAIN, "ACCEPT", comment, out_interface=bridge, matches=(replies,))
+        for bridge, comment, network in bridges
         if not network.internal
     ]
+    forward += [
+        Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge, out_interface=bridge)
+        for bridge, comment, _ in bridges
+    ]
+    forward.append(Rule(FORWARD_CHAIN, ISOLATION_CHAIN, NODE_COMMENT))
+    stage1 = tuple(
+        Rule(ISOLATION_CHAIN, ISOLATION_DROP_CHAIN, comment, in_interface=bridge)
+        for bridge, comment, _ in bridges
+    )
+    stage2 = tuple(
+        Rule(ISOLATION_DROP_CHAIN, "DROP", comment, out_interface=bridge)
+        for bridge, comment, _ in bridges
+    )
     catch, masquerade = ingress
     postrouting: list[Rule] = list(masquerade)
-    for network in sorted(networks, key=lambda n: n.name):
-        bridge = names.bridge(network.id)
-        comment = f"meshctl:net-{network.id}"
-        forward.append(
-            Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge, out_interface=bridge)
-        )
-        # Another network's bridge (all are mesh*): the networks are isolated from each other.
-        forward.append(
-            Rule(
-                FORWARD_CHAIN,
-                "DROP",
-                comment,
-                in_interface=bridge,
-                out_interface=f"{names.LINK_PREFIX}+",
-            )
-        )
+    for bridge, comment, network in bridges:
         if network.internal:
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, in_interface=bridge))
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
@@ -206,7 +210,11 @@ def node_tables(
         ]
     return {
         "filter": OwnedTable(
-            chains={FORWARD_CHAIN: tuple(forward)},
+            chains={
+                FORWARD_CHAIN: tuple(forward),
+                ISOLATION_CHAIN: stage1,
+                ISOLATION_DROP_CHAIN: stage2,
+            },
             jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
         ),
         "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps)),

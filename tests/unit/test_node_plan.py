@@ -7,7 +7,14 @@ from pathlib import Path
 from kernel.system import Kernel, fake_kernel
 from meshctl import ops
 from meshctl.controller import names
-from meshctl.controller.node import NodeSpec, desired_node, plan_node
+from meshctl.controller.node import (
+    FORWARD_CHAIN,
+    ISOLATION_CHAIN,
+    ISOLATION_DROP_CHAIN,
+    NodeSpec,
+    desired_node,
+    plan_node,
+)
 from meshctl.controller.node_kernel import apply_node, observe_node
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.model import NetworkAttachment, Service
@@ -156,3 +163,24 @@ def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None
     assert ns == names.task_netns(task_id) and change.replace
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
+
+
+def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
+    view = read_view(_store(tmp_path))
+    bridges = sorted(names.bridge(n.id) for n in view.networks.values())
+    filter_table = desired_node(view, "node1", ()).tables["filter"]
+    rules = [rule for chain in filter_table.chains.values() for rule in chain]
+    assert not [r for r in rules if "+" in f"{r.in_interface}{r.out_interface}"]
+    assert all(r.comment.startswith("meshctl:") for r in rules)
+    stage1 = filter_table.chains[ISOLATION_CHAIN]
+    stage2 = filter_table.chains[ISOLATION_DROP_CHAIN]
+    assert sorted(r.in_interface or "" for r in stage1) == bridges
+    assert {r.target for r in stage1} == {ISOLATION_DROP_CHAIN}
+    assert sorted(r.out_interface or "" for r in stage2) == bridges
+    assert {r.target for r in stage2} == {"DROP"}
+    # Replies and published ports (conntrack) and traffic within a bridge go before isolation.
+    forward = filter_table.chains[FORWARD_CHAIN]
+    jump = next(i for i, r in enumerate(forward) if r.target == ISOLATION_CHAIN)
+    early = [r for r in forward if r.matches or r.in_interface == r.out_interface is not None]
+    assert len(early) == 3  # front's replies, front's and back's own traffic
+    assert all(forward.index(r) < jump for r in early)
