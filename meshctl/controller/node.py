@@ -2,9 +2,13 @@
 
 Per network a bridge (`mesh` + id) holding the gateway address; per task on this node a
 namespace with one veth per network (node end on the bridge, `ethN` inside with the task's
-address) and a default route via its first network's gateway. In the node namespace, filter
-and nat rules: egress by masquerade unless the network is internal, and no forwarding between
-different networks' bridges.
+address) and a default route via its first network's gateway. Each link's node end carries
+meshctl's mark (names.mark) as its alias. In the node namespace, filter and nat rules: egress
+by masquerade unless the network is internal, and no forwarding between different networks'
+bridges.
+
+A link in the node namespace with a name meshctl wants but without its mark is another's: the
+plan reports it as a clash and leaves it, and what would hang off it, alone.
 """
 
 from __future__ import annotations
@@ -32,10 +36,12 @@ DNS_ADDRESS = "127.0.0.11"
 
 @dataclass(frozen=True)
 class BridgeSpec:
-    """A network's bridge on this node with the gateway address on it."""
+    """A network's bridge on this node with the gateway address on it, marked and up."""
 
     name: str
     address: str  # gateway in CIDR form, e.g. 10.10.1.1/24
+    mark: str  # the alias: names.mark(network id)
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -65,11 +71,17 @@ class TaskNetSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """Everything of the node's own networking, desired or observed, in one comparable shape."""
+    """Everything of the node's own networking, desired or observed, in one comparable shape.
+
+    Observed, bridges and task legs are only the links that carry meshctl's mark; link_aliases
+    holds the alias of every link of the node namespace named as meshctl names links (`mesh*`),
+    marked or not, so that a plan can tell a name it wants taken by another's link.
+    """
 
     bridges: dict[str, BridgeSpec]
     tasks: dict[str, TaskNetSpec]  # tasks and attached containers, by id
     tables: dict[str, OwnedTable]
+    link_aliases: Mapping[str, str | None] = field(default_factory=dict)  # observed only
 
 
 def _cidr(address: str, network: Network) -> str:
@@ -80,6 +92,7 @@ def bridge_spec(view: ClusterView, network: Network) -> BridgeSpec:
     return BridgeSpec(
         name=names.bridge(network.id),
         address=_cidr(view.gateways[network.name], network),
+        mark=names.mark(network.id),
     )
 
 
@@ -358,6 +371,9 @@ class NodePlan:
     unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
     delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
     tables: dict[str, TableChange] = field(default_factory=dict)
+    # Names meshctl wants in the node namespace held by links without its mark, and their
+    # aliases: left alone (and what would hang off them not made), reported, never converged.
+    clashes: tuple[tuple[str, str | None], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -367,15 +383,36 @@ class NodePlan:
             or self.unwire_tasks
             or self.delete_links
             or self.tables
+            or self.clashes
         )
+
+
+def wanted_marks(desired: NodeSpec) -> dict[str, str]:
+    """Every link meshctl wants in the node namespace, with the mark it must carry."""
+    marks = {bridge.name: bridge.mark for bridge in desired.bridges.values()}
+    for task in desired.tasks.values():
+        marks.update((leg.node_end, names.mark(task.task_id)) for leg in task.links)
+    return marks
+
+
+def clashes(desired: NodeSpec, actual: NodeSpec) -> dict[str, str | None]:
+    """The names desired links need that links with another alias hold, with that alias."""
+    return {
+        name: actual.link_aliases[name]
+        for name, mark in sorted(wanted_marks(desired).items())
+        if name in actual.link_aliases and actual.link_aliases[name] != mark
+    }
 
 
 def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] = ()) -> NodePlan:
     """The smallest change from actual to desired; empty (falsy) when they agree.
 
-    stray_links are node-side links of meshctl's that belong to nothing observed (a veth whose
-    task namespace is gone); they are deleted.
+    stray_links are node-side links of meshctl's (marked) that belong to nothing observed (a
+    veth whose task namespace is gone); they are deleted. A name that a desired link needs,
+    held by a link without the mark meshctl gives it (`clashes`), is left alone — neither
+    deleted nor taken over — and the bridge or task that needs it is not made: reported.
     """
+    taken = clashes(desired, actual)
     tables = {}
     for table in sorted(set(desired.tables) | set(actual.tables)):
         change = table_change(
@@ -386,7 +423,7 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
     wire, rules = [], []
     for task_id, want in sorted(desired.tasks.items()):
         have = actual.tasks.get(task_id)
-        if have == want:
+        if have == want or any({leg.node_end, leg.bridge} & taken.keys() for leg in want.links):
             continue
         nat = table_change(want.nat, have.nat) if have is not None else None
         if have is not None and nat is not None and replace(have, nat=want.nat) == want:
@@ -395,7 +432,9 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             wire.append(want)
     return NodePlan(
         ensure_bridges=tuple(
-            b for name, b in sorted(desired.bridges.items()) if actual.bridges.get(name) != b
+            b
+            for name, b in sorted(desired.bridges.items())
+            if actual.bridges.get(name) != b and name not in taken
         ),
         wire_tasks=tuple(wire),
         task_rules=tuple(rules),
@@ -405,7 +444,11 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             if tid not in desired.tasks and t.owns_netns
         ),
         delete_links=tuple(
-            sorted({*stray_links, *(b for b in actual.bridges if b not in desired.bridges)})
+            sorted(
+                {*stray_links, *(b for b in actual.bridges if b not in desired.bridges)}
+                - taken.keys()
+            )
         ),
         tables=tables,
+        clashes=tuple(taken.items()),
     )

@@ -168,6 +168,11 @@ class LbSpec:
         """The comment of the rules that belong to the LB itself rather than to one service."""
         return f"meshctl:lb-{self.network_id}"
 
+    @property
+    def mark(self) -> str:
+        """The alias of the leg's node end (and the bridge's): the network's mark."""
+        return names.mark(self.network_id)
+
     def fwmark(self, vip: VirtualIp) -> int:
         """The VIP's mark: stable, unique within the network, inside meshctl's fwmark range."""
         offset = _as_int(vip.vip) - int(self.subnet.network_address)
