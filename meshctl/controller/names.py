@@ -16,6 +16,7 @@ CHAIN_PREFIX = "MESH-"
 TASK_VETH_PREFIX = f"{LINK_PREFIX}v"
 CONTAINER_VETH_PREFIX = f"{LINK_PREFIX}c"
 MARK_PREFIX = "meshctl:"
+LB_INTERFACE = "eth0"  # the LB namespace's leg on the bridge, named as a task's first leg
 
 
 def mark(object_id: str) -> str:

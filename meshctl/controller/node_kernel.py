@@ -17,6 +17,7 @@ from kernel.errors import KernelError
 from kernel.iptables import OwnedTable
 from kernel.links import Link, Route
 from kernel.system import Kernel
+from meshctl import sysctls
 from meshctl.controller import names
 from meshctl.controller.node import (
     BridgeSpec,
@@ -226,6 +227,12 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
     change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
     if change is not None:
         kernel.iptables.apply(task.netns, "nat", change)
+
+
+def set_node_sysctls(kernel: Kernel) -> None:
+    """The node namespace's kernel parameters (meshctl.sysctls lists them: ip_forward)."""
+    for key, value in sysctls.node_sysctls().items():
+        kernel.sysctl.set(NODE, key, value)
 
 
 def empty_tables() -> dict[str, OwnedTable]:

@@ -26,8 +26,8 @@ from meshctl.lb.spec import (
     ipvs_state,
     service_chains,
     shared_tables,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
 
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 
@@ -190,7 +190,7 @@ def diff(spec: LbSpec, observed: LbObserved, backend: BackendKind) -> NsChange:
     taken = clashes(spec, observed)
     if taken:
         return NsChange(spec=spec, clashes=taken)
-    want_sysctls = sysctls(spec, backend)
+    want_sysctls = lb_sysctls(backend)
     tables = _table_changes(iptables_tables(spec, backend), observed.tables)
     return replace(
         _objects_change(spec, observed, backend, tables),
@@ -207,7 +207,7 @@ def held_by(spec: LbSpec, backend: BackendKind) -> LbObserved:
         netns=spec.netns,
         exists=True,
         addresses=addresses(spec),
-        sysctls=sysctls(spec, backend),
+        sysctls=lb_sysctls(backend),
         tables=iptables_tables(spec, backend),
         ipvs=ipvs_state(spec) if backend == "ipvs" else {},
         udp_flows=frozenset(UdpFlow(v.vip, b.address) for v in spec.vips for b in v.backends),

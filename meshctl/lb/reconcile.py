@@ -26,15 +26,15 @@ from kernel.ipvs import IpvsChange
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.controller import names
+from meshctl.controller.names import LB_INTERFACE
 from meshctl.lb.plan import Ipvs, LbObserved, LbPlan, NsChange, diff, vip_change
 from meshctl.lb.spec import (
-    LB_INTERFACE,
     BackendKind,
     LbSpec,
     is_owned_service,
     lb_node_end,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
 
 log = logging.getLogger("meshctl.lb")
 
@@ -76,14 +76,15 @@ class LbReconciler:
         self._applied: dict[str, LbSpec] = {}
 
     def observe(self, spec: LbSpec) -> LbObserved:
-        """Read the LB namespace of spec's network (spec names its leg and sysctls)."""
+        """Read the LB namespace of spec's network (spec names its leg; the sysctls are the
+        backend's)."""
         k, ns = self.kernel, spec.netns
         node_end = k.links.get_link(self.node_ns, spec.node_end)
         bridge = k.links.get_link(self.node_ns, spec.bridge)
         if not k.netns.exists(ns):
             return LbObserved(ns, node_end=node_end, bridge=bridge)
         values: dict[str, str | None] = {}
-        for key in sysctls(spec, self.backend):
+        for key in lb_sysctls(self.backend):
             try:
                 values[key] = k.sysctl.get(ns, key)
             except NotFound:  # eth0's keys before the leg exists

@@ -33,8 +33,8 @@ from meshctl.lb.spec import (
     lb_spec,
     sep_chain,
     svc_chain,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"
 PREFIX = lb_netns_prefix(NODE_ID)
@@ -136,9 +136,9 @@ def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations(
 
 
 def test_ipvs_sysctls_only_for_the_ipvs_backend() -> None:
-    assert sysctls(spec(), "iptables")["net.ipv4.ip_forward"] == "1"
-    assert not any(k.startswith("net.ipv4.vs.") for k in sysctls(spec(), "iptables"))
-    assert sysctls(spec(), "ipvs")["net.ipv4.vs.conntrack"] == "1"
+    assert lb_sysctls("iptables")["net.ipv4.ip_forward"] == "1"
+    assert not any(k.startswith("net.ipv4.vs.") for k in lb_sysctls("iptables"))
+    assert lb_sysctls("ipvs")["net.ipv4.vs.conntrack"] == "1"
 
 
 @pytest.mark.parametrize(
