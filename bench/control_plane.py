@@ -362,7 +362,7 @@ def measure(
     spent: dict[str, float] = defaultdict(float)
     with namespace(f"node{count}") as node, namespace(f"peer{count}") as peer:
         try:
-            Links().ensure_bridge(node, spec.bridge)
+            Links().ensure_bridge(node, spec.bridge, alias=spec.mark)
             Links().set_up(node, spec.bridge)
             reconciler = LbReconciler(timed_kernel(spent), backend, node_ns=node)
             rss_before = vm_rss_mib()

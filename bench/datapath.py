@@ -238,7 +238,7 @@ def main() -> None:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         node = stack.enter_context(namespace("node"))
         client = stack.enter_context(namespace("client"))
-        links.ensure_bridge(node, spec.bridge)
+        links.ensure_bridge(node, spec.bridge, alias=spec.mark)
         links.set_up(node, spec.bridge)
         attach(links, node, spec.bridge, client, CLIENT)
         for index, address in enumerate(BACKENDS):

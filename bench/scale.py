@@ -153,8 +153,9 @@ def main() -> None:
         client = stack.enter_context(namespace("client"))
         server = stack.enter_context(namespace("backend"))
         network_id = uuid.uuid4().hex[:8]  # one bridge for every S; a fresh LB netns per S
-        bridge = lb_spec("bench", network_id, LB_ADDRESS, ()).bridge
-        links.ensure_bridge(node, bridge)
+        frame = lb_spec("bench", network_id, LB_ADDRESS, ())
+        bridge = frame.bridge
+        links.ensure_bridge(node, bridge, alias=frame.mark)
         links.set_up(node, bridge)
         subnet = int(LB_ADDRESS.split("/")[1])  # the VIPs' subnet: the client reaches them on-link
         attach(links, node, bridge, client, CLIENT, subnet)

@@ -1,14 +1,14 @@
 """Kernel feature probes for `meshctl doctor`: what this kernel can do for the mesh.
 
 Every probe that creates something does it inside a throwaway namespace (mesh-doctor-PID), deleted
-in a finally, so asking never changes the host. Results are plain Check records; the verdict and
-the rendering live in meshctl.doctor.
+in a finally, so asking never changes the host. Results are plain Check records and sysctl values;
+the verdict, which sysctls matter and the rendering live in meshctl.doctor.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -117,8 +117,8 @@ def _links_probe(ns: str) -> tuple[Check, Check, Check]:
     )
 
 
-def _sysctl_probe(ns: str | None, key: str) -> str | None:
-    """The value of a sysctl in ns, or None when the kernel does not have it."""
+def sysctl_value(ns: str | None, key: str) -> str | None:
+    """The value of a sysctl in ns, or None when the kernel does not have it there."""
     try:
         return Sysctl().get(ns, key)
     except NotFound:
@@ -147,7 +147,7 @@ def _in_namespace_checks(ns: str) -> list[Check]:
         ),
     ]
     # After the iptables probe: opening the nat table loads nf_conntrack where it is a module.
-    count = _sysctl_probe(ns, "net.netfilter.nf_conntrack_count")
+    count = sysctl_value(ns, "net.netfilter.nf_conntrack_count")
     checks.append(
         Check("conntrack", True, True, f"connection tracking active ({count} entries here)")
         if count is not None
@@ -159,7 +159,7 @@ def _in_namespace_checks(ns: str) -> list[Check]:
             "connection tracking (CONFIG_NF_CONNTRACK; modprobe nf_conntrack)",
         )
     )
-    call = _sysctl_probe(ns, "net.bridge.bridge-nf-call-iptables")
+    call = sysctl_value(ns, "net.bridge.bridge-nf-call-iptables")
     checks.append(
         Check(
             "br_netfilter",
@@ -174,27 +174,13 @@ def _in_namespace_checks(ns: str) -> list[Check]:
     return checks
 
 
-def ip_forward_check() -> Check:
-    """The current namespace's ip_forward: reported, since the controller sets it itself."""
-    value = _sysctl_probe(None, "net.ipv4.ip_forward")
-    return Check(
-        "ip_forward",
-        value == "1",
-        False,
-        f"net.ipv4.ip_forward={value or 'missing'} in this namespace; the controller turns "
-        "it on in its node namespace",
-        info=True,
-    )
-
-
 def probe() -> list[Check]:
     """Probe every feature in a fresh namespace that is always removed; needs privileged()."""
     ns = f"{DOCTOR_NS_PREFIX}{os.getpid()}"
-    checks: list[Check] = []
     try:
         netns.create(ns)
     except Exception as err:  # no namespace: nothing else can be probed without touching the host
-        checks.append(
+        return [
             Check(
                 "netns",
                 False,
@@ -202,12 +188,19 @@ def probe() -> list[Check]:
                 f"{_one_line(str(err))}; the kernel needs network namespaces (CONFIG_NET_NS) "
                 "and /var/run/netns must be writable",
             )
-        )
-        return [*checks, ip_forward_check()]
+        ]
     try:
-        checks.append(Check("netns", True, True, "network namespace created"))
-        checks.extend(_in_namespace_checks(ns))
+        return [Check("netns", True, True, "network namespace created"), *_in_namespace_checks(ns)]
     finally:
         netns.delete(ns)
-    checks.append(ip_forward_check())
-    return checks
+
+
+def new_namespace_sysctls(keys: Iterable[str]) -> dict[str, str | None]:
+    """The values a new network namespace starts with (None: not there, as net.ipv4.vs.* without
+    IPVS or an interface's keys before it exists), read in a throwaway namespace."""
+    ns = f"{DOCTOR_NS_PREFIX}{os.getpid()}"
+    netns.create(ns)
+    try:
+        return {key: sysctl_value(ns, key) for key in keys}
+    finally:
+        netns.delete(ns)

@@ -13,6 +13,7 @@ import errno
 import ipaddress
 import socket
 from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, cast
 
@@ -24,6 +25,7 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from kernel import netns
 from kernel.errors import (
     AlreadyExists,
+    KernelError,
     NotFound,
     calling,
     deleting,
@@ -56,7 +58,9 @@ class Link:
 
     kind is the rtnetlink kind ("bridge", "veth", "vxlan", "dummy"...) or None for a device
     without one (lo, a physical NIC). up is the administrative state (IFF_UP). master is the name
-    of the bridge it is enslaved to. vni is set for vxlan links only.
+    of the bridge it is enslaved to. vni is set for vxlan links only. alias is the interface
+    alias (IFLA_IFALIAS, `ip link set NAME alias TEXT`), None when it has none: the mark by which
+    a tool tells the links it made from others' of the same name.
     """
 
     name: str
@@ -67,6 +71,7 @@ class Link:
     master: str | None
     mac: str
     vni: int | None = None
+    alias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,19 @@ class Neighbour:
 class LinksAPI(Protocol):
     """What meshctl asks of the link layer; kernel.fake.links.FakeLinks implements it too."""
 
-    def ensure_bridge(self, ns: Namespace, name: str, mtu: int | None = None) -> None: ...
-    def ensure_veth(self, ns: Namespace, name: str, peer_name: str, peer_ns: Namespace) -> None: ...
-    def ensure_dummy(self, ns: Namespace, name: str) -> None: ...
+    def ensure_bridge(
+        self, ns: Namespace, name: str, mtu: int | None = None, *, alias: str | None = None
+    ) -> None: ...
+    def ensure_veth(
+        self,
+        ns: Namespace,
+        name: str,
+        peer_name: str,
+        peer_ns: Namespace,
+        *,
+        alias: str | None = None,
+    ) -> None: ...
+    def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None: ...
     def ensure_vxlan(
         self,
         ns: Namespace,
@@ -114,6 +129,8 @@ class LinksAPI(Protocol):
         remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
+        *,
+        alias: str | None = None,
     ) -> None: ...
     def delete_link(self, ns: Namespace, name: str) -> None: ...
     def get_link(self, ns: Namespace, name: str) -> Link | None: ...
@@ -150,6 +167,19 @@ def kind_clash(ns: Namespace, name: str, have: str | None, want: str) -> Already
     return AlreadyExists(
         f"link {name} in {where(ns)} is a {have or 'device'}, not a {want}; "
         f"delete it or choose another name"
+    )
+
+
+def alias_clash(ns: Namespace, name: str, have: str | None, want: str | None) -> AlreadyExists:
+    """The error for ensuring a link whose name is taken by one with another alias: another
+    tool's link (or another object's) of the same name, which an ensure must not adopt."""
+
+    def said(alias: str | None) -> str:
+        return "no alias" if alias is None else f"alias {alias!r}"
+
+    return AlreadyExists(
+        f"link {name} in {where(ns)} has {said(have)}, not {said(want)}: it is not the link "
+        f"asked for (another's of the same name); delete or rename it, or choose another name"
     )
 
 
@@ -234,18 +264,29 @@ class Links:
 
     # links
 
-    def ensure_bridge(self, ns: Namespace, name: str, mtu: int | None = None) -> None:
+    def ensure_bridge(
+        self, ns: Namespace, name: str, mtu: int | None = None, *, alias: str | None = None
+    ) -> None:
         def body(ipr: IPRoute) -> None:
-            if self._ensure_kind(ipr, ns, name, "bridge") is None:
-                with calling(f"create bridge {name} in {where(ns)}"):
-                    ipr.link("add", ifname=name, kind="bridge")
+            if self._ensure_kind(ipr, ns, name, "bridge", alias) is None:
+                what = f"create bridge {name} in {where(ns)}"
+                self._create(ipr, ns, name, alias, what, kind="bridge")
             if mtu is not None:
                 self._set(ipr, ns, name, mtu=mtu)
 
         self._run(ns, body)
 
-    def ensure_veth(self, ns: Namespace, name: str, peer_name: str, peer_ns: Namespace) -> None:
-        """A veth pair: name in ns, peer_name created straight in peer_ns (which may be ns).
+    def ensure_veth(
+        self,
+        ns: Namespace,
+        name: str,
+        peer_name: str,
+        peer_ns: Namespace,
+        *,
+        alias: str | None = None,
+    ) -> None:
+        """A veth pair: name in ns (with alias), peer_name created straight in peer_ns (which may
+        be ns).
 
         An existing name of kind veth whose peer_name is missing from peer_ns is not the pair
         asked for: AlreadyExists.
@@ -254,17 +295,17 @@ class Links:
             raise NotFound(f"network namespace {peer_ns} does not exist")
 
         def body(ipr: IPRoute) -> bool:
-            if self._ensure_kind(ipr, ns, name, "veth") is not None:
+            if self._ensure_kind(ipr, ns, name, "veth", alias) is not None:
                 return True
             peer: dict[str, Any] = {"ifname": peer_name}
             if peer_ns != ns:
                 # pyroute2 opens this path and hands the fd to the kernel.
                 peer["net_ns_fd"] = netns.path(peer_ns) if peer_ns else "/proc/self/ns/net"
-            with calling(
+            what = (
                 f"create veth {name} in {where(ns)} with peer {peer_name} in {where(peer_ns)} "
                 f"(is {peer_name} taken there?)"
-            ):
-                ipr.link("add", ifname=name, kind="veth", peer=peer)
+            )
+            self._create(ipr, ns, name, alias, what, kind="veth", peer=peer)
             return False
 
         if self._run(ns, body):
@@ -272,11 +313,11 @@ class Links:
             if peer_link is None or peer_link.kind != "veth":
                 raise peer_clash(ns, name, peer_name, peer_ns)
 
-    def ensure_dummy(self, ns: Namespace, name: str) -> None:
+    def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None:
         def body(ipr: IPRoute) -> None:
-            if self._ensure_kind(ipr, ns, name, "dummy") is None:
-                with calling(f"create dummy {name} in {where(ns)} (needs the dummy module)"):
-                    ipr.link("add", ifname=name, kind="dummy")
+            if self._ensure_kind(ipr, ns, name, "dummy", alias) is None:
+                what = f"create dummy {name} in {where(ns)} (needs the dummy module)"
+                self._create(ipr, ns, name, alias, what, kind="dummy")
 
         self._run(ns, body)
 
@@ -289,11 +330,13 @@ class Links:
         remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
+        *,
+        alias: str | None = None,
     ) -> None:
         """A vxlan device; remote is a unicast peer or a multicast group (then dev is needed)."""
 
         def body(ipr: IPRoute) -> None:
-            found = self._ensure_kind(ipr, ns, name, "vxlan")
+            found = self._ensure_kind(ipr, ns, name, "vxlan", alias)
             if found is not None:
                 if found.vni != vni:
                     raise vni_clash(ns, name, found.vni, vni)
@@ -305,8 +348,8 @@ class Links:
                 spec["vxlan_group"] = remote
             if dev is not None:
                 spec["vxlan_link"] = self._index(ipr, ns, dev)
-            with calling(f"create vxlan {name} (VNI {vni}) in {where(ns)}"):
-                ipr.link("add", ifname=name, kind="vxlan", **spec)
+            what = f"create vxlan {name} (VNI {vni}) in {where(ns)}"
+            self._create(ipr, ns, name, alias, what, kind="vxlan", **spec)
 
         self._run(ns, body)
 
@@ -519,15 +562,38 @@ class Links:
         index: int = found["index"]
         return index
 
-    def _ensure_kind(self, ipr: IPRoute, ns: Namespace, name: str, kind: str) -> Link | None:
-        """The existing link of that name if it has that kind, None if absent; else raise."""
+    def _ensure_kind(
+        self, ipr: IPRoute, ns: Namespace, name: str, kind: str, alias: str | None
+    ) -> Link | None:
+        """The existing link of that name if it has that kind and alias, None if absent; else
+        raise."""
         found = self._find(ipr, name)
         if found is None:
             return None
         link = _link(found, {})
         if link.kind != kind:
             raise kind_clash(ns, name, link.kind, kind)
+        if link.alias != alias:
+            raise alias_clash(ns, name, link.alias, alias)
         return link
+
+    def _create(
+        self, ipr: IPRoute, ns: Namespace, name: str, alias: str | None, what: str, **spec: Any
+    ) -> None:
+        """Add link name with its alias. The kernel ignores IFLA_IFALIAS in a request that
+        creates a link, so the alias follows at once on the same socket; if it cannot be set,
+        the link just made goes again, so no unmarked link is left behind."""
+        with calling(what):
+            ipr.link("add", ifname=name, **spec)
+        if alias is None:
+            return
+        try:
+            with calling(f"set alias {alias!r} on {name} in {where(ns)}"):
+                ipr.link("set", ifname=name, ifalias=alias)
+        except KernelError:
+            with suppress(KernelError), deleting(f"delete link {name} in {where(ns)}"):
+                ipr.link("del", ifname=name)
+            raise
 
     def _set(self, ipr: IPRoute, ns: Namespace, name: str, **attrs: Any) -> None:
         index = self._index(ipr, ns, name)
@@ -565,4 +631,5 @@ def _link(msg: Any, names: dict[int, str]) -> Link:
         master=names.get(master) if master else None,
         mac=msg.get_attr("IFLA_ADDRESS"),
         vni=vni if kind == "vxlan" else None,
+        alias=msg.get_attr("IFLA_IFALIAS") or None,
     )

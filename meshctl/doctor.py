@@ -1,21 +1,53 @@
 """`meshctl doctor`: probe the kernel (kernel.features), decide whether the mesh can run, print it.
 
-The verdict and both renderings are pure functions of the checks, so they are unit-tested with
-made-up results; only run_doctor touches the kernel, through kernel.features.
+It also lists every sysctl the controller sets (meshctl.sysctls) with its value now: in this
+namespace for the node's, in a new namespace for the load balancers'. The verdict and both
+renderings are pure functions of the checks and readings, so they are unit-tested with made-up
+results; only run_doctor touches the kernel, through kernel.features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import click
 
 from kernel import features
+from kernel.errors import KernelError
 from kernel.features import Check, LbBackend, pick_lb_backend
 from meshctl.output import dumps, table
+from meshctl.sysctls import SETTINGS, Setting
 
 Status = Literal["ok", "missing", "info"]
+
+
+@dataclass(frozen=True)
+class Reading:
+    """A sysctl the controller sets and its value now (None: the kernel has no such key there,
+    or it could not be read)."""
+
+    setting: Setting
+    now: str | None
+
+
+def read_sysctls() -> list[Reading]:
+    """Every sysctl of meshctl.sysctls, read where it will be set: the node's in this
+    namespace, the load balancers' in a new one (what a new LB namespace starts with)."""
+    elsewhere = [s.key for s in SETTINGS if s.place != "node"]
+    try:
+        fresh = features.new_namespace_sysctls(elsewhere)
+    except KernelError:  # no namespace to read them in: the netns check says why
+        fresh = {}
+    return [
+        Reading(s, features.sysctl_value(None, s.key) if s.place == "node" else fresh.get(s.key))
+        for s in SETTINGS
+    ]
+
+
+def _where(setting: Setting) -> str:
+    return setting.place if setting.backend is None else f"{setting.place} ({setting.backend})"
 
 
 def status(check: Check) -> Status:
@@ -35,8 +67,9 @@ def lb_backend(checks: Sequence[Check]) -> LbBackend:
     return pick_lb_backend(any(c.name == "ipvs" and c.ok for c in checks))
 
 
-def report_json(checks: Sequence[Check]) -> dict[str, Any]:
-    """The stable JSON: checks in probe order, the auto backend, and the verdict."""
+def report_json(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> dict[str, Any]:
+    """The stable JSON: checks in probe order, the sysctls the controller sets, the auto
+    backend, and the verdict."""
     return {
         "checks": [
             {
@@ -47,6 +80,17 @@ def report_json(checks: Sequence[Check]) -> dict[str, Any]:
                 "detail": c.detail,
             }
             for c in checks
+        ],
+        "sysctls": [
+            {
+                "namespace": r.setting.place,
+                "key": r.setting.key,
+                "value": r.now,
+                "sets": r.setting.value,
+                "backend": r.setting.backend,
+                "why": r.setting.why,
+            }
+            for r in sysctls
         ],
         "lb_backend": lb_backend(checks),
         "ok": not missing_required(checks),
@@ -60,21 +104,25 @@ def verdict_line(checks: Sequence[Check]) -> str:
     return f"verdict: the mesh cannot run here: {', '.join(c.name for c in missing)} missing"
 
 
-def report_table(checks: Sequence[Check]) -> str:
-    """Aligned CHECK / STATUS / DETAIL rows, then the auto backend and the verdict."""
+def report_table(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> str:
+    """Aligned CHECK / STATUS / DETAIL rows; the sysctls the controller sets (NOW: `-` where
+    the key is not there); then the auto backend and the verdict."""
     rows = ([c.name, status(c), c.detail] for c in checks)
-    return "\n".join(
-        [
-            table(["CHECK", "STATUS", "DETAIL"], rows),
-            f"lb_backend: {lb_backend(checks)}",
-            verdict_line(checks),
-        ]
-    )
+    parts = [table(["CHECK", "STATUS", "DETAIL"], rows)]
+    if sysctls:
+        settings = (
+            [r.setting.key, _where(r.setting), r.now or "-", r.setting.value, r.setting.why]
+            for r in sysctls
+        )
+        parts += ["", table(["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"], settings)]
+    return "\n".join([*parts, f"lb_backend: {lb_backend(checks)}", verdict_line(checks)])
 
 
-def render(checks: Sequence[Check], fmt: Literal["table", "json"]) -> tuple[str, list[str], int]:
+def render(
+    checks: Sequence[Check], fmt: Literal["table", "json"], sysctls: Sequence[Reading] = ()
+) -> tuple[str, list[str], int]:
     """(stdout text, stderr lines, exit code): one stderr line per missing required piece."""
-    out = dumps(report_json(checks)) if fmt == "json" else report_table(checks)
+    out = dumps(report_json(checks, sysctls)) if fmt == "json" else report_table(checks, sysctls)
     reasons = [f"meshctl doctor: {c.name} missing: {c.detail}" for c in missing_required(checks)]
     return out, reasons, 1 if reasons else 0
 
@@ -84,7 +132,7 @@ def run_doctor(fmt: Literal["table", "json"]) -> int:
     if not features.privileged():
         click.echo(features.NOT_PRIVILEGED, err=True)
         return 1
-    out, reasons, code = render(features.probe(), fmt)
+    out, reasons, code = render(features.probe(), fmt, read_sysctls())
     click.echo(out)
     for reason in reasons:
         click.echo(reason, err=True)

@@ -24,6 +24,7 @@ from kernel.links import (
     Link,
     Neighbour,
     Route,
+    alias_clash,
     kind_clash,
     missing_link,
     peer_clash,
@@ -38,6 +39,7 @@ from kernel.netns import Namespace
 PART = "links"  # this subsystem's key in FakeNamespace.parts (kernel.fake.sysctl reads it)
 DEFAULT_MTU = 1500
 VXLAN_OVERHEAD = 50
+ALIAS_MAX = 254  # bytes of IFLA_IFALIAS the kernel takes as pyroute2 sends it (NUL-terminated)
 
 
 @dataclass
@@ -53,10 +55,19 @@ class FakeLink:
     mac: str = "00:00:00:00:00:00"
     vni: int | None = None
     peer: tuple[Namespace, str] | None = None
+    alias: str | None = None
 
     def view(self) -> Link:
         return Link(
-            self.name, self.kind, self.index, self.up, self.mtu, self.master, self.mac, self.vni
+            self.name,
+            self.kind,
+            self.index,
+            self.up,
+            self.mtu,
+            self.master,
+            self.mac,
+            self.vni,
+            self.alias,
         )
 
 
@@ -90,17 +101,27 @@ class FakeLinks:
 
     # links
 
-    def ensure_bridge(self, ns: Namespace, name: str, mtu: int | None = None) -> None:
+    def ensure_bridge(
+        self, ns: Namespace, name: str, mtu: int | None = None, *, alias: str | None = None
+    ) -> None:
         state = self._state(ns)
-        if self._ensure_kind(state, ns, name, "bridge") is None:
-            self._add(ns, state, FakeLink(name, "bridge", 0))
+        if self._ensure_kind(state, ns, name, "bridge", alias) is None:
+            self._add(ns, state, FakeLink(name, "bridge", 0, alias=alias))
         if mtu is not None:
             self.set_mtu(ns, name, mtu)
 
-    def ensure_veth(self, ns: Namespace, name: str, peer_name: str, peer_ns: Namespace) -> None:
+    def ensure_veth(
+        self,
+        ns: Namespace,
+        name: str,
+        peer_name: str,
+        peer_ns: Namespace,
+        *,
+        alias: str | None = None,
+    ) -> None:
         state = self._state(ns)
         peer_state = self._state(peer_ns)
-        if self._ensure_kind(state, ns, name, "veth") is not None:
+        if self._ensure_kind(state, ns, name, "veth", alias) is not None:
             peer = peer_state.links.get(peer_name)
             if peer is None or peer.kind != "veth":
                 raise peer_clash(ns, name, peer_name, peer_ns)
@@ -113,12 +134,12 @@ class FakeLinks:
             )
         # The kernel registers the peer first: it gets the lower index.
         self._add(peer_ns, peer_state, FakeLink(peer_name, "veth", 0, peer=(ns, name)))
-        self._add(ns, state, FakeLink(name, "veth", 0, peer=(peer_ns, peer_name)))
+        self._add(ns, state, FakeLink(name, "veth", 0, peer=(peer_ns, peer_name), alias=alias))
 
-    def ensure_dummy(self, ns: Namespace, name: str) -> None:
+    def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None:
         state = self._state(ns)
-        if self._ensure_kind(state, ns, name, "dummy") is None:
-            self._add(ns, state, FakeLink(name, "dummy", 0))
+        if self._ensure_kind(state, ns, name, "dummy", alias) is None:
+            self._add(ns, state, FakeLink(name, "dummy", 0, alias=alias))
 
     def ensure_vxlan(
         self,
@@ -129,15 +150,17 @@ class FakeLinks:
         remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
+        *,
+        alias: str | None = None,
     ) -> None:
         state = self._state(ns)
-        found = self._ensure_kind(state, ns, name, "vxlan")
+        found = self._ensure_kind(state, ns, name, "vxlan", alias)
         if found is not None:
             if found.vni != vni:
                 raise vni_clash(ns, name, found.vni, vni)
             return
         mtu = DEFAULT_MTU if dev is None else self._link(state, ns, dev).mtu - VXLAN_OVERHEAD
-        self._add(ns, state, FakeLink(name, "vxlan", 0, mtu=mtu, vni=vni))
+        self._add(ns, state, FakeLink(name, "vxlan", 0, mtu=mtu, vni=vni, alias=alias))
 
     def delete_link(self, ns: Namespace, name: str) -> None:
         state = self._state(ns)
@@ -280,12 +303,19 @@ class FakeLinks:
         except KeyError:
             raise missing_link(ns, name) from None
 
-    def _ensure_kind(self, state: NsLinks, ns: Namespace, name: str, kind: str) -> FakeLink | None:
+    def _ensure_kind(
+        self, state: NsLinks, ns: Namespace, name: str, kind: str, alias: str | None
+    ) -> FakeLink | None:
         found = state.links.get(name)
         if found is not None and found.kind != kind:
             raise kind_clash(ns, name, found.kind, kind)
+        if found is not None and found.alias != alias:
+            raise alias_clash(ns, name, found.alias, alias)
         if found is None and kind in self.unsupported_kinds:
             raise failure(errno.EOPNOTSUPP, f"create {kind} {name} in {where(ns)}")
+        if found is None and alias is not None and len(alias.encode()) > ALIAS_MAX:
+            # The real layer sets the alias right after making the link, and deletes it again.
+            raise failure(errno.ERANGE, f"set alias {alias!r} on {name} in {where(ns)}")
         return found
 
     def _add(self, ns: Namespace, state: NsLinks, link: FakeLink) -> None:

@@ -38,7 +38,12 @@ from meshctl.controller.node import (
     plan_node,
     published_ports,
 )
-from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node
+from meshctl.controller.node_kernel import (
+    apply_node,
+    blocked_ports,
+    observe_node,
+    set_node_sysctls,
+)
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.dns import DnsServer, DnsView
@@ -282,7 +287,7 @@ class Controller:
         self.supervisor.wake = wake
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        self.kernel.sysctl.set(None, "net.ipv4.ip_forward", "1")
+        set_node_sysctls(self.kernel)
         self.dns.__enter__()
         watcher = threading.Thread(target=self._watch_store, args=(wake,), daemon=True)
         watcher.start()

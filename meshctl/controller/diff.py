@@ -74,7 +74,10 @@ def node_differences(
 
 
 def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
-    """One line per difference: `+` to add, `-` to remove, `~` to change."""
+    """One line per difference: `+` to add, `-` to remove, `~` to change, `!` what meshctl
+    will not change because it is not its own (a link of the name it wants, without its mark)."""
+    for name, alias in node_plan.clashes:
+        yield f"! {names.clash_text(name, alias)}"
     for bridge in node_plan.ensure_bridges:
         yield f"~ bridge {bridge.name} {bridge.address}"
     for task in node_plan.wire_tasks:
@@ -89,6 +92,8 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
         yield from _table_lines("node", table, change)
     for ns_change in lb_plan.changes:
         ns = ns_change.spec.netns
+        for name, alias in ns_change.clashes:
+            yield f"! {ns}: {names.clash_text(name, alias)}"
         if ns_change.create_netns:
             yield f"+ load-balancer namespace {ns}"
         if ns_change.ensure_leg:
@@ -113,6 +118,8 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
             yield f"- {ns}: udp conntrack {flow.vip} -> {flow.backend}"
     for ns in lb_plan.delete_netns:
         yield f"- load-balancer namespace {ns}"
+    for ns in lb_plan.unmarked_netns:
+        yield f"! load-balancer namespace {ns} has no leg with meshctl's mark: left alone"
 
 
 def _table_lines(where: str, table: str, change: TableChange) -> Iterator[str]:

@@ -1,7 +1,10 @@
-"""Names of the kernel objects meshctl makes: recognisably its own, derived from stable ids.
+"""Names and marks of the kernel objects meshctl makes, derived from stable ids.
 
 Interface names carry the `mesh` prefix and a short id within the kernel's 15 characters;
-namespace names carry `mesh-`; iptables chains start with `MESH-`. Nothing else is ever touched.
+namespace names carry `mesh-`; iptables chains start with `MESH-`. A name says which object a
+link would be, never that meshctl made it: another tool may use the same name. What meshctl
+made carries its mark, `meshctl:<object-id>` — the comment of each rule, the alias
+(IFLA_IFALIAS) of each link — and only marked objects are ever changed or deleted.
 """
 
 from __future__ import annotations
@@ -12,6 +15,35 @@ LB_NETNS_PREFIX = "mesh-lb-"
 CHAIN_PREFIX = "MESH-"
 TASK_VETH_PREFIX = f"{LINK_PREFIX}v"
 CONTAINER_VETH_PREFIX = f"{LINK_PREFIX}c"
+MARK_PREFIX = "meshctl:"
+LB_INTERFACE = "eth0"  # the LB namespace's leg on the bridge, named as a task's first leg
+
+
+def mark(object_id: str) -> str:
+    """The alias of a link meshctl made for an object: a network's bridge and its LB leg carry
+    the network's id, a task's veth the task's, an attached container's veth the container's."""
+    return f"{MARK_PREFIX}{object_id}"
+
+
+def is_marked(alias: str | None) -> bool:
+    """Whether a link's alias says meshctl made it."""
+    return alias is not None and alias.startswith(MARK_PREFIX)
+
+
+def clash_text(name: str, alias: str | None) -> str:
+    """A link that holds a name meshctl wants without the mark meshctl gives it there, as one
+    line with what to do (for the log and `meshctl diff`)."""
+    has = "no alias" if alias is None else f"alias {alias!r}"
+    return (
+        f"link {name} in the node namespace does not carry meshctl's mark for it ({has}): "
+        f"left alone, and what needs it is not made; delete or rename it to let meshctl make "
+        f"its own"
+    )
+
+
+def could_be_ours(link_name: str) -> bool:
+    """Whether meshctl could want a link of this name (to look for clashes; never to own it)."""
+    return link_name.startswith(LINK_PREFIX)
 
 
 def bridge(network_id: str) -> str:
@@ -62,7 +94,3 @@ def lb_node_end(network_id: str) -> str:
 
 def is_task_netns(name: str) -> bool:
     return name.startswith(TASK_NETNS_PREFIX)
-
-
-def owns_link(name: str) -> bool:
-    return name.startswith(LINK_PREFIX)

@@ -2,9 +2,13 @@
 
 Per network a bridge (`mesh` + id) holding the gateway address; per task on this node a
 namespace with one veth per network (node end on the bridge, `ethN` inside with the task's
-address) and a default route via its first network's gateway. In the node namespace, filter
-and nat rules: egress by masquerade unless the network is internal, and no forwarding between
-different networks' bridges.
+address) and a default route via its first network's gateway. Each link's node end carries
+meshctl's mark (names.mark) as its alias. In the node namespace, filter and nat rules: egress
+by masquerade unless the network is internal, and no forwarding between different networks'
+bridges.
+
+A link in the node namespace with a name meshctl wants but without its mark is another's: the
+plan reports it as a clash and leaves it, and what would hang off it, alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from meshctl.model import INGRESS, Container, Network, Task
 from meshctl.runtime.process import read_start_time
 
 FORWARD_CHAIN = "MESH-FORWARD"
+ISOLATION_CHAIN = "MESH-ISOLATION-1"  # per network: from its bridge elsewhere → stage 2
+ISOLATION_DROP_CHAIN = "MESH-ISOLATION-2"  # per network: into its bridge → dropped
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 INGRESS_CHAIN = "MESH-INGRESS"
 NODE_COMMENT = "meshctl:node"
@@ -31,10 +37,12 @@ DNS_ADDRESS = "127.0.0.11"
 
 @dataclass(frozen=True)
 class BridgeSpec:
-    """A network's bridge on this node with the gateway address on it."""
+    """A network's bridge on this node with the gateway address on it, marked and up."""
 
     name: str
     address: str  # gateway in CIDR form, e.g. 10.10.1.1/24
+    mark: str  # the alias: names.mark(network id)
+    up: bool = True
 
 
 @dataclass(frozen=True)
@@ -64,11 +72,17 @@ class TaskNetSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    """Everything of the node's own networking, desired or observed, in one comparable shape."""
+    """Everything of the node's own networking, desired or observed, in one comparable shape.
+
+    Observed, bridges and task legs are only the links that carry meshctl's mark; link_aliases
+    holds the alias of every link of the node namespace named as meshctl names links (`mesh*`),
+    marked or not, so that a plan can tell a name it wants taken by another's link.
+    """
 
     bridges: dict[str, BridgeSpec]
     tasks: dict[str, TaskNetSpec]  # tasks and attached containers, by id
     tables: dict[str, OwnedTable]
+    link_aliases: Mapping[str, str | None] = field(default_factory=dict)  # observed only
 
 
 def _cidr(address: str, network: Network) -> str:
@@ -79,6 +93,7 @@ def bridge_spec(view: ClusterView, network: Network) -> BridgeSpec:
     return BridgeSpec(
         name=names.bridge(network.id),
         address=_cidr(view.gateways[network.name], network),
+        mark=names.mark(network.id),
     )
 
 
@@ -167,38 +182,40 @@ def node_tables(
     networks: Collection[Network], ingress: tuple[tuple[Rule, ...], tuple[Rule, ...]] = ((), ())
 ) -> dict[str, OwnedTable]:
     """filter: isolation between networks and egress; nat: masquerade for non-internal ones,
-    and the published ports (ingress: the DNATs, and the masquerades that go first)."""
+    and the published ports (ingress: the DNATs, and the masquerades that go first).
+
+    Isolation is Docker's two stages, named by bridge, never by a name pattern (`mesh+` would
+    catch other tools' `mesh*` links too): stage 1 sends what leaves a meshctl bridge for
+    another interface to stage 2, which drops it if that interface is a meshctl bridge; egress
+    and other tools' interfaces are left alone. Traffic within one bridge is accepted before
+    stage 1 (Docker's `! -o <bridge>` there, which kernel.iptables.Rule does not express).
+    """
+    ordered = sorted(networks, key=lambda n: n.name)
+    bridges = [(names.bridge(n.id), f"meshctl:net-{n.id}", n) for n in ordered]
     # Replies, and new connections a published port sent (DNAT), go into any bridge that is
     # not internal — before the isolation rules, so the routing mesh crosses networks.
+    replies = Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT"))
     forward: list[Rule] = [
-        Rule(
-            FORWARD_CHAIN,
-            "ACCEPT",
-            f"meshctl:net-{network.id}",
-            out_interface=names.bridge(network.id),
-            matches=(Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT")),),
-        )
-        for network in sorted(networks, key=lambda n: n.name)
+        Rule(FORWARD_CHAIN, "ACCEPT", comment, out_interface=bridge, matches=(replies,))
+        for bridge, comment, network in bridges
         if not network.internal
     ]
+    forward += [
+        Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge, out_interface=bridge)
+        for bridge, comment, _ in bridges
+    ]
+    forward.append(Rule(FORWARD_CHAIN, ISOLATION_CHAIN, NODE_COMMENT))
+    stage1 = tuple(
+        Rule(ISOLATION_CHAIN, ISOLATION_DROP_CHAIN, comment, in_interface=bridge)
+        for bridge, comment, _ in bridges
+    )
+    stage2 = tuple(
+        Rule(ISOLATION_DROP_CHAIN, "DROP", comment, out_interface=bridge)
+        for bridge, comment, _ in bridges
+    )
     catch, masquerade = ingress
     postrouting: list[Rule] = list(masquerade)
-    for network in sorted(networks, key=lambda n: n.name):
-        bridge = names.bridge(network.id)
-        comment = f"meshctl:net-{network.id}"
-        forward.append(
-            Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge, out_interface=bridge)
-        )
-        # Another network's bridge (all are mesh*): the networks are isolated from each other.
-        forward.append(
-            Rule(
-                FORWARD_CHAIN,
-                "DROP",
-                comment,
-                in_interface=bridge,
-                out_interface=f"{names.LINK_PREFIX}+",
-            )
-        )
+    for bridge, comment, network in bridges:
         if network.internal:
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, in_interface=bridge))
             forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
@@ -223,7 +240,11 @@ def node_tables(
         ]
     return {
         "filter": OwnedTable(
-            chains={FORWARD_CHAIN: tuple(forward)},
+            chains={
+                FORWARD_CHAIN: tuple(forward),
+                ISOLATION_CHAIN: stage1,
+                ISOLATION_DROP_CHAIN: stage2,
+            },
             jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
         ),
         "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps)),
@@ -367,6 +388,9 @@ class NodePlan:
     unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
     delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
     tables: dict[str, TableChange] = field(default_factory=dict)
+    # Names meshctl wants in the node namespace held by links without its mark, and their
+    # aliases: left alone (and what would hang off them not made), reported, never converged.
+    clashes: tuple[tuple[str, str | None], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
@@ -376,15 +400,36 @@ class NodePlan:
             or self.unwire_tasks
             or self.delete_links
             or self.tables
+            or self.clashes
         )
+
+
+def wanted_marks(desired: NodeSpec) -> dict[str, str]:
+    """Every link meshctl wants in the node namespace, with the mark it must carry."""
+    marks = {bridge.name: bridge.mark for bridge in desired.bridges.values()}
+    for task in desired.tasks.values():
+        marks.update((leg.node_end, names.mark(task.task_id)) for leg in task.links)
+    return marks
+
+
+def clashes(desired: NodeSpec, actual: NodeSpec) -> dict[str, str | None]:
+    """The names desired links need that links with another alias hold, with that alias."""
+    return {
+        name: actual.link_aliases[name]
+        for name, mark in sorted(wanted_marks(desired).items())
+        if name in actual.link_aliases and actual.link_aliases[name] != mark
+    }
 
 
 def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] = ()) -> NodePlan:
     """The smallest change from actual to desired; empty (falsy) when they agree.
 
-    stray_links are node-side links of meshctl's that belong to nothing observed (a veth whose
-    task namespace is gone); they are deleted.
+    stray_links are node-side links of meshctl's (marked) that belong to nothing observed (a
+    veth whose task namespace is gone); they are deleted. A name that a desired link needs,
+    held by a link without the mark meshctl gives it (`clashes`), is left alone — neither
+    deleted nor taken over — and the bridge or task that needs it is not made: reported.
     """
+    taken = clashes(desired, actual)
     tables = {}
     for table in sorted(set(desired.tables) | set(actual.tables)):
         change = table_change(
@@ -395,7 +440,7 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
     wire, rules = [], []
     for task_id, want in sorted(desired.tasks.items()):
         have = actual.tasks.get(task_id)
-        if have == want:
+        if have == want or any({leg.node_end, leg.bridge} & taken.keys() for leg in want.links):
             continue
         nat = table_change(want.nat, have.nat) if have is not None else None
         if have is not None and nat is not None and replace(have, nat=want.nat) == want:
@@ -404,7 +449,9 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             wire.append(want)
     return NodePlan(
         ensure_bridges=tuple(
-            b for name, b in sorted(desired.bridges.items()) if actual.bridges.get(name) != b
+            b
+            for name, b in sorted(desired.bridges.items())
+            if actual.bridges.get(name) != b and name not in taken
         ),
         wire_tasks=tuple(wire),
         task_rules=tuple(rules),
@@ -414,7 +461,11 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             if tid not in desired.tasks and t.owns_netns
         ),
         delete_links=tuple(
-            sorted({*stray_links, *(b for b in actual.bridges if b not in desired.bridges)})
+            sorted(
+                {*stray_links, *(b for b in actual.bridges if b not in desired.bridges)}
+                - taken.keys()
+            )
         ),
         tables=tables,
+        clashes=tuple(taken.items()),
     )

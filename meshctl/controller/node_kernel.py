@@ -1,7 +1,10 @@
 """The node's networking in the kernel: observe it in the shape of node.NodeSpec, apply a plan.
 
-Only objects that are meshctl's by name are read or touched: bridges `mesh*`, task veths
-`meshv*`, namespaces `mesh-t-*`, iptables chains `MESH-*` and their commented jumps.
+Only objects that carry meshctl's mark are taken as its own: links whose alias is
+`meshctl:<object-id>` (bridges, task and container veths), iptables chains `MESH-*` and their
+commented jumps, and the namespaces `mesh-t-<task-id>` of tasks the store puts on this node or
+that have a marked leg here. Another's link with a name meshctl uses is observed only as a
+name and an alias, so that the plan can report the clash; it is never changed or deleted.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from kernel.errors import KernelError
 from kernel.iptables import OwnedTable
 from kernel.links import Link, Route
 from kernel.system import Kernel
+from meshctl import sysctls
 from meshctl.controller import names
 from meshctl.controller.node import (
     BridgeSpec,
@@ -43,23 +47,26 @@ def observe_node(
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
-    Task namespaces are found by their name, and are this node's when the store puts the task
-    here (`mine`) or a leg of it ends in this node: other nodes on the same host (test nodes,
-    benches) keep theirs. Attached containers' namespaces belong to other runtimes and cannot
-    be listed, so the ones desired are looked at where they should be.
+    Only marked links count as bridges, legs or strays; the alias of every `mesh*` link goes
+    into link_aliases. Task namespaces are found by their name, and are this node's when the
+    store puts the task here (`mine`) or a marked leg of it ends in this node: other nodes on
+    the same host (test nodes, benches) keep theirs. Attached containers' namespaces belong to
+    other runtimes and cannot be listed, so the ones desired are looked at where they should be.
     A present task namespace listed in `known` is taken to hold what it says, unread, and so
     are the node's own rules when `known_tables` is given: the controller passes what it wired
     or saw converged since its last full observe.
     """
     known = known or {}
-    node_links = {link.name: link for link in kernel.links.list_links(NODE)}
+    listed = kernel.links.list_links(NODE)
+    link_aliases = {link.name: link.alias for link in listed if names.could_be_ours(link.name)}
+    node_links = {link.name: link for link in listed if names.is_marked(link.alias)}
     addresses: dict[str, list[str]] = {}
     for address in kernel.links.list_addresses(NODE):
         addresses.setdefault(address.ifname, []).append(address.cidr)
     bridges = {
-        name: BridgeSpec(name, _only(addresses.get(name, [])))
+        name: BridgeSpec(name, _only(addresses.get(name, [])), link.alias or "", link.up)
         for name, link in node_links.items()
-        if link.kind == "bridge" and names.owns_link(name) and link.up
+        if link.kind == "bridge"
     }
     tasks: dict[str, TaskNetSpec] = {}
     for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
@@ -72,17 +79,19 @@ def observe_node(
         if os.path.exists(container.netns):
             tasks[container.task_id] = _observe_container(kernel, container, node_links)
     claimed = {link.node_end for t in tasks.values() for link in t.links}
-    ours = (names.TASK_VETH_PREFIX, names.CONTAINER_VETH_PREFIX)
+    # Marked task and container veths; the LB legs (also marked veths) are the LB's.
+    legs = (names.TASK_VETH_PREFIX, names.CONTAINER_VETH_PREFIX)
     stray = [
         name
         for name, link in node_links.items()
-        if link.kind == "veth" and name.startswith(ours) and name not in claimed
+        if link.kind == "veth" and name.startswith(legs) and name not in claimed
     ]
     if known_tables is not None:
         tables = dict(known_tables)
     else:
         tables = {table: kernel.iptables.list_owned(NODE, table) for table in TABLES}
-    return NodeSpec(bridges=bridges, tasks=tasks, tables=tables), stray
+    spec = NodeSpec(bridges=bridges, tasks=tasks, tables=tables, link_aliases=link_aliases)
+    return spec, stray
 
 
 def _has_leg_here(task_id: str, node_links: Mapping[str, Link]) -> bool:
@@ -95,8 +104,9 @@ def _only(cidrs: list[str]) -> str:
 
 
 def _observe_task(
-    kernel: Kernel, task_id: str, ns: str, node_links: dict[str, Link]
+    kernel: Kernel, task_id: str, ns: str, node_links: Mapping[str, Link]
 ) -> TaskNetSpec:
+    """A task's namespace as it is; node_links are the node's marked links."""
     inside = {link.name: link for link in kernel.links.list_links(ns)}
     addresses: dict[str, list[str]] = {}
     for address in kernel.links.list_addresses(ns):
@@ -127,8 +137,9 @@ def _observe_task(
 
 
 def _observe_container(
-    kernel: Kernel, container: TaskNetSpec, node_links: dict[str, Link]
+    kernel: Kernel, container: TaskNetSpec, node_links: Mapping[str, Link]
 ) -> TaskNetSpec:
+    """An attached container's leg as it is; node_links are the node's marked links."""
     (want,) = container.links
     inside = {link.name: link for link in kernel.links.list_links(container.netns)}
     node_link = node_links.get(want.node_end)
@@ -150,7 +161,10 @@ def _lo_up(inside: dict[str, Link]) -> bool:
 
 
 def apply_node(kernel: Kernel, plan: NodePlan) -> None:
-    """Carry out a node plan; every step is an ensure or a delete, so a retry is safe."""
+    """Carry out a node plan; every step is an ensure or a delete, so a retry is safe.
+    A clash is only reported: the link is another's."""
+    for name, alias in plan.clashes:
+        log.warning("%s", names.clash_text(name, alias))
     for bridge in plan.ensure_bridges:
         _ensure_bridge(kernel, bridge)
     if plan.tables:
@@ -174,7 +188,7 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> None:
 
 
 def _ensure_bridge(kernel: Kernel, bridge: BridgeSpec) -> None:
-    kernel.links.ensure_bridge(NODE, bridge.name)
+    kernel.links.ensure_bridge(NODE, bridge.name, alias=bridge.mark)
     _set_addresses(kernel, NODE, bridge.name, [bridge.address])
     kernel.links.set_up(NODE, bridge.name)
 
@@ -194,7 +208,9 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
         kernel.netns.create(task.netns)
         kernel.links.set_up(task.netns, "lo")
     for link in task.links:
-        kernel.links.ensure_veth(NODE, link.node_end, link.task_end, task.netns)
+        kernel.links.ensure_veth(
+            NODE, link.node_end, link.task_end, task.netns, alias=names.mark(task.task_id)
+        )
         kernel.links.set_master(NODE, link.node_end, link.bridge)
         kernel.links.set_up(NODE, link.node_end)
         # Up before its address: once the address shows, the leg carries packets (a ping right
@@ -211,6 +227,12 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
     change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
     if change is not None:
         kernel.iptables.apply(task.netns, "nat", change)
+
+
+def set_node_sysctls(kernel: Kernel) -> None:
+    """The node namespace's kernel parameters (meshctl.sysctls lists them: ip_forward)."""
+    for key, value in sysctls.node_sysctls().items():
+        kernel.sysctl.set(NODE, key, value)
 
 
 def empty_tables() -> dict[str, OwnedTable]:

@@ -26,8 +26,8 @@ from meshctl.lb.spec import (
     ipvs_state,
     service_chains,
     shared_tables,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
 
 Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
 
@@ -39,6 +39,7 @@ class LbObserved:
     netns: str
     exists: bool = False
     node_end: Link | None = None  # the veth end on the node, enslaved to the bridge
+    bridge: Link | None = None  # the network's bridge on the node
     inside: Link | None = None  # eth0 in the LB namespace
     addresses: frozenset[str] = frozenset()
     sysctls: Mapping[str, str | None] = field(default_factory=dict)  # None: key missing
@@ -60,11 +61,15 @@ class NsChange:
     ipvs: IpvsChange = IpvsChange()
     delete_addresses: tuple[str, ...] = ()
     stale_udp: tuple[UdpFlow, ...] = ()  # flows pinned to backends that are gone
+    # The leg's node end or the bridge held by a link without the network's mark, with its
+    # alias: nothing else is planned for the namespace, and apply only reports it.
+    clashes: tuple[tuple[str, str | None], ...] = ()
 
     @property
     def empty(self) -> bool:
         return not any(
             (
+                self.clashes,
                 self.create_netns,
                 self.ensure_leg,
                 self.sysctls,
@@ -79,14 +84,26 @@ class NsChange:
 
 @dataclass(frozen=True)
 class LbPlan:
-    """Changes to the desired LB namespaces, and the node's LB namespaces to delete."""
+    """Changes to the desired LB namespaces, the node's LB namespaces to delete, and those with
+    this node's LB name whose leg lacks meshctl's mark (not known to be meshctl's: kept)."""
 
     changes: tuple[NsChange, ...] = ()
     delete_netns: tuple[str, ...] = ()
+    unmarked_netns: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
-        return not self.changes and not self.delete_netns
+        return not self.changes and not self.delete_netns and not self.unmarked_netns
+
+
+def clashes(spec: LbSpec, observed: LbObserved) -> tuple[tuple[str, str | None], ...]:
+    """The leg's node end or the bridge, present without the network's mark: another's link
+    that the leg must not replace or be put on."""
+    return tuple(
+        (link.name, link.alias)
+        for link in (observed.node_end, observed.bridge)
+        if link is not None and link.alias != spec.mark
+    )
 
 
 def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
@@ -94,6 +111,7 @@ def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
     return (
         end is not None
         and end.kind == "veth"
+        and end.alias == spec.mark
         and end.master == spec.bridge
         and end.up
         and inside is not None
@@ -167,8 +185,12 @@ def _objects_change(
 
 
 def diff(spec: LbSpec, observed: LbObserved, backend: BackendKind) -> NsChange:
-    """The smallest change from observed to spec for one LB namespace (empty when converged)."""
-    want_sysctls = sysctls(spec, backend)
+    """The smallest change from observed to spec for one LB namespace (empty when converged);
+    only the clashes if its leg's name or its bridge is another's link."""
+    taken = clashes(spec, observed)
+    if taken:
+        return NsChange(spec=spec, clashes=taken)
+    want_sysctls = lb_sysctls(backend)
     tables = _table_changes(iptables_tables(spec, backend), observed.tables)
     return replace(
         _objects_change(spec, observed, backend, tables),
@@ -185,7 +207,7 @@ def held_by(spec: LbSpec, backend: BackendKind) -> LbObserved:
         netns=spec.netns,
         exists=True,
         addresses=addresses(spec),
-        sysctls=sysctls(spec, backend),
+        sysctls=lb_sysctls(backend),
         tables=iptables_tables(spec, backend),
         ipvs=ipvs_state(spec) if backend == "ipvs" else {},
         udp_flows=frozenset(UdpFlow(v.vip, b.address) for v in spec.vips for b in v.backends),

@@ -4,13 +4,17 @@ Per network an `LbSpec` says what its LB namespace should hold; `observe` reads 
 (leg, addresses, sysctls, owned iptables tables, IPVS services in meshctl's fwmark range, UDP
 flows), `meshctl.lb.plan` computes the smallest change, `apply` makes it. `sync` does it for
 every network of the node and deletes the node's LB namespaces that are no longer desired, and
-nothing else. `sync_changed` is the fast path between full syncs: it reads nothing back and
-changes only the VIPs whose spec differs from the one it last applied.
+nothing else: a namespace is known to be meshctl's by its leg, whose node end carries the
+network's mark (names.mark) as its alias; one without a marked leg is reported and kept. A leg
+name or bridge held by another's link is reported and left alone. `sync_changed` is the fast
+path between full syncs: it reads nothing back and changes only the VIPs whose spec differs
+from the one it last applied.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -22,15 +26,17 @@ from kernel.ipvs import IpvsChange
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.controller import names
+from meshctl.controller.names import LB_INTERFACE
 from meshctl.lb.plan import Ipvs, LbObserved, LbPlan, NsChange, diff, vip_change
 from meshctl.lb.spec import (
-    LB_INTERFACE,
     BackendKind,
     LbSpec,
     is_owned_service,
     lb_node_end,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
+
+log = logging.getLogger("meshctl.lb")
 
 TABLES = ("mangle", "nat", "filter")  # mangle first: nat's SNAT matches the mark set there
 
@@ -70,13 +76,15 @@ class LbReconciler:
         self._applied: dict[str, LbSpec] = {}
 
     def observe(self, spec: LbSpec) -> LbObserved:
-        """Read the LB namespace of spec's network (spec names its leg and sysctls)."""
+        """Read the LB namespace of spec's network (spec names its leg; the sysctls are the
+        backend's)."""
         k, ns = self.kernel, spec.netns
         node_end = k.links.get_link(self.node_ns, spec.node_end)
+        bridge = k.links.get_link(self.node_ns, spec.bridge)
         if not k.netns.exists(ns):
-            return LbObserved(ns, node_end=node_end)
+            return LbObserved(ns, node_end=node_end, bridge=bridge)
         values: dict[str, str | None] = {}
-        for key in sysctls(spec, self.backend):
+        for key in lb_sysctls(self.backend):
             try:
                 values[key] = k.sysctl.get(ns, key)
             except NotFound:  # eth0's keys before the leg exists
@@ -89,6 +97,7 @@ class LbReconciler:
             netns=ns,
             exists=True,
             node_end=node_end,
+            bridge=bridge,
             inside=k.links.get_link(ns, LB_INTERFACE),
             addresses=frozenset(_cidr(a.cidr) for a in k.links.list_addresses(ns, LB_INTERFACE)),
             sysctls=values,
@@ -131,15 +140,41 @@ class LbReconciler:
         _check_prefix(owned_prefix, desired)
         changes = tuple(c for c in map(change, desired) if not c.empty)
         wanted = {s.netns for s in desired}
-        stale = tuple(n for n in self.kernel.netns.list_namespaces(owned_prefix) if n not in wanted)
-        return LbPlan(changes, stale)
+        stale: list[str] = []
+        unmarked: list[str] = []
+        for ns in self.kernel.netns.list_namespaces(owned_prefix):
+            if ns not in wanted:
+                (stale if self._leg_marked(ns) else unmarked).append(ns)
+        return LbPlan(changes, tuple(stale), tuple(unmarked))
+
+    def _leg_marked(self, ns: str) -> bool:
+        """Whether an LB namespace's leg is meshctl's: its node end carries the mark of the
+        network the namespace is named for (its last 8 characters, as lb_netns makes them)."""
+        network_part = ns.rsplit("-", 1)[1]
+        end = self.kernel.links.get_link(self.node_ns, lb_node_end(network_part))
+        return (
+            end is not None
+            and end.kind == "veth"
+            and end.alias is not None
+            and end.alias.startswith(names.mark(network_part))
+        )
 
     def apply(self, plan: LbPlan) -> None:
         """Make the plan: each namespace's change in dependency order, then the deletions."""
         for change in plan.changes:
             self._applied.pop(change.spec.netns, None)
+            if change.clashes:
+                for name, alias in change.clashes:
+                    log.warning("%s: %s", change.spec.netns, names.clash_text(name, alias))
+                continue
             self._apply_change(change)
             self._applied[change.spec.netns] = change.spec
+        for ns in plan.unmarked_netns:
+            log.warning(
+                "%s has this node's load-balancer name but no leg with meshctl's mark: left "
+                "alone; delete it if it is a leftover",
+                ns,
+            )
         for ns in plan.delete_netns:
             self._applied.pop(ns, None)
             # The node end goes first, explicitly: a namespace dies only when unreferenced.
@@ -150,7 +185,7 @@ class LbReconciler:
         """One reconcile pass over the node's LB namespaces; returns what it changed.
 
         owned_prefix is `lb_netns_prefix(node_id)`: namespaces with it that no spec wants are
-        deleted; no other namespace is ever touched.
+        deleted if their leg is marked; no other namespace is ever touched.
         """
         plan = self.plan(desired, owned_prefix)
         self.apply(plan)
@@ -187,7 +222,7 @@ class LbReconciler:
         """The LB namespace's leg on the bridge, its sysctls and its new addresses."""
         k, spec, ns = self.kernel, change.spec, change.spec.netns
         if change.ensure_leg:
-            k.links.ensure_veth(self.node_ns, spec.node_end, LB_INTERFACE, ns)
+            k.links.ensure_veth(self.node_ns, spec.node_end, LB_INTERFACE, ns, alias=spec.mark)
             k.links.set_master(self.node_ns, spec.node_end, spec.bridge)
             k.links.set_up(self.node_ns, spec.node_end)
             k.links.set_up(ns, LB_INTERFACE)

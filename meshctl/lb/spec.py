@@ -24,7 +24,6 @@ from meshctl.controller.names import lb_netns, lb_node_end
 BackendKind = Literal["ipvs", "iptables"]
 BACKENDS: tuple[BackendKind, ...] = ("ipvs", "iptables")
 
-LB_INTERFACE = "eth0"  # the LB namespace's leg on the bridge, named as a task's first leg
 # meshctl's fwmark range: 'M' in the top byte, the VIP's offset in its subnet below.
 FWMARK_BASE = 0x4D000000
 FWMARK_MASK = 0xFF000000
@@ -167,6 +166,11 @@ class LbSpec:
     def comment(self) -> str:
         """The comment of the rules that belong to the LB itself rather than to one service."""
         return f"meshctl:lb-{self.network_id}"
+
+    @property
+    def mark(self) -> str:
+        """The alias of the leg's node end (and the bridge's): the network's mark."""
+        return names.mark(self.network_id)
 
     def fwmark(self, vip: VirtualIp) -> int:
         """The VIP's mark: stable, unique within the network, inside meshctl's fwmark range."""
@@ -353,23 +357,3 @@ def ipvs_state(spec: LbSpec) -> dict[VirtualService, tuple[Destination, ...]]:
 def is_owned_service(svc: VirtualService) -> bool:
     """An IPVS service in meshctl's fwmark range (the only ones it may change or delete)."""
     return svc.fwmark is not None and svc.fwmark & FWMARK_MASK == FWMARK_BASE
-
-
-def sysctls(spec: LbSpec, backend: BackendKind) -> dict[str, str]:
-    """The LB namespace's sysctls: it forwards; IPVS ones only where the ipvs backend runs."""
-    values = {
-        "net.ipv4.ip_forward": "1",
-        # It forwards back out of the leg it received on: no redirects telling clients to bypass.
-        "net.ipv4.conf.all.send_redirects": "0",
-        f"net.ipv4.conf.{LB_INTERFACE}.send_redirects": "0",
-    }
-    if backend == "ipvs":
-        values.update(
-            {
-                "net.ipv4.vs.conntrack": "1",  # netfilter sees IPVS connections: SNAT works
-                "net.ipv4.vs.expire_nodest_conn": "1",
-                "net.ipv4.vs.expire_quiescent_template": "1",
-                "net.ipv4.vs.conn_reuse_mode": "0",
-            }
-        )
-    return values

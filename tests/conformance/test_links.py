@@ -7,6 +7,7 @@ namespaces over a veth pair and over a bridge, on the real kernel only.
 from __future__ import annotations
 
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -77,6 +78,62 @@ def test_kind_clash_raises_already_exists(kernel: KernelUnderTest) -> None:
     with pytest.raises(AlreadyExists, match="lo .* is a device, not a bridge"):
         kernel.links.ensure_bridge(ns, "lo")
     assert link(kernel, ns, "x0").kind == "bridge"
+
+
+def test_alias_is_set_with_the_link_and_listed(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    kernel.links.ensure_bridge(node, "meshbr0", alias="meshctl:net1")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, alias="meshctl:task1")
+    kernel.links.ensure_vxlan(node, "meshvx0", 42, alias="meshctl:net1")
+    kernel.links.ensure_bridge(node, "plain")
+    # Ensuring again with the same alias is a no-op.
+    kernel.links.ensure_bridge(node, "meshbr0", alias="meshctl:net1")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, alias="meshctl:task1")
+    listed = {found.name: found.alias for found in kernel.links.list_links(node)}
+    assert listed == {
+        "lo": None,
+        "meshbr0": "meshctl:net1",
+        "meshv1": "meshctl:task1",
+        "meshvx0": "meshctl:net1",
+        "plain": None,
+    }
+    assert link(kernel, node, "meshv1").alias == "meshctl:task1"
+    assert link(kernel, task, "eth0").alias is None  # the alias is the named end's only
+    if not kernel.is_fake:  # as iproute2 shows it
+        shown = subprocess.run(["ip", "-n", node, "-o", "link", "show", "meshbr0"],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert "alias meshctl:net1" in shown
+
+
+def test_a_link_of_that_name_with_another_alias_is_not_adopted(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    # Another tool's links with the names asked for: one without an alias, one with its own.
+    kernel.links.ensure_bridge(node, "meshbr0")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, alias="other-tool")
+    kernel.links.ensure_vxlan(node, "meshvx0", 42)
+    before = kernel.links.list_links(node)
+    with pytest.raises(AlreadyExists, match="meshbr0 .* has no alias, not alias 'meshctl:net1'"):
+        kernel.links.ensure_bridge(node, "meshbr0", alias="meshctl:net1")
+    with pytest.raises(AlreadyExists, match="alias 'other-tool', not alias 'meshctl:task1'"):
+        kernel.links.ensure_veth(node, "meshv1", "eth0", task, alias="meshctl:task1")
+    with pytest.raises(AlreadyExists, match="meshvx0 .* has no alias"):
+        kernel.links.ensure_vxlan(node, "meshvx0", 42, alias="meshctl:net1")
+    # A marked link is not another's unmarked one either.
+    kernel.links.ensure_bridge(node, "meshbr1", alias="meshctl:net1")
+    with pytest.raises(AlreadyExists, match="has alias 'meshctl:net1', not no alias"):
+        kernel.links.ensure_bridge(node, "meshbr1")
+    assert kernel.links.list_links(node)[: len(before)] == before
+
+
+def test_an_alias_the_kernel_refuses_leaves_no_link(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    kernel.links.ensure_bridge(node, "meshbr0", alias="m" * 254)  # the longest one it takes
+    with pytest.raises(KernelError, match="set alias"):
+        kernel.links.ensure_bridge(node, "meshbr1", alias="m" * 255)
+    with pytest.raises(KernelError, match="set alias"):
+        kernel.links.ensure_veth(node, "meshv1", "eth0", task, alias="m" * 300)
+    assert names(kernel.links.list_links(node)) == ["lo", "meshbr0"]
+    assert eventually(lambda: names(kernel.links.list_links(task)) == ["lo"])
 
 
 def test_veth_peer_lands_in_the_other_namespace(kernel: KernelUnderTest) -> None:

@@ -196,7 +196,10 @@ def test_attached_namespace_reaches_tasks_and_detach_removes_it(mesh: Mesh) -> N
             "the veth gone from the namespace",
         )
         wait_for(
-            lambda: "meshc" not in mesh.in_node("ip", "-o", "link").stdout, 10, "the node end gone"
+            # By name (`N: meshc...:`); the aliases `meshctl:...` of the other links hold "meshc".
+            lambda: ": meshc" not in mesh.in_node("ip", "-o", "link").stdout,
+            10,
+            "the node end gone",
         )
         assert mesh.cli("container", "ls", "--format", "json").stdout.strip() == "[]"
     finally:

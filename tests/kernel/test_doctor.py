@@ -14,7 +14,9 @@ import pytest
 
 from kernel import features, netns
 from kernel.ipvs import Ipvs
-from tests.conftest import root_namespace_snapshot
+from kernel.sysctl import Sysctl
+from meshctl.sysctls import SETTINGS
+from tests.conftest import NetnsFactory, root_namespace_snapshot
 
 pytestmark = pytest.mark.root
 
@@ -58,7 +60,7 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
     assert done.stderr == ""
     assert doc["ok"] is True
     checks = {c["name"]: c for c in doc["checks"]}
-    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "conntrack", "br_netfilter", "ip_forward"}
+    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "conntrack", "br_netfilter"}
     assert all(checks[name]["ok"] and checks[name]["required"] for name in REQUIRED)
     assert "iptables-legacy-save/-restore" in checks["iptables"]["detail"]
     if ipvs_reason:  # this host: no IPVS, so iptables balances
@@ -72,15 +74,21 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
         assert doc["lb_backend"] == "ipvs"
 
 
-def test_ip_forward_reports_the_current_namespace() -> None:
-    value = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+def test_sysctls_report_this_namespace_for_the_node_and_a_new_one_for_the_lb(
+    netns_factory: NetnsFactory,
+) -> None:
+    here = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+    fresh = Sysctl().get(netns_factory("fresh"), "net.ipv4.ip_forward")
 
-    _, doc = doctor_json()
+    done, doc = doctor_json()
 
-    ip_forward = next(c for c in doc["checks"] if c["name"] == "ip_forward")
-    assert ip_forward["status"] == "info" and ip_forward["required"] is False
-    assert ip_forward["ok"] is (value == "1")
-    assert f"net.ipv4.ip_forward={value}" in ip_forward["detail"]
+    assert done.returncode == 0, done.stderr
+    listed = {(s["namespace"], s["key"]): s for s in doc["sysctls"]}
+    assert set(listed) == {(s.place, s.key) for s in SETTINGS}
+    assert listed[("node", "net.ipv4.ip_forward")]["value"] == here
+    assert listed[("lb", "net.ipv4.ip_forward")]["value"] == fresh
+    assert listed[("lb", "net.ipv4.conf.eth0.send_redirects")]["value"] is None  # no eth0 yet
+    assert netns.list_namespaces(features.DOCTOR_NS_PREFIX) == []
 
 
 def test_table_ends_with_backend_and_verdict() -> None:

@@ -187,7 +187,7 @@ def mesh(request: pytest.FixtureRequest, netns_factory: NetnsFactory) -> Iterato
         pytest.skip(f"ipvs backend: {reason}; runs in the QEMU lane (tests/vm/run)")
     node_id, network_id = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
     spec = lb_spec(node_id, network_id, f"{LB_ADDRESS}/24", ())
-    links.ensure_bridge(node, spec.bridge)
+    links.ensure_bridge(node, spec.bridge, alias=spec.mark)  # as the node reconciler makes it
     links.set_up(node, spec.bridge)
     world = Mesh(
         node=node,

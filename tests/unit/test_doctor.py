@@ -1,5 +1,5 @@
 """`meshctl doctor` without a kernel: verdict, backend choice and both renderings from made-up
-checks, and the CLI's exit codes and streams with the probes replaced."""
+checks and sysctl readings, and the CLI's exit codes and streams with the probes replaced."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from kernel import features
 from kernel.features import Check, pick_lb_backend, privileged
 from meshctl.cli import main
-from meshctl.doctor import lb_backend, render, report_json, report_table, status
+from meshctl.doctor import Reading, lb_backend, render, report_json, report_table, status
+from meshctl.sysctls import SETTINGS, lb_sysctls, node_sysctls
 
 NO_IPVS = "the kernel has no IPVS; not required: the iptables backend balances instead"
 
@@ -28,12 +29,17 @@ def host_like(**broken: str) -> list[Check]:
         Check("ipvs", False, False, NO_IPVS),
         Check("conntrack", True, False, "connection tracking active"),
         Check("br_netfilter", False, False, "not loaded", info=True),
-        Check("ip_forward", False, False, "net.ipv4.ip_forward=0 in this namespace", info=True),
     ]
     return [
         Check(c.name, False, c.required, broken[c.name], c.info) if c.name in broken else c
         for c in checks
     ]
+
+
+def readings() -> list[Reading]:
+    """Every sysctl meshctl sets, as read on a host without IPVS."""
+    fresh = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.send_redirects": "1"}
+    return [Reading(s, fresh.get(s.key)) for s in SETTINGS]
 
 
 def with_ipvs(checks: list[Check]) -> list[Check]:
@@ -58,10 +64,36 @@ def test_host_without_ipvs_can_run_and_picks_iptables() -> None:
 
 
 def test_json_keys() -> None:
-    doc = report_json(host_like())
-    assert list(doc) == ["checks", "lb_backend", "ok"]
+    doc = report_json(host_like(), readings())
+    assert list(doc) == ["checks", "sysctls", "lb_backend", "ok"]
     assert all(list(c) == ["name", "ok", "required", "status", "detail"] for c in doc["checks"])
     assert [c["name"] for c in doc["checks"]] == [c.name for c in host_like()]
+    keys = ["namespace", "key", "value", "sets", "backend", "why"]
+    assert all(list(s) == keys for s in doc["sysctls"])
+
+
+def test_every_sysctl_the_controller_sets_is_listed_with_its_value_now() -> None:
+    doc = report_json(host_like(), readings())
+    listed = {(s["namespace"], s["key"]): s for s in doc["sysctls"]}
+    assert listed[("node", "net.ipv4.ip_forward")] == {
+        "namespace": "node",
+        "key": "net.ipv4.ip_forward",
+        "value": "0",
+        "sets": "1",
+        "backend": None,
+        "why": "the node routes between its bridges and out",
+    }
+    assert listed[("lb", "net.ipv4.vs.conntrack")]["value"] is None  # no IPVS here
+    assert listed[("lb", "net.ipv4.vs.conntrack")]["backend"] == "ipvs"
+    # What doctor lists is what the controller sets, and all of it.
+    assert {k for (place, k) in listed if place == "node"} == set(node_sysctls())
+    for backend in ("ipvs", "iptables"):
+        wanted = {
+            k
+            for (place, k), s in listed.items()
+            if place == "lb" and s["backend"] in (None, backend)
+        }
+        assert wanted == set(lb_sysctls(backend))
 
 
 def test_ipvs_present_picks_ipvs() -> None:
@@ -104,14 +136,15 @@ def test_status_column() -> None:
     assert status(checks["bridge"]) == "missing"
     assert status(checks["ipvs"]) == "missing"
     # Informational checks report a fact, whatever its value.
-    assert status(checks["ip_forward"]) == "info"
+    assert status(checks["br_netfilter"]) == "info"
     assert status(Check("br_netfilter", True, False, "loaded", info=True)) == "info"
 
 
 def test_table_is_aligned_and_ends_with_backend_and_verdict() -> None:
-    lines = report_table(host_like()).splitlines()
+    lines = report_table(host_like(), readings()).splitlines()
 
-    header, rows, tail = lines[0], lines[1:-2], lines[-2:]
+    blank = lines.index("")
+    header, rows, tail = lines[0], lines[1:blank], lines[-2:]
     assert header.split() == ["CHECK", "STATUS", "DETAIL"]
     status_col, detail_col = header.index("STATUS"), header.index("DETAIL")
     by_name = {row.split()[0]: row for row in rows}
@@ -121,6 +154,13 @@ def test_table_is_aligned_and_ends_with_backend_and_verdict() -> None:
         assert row[status_col:detail_col].strip() == status(check)
         assert row[detail_col:] == check.detail
     assert tail == ["lb_backend: iptables", "verdict: ok, the mesh can run here"]
+    # Then one row per sysctl: where, the value now ("-": not there) and what it is set to.
+    sysctl_header, *sysctl_rows = lines[blank + 1 : -2]
+    assert sysctl_header.split() == ["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"]
+    assert [row.split()[:2] for row in sysctl_rows] == [[s.key, s.place] for s in SETTINGS]
+    assert sysctl_rows[0].split()[2:4] == ["0", "1"]
+    conntrack = next(row for row in sysctl_rows if row.startswith("net.ipv4.vs.conntrack "))
+    assert conntrack.split()[1:5] == ["lb", "(ipvs)", "-", "1"]
 
 
 def test_cli_not_privileged_is_one_line_and_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,11 +183,15 @@ def test_cli_prints_report_and_reasons(
 ) -> None:
     monkeypatch.setattr(features, "privileged", lambda: True)
     monkeypatch.setattr(features, "probe", lambda: host_like(**broken))
+    monkeypatch.setattr(features, "sysctl_value", lambda ns, key: "0")
+    monkeypatch.setattr(features, "new_namespace_sysctls", lambda keys: dict.fromkeys(keys, "0"))
 
     result = CliRunner().invoke(main, ["doctor", "--format", "json"])
 
     assert result.exit_code == code
-    assert json.loads(result.stdout)["ok"] is (code == 0)
+    doc = json.loads(result.stdout)
+    assert doc["ok"] is (code == 0)
+    assert [(s["key"], s["value"]) for s in doc["sysctls"]] == [(s.key, "0") for s in SETTINGS]
     assert result.stderr == ("meshctl doctor: bridge missing: no bridge\n" if broken else "")
 
 

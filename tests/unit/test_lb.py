@@ -33,8 +33,8 @@ from meshctl.lb.spec import (
     lb_spec,
     sep_chain,
     svc_chain,
-    sysctls,
 )
+from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"
 PREFIX = lb_netns_prefix(NODE_ID)
@@ -136,9 +136,9 @@ def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations(
 
 
 def test_ipvs_sysctls_only_for_the_ipvs_backend() -> None:
-    assert sysctls(spec(), "iptables")["net.ipv4.ip_forward"] == "1"
-    assert not any(k.startswith("net.ipv4.vs.") for k in sysctls(spec(), "iptables"))
-    assert sysctls(spec(), "ipvs")["net.ipv4.vs.conntrack"] == "1"
+    assert lb_sysctls("iptables")["net.ipv4.ip_forward"] == "1"
+    assert not any(k.startswith("net.ipv4.vs.") for k in lb_sysctls("iptables"))
+    assert lb_sysctls("ipvs")["net.ipv4.vs.conntrack"] == "1"
 
 
 @pytest.mark.parametrize(
@@ -177,7 +177,7 @@ class Fake:
             FakeSockets(self.world),
         )
         self.reconciler = LbReconciler(kernel, backend)
-        self.links.ensure_bridge(None, spec().bridge)
+        self.links.ensure_bridge(None, spec().bridge, alias=spec().mark)
 
     def sync(self, *specs: LbSpec) -> bool:
         """Sync, and say whether a second plan is empty (it must be)."""
@@ -274,7 +274,7 @@ def test_removed_backends_lose_their_udp_flows_draining_ones_keep_them(fake: Fak
 def test_sync_deletes_only_this_nodes_lb_namespaces_no_longer_desired(fake: Fake) -> None:
     netns = fake.reconciler.kernel.netns
     second = spec(network_id="net00002")
-    fake.links.ensure_bridge(None, second.bridge)
+    fake.links.ensure_bridge(None, second.bridge, alias=second.mark)
     fake.sync(spec(THREE), second)
     netns.create("mesh-lb-othernod-net00001")
     netns.create("mesh-t-web.1")
@@ -287,6 +287,46 @@ def test_sync_deletes_only_this_nodes_lb_namespaces_no_longer_desired(fake: Fake
         "mesh-t-web.1",
     ]
     assert fake.links.get_link(None, "meshlnet00002") is None
+
+
+def test_an_lb_namespace_without_a_marked_leg_is_kept_and_reported(fake: Fake) -> None:
+    netns = fake.reconciler.kernel.netns
+    # This node's LB names, not made by this meshctl: no leg at all, and a leg named as meshctl's
+    # whose node end is another's (no mark).
+    bare, foreign = f"{PREFIX}net00002", f"{PREFIX}net00003"
+    netns.create(bare)
+    netns.create(foreign)
+    fake.links.ensure_veth(None, "meshlnet00003", "eth0", foreign)
+
+    plan = fake.reconciler.sync([spec(THREE)], PREFIX)
+
+    assert plan.delete_netns == ()
+    assert plan.unmarked_netns == (bare, foreign)
+    assert netns.exists(bare) and netns.exists(foreign)
+    assert fake.links.get_link(None, "meshlnet00003") is not None
+    assert not fake.reconciler.plan([spec(THREE)], PREFIX).empty  # reported on every pass
+
+
+@pytest.mark.parametrize("taken", ["meshlnet00001", "meshnet00001"])
+def test_a_leg_or_bridge_name_held_by_another_link_is_a_clash_left_alone(taken: str) -> None:
+    fake = Fake("iptables")
+    fake.links.delete_link(None, "meshnet00001")
+    fake.reconciler.kernel.netns.create("other")
+    if taken == "meshnet00001":
+        fake.links.ensure_bridge(None, taken, alias="other-tool")
+    else:
+        fake.links.ensure_bridge(None, "meshnet00001", alias=spec().mark)
+        fake.links.ensure_veth(None, taken, "eth0", "other")
+    before = fake.links.list_links(None)
+
+    plan = fake.reconciler.sync([spec(THREE)], PREFIX)
+
+    ((change,),) = (plan.changes,)
+    assert change.clashes == ((taken, "other-tool" if taken == "meshnet00001" else None),)
+    assert not change.create_netns and not change.ensure_leg
+    assert not fake.reconciler.kernel.netns.exists(spec().netns)
+    assert fake.links.list_links(None) == before
+    assert fake.reconciler.plan([spec(THREE)], PREFIX).changes == plan.changes
 
 
 def test_foreign_ipvs_services_are_left_alone() -> None:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kernel.links import Link
 from kernel.system import Kernel, fake_kernel
 from meshctl import ops
 from meshctl.controller import names
-from meshctl.controller.node import NodeSpec, desired_node, plan_node
+from meshctl.controller.node import (
+    FORWARD_CHAIN,
+    ISOLATION_CHAIN,
+    ISOLATION_DROP_CHAIN,
+    NodeSpec,
+    desired_node,
+    plan_node,
+)
 from meshctl.controller.node_kernel import apply_node, observe_node
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.model import NetworkAttachment, Service
@@ -173,3 +181,125 @@ def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: 
     assert container_spec(view, attached, lambda pid: None) is None  # the process is gone
     by_path = Container("byname", "/run/netns/x", "front", "node1", "10.60.0.10")
     assert container_spec(view, by_path, lambda pid: None) is not None
+
+
+def _foreign_links(kernel: Kernel) -> list[Link]:
+    """Another tool's links in the node namespace, named as meshctl names its own (one with an
+    alias of its own), up where that matters to the old name-based rules; returns them."""
+    kernel.netns.create("other")
+    kernel.links.ensure_bridge(None, "mesh1234abcd")
+    kernel.links.set_up(None, "mesh1234abcd")
+    kernel.links.ensure_veth(None, "meshv1234abcd0", "eth0", "other")
+    kernel.links.ensure_veth(None, "meshc1234abcd", "eth1", "other", alias="other-tool")
+    kernel.links.ensure_veth(None, "meshl1234abcd", "eth2", "other")
+    kernel.links.ensure_bridge(None, "meshfoo")
+    kernel.links.set_up(None, "meshfoo")
+    kernel.links.ensure_veth(None, "fport", "eth3", "other")
+    kernel.links.set_master(None, "fport", "meshfoo")
+    return [link for link in kernel.links.list_links(None) if link.name != "lo"]
+
+
+def test_unmarked_links_are_never_in_a_delete_plan(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    foreign = _foreign_links(kernel)
+    # Through a whole life: everything wired, then nothing wanted any more.
+    for desired in (desired_node(view, "node1", set(view.tasks)), desired_node(view, "node1", ())):
+        plan = plan_node(desired, *observe_node(kernel, mine=view.tasks))
+        assert not {link.name for link in foreign} & set(plan.delete_links)
+        assert plan.clashes == ()
+        apply_node(kernel, plan)
+        assert not plan_node(desired, *observe_node(kernel, mine=view.tasks))
+    empty = NodeSpec(bridges={}, tasks={}, tables={})
+    plan = plan_node(empty, *observe_node(kernel))
+    apply_node(kernel, plan)
+    assert [link for link in kernel.links.list_links(None) if link.name != "lo"] == foreign
+
+
+def test_marked_links_left_over_are_deleted(tmp_path: Path) -> None:
+    _, kernel, desired = _wired_node(tmp_path)
+    kernel.netns.create("other")
+    kernel.links.ensure_bridge(None, names.bridge("0ld0ld0ld0ld"), alias=names.mark("0ld0ld0ld0ld"))
+    stray = names.task_veth("0ld0ld0ld0ld", 0)
+    kernel.links.ensure_veth(None, stray, "eth0", "other", alias=names.mark("0ld0ld0ld0ld"))
+
+    plan = plan_node(desired, *observe_node(kernel, mine=desired.tasks))
+
+    assert plan.delete_links == (names.bridge("0ld0ld0ld0ld"), stray)
+    apply_node(kernel, plan)
+    assert not plan_node(desired, *observe_node(kernel, mine=desired.tasks))
+
+
+def test_a_name_held_by_another_link_is_a_clash_left_alone(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    front, back = view.networks["front"], view.networks["back"]
+    kernel = fake_kernel()
+    taken = names.bridge(back.id)
+    kernel.links.ensure_bridge(None, taken)  # another tool's, with the name back's bridge needs
+    (before,) = [link for link in kernel.links.list_links(None) if link.name == taken]
+    desired = desired_node(view, "node1", set(view.tasks))
+
+    plan = plan_node(desired, *observe_node(kernel))
+    apply_node(kernel, plan)
+
+    assert plan.clashes == ((taken, None),)
+    assert [b.name for b in plan.ensure_bridges] == [names.bridge(front.id)]
+    assert plan.wire_tasks == ()  # both tasks need a leg on back
+    assert kernel.links.list_links(None)[1:2] == [before]
+    assert kernel.links.list_addresses(None, taken) == []
+    again = plan_node(desired, *observe_node(kernel))
+    assert again.clashes == plan.clashes and not again.ensure_bridges and not again.delete_links
+    # Once the other tool's bridge is gone, meshctl makes its own.
+    kernel.links.delete_link(None, taken)
+    apply_node(kernel, plan_node(desired, *observe_node(kernel)))
+    assert not plan_node(desired, *observe_node(kernel))
+    assert kernel.links.get_link(None, taken).alias == names.mark(back.id)
+
+
+def test_a_task_leg_name_held_by_another_link_stops_only_that_task(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    blocked, free = sorted(view.tasks)
+    kernel.netns.create("other")
+    leg = names.task_veth(blocked, 1)
+    kernel.links.ensure_veth(None, leg, "eth0", "other", alias="meshctl:someone-else")
+    desired = desired_node(view, "node1", set(view.tasks))
+
+    plan = plan_node(desired, *observe_node(kernel, mine=view.tasks))
+    apply_node(kernel, plan)
+
+    assert plan.clashes == ((leg, "meshctl:someone-else"),)
+    assert [t.task_id for t in plan.wire_tasks] == [free]
+    assert not kernel.netns.exists(names.task_netns(blocked))
+    assert kernel.links.get_link(None, leg).alias == "meshctl:someone-else"
+    assert leg not in plan_node(desired, *observe_node(kernel, mine=view.tasks)).delete_links
+
+
+def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
+    view = read_view(_store(tmp_path))
+    bridges = sorted(names.bridge(n.id) for n in view.networks.values())
+    filter_table = desired_node(view, "node1", ()).tables["filter"]
+    rules = [rule for chain in filter_table.chains.values() for rule in chain]
+    assert not [r for r in rules if "+" in f"{r.in_interface}{r.out_interface}"]
+    assert all(r.comment.startswith("meshctl:") for r in rules)
+    stage1 = filter_table.chains[ISOLATION_CHAIN]
+    stage2 = filter_table.chains[ISOLATION_DROP_CHAIN]
+    assert sorted(r.in_interface or "" for r in stage1) == bridges
+    assert {r.target for r in stage1} == {ISOLATION_DROP_CHAIN}
+    assert sorted(r.out_interface or "" for r in stage2) == bridges
+    assert {r.target for r in stage2} == {"DROP"}
+    # Replies and published ports (conntrack) and traffic within a bridge go before isolation.
+    forward = filter_table.chains[FORWARD_CHAIN]
+    jump = next(i for i, r in enumerate(forward) if r.target == ISOLATION_CHAIN)
+    early = [r for r in forward if r.matches or r.in_interface == r.out_interface is not None]
+    assert len(early) == 3  # front's replies, front's and back's own traffic
+    assert all(forward.index(r) < jump for r in early)
