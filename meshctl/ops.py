@@ -1,11 +1,14 @@
 """Operations on desired state: each one validated, then written in one store transaction.
 
-Every write compare-and-swaps on each record it read (service, tasks, the IPAM records of the
-networks involved, published-port claims), so two meshctl commands racing never half-apply:
-the loser re-reads and re-validates (ipam.retry_conflicts). On any error nothing is written.
+Every write compare-and-swaps on each record it read (service, tasks, the networks involved)
+and claims every unique value it takes with a key of its own in the same txn (addresses and the
+subnet registry: meshctl.ipam; published ports), so two meshctl commands racing never
+half-apply: the loser re-reads and re-validates (store.retry_conflicts). On any error nothing
+is written.
 
-Records (kind → name): network → name, ipam → network id, service → name, task → task id,
-port → `PORT/PROTO` (which service publishes it), node → name.
+Records (kind → name): network → name, ipam → network id, address → `<network-id>/<address>`,
+registry → `subnets`, service → name, task → task id, port → `PORT/PROTO` (which service
+publishes it), node → name.
 
 Lifecycle of tasks, with or without a controller running:
 - create/scale/update make task records for missing slots: desired `running`, state
@@ -17,7 +20,7 @@ Lifecycle of tasks, with or without a controller running:
 - service rm deletes the service record at once, so `service ls` no longer shows it; tasks
   still draining on a node linger (desired `removed`) until their controller forgets them.
 - network rm refuses while a service record uses the network, not while such lingering tasks
-  hold addresses on it: it deletes the network with its IPAM record.
+  hold addresses on it: it deletes the network with its IPAM record and address claims.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ from meshctl.model import (
     from_record,
 )
 from meshctl.orchestrator import plan_tasks
-from meshctl.store import Delete, Op, Put, Store
+from meshctl.store import Delete, Op, Put, Store, retry_conflicts
 
 PORT = "port"
 # A node whose controller has not written its heartbeat for this long is not running.
@@ -75,22 +78,31 @@ UPDATABLE = frozenset(
 
 
 class _Changes:
-    """The writes of one operation: records to put/delete and the IPAM states it touched."""
+    """The writes of one operation: records to put/delete and the networks' addresses it changed.
+
+    commit() writes them in one txn with the address claims (see meshctl.ipam), so a command
+    that lost a race changes nothing and is tried again on fresh data.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.ops: list[Op] = []
-        self._ipam: dict[str, tuple[Network, IpamState, int]] = {}
+        self._ipam: dict[str, tuple[ipam.StoredIpam, IpamState]] = {}
+        self._nodes: int | None = None
 
     def ipam(self, network: Network) -> IpamState:
-        """The network's IPAM state as changed so far; touching it makes the commit CAS on it."""
+        """The network's IPAM state as changed so far."""
         if network.id not in self._ipam:
-            state, revision = ipam.load(self.store, network)
-            self._ipam[network.id] = (network, state, revision)
+            stored = ipam.load(self.store, network)
+            self._ipam[network.id] = (stored, stored.state)
         return self._ipam[network.id][1]
 
     def allocate(self, network: Network, owner: str, what: str) -> str:
-        state, address = ipam.allocate(self.ipam(network), owner, what)
+        if self._nodes is None:
+            self._nodes = ipam.node_count(self.store)
+        state = self.ipam(network)
+        reserve = ipam.lb_reserve(state, self._nodes)
+        state, address = ipam.allocate(state, owner, what, reserve)
         self._set(network, state)
         return address
 
@@ -98,17 +110,14 @@ class _Changes:
         self._set(network, ipam.release(self.ipam(network), owners))
 
     def _set(self, network: Network, state: IpamState) -> None:
-        _, _, revision = self._ipam[network.id]
-        self._ipam[network.id] = (network, state, revision)
+        stored, _ = self._ipam[network.id]
+        self._ipam[network.id] = (stored, state)
 
     def commit(self) -> None:
-        # Touched IPAM records are written even if unchanged: the CAS guards the network
-        # against a concurrent `network rm`.
-        ipam_puts = [
-            Put(ipam.KIND, net.id, state.to_dict(), expect=revision)
-            for net, state, revision in self._ipam.values()
+        claims = [
+            op for stored, state in self._ipam.values() for op in ipam.commit_ops(stored, state)
         ]
-        self.store.txn([*self.ops, *ipam_puts])
+        self.store.txn([*self.ops, *claims])
 
 
 # -- networks --------------------------------------------------------------------------------
@@ -128,7 +137,7 @@ def get_network(store: Store, name: str) -> Network:
 
 def network_ipam(store: Store, network: Network) -> IpamState:
     """The network's address allocations (gateway, VIPs, tasks, load balancers)."""
-    return ipam.load(store, network)[0]
+    return ipam.load(store, network).state
 
 
 # The routing mesh's network (Docker's `ingress`): every service that publishes a port in
@@ -204,7 +213,10 @@ def create_network(
             raise ValidationError(
                 f"network {name} already exists; choose another name or remove it first"
             )
-        existing = list_networks(store)
+        # The registry is read and written back in the txn: two creates racing for one
+        # subnet (or overlapping ones) cannot both win.
+        registry = ipam.load_registry(store)
+        existing = list(registry.entries.values())
         if subnet is None:
             chosen = ipam.pick_subnet(*ipam.configured_pool(pool, prefix), existing)
         else:
@@ -218,16 +230,16 @@ def create_network(
                 f"invalid --subnet {network.subnet}: it overlaps network {other.name} "
                 f"({other.subnet}); choose a subnet that overlaps no other network"
             )
-        state = IpamState.new(network)
         store.txn(
             [
                 Put(NETWORK, name, network.to_dict(), expect=0),
-                Put(ipam.KIND, network.id, state.to_dict(), expect=0),
+                Put(ipam.KIND, network.id, IpamState.new(network).meta(), expect=0),
+                registry.with_network(network),
             ]
         )
         return network
 
-    return ipam.retry_conflicts(attempt, f"creating network {name}")
+    return retry_conflicts(attempt, f"creating network {name}")
 
 
 def remove_network(store: Store, name: str) -> Network:
@@ -252,15 +264,22 @@ def remove_network(store: Store, name: str) -> Network:
             )
         ipam_record = store.get(ipam.KIND, network.id)
         ipam_revision = ipam_record.mod_revision if ipam_record else 0
+        # Addresses still held by tasks draining off the network go with it.
+        claims = [
+            Delete(ipam.ADDRESS, r.name, expect=r.mod_revision)
+            for r in store.list(ipam.ADDRESS, f"{network.id}/")
+        ]
         store.txn(
             [
                 Delete(NETWORK, name, expect=record.mod_revision),
                 Delete(ipam.KIND, network.id, expect=ipam_revision),
+                *claims,
+                ipam.load_registry(store).without(network.id),
             ]
         )
         return network
 
-    return ipam.retry_conflicts(attempt, f"removing network {name}")
+    return retry_conflicts(attempt, f"removing network {name}")
 
 
 # -- services --------------------------------------------------------------------------------
@@ -319,7 +338,7 @@ def create_service(store: Store, spec: Service) -> Service:
 
     _refuse_ingress(spec.networks)
 
-    return ipam.retry_conflicts(attempt, f"creating service {spec.name}")
+    return retry_conflicts(attempt, f"creating service {spec.name}")
 
 
 def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Service:
@@ -334,7 +353,7 @@ def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Servi
         new = dataclasses.replace(old, **changes, version=old.version + 1, updated_at=time.time())
         return _write_service(store, old, new, expect=revision)
 
-    return ipam.retry_conflicts(attempt, f"updating service {name}")
+    return retry_conflicts(attempt, f"updating service {name}")
 
 
 def scale_services(store: Store, replicas: Mapping[str, int]) -> list[Service]:
@@ -352,7 +371,7 @@ def scale_services(store: Store, replicas: Mapping[str, int]) -> list[Service]:
         changes.commit()
         return result
 
-    return ipam.retry_conflicts(attempt, "scaling " + ", ".join(replicas))
+    return retry_conflicts(attempt, "scaling " + ", ".join(replicas))
 
 
 def remove_service(store: Store, name: str) -> Service:
@@ -365,7 +384,7 @@ def remove_service(store: Store, name: str) -> Service:
         changes.commit()
         return old
 
-    return ipam.retry_conflicts(attempt, f"removing service {name}")
+    return retry_conflicts(attempt, f"removing service {name}")
 
 
 def forget_task(store: Store, task_id: str) -> None:
@@ -379,7 +398,7 @@ def forget_task(store: Store, task_id: str) -> None:
         _drop_task(changes, from_record(Task, record), record.mod_revision, _networks(store))
         changes.commit()
 
-    ipam.retry_conflicts(attempt, f"forgetting task {task_id}")
+    retry_conflicts(attempt, f"forgetting task {task_id}")
 
 
 def _write_service(store: Store, old: Service | None, new: Service, expect: int) -> Service:
@@ -622,7 +641,7 @@ def replace_task(store: Store, task_id: str) -> Task | None:
         changes.commit()
         return new
 
-    return ipam.retry_conflicts(attempt, f"replacing task {task_id}")
+    return retry_conflicts(attempt, f"replacing task {task_id}")
 
 
 # -- containers ------------------------------------------------------------------------------
@@ -651,7 +670,7 @@ def attach_container(
         changes.commit()
         return container
 
-    return ipam.retry_conflicts(attempt, f"attaching container {name}")
+    return retry_conflicts(attempt, f"attaching container {name}")
 
 
 def detach_container(store: Store, name: str) -> Container:
@@ -670,7 +689,7 @@ def detach_container(store: Store, name: str) -> Container:
         changes.commit()
         return container
 
-    return ipam.retry_conflicts(attempt, f"detaching container {name}")
+    return retry_conflicts(attempt, f"detaching container {name}")
 
 
 def list_containers(store: Store) -> list[Container]:

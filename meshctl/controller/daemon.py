@@ -139,7 +139,9 @@ class Controller:
 
     def _claim_lb_addresses(self, view: ClusterView) -> bool:
         """A load-balancer address on every network for this node (IPAM gives one per node)."""
-        missing = [n for n in view.networks if (n, self.node) not in view.lb_addresses]
+        missing = [
+            n for n in view.networks.values() if (n.name, self.node) not in view.lb_addresses
+        ]
         for network in missing:
             ipam.allocate_lb_address(self.store, network, self.node)
         return bool(missing)

@@ -1,11 +1,15 @@
 """One consistent read of the store, typed: what every reconcile pass works from.
 
-Read once per pass (one list per kind), so the builders below never touch the store.
+Built from one snapshot (every record at one revision), so the builders below never touch the
+store and never see half of a command's writes. A record the model cannot read is left out and
+named in `broken`: one bad record must not stop the controller from serving the others.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from meshctl import ipam
 from meshctl.model import (
@@ -15,12 +19,16 @@ from meshctl.model import (
     SERVICE,
     TASK,
     Container,
+    CorruptRecordError,
     Network,
     Node,
     Service,
     Task,
+    from_record,
 )
-from meshctl.store import Store
+from meshctl.store import Snapshot, Store
+
+M = TypeVar("M", Network, Service, Task, Node, Container)
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,7 @@ class ClusterView:
     gateways: dict[str, str]  # network name → gateway address
     lb_addresses: dict[tuple[str, str], str]  # (network, node) → load-balancer address
     containers: dict[str, Container]  # attached foreign namespaces, by name
+    broken: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) → why
 
     def tasks_on(self, node: str) -> list[Task]:
         return [t for t in self.tasks.values() if t.node == node]
@@ -44,32 +53,37 @@ class ClusterView:
         return self.services.get(task.service_id)
 
 
-def read_view(store: Store) -> ClusterView:
-    """Read the whole desired state once, at one revision (or close to it: a pass re-reads)."""
-    revision = store.revision()
-    networks = {r.name: Network.from_dict(r.value) for r in store.list(NETWORK)}
-    services = {}
-    for record in store.list(SERVICE):
-        service = Service.from_dict(record.value)
-        services[service.id] = service
-    task_records = store.list(TASK)
-    tasks = {r.name: Task.from_dict(r.value) for r in task_records}
-    gateways: dict[str, str] = {}
-    lb_addresses: dict[tuple[str, str], str] = {}
-    for record in store.list(ipam.KIND):
-        state = ipam.IpamState.from_dict(record.value)
-        gateways[state.network] = state.gateway
-        for address, owner in state.allocations.items():
-            if owner.startswith("lb:"):
-                lb_addresses[(state.network, owner.removeprefix("lb:"))] = address
+def view_of(snapshot: Snapshot) -> ClusterView:
+    """The typed view of one snapshot of the store."""
+    broken: dict[tuple[str, str], str] = {}
+
+    def decode(cls: type[M], kind: str, key: Callable[[M], str]) -> dict[str, M]:
+        objects: dict[str, M] = {}
+        for record in snapshot.of(kind):
+            try:
+                obj = from_record(cls, record)
+            except CorruptRecordError as err:
+                broken[(record.kind, record.name)] = str(err)
+                continue
+            objects[key(obj)] = obj
+        return objects
+
+    tasks = decode(Task, TASK, lambda t: t.id)
+    revisions = {r.name: r.mod_revision for r in snapshot.of(TASK) if r.name in tasks}
     return ClusterView(
-        revision=revision,
-        networks=networks,
-        services=services,
+        revision=snapshot.revision,
+        networks=decode(Network, NETWORK, lambda n: n.name),
+        services=decode(Service, SERVICE, lambda s: s.id),
         tasks=tasks,
-        task_revisions={r.name: r.mod_revision for r in task_records},
-        nodes={r.name: Node.from_dict(r.value) for r in store.list(NODE)},
-        gateways=gateways,
-        lb_addresses=lb_addresses,
-        containers={r.name: Container.from_dict(r.value) for r in store.list(CONTAINER)},
+        task_revisions=revisions,
+        nodes=decode(Node, NODE, lambda n: n.name),
+        gateways=ipam.gateways(snapshot),
+        lb_addresses=ipam.lb_addresses(snapshot),
+        containers=decode(Container, CONTAINER, lambda c: c.name),
+        broken=broken,
     )
+
+
+def read_view(store: Store) -> ClusterView:
+    """Read the whole desired state once, at one revision."""
+    return view_of(store.snapshot())

@@ -138,7 +138,9 @@ class EtcdStore:
             try:
                 result: dict[str, Any] = client.post(client.get_url(path), json=body)
             except (ConnectionFailedError, ConnectionTimeoutError) as err:
-                reason = "timed out" if isinstance(err, ConnectionTimeoutError) else "connection failed"
+                reason = (
+                    "timed out" if isinstance(err, ConnectionTimeoutError) else "connection failed"
+                )
                 errors.append(f"{client.host}:{client.port} {reason}")
                 continue
             except Etcd3Exception as err:

@@ -93,6 +93,20 @@ class Mesh:
             env=self.env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
+    def wait_converged(self, timeout: float = 15, what: str = "meshctl diff to be empty") -> None:
+        """Wait until `meshctl diff` is empty; on timeout, fail with what it still shows."""
+        last: list[subprocess.CompletedProcess[str]] = []
+
+        def converged() -> bool:
+            last[:] = [self.diff()]
+            return last[0].returncode == 0
+
+        try:
+            wait_for(converged, timeout, what)
+        except AssertionError as err:
+            shown = (last[0].stdout + last[0].stderr).strip() if last else ""
+            raise AssertionError(f"{err}; meshctl diff still shows:\n{shown}") from None
+
     def node_id(self) -> str | None:
         from meshctl.store import open_store
 

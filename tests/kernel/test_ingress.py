@@ -63,7 +63,7 @@ def _service(mesh: Mesh, publish: str, replicas: int = 3) -> None:
         for task in mesh.running("web"):
             listening = ["socat", "-T1", "/dev/null", f"TCP:{task['addresses']['front']}:80"]
             wait_for(lambda c=listening: mesh.in_node(*c).returncode == 0, 10, "listening")
-    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+    mesh.wait_converged(15, "converged")
 
 
 def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
@@ -87,14 +87,14 @@ def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
     # Scaled to 0: refused at once, not left hanging.
     mesh.cli("service", "scale", "web=0", "--detach")
     wait_for(lambda: mesh.ps("web") == [], 20, "tasks gone")
-    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+    mesh.wait_converged(15, "converged")
     started = time.monotonic()
     refused = subprocess.run(["ip", "netns", "exec", client, "socat", "-T5", "-",
                               f"TCP:{NODE_IP}:8000,connect-timeout=5"],
                              input="x", capture_output=True, text=True)  # fmt: skip
     assert refused.returncode != 0 and time.monotonic() - started < 1
     mesh.cli("service", "rm", "web")
-    wait_for(lambda: mesh.diff().returncode == 0, 15, "converged")
+    mesh.wait_converged(15, "converged")
     assert "8000" not in mesh.in_node("iptables-legacy-save").stdout
 
 

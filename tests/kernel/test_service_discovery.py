@@ -51,7 +51,7 @@ def _web(mesh: Mesh, subnet: str, replicas: int = 3, *extra: str) -> tuple[str, 
 
 
 def _converged(mesh: Mesh) -> None:
-    wait_for(lambda: mesh.diff().returncode == 0, 15, "meshctl diff to be empty")
+    mesh.wait_converged(15, "meshctl diff to be empty")
     assert mesh.diff().stdout == ""
 
 
@@ -274,7 +274,7 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
         pids = {t["id"]: t["pid"] for t in mesh.running("web")}
         mesh.stop_controller(signal.SIGKILL)
         mesh.start_controller()
-        wait_for(lambda: mesh.diff().returncode == 0, 20, "converged after restart")
+        mesh.wait_converged(20, "converged after restart")
         conn.sendall(b"after\n")
         assert conn.recv(64) == b"after\n"
     assert {t["id"]: t["pid"] for t in mesh.running("web")} == pids

@@ -168,7 +168,7 @@ def test_a_full_network_fails_cleanly(run: Any) -> None:
     run("network", "create", "tiny", "--subnet", "10.50.0.0/29")
     result = run("service", "create", "--name", "web", "--replicas", "6", "--network", "tiny",
                  "--", "true", code=None)  # fmt: skip
-    one_line_error(result, "network tiny (10.50.0.0/29) has no free address for task web.5")
+    one_line_error(result, "network tiny (10.50.0.0/29) has no free address for task web.4")
     assert run("service", "ls", "--format", "json").stdout.strip() == "[]"
     network = json.loads(run("network", "inspect", "tiny", "--format", "json").stdout)
     assert network["allocations"] == []

@@ -103,24 +103,26 @@ def test_pool_comes_from_arguments_then_environment(monkeypatch: pytest.MonkeyPa
 
 def test_load_balancer_addresses_are_stored_once_per_node(store: Store) -> None:
     network = ops.create_network(store, "front", subnet="10.20.0.0/24")
-    a = ipam.allocate_lb_address(store, "front", "node1")
-    assert ipam.allocate_lb_address(store, "front", "node1") == a
-    b = ipam.allocate_lb_address(store, "front", "node2")
+    a = ipam.allocate_lb_address(store, network, "node1")
+    assert ipam.allocate_lb_address(store, network, "node1") == a
+    b = ipam.allocate_lb_address(store, network, "node2")
     assert a != b
     assert ops.network_ipam(store, network).allocations == {a: "lb:node1", b: "lb:node2"}
-    ipam.release_lb_address(store, "front", "node1")
+    claims = {r.name: r.value["owner"] for r in store.list(ipam.ADDRESS)}
+    assert claims == {f"{network.id}/{a}": "lb:node1", f"{network.id}/{b}": "lb:node2"}
+    ipam.release_lb_address(store, network, "node1")
     assert ops.network_ipam(store, network).allocations == {b: "lb:node2"}
 
 
 def test_concurrent_allocations_never_hand_out_an_address_twice(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/state.db"
     with open_store(url) as setup:
-        ops.create_network(setup, "front", subnet="10.20.0.0/24")
+        network = ops.create_network(setup, "front", subnet="10.20.0.0/24")
     results: dict[str, str] = {}
 
     def join(node: str) -> None:
         with open_store(url) as own:  # one store connection each, as separate processes have
-            results[node] = ipam.allocate_lb_address(own, "front", node)
+            results[node] = ipam.allocate_lb_address(own, network, node)
 
     threads = [threading.Thread(target=join, args=(f"node{i}",)) for i in range(8)]
     for t in threads:
@@ -133,4 +135,4 @@ def test_concurrent_allocations_never_hand_out_an_address_twice(tmp_path: Path) 
 
 def test_lb_address_on_a_missing_network_says_how_to_list(store: Store) -> None:
     with pytest.raises(ops.NotFoundError, match="network nope not found; list networks with"):
-        ipam.allocate_lb_address(store, "nope", "node1")
+        ipam.allocate_lb_address(store, Network("nope", "10.99.0.0/24"), "node1")

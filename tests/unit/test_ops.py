@@ -1,16 +1,18 @@
-"""The operations layer against a real SQLite store: cross-object rules, tasks, VIPs, atomicity."""
+"""The operations layer against both stores: cross-object rules, tasks, VIPs, atomicity."""
 
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from meshctl import ops
+from meshctl import ipam, ops
 from meshctl.ipam import AddressExhausted
 from meshctl.model import (
     NODE,
@@ -24,12 +26,22 @@ from meshctl.model import (
     ValidationError,
 )
 from meshctl.orchestrator import plan_tasks
-from meshctl.store import Store, open_store
+from meshctl.store import Conflict, Store, open_store
+from tests.etcd import EtcdServer
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every operation runs on both stores: a new SQLite file, or a new prefix on the run's etcd."""
+    if request.param == "sqlite":
+        return f"sqlite://{tmp_path}/state.db"
+    server: EtcdServer = request.getfixturevalue("etcd_server")
+    return server.url(f"/test-{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with open_store(f"sqlite://{tmp_path}/state.db") as opened:
+def store(store_url: str) -> Iterator[Store]:
+    with open_store(store_url) as opened:
         yield opened
 
 
@@ -52,11 +64,64 @@ def claim(store: Store, task: Task, node: str = "node1") -> Task:
 
 
 def snapshot(store: Store) -> dict[str, list[Any]]:
-    kinds = ("network", "ipam", "service", "task", "port")
+    kinds = ("network", "ipam", "address", "registry", "service", "task", "port")
     return {k: [(r.name, r.value) for r in store.list(k)] for k in kinds}
 
 
 # -- networks --------------------------------------------------------------------------------
+
+
+def _create_network(url: str, name: str, start: Any, results: Any) -> None:
+    """One `meshctl network create NAME` (no --subnet) in its own process."""
+    start.wait()
+    try:
+        with open_store(url) as own:
+            results.put((name, ops.create_network(own, name).subnet))
+    except Exception as err:  # reported to the test, not lost in a child's stderr
+        results.put((name, repr(err)))
+
+
+def test_concurrent_network_creates_never_share_a_subnet(store_url: str) -> None:
+    """12 `network create` at once once stored two pairs of networks on one subnet (#14)."""
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Barrier(12), ctx.Queue()
+    procs = [
+        ctx.Process(target=_create_network, args=(store_url, f"n{i}", start, results))
+        for i in range(12)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        outcomes = dict(results.get(timeout=60) for _ in procs)
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+    assert all(subnet.startswith("10.10.") for subnet in outcomes.values()), outcomes
+    assert len(set(outcomes.values())) == 12, outcomes
+    with open_store(store_url) as check:
+        stored = [r.value["subnet"] for r in check.list("network")]
+        assert sorted(stored) == sorted(outcomes.values())
+
+
+def test_an_allocation_never_lands_on_a_network_removed_meanwhile(store: Store) -> None:
+    network = ops.create_network(store, "front", subnet="10.20.0.0/24")
+    stale = ipam.load(store, network)  # a command read the network, then lost the race
+    ops.remove_network(store, "front")
+    state, _ = ipam.allocate(stale.state, "task:late")
+    with pytest.raises(Conflict, match="network front"):
+        store.txn(ipam.commit_ops(stale, state))
+    assert store.list(ipam.ADDRESS) == []
+    assert store.list(ipam.KIND) == []
+    assert store.get(ipam.REGISTRY, ipam.SUBNETS).value == {"networks": {}}  # type: ignore[union-attr]
+
+
+def test_network_rm_takes_the_claims_of_draining_tasks_with_it(store: Store) -> None:
+    network = ops.create_network(store, "front", subnet="10.20.0.0/24")
+    ipam.allocate_lb_address(store, network, "node1")
+    ops.remove_network(store, "front")
+    assert store.list(ipam.ADDRESS) == []
+    again = ops.create_network(store, "front", subnet="10.20.0.0/24")
+    assert ops.network_ipam(store, again).allocations == {}
 
 
 def test_networks_get_the_next_free_24_of_the_pool(store: Store) -> None:
@@ -158,10 +223,27 @@ def test_a_full_29_with_more_replicas_than_addresses_fails_cleanly(store: Store)
         ops.create_service(store, spec("web", "tiny", replicas=5))  # VIP + 5 tasks = 6
     assert snapshot(store) == before
     assert store.revision() == revision
-    ops.create_service(store, spec("web", "tiny", replicas=4))
-    with pytest.raises(AddressExhausted, match="for task web.5"):
-        ops.scale_services(store, {"web": 5})
-    assert len(ops.list_tasks(store)) == 4
+    # The last address is the node's load balancer's: a 4th task would leave it none and
+    # stop the network's load balancing (and, before, every pass of the controller).
+    ops.create_service(store, spec("web", "tiny", replicas=3))
+    with pytest.raises(AddressExhausted, match="for task web.4.*1 kept for the nodes' load"):
+        ops.scale_services(store, {"web": 4})
+    assert len(ops.list_tasks(store)) == 3
+    network = ops.get_network(store, "tiny")
+    assert ipam.allocate_lb_address(store, network, "node1")
+
+
+def test_the_pool_keeps_one_address_per_node_for_load_balancers(store: Store) -> None:
+    for node in ("node1", "node2", "node3"):
+        store.put(NODE, node, Node(node).to_dict())
+    network = ops.create_network(store, "tiny", subnet="10.30.0.0/29")  # gateway + 5
+    ipam.allocate_lb_address(store, network, "node1")
+    ops.create_service(store, spec("web", "tiny", replicas=1))  # VIP + 1 task
+    with pytest.raises(AddressExhausted, match="2 kept for the nodes' load balancers"):
+        ops.scale_services(store, {"web": 2})
+    ipam.allocate_lb_address(store, network, "node2")
+    ipam.allocate_lb_address(store, network, "node3")
+    assert len(ops.network_ipam(store, network).allocations) == 5
 
 
 def test_scale_down_drops_unclaimed_tasks_and_marks_claimed_ones(store: Store) -> None:
