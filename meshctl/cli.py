@@ -11,17 +11,20 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 import click
 
-from meshctl import ops, output
+from meshctl import nodes, ops, output
 from meshctl.model import (
+    NODE,
     REPLICAS_CEILING,
+    Availability,
     HealthCheck,
     HealthKind,
     MeshctlError,
     NetworkAttachment,
+    Node,
     PublishedPort,
     RestartPolicy,
     Service,
@@ -31,6 +34,7 @@ from meshctl.model import (
     check_name,
     check_text,
     duration,
+    from_record,
     proc_pid,
 )
 from meshctl.store import Store, StoreError, default_store_url, open_store, resolve_state_dir
@@ -330,6 +334,19 @@ def _service_options(fn: F) -> F:
             multiple=True,
             help="Hostname for the HTTP routing mesh (repeatable).",
         ),
+        click.option(
+            "--constraint",
+            "constraints",
+            multiple=True,
+            metavar="EXPR",
+            help="Where tasks may run: node.labels.K==V, node.labels.K!=V, node.name==N "
+            "(repeatable; all must hold).",
+        ),
+        click.option(
+            "--replicas-max-per-node",
+            type=click.IntRange(min=0),
+            help="At most this many tasks of the service on one node [0: no limit].",
+        ),
         click.option("--detach", "-d", is_flag=True, help="Return without waiting for tasks."),
         click.argument("command", nargs=-1, metavar="-- COMMAND [ARG...]"),
     ]
@@ -407,12 +424,16 @@ def _spec_changes(name: str, opts: Mapping[str, Any], current: Service | None) -
         changes["env"] = _pairs(opts["env"], "--env")
     if opts["hostnames"]:
         changes["hostnames"] = tuple(opts["hostnames"])
+    if opts["constraints"]:
+        changes["constraints"] = tuple(opts["constraints"])
+    if opts["replicas_max_per_node"] is not None:
+        changes["max_replicas_per_node"] = opts["replicas_max_per_node"]
     return changes
 
 
 def _wait(store: Store, names: Sequence[str]) -> None:
     """Wait (bounded) until the services' tasks run, if a controller is there to run them."""
-    if not ops.controller_running(store):
+    if not nodes.controller_running(store):
         click.echo("no controller is running: tasks stay pending", err=True)
         return
     deadline = time.monotonic() + CONVERGE_TIMEOUT
@@ -524,10 +545,11 @@ def service_ps(name: str, fmt: Format) -> None:
     """List the tasks of service NAME, including those shutting down."""
     store = _store()
     tasks = ops.list_tasks(store, ops.get_service(store, check_name(name, "service name")))
+    statuses = nodes.statuses(store)
     if fmt == "json":
-        click.echo(output.dumps([output.task_json(t) for t in tasks]))
+        click.echo(output.dumps([output.task_json(t, statuses) for t in tasks]))
     else:
-        click.echo(output.task_table(tasks))
+        click.echo(output.task_table(tasks, statuses=statuses))
 
 
 @service.command("scale")
@@ -631,6 +653,73 @@ def _read_log(path: str, offset: int) -> bytes | None:
         return None
 
 
+# -- nodes ---------------------------------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def node() -> None:
+    """List, inspect, update and remove the cluster's nodes (each runs a controller)."""
+
+
+@node.command("ls")
+@_format_option
+def node_ls(fmt: Format) -> None:
+    """List nodes: STATUS is ready while the node's controller is live, else down."""
+    views = nodes.node_views(_store())
+    if fmt == "json":
+        click.echo(output.dumps([output.node_json(v) for v in views]))
+    else:
+        click.echo(output.node_table(views))
+
+
+@node.command("inspect")
+@click.argument("name")
+@_format_option
+def node_inspect(name: str, fmt: Format) -> None:
+    """Show node NAME: address, status, availability, labels."""
+    store = _store()
+    wanted = nodes.get_node(store, name).name
+    (view,) = [v for v in nodes.node_views(store) if v.node.name == wanted]
+    if fmt == "json":
+        click.echo(output.dumps(output.node_json(view)))
+    else:
+        click.echo(output.node_pretty(view))
+
+
+@node.command("update")
+@click.argument("name")
+@click.option(
+    "--availability",
+    type=click.Choice(["active", "pause", "drain"]),
+    help="active: takes tasks; pause: keeps its tasks, takes no new ones; drain: its tasks "
+    "move to other nodes, one at a time, new before old.",
+)
+@click.option("--label-add", "labels_add", multiple=True, metavar="K=V", help="Add or set a label.")
+@click.option("--label-rm", "labels_rm", multiple=True, metavar="K", help="Remove a label.")
+def node_update(
+    name: str, availability: str | None, labels_add: tuple[str, ...], labels_rm: tuple[str, ...]
+) -> None:
+    """Change node NAME's availability or labels (constraints use the labels)."""
+    if availability is None and not labels_add and not labels_rm:
+        raise click.UsageError("nothing to update: give --availability, --label-add or --label-rm")
+    nodes.update_node(
+        _store(),
+        name,
+        availability=cast(Availability | None, availability),
+        labels_add=_pairs(labels_add, "--label-add"),
+        labels_rm=labels_rm,
+    )
+    click.echo(name)
+
+
+@node.command("rm")
+@click.argument("name")
+def node_rm(name: str) -> None:
+    """Remove node NAME, which must be down: its tasks already run elsewhere."""
+    nodes.remove_node(_store(), name)
+    click.echo(name)
+
+
 # -- doctor ----------------------------------------------------------------------------------
 
 
@@ -664,11 +753,29 @@ def controller() -> None:
     "--upstream-dns", multiple=True, help="Upstream resolver (default: /etc/resolv.conf)."
 )
 @click.option("--resync-period", default="10s", show_default=True, help="Full resync interval.")
+@click.option(
+    "--advertise-addr",
+    metavar="IP",
+    help="The address other nodes reach this one on (default: the default route's).",
+)
+@click.option(
+    "--node-ttl",
+    default="10s",
+    show_default=True,
+    help="How long the node stays up without its controller: then its tasks move elsewhere.",
+)
 def controller_run(
-    node: str | None, lb_backend: str, upstream_dns: tuple[str, ...], resync_period: str
+    node: str | None,
+    lb_backend: str,
+    upstream_dns: tuple[str, ...],
+    resync_period: str,
+    advertise_addr: str | None,
+    node_ttl: str,
 ) -> None:
     """Run the controller in the foreground on this node (the network namespace it starts in).
 
+    It registers the node (refused while another controller runs it) and keeps it up with a
+    lease in the store; the controller holding the leader key places every node's tasks.
     Stop it with SIGTERM: tasks keep running and a new controller adopts them. In a test or on
     a host that should stay untouched, start it inside a namespace with
     `nsenter --net=/run/netns/NODE meshctl controller run` (not `ip netns exec`, whose private
@@ -678,7 +785,12 @@ def controller_run(
 
     # Every option is checked before the store is opened (the node registers in it).
     settings = controller_settings(
-        node, lb_backend, upstream_dns, duration(resync_period, "--resync-period")
+        node,
+        lb_backend,
+        upstream_dns,
+        duration(resync_period, "--resync-period"),
+        advertise_addr,
+        duration(node_ttl, "--node-ttl"),
     )
     env = _env()
     sys.exit(run_controller(env.store, env.state_dir, settings))
@@ -747,13 +859,13 @@ def container_attach(
     start_time = _start_time(path)
     store = _store()
     if node is None:
-        nodes = [n.name for n in ops.list_nodes(store)]
-        if len(nodes) != 1:
+        known = [v.node.name for v in nodes.node_views(store)]
+        if len(known) != 1:
             raise MeshctlError(
-                f"{'no node is known' if not nodes else 'several nodes are known'}: "
+                f"{'no node is known' if not known else 'several nodes are known'}: "
                 "say which node's controller wires it with --node NAME"
             )
-        node = nodes[0]
+        node = known[0]
     attached = ops.attach_container(store, name, path, network, node, start_time)
     if fmt == "json":
         click.echo(output.dumps(attached.to_dict()))
@@ -844,31 +956,38 @@ def store_rm(kind: str, name: str) -> None:
     type=click.Choice(["auto", "ipvs", "iptables"]),
     default="auto",
     show_default=True,
-    help="The backend the node's controller runs.",
+    help="The backend to compare with [auto: the one the node's controller runs].",
 )
 def diff(node: str | None, lb_backend: str) -> None:
     """Print what the kernel of this node lacks or has too much of; exit 0 when converged.
 
     Run it where the controller runs (its network namespace). Each line is one difference:
-    `+` missing, `-` to remove, `~` to change. Exit code 1 when there is any.
+    `+` missing, `-` to remove, `~` to change, `!` what the controller cannot change (a link
+    of another's with the name it wants, a network that fails on this node). Exit code 1 when
+    there is any. The backend is the one the node's running controller uses, unless given.
     """
     from kernel.system import real_kernel
     from meshctl.controller.diff import describe, node_differences
     from meshctl.controller.main import default_node_name
     from meshctl.controller.view import read_view
     from meshctl.lb.reconcile import LbReconciler, choose_backend
-    from meshctl.model import NODE, Node
 
     store = _store()
-    name = node or default_node_name()
+    name = check_name(node or default_node_name(), "--node")
     record = store.get(NODE, name)
     if record is None:
         raise MeshctlError(f"no controller has run as node {name}; give its name with --node")
+    status = nodes.statuses(store).get(name)
+    if lb_backend == "auto" and status is not None and status.lb_backend:
+        lb_backend = status.lb_backend
     kernel = real_kernel()
     lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
-    node_id = Node.from_dict(record.value).id
+    node_id = from_record(Node, record).id
     plans = node_differences(kernel, read_view(store), name, node_id, _env().state_dir, lb)
     lines = list(describe(*plans))
+    if status is not None:
+        lines += [f"! network {net} fails on node {name}: {why}"
+                  for net, why in sorted(status.errors.items())]  # fmt: skip
     for line in lines:
         click.echo(line)
     sys.exit(1 if lines else 0)

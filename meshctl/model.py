@@ -31,12 +31,19 @@ TaskState = Literal[
 ]
 Health = Literal["none", "starting", "healthy", "unhealthy"]
 NodeState = Literal["ready", "down"]
+# active: takes new tasks; pause: keeps its tasks, takes none; drain: its tasks move away.
+Availability = Literal["active", "pause", "drain"]
 
 # Kinds of store records this module's objects are kept under.
 NETWORK = "network"
 SERVICE = "service"
 TASK = "task"
 NODE = "node"
+# A live controller's report on its node, under the controller's lease: gone = node down.
+NODE_STATUS = "node-status"
+# Who places tasks: one key under the leader's lease (name: LEADER_KEY).
+LEADER = "leader"
+LEADER_KEY = "scheduler"
 CONTAINER = "container"
 # The routing mesh's network: services publishing through it join it (see meshctl.ops).
 INGRESS = "ingress"
@@ -141,6 +148,32 @@ def proc_pid(netns: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def check_label(key: str, value: str, what: str = "--label") -> None:
+    """A label as Docker's: a reverse-DNS-like key and a one-line value."""
+    if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
+        raise ValidationError(
+            f"invalid {what} key {key!r}: use letters, digits, '.', '_', '/' and '-', "
+            "starting and ending with a letter or digit, like com.example.team"
+        )
+    check_one_line(value, f"{what} {key} value")
+
+
+def check_address(text: str, what: str) -> str:
+    """Return text if it is an IPv4 address a node can be reached on."""
+    try:
+        address = ipaddress.IPv4Address(text)
+    except ValueError:
+        raise ValidationError(
+            f"invalid {what} {text!r}: write an IPv4 address like 10.0.0.5"
+        ) from None
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise ValidationError(
+            f"invalid {what} {text}: use the address other nodes reach this one on, not a "
+            "loopback, multicast or unspecified one"
+        )
+    return text
+
+
 def check_port(port: int, what: str) -> int:
     """Return `port` if it is a port number 1-65535."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
@@ -223,12 +256,7 @@ class Network:
         object.__setattr__(self, "subnet", _subnet(self.subnet))
         _check_choice(self.driver, Driver, "driver")
         for key, value in self.labels.items():
-            if not _LABEL_KEY.fullmatch(key):
-                raise ValidationError(
-                    f"invalid --label key {key!r}: use letters, digits, '.', '_', '/' and '-', "
-                    "starting and ending with a letter or digit, like com.example.team"
-                )
-            check_one_line(value, f"--label {key} value")
+            check_label(key, value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -474,6 +502,9 @@ class Service:
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     stop_grace_period: float = 10.0
     hostnames: tuple[str, ...] = ()
+    # Where its tasks may run (node.labels.K==V, node.name!=N...) and how many on one node.
+    constraints: tuple[str, ...] = ()
+    max_replicas_per_node: int = 0  # 0: no limit
     id: str = field(default_factory=new_id)
     version: int = 1
     created_at: float = 0.0
@@ -548,6 +579,12 @@ class Service:
                 raise ValidationError(
                     f"invalid --hostname {host!r}: use a lowercase DNS name like www.example.com"
                 )
+        for constraint in self.constraints:
+            Constraint.parse(constraint)
+        _check_count(self.max_replicas_per_node, "--replicas-max-per-node")
+
+    def placement(self) -> tuple[Constraint, ...]:
+        return tuple(Constraint.parse(c) for c in self.constraints)
 
     def vips(self) -> dict[str, str]:
         """The service's VIP on each network (empty in dnsrr mode)."""
@@ -568,6 +605,8 @@ class Service:
             "restart": self.restart.to_dict(),
             "stop_grace_period": self.stop_grace_period,
             "hostnames": list(self.hostnames),
+            "constraints": list(self.constraints),
+            "max_replicas_per_node": self.max_replicas_per_node,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -587,6 +626,8 @@ class Service:
             restart=RestartPolicy.from_dict(restart) if restart else RestartPolicy(),
             stop_grace_period=float(data.get("stop_grace_period", 10.0)),
             hostnames=tuple(data.get("hostnames", ())),
+            constraints=tuple(data.get("constraints", ())),
+            max_replicas_per_node=int(data.get("max_replicas_per_node", 0)),
             id=data["id"],
             version=int(data.get("version", 1)),
             created_at=float(data.get("created_at", 0.0)),
@@ -692,30 +733,117 @@ class TaskEvent:
 
 @dataclass(frozen=True)
 class Node:
-    """A node = the namespace a controller runs in; heartbeat is the controller's last sign."""
+    """A node = the namespace a controller runs in: the address other nodes reach it on (its
+    underlay address), labels for placement constraints and its availability. Whether it is up
+    is not stored here: a live controller keeps a NodeStatus under its lease."""
 
     name: str
     address: str = ""
-    state: NodeState = "ready"
-    heartbeat: float = 0.0
+    labels: dict[str, str] = field(default_factory=dict)
+    availability: Availability = "active"
     id: str = field(default_factory=new_id)
+    created_at: float = 0.0
 
     def __post_init__(self) -> None:
         check_name(self.name, "node name")
-        _check_choice(self.state, NodeState, "node state")
+        _check_choice(self.availability, Availability, "--availability")
+        if self.address:
+            check_address(self.address, "--advertise-addr")
+        for key, value in self.labels.items():
+            check_label(key, value)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "address": self.address,
-            "state": self.state,
-            "heartbeat": self.heartbeat,
+            "labels": dict(self.labels),
+            "availability": self.availability,
+            "created_at": self.created_at,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Node:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        return cls(
+            name=data["name"],
+            address=str(data.get("address", "")),
+            labels=dict(data.get("labels", {})),
+            availability=data.get("availability", "active"),
+            id=data["id"],
+            created_at=float(data.get("created_at", 0.0)),
+        )
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """What a live controller says of its node, kept under its lease (gone: the node is down).
+
+    message is "" when all is well, else why passes fail ("degraded: ..."); errors names the
+    networks that fail on this node and why (the others keep converging). pid, pid_start and
+    boot_id name the controller process, so a controller restarted on the same host can take
+    over from one that died before its lease ran out.
+    """
+
+    node: str
+    since: float = 0.0
+    message: str = ""
+    errors: dict[str, str] = field(default_factory=dict)
+    pid: int = 0
+    pid_start: int = 0
+    boot_id: str = ""
+    lb_backend: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "since": self.since,
+            "message": self.message,
+            "errors": dict(self.errors),
+            "pid": self.pid,
+            "pid_start": self.pid_start,
+            "boot_id": self.boot_id,
+            "lb_backend": self.lb_backend,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> NodeStatus:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**fields)
+
+
+_CONSTRAINT = re.compile(r"node\.(name|id|labels\.([A-Za-z0-9][A-Za-z0-9._/-]*))\s*(==|!=)\s*(.*)")
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A placement constraint as docker writes it: node.name==N, node.id!=I, node.labels.K==V."""
+
+    field: str  # "name", "id" or "labels.K"
+    equal: bool
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        check_one_line(text, "--constraint")
+        match = _CONSTRAINT.fullmatch(text.strip(" ")) if isinstance(text, str) else None
+        if match is None or not match.group(4).strip():
+            raise ValidationError(
+                f"invalid --constraint {text!r}: write node.labels.KEY==VALUE, "
+                "node.labels.KEY!=VALUE, node.name==NAME or node.id==ID"
+            )
+        return cls(match.group(1), match.group(3) == "==", match.group(4).strip())
+
+    def matches(self, node: Node) -> bool:
+        if self.field == "name":
+            have: str | None = node.name
+        elif self.field == "id":
+            have = node.id
+        else:
+            have = node.labels.get(self.field.removeprefix("labels."))
+        return (have == self.value) == self.equal
+
+    def __str__(self) -> str:
+        return f"node.{self.field}{'==' if self.equal else '!='}{self.value}"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from meshctl import ipam
@@ -37,7 +37,6 @@ from meshctl.model import (
     CONTAINER,
     INGRESS,
     NETWORK,
-    NODE,
     SERVICE,
     TASK,
     Container,
@@ -45,7 +44,6 @@ from meshctl.model import (
     Driver,
     Network,
     NetworkAttachment,
-    Node,
     NotFoundError,
     PublishedPort,
     Service,
@@ -55,11 +53,9 @@ from meshctl.model import (
     from_record,
 )
 from meshctl.orchestrator import plan_tasks
-from meshctl.store import Delete, Op, Put, Store, retry_conflicts
+from meshctl.store import Conflict, Delete, Op, Put, Store, retry_conflicts
 
 PORT = "port"
-# A node whose controller has not written its heartbeat for this long is not running.
-HEARTBEAT_TIMEOUT = 15.0
 # Service fields `service update` may change; id, version and timestamps are meshctl's.
 UPDATABLE = frozenset(
     {
@@ -77,7 +73,7 @@ UPDATABLE = frozenset(
 )
 
 
-class _Changes:
+class Changes:
     """The writes of one operation: records to put/delete and the networks' addresses it changed.
 
     commit() writes them in one txn with the address claims (see meshctl.ipam), so a command
@@ -361,7 +357,7 @@ def scale_services(store: Store, replicas: Mapping[str, int]) -> list[Service]:
     tasks are kept as they are)."""
 
     def attempt() -> list[Service]:
-        changes = _Changes(store)
+        changes = Changes(store)
         result = []
         for name, count in replicas.items():
             old, revision = _service_record(store, name)
@@ -379,7 +375,7 @@ def remove_service(store: Store, name: str) -> Service:
 
     def attempt() -> Service:
         old, revision = _service_record(store, name)
-        changes = _Changes(store)
+        changes = Changes(store)
         _plan_service(changes, old, None, expect=revision)
         changes.commit()
         return old
@@ -394,15 +390,15 @@ def forget_task(store: Store, task_id: str) -> None:
         record = store.get(TASK, task_id)
         if record is None:
             return
-        changes = _Changes(store)
-        _drop_task(changes, from_record(Task, record), record.mod_revision, _networks(store))
+        changes = Changes(store)
+        drop_task(changes, from_record(Task, record), record.mod_revision, _networks(store))
         changes.commit()
 
     retry_conflicts(attempt, f"forgetting task {task_id}")
 
 
 def _write_service(store: Store, old: Service | None, new: Service, expect: int) -> Service:
-    changes = _Changes(store)
+    changes = Changes(store)
     service = _plan_service(changes, old, new, expect)
     changes.commit()
     return service
@@ -413,7 +409,7 @@ def _networks(store: Store) -> dict[str, Network]:
 
 
 def _plan_service(
-    changes: _Changes, old: Service | None, new: Service | None, expect: int
+    changes: Changes, old: Service | None, new: Service | None, expect: int
 ) -> Service:
     """Add to `changes` every write that takes the service from old to new (None: absent).
 
@@ -449,7 +445,7 @@ def _plan_service(
 
 
 def _assign_vips(
-    changes: _Changes, old: Service | None, new: Service, networks: dict[str, Network]
+    changes: Changes, old: Service | None, new: Service, networks: dict[str, Network]
 ) -> Service:
     """new with a VIP on each network in vip mode: kept from old where it had one."""
     old_vips = old.vips() if old else {}
@@ -470,7 +466,7 @@ def _assign_vips(
 
 
 def _release_vips(
-    changes: _Changes, old: Service, keep: set[str], networks: dict[str, Network]
+    changes: Changes, old: Service, keep: set[str], networks: dict[str, Network]
 ) -> None:
     for network in old.vips():
         if network not in keep and network in networks:
@@ -495,7 +491,7 @@ def _check_ports_free(store: Store, new: Service) -> None:
             )
 
 
-def _claim_ports(changes: _Changes, old: Service | None, new: Service | None) -> None:
+def _claim_ports(changes: Changes, old: Service | None, new: Service | None) -> None:
     """Port records make two racing creates of the same published port conflict in the store."""
     before = {_port_key(p) for p in old.ports} if old else set()
     after = {_port_key(p) for p in new.ports} if new else set()
@@ -509,7 +505,7 @@ def _claim_ports(changes: _Changes, old: Service | None, new: Service | None) ->
 
 
 def _plan_tasks(
-    changes: _Changes, old: Service | None, new: Service | None, networks: dict[str, Network]
+    changes: Changes, old: Service | None, new: Service | None, networks: dict[str, Network]
 ) -> None:
     """Create, re-address, mark or drop task records for the change old → new."""
     service = new or old
@@ -531,7 +527,7 @@ def _plan_tasks(
             marked = dataclasses.replace(task, desired_state=goal, updated_at=now)
             changes.ops.append(Put(TASK, task.id, marked.to_dict(), expect=revisions[task.id]))
         else:
-            _drop_task(changes, task, revisions[task.id], networks)
+            drop_task(changes, task, revisions[task.id], networks)
     if new is None:
         return
     wanted = [a.network for a in new.networks]
@@ -554,7 +550,7 @@ def _plan_tasks(
 
 
 def _addresses(
-    changes: _Changes, task: Task, wanted: list[str], networks: dict[str, Network]
+    changes: Changes, task: Task, wanted: list[str], networks: dict[str, Network]
 ) -> dict[str, str]:
     """The task's address on each wanted network (kept where it has one); others released.
 
@@ -572,26 +568,14 @@ def _addresses(
     }
 
 
-def _drop_task(changes: _Changes, task: Task, revision: int, networks: dict[str, Network]) -> None:
+def drop_task(changes: Changes, task: Task, revision: int, networks: dict[str, Network]) -> None:
     changes.ops.append(Delete(TASK, task.id, expect=revision))
     for network in task.addresses:
         if network in networks:
             changes.release(networks[network], [ipam.task_owner(task.id)])
 
 
-# -- nodes and logs --------------------------------------------------------------------------
-
-
-def list_nodes(store: Store) -> list[Node]:
-    return [from_record(Node, r) for r in store.list(NODE)]
-
-
-def controller_running(store: Store, now: float | None = None) -> bool:
-    """True if some node's controller wrote its heartbeat within HEARTBEAT_TIMEOUT."""
-    now = time.time() if now is None else now
-    return any(
-        n.state == "ready" and now - n.heartbeat <= HEARTBEAT_TIMEOUT for n in list_nodes(store)
-    )
+# -- logs and tasks --------------------------------------------------------------------------
 
 
 def task_log_path(state_dir: str, task: Task) -> str:
@@ -606,7 +590,23 @@ def replace_task(store: Store, task_id: str) -> Task | None:
     until the controller sees the new one running (new before old), then marks it shutdown.
     None if the task or its service is gone, or the slot already has a current task.
     """
+    return _replace(store, task_id, None, lambda old, service: old.spec_version < service.version)
 
+
+def reschedule_task(store: Store, task_id: str, why: str, *, retire: bool) -> Task | None:
+    """A new task for the slot of a task whose node is down or draining, to be placed elsewhere.
+
+    retire: the old task goes to shutdown in the same txn (a down node cannot be waited for;
+    its controller, if it comes back, stops the process). Otherwise it keeps running until its
+    replacement runs (drain: new before old). None if the task or its service is gone or the
+    slot already has another live task.
+    """
+    return _replace(store, task_id, why if retire else None, lambda old, service: True)
+
+
+def _replace(
+    store: Store, task_id: str, retire: str | None, needed: Callable[[Task, Service], bool]
+) -> Task | None:
     def attempt() -> Task | None:
         record = store.get(TASK, task_id)
         if record is None:
@@ -614,19 +614,25 @@ def replace_task(store: Store, task_id: str) -> Task | None:
         old = from_record(Task, record)
         services = {s.id: s for s in list_services(store)}
         service = services.get(old.service_id)
-        if service is None or old.spec_version >= service.version:
+        if service is None or old.desired_state != "running" or not needed(old, service):
             return None
         siblings = [from_record(Task, r) for r in store.list(TASK)]
+        now = time.time()
+        changes = Changes(store)
+        if retire is not None:
+            retired = dataclasses.replace(old, desired_state="shutdown").with_event(
+                now, old.state, retire
+            )
+            changes.ops.append(Put(TASK, old.id, retired.to_dict(), expect=record.mod_revision))
         if any(
-            t.service_id == service.id
+            t.id != old.id
+            and t.service_id == service.id
             and t.slot == old.slot
-            and t.spec_version == service.version
             and t.desired_state == "running"
             for t in siblings
         ):
+            changes.commit()  # a replacement is under way already: only retire the old one
             return None
-        changes = _Changes(store)
-        now = time.time()
         new = Task(
             service=service.name,
             service_id=service.id,
@@ -642,6 +648,18 @@ def replace_task(store: Store, task_id: str) -> Task | None:
         return new
 
     return retry_conflicts(attempt, f"replacing task {task_id}")
+
+
+def retire_task(store: Store, task: Task, revision: int, why: str) -> bool:
+    """Send a task to shutdown (its replacement runs); False if it changed meanwhile."""
+    retired = dataclasses.replace(task, desired_state="shutdown").with_event(
+        time.time(), task.state, why
+    )
+    try:
+        store.put(TASK, task.id, retired.to_dict(), expect=revision)
+    except Conflict:
+        return False
+    return True
 
 
 # -- containers ------------------------------------------------------------------------------
@@ -660,7 +678,7 @@ def attach_container(
         net = get_network(store, network)
         if store.get(CONTAINER, name) is not None:
             raise ValidationError(f"container {name} is attached already; detach it first")
-        changes = _Changes(store)
+        changes = Changes(store)
         container = Container(
             name, netns, net.name, node, created_at=time.time(), start_time=start_time
         )
@@ -681,7 +699,7 @@ def detach_container(store: Store, name: str) -> Container:
         if record is None:
             raise NotFoundError(f"container {name} is not attached; see meshctl container ls")
         container = from_record(Container, record)
-        changes = _Changes(store)
+        changes = Changes(store)
         changes.ops.append(Delete(CONTAINER, name, expect=record.mod_revision))
         networks = _networks(store)
         if container.network in networks:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from meshctl.durations import format_duration
 from meshctl.ipam import IpamState
-from meshctl.model import Network, PublishedPort, Service, Task
+from meshctl.model import Network, NodeStatus, PublishedPort, Service, Task
+from meshctl.nodes import NodeView
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -144,11 +145,32 @@ def service_pretty(service: Service, tasks: Sequence[Task]) -> str:
 # -- tasks -----------------------------------------------------------------------------------
 
 
-def task_json(task: Task) -> dict[str, Any]:
-    return task.to_dict()
+def task_problem(task: Task, statuses: Mapping[str, NodeStatus]) -> str:
+    """What keeps a task from serving, in one line: its own error (why it is pending, how it
+    failed), else its node being down, degraded, or failing one of the task's networks."""
+    if task.error:
+        return task.error
+    if not task.node or task.desired_state != "running":
+        return ""
+    status = statuses.get(task.node)
+    if status is None:
+        return f"node {task.node} is down"
+    failing = [f"network {n} fails on node {task.node}: {status.errors[n]}"
+               for n in sorted(task.addresses) if n in status.errors]  # fmt: skip
+    if failing:
+        return "; ".join(failing)
+    return f"node {task.node} is {status.message}" if status.message else ""
 
 
-def task_table(tasks: Iterable[Task], now: float | None = None) -> str:
+def task_json(task: Task, statuses: Mapping[str, NodeStatus] | None = None) -> dict[str, Any]:
+    return {**task.to_dict(), "problem": task_problem(task, statuses or {})}
+
+
+def task_table(
+    tasks: Iterable[Task],
+    now: float | None = None,
+    statuses: Mapping[str, NodeStatus] | None = None,
+) -> str:
     """docker service ps: a row per task, then (as `\\_ web.1`) its earlier transitions."""
     now = time.time() if now is None else now
     rows: list[list[str]] = []
@@ -162,7 +184,7 @@ def task_table(tasks: Iterable[Task], now: float | None = None) -> str:
                 t.desired_state,
                 current,
                 t.health,
-                t.error or "-",
+                task_problem(t, statuses or {}) or "-",
                 ",".join(f"{net}={addr}" for net, addr in t.addresses.items()) or "-",
             ]
         )
@@ -193,3 +215,65 @@ def _ago(now: float, then: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m ago"
     return f"{seconds // 3600}h ago"
+
+
+# -- nodes -----------------------------------------------------------------------------------
+
+
+def node_json(view: NodeView) -> dict[str, Any]:
+    status = view.status
+    return {
+        **view.node.to_dict(),
+        "state": view.state,
+        "leader": view.leader,
+        "tasks": view.tasks,
+        "message": status.message if status else "",
+        "errors": dict(status.errors) if status else {},
+        "lb_backend": status.lb_backend if status else "",
+        "since": status.since if status else None,
+    }
+
+
+def node_table(views: Iterable[NodeView]) -> str:
+    """docker node ls: a row per node; MESSAGE says why a live node is degraded."""
+    rows = [
+        [
+            v.node.name,
+            v.node.id,
+            v.node.address or "-",
+            v.state,
+            v.node.availability,
+            "leader" if v.leader else "",
+            str(v.tasks),
+            _node_message(v) or "-",
+        ]
+        for v in views
+    ]
+    return table(
+        ["NAME", "ID", "ADDRESS", "STATUS", "AVAILABILITY", "LEADER", "TASKS", "MESSAGE"], rows
+    )
+
+
+def _node_message(view: NodeView) -> str:
+    status = view.status
+    if status is None:
+        return ""
+    failing = [f"network {n}: {why}" for n, why in sorted(status.errors.items())]
+    return "; ".join(([status.message] if status.message else []) + failing)
+
+
+def node_pretty(view: NodeView) -> str:
+    node = view.node
+    pairs = [
+        ("Name", node.name),
+        ("ID", node.id),
+        ("Address", node.address or "-"),
+        ("Status", view.state + (f" ({_node_message(view)})" if _node_message(view) else "")),
+        ("Availability", node.availability),
+        ("Leader", "yes" if view.leader else "no"),
+        ("Tasks", str(view.tasks)),
+        ("Labels", ", ".join(f"{k}={v}" for k, v in sorted(node.labels.items())) or "-"),
+    ]
+    if view.status is not None:
+        pairs.append(("Load balancer", view.status.lb_backend or "-"))
+    return key_values(pairs)

@@ -1,60 +1,48 @@
 """`meshctl controller run`: the node's reconcile loop.
 
-One asyncio loop waits for a reason to reconcile — a store change, a task process exit, a
-stop finishing, a back-off or health deadline, the resync period — and runs each pass in one
-worker thread, so passes never overlap. A pass: read the store once, claim and adopt tasks,
-build the node's desired kernel objects, observe the kernel, apply the difference, check that
-a second diff is empty, then start, restart and stop task processes and write their states.
-The load balancers are observed in full once per resync period; passes in between apply only
-the services whose spec changed (their cost follows the change, not the number of services).
-SIGTERM ends the loop and leaves every task running; a restarted controller adopts them.
+One asyncio loop waits for a reason to reconcile — a store change (the informer's copy moved),
+a task process exit, a stop finishing, a back-off or health deadline, the resync period — and
+runs each pass in one worker thread, so passes never overlap. A pass works from one snapshot
+of the store: the leader places tasks and rolls updates, every node takes its load-balancer
+addresses, then the DNS records, the node's networking, the DNS endpoints, the load balancers
+and the task processes follow the view. Each of these fails alone: a network that cannot be
+set up is reported (node status, `service ps`, `meshctl diff`, the log) and the others
+converge. The load balancers and the node are observed in full once per resync period;
+passes in between apply only what changed. While the store is out of reach no pass runs: the
+kernel keeps its last state. SIGTERM ends the loop and leaves every task running; a restarted
+controller adopts them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
 
 from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
-from kernel.iptables import OwnedTable
 from kernel.system import Kernel
 from meshctl import ipam, runtime
-from meshctl.controller import names, updater
-from meshctl.controller.diff import write_dns_ports
-from meshctl.controller.discovery import dns_view, lb_specs
-from meshctl.controller.node import (
-    TaskNetSpec,
-    container_spec,
-    desired_node,
-    plan_node,
-    published_ports,
-)
-from meshctl.controller.node_kernel import (
-    apply_node,
-    blocked_ports,
-    observe_node,
-    set_node_sysctls,
-)
+from meshctl.controller import names, scheduler, updater
+from meshctl.controller.discovery import lb_specs
+from meshctl.controller.dns_sync import DnsSync
+from meshctl.controller.membership import Membership
+from meshctl.controller.node_kernel import set_node_sysctls
+from meshctl.controller.node_reconciler import NodeReconciler
 from meshctl.controller.supervisor import Local, Supervisor
-from meshctl.controller.view import ClusterView, read_view
-from meshctl.dns import DnsServer, DnsView
-from meshctl.dns.thread import ServerThread
+from meshctl.controller.view import ClusterView, view_of
 from meshctl.lb.reconcile import LbReconciler, choose_backend
-from meshctl.model import NODE, HealthCheck, Node, NodeState, Task
-from meshctl.store import Compacted, Store
+from meshctl.model import HealthCheck, MeshctlError, Node, Task
+from meshctl.store import Store, StoreError
+from meshctl.store.informer import Informer
 
 log = logging.getLogger("meshctl.controller")
 
-HEARTBEAT_PERIOD = 5.0  # well inside ops.HEARTBEAT_TIMEOUT
+STORE_WAIT = 5.0  # how long a pass waits for the copy to hold its own writes
 
 
 class Controller:
@@ -64,47 +52,38 @@ class Controller:
         self,
         store: Store,
         kernel: Kernel,
-        node: str,
+        node: Node,
         state_dir: str,
         *,
         resync_period: float = 10.0,
         lb_backend: str = "auto",
         upstreams: list[str] | None = None,
+        node_ttl: float = 10.0,
     ) -> None:
         self.store = store
         self.kernel = kernel
-        self.node = node
-        self.node_id = self._register()
+        backend = choose_backend(kernel, lb_backend)
+        self.membership = Membership(store, node, ttl=node_ttl)
+        self.node = self.membership.join(lb_backend=backend).name
+        self.node_id = self.membership.node.id
         self.state_dir = state_dir
         self.resync_period = resync_period
-        backend = choose_backend(kernel, lb_backend)
+        self.started = time.monotonic()
+        self._wake: Callable[[], None] = lambda: None  # set by run(): wakes the loop
+        self.informer = Informer(store, lambda events: self._wake())
         self.lb = LbReconciler(kernel, backend)
-        self.dns = ServerThread(DnsServer(upstreams or []))
+        self.node_sync = NodeReconciler(kernel, self.node, resync_period)
+        self.dns = DnsSync(upstreams or [])
         self.supervisor = Supervisor(
-            store, node, state_dir, open_connections=self._open_connections
+            store, self.node, state_dir, open_connections=self._open_connections
         )
         self._adopted = False
-        self._last_heartbeat = 0.0
         self._last_full_lb = -float("inf")  # monotonic time of the last full LB observe
-        self._last_full_node = -float("inf")  # and of the node's task namespaces
-        self._wired_tasks: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
-        self._node_tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
         self._last_view: ClusterView | None = None
-        self._dns_view: DnsView | None = None
-        self._dns_ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
-        self._dns_networks: dict[str, frozenset[str]] = {}
+        self._errors: dict[str, str] = {}  # what failed in the last pass, by network or task
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
-        self._stop_watching = False
-        log.info("node=%s id=%s lb_backend=%s", node, self.node_id, backend)
-
-    def _register(self) -> str:
-        """This node's record (made on first start): its id names the node's LB namespaces."""
-        record = self.store.get(NODE, self.node)
-        node = Node.from_dict(record.value) if record else Node(self.node, heartbeat=time.time())
-        if record is None:
-            self.store.put(NODE, self.node, node.to_dict(), expect=0)
-        return node.id
+        log.info("node=%s id=%s lb_backend=%s", self.node, self.node_id, backend)
 
     # -- one pass (runs in the worker thread) --------------------------------------------------
 
@@ -113,74 +92,73 @@ class Controller:
         with gc_paused():  # a pass builds many objects that form no cycles (kernel/gcpause.py)
             return self._reconcile_once()
 
+    def _view(self, wait: bool = False) -> ClusterView:
+        """The view from the informer's copy (after our own writes reached it, if wait)."""
+        if wait:
+            self.informer.sync(STORE_WAIT)
+        return view_of(self.informer.snapshot())
+
     def _reconcile_once(self) -> float:
-        view = read_view(self.store)
-        if updater.roll(self.store, view):
-            view = read_view(self.store)
-        if self.supervisor.claim(view) | self._claim_lb_addresses(view):
-            view = read_view(self.store)
+        if not self.informer.connected:
+            return time.time() + 1.0  # the kernel keeps its last state meanwhile
+        view = self._view()
+        if self._orchestrate(view):
+            view = self._view(wait=True)
+        errors: dict[str, str] = {}
+        if self._claim_lb_addresses(view, errors):
+            view = self._view(wait=True)
         self._last_view = view
-        self._sync_dns_records(view)  # first: answers follow the store within one store poll
+        self.dns.sync_records(view, self.node)  # first: answers follow the store at once
         if not self._adopted:
             self.supervisor.adopt(view)
             self._adopted = True
-        self._sync_node(view)
+        wired = self.supervisor.wired(view)
+        errors |= self.node_sync.sync(view, wired, self.dns.ports)
+        self.supervisor.port_errors = self.node_sync.port_errors
         # Task namespaces after wiring; adding DNS endpoints below creates or removes none.
         present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
-        if self._sync_dns_endpoints(view, present):
-            self._sync_node(view)  # the new endpoints' redirect rules
-        self._sync_lb(view)
+        task_dirs = {tid: self.supervisor.task_dir(tid) for tid in wired}
+        if self.dns.sync_endpoints(view, wired, present, task_dirs):
+            errors |= self.node_sync.sync(view, wired, self.dns.ports)  # their redirect rules
+        errors |= self._sync_lb(view)
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
         deadline = self.supervisor.step(view, unwired)
-        self._heartbeat()
-        return min(
-            deadline, time.time() + self.resync_period, self._last_heartbeat + HEARTBEAT_PERIOD
-        )
+        self._report(errors, "")
+        return min(deadline, time.time() + self.resync_period)
 
-    def _claim_lb_addresses(self, view: ClusterView) -> bool:
-        """A load-balancer address on every network for this node (IPAM gives one per node)."""
-        missing = [
-            n for n in view.networks.values() if (n.name, self.node) not in view.lb_addresses
-        ]
-        for network in missing:
-            ipam.allocate_lb_address(self.store, network, self.node)
-        return bool(missing)
+    def _orchestrate(self, view: ClusterView) -> bool:
+        """The leader's part: place tasks, move them off down and draining nodes, roll updates.
+        True if the store changed. A leader that has just started gives nodes without a live
+        controller one lease period to come back before it reschedules their tasks."""
+        if not self.membership.lead(view.leader):
+            return False
+        settled = time.monotonic() - self.started > self.membership.ttl
+        changed = scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
+        if changed:
+            view = self._view(wait=True)
+            # Tasks made by a reschedule are placed in the same pass.
+            changed |= scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
+        return updater.roll(self.store, view) or changed
 
-    def _sync_dns_endpoints(self, view: ClusterView, present: set[str]) -> bool:
-        """DNS sockets in every wired task namespace (of those present), none in the others;
-        True if any was added."""
-        wanted = {
-            tid: frozenset(view.tasks[tid].addresses)
-            for tid in self.supervisor.wired(view)
-            if tid in view.tasks and names.task_netns(tid) in present
-        }
-        for task_id in set(self._dns_ports) - set(wanted):
-            self.dns.remove_endpoint(task_id)
-            del self._dns_ports[task_id]
-        added = False
-        for task_id, networks in wanted.items():
-            if task_id in self._dns_ports and self._dns_networks.get(task_id) == networks:
+    def _claim_lb_addresses(self, view: ClusterView, errors: dict[str, str]) -> bool:
+        """A load-balancer address on every network for this node; a network that has none
+        left is reported, the others go on."""
+        have = view.lb_addresses
+        claimed = False
+        for network in view.networks.values():
+            if (network.name, self.node) in have:
                 continue
             try:
-                ports = self.dns.add_endpoint(task_id, names.task_netns(task_id), networks)
-            except KernelError as err:
-                log.warning("no DNS for task %s yet: %s", task_id, err)
-                continue
-            self._dns_ports[task_id] = ports
-            self._dns_networks[task_id] = networks
-            write_dns_ports(self.supervisor.task_dir(task_id), ports)  # for meshctl diff
-            added = True
-        return added
+                ipam.allocate_lb_address(self.store, network, self.node)
+                claimed = True
+            except MeshctlError as err:
+                errors[network.name] = str(err)
+        return claimed
 
-    def _sync_dns_records(self, view: ClusterView) -> None:
-        records = dns_view(view)
-        if records != self._dns_view:
-            self.dns.update(records)
-            self._dns_view = records
-
-    def _sync_lb(self, view: ClusterView) -> None:
+    def _sync_lb(self, view: ClusterView) -> dict[str, str]:
         """The load balancers: a full observe once per resync period (it repairs drift and
-        checks convergence); in between, only the services whose spec changed."""
+        checks convergence); in between, only the services whose spec changed. Returns the
+        networks whose load balancer failed, and why."""
         specs = lb_specs(view, self.node, self.node_id)
         prefix = names.lb_netns_prefix(self.node_id)
         now = time.monotonic()
@@ -188,15 +166,26 @@ class Controller:
             plan = self.lb.sync_changed(specs, prefix)
             if not plan.empty:
                 log.info("applied load-balancer changes to %d namespace(s)", len(plan.changes))
-            return
-        self._last_full_lb = now
-        plan = self.lb.plan(specs, prefix)
-        if plan.empty:
-            return
-        log.info("applying load-balancer plan")
-        self.lb.apply(plan)
-        if not self.lb.plan(specs, prefix).empty:
-            log.warning("load balancer not converged after apply")
+        else:
+            self._last_full_lb = now
+            plan = self.lb.plan(specs, prefix)
+            if not plan.empty:
+                log.info("applying load-balancer plan")
+                self.lb.apply(plan)
+                if not self.lb.failures and not self.lb.plan(specs, prefix).empty:
+                    log.warning("load balancer not converged after apply")
+        networks = {names.lb_netns(self.node_id, n.id): n.name for n in view.networks.values()}
+        return {networks.get(ns, ns): why for ns, why in self.lb.failures.items()}
+
+    def _report(self, errors: dict[str, str], message: str) -> None:
+        """Tell the cluster how this node does; log each failure once, when it starts."""
+        for what in sorted(set(errors) - set(self._errors)):
+            log.warning("%s fails on this node: %s", what, errors[what])
+        self._errors = errors
+        try:
+            self.membership.report(message, errors)
+        except StoreError as err:
+            log.warning("cannot report the node's status: %s", err)
 
     def _open_connections(self, task: Task) -> int:
         """TCP connections the task still serves through this node's load balancers."""
@@ -213,69 +202,6 @@ class Controller:
                 continue  # no LB namespace (yet): nothing goes through it
         return total
 
-    def _sync_node(self, view: ClusterView) -> None:
-        """The node's bridges, task legs and rules. Tasks known to be wired and the node's rules
-        known to be right are not read back between full observes (once per resync period),
-        so a pass costs what changed."""
-        containers = [
-            spec
-            for c in view.containers.values()
-            if c.node == self.node and (spec := container_spec(view, c)) is not None
-        ]
-        full = time.monotonic() - self._last_full_node >= self.resync_period
-        if full:
-            self._last_full_node = time.monotonic()
-            self._wired_tasks, self._node_tables = {}, None
-        mine = {task.id for task in view.tasks_on(self.node)}
-        actual, stray = observe_node(
-            self.kernel, containers, self._wired_tasks, mine, self._node_tables
-        )
-        blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
-        desired = desired_node(
-            view, self.node, self.supervisor.wired(view), self._dns_ports, blocked
-        )
-        plan = plan_node(desired, actual, stray)
-        if plan:
-            log.info("applying node plan %s", _summary(plan))
-            apply_node(self.kernel, plan)
-            changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_rules}
-            known = {k: v for k, v in self._wired_tasks.items() if v.netns not in changed}
-            tables = None if plan.tables else self._node_tables
-            actual, stray = observe_node(self.kernel, containers, known, mine, tables)
-            residue = plan_node(desired, actual, stray)
-            if residue:  # the convergence check: after applying, a second diff must be empty
-                log.warning("node not converged after apply: %s", _summary(residue))
-        self._wired_tasks = {
-            task_id: spec
-            for task_id, spec in desired.tasks.items()
-            if spec.owns_netns and actual.tasks.get(task_id) == spec
-        }
-        self._node_tables = desired.tables if actual.tables == desired.tables else None
-
-    def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
-        """Published ports that another process of this node holds: left to it, and said on the
-        service's tasks. A port meshctl already catches stays meshctl's."""
-        wanted = published_ports(view)
-        blocked = blocked_ports(self.kernel, view, nat)
-        errors = {
-            wanted[key]: f"published port {key[0]}/{key[1]} is in use on node {self.node} by "
-            "another process; free it or publish another port"
-            for key in sorted(blocked)
-        }
-        for message in set(errors.values()) - set(self.supervisor.port_errors.values()):
-            log.warning("%s", message)
-        self.supervisor.port_errors = errors
-        return blocked
-
-    def _heartbeat(self, state: NodeState = "ready") -> None:
-        now = time.time()
-        if state == "ready" and now - self._last_heartbeat < HEARTBEAT_PERIOD:
-            return
-        record = self.store.get(NODE, self.node)
-        node = Node.from_dict(record.value) if record else Node(self.node)
-        self.store.put(NODE, self.node, replace(node, state=state, heartbeat=now).to_dict())
-        self._last_heartbeat = now
-
     # -- the loop ------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -286,13 +212,17 @@ class Controller:
         def wake() -> None:
             loop.call_soon_threadsafe(wake_event.set)
 
-        self.supervisor.wake = wake
+        def lost(why: str) -> None:
+            log.error("%s; stopping", why)
+            loop.call_soon_threadsafe(stopping.set)
+
+        self._wake = self.supervisor.wake = wake
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         set_node_sysctls(self.kernel)
-        self.dns.__enter__()
-        watcher = threading.Thread(target=self._watch_store, args=(wake,), daemon=True)
-        watcher.start()
+        self.dns.start()
+        self.informer.start()
+        self.membership.start(lost)
         worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
         log.info("controller started node=%s state_dir=%s", self.node, self.state_dir)
         try:
@@ -300,8 +230,11 @@ class Controller:
                 wake_event.clear()
                 try:
                     deadline = await loop.run_in_executor(worker, self.reconcile_once)
-                except Exception:
+                except Exception as err:
                     log.exception("reconcile pass failed; retrying")
+                    await loop.run_in_executor(
+                        worker, self._report, self._errors, f"degraded: {_one_line(err)}"
+                    )
                     deadline = time.time() + 1.0
                 self._watch_exits(loop, wake)
                 self._sync_monitors(wake)
@@ -319,25 +252,12 @@ class Controller:
             for monitor in self._monitors.values():
                 monitor.cancel()
             worker.shutdown(wait=True)
-            self.dns.__exit__(None, None, None)
-            self._stop_watching = True
-            with contextlib.suppress(Exception):
-                self._heartbeat("down")
+            self.dns.stop()
+            self.informer.stop()
+            # The lease is left to run out: a controller restarted within it takes over
+            # without the node ever looking down.
+            self.membership.stop()
             log.info("controller stopped; tasks keep running")
-
-    def _watch_store(self, wake: Callable[[], None]) -> None:
-        """Wake the loop on every store change (the CLI's writes and our own)."""
-        revision = self.store.revision()
-        while not self._stop_watching:
-            try:
-                events = self.store.watch(revision, timeout=1.0)
-            except Compacted:
-                revision = self.store.revision()
-                wake()
-                continue
-            if events:
-                revision = events[-1].revision
-                wake()
 
     def _watch_exits(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
         """Wake the loop when a task process exits: its pidfd turns readable."""
@@ -394,5 +314,6 @@ class Controller:
         return service.health, next(iter(task.addresses.values()))
 
 
-def _summary(plan: object) -> str:
-    return " ".join(f"{k}={len(v)}" for k, v in vars(plan).items() if v)
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -34,10 +34,23 @@ def backend_weight(task: Task) -> int | None:
     return None
 
 
-def _backends(view: ClusterView, service: Service, network: str) -> tuple[Backend, ...]:
+def reachable(view: ClusterView, task: Task, network: str, node: str) -> bool:
+    """Whether `node` can send to the task on the network: it runs there, or on another node
+    that is up, on a network that spans nodes (a bridge network is one node's own)."""
+    if task.node == node:
+        return True
+    if not task.node or not view.up(task.node):
+        return False
+    net = view.networks.get(network)
+    return net is not None and (net.driver != "bridge" or task.node == node)
+
+
+def _backends(view: ClusterView, service: Service, network: str, node: str) -> tuple[Backend, ...]:
     backends: dict[str, int] = {}
     for task in view.tasks.values():
         if task.service_id != service.id or network not in task.addresses:
+            continue
+        if not reachable(view, task, network, node):
             continue
         weight = backend_weight(task)
         if weight is None:
@@ -57,7 +70,7 @@ def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
             continue
         prefix = ipaddress.IPv4Network(network.subnet).prefixlen
         vips = tuple(
-            VirtualIp(service.id, service.name, vip, _backends(view, service, network.name))
+            VirtualIp(service.id, service.name, vip, _backends(view, service, network.name, node))
             for service in sorted(view.services.values(), key=lambda s: s.name)
             if (vip := service.vips().get(network.name)) is not None
         )
@@ -65,9 +78,10 @@ def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
     return specs
 
 
-def dns_view(view: ClusterView) -> DnsView:
-    """Every name the embedded DNS answers, for every network but ingress (as in Docker, the
-    routing mesh's network carries published traffic only, no discovery)."""
+def dns_view(view: ClusterView, node: str) -> DnsView:
+    """Every name the embedded DNS of `node` answers, for every network but ingress (as in
+    Docker, the routing mesh's network carries published traffic only, no discovery); a task
+    is known on the networks where `node` reaches it."""
     services = tuple(
         DnsService(
             name=service.name,
@@ -83,7 +97,11 @@ def dns_view(view: ClusterView) -> DnsView:
         DnsTask(
             task.name,
             task.service,
-            {n: a for n, a in task.addresses.items() if n != INGRESS},
+            {
+                n: a
+                for n, a in task.addresses.items()
+                if n != INGRESS and reachable(view, task, n, node)
+            },
             healthy=serving(task),
         )
         for task in sorted(view.tasks.values(), key=lambda t: (t.name, t.id))

@@ -11,7 +11,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from meshctl.model import ValidationError, check_name
+from kernel.system import Kernel
+from meshctl.controller.membership import DEFAULT_TTL
+from meshctl.model import Node, ValidationError, check_address, check_name
 from meshctl.store import Store
 
 
@@ -43,25 +45,46 @@ class ControllerSettings:
     lb_backend: str
     upstreams: list[str]  # empty: the host's resolvers, read at start
     resync_period: float
+    advertise_addr: str = ""  # empty: the address of the default route, found at start
+    node_ttl: float = DEFAULT_TTL
 
 
 def controller_settings(
-    node: str | None, lb_backend: str, upstream_dns: Sequence[str], resync_period: float
+    node: str | None,
+    lb_backend: str,
+    upstream_dns: Sequence[str],
+    resync_period: float,
+    advertise_addr: str | None = None,
+    node_ttl: float = DEFAULT_TTL,
 ) -> ControllerSettings:
     """Check every option at once, so a bad one fails before the node is registered."""
     from meshctl.dns.forwarder import parse_upstream
 
     name = check_name(node or default_node_name(), "--node")
-    if not resync_period > 0:
-        raise ValidationError(
-            f"invalid --resync-period {resync_period:g}s: use a duration above 0, like 10s"
-        )
+    for value, option in ((resync_period, "--resync-period"), (node_ttl, "--node-ttl")):
+        if not value > 0:
+            raise ValidationError(f"invalid {option} {value:g}s: use a duration above 0, like 10s")
+    if advertise_addr:
+        check_address(advertise_addr, "--advertise-addr")
     for upstream in upstream_dns:
         try:
             parse_upstream(upstream)
         except ValueError as err:
             raise ValidationError(f"invalid --upstream-dns: {err}") from None
-    return ControllerSettings(name, lb_backend, list(upstream_dns), resync_period)
+    return ControllerSettings(
+        name, lb_backend, list(upstream_dns), resync_period, advertise_addr or "", node_ttl
+    )
+
+
+def default_address(kernel: Kernel) -> str:
+    """The address of the interface the default route leaves by: where other nodes most
+    likely reach this one ("" when there is no default route, as in a lone test namespace)."""
+    for route in kernel.links.list_routes(None):
+        if route.dst == "default" and route.ifname:
+            addresses = kernel.links.list_addresses(None, route.ifname)
+            if addresses:
+                return addresses[0].cidr.split("/")[0]
+    return ""
 
 
 def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -> int:
@@ -74,14 +97,22 @@ def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -
     handler.setFormatter(LogfmtFormatter())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     upstreams = settings.upstreams or read_resolv_conf("/etc/resolv.conf")
+    kernel = real_kernel()
+    address = settings.advertise_addr or default_address(kernel)
+    if not address:
+        logging.getLogger("meshctl.controller").warning(
+            "no default route: this node advertises no address (give --advertise-addr for "
+            "a cluster)"
+        )
     controller = Controller(
         store,
-        real_kernel(),
-        settings.node,
+        kernel,
+        Node(settings.node, address=address, created_at=time.time()),
         state_dir,
         resync_period=settings.resync_period,
         lb_backend=settings.lb_backend,
         upstreams=upstreams,
+        node_ttl=settings.node_ttl,
     )
     asyncio.run(controller.run())
     return 0

@@ -160,31 +160,38 @@ def _lo_up(inside: dict[str, Link]) -> bool:
     return "lo" in inside and inside["lo"].up
 
 
-def apply_node(kernel: Kernel, plan: NodePlan) -> None:
+def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
     """Carry out a node plan; every step is an ensure or a delete, so a retry is safe.
-    A clash is only reported: the link is another's."""
+    A clash is only reported: the link is another's. One bridge or task that cannot be set up
+    must not stop the others: returns what failed (bridge name or task namespace → error),
+    and the next pass tries again."""
+    failed: dict[str, str] = {}
     for name, alias in plan.clashes:
         log.warning("%s", names.clash_text(name, alias))
     for bridge in plan.ensure_bridges:
-        _ensure_bridge(kernel, bridge)
+        try:
+            _ensure_bridge(kernel, bridge)
+        except KernelError as err:
+            failed[bridge.name] = str(err)
     if plan.tables:
         kernel.iptables.apply_tables(NODE, plan.tables)
     for task in plan.wire_tasks:
         try:
             wire_task(kernel, task)
         except KernelError as err:
-            # One endpoint that cannot be wired (an attached container whose process ended)
-            # must not stop the others; the next pass tries again.
-            log.warning("cannot wire %s: %s", task.netns, err)
+            failed[task.netns] = str(err)
     for ns, change in plan.task_rules:
         try:
             kernel.iptables.apply(ns, "nat", change)
         except KernelError as err:
-            log.warning("cannot set the rules of %s: %s", ns, err)
+            failed[ns] = f"cannot set its rules: {err}"
     for ns in plan.unwire_tasks:
         kernel.netns.delete(ns)
     for name in plan.delete_links:
         kernel.links.delete_link(NODE, name)
+    for what, why in failed.items():
+        log.warning("cannot set up %s: %s", what, why)
+    return failed
 
 
 def _ensure_bridge(kernel: Kernel, bridge: BridgeSpec) -> None:

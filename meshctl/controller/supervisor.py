@@ -61,22 +61,6 @@ class Supervisor:
 
     # -- the pass ------------------------------------------------------------------------------
 
-    def claim(self, view: ClusterView) -> bool:
-        """Take unassigned tasks for this node (single-node scheduling); True if any was taken."""
-        claimed = False
-        for task in view.tasks.values():
-            if task.node or task.desired_state != "running":
-                continue
-            mine = dataclasses.replace(task, node=self.node).with_event(
-                time.time(), "assigned", f"assigned to node {self.node}"
-            )
-            try:
-                self.store.put(TASK, task.id, mine.to_dict(), expect=view.task_revisions[task.id])
-                claimed = True
-            except Conflict:
-                continue  # another controller took it, or the CLI changed it: next pass
-        return claimed
-
     def adopt(self, view: ClusterView) -> None:
         """After a restart: take over the processes an earlier controller started."""
         for task in view.tasks_on(self.node):

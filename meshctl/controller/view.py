@@ -14,21 +14,25 @@ from typing import TypeVar
 from meshctl import ipam
 from meshctl.model import (
     CONTAINER,
+    LEADER,
+    LEADER_KEY,
     NETWORK,
     NODE,
+    NODE_STATUS,
     SERVICE,
     TASK,
     Container,
     CorruptRecordError,
     Network,
     Node,
+    NodeStatus,
     Service,
     Task,
     from_record,
 )
 from meshctl.store import Snapshot, Store
 
-M = TypeVar("M", Network, Service, Task, Node, Container)
+M = TypeVar("M", Network, Service, Task, Node, NodeStatus, Container)
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,13 @@ class ClusterView:
     gateways: dict[str, str]  # network name → gateway address
     lb_addresses: dict[tuple[str, str], str]  # (network, node) → load-balancer address
     containers: dict[str, Container]  # attached foreign namespaces, by name
+    statuses: dict[str, NodeStatus] = field(default_factory=dict)  # live nodes' controllers
+    leader: str | None = None  # the node that places tasks
     broken: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) → why
+
+    def up(self, node: str) -> bool:
+        """Whether the node's controller is live."""
+        return node in self.statuses
 
     def tasks_on(self, node: str) -> list[Task]:
         return [t for t in self.tasks.values() if t.node == node]
@@ -80,6 +90,10 @@ def view_of(snapshot: Snapshot) -> ClusterView:
         gateways=ipam.gateways(snapshot),
         lb_addresses=ipam.lb_addresses(snapshot),
         containers=decode(Container, CONTAINER, lambda c: c.name),
+        statuses=decode(NodeStatus, NODE_STATUS, lambda s: s.node),
+        leader=next(
+            (str(r.value.get("node")) for r in snapshot.of(LEADER) if r.name == LEADER_KEY), None
+        ),
         broken=broken,
     )
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import partial
 
-from kernel.errors import NotFound, Unsupported
+from kernel.errors import KernelError, NotFound, Unsupported
 from kernel.features import pick_lb_backend
 from kernel.ipvs import IpvsChange
 from kernel.netns import Namespace
@@ -74,6 +74,9 @@ class LbReconciler:
         # full observe found it converged, dropped before a change is made (a failed apply
         # leaves it unknown, so the next pass observes it).
         self._applied: dict[str, LbSpec] = {}
+        # LB namespaces whose last observe or apply failed, and why: one network that fails
+        # must not stop the others (the controller reports these).
+        self.failures: dict[str, str] = {}
 
     def observe(self, spec: LbSpec) -> LbObserved:
         """Read the LB namespace of spec's network (spec names its leg; the sysctls are the
@@ -126,9 +129,14 @@ class LbReconciler:
         return self._plan(desired, owned_prefix, change)
 
     def _observed_change(self, spec: LbSpec) -> NsChange:
-        change = self.diff(spec, self.observe(spec))
+        try:
+            change = self.diff(spec, self.observe(spec))
+        except KernelError as err:
+            self.failures[spec.netns] = f"cannot read its load balancer: {err}"
+            return NsChange(spec)
         if change.empty:
             self._applied[spec.netns] = spec
+            self.failures.pop(spec.netns, None)
         return change
 
     def _plan(
@@ -164,10 +172,18 @@ class LbReconciler:
         for change in plan.changes:
             self._applied.pop(change.spec.netns, None)
             if change.clashes:
-                for name, alias in change.clashes:
-                    log.warning("%s: %s", change.spec.netns, names.clash_text(name, alias))
+                texts = [names.clash_text(name, alias) for name, alias in change.clashes]
+                for text in texts:
+                    log.warning("%s: %s", change.spec.netns, text)
+                self.failures[change.spec.netns] = "; ".join(texts)
                 continue
-            self._apply_change(change)
+            try:
+                self._apply_change(change)
+            except KernelError as err:
+                log.warning("%s: cannot apply its load balancer: %s", change.spec.netns, err)
+                self.failures[change.spec.netns] = f"cannot set up its load balancer: {err}"
+                continue
+            self.failures.pop(change.spec.netns, None)
             self._applied[change.spec.netns] = change.spec
         for ns in plan.unmarked_netns:
             log.warning(
@@ -177,6 +193,7 @@ class LbReconciler:
             )
         for ns in plan.delete_netns:
             self._applied.pop(ns, None)
+            self.failures.pop(ns, None)
             # The node end goes first, explicitly: a namespace dies only when unreferenced.
             self.kernel.links.delete_link(self.node_ns, lb_node_end(ns.rsplit("-", 1)[1]))
             self.kernel.netns.delete(ns)

@@ -337,6 +337,7 @@ def test_a_bridge_name_held_by_another_link_is_reported_and_left_alone(mesh: Mes
     assert [line for line in diff.stdout.splitlines() if line.startswith("! ")] == [
         f"{clash}{rest}",
         f"! {lb_ns}: {clash[2:]}{rest}",
+        f"! network front fails on node node1: {clash[2:]}{rest}",  # the node's own report
     ]
     assert shown() == before
     assert mesh.running("web") == []  # its leg would hang off the other tool's bridge

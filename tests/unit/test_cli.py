@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from meshctl import cli
 from meshctl.cli import main
-from meshctl.model import NODE, Container, Node
+from meshctl.model import NODE, NODE_STATUS, Container, Node, NodeStatus
 from meshctl.store import open_store
 
 
@@ -239,7 +239,9 @@ def test_without_detach_it_waits_for_a_live_controller(
     run: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with open_store(f"sqlite://{tmp_path}/state.db") as store:
-        store.put(NODE, "node1", Node("node1", heartbeat=time.time()).to_dict())
+        live = store.grant_lease(60)  # what a running controller keeps: its status, leased
+        store.put(NODE, "node1", Node("node1").to_dict())
+        store.put(NODE_STATUS, "node1", NodeStatus("node1").to_dict(), lease=live)
     monkeypatch.setattr(cli, "CONVERGE_TIMEOUT", 0.3)
     monkeypatch.setattr(cli, "POLL_INTERVAL", 0.05)
     started = time.monotonic()
@@ -264,7 +266,7 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path) -> None:
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
     examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
-    network, services, service, tasks, containers = examples
+    network, services, service, tasks, nodes, containers = examples
     run("network", "create", "front", "--label", "team=web")
     run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
         "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
@@ -285,6 +287,15 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path) -> None:
             "container", "legacy", Container("legacy", "/run/netns/x", "front", "n1").to_dict()
         )
     assert printed("container", "ls")[0].keys() == containers[0].keys()
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put(NODE, "node1", Node("node1", "10.99.0.11").to_dict())
+        live = store.grant_lease(60)
+        store.put(NODE_STATUS, "node1", NodeStatus("node1").to_dict(), lease=live)
+        store.put(NODE, "node2", Node("node2").to_dict())
+    shown_nodes = printed("node", "ls")
+    assert [n.keys() for n in shown_nodes] == [nodes[0].keys()] * 2
+    assert [n["state"] for n in shown_nodes] == ["ready", "down"]
+    assert printed("node", "inspect", "node2").keys() == nodes[0].keys()
 
 
 def _one_line(result: Any) -> str:

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from meshctl.durations import DurationError, format_duration, parse_duration
 from meshctl.model import (
+    Constraint,
     Container,
     HealthCheck,
     Network,
     NetworkAttachment,
     Node,
+    NodeStatus,
     PublishedPort,
     RestartPolicy,
     Service,
@@ -214,8 +217,12 @@ def test_every_object_round_trips_through_its_dict() -> None:
     task = Task("web", service.id, 1, 1, addresses={"front": "10.10.0.3"}, pid=7)
     assert Task.from_dict(task.to_dict()) == task
     assert task.to_dict()["name"] == "web.1"
-    node = Node("node1", "192.0.2.1", heartbeat=1.0)
+    node = Node("node1", "192.0.2.1", labels={"zone": "a"}, availability="drain")
     assert Node.from_dict(node.to_dict()) == node
+    status = NodeStatus("node1", since=1.0, message="degraded: x", errors={"front": "full"})
+    assert NodeStatus.from_dict({**status.to_dict(), "lease": 7}) == status
+    placed = replace(service, constraints=("node.labels.zone==a",), max_replicas_per_node=2)
+    assert Service.from_dict(placed.to_dict()) == placed
 
 
 def test_ids_are_12_hex_characters_and_differ() -> None:
@@ -374,3 +381,37 @@ def test_a_container_knows_its_pid_and_keeps_its_start_time() -> None:
     assert Container("c", "/proc/self/ns/net", "front", "n1").pid is None
     old = {k: v for k, v in attached.to_dict().items() if k != "start_time"}
     assert Container.from_dict(old).start_time is None  # records from before the field
+
+
+def test_constraints_read_as_docker_writes_them_and_match_nodes() -> None:
+    zone_b = Node("node2", labels={"zone": "b", "com.example/disk": "ssd"})
+    cases = {
+        "node.labels.zone==b": True,
+        "node.labels.zone != b": False,
+        "node.labels.zone==a": False,
+        "node.labels.missing!=x": True,
+        "node.labels.com.example/disk==ssd": True,
+        "node.name==node2": True,
+        "node.name!=node2": False,
+        f"node.id=={zone_b.id}": True,
+    }
+    for text, expected in cases.items():
+        assert Constraint.parse(text).matches(zone_b) is expected, text
+    assert str(Constraint.parse("node.labels.zone == b")) == "node.labels.zone==b"
+    for bad in ("zone==b", "node.labels.zone=b", "node.labels.zone==", "node.role==manager",
+                "node.labels.zone==b\n"[:-1] + "\n"):  # fmt: skip
+        with pytest.raises(ValidationError, match="invalid --constraint"):
+            svc(constraints=(bad,))
+    with pytest.raises(ValidationError, match="--replicas-max-per-node"):
+        svc(max_replicas_per_node=-1)
+
+
+def test_a_node_refuses_bad_labels_availability_and_addresses() -> None:
+    with pytest.raises(ValidationError, match="--availability"):
+        Node("n1", availability="gone")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="--advertise-addr"):
+        Node("n1", address="127.0.0.1")
+    with pytest.raises(ValidationError, match="--advertise-addr"):
+        Node("n1", address="10.0.0.300")
+    with pytest.raises(ValidationError, match="--label key"):
+        Node("n1", labels={"bad key": "x"})

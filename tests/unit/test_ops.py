@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -346,15 +345,6 @@ def test_find_task_by_name_or_id(store: Store) -> None:
     assert ops.find_task(store, task.id) == task
     with pytest.raises(NotFoundError, match="no service or task named web.9"):
         ops.find_task(store, "web.9")
-
-
-def test_controller_running_needs_a_fresh_heartbeat(store: Store) -> None:
-    assert not ops.controller_running(store)
-    now = time.time()
-    store.put(NODE, "node1", Node("node1", heartbeat=now - 60).to_dict())
-    assert not ops.controller_running(store, now)
-    store.put(NODE, "node2", Node("node2", heartbeat=now - 1).to_dict())
-    assert ops.controller_running(store, now)
 
 
 def test_plan_tasks_fills_missing_slots_and_trims_extra_ones() -> None:

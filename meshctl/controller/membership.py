@@ -1,0 +1,190 @@
+"""This node in the cluster: its record, its status under a lease, and the leadership.
+
+join() records the node (its id, labels and availability kept from earlier starts) and puts
+its status under a new lease. Another live controller's status for the same node name refuses
+the start; one left behind by a controller of this host that has died (its pid gone, or reused
+by another process) is taken over at once, so a restart after a crash need not wait for the
+lease to run out. A thread renews the lease every ttl/3. When it lapsed anyway (the store was
+out of reach longer than the ttl, and the leader has meanwhile rescheduled this node's tasks),
+a new lease is taken and the status put again. report() writes the status only when what it
+says changed; lead() takes the leader key when it is free. A stopping controller leaves its
+lease to expire: a restart within the ttl takes over without the node ever looking down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from meshctl.model import (
+    LEADER,
+    LEADER_KEY,
+    NODE,
+    NODE_STATUS,
+    MeshctlError,
+    Node,
+    NodeStatus,
+    from_record,
+)
+from meshctl.nodes import register_ops
+from meshctl.runtime import read_start_time
+from meshctl.store import Conflict, LeaseExpired, Record, Store, StoreError
+
+log = logging.getLogger("meshctl.membership")
+
+DEFAULT_TTL = 10.0
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+class NodeBusy(MeshctlError):
+    """Another live controller runs this node."""
+
+
+def boot_id() -> str:
+    try:
+        with open(BOOT_ID) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _process_alive(pid: int, start: int) -> bool:
+    return pid > 0 and read_start_time(pid) == start
+
+
+class Membership:
+    """One controller's place in the cluster: its node, its lease, its status."""
+
+    def __init__(self, store: Store, node: Node, *, ttl: float = DEFAULT_TTL) -> None:
+        self.store = store
+        self.node = node
+        self.ttl = ttl
+        self.lease = 0
+        self._status = NodeStatus(
+            node.name,
+            since=time.time(),
+            pid=os.getpid(),
+            pid_start=read_start_time(os.getpid()) or 0,
+            boot_id=boot_id(),
+        )
+        self._written: NodeStatus | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unreachable = False
+
+    # -- joining -------------------------------------------------------------------------------
+
+    def join(self, lb_backend: str = "") -> Node:
+        """Record the node and put its status under a new lease; NodeBusy if it is live."""
+        record = self.store.get(NODE, self.node.name)
+        existing = from_record(Node, record) if record else None
+        ops = register_ops(self.node, existing, record.mod_revision if record else 0)
+        if ops:
+            self.store.txn(ops)
+        if existing is not None:
+            self.node = dataclasses.replace(existing, address=self.node.address or existing.address)
+        self._status = dataclasses.replace(self._status, lb_backend=lb_backend)
+        self._take_status()
+        return self.node
+
+    def _take_status(self) -> None:
+        """A new lease and the node's status under it, over a dead predecessor's if need be."""
+        current = self.store.get(NODE_STATUS, self.node.name)
+        if current is not None:
+            self._take_over(current)
+        lease = self.store.grant_lease(self.ttl)
+        status = self._status
+        try:
+            self.store.put(
+                NODE_STATUS, self.node.name, self._value(status, lease), expect=0, lease=lease
+            )
+        except Conflict:
+            self.store.revoke_lease(lease)
+            raise NodeBusy(
+                f"node {self.node.name}: another controller started for it just now; "
+                "run one controller per node"
+            ) from None
+        with self._lock:
+            self.lease = lease
+            self._written = status
+
+    def _take_over(self, current: Record) -> None:
+        """Take the status of a controller of this host that died; refuse a live one."""
+        other = from_record(NodeStatus, current)
+        value = current.value
+        here = other.boot_id == self._status.boot_id and other.boot_id != ""
+        if here and not _process_alive(other.pid, other.pid_start):
+            log.info("node=%s taking over from pid %d, which ended", other.node, other.pid)
+            self.store.revoke_lease(int(value.get("lease", 0)))  # its status goes with it
+            return
+        where = f"pid {other.pid} on this host" if here else "on another host"
+        raise NodeBusy(
+            f"node {self.node.name} already has a live controller ({where}); stop it first, "
+            f"or give this one another --node"
+        )
+
+    def _value(self, status: NodeStatus, lease: int) -> dict[str, object]:
+        return {**status.to_dict(), "lease": lease}
+
+    # -- staying -------------------------------------------------------------------------------
+
+    def start(self, on_lost: Callable[[str], None]) -> None:
+        """Renew the lease every ttl/3 in a thread; on_lost(why) if another controller took the
+        node meanwhile (this one must stop)."""
+        self._thread = threading.Thread(
+            target=self._keep_alive, args=(on_lost,), name="membership", daemon=True
+        )
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _keep_alive(self, on_lost: Callable[[str], None]) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self.store.keep_alive(self.lease):
+                    log.warning("node=%s lease lapsed; joining again", self.node.name)
+                    self._take_status()
+                if self._unreachable:
+                    log.info("node=%s store reachable again", self.node.name)
+                    self._unreachable = False
+            except NodeBusy as err:
+                on_lost(str(err))
+                return
+            except StoreError as err:
+                if not self._unreachable:
+                    log.warning("node=%s cannot renew its lease: %s", self.node.name, err)
+                    self._unreachable = True
+
+    def report(self, message: str, errors: dict[str, str]) -> None:
+        """Say how this node is doing (written only when it changed)."""
+        status = dataclasses.replace(self._status, message=message, errors=dict(errors))
+        with self._lock:
+            if status == self._written:
+                return
+            lease = self.lease
+        try:
+            self.store.put(NODE_STATUS, self.node.name, self._value(status, lease), lease=lease)
+        except LeaseExpired:
+            return  # the keep-alive thread joins again and writes the status then
+        with self._lock:
+            self._status, self._written = status, status
+
+    def lead(self, leader: str | None) -> bool:
+        """Whether this node places tasks now: it holds the leader key (leader: who holds it in
+        the last view), or took it because it was free."""
+        if leader is not None:
+            return leader == self.node.name
+        try:
+            self.store.put(LEADER, LEADER_KEY, {"node": self.node.name}, expect=0, lease=self.lease)
+        except (Conflict, LeaseExpired):
+            return False
+        log.info("node=%s is the leader: it places tasks now", self.node.name)
+        return True

@@ -1,0 +1,111 @@
+"""The node's own networking, reconciled: bridges, task legs and the node's rules.
+
+Desired objects are pure functions of the view (controller.node), the kernel is read and
+written by controller.node_kernel; this class keeps the small cache between passes: tasks known
+to be wired and the node's rules known to be right are not read back between full observes
+(once per resync period), so a pass costs what changed. One bridge or task that fails is
+reported by name and the others converge.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Mapping
+
+from kernel.iptables import OwnedTable
+from kernel.system import Kernel
+from meshctl.controller import names
+from meshctl.controller.node import (
+    TaskNetSpec,
+    container_spec,
+    desired_node,
+    plan_node,
+    published_ports,
+)
+from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node
+from meshctl.controller.view import ClusterView
+
+log = logging.getLogger("meshctl.node")
+
+
+class NodeReconciler:
+    """Drives the node's networking for one controller (node: the node's name)."""
+
+    def __init__(self, kernel: Kernel, node: str, resync_period: float) -> None:
+        self.kernel = kernel
+        self.node = node
+        self.resync_period = resync_period
+        self._last_full = -float("inf")  # monotonic time of the last full observe
+        self._wired: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
+        self._tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
+        # service id → why one of its published ports is not published on this node
+        self.port_errors: dict[str, str] = {}
+
+    def sync(
+        self,
+        view: ClusterView,
+        wired: Collection[str],
+        dns_ports: Mapping[str, tuple[int, int]],
+    ) -> dict[str, str]:
+        """Bring the node in line with the view for the tasks in `wired` (those the supervisor
+        runs or stops); returns what failed: network name or task id → why."""
+        containers = [
+            spec
+            for c in view.containers.values()
+            if c.node == self.node and (spec := container_spec(view, c)) is not None
+        ]
+        if time.monotonic() - self._last_full >= self.resync_period:
+            self._last_full = time.monotonic()
+            self._wired, self._tables = {}, None
+        mine = {task.id for task in view.tasks_on(self.node)}
+        actual, stray = observe_node(self.kernel, containers, self._wired, mine, self._tables)
+        blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
+        desired = desired_node(view, self.node, wired, dns_ports, blocked)
+        plan = plan_node(desired, actual, stray)
+        failed: dict[str, str] = {}
+        if plan:
+            log.info("applying node plan %s", summary(plan))
+            failed = apply_node(self.kernel, plan)
+            changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_rules}
+            known = {k: v for k, v in self._wired.items() if v.netns not in changed}
+            tables = None if plan.tables else self._tables
+            actual, stray = observe_node(self.kernel, containers, known, mine, tables)
+            residue = plan_node(desired, actual, stray)
+            if residue and not failed:  # a second diff must be empty after applying
+                log.warning("node not converged after apply: %s", summary(residue))
+        self._wired = {
+            task_id: spec
+            for task_id, spec in desired.tasks.items()
+            if spec.owns_netns and actual.tasks.get(task_id) == spec
+        }
+        self._tables = desired.tables if actual.tables == desired.tables else None
+        return _by_object(view, failed)
+
+    def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
+        """Published ports that another process of this node holds: left to it, and said on the
+        service's tasks. A port meshctl already catches stays meshctl's."""
+        wanted = published_ports(view)
+        blocked = blocked_ports(self.kernel, view, nat)
+        errors = {
+            wanted[key]: f"published port {key[0]}/{key[1]} is in use on node {self.node} by "
+            "another process; free it or publish another port"
+            for key in sorted(blocked)
+        }
+        for message in set(errors.values()) - set(self.port_errors.values()):
+            log.warning("%s", message)
+        self.port_errors = errors
+        return blocked
+
+
+def _by_object(view: ClusterView, failed: Mapping[str, str]) -> dict[str, str]:
+    """Failures keyed by what users know: a bridge's network name, a task namespace's task id."""
+    bridges = {names.bridge(n.id): n.name for n in view.networks.values()}
+    return {
+        bridges.get(what) or what.removeprefix(names.TASK_NETNS_PREFIX): why
+        for what, why in failed.items()
+    }
+
+
+def summary(plan: object) -> str:
+    return " ".join(f"{k}={len(v)}" for k, v in vars(plan).items() if v)
