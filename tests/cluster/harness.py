@@ -161,7 +161,7 @@ class Cluster:
 
     def _start(self) -> None:
         if self.state_file and os.path.exists(self.state_file):
-            raise RuntimeError(f"{self.state_file} records a cluster already: remove it first")
+            raise RuntimeError(f"{self.state_file} records a running cluster: `down` removes it")
         if not os.path.isdir(self.base_dir):
             os.makedirs(self.base_dir)
             self.made_dirs.append(self.base_dir)
