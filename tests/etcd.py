@@ -25,7 +25,8 @@ def free_port() -> int:
 
 class EtcdServer:
     """One etcd member. netns: the namespace to run it in (None: this one); address: where it
-    listens (loopback by default)."""
+    listens (loopback by default); data_dir: an existing directory for its data and log (None:
+    a temporary one)."""
 
     def __init__(
         self,
@@ -35,6 +36,7 @@ class EtcdServer:
         peer_port: int | None = None,
         netns: str | None = None,
         name: str = "meshctl-test",
+        data_dir: str | None = None,
     ) -> None:
         if not os.path.exists(ETCD):
             raise RuntimeError("etcd is not installed: apt-get install etcd-server")
@@ -43,7 +45,9 @@ class EtcdServer:
         self.peer_port = peer_port or free_port()
         self.netns = netns
         self.name = name
-        self.data_dir = tempfile.mkdtemp(prefix="meshctl-etcd-")
+        # A data dir the caller gives stays the caller's to remove; one made here goes in close().
+        self._own_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="meshctl-etcd-")
         self.log_path = os.path.join(self.data_dir, "etcd.log")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -74,7 +78,11 @@ class EtcdServer:
         """Start etcd and wait until it serves requests."""
         assert self.process is None or self.process.poll() is not None, "already running"
         with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self._argv(), stdout=log, stderr=log)
+            # Its own session: a terminal's Ctrl-C or hangup does not stop a cluster's store.
+            self.process = subprocess.Popen(
+                self._argv(), stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -111,7 +119,8 @@ class EtcdServer:
 
     def close(self) -> None:
         self.stop()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self._own_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
