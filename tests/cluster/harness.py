@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import ipaddress
 import itertools
 import json
@@ -215,7 +214,7 @@ class Cluster:
         n = self.nodes[node]
         assert n.pid is None, f"the controller of {node} runs already"
         argv = [*MESHCTL, "--store", self.store_url, "controller", "run", "--node", node,
-                *_advertise(n.address), "--resync-period", "2s", "--lb-backend", LB_BACKEND,
+                "--advertise-addr", n.address, "--resync-period", "2s", "--lb-backend", LB_BACKEND,
                 *self.controller_args, *extra]  # fmt: skip
         with open(n.log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -238,14 +237,15 @@ class Cluster:
         self.stop_controller(node, signal.SIGKILL)
 
     def wait_registered(self, timeout: float = 60) -> None:
-        """Wait until every node has its `node` record; fail early with the log of a
-        controller that exited."""
+        """Wait until every node whose controller runs is up (its status is in the store);
+        fail early with the log of a controller that exited."""
 
         def registered() -> bool:
             for n in self.nodes.values():
                 if n.pid is not None and self._ended(n.pid, n.netns):
                     raise RuntimeError(f"the controller of {n.name} exited: {self.logs(n.name)}")
-            return set(self.node_records()) == set(self.nodes)
+            running = {n.name for n in self.nodes.values() if n.pid is not None}
+            return running <= set(self.node_statuses())
 
         wait_for(registered, timeout, "every controller to register its node", interval=0.2)
 
@@ -343,6 +343,11 @@ class Cluster:
     def node_records(self) -> dict[str, dict[str, Any]]:
         """The `node` records of this cluster's nodes, by name."""
         records = self.call_store(lambda store: store.list("node"))
+        return {r.name: r.value for r in records if r.name in self.nodes}
+
+    def node_statuses(self) -> dict[str, dict[str, Any]]:
+        """The statuses of this cluster's nodes whose controller is live, by name."""
+        records = self.call_store(lambda store: store.list("node-status"))
         return {r.name: r.value for r in records if r.name in self.nodes}
 
     # -- removing it ---------------------------------------------------------------------------
@@ -481,18 +486,6 @@ def _runs_in(pid: int, ns: str) -> bool:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(netns.path(ns)).st_ino
     except (FileNotFoundError, PermissionError):
         return False
-
-
-@functools.cache
-def _advertise_option() -> bool:
-    """Whether `controller run` takes --advertise-addr (being added with the node model)."""
-    usage = subprocess.run([*MESHCTL, "controller", "run", "--help"], capture_output=True,
-                           text=True, check=True).stdout  # fmt: skip
-    return "--advertise-addr" in usage
-
-
-def _advertise(address: str) -> list[str]:
-    return ["--advertise-addr", address] if _advertise_option() else []
 
 
 def main(argv: Sequence[str] | None = None) -> None:
