@@ -150,11 +150,13 @@ def task_problem(task: Task, statuses: Mapping[str, NodeStatus]) -> str:
     failed), else its node being down, degraded, or failing one of the task's networks."""
     if task.error:
         return task.error
-    if not task.node or task.desired_state != "running":
+    if not task.node or task.state in ("complete", "failed", "shutdown", "rejected"):
         return ""
     status = statuses.get(task.node)
     if status is None:
-        return f"node {task.node} is down"
+        return f"node {task.node} is down"  # what it last said of the task may be stale
+    if task.desired_state != "running":
+        return ""
     failing = [f"network {n} fails on node {task.node}: {status.errors[n]}"
                for n in sorted(task.addresses) if n in status.errors]  # fmt: skip
     if failing:
