@@ -208,11 +208,20 @@ def network() -> None:
 @network.command("create")
 @click.argument("name")
 @click.option("--subnet", help="IPv4 CIDR; default: the next free /24 of 10.10.0.0/16.")
-@click.option("--driver", type=click.Choice(["bridge"]), default="bridge", show_default=True)
+@click.option(
+    "--driver",
+    type=click.Choice(["bridge", "overlay"]),
+    help="overlay: one network across the cluster's nodes (VXLAN); bridge: each node's own. "
+    "[default: overlay with an etcd store, else bridge]",
+)
 @click.option("--internal", is_flag=True, help="No egress: tasks reach only this network.")
 @click.option("--label", "labels", multiple=True, metavar="K=V", help="A label (repeatable).")
 def network_create(
-    name: str, subnet: str | None, driver: Literal["bridge"], internal: bool, labels: tuple[str]
+    name: str,
+    subnet: str | None,
+    driver: Literal["bridge", "overlay"] | None,
+    internal: bool,
+    labels: tuple[str],
 ) -> None:
     """Create network NAME and print its id.
 

@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar, cast, get_args
 
 from meshctl.durations import DurationError, format_duration, parse_duration
 
-Driver = Literal["bridge"]
+# bridge: one node's own network; overlay: one network across nodes (VXLAN between them).
+Driver = Literal["bridge", "overlay"]
 EndpointMode = Literal["vip", "dnsrr"]
 PublishMode = Literal["ingress", "host"]
 Traffic = Literal["cluster", "local"]
@@ -239,9 +240,15 @@ def _subnet(text: str) -> str:
     return str(net)
 
 
+# VXLAN network identifiers meshctl hands out (libnetwork starts at 4096 too).
+VNI_FIRST = 4096
+VNI_LAST = 2**24 - 1
+
+
 @dataclass(frozen=True)
 class Network:
-    """A network: one bridge per node (overlay comes with clusters); internal = no egress."""
+    """A network: a bridge per node; an overlay joins the bridges of its nodes by VXLAN (its
+    VNI, claimed in the store with it); internal = no egress."""
 
     name: str
     subnet: str
@@ -250,13 +257,23 @@ class Network:
     labels: dict[str, str] = field(default_factory=dict)
     id: str = field(default_factory=new_id)
     created_at: float = 0.0
+    vni: int = 0  # overlay only
 
     def __post_init__(self) -> None:
         check_name(self.name, "network name")
         object.__setattr__(self, "subnet", _subnet(self.subnet))
         _check_choice(self.driver, Driver, "driver")
+        if self.driver == "overlay" and not VNI_FIRST <= self.vni <= VNI_LAST:
+            raise ValidationError(
+                f"invalid VNI {self.vni} of overlay network {self.name}: use {VNI_FIRST} to "
+                f"{VNI_LAST}"
+            )
         for key, value in self.labels.items():
             check_label(key, value)
+
+    @property
+    def overlay(self) -> bool:
+        return self.driver == "overlay"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -267,6 +284,7 @@ class Network:
             "internal": self.internal,
             "labels": dict(self.labels),
             "created_at": self.created_at,
+            "vni": self.vni,
         }
 
     @classmethod
@@ -279,6 +297,7 @@ class Network:
             labels=dict(data.get("labels", {})),
             id=data["id"],
             created_at=float(data.get("created_at", 0.0)),
+            vni=int(data.get("vni", 0)),
         )
 
 

@@ -7,8 +7,8 @@ half-apply: the loser re-reads and re-validates (store.retry_conflicts). On any 
 is written.
 
 Records (kind → name): network → name, ipam → network id, address → `<network-id>/<address>`,
-registry → `subnets`, service → name, task → task id, port → `PORT/PROTO` (which service
-publishes it), node → name.
+registry → `subnets`, vni → the VNI of an overlay, service → name, task → task id, port →
+`PORT/PROTO` (which service publishes it), node → name.
 
 Lifecycle of tasks, with or without a controller running:
 - create/scale/update make task records for missing slots: desired `running`, state
@@ -39,6 +39,8 @@ from meshctl.model import (
     NETWORK,
     SERVICE,
     TASK,
+    VNI_FIRST,
+    VNI_LAST,
     Container,
     DesiredState,
     Driver,
@@ -56,6 +58,7 @@ from meshctl.orchestrator import plan_tasks
 from meshctl.store import Conflict, Delete, Op, Put, Store, retry_conflicts
 
 PORT = "port"
+VNI = "vni"  # an overlay network's VXLAN identifier, claimed by a key of its own
 # Service fields `service update` may change; id, version and timestamps are meshctl's.
 UPDATABLE = frozenset(
     {
@@ -189,14 +192,19 @@ def create_network(
     name: str,
     *,
     subnet: str | None = None,
-    driver: Driver = "bridge",
+    driver: Driver | None = None,
     internal: bool = False,
     labels: Mapping[str, str] | None = None,
     pool: str | None = None,
     prefix: int | None = None,
     _reserved_ok: bool = False,
 ) -> Network:
-    """Create a network with `subnet`, or the next free /prefix of the pool (see meshctl.ipam)."""
+    """Create a network with `subnet`, or the next free /prefix of the pool (see meshctl.ipam).
+
+    driver: `overlay` by default where several hosts share the store (etcd), else `bridge`.
+    An overlay's VNI is claimed in the same txn (the lowest free one from VNI_FIRST).
+    """
+    chosen_driver: Driver = driver or ("overlay" if store.distributed else "bridge")
     check_name(name, "network name")
     if name == INGRESS and not _reserved_ok:
         raise ValidationError(
@@ -217,25 +225,40 @@ def create_network(
             chosen = ipam.pick_subnet(*ipam.configured_pool(pool, prefix), existing)
         else:
             chosen = subnet
+        vni = _free_vni(store) if chosen_driver == "overlay" else 0
         network = Network(
-            name, chosen, driver, internal, dict(labels or {}), created_at=time.time()
-        )
+            name, chosen, chosen_driver, internal, dict(labels or {}), created_at=time.time(),
+            vni=vni,
+        )  # fmt: skip
         other = ipam.overlapping(network.subnet, existing)
         if other is not None:
             raise ValidationError(
                 f"invalid --subnet {network.subnet}: it overlaps network {other.name} "
                 f"({other.subnet}); choose a subnet that overlaps no other network"
             )
+        vni_claim = [Put(VNI, str(vni), {"network": network.id}, expect=0)] if vni else []
         store.txn(
             [
                 Put(NETWORK, name, network.to_dict(), expect=0),
                 Put(ipam.KIND, network.id, IpamState.new(network).meta(), expect=0),
                 registry.with_network(network),
+                *vni_claim,
             ]
         )
         return network
 
     return retry_conflicts(attempt, f"creating network {name}")
+
+
+def _free_vni(store: Store) -> int:
+    """The lowest VNI no network has claimed (a racing create conflicts on its claim key)."""
+    taken = {int(r.name) for r in store.list(VNI)}
+    vni = VNI_FIRST
+    while vni in taken:
+        vni += 1
+    if vni > VNI_LAST:
+        raise ValidationError("every VXLAN network identifier is taken; remove an overlay network")
+    return vni
 
 
 def remove_network(store: Store, name: str) -> Network:
@@ -271,6 +294,7 @@ def remove_network(store: Store, name: str) -> Network:
                 Delete(ipam.KIND, network.id, expect=ipam_revision),
                 *claims,
                 ipam.load_registry(store).without(network.id),
+                *([Delete(VNI, str(network.vni))] if network.vni else []),
             ]
         )
         return network

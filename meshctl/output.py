@@ -63,7 +63,7 @@ def network_pretty(network: Network, state: IpamState) -> str:
         [
             ("ID", network.id),
             ("Name", network.name),
-            ("Driver", network.driver),
+            ("Driver", network.driver + (f" (VNI {network.vni})" if network.vni else "")),
             ("Subnet", network.subnet),
             ("Gateway", state.gateway),
             ("Internal", "yes" if network.internal else "no"),

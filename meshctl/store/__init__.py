@@ -156,6 +156,9 @@ class Store(Protocol):
     this, and re-lists when the history it needs was compacted).
     """
 
+    # True when several hosts share the store (etcd): networks span nodes by default.
+    distributed: bool
+
     def get(self, kind: str, name: str) -> Record | None:
         """The record of a key, None if absent."""
         ...

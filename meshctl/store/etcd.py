@@ -91,6 +91,8 @@ def _encode(value: Value) -> str:
 class EtcdStore:
     """The Store protocol on an etcd cluster (3.4 and later: the gateway's /v3/ path)."""
 
+    distributed = True  # the nodes of a cluster share it
+
     def __init__(
         self,
         endpoints: Sequence[tuple[str, int]],

@@ -73,6 +73,8 @@ class SqliteStore:
     for another process's write; poll_interval how often watch() looks for a new revision.
     """
 
+    distributed = False  # one host's file
+
     def __init__(
         self,
         path: str,

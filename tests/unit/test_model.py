@@ -130,8 +130,13 @@ def test_enumerations_list_their_choices() -> None:
         PublishedPort(1, 1, "sctp")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="invalid --restart-condition 'always'"):
         RestartPolicy("always")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="invalid driver 'overlay': use one of bridge"):
-        Network("n", "10.1.0.0/24", "overlay")  # type: ignore[arg-type]
+    with pytest.raises(
+        ValidationError, match="invalid driver 'macvlan': use one of bridge, overlay"
+    ):
+        Network("n", "10.1.0.0/24", "macvlan")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="invalid VNI 0 of overlay network n"):
+        Network("n", "10.1.0.0/24", "overlay")
+    assert Network("n", "10.1.0.0/24", "overlay", vni=4096).overlay
 
 
 @pytest.mark.parametrize(

@@ -100,6 +100,23 @@ def test_concurrent_network_creates_never_share_a_subnet(store_url: str) -> None
     with open_store(store_url) as check:
         stored = [r.value["subnet"] for r in check.list("network")]
         assert sorted(stored) == sorted(outcomes.values())
+        vnis = [r.value["vni"] for r in check.list("network")]
+        if check.distributed:  # overlays, each with a VNI of its own
+            assert sorted(vnis) == list(range(4096, 4108))
+            assert sorted(int(r.name) for r in check.list("vni")) == sorted(vnis)
+        else:
+            assert vnis == [0] * 12
+
+
+def test_the_driver_follows_the_store_and_an_overlay_gives_its_vni_back(store: Store) -> None:
+    first = ops.create_network(store, "a")
+    assert first.driver == ("overlay" if store.distributed else "bridge")
+    one = ops.create_network(store, "one", driver="overlay")
+    two = ops.create_network(store, "two", driver="overlay")
+    assert two.vni == one.vni + 1
+    ops.remove_network(store, "one")
+    assert ops.create_network(store, "three", driver="overlay").vni == one.vni
+    assert ops.create_network(store, "plain", driver="bridge").vni == 0
 
 
 def test_an_allocation_never_lands_on_a_network_removed_meanwhile(store: Store) -> None:
