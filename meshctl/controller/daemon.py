@@ -141,19 +141,24 @@ class Controller:
         return updater.roll(self.store, view) or changed
 
     def _claim_lb_addresses(self, view: ClusterView, errors: dict[str, str]) -> bool:
-        """A load-balancer address on every network for this node; a network that has none
-        left is reported, the others go on."""
+        """A load-balancer address on every network this node takes part in, and none on an
+        overlay it has left; a network that has no address left is reported, the others go
+        on. True if the store changed."""
         have = view.lb_addresses
-        claimed = False
+        taking_part = view.taking_part(self.node)
+        changed = False
         for network in view.networks.values():
-            if (network.name, self.node) in have:
-                continue
+            holds = (network.name, self.node) in have
             try:
-                ipam.allocate_lb_address(self.store, network, self.node)
-                claimed = True
+                if network.name in taking_part and not holds:
+                    ipam.allocate_lb_address(self.store, network, self.node)
+                    changed = True
+                elif network.overlay and network.name not in taking_part and holds:
+                    ipam.release_lb_address(self.store, network, self.node)
+                    changed = True
             except MeshctlError as err:
                 errors[network.name] = str(err)
-        return claimed
+        return changed
 
     def _sync_lb(self, view: ClusterView) -> dict[str, str]:
         """The load balancers: a full observe once per resync period (it repairs drift and

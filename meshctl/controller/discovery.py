@@ -62,11 +62,13 @@ def _backends(view: ClusterView, service: Service, network: str, node: str) -> t
 
 
 def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
-    """One LB namespace per network that has this node's LB address, with its services' VIPs."""
+    """One LB namespace per network the node takes part in and has its LB address on, with
+    its services' VIPs."""
     specs = []
+    taking_part = view.taking_part(node)
     for network in sorted(view.networks.values(), key=lambda n: n.name):
         address = view.lb_addresses.get((network.name, node))
-        if address is None:
+        if address is None or network.name not in taking_part:
             continue
         prefix = ipaddress.IPv4Network(network.subnet).prefixlen
         vips = tuple(
@@ -107,4 +109,7 @@ def dns_view(view: ClusterView, node: str) -> DnsView:
         for task in sorted(view.tasks.values(), key=lambda t: (t.name, t.id))
         if task.service_id in live and task.desired_state == "running"
     )
-    return DnsView(networks=frozenset(view.networks) - {INGRESS}, services=services, tasks=tasks)
+    # Records only for the networks this node takes part in (as swarm does: less to hold, and
+    # nothing of a network none of its tasks is on).
+    networks = frozenset(view.taking_part(node)) - {INGRESS}
+    return DnsView(networks=networks, services=services, tasks=tasks)

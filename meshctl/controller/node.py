@@ -358,9 +358,11 @@ def desired_node(
     dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them;
     blocked_ports: published ports another process of the node holds (not taken over).
 
-    Every network gets its bridge on every node, so DNS and load balancing never wait for one.
+    A network's bridge (and rules) exists on the node while it takes part in the network
+    (ClusterView.taking_part: a bridge network always, an overlay while it is in use here).
     """
-    networks = list(view.networks.values())
+    taking_part = view.taking_part(node)
+    networks = [n for n in view.networks.values() if n.name in taking_part]
     bridges = {
         b.name: b for b in (bridge_spec(view, n) for n in networks if n.name in view.gateways)
     }

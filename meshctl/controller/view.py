@@ -14,6 +14,7 @@ from typing import TypeVar
 from meshctl import ipam
 from meshctl.model import (
     CONTAINER,
+    INGRESS,
     LEADER,
     LEADER_KEY,
     NETWORK,
@@ -55,6 +56,19 @@ class ClusterView:
     def up(self, node: str) -> bool:
         """Whether the node's controller is live."""
         return node in self.statuses
+
+    def taking_part(self, node: str) -> set[str]:
+        """The networks `node` takes part in: every bridge network (each node's own, made on
+        every node so DNS and load balancing never wait for one); an overlay where one of its
+        tasks (running, or still being torn down: its record stays until then) or attached
+        containers has an address; and the routing mesh's network while a service publishes
+        through it, since every node answers published ports."""
+        names = {n.name for n in self.networks.values() if not n.overlay}
+        names |= {net for t in self.tasks.values() if t.node == node for net in t.addresses}
+        names |= {c.network for c in self.containers.values() if c.node == node}
+        if any(port.routed for s in self.services.values() for port in s.ports):
+            names.add(INGRESS)
+        return names & set(self.networks)
 
     def tasks_on(self, node: str) -> list[Task]:
         return [t for t in self.tasks.values() if t.node == node]
