@@ -1,16 +1,18 @@
-"""Links, IPv4 addresses, static routes and permanent neighbours, per namespace, over netlink.
+"""Links, IPv4 addresses and static routes, per namespace, over netlink.
 
 Every verb opens one rtnetlink socket inside the namespace (a thread that entered it through
 kernel.netns.run_in: cheaper than pyroute2's forked helper, and like it never creates a namespace
 by accident), does its work and closes the socket. Ensures are idempotent, deletes of missing
 objects are no-ops, and only dataclasses from this module leave it. The batch address verbs
-send many requests per write through kernel.netlink.NetlinkBatch.
+send many requests per write through kernel.netlink.NetlinkBatch. Neighbour and FDB entries
+live in kernel.neighbours, which runs its verbs through this module's rtnetlink helpers.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import suppress
@@ -46,10 +48,28 @@ T = TypeVar("T")
 
 MAIN_TABLE = 254
 IFF_UP = 0x1
-NUD_PERMANENT = 0x80
 RTPROT_KERNEL = 2  # routes the kernel made for an address ("connected"): not listed
 RTN_UNICAST = 1
 VXLAN_PORT = 4789
+VXLAN_OVERHEAD = 50  # outer Ethernet, IPv4, UDP and VXLAN headers
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+
+
+@dataclass(frozen=True)
+class VxlanInfo:
+    """What a vxlan device carries and how: the settings ensure_vxlan compares.
+
+    vni and port (UDP, destination and listening) say which traffic is the device's; local is
+    the underlay source address (None: any); learning off and proxy on make an overlay of static
+    entries only (no source-MAC learning; ARP for a remote address answered from the device's
+    own neighbour table). The defaults are ensure_vxlan's.
+    """
+
+    vni: int
+    port: int = VXLAN_PORT
+    local: str | None = None
+    learning: bool = False
+    proxy: bool = True
 
 
 @dataclass(frozen=True)
@@ -58,7 +78,7 @@ class Link:
 
     kind is the rtnetlink kind ("bridge", "veth", "vxlan", "dummy"...) or None for a device
     without one (lo, a physical NIC). up is the administrative state (IFF_UP). master is the name
-    of the bridge it is enslaved to. vni is set for vxlan links only. alias is the interface
+    of the bridge it is enslaved to. vxlan is set for vxlan links only. alias is the interface
     alias (IFLA_IFALIAS, `ip link set NAME alias TEXT`), None when it has none: the mark by which
     a tool tells the links it made from others' of the same name.
     """
@@ -70,7 +90,7 @@ class Link:
     mtu: int
     master: str | None
     mac: str
-    vni: int | None = None
+    vxlan: VxlanInfo | None = None
     alias: str | None = None
 
 
@@ -95,15 +115,6 @@ class Route:
     table: int = MAIN_TABLE
 
 
-@dataclass(frozen=True)
-class Neighbour:
-    """A permanent ARP entry: address is reached at mac through ifname."""
-
-    ifname: str
-    address: str
-    mac: str
-
-
 class LinksAPI(Protocol):
     """What meshctl asks of the link layer; kernel.fake.links.FakeLinks implements it too."""
 
@@ -118,6 +129,8 @@ class LinksAPI(Protocol):
         peer_ns: Namespace,
         *,
         alias: str | None = None,
+        peer_mac: str | None = None,
+        mtu: int | None = None,
     ) -> None: ...
     def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None: ...
     def ensure_vxlan(
@@ -125,11 +138,13 @@ class LinksAPI(Protocol):
         ns: Namespace,
         name: str,
         vni: int,
+        *,
         local: str | None = None,
-        remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
-        *,
+        learning: bool = False,
+        proxy: bool = True,
+        mtu: int | None = None,
         alias: str | None = None,
     ) -> None: ...
     def delete_link(self, ns: Namespace, name: str) -> None: ...
@@ -139,6 +154,7 @@ class LinksAPI(Protocol):
     def set_down(self, ns: Namespace, name: str) -> None: ...
     def set_master(self, ns: Namespace, name: str, bridge: str | None) -> None: ...
     def set_mtu(self, ns: Namespace, name: str, mtu: int) -> None: ...
+    def set_mac(self, ns: Namespace, name: str, mac: str) -> None: ...
     def ensure_address(self, ns: Namespace, ifname: str, cidr: str) -> None: ...
     def delete_address(self, ns: Namespace, ifname: str, cidr: str) -> None: ...
     def ensure_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None: ...
@@ -147,9 +163,28 @@ class LinksAPI(Protocol):
     def ensure_route(self, ns: Namespace, route: Route) -> None: ...
     def delete_route(self, ns: Namespace, route: Route) -> None: ...
     def list_routes(self, ns: Namespace, table: int = MAIN_TABLE) -> list[Route]: ...
-    def ensure_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None: ...
-    def delete_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None: ...
-    def list_neighbours(self, ns: Namespace, ifname: str | None = None) -> list[Neighbour]: ...
+
+
+def mac_for(ipv4: str) -> str:
+    """The MAC of the endpoint with address ipv4, as Docker derives it: 02:42 and the address's
+    four bytes (locally administered, unicast), so any node can write a remote endpoint's
+    entries from its address alone."""
+    packed = ipaddress.IPv4Address(ipv4).packed
+    return ":".join(f"{byte:02x}" for byte in (0x02, 0x42, *packed))
+
+
+def mac_text(mac: str) -> str:
+    """mac as the kernel spells it (lower case); ValueError if it is not six hex pairs."""
+    if not _MAC.fullmatch(mac):
+        raise ValueError(f"{mac!r} is not a MAC address (six hex pairs, as 02:42:0a:4d:00:02)")
+    return mac.lower()
+
+
+def unicast_mac(mac: str) -> bool:
+    """Whether mac (as mac_text gives it) can be one device's: not multicast, not all zeros
+    (the kernel refuses others as a link's address; as an FDB entry's, they flood)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    return not octets[0] & 1 and any(octets)
 
 
 def where(ns: Namespace) -> str:
@@ -191,10 +226,33 @@ def peer_clash(ns: Namespace, name: str, peer_name: str, peer_ns: Namespace) -> 
     )
 
 
-def vni_clash(ns: Namespace, name: str, have: int | None, want: int) -> AlreadyExists:
-    """The error for ensuring a vxlan whose name is taken with another VNI."""
+def vxlan_clash(ns: Namespace, name: str, have: VxlanInfo, want: VxlanInfo) -> AlreadyExists:
+    """The error for ensuring a vxlan whose name is taken by one with other settings (the kernel
+    cannot change them on a live device)."""
+
+    def said(value: object) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return "any" if value is None else str(value)
+
+    labels = {"vni": "VNI", "port": "port", "local": "local address"}
+    differ = [
+        f"{labels.get(f, f)} {said(getattr(have, f))}, not {said(getattr(want, f))}"
+        for f in ("vni", "port", "local", "learning", "proxy")
+        if getattr(have, f) != getattr(want, f)
+    ]
     return AlreadyExists(
-        f"vxlan {name} in {where(ns)} has VNI {have}, not {want}; delete it to change the VNI"
+        f"vxlan {name} in {where(ns)} has {'; '.join(differ)}; delete it to change them"
+    )
+
+
+def vxlan_mtu_too_big(ns: Namespace, name: str, mtu: int, dev: str, dev_mtu: int) -> KernelError:
+    """The error for a vxlan MTU its underlay device cannot carry (the kernel would lower it
+    without a word at creation, and refuse it later)."""
+    return KernelError(
+        f"vxlan {name} in {where(ns)}: MTU {mtu} does not fit in {dev}'s MTU {dev_mtu} less "
+        f"the {VXLAN_OVERHEAD}-byte VXLAN header; ask for at most {dev_mtu - VXLAN_OVERHEAD}",
+        errno.EINVAL,
     )
 
 
@@ -248,19 +306,39 @@ def _address_requests(kind: int, flags: int, index: int, ifaces: Iterable[Any]) 
         yield templates.request(shape, (address_field(str(iface.ip)),))
 
 
+def in_namespace(ns: Namespace, fn: Callable[[IPRoute], T]) -> T:
+    """fn(ipr) with an rtnetlink socket opened inside ns and closed afterwards."""
+
+    def body() -> T:
+        with calling(f"open rtnetlink in {where(ns)}"):
+            ipr = IPRoute()
+        with ipr:
+            return fn(ipr)
+
+    return netns.run_in(ns, body)
+
+
+def find_link(ipr: IPRoute, name: str) -> Any | None:
+    """The link message for name in ipr's namespace, or None."""
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as err:
+        if err.code == errno.ENODEV:
+            return None
+        raise translate(err, f"look up link {name}") from err
+
+
+def link_index(ipr: IPRoute, ns: Namespace, name: str) -> int:
+    """The index of link name in ns (ipr's namespace); NotFound if it is missing."""
+    found = find_link(ipr, name)
+    if found is None:
+        raise missing_link(ns, name)
+    index: int = found["index"]
+    return index
+
+
 class Links:
     """The real link layer (pyroute2 rtnetlink); see LinksAPI."""
-
-    def _run(self, ns: Namespace, fn: Callable[[IPRoute], T]) -> T:
-        """fn(ipr) with an rtnetlink socket opened inside ns and closed afterwards."""
-
-        def body() -> T:
-            with calling(f"open rtnetlink in {where(ns)}"):
-                ipr = IPRoute()
-            with ipr:
-                return fn(ipr)
-
-        return netns.run_in(ns, body)
 
     # links
 
@@ -274,7 +352,7 @@ class Links:
             if mtu is not None:
                 self._set(ipr, ns, name, mtu=mtu)
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def ensure_veth(
         self,
@@ -284,34 +362,48 @@ class Links:
         peer_ns: Namespace,
         *,
         alias: str | None = None,
+        peer_mac: str | None = None,
+        mtu: int | None = None,
     ) -> None:
         """A veth pair: name in ns (with alias), peer_name created straight in peer_ns (which may
-        be ns).
+        be ns) with MAC peer_mac (a task's end), both ends with MTU mtu; an existing pair is
+        brought to that MAC and MTU.
 
         An existing name of kind veth whose peer_name is missing from peer_ns is not the pair
         asked for: AlreadyExists.
         """
         if peer_ns is not None and not netns.exists(peer_ns):
             raise NotFound(f"network namespace {peer_ns} does not exist")
+        mac = None if peer_mac is None else mac_text(peer_mac)
 
         def body(ipr: IPRoute) -> bool:
-            if self._ensure_kind(ipr, ns, name, "veth", alias) is not None:
+            found = self._ensure_kind(ipr, ns, name, "veth", alias)
+            if found is not None:
+                if mtu is not None and mtu != found.mtu:
+                    self._set(ipr, ns, name, mtu=mtu)
                 return True
             peer: dict[str, Any] = {"ifname": peer_name}
             if peer_ns != ns:
                 # pyroute2 opens this path and hands the fd to the kernel.
                 peer["net_ns_fd"] = netns.path(peer_ns) if peer_ns else "/proc/self/ns/net"
+            if mac is not None:
+                peer["address"] = mac
+            sizes = {} if mtu is None else {"mtu": mtu}
             what = (
                 f"create veth {name} in {where(ns)} with peer {peer_name} in {where(peer_ns)} "
                 f"(is {peer_name} taken there?)"
             )
-            self._create(ipr, ns, name, alias, what, kind="veth", peer=peer)
+            self._create(ipr, ns, name, alias, what, kind="veth", peer=peer | sizes, **sizes)
             return False
 
-        if self._run(ns, body):
+        if in_namespace(ns, body):
             peer_link = self.get_link(peer_ns, peer_name)
             if peer_link is None or peer_link.kind != "veth":
                 raise peer_clash(ns, name, peer_name, peer_ns)
+            if mac is not None and mac != peer_link.mac:
+                self.set_mac(peer_ns, peer_name, mac)
+            if mtu is not None and mtu != peer_link.mtu:
+                self.set_mtu(peer_ns, peer_name, mtu)
 
     def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None:
         def body(ipr: IPRoute) -> None:
@@ -319,60 +411,83 @@ class Links:
                 what = f"create dummy {name} in {where(ns)} (needs the dummy module)"
                 self._create(ipr, ns, name, alias, what, kind="dummy")
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def ensure_vxlan(
         self,
         ns: Namespace,
         name: str,
         vni: int,
+        *,
         local: str | None = None,
-        remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
-        *,
+        learning: bool = False,
+        proxy: bool = True,
+        mtu: int | None = None,
         alias: str | None = None,
     ) -> None:
-        """A vxlan device; remote is a unicast peer or a multicast group (then dev is needed)."""
+        """A vxlan device for VNI vni on UDP port, sending from local (None: any) through dev
+        (None: as routed), learning and proxy as asked, with MTU mtu (None: the kernel's: dev's
+        less the VXLAN header, else 1500). No remote or group: where frames go is up to static
+        FDB entries (kernel.neighbours), and frames for unknown MACs are dropped.
+
+        An existing link of that name with other VxlanInfo or alias is not the device asked for:
+        AlreadyExists; its MTU is brought to mtu. dev is not compared (it only binds the socket).
+        """
+        want = VxlanInfo(vni, port, local, learning, proxy)
 
         def body(ipr: IPRoute) -> None:
             found = self._ensure_kind(ipr, ns, name, "vxlan", alias)
             if found is not None:
-                if found.vni != vni:
-                    raise vni_clash(ns, name, found.vni, vni)
+                if found.vxlan != want:
+                    raise vxlan_clash(ns, name, cast(VxlanInfo, found.vxlan), want)
+                if mtu is not None and mtu != found.mtu:
+                    self._set(ipr, ns, name, mtu=mtu)
                 return
-            spec: dict[str, Any] = {"vxlan_id": vni, "vxlan_port": port}
+            spec: dict[str, Any] = {
+                "vxlan_id": vni,
+                "vxlan_port": port,
+                "vxlan_learning": int(learning),
+                "vxlan_proxy": int(proxy),
+            }
             if local is not None:
                 spec["vxlan_local"] = local
-            if remote is not None:
-                spec["vxlan_group"] = remote
             if dev is not None:
-                spec["vxlan_link"] = self._index(ipr, ns, dev)
+                under = find_link(ipr, dev)
+                if under is None:
+                    raise missing_link(ns, dev)
+                dev_mtu = under.get_attr("IFLA_MTU")
+                if mtu is not None and mtu > dev_mtu - VXLAN_OVERHEAD:
+                    raise vxlan_mtu_too_big(ns, name, mtu, dev, dev_mtu)
+                spec["vxlan_link"] = under["index"]
+            if mtu is not None:
+                spec["mtu"] = mtu
             what = f"create vxlan {name} (VNI {vni}) in {where(ns)}"
             self._create(ipr, ns, name, alias, what, kind="vxlan", **spec)
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def delete_link(self, ns: Namespace, name: str) -> None:
         """Remove a link (a veth takes its peer with it); a missing one is a no-op."""
 
         def body(ipr: IPRoute) -> None:
-            found = self._find(ipr, name)
+            found = find_link(ipr, name)
             if found is not None:
                 with deleting(f"delete link {name} in {where(ns)}"):
                     ipr.link("del", index=found["index"])
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def get_link(self, ns: Namespace, name: str) -> Link | None:
         def body(ipr: IPRoute) -> Link | None:
-            found = self._find(ipr, name)
+            found = find_link(ipr, name)
             if found is None:
                 return None
             # Only a link with a master needs the index → name map.
-            return _link(found, _names(ipr) if found.get_attr("IFLA_MASTER") else {})
+            return _link(found, link_names(ipr) if found.get_attr("IFLA_MASTER") else {})
 
-        return self._run(ns, body)
+        return in_namespace(ns, body)
 
     def list_links(self, ns: Namespace) -> list[Link]:
         def body(ipr: IPRoute) -> list[Link]:
@@ -381,25 +496,30 @@ class Links:
             names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
             return sorted((_link(m, names) for m in msgs), key=lambda link: link.index)
 
-        return self._run(ns, body)
+        return in_namespace(ns, body)
 
     def set_up(self, ns: Namespace, name: str) -> None:
-        self._run(ns, lambda ipr: self._set(ipr, ns, name, state="up"))
+        in_namespace(ns, lambda ipr: self._set(ipr, ns, name, state="up"))
 
     def set_down(self, ns: Namespace, name: str) -> None:
-        self._run(ns, lambda ipr: self._set(ipr, ns, name, state="down"))
+        in_namespace(ns, lambda ipr: self._set(ipr, ns, name, state="down"))
 
     def set_master(self, ns: Namespace, name: str, bridge: str | None) -> None:
         """Enslave name to bridge, or release it from any bridge with bridge=None."""
 
         def body(ipr: IPRoute) -> None:
-            master = 0 if bridge is None else self._index(ipr, ns, bridge)
+            master = 0 if bridge is None else link_index(ipr, ns, bridge)
             self._set(ipr, ns, name, master=master)
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def set_mtu(self, ns: Namespace, name: str, mtu: int) -> None:
-        self._run(ns, lambda ipr: self._set(ipr, ns, name, mtu=mtu))
+        in_namespace(ns, lambda ipr: self._set(ipr, ns, name, mtu=mtu))
+
+    def set_mac(self, ns: Namespace, name: str, mac: str) -> None:
+        """Give link name the MAC address mac (a unicast one: the kernel refuses others)."""
+        address = mac_text(mac)
+        in_namespace(ns, lambda ipr: self._set(ipr, ns, name, address=address))
 
     # addresses
 
@@ -416,13 +536,13 @@ class Links:
         ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]  # bad input fails before any
 
         def body(ipr: IPRoute) -> None:
-            index = self._index(ipr, ns, ifname)
+            index = link_index(ipr, ns, ifname)
             with NetlinkBatch(socket.NETLINK_ROUTE) as batch:
                 requests = _address_requests(RTM_NEWADDR, ADD_FLAGS, index, ifaces)
                 for iface, code in zip(ifaces, batch.run(requests), strict=True):
                     judged(ensuring(f"add address {iface} to {ifname} in {where(ns)}"), code)
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def delete_addresses(self, ns: Namespace, ifname: str, cidrs: Iterable[str]) -> None:
         """No cidr left on ifname, BATCH_SIZE requests per write; missing addresses (or link)
@@ -430,7 +550,7 @@ class Links:
         ifaces = [ipaddress.ip_interface(cidr) for cidr in cidrs]
 
         def body(ipr: IPRoute) -> None:
-            found = self._find(ipr, ifname)
+            found = find_link(ipr, ifname)
             if found is None:
                 return  # the link went, and its addresses with it
             index = found["index"]
@@ -439,13 +559,13 @@ class Links:
                 for iface, code in zip(ifaces, batch.run(requests), strict=True):
                     judged(deleting(f"delete address {iface} from {ifname} in {where(ns)}"), code)
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def list_addresses(self, ns: Namespace, ifname: str | None = None) -> list[Address]:
         """The IPv4 addresses in ns (of one interface if ifname is given)."""
 
         def body(ipr: IPRoute) -> list[Address]:
-            names = _names(ipr)
+            names = link_names(ipr)
             with calling(f"list addresses in {where(ns)}"):
                 msgs = list(ipr.get_addr(family=2))
             out = []
@@ -456,7 +576,7 @@ class Links:
                     out.append(Address(name, f"{ip}/{m['prefixlen']}"))
             return out
 
-        return self._run(ns, body)
+        return in_namespace(ns, body)
 
     # routes
 
@@ -467,25 +587,25 @@ class Links:
             with calling(route_what(ns, route)):
                 ipr.route("replace", **self._route_spec(ipr, ns, route))
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def delete_route(self, ns: Namespace, route: Route) -> None:
         """Remove the route if one matches (gateway/ifname None match any); else a no-op."""
 
         def body(ipr: IPRoute) -> None:
-            if route.ifname is not None and self._find(ipr, route.ifname) is None:
+            if route.ifname is not None and find_link(ipr, route.ifname) is None:
                 return  # the device went, and its routes with it
             with deleting(f"delete route {route.dst} in {where(ns)}"):
                 ipr.route("del", **self._route_spec(ipr, ns, route))
 
-        self._run(ns, body)
+        in_namespace(ns, body)
 
     def list_routes(self, ns: Namespace, table: int = MAIN_TABLE) -> list[Route]:
         """Static IPv4 unicast routes of one table; connected routes (proto kernel) left out,
         as they follow the addresses."""
 
         def body(ipr: IPRoute) -> list[Route]:
-            names = _names(ipr)
+            names = link_names(ipr)
             with calling(f"list routes in {where(ns)}"):
                 msgs = list(ipr.get_routes(family=2, table=table))
             out = []
@@ -499,75 +619,16 @@ class Links:
                 out.append(Route(dst, m.get_attr("RTA_GATEWAY"), names.get(oif), table))
             return out
 
-        return self._run(ns, body)
-
-    # neighbours
-
-    def ensure_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
-        def body(ipr: IPRoute) -> None:
-            index = self._index(ipr, ns, neighbour.ifname)
-            with calling(f"add neighbour {neighbour.address} on {neighbour.ifname}"):
-                ipr.neigh(
-                    "replace",
-                    dst=neighbour.address,
-                    lladdr=neighbour.mac,
-                    ifindex=index,
-                    state=NUD_PERMANENT,
-                )
-
-        self._run(ns, body)
-
-    def delete_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
-        def body(ipr: IPRoute) -> None:
-            found = self._find(ipr, neighbour.ifname)
-            if found is None:
-                return
-            with deleting(f"delete neighbour {neighbour.address} on {neighbour.ifname}"):
-                ipr.neigh("del", dst=neighbour.address, ifindex=found["index"])
-
-        self._run(ns, body)
-
-    def list_neighbours(self, ns: Namespace, ifname: str | None = None) -> list[Neighbour]:
-        """The permanent IPv4 neighbours (learnt ones come and go: not listed)."""
-
-        def body(ipr: IPRoute) -> list[Neighbour]:
-            names = _names(ipr)
-            with calling(f"list neighbours in {where(ns)}"):
-                msgs = list(ipr.get_neighbours(family=2))
-            out = []
-            for m in msgs:
-                name = names.get(m["ifindex"], "")
-                if not m["state"] & NUD_PERMANENT or (ifname is not None and name != ifname):
-                    continue
-                out.append(Neighbour(name, m.get_attr("NDA_DST"), m.get_attr("NDA_LLADDR")))
-            return out
-
-        return self._run(ns, body)
+        return in_namespace(ns, body)
 
     # helpers, all running inside the namespace's thread
-
-    def _find(self, ipr: IPRoute, name: str) -> Any | None:
-        """The link message for name, or None."""
-        try:
-            return ipr.link("get", ifname=name)[0]
-        except NetlinkError as err:
-            if err.code == errno.ENODEV:
-                return None
-            raise translate(err, f"look up link {name}") from err
-
-    def _index(self, ipr: IPRoute, ns: Namespace, name: str) -> int:
-        found = self._find(ipr, name)
-        if found is None:
-            raise missing_link(ns, name)
-        index: int = found["index"]
-        return index
 
     def _ensure_kind(
         self, ipr: IPRoute, ns: Namespace, name: str, kind: str, alias: str | None
     ) -> Link | None:
         """The existing link of that name if it has that kind and alias, None if absent; else
         raise."""
-        found = self._find(ipr, name)
+        found = find_link(ipr, name)
         if found is None:
             return None
         link = _link(found, {})
@@ -596,7 +657,7 @@ class Links:
             raise
 
     def _set(self, ipr: IPRoute, ns: Namespace, name: str, **attrs: Any) -> None:
-        index = self._index(ipr, ns, name)
+        index = link_index(ipr, ns, name)
         text = ", ".join(f"{k}={v}" for k, v in attrs.items())
         with calling(f"set {text} on {name} in {where(ns)}"):
             ipr.link("set", index=index, **attrs)
@@ -607,11 +668,11 @@ class Links:
         if route.gateway is not None:
             spec["gateway"] = route.gateway
         if route.ifname is not None:
-            spec["oif"] = self._index(ipr, ns, route.ifname)
+            spec["oif"] = link_index(ipr, ns, route.ifname)
         return spec
 
 
-def _names(ipr: IPRoute) -> dict[int, str]:
+def link_names(ipr: IPRoute) -> dict[int, str]:
     """Interface index → name, for resolving master, oif and ifindex fields."""
     with calling("list links"):
         return {m["index"]: m.get_attr("IFLA_IFNAME") for m in ipr.get_links()}
@@ -620,7 +681,7 @@ def _names(ipr: IPRoute) -> dict[int, str]:
 def _link(msg: Any, names: dict[int, str]) -> Link:
     """A Link from an rtnetlink link message; names resolves the master's index."""
     kind = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-    vni = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA", "IFLA_VXLAN_ID")
+    data = msg.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
     master = msg.get_attr("IFLA_MASTER")
     return Link(
         name=msg.get_attr("IFLA_IFNAME"),
@@ -630,6 +691,17 @@ def _link(msg: Any, names: dict[int, str]) -> Link:
         mtu=msg.get_attr("IFLA_MTU"),
         master=names.get(master) if master else None,
         mac=msg.get_attr("IFLA_ADDRESS"),
-        vni=vni if kind == "vxlan" else None,
+        vxlan=_vxlan(data) if kind == "vxlan" else None,
         alias=msg.get_attr("IFLA_IFALIAS") or None,
+    )
+
+
+def _vxlan(data: Any) -> VxlanInfo:
+    """VxlanInfo from a vxlan link's IFLA_INFO_DATA (its IFLA_VXLAN_* attributes)."""
+    return VxlanInfo(
+        vni=data.get_attr("IFLA_VXLAN_ID"),
+        port=data.get_attr("IFLA_VXLAN_PORT"),
+        local=data.get_attr("IFLA_VXLAN_LOCAL"),
+        learning=bool(data.get_attr("IFLA_VXLAN_LEARNING")),
+        proxy=bool(data.get_attr("IFLA_VXLAN_PROXY")),
     )

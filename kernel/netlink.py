@@ -1,8 +1,9 @@
 """Netlink requests in batches: many per write, each request's errno read back by sequence number.
 
 For the verbs that take thousands of objects at once (VIP addresses in kernel.links, IPVS
-entries in kernel.ipvs). pyroute2 encodes the messages; this module moves them, and patches
-requests that differ only in a few fields into a template pyroute2 encoded (`Templates`).
+entries in kernel.ipvs, neighbour and FDB entries in kernel.neighbours). pyroute2 encodes the
+messages; this module moves them, and patches requests that differ only in a few fields into a
+template pyroute2 encoded (`Templates`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REQUEST
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kernel.errors import KernelError, calling, translate
@@ -33,6 +34,7 @@ BATCH_SIZE = 256
 RECEIVE_BUFFER = SEND_BUFFER = 1 << 20
 ANSWER_TIMEOUT = 60.0  # seconds for the acks of one write; a lost ack must not hang the caller
 ADD_FLAGS = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL  # pyroute2's "add"
+REPLACE_FLAGS = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE  # pyroute2's "replace"
 DELETE_FLAGS = NLM_F_REQUEST | NLM_F_ACK
 
 
@@ -148,11 +150,13 @@ _PACK: dict[str, Callable[[Any], bytes]] = {
     "ipv4": lambda value: ipaddress.IPv4Address(value).packed,
     "ipv6": lambda value: ipaddress.IPv6Address(value).packed,
     "u32": lambda value: struct.pack("=I", value),  # netlink integers are in host order
+    "mac": lambda value: bytes.fromhex(value.replace(":", "")),
 }
 _STAND_INS: dict[str, tuple[Any, Any]] = {
     "ipv4": ("165.165.165.165", "90.90.90.90"),
     "ipv6": (":".join(["a5a5"] * 8), ":".join(["5a5a"] * 8)),
     "u32": (0xA5A5A5A5, 0x5A5A5A5A),
+    "mac": ("a5:a5:a5:a5:a5:a5", "5a:5a:5a:5a:5a:5a"),
 }
 
 Field = tuple[str, Any]  # (kind, value)
@@ -161,6 +165,11 @@ Field = tuple[str, Any]  # (kind, value)
 def address_field(address: str) -> Field:
     """An IPv4 or IPv6 address as a template field."""
     return ("ipv4" if ipaddress.ip_address(address).version == 4 else "ipv6", address)
+
+
+def mac_field(mac: str) -> Field:
+    """A MAC address ("02:42:0a:00:00:01") as a template field."""
+    return ("mac", mac)
 
 
 class Templates:

@@ -12,6 +12,7 @@ from kernel.conntrack import ConntrackAPI
 from kernel.iptables import IptablesAPI
 from kernel.ipvs import IpvsAPI
 from kernel.links import LinksAPI
+from kernel.neighbours import NeighboursAPI
 from kernel.netns import NetnsAPI
 from kernel.sockets import SocketsAPI
 from kernel.sysctl import SysctlAPI
@@ -26,6 +27,7 @@ class Kernel:
     ipvs: IpvsAPI
     conntrack: ConntrackAPI
     sockets: SocketsAPI
+    neighbours: NeighboursAPI
 
 
 def real_kernel() -> Kernel:
@@ -34,11 +36,14 @@ def real_kernel() -> Kernel:
     from kernel.iptables import Iptables
     from kernel.ipvs import Ipvs
     from kernel.links import Links
+    from kernel.neighbours import Neighbours
     from kernel.netns import Netns
     from kernel.sockets import Sockets
     from kernel.sysctl import Sysctl
 
-    return Kernel(Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack(), Sockets())
+    return Kernel(
+        Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack(), Sockets(), Neighbours()
+    )
 
 
 def fake_kernel(ipvs: bool = True) -> Kernel:
@@ -50,6 +55,7 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
     from kernel.fake.iptables import FakeIptables
     from kernel.fake.ipvs import FakeIpvs
     from kernel.fake.links import FakeLinks
+    from kernel.fake.neighbours import FakeNeighbours
     from kernel.fake.sockets import FakeSockets
     from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
@@ -63,4 +69,5 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
         FakeIpvs(world, unavailable=None if ipvs else "the kernel has no IPVS"),
         FakeConntrack(world),
         FakeSockets(world),
+        FakeNeighbours(world),
     )

@@ -3,7 +3,9 @@
 It follows the kernel where meshctl can observe a difference (checked by tests/conformance):
 a new namespace holds only lo, down; a veth end dies with its peer and its peer's namespace;
 taking a device down, deleting it or removing its last address drops the static routes through
-it; a route needs its device up and its gateway on a subnet of an up device.
+it; a route needs its device up and its gateway on a subnet of an up device; taking a device
+down or changing its MAC drops its neighbour entries (not its FDB entries). The neighbour and FDB
+entries live here, with their links; kernel.fake.neighbours reads and writes them.
 """
 
 from __future__ import annotations
@@ -13,32 +15,37 @@ import ipaddress
 import itertools
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import cast
 
 from kernel.errors import KernelError, translate
 from kernel.fake.world import FakeNamespace, FakeWorld
 from kernel.links import (
     MAIN_TABLE,
+    VXLAN_OVERHEAD,
     VXLAN_PORT,
     Address,
     Link,
-    Neighbour,
     Route,
+    VxlanInfo,
     alias_clash,
     kind_clash,
+    mac_text,
     missing_link,
     peer_clash,
     route_dst,
     route_name,
     route_what,
-    vni_clash,
+    unicast_mac,
+    vxlan_clash,
+    vxlan_mtu_too_big,
     where,
 )
+from kernel.neighbours import FdbEntry, Neighbour
 from kernel.netns import Namespace
 
 PART = "links"  # this subsystem's key in FakeNamespace.parts (kernel.fake.sysctl reads it)
 DEFAULT_MTU = 1500
-VXLAN_OVERHEAD = 50
 ALIAS_MAX = 254  # bytes of IFLA_IFALIAS the kernel takes as pyroute2 sends it (NUL-terminated)
 
 
@@ -53,7 +60,7 @@ class FakeLink:
     up: bool = False
     master: str | None = None
     mac: str = "00:00:00:00:00:00"
-    vni: int | None = None
+    vxlan: VxlanInfo | None = None
     peer: tuple[Namespace, str] | None = None
     alias: str | None = None
 
@@ -66,7 +73,7 @@ class FakeLink:
             self.mtu,
             self.master,
             self.mac,
-            self.vni,
+            self.vxlan,
             self.alias,
         )
 
@@ -78,7 +85,8 @@ class NsLinks:
     links: dict[str, FakeLink] = field(default_factory=dict)
     addresses: list[Address] = field(default_factory=list)  # in the order added, as listed
     routes: dict[tuple[int, str], Route] = field(default_factory=dict)
-    neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)
+    neighbours: dict[tuple[str, str], Neighbour] = field(default_factory=dict)  # (ifname, ip)
+    fdb: dict[tuple[str, str], FdbEntry] = field(default_factory=dict)  # (ifname, mac)
     indexes: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
 
     def __post_init__(self) -> None:
@@ -88,6 +96,20 @@ class NsLinks:
 def failure(code: int, what: str) -> KernelError:
     """The typed error the real layer raises for this errno (same class and code)."""
     return translate(OSError(code, os.strerror(code)), what)
+
+
+def links_in(world: FakeWorld, ns: Namespace) -> NsLinks:
+    """The link layer's state in namespace ns (NotFound if there is no such namespace)."""
+    state: NsLinks = world.require(ns).part(PART, NsLinks)
+    return state
+
+
+def link_in(state: NsLinks, ns: Namespace, name: str) -> FakeLink:
+    """Link name of a namespace's state, or the real layer's NotFound."""
+    try:
+        return state.links[name]
+    except KeyError:
+        raise missing_link(ns, name) from None
 
 
 class FakeLinks:
@@ -118,23 +140,39 @@ class FakeLinks:
         peer_ns: Namespace,
         *,
         alias: str | None = None,
+        peer_mac: str | None = None,
+        mtu: int | None = None,
     ) -> None:
         state = self._state(ns)
         peer_state = self._state(peer_ns)
-        if self._ensure_kind(state, ns, name, "veth", alias) is not None:
+        mac = None if peer_mac is None else mac_text(peer_mac)
+        found = self._ensure_kind(state, ns, name, "veth", alias)
+        if found is not None:
             peer = peer_state.links.get(peer_name)
             if peer is None or peer.kind != "veth":
                 raise peer_clash(ns, name, peer_name, peer_ns)
+            if mac is not None:
+                self.set_mac(peer_ns, peer_name, mac)
+            if mtu is not None:
+                found.mtu = peer.mtu = mtu
             return
+        what = (
+            f"create veth {name} in {where(ns)} with peer {peer_name} in {where(peer_ns)} "
+            f"(is {peer_name} taken there?)"
+        )
         if peer_name in peer_state.links or (peer_ns == ns and peer_name == name):
-            raise failure(
-                errno.EEXIST,
-                f"create veth {name} in {where(ns)} with peer {peer_name} in {where(peer_ns)} "
-                f"(is {peer_name} taken there?)",
-            )
+            raise failure(errno.EEXIST, what)
+        if mac is not None and not unicast_mac(mac):
+            raise failure(errno.EADDRNOTAVAIL, what)
+        size = DEFAULT_MTU if mtu is None else mtu
         # The kernel registers the peer first: it gets the lower index.
-        self._add(peer_ns, peer_state, FakeLink(peer_name, "veth", 0, peer=(ns, name)))
-        self._add(ns, state, FakeLink(name, "veth", 0, peer=(peer_ns, peer_name), alias=alias))
+        peer = FakeLink(peer_name, "veth", 0, mtu=size, peer=(ns, name))
+        self._add(peer_ns, peer_state, peer)
+        if mac is not None:
+            peer.mac = mac
+        self._add(
+            ns, state, FakeLink(name, "veth", 0, mtu=size, peer=(peer_ns, peer_name), alias=alias)
+        )
 
     def ensure_dummy(self, ns: Namespace, name: str, *, alias: str | None = None) -> None:
         state = self._state(ns)
@@ -146,21 +184,36 @@ class FakeLinks:
         ns: Namespace,
         name: str,
         vni: int,
+        *,
         local: str | None = None,
-        remote: str | None = None,
         dev: str | None = None,
         port: int = VXLAN_PORT,
-        *,
+        learning: bool = False,
+        proxy: bool = True,
+        mtu: int | None = None,
         alias: str | None = None,
     ) -> None:
         state = self._state(ns)
+        want = VxlanInfo(vni, port, local, learning, proxy)
         found = self._ensure_kind(state, ns, name, "vxlan", alias)
         if found is not None:
-            if found.vni != vni:
-                raise vni_clash(ns, name, found.vni, vni)
+            if found.vxlan != want:
+                raise vxlan_clash(ns, name, cast(VxlanInfo, found.vxlan), want)
+            if mtu is not None:
+                found.mtu = mtu
             return
-        mtu = DEFAULT_MTU if dev is None else self._link(state, ns, dev).mtu - VXLAN_OVERHEAD
-        self._add(ns, state, FakeLink(name, "vxlan", 0, mtu=mtu, vni=vni, alias=alias))
+        size = DEFAULT_MTU if mtu is None else mtu
+        if dev is not None:
+            under = self._link(state, ns, dev).mtu
+            if mtu is not None and mtu > under - VXLAN_OVERHEAD:
+                raise vxlan_mtu_too_big(ns, name, mtu, dev, under)
+            size = under - VXLAN_OVERHEAD if mtu is None else mtu
+        if any(
+            v.vxlan and (v.vxlan.vni, v.vxlan.port) == (vni, port) for v in state.links.values()
+        ):
+            # One namespace, one device per VNI and port, whatever the local address.
+            raise failure(errno.EEXIST, f"create vxlan {name} (VNI {vni}) in {where(ns)}")
+        self._add(ns, state, FakeLink(name, "vxlan", 0, mtu=size, vxlan=want, alias=alias))
 
     def delete_link(self, ns: Namespace, name: str) -> None:
         state = self._state(ns)
@@ -193,6 +246,7 @@ class FakeLinks:
         state = self._state(ns)
         self._link(state, ns, name).up = False
         self._flush_routes(state, name)
+        self._flush_neighbours(state, name)
 
     def set_master(self, ns: Namespace, name: str, bridge: str | None) -> None:
         state = self._state(ns)
@@ -203,6 +257,15 @@ class FakeLinks:
 
     def set_mtu(self, ns: Namespace, name: str, mtu: int) -> None:
         self._link(self._state(ns), ns, name).mtu = mtu
+
+    def set_mac(self, ns: Namespace, name: str, mac: str) -> None:
+        address = mac_text(mac)
+        state = self._state(ns)
+        link = self._link(state, ns, name)
+        if not unicast_mac(address):
+            raise failure(errno.EADDRNOTAVAIL, f"set address={address} on {name} in {where(ns)}")
+        link.mac = address
+        self._flush_neighbours(state, name)  # neigh_changeaddr, even for the same MAC
 
     # addresses
 
@@ -273,21 +336,6 @@ class FakeLinks:
 
         return sorted(routes, key=order)
 
-    # neighbours
-
-    def ensure_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
-        state = self._state(ns)
-        self._link(state, ns, neighbour.ifname)
-        state.neighbours[(neighbour.ifname, neighbour.address)] = replace(
-            neighbour, mac=neighbour.mac.lower()
-        )
-
-    def delete_neighbour(self, ns: Namespace, neighbour: Neighbour) -> None:
-        self._state(ns).neighbours.pop((neighbour.ifname, neighbour.address), None)
-
-    def list_neighbours(self, ns: Namespace, ifname: str | None = None) -> list[Neighbour]:
-        return [n for n in self._state(ns).neighbours.values() if ifname in (None, n.ifname)]
-
     # helpers
 
     def _of(self, space: FakeNamespace) -> NsLinks:
@@ -295,13 +343,10 @@ class FakeLinks:
         return state
 
     def _state(self, ns: Namespace) -> NsLinks:
-        return self._of(self.world.require(ns))
+        return links_in(self.world, ns)
 
     def _link(self, state: NsLinks, ns: Namespace, name: str) -> FakeLink:
-        try:
-            return state.links[name]
-        except KeyError:
-            raise missing_link(ns, name) from None
+        return link_in(state, ns, name)
 
     def _ensure_kind(
         self, state: NsLinks, ns: Namespace, name: str, kind: str, alias: str | None
@@ -331,11 +376,15 @@ class FakeLinks:
             if port.master == link.name:
                 port.master = None
         state.addresses = [a for a in state.addresses if a.ifname != link.name]
-        state.neighbours = {k: n for k, n in state.neighbours.items() if n.ifname != link.name}
+        state.fdb = {k: e for k, e in state.fdb.items() if e.ifname != link.name}
+        self._flush_neighbours(state, link.name)
         self._flush_routes(state, link.name)
 
     def _flush_routes(self, state: NsLinks, ifname: str) -> None:
         state.routes = {k: r for k, r in state.routes.items() if r.ifname != ifname}
+
+    def _flush_neighbours(self, state: NsLinks, ifname: str) -> None:
+        state.neighbours = {k: n for k, n in state.neighbours.items() if n.ifname != ifname}
 
     def _gateway_link(self, state: NsLinks, gateway: str, ifname: str | None) -> str | None:
         """The up device with a subnet holding gateway (ifname if given), else None."""

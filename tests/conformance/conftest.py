@@ -24,6 +24,7 @@ class KernelUnderTest:
     name: str  # "fake" or "real"
     netns: Any  # kernel.netns.Netns or kernel.fake.world.FakeNetns
     links: Any  # kernel.links.LinksAPI
+    neighbours: Any  # kernel.neighbours.NeighboursAPI
     sysctl: Any  # kernel.sysctl.SysctlAPI
     iptables: Any | None  # kernel.iptables.IptablesAPI, None until it exists
     ipvs: Any | None  # kernel.ipvs.IpvsAPI, None until it exists
@@ -48,6 +49,7 @@ def _optional(module: str, cls: str, *args: Any) -> Any | None:
 
 def _fake_kernel() -> KernelUnderTest:
     from kernel.fake.links import FakeLinks
+    from kernel.fake.neighbours import FakeNeighbours
     from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
 
@@ -64,6 +66,7 @@ def _fake_kernel() -> KernelUnderTest:
         name="fake",
         netns=fake_netns,
         links=FakeLinks(world),
+        neighbours=FakeNeighbours(world),
         sysctl=FakeSysctl(world),
         iptables=_optional("kernel.fake.iptables", "FakeIptables", world),
         ipvs=_optional("kernel.fake.ipvs", "FakeIpvs", world),
@@ -74,6 +77,7 @@ def _fake_kernel() -> KernelUnderTest:
 
 def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
     from kernel.links import Links
+    from kernel.neighbours import Neighbours
     from kernel.netns import Netns
     from kernel.sysctl import Sysctl
 
@@ -81,6 +85,7 @@ def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
         name="real",
         netns=Netns(),
         links=Links(),
+        neighbours=Neighbours(),
         sysctl=Sysctl(),
         iptables=_optional("kernel.iptables", "Iptables"),
         ipvs=_optional("kernel.ipvs", "Ipvs"),

@@ -1,4 +1,4 @@
-"""kernel.links against the fake and the real kernel: links, addresses, routes, neighbours.
+"""kernel.links against the fake and the real kernel: links, addresses, routes.
 
 Each test runs on both (the `kernel` fixture); the last ones send real packets between
 namespaces over a veth pair and over a bridge, on the real kernel only.
@@ -6,6 +6,7 @@ namespaces over a veth pair and over a bridge, on the real kernel only.
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import time
@@ -17,7 +18,7 @@ from kernel import netns
 from kernel.errors import AlreadyExists, KernelError, NotFound, Unsupported
 from kernel.fake.links import FakeLinks
 from kernel.fake.world import FakeNetns, FakeWorld
-from kernel.links import Address, Link, Neighbour, Route
+from kernel.links import Address, Link, Route, VxlanInfo, mac_for
 from tests.conformance.conftest import KernelUnderTest
 from tests.conftest import NetnsFactory
 
@@ -209,16 +210,122 @@ def test_fake_models_a_kernel_without_dummy() -> None:
 def test_vxlan(kernel: KernelUnderTest) -> None:
     ns = kernel.new_ns("vx")
     kernel.links.ensure_veth(ns, "under", "under-p", ns)
-    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.0.0.1", remote="10.0.0.2")
-    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.0.0.1", remote="10.0.0.2")
-    kernel.links.ensure_vxlan(ns, "meshvx1", 4098, dev="under")
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.98.0.1", alias="meshctl:net1")
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.98.0.1", alias="meshctl:net1")
+    kernel.links.ensure_vxlan(ns, "meshvx1", 4098, dev="under", port=8472, learning=True)
     vx0, vx1 = link(kernel, ns, "meshvx0"), link(kernel, ns, "meshvx1")
-    assert (vx0.kind, vx0.vni, vx0.mtu) == ("vxlan", 4097, 1500)
-    assert (vx1.vni, vx1.mtu) == (4098, 1450)  # the underlay's MTU less the 50-byte header
-    with pytest.raises(AlreadyExists, match="has VNI 4097, not 9"):
-        kernel.links.ensure_vxlan(ns, "meshvx0", 9)
+    assert (vx0.kind, vx0.mtu, vx0.up) == ("vxlan", 1500, False)
+    assert vx0.vxlan == VxlanInfo(4097, 4789, "10.98.0.1", learning=False, proxy=True)
+    assert vx1.vxlan == VxlanInfo(4098, 8472, None, learning=True, proxy=True)
+    assert vx1.mtu == 1450  # the underlay's MTU less the 50-byte header
+    assert link(kernel, ns, "under").vxlan is None
     with pytest.raises(NotFound, match="link nodev does not exist"):
         kernel.links.ensure_vxlan(ns, "meshvx2", 5, dev="nodev")
+    assert names(kernel.links.list_links(ns)) == ["lo", "under-p", "under", "meshvx0", "meshvx1"]
+
+
+def test_vxlan_with_other_settings_is_not_adopted(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("vxclash")
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.98.0.1", alias="meshctl:net1")
+    before = link(kernel, ns, "meshvx0")
+    others: list[tuple[dict[str, object], str]] = [
+        ({"vni": 9}, "has VNI 4097, not 9;"),
+        ({"port": 8472}, "has port 4789, not 8472;"),
+        ({"local": "10.98.0.2"}, "has local address 10.98.0.1, not 10.98.0.2;"),
+        ({"local": None}, "has local address 10.98.0.1, not any;"),
+        ({"learning": True}, "has learning off, not on;"),
+        ({"proxy": False}, "has proxy on, not off;"),
+        ({"vni": 9, "proxy": False}, "has VNI 4097, not 9; proxy on, not off;"),
+    ]
+    for change, message in others:
+        asked: dict[str, object] = {"vni": 4097, "local": "10.98.0.1", **change}
+        with pytest.raises(AlreadyExists, match=f"vxlan meshvx0 .* {message} delete it"):
+            kernel.links.ensure_vxlan(ns, "meshvx0", alias="meshctl:net1", **asked)
+    with pytest.raises(AlreadyExists, match="meshvx0 .* has alias 'meshctl:net1', not no alias"):
+        kernel.links.ensure_vxlan(ns, "meshvx0", 4097, local="10.98.0.1")
+    assert link(kernel, ns, "meshvx0") == before
+
+
+def test_one_vxlan_per_vni_and_port_in_a_namespace(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("vxvni")
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4242, local="10.98.0.1")
+    with pytest.raises(AlreadyExists):  # whatever the local address
+        kernel.links.ensure_vxlan(ns, "meshvx1", 4242, local="10.98.0.9")
+    kernel.links.ensure_vxlan(ns, "meshvx1", 4242, port=8472)  # another port is another socket
+    kernel.links.ensure_vxlan(ns, "meshvx2", 4243, local="10.98.0.1")
+    assert names(kernel.links.list_links(ns)) == ["lo", "meshvx0", "meshvx1", "meshvx2"]
+
+
+def test_vxlan_mtu(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("vxmtu")
+    kernel.links.ensure_veth(ns, "under", "under-p", ns)
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, mtu=1450)
+    kernel.links.ensure_vxlan(ns, "meshvx1", 4098, dev="under", mtu=1400)
+    assert (link(kernel, ns, "meshvx0").mtu, link(kernel, ns, "meshvx1").mtu) == (1450, 1400)
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097, mtu=1400)  # brought to the MTU asked
+    kernel.links.ensure_vxlan(ns, "meshvx0", 4097)  # None: left as it is
+    assert link(kernel, ns, "meshvx0").mtu == 1400
+    # More than the underlay carries: the kernel would lower it without a word; refused.
+    with pytest.raises(KernelError, match="MTU 1451 does not fit in under's MTU 1500") as big:
+        kernel.links.ensure_vxlan(ns, "meshvx2", 4099, dev="under", mtu=1451)
+    assert big.value.code == errno.EINVAL
+    assert kernel.links.get_link(ns, "meshvx2") is None
+
+
+def test_bridge_mtu_holds_against_a_larger_port(kernel: KernelUnderTest) -> None:
+    """A bridge takes its smallest port's MTU unless its own was set: an overlay bridge keeps
+    the MTU asked for when a 1500-byte port joins it."""
+    ns = kernel.new_ns("brmtu")
+    kernel.links.ensure_bridge(ns, "meshbr0", mtu=1450)
+    kernel.links.ensure_veth(ns, "p1", "p2", ns)
+    kernel.links.set_master(ns, "p1", "meshbr0")
+    kernel.links.set_up(ns, "meshbr0")
+    kernel.links.set_up(ns, "p1")
+    assert (link(kernel, ns, "meshbr0").mtu, link(kernel, ns, "p1").mtu) == (1450, 1500)
+    kernel.links.ensure_bridge(ns, "meshbr0", mtu=1400)
+    assert link(kernel, ns, "meshbr0").mtu == 1400
+
+
+def test_set_mac(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("mac")
+    kernel.links.ensure_veth(ns, "a", "b", ns)
+    kernel.links.set_mac(ns, "a", "02:42:0A:4D:00:02")
+    assert link(kernel, ns, "a").mac == "02:42:0a:4d:00:02"
+    with pytest.raises(ValueError, match="'02:42:0a:4d:00' is not a MAC address"):
+        kernel.links.set_mac(ns, "a", "02:42:0a:4d:00")
+    for multicast in ("01:00:5e:00:00:01", "00:00:00:00:00:00"):
+        with pytest.raises(KernelError) as refused:
+            kernel.links.set_mac(ns, "a", multicast)
+        assert refused.value.code == errno.EADDRNOTAVAIL
+    assert link(kernel, ns, "a").mac == "02:42:0a:4d:00:02"
+
+
+def test_mac_for_is_docker_s() -> None:
+    assert mac_for("10.77.0.2") == "02:42:0a:4d:00:02"
+    assert mac_for("192.168.255.1") == "02:42:c0:a8:ff:01"
+    with pytest.raises(ValueError):
+        mac_for("10.77.0.256")
+
+
+def test_veth_with_a_peer_mac_and_an_mtu(kernel: KernelUnderTest) -> None:
+    node, task = kernel.new_ns("node"), kernel.new_ns("task")
+    mac = mac_for("10.77.0.2")
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, peer_mac=mac, mtu=1450)
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, peer_mac=mac, mtu=1450)
+    node_end, task_end = link(kernel, node, "meshv1"), link(kernel, task, "eth0")
+    assert (task_end.mac, task_end.mtu, node_end.mtu) == (mac, 1450, 1450)
+    assert node_end.mac != mac
+    # An existing pair is brought to the MAC and MTU asked; None leaves them.
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task, peer_mac=mac_for("10.77.0.3"), mtu=1400)
+    kernel.links.ensure_veth(node, "meshv1", "eth0", task)
+    task_end = link(kernel, task, "eth0")
+    assert (task_end.mac, task_end.mtu) == (mac_for("10.77.0.3"), 1400)
+    assert link(kernel, node, "meshv1").mtu == 1400
+    with pytest.raises(KernelError) as refused:
+        kernel.links.ensure_veth(node, "meshv2", "eth1", task, peer_mac="01:00:5e:00:00:01")
+    assert refused.value.code == errno.EADDRNOTAVAIL
+    assert kernel.links.get_link(node, "meshv2") is None
+    assert kernel.links.get_link(task, "eth1") is None
 
 
 def test_up_down_mtu_and_master(kernel: KernelUnderTest) -> None:
@@ -257,7 +364,7 @@ def test_verbs_on_a_missing_link_raise_not_found(kernel: KernelUnderTest) -> Non
     with pytest.raises(NotFound):
         kernel.links.ensure_address(ns, "nope", "10.1.0.1/24")
     with pytest.raises(NotFound):
-        kernel.links.ensure_neighbour(ns, Neighbour("nope", "10.1.0.7", "02:00:00:00:00:07"))
+        kernel.links.set_mac(ns, "nope", "02:00:00:00:00:07")
     with pytest.raises(NotFound):
         kernel.links.ensure_route(ns, Route("10.2.0.0/24", ifname="nope"))
     assert kernel.links.get_link(ns, "nope") is None
@@ -271,8 +378,6 @@ def test_deleting_missing_things_is_a_no_op(kernel: KernelUnderTest) -> None:
     kernel.links.delete_address(ns, "nope", "10.1.0.1/24")
     kernel.links.delete_route(ns, Route("10.3.0.0/24", ifname="a"))
     kernel.links.delete_route(ns, Route("10.3.0.0/24", ifname="nope"))
-    kernel.links.delete_neighbour(ns, Neighbour("a", "10.1.0.7", "02:00:00:00:00:07"))
-    kernel.links.delete_neighbour(ns, Neighbour("nope", "10.1.0.7", "02:00:00:00:00:07"))
     assert names(kernel.links.list_links(ns)) == ["lo", "b", "a"]  # the peer is made first
 
 
@@ -487,22 +592,6 @@ def test_routes_go_when_their_device_goes_down_or_loses_its_address(
     kernel.links.ensure_route(ns, Route("10.30.0.0/16", ifname="a"))
     kernel.links.delete_address(ns, "a", "10.20.0.1/24")
     assert kernel.links.list_routes(ns) == []
-
-
-def test_neighbours(kernel: KernelUnderTest) -> None:
-    ns = kernel.new_ns("neigh")
-    kernel.links.ensure_veth(ns, "a", "b", ns)
-    entry = Neighbour("a", "10.20.0.7", "02:00:0a:14:00:07")
-    kernel.links.ensure_neighbour(ns, entry)
-    kernel.links.ensure_neighbour(ns, entry)
-    kernel.links.ensure_neighbour(ns, Neighbour("b", "10.20.0.8", "02:00:0a:14:00:08"))
-    assert kernel.links.list_neighbours(ns, "a") == [entry]
-    moved = Neighbour("a", "10.20.0.7", "02:00:0a:14:00:99")
-    kernel.links.ensure_neighbour(ns, moved)  # a new MAC replaces the old one
-    assert kernel.links.list_neighbours(ns, "a") == [moved]
-    kernel.links.delete_neighbour(ns, moved)
-    assert kernel.links.list_neighbours(ns, "a") == []
-    assert len(kernel.links.list_neighbours(ns)) == 1
 
 
 # Real packets, real kernel only.

@@ -12,6 +12,7 @@ from kernel.fake.conntrack import FakeConntrack
 from kernel.fake.iptables import FakeIptables
 from kernel.fake.ipvs import FakeIpvs
 from kernel.fake.links import FakeLinks
+from kernel.fake.neighbours import FakeNeighbours
 from kernel.fake.sockets import FakeSockets
 from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
@@ -175,6 +176,7 @@ class Fake:
             self.ipvs,
             self.conntrack,
             FakeSockets(self.world),
+            FakeNeighbours(self.world),
         )
         self.reconciler = LbReconciler(kernel, backend)
         self.links.ensure_bridge(None, spec().bridge, alias=spec().mark)

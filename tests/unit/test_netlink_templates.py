@@ -9,11 +9,19 @@ from typing import Any
 
 import pytest
 from pyroute2.netlink.generic import ipvs as genl
-from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_NEWADDR
+from pyroute2.netlink.rtnl import RTM_DELADDR, RTM_DELNEIGH, RTM_NEWADDR, RTM_NEWNEIGH
 
 from kernel.ipvs import Destination, VirtualService, _Requests, _service_request
-from kernel.links import _address_request
-from kernel.netlink import ADD_FLAGS, DELETE_FLAGS, Templates, address_field
+from kernel.links import _address_request, mac_for
+from kernel.neighbours import AF_BRIDGE, AF_INET, FDB, FDB_STATE, NEIGHBOUR, NTF_SELF, _request
+from kernel.netlink import (
+    ADD_FLAGS,
+    DELETE_FLAGS,
+    REPLACE_FLAGS,
+    Templates,
+    address_field,
+    mac_field,
+)
 
 
 def addresses(rng: random.Random, count: int) -> list[str]:
@@ -32,6 +40,34 @@ def test_address_requests_match_pyroute2(kind: int, flags: int) -> None:
         shape = (kind, flags, 7, prefixlen)
         expected = _address_request(shape, (address,))
         assert templates.request(shape, (address_field(address),)) == expected
+
+
+NEIGHBOUR_SHAPES = [
+    (RTM_NEWNEIGH, REPLACE_FLAGS, AF_INET, 7, 0x80, 0, NEIGHBOUR),
+    (RTM_DELNEIGH, DELETE_FLAGS, AF_INET, 7, 0, 0, NEIGHBOUR[:1]),
+    (RTM_NEWNEIGH, REPLACE_FLAGS, AF_BRIDGE, 9, FDB_STATE, NTF_SELF, FDB),
+    (RTM_DELNEIGH, DELETE_FLAGS, AF_BRIDGE, 0xA5A5A5A5 >> 1, FDB_STATE, NTF_SELF, FDB),
+]
+
+
+def test_neighbour_and_fdb_requests_match_pyroute2() -> None:
+    """Addresses and MACs (the stand-ins' bytes among them) patched into one template per
+    shape, in the attribute order of each shape."""
+    templates = Templates(_request)
+    rng = random.Random(3)
+    ips = [ip for ip in addresses(rng, 300) if "." in ip]
+    macs = ["a5:a5:a5:a5:a5:a5", "5a:5a:5a:5a:5a:5a", "00:00:00:00:00:01"]
+    for ip in ips:
+        shape = rng.choice(NEIGHBOUR_SHAPES)
+        mac = rng.choice([*macs, mac_for(ip)])
+        fields = {"NDA_DST": address_field(ip), "NDA_LLADDR": mac_field(mac)}
+        values = {"NDA_DST": ip, "NDA_LLADDR": mac}
+        names = shape[-1]
+        expected = _request(shape, tuple(values[name] for name in names))
+        assert templates.request(shape, tuple(fields[name] for name in names)) == expected
+    # Every shape was patched, none fell back to encoding each request in full.
+    assert len(templates._templates) == len(NEIGHBOUR_SHAPES)
+    assert all(spots is not None for _, spots in templates._templates.values())
 
 
 SERVICES = [
