@@ -773,6 +773,13 @@ def controller() -> None:
     show_default=True,
     help="How long the node stays up without its controller: then its tasks move elsewhere.",
 )
+@click.option(
+    "--vxlan-port",
+    type=int,
+    default=4789,
+    show_default=True,
+    help="UDP port of the overlay networks on the underlay (the same on every node).",
+)
 def controller_run(
     node: str | None,
     lb_backend: str,
@@ -780,6 +787,7 @@ def controller_run(
     resync_period: str,
     advertise_addr: str | None,
     node_ttl: str,
+    vxlan_port: int,
 ) -> None:
     """Run the controller in the foreground on this node (the network namespace it starts in).
 
@@ -800,6 +808,7 @@ def controller_run(
         duration(resync_period, "--resync-period"),
         advertise_addr,
         duration(node_ttl, "--node-ttl"),
+        vxlan_port,
     )
     env = _env()
     sys.exit(run_controller(env.store, env.state_dir, settings))
@@ -978,6 +987,7 @@ def diff(node: str | None, lb_backend: str) -> None:
     from kernel.system import real_kernel
     from meshctl.controller.diff import describe, node_differences
     from meshctl.controller.main import default_node_name
+    from meshctl.controller.overlay import VXLAN_PORT, underlay_of
     from meshctl.controller.view import read_view
     from meshctl.lb.reconcile import LbReconciler, choose_backend
 
@@ -991,8 +1001,12 @@ def diff(node: str | None, lb_backend: str) -> None:
         lb_backend = status.lb_backend
     kernel = real_kernel()
     lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
-    node_id = from_record(Node, record).id
-    plans = node_differences(kernel, read_view(store), name, node_id, _env().state_dir, lb)
+    node_record = from_record(Node, record)
+    port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
+    underlay = underlay_of(kernel, node_record.address, port)
+    plans = node_differences(
+        kernel, read_view(store), name, node_record.id, _env().state_dir, lb, underlay
+    )
     lines = list(describe(*plans))
     if status is not None:
         lines += [f"! network {net} fails on node {name}: {why}"

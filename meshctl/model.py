@@ -811,6 +811,7 @@ class NodeStatus:
     pid_start: int = 0
     boot_id: str = ""
     lb_backend: str = ""
+    vxlan_port: int = 0  # the UDP port its overlays use
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -822,6 +823,7 @@ class NodeStatus:
             "pid_start": self.pid_start,
             "boot_id": self.boot_id,
             "lb_backend": self.lb_backend,
+            "vxlan_port": self.vxlan_port,
         }
 
     @classmethod

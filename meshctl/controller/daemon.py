@@ -33,6 +33,7 @@ from meshctl.controller.dns_sync import DnsSync
 from meshctl.controller.membership import Membership
 from meshctl.controller.node_kernel import set_node_sysctls
 from meshctl.controller.node_reconciler import NodeReconciler
+from meshctl.controller.overlay import VXLAN_PORT, underlay_of
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, view_of
 from meshctl.lb.reconcile import LbReconciler, choose_backend
@@ -59,12 +60,13 @@ class Controller:
         lb_backend: str = "auto",
         upstreams: list[str] | None = None,
         node_ttl: float = 10.0,
+        vxlan_port: int = VXLAN_PORT,
     ) -> None:
         self.store = store
         self.kernel = kernel
         backend = choose_backend(kernel, lb_backend)
         self.membership = Membership(store, node, ttl=node_ttl)
-        self.node = self.membership.join(lb_backend=backend).name
+        self.node = self.membership.join(lb_backend=backend, vxlan_port=vxlan_port).name
         self.node_id = self.membership.node.id
         self.state_dir = state_dir
         self.resync_period = resync_period
@@ -72,7 +74,8 @@ class Controller:
         self._wake: Callable[[], None] = lambda: None  # set by run(): wakes the loop
         self.informer = Informer(store, lambda events: self._wake())
         self.lb = LbReconciler(kernel, backend)
-        self.node_sync = NodeReconciler(kernel, self.node, resync_period)
+        self.underlay = underlay_of(kernel, self.membership.node.address, vxlan_port)
+        self.node_sync = NodeReconciler(kernel, self.node, resync_period, self.underlay)
         self.dns = DnsSync(upstreams or [])
         self.supervisor = Supervisor(
             store, self.node, state_dir, open_connections=self._open_connections
@@ -164,7 +167,7 @@ class Controller:
         """The load balancers: a full observe once per resync period (it repairs drift and
         checks convergence); in between, only the services whose spec changed. Returns the
         networks whose load balancer failed, and why."""
-        specs = lb_specs(view, self.node, self.node_id)
+        specs = lb_specs(view, self.node, self.node_id, self.underlay)
         prefix = names.lb_netns_prefix(self.node_id)
         now = time.monotonic()
         if now - self._last_full_lb < self.resync_period:

@@ -18,6 +18,7 @@ from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
 from meshctl.controller.node_kernel import blocked_ports, observe_node
+from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.view import ClusterView
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
@@ -55,21 +56,27 @@ def running_here(view: ClusterView, node: str) -> set[str]:
 
 
 def node_differences(
-    kernel: Kernel, view: ClusterView, node: str, node_id: str, state_dir: str, lb: LbReconciler
+    kernel: Kernel,
+    view: ClusterView,
+    node: str,
+    node_id: str,
+    state_dir: str,
+    lb: LbReconciler,
+    underlay: Underlay = NO_UNDERLAY,
 ) -> tuple[NodePlan, LbPlan]:
     wired = running_here(view, node)
     containers = [
         spec
         for c in view.containers.values()
-        if c.node == node and (spec := container_spec(view, c)) is not None
+        if c.node == node and (spec := container_spec(view, c, underlay=underlay)) is not None
     ]
     mine = {task.id for task in view.tasks_on(node)}
     actual, stray = observe_node(kernel, containers, mine=mine)
     blocked = blocked_ports(kernel, view, actual.tables.get("nat", OwnedTable()))
     dns_ports = read_dns_ports(state_dir, sorted(wired))
-    desired = desired_node(view, node, wired, dns_ports, blocked)
+    desired = desired_node(view, node, wired, dns_ports, blocked, underlay)
     node_plan = plan_node(desired, actual, stray)
-    lb_plan = lb.plan(lb_specs(view, node, node_id), names.lb_netns_prefix(node_id))
+    lb_plan = lb.plan(lb_specs(view, node, node_id, underlay), names.lb_netns_prefix(node_id))
     return node_plan, lb_plan
 
 
@@ -79,7 +86,18 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
     for name, alias in node_plan.clashes:
         yield f"! {names.clash_text(name, alias)}"
     for bridge in node_plan.ensure_bridges:
-        yield f"~ bridge {bridge.name} {bridge.address}"
+        yield f"~ bridge {bridge.name} {bridge.address} mtu {bridge.mtu}"
+    for device in node_plan.delete_overlays:
+        yield f"- vxlan {device}"
+    for overlay in node_plan.ensure_overlays:
+        yield f"~ vxlan {overlay.device} vni {overlay.vni} port {overlay.port} mtu {overlay.mtu}"
+    for peers in node_plan.peers:
+        for peer in sorted(peers.add):
+            yield f"+ peer {peer.address} {peer.mac} via {peer.vtep} on {peers.device}"
+        for neighbour in sorted(peers.remove_neighbours, key=lambda n: n.address):
+            yield f"- neighbour {neighbour.address} {neighbour.mac} on {peers.device}"
+        for entry in sorted(peers.remove_fdb, key=lambda e: e.mac):
+            yield f"- fdb {entry.mac} via {entry.dst} on {peers.device}"
     for task in node_plan.wire_tasks:
         yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
     for ns, change in node_plan.task_rules:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 
+from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.view import ClusterView
 from meshctl.dns import DnsPort, DnsService, DnsTask, DnsView
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
@@ -61,7 +62,9 @@ def _backends(view: ClusterView, service: Service, network: str, node: str) -> t
     return tuple(Backend(address, weight) for address, weight in sorted(backends.items()))
 
 
-def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
+def lb_specs(
+    view: ClusterView, node: str, node_id: str, underlay: Underlay = NO_UNDERLAY
+) -> list[LbSpec]:
     """One LB namespace per network the node takes part in and has its LB address on, with
     its services' VIPs."""
     specs = []
@@ -76,7 +79,8 @@ def lb_specs(view: ClusterView, node: str, node_id: str) -> list[LbSpec]:
             for service in sorted(view.services.values(), key=lambda s: s.name)
             if (vip := service.vips().get(network.name)) is not None
         )
-        specs.append(lb_spec(node_id, network.id, f"{address}/{prefix}", vips))
+        mtu = underlay.mtu_of(network)
+        specs.append(lb_spec(node_id, network.id, f"{address}/{prefix}", vips, mtu))
     return specs
 
 

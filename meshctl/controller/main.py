@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 from kernel.system import Kernel
 from meshctl.controller.membership import DEFAULT_TTL
-from meshctl.model import Node, ValidationError, check_address, check_name
+from meshctl.controller.overlay import VXLAN_PORT
+from meshctl.model import Node, ValidationError, check_address, check_name, check_port
 from meshctl.store import Store
 
 
@@ -47,6 +48,7 @@ class ControllerSettings:
     resync_period: float
     advertise_addr: str = ""  # empty: the address of the default route, found at start
     node_ttl: float = DEFAULT_TTL
+    vxlan_port: int = VXLAN_PORT
 
 
 def controller_settings(
@@ -56,6 +58,7 @@ def controller_settings(
     resync_period: float,
     advertise_addr: str | None = None,
     node_ttl: float = DEFAULT_TTL,
+    vxlan_port: int = VXLAN_PORT,
 ) -> ControllerSettings:
     """Check every option at once, so a bad one fails before the node is registered."""
     from meshctl.dns.forwarder import parse_upstream
@@ -71,8 +74,15 @@ def controller_settings(
             parse_upstream(upstream)
         except ValueError as err:
             raise ValidationError(f"invalid --upstream-dns: {err}") from None
+    check_port(vxlan_port, "--vxlan-port")
     return ControllerSettings(
-        name, lb_backend, list(upstream_dns), resync_period, advertise_addr or "", node_ttl
+        name,
+        lb_backend,
+        list(upstream_dns),
+        resync_period,
+        advertise_addr or "",
+        node_ttl,
+        vxlan_port,
     )
 
 
@@ -113,6 +123,7 @@ def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -
         lb_backend=settings.lb_backend,
         upstreams=upstreams,
         node_ttl=settings.node_ttl,
+        vxlan_port=settings.vxlan_port,
     )
     asyncio.run(controller.run())
     return 0

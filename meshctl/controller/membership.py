@@ -79,7 +79,7 @@ class Membership:
 
     # -- joining -------------------------------------------------------------------------------
 
-    def join(self, lb_backend: str = "") -> Node:
+    def join(self, lb_backend: str = "", vxlan_port: int = 0) -> Node:
         """Record the node and put its status under a new lease; NodeBusy if it is live."""
         record = self.store.get(NODE, self.node.name)
         existing = from_record(Node, record) if record else None
@@ -88,7 +88,9 @@ class Membership:
             self.store.txn(ops)
         if existing is not None:
             self.node = dataclasses.replace(existing, address=self.node.address or existing.address)
-        self._status = dataclasses.replace(self._status, lb_backend=lb_backend)
+        self._status = dataclasses.replace(
+            self._status, lb_backend=lb_backend, vxlan_port=vxlan_port
+        )
         self._take_status()
         return self.node
 

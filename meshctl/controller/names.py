@@ -51,6 +51,14 @@ def bridge(network_id: str) -> str:
     return f"{LINK_PREFIX}{network_id[:8]}"
 
 
+VXLAN_PREFIX = f"{LINK_PREFIX}x"
+
+
+def vxlan(network_id: str) -> str:
+    """An overlay network's VXLAN device on a node: `meshx` + 8 id characters."""
+    return f"{VXLAN_PREFIX}{network_id[:8]}"
+
+
 def task_netns(task_id: str) -> str:
     """A task's namespace; task ids are unique across nodes, so the name is too."""
     return f"{TASK_NETNS_PREFIX}{task_id}"

@@ -18,8 +18,18 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
 from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
+from kernel.links import mac_for
 from meshctl.controller import names
 from meshctl.controller.discovery import serving
+from meshctl.controller.overlay import (
+    DEFAULT_MTU,
+    NO_UNDERLAY,
+    OverlaySpec,
+    PeerChange,
+    Underlay,
+    desired_overlays,
+    plan_overlays,
+)
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 from meshctl.model import INGRESS, Container, Network, Task
@@ -43,6 +53,7 @@ class BridgeSpec:
     address: str  # gateway in CIDR form, e.g. 10.10.1.1/24
     mark: str  # the alias: names.mark(network id)
     up: bool = True
+    mtu: int = DEFAULT_MTU  # an overlay's is the underlay's less the VXLAN headers
 
 
 @dataclass(frozen=True)
@@ -53,6 +64,10 @@ class TaskLinkSpec:
     bridge: str
     task_end: str
     address: str  # CIDR
+    # The task end's MAC, derived from its address (kernel.links.mac_for) so that other nodes
+    # of an overlay know it from the store alone, and the MTU of both ends.
+    mac: str = ""
+    mtu: int = DEFAULT_MTU
 
 
 @dataclass(frozen=True)
@@ -83,17 +98,33 @@ class NodeSpec:
     tasks: dict[str, TaskNetSpec]  # tasks and attached containers, by id
     tables: dict[str, OwnedTable]
     link_aliases: Mapping[str, str | None] = field(default_factory=dict)  # observed only
+    overlays: dict[str, OverlaySpec] = field(default_factory=dict)  # VXLAN devices, by name
 
 
 def _cidr(address: str, network: Network) -> str:
     return f"{address}/{ipaddress.IPv4Network(network.subnet).prefixlen}"
 
 
-def bridge_spec(view: ClusterView, network: Network) -> BridgeSpec:
+def bridge_spec(view: ClusterView, network: Network, underlay: Underlay) -> BridgeSpec:
     return BridgeSpec(
         name=names.bridge(network.id),
         address=_cidr(view.gateways[network.name], network),
         mark=names.mark(network.id),
+        mtu=underlay.mtu_of(network),
+    )
+
+
+def leg(
+    node_end: str, network: Network, task_end: str, address: str, underlay: Underlay
+) -> TaskLinkSpec:
+    """A leg onto the network's bridge for an endpoint with `address`."""
+    return TaskLinkSpec(
+        node_end=node_end,
+        bridge=names.bridge(network.id),
+        task_end=task_end,
+        address=_cidr(address, network),
+        mac=mac_for(address),
+        mtu=underlay.mtu_of(network),
     )
 
 
@@ -118,7 +149,10 @@ def dns_redirect(task_id: str, udp_port: int, tcp_port: int) -> OwnedTable:
 
 
 def task_spec(
-    view: ClusterView, task: Task, dns_ports: tuple[int, int] | None = None
+    view: ClusterView,
+    task: Task,
+    dns_ports: tuple[int, int] | None = None,
+    underlay: Underlay = NO_UNDERLAY,
 ) -> TaskNetSpec:
     """The wiring of one task: a leg per network in the order the service lists them."""
     links = []
@@ -138,13 +172,9 @@ def task_spec(
         if gateway is None:
             gateway = view.gateways.get(network_name)
         links.append(
-            TaskLinkSpec(
-                node_end=names.task_veth(task.id, index),
-                bridge=names.bridge(network.id),
-                task_end=names.task_interface(index),
-                address=_cidr(address, network),
-            )
-        )
+            leg(names.task_veth(task.id, index), network, names.task_interface(index), address,
+                underlay)
+        )  # fmt: skip
     nat = dns_redirect(task.id, *dns_ports) if dns_ports else OwnedTable()
     return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway, nat=nat)
 
@@ -160,6 +190,7 @@ def container_spec(
     view: ClusterView,
     container: Container,
     start_time_of: Callable[[int], int | None] = read_start_time,
+    underlay: Underlay = NO_UNDERLAY,
 ) -> TaskNetSpec | None:
     """An attached container's one leg; None (nothing wired, a leg there removed) when its
     network is gone or its process is no longer the one attached (container_process_current)."""
@@ -169,12 +200,10 @@ def container_spec(
     network = view.networks.get(container.network)
     if network is None:
         return None
-    link = TaskLinkSpec(
-        node_end=names.container_veth(container.id),
-        bridge=names.bridge(network.id),
-        task_end=names.container_interface(network.id),
-        address=_cidr(container.address, network),
-    )
+    link = leg(
+        names.container_veth(container.id), network, names.container_interface(network.id),
+        container.address, underlay,
+    )  # fmt: skip
     return TaskNetSpec(container.id, container.netns, (link,), None, owns_netns=False)
 
 
@@ -353,6 +382,7 @@ def desired_node(
     wired_tasks: Collection[str],
     dns_ports: Mapping[str, tuple[int, int]] | None = None,
     blocked_ports: Collection[tuple[int, str]] = (),
+    underlay: Underlay = NO_UNDERLAY,
 ) -> NodeSpec:
     """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops);
     dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them;
@@ -364,19 +394,22 @@ def desired_node(
     taking_part = view.taking_part(node)
     networks = [n for n in view.networks.values() if n.name in taking_part]
     bridges = {
-        b.name: b for b in (bridge_spec(view, n) for n in networks if n.name in view.gateways)
+        b.name: b
+        for b in (bridge_spec(view, n, underlay) for n in networks if n.name in view.gateways)
     }
     tasks = {
-        task_id: task_spec(view, view.tasks[task_id], (dns_ports or {}).get(task_id))
+        task_id: task_spec(view, view.tasks[task_id], (dns_ports or {}).get(task_id), underlay)
         for task_id in wired_tasks
         if task_id in view.tasks and view.tasks[task_id].node == node
     }
     for container in view.containers.values():
-        spec = container_spec(view, container) if container.node == node else None
-        if spec is not None:
-            tasks[container.id] = spec
+        if container.node == node:
+            spec = container_spec(view, container, underlay=underlay)
+            if spec is not None:
+                tasks[container.id] = spec
     tables = node_tables(networks, ingress_rules(view, node, blocked_ports))
-    return NodeSpec(bridges=bridges, tasks=tasks, tables=tables)
+    overlays = desired_overlays(view, node, networks, underlay)
+    return NodeSpec(bridges=bridges, tasks=tasks, tables=tables, overlays=overlays)
 
 
 @dataclass(frozen=True)
@@ -393,10 +426,18 @@ class NodePlan:
     # Names meshctl wants in the node namespace held by links without its mark, and their
     # aliases: left alone (and what would hang off them not made), reported, never converged.
     clashes: tuple[tuple[str, str | None], ...] = ()
+    # Overlays: VXLAN devices to make or set right (after the bridges), their peer entries,
+    # and devices to delete.
+    ensure_overlays: tuple[OverlaySpec, ...] = ()
+    peers: tuple[PeerChange, ...] = ()
+    delete_overlays: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(
-            self.ensure_bridges
+            self.ensure_overlays
+            or self.peers
+            or self.delete_overlays
+            or self.ensure_bridges
             or self.wire_tasks
             or self.task_rules
             or self.unwire_tasks
@@ -409,6 +450,7 @@ class NodePlan:
 def wanted_marks(desired: NodeSpec) -> dict[str, str]:
     """Every link meshctl wants in the node namespace, with the mark it must carry."""
     marks = {bridge.name: bridge.mark for bridge in desired.bridges.values()}
+    marks.update((device, spec.mark) for device, spec in desired.overlays.items())
     for task in desired.tasks.values():
         marks.update((leg.node_end, names.mark(task.task_id)) for leg in task.links)
     return marks
@@ -449,7 +491,14 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             rules.append((want.netns, nat))
         else:
             wire.append(want)
+    overlays = {
+        d: o for d, o in desired.overlays.items() if d not in taken and o.bridge not in taken
+    }
+    ensure_overlays, peers, delete_overlays = plan_overlays(overlays, actual.overlays)
     return NodePlan(
+        ensure_overlays=ensure_overlays,
+        peers=peers,
+        delete_overlays=tuple(d for d in delete_overlays if d not in taken),
         ensure_bridges=tuple(
             b
             for name, b in sorted(desired.bridges.items())

@@ -28,6 +28,7 @@ from meshctl.controller.node import (
     ports_in_use,
     published_ports,
 )
+from meshctl.controller.overlay import apply_peers, ensure_overlay, observe_overlays
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 
@@ -64,10 +65,12 @@ def observe_node(
     for address in kernel.links.list_addresses(NODE):
         addresses.setdefault(address.ifname, []).append(address.cidr)
     bridges = {
-        name: BridgeSpec(name, _only(addresses.get(name, [])), link.alias or "", link.up)
+        name: BridgeSpec(name, _only(addresses.get(name, [])), link.alias or "", link.up, link.mtu)
         for name, link in node_links.items()
         if link.kind == "bridge"
     }
+    vxlans = [name for name, link in node_links.items() if link.vxlan is not None]
+    overlays = observe_overlays(kernel, vxlans)
     tasks: dict[str, TaskNetSpec] = {}
     for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
         task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
@@ -90,7 +93,9 @@ def observe_node(
         tables = dict(known_tables)
     else:
         tables = {table: kernel.iptables.list_owned(NODE, table) for table in TABLES}
-    spec = NodeSpec(bridges=bridges, tasks=tasks, tables=tables, link_aliases=link_aliases)
+    spec = NodeSpec(
+        bridges=bridges, tasks=tasks, tables=tables, link_aliases=link_aliases, overlays=overlays
+    )
     return spec, stray
 
 
@@ -126,6 +131,8 @@ def _observe_task(
                 if task_end in inside and inside[task_end].up and _lo_up(inside)
                 else "",
                 address=_only(addresses.get(task_end, [])),
+                mac=inside[task_end].mac if task_end in inside else "",
+                mtu=_mtu(node_link, inside.get(task_end)),
             )
         )
     gateway = next(
@@ -152,8 +159,17 @@ def _observe_container(
             if want.task_end in inside
             else []
         ),
+        mac=inside[want.task_end].mac if want.task_end in inside else "",
+        mtu=_mtu(node_link, inside.get(want.task_end)),
     )
     return TaskNetSpec(container.task_id, container.netns, (link,), None, owns_netns=False)
+
+
+def _mtu(node_end: Link | None, task_end: Link | None) -> int:
+    """A leg's MTU: its ends' when they agree (0 when they do not, or an end is missing)."""
+    if node_end is None or task_end is None or node_end.mtu != task_end.mtu:
+        return 0
+    return task_end.mtu
 
 
 def _lo_up(inside: dict[str, Link]) -> bool:
@@ -168,11 +184,25 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
     failed: dict[str, str] = {}
     for name, alias in plan.clashes:
         log.warning("%s", names.clash_text(name, alias))
+    for device in plan.delete_overlays:
+        kernel.links.delete_link(NODE, device)
     for bridge in plan.ensure_bridges:
         try:
             _ensure_bridge(kernel, bridge)
         except KernelError as err:
             failed[bridge.name] = str(err)
+    for overlay in plan.ensure_overlays:
+        try:
+            ensure_overlay(kernel, overlay)
+        except KernelError as err:
+            failed[overlay.bridge] = f"its VXLAN device {overlay.device}: {err}"
+    for peers in plan.peers:
+        try:
+            apply_peers(kernel, peers)
+        except KernelError as err:
+            failed[names.bridge(peers.device.removeprefix(names.VXLAN_PREFIX))] = (
+                f"the peers of its VXLAN device {peers.device}: {err}"
+            )
     if plan.tables:
         kernel.iptables.apply_tables(NODE, plan.tables)
     for task in plan.wire_tasks:
@@ -196,6 +226,7 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
 
 def _ensure_bridge(kernel: Kernel, bridge: BridgeSpec) -> None:
     kernel.links.ensure_bridge(NODE, bridge.name, alias=bridge.mark)
+    kernel.links.set_mtu(NODE, bridge.name, bridge.mtu)  # after its creation: it sticks then
     _set_addresses(kernel, NODE, bridge.name, [bridge.address])
     kernel.links.set_up(NODE, bridge.name)
 
@@ -216,8 +247,9 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
         kernel.links.set_up(task.netns, "lo")
     for link in task.links:
         kernel.links.ensure_veth(
-            NODE, link.node_end, link.task_end, task.netns, alias=names.mark(task.task_id)
-        )
+            NODE, link.node_end, link.task_end, task.netns, alias=names.mark(task.task_id),
+            peer_mac=link.mac or None, mtu=link.mtu,
+        )  # fmt: skip
         kernel.links.set_master(NODE, link.node_end, link.bridge)
         kernel.links.set_up(NODE, link.node_end)
         # Up before its address: once the address shows, the leg carries packets (a ping right

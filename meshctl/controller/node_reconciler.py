@@ -24,6 +24,7 @@ from meshctl.controller.node import (
     published_ports,
 )
 from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node
+from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
@@ -32,9 +33,12 @@ log = logging.getLogger("meshctl.node")
 class NodeReconciler:
     """Drives the node's networking for one controller (node: the node's name)."""
 
-    def __init__(self, kernel: Kernel, node: str, resync_period: float) -> None:
+    def __init__(
+        self, kernel: Kernel, node: str, resync_period: float, underlay: Underlay = NO_UNDERLAY
+    ) -> None:
         self.kernel = kernel
         self.node = node
+        self.underlay = underlay
         self.resync_period = resync_period
         self._last_full = -float("inf")  # monotonic time of the last full observe
         self._wired: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
@@ -53,7 +57,8 @@ class NodeReconciler:
         containers = [
             spec
             for c in view.containers.values()
-            if c.node == self.node and (spec := container_spec(view, c)) is not None
+            if c.node == self.node
+            and (spec := container_spec(view, c, underlay=self.underlay)) is not None
         ]
         if time.monotonic() - self._last_full >= self.resync_period:
             self._last_full = time.monotonic()
@@ -61,7 +66,7 @@ class NodeReconciler:
         mine = {task.id for task in view.tasks_on(self.node)}
         actual, stray = observe_node(self.kernel, containers, self._wired, mine, self._tables)
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
-        desired = desired_node(view, self.node, wired, dns_ports, blocked)
+        desired = desired_node(view, self.node, wired, dns_ports, blocked, self.underlay)
         plan = plan_node(desired, actual, stray)
         failed: dict[str, str] = {}
         if plan:
@@ -80,7 +85,15 @@ class NodeReconciler:
             if spec.owns_netns and actual.tasks.get(task_id) == spec
         }
         self._tables = desired.tables if actual.tables == desired.tables else None
-        return _by_object(view, failed)
+        failures = _by_object(view, failed)
+        if not self.underlay.address:
+            for network in view.networks.values():
+                if network.overlay and network.name in view.taking_part(self.node):
+                    failures[network.name] = (
+                        "this node advertises no address for the overlay: start its "
+                        "controller with --advertise-addr"
+                    )
+        return failures
 
     def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
         """Published ports that another process of this node holds: left to it, and said on the

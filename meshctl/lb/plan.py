@@ -114,9 +114,12 @@ def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
         and end.alias == spec.mark
         and end.master == spec.bridge
         and end.up
+        and end.mtu == spec.mtu
         and inside is not None
         and inside.kind == "veth"
         and inside.up
+        and inside.mtu == spec.mtu
+        and inside.mac == spec.mac
     )
 
 

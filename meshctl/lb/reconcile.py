@@ -239,7 +239,10 @@ class LbReconciler:
         """The LB namespace's leg on the bridge, its sysctls and its new addresses."""
         k, spec, ns = self.kernel, change.spec, change.spec.netns
         if change.ensure_leg:
-            k.links.ensure_veth(self.node_ns, spec.node_end, LB_INTERFACE, ns, alias=spec.mark)
+            k.links.ensure_veth(
+                self.node_ns, spec.node_end, LB_INTERFACE, ns, alias=spec.mark,
+                peer_mac=spec.mac, mtu=spec.mtu,
+            )  # fmt: skip
             k.links.set_master(self.node_ns, spec.node_end, spec.bridge)
             k.links.set_up(self.node_ns, spec.node_end)
             k.links.set_up(ns, LB_INTERFACE)

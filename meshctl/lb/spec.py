@@ -18,6 +18,7 @@ from typing import Literal
 
 from kernel.iptables import Match, OwnedTable, Rule, opts
 from kernel.ipvs import Destination, VirtualService
+from kernel.links import mac_for
 from meshctl.controller import names
 from meshctl.controller.names import lb_netns, lb_node_end
 
@@ -134,6 +135,7 @@ class LbSpec:
     node_end: str
     lb_address_cidr: str  # the node's LB address of this network with the subnet's prefix
     vips: tuple[VirtualIp, ...] = ()
+    mtu: int = 1500  # of the leg: an overlay's is the underlay's less the VXLAN headers
 
     def __post_init__(self) -> None:
         if not self.netns.startswith(names.LB_NETNS_PREFIX):
@@ -153,6 +155,12 @@ class LbSpec:
                     f"{subnet}; allocate it from the network's IPAM"
                 )
         object.__setattr__(self, "vips", vips)
+
+    @property
+    def mac(self) -> str:
+        """The leg's MAC inside, derived from the LB address: the peers of an overlay know it
+        from the store alone (replies to this node's source-NATed flows come to it)."""
+        return mac_for(self.lb_address_cidr.split("/")[0])
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -179,7 +187,11 @@ class LbSpec:
 
 
 def lb_spec(
-    node_id: str, network_id: str, lb_address_cidr: str, vips: tuple[VirtualIp, ...]
+    node_id: str,
+    network_id: str,
+    lb_address_cidr: str,
+    vips: tuple[VirtualIp, ...],
+    mtu: int = 1500,
 ) -> LbSpec:
     """The spec of a network's LB on a node, with every name derived from the two ids."""
     return LbSpec(
@@ -189,6 +201,7 @@ def lb_spec(
         node_end=lb_node_end(network_id),
         lb_address_cidr=str(ipaddress.IPv4Interface(lb_address_cidr)),
         vips=vips,
+        mtu=mtu,
     )
 
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import queue
+import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from urllib.parse import urlsplit
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
 
 from meshctl.store import (
     Compacted,
@@ -43,6 +46,16 @@ from meshctl.store import (
     Value,
 )
 
+# Keep-alive probes after 2 s of silence, every second, 3 unanswered: a dead peer ends the
+# watch's read within about 5 s; unacknowledged data gives up after 5 s as well.
+_LIVELY = [
+    *HTTPConnection.default_socket_options,
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 2),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 1),
+    (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+    (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 5000),
+]
 DEFAULT_PREFIX = "/meshctl"
 DEFAULT_PORT = 2379
 PAGE = 1000  # keys per range request when listing
@@ -110,6 +123,10 @@ class EtcdStore:
         self._current = 0  # the endpoint that answered last
         self._lock = threading.Lock()
         self._stream: _WatchStream | None = None
+        # The watch is one long read: a peer cut off without a word (a partition) must be
+        # noticed by TCP itself, so its connections probe an idle peer and give up quickly.
+        self._watching = requests.Session()
+        self._watching.mount("http://", _LivelyAdapter())
 
     def __repr__(self) -> str:
         hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
@@ -304,7 +321,7 @@ class EtcdStore:
                 }
             }
             try:
-                response = client.session.post(
+                response = self._watching.post(
                     client.get_url("/watch"), json=body, stream=True, timeout=(2.0, None)
                 )
             except requests.RequestException as err:
@@ -331,6 +348,7 @@ class EtcdStore:
                 self._stream = None
         for client in self._clients:
             client.session.close()
+        self._watching.close()
 
     def __enter__(self) -> EtcdStore:
         return self
@@ -342,6 +360,13 @@ class EtcdStore:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class _LivelyAdapter(HTTPAdapter):
+    """Connections with the keep-alive probes of _LIVELY."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **{**kwargs, "socket_options": _LIVELY})
 
 
 @dataclass

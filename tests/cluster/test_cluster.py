@@ -1,8 +1,6 @@
 """The cluster through the CLI (#15): nodes on one etcd, placement, node loss, drain, an etcd
-outage and compaction, on real namespaces with real controllers.
-
-Networks here use the bridge driver (one node's own), so traffic is checked on one node; the
-overlay that carries it across nodes is tested in test_overlay.py.
+outage and compaction, on real namespaces with real controllers. Traffic across nodes (the
+overlay networks these services are on by default) is tested in test_overlay.py.
 """
 
 from __future__ import annotations
@@ -18,27 +16,12 @@ from typing import Any
 import pytest
 
 from tests.cluster.harness import Cluster
+from tests.cluster.workloads import live, nodes, wait_live, web
 from tests.kernel.mesh import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
 TTL = 4.0  # the nodes' lease here: node loss is noticed within it
-# An HTTP server answering with the task's hostname (its name): a real one, so a client never
-# sees a reset from a server that closed before reading the request.
-HTTP_SERVER = """
-import http.server, socket
-class Name(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = socket.gethostname().encode() + b"\\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("", 80), Name).serve_forever()
-"""
-HTTP = ["python3", "-c", HTTP_SERVER]
 
 
 @pytest.fixture
@@ -46,34 +29,6 @@ def short() -> Iterator[Cluster]:
     """Three nodes whose leases last TTL seconds."""
     with Cluster(nodes=3, controller_args=("--node-ttl", f"{TTL:g}s")) as made:
         yield made
-
-
-def nodes(cluster: Cluster, node: str = "node1") -> dict[str, dict[str, Any]]:
-    shown = json.loads(cluster.cli("node", "ls", "--format", "json", node=node).stdout)
-    return {n["name"]: n for n in shown}
-
-
-def live(cluster: Cluster, service: str, node: str = "node1") -> list[dict[str, Any]]:
-    """The tasks that should run and do."""
-    return [
-        t
-        for t in cluster.ps(service, node=node)
-        if t["desired_state"] == "running" and t["state"] == "running"
-    ]
-
-
-def wait_live(cluster: Cluster, service: str, count: int, timeout: float = 30) -> list[Any]:
-    def probe() -> list[dict[str, Any]] | None:
-        tasks = live(cluster, service)
-        return tasks if len(tasks) == count else None
-
-    return wait_for(probe, timeout, f"{count} running tasks of {service}")  # type: ignore[no-any-return]
-
-
-def web(cluster: Cluster, replicas: int, *options: str, name: str = "web") -> None:
-    cluster.cli("network", "create", "front", check=False)
-    cluster.cli("service", "create", "--name", name, "--replicas", str(replicas),
-                "--network", "front", "-d", *options, "--", *HTTP)  # fmt: skip
 
 
 def test_three_nodes_ready_and_a_service_spread_two_per_node(cluster: Cluster) -> None:
