@@ -12,7 +12,8 @@ import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from meshctl import ipam, ops
+from meshctl import ipam
+from meshctl.changeset import Changes
 from meshctl.model import (
     LEADER,
     LEADER_KEY,
@@ -33,6 +34,7 @@ from meshctl.model import (
     from_record,
 )
 from meshctl.store import Delete, Op, Put, Store, retry_conflicts
+from meshctl.tasks import drop_task
 
 
 @dataclass(frozen=True)
@@ -132,14 +134,14 @@ def remove_node(store: Store, name: str) -> Node:
                 f"(or drain it: meshctl node update --availability drain {name})"
             )
         node = from_record(Node, record)
-        changes = ops.Changes(store)
+        changes = Changes(store)
         networks = {r.name: from_record(Network, r) for r in store.list(NETWORK)}
         for network in networks.values():
             changes.release(network, [ipam.lb_owner(name)])
         for task_record in store.list(TASK):
             task = from_record(Task, task_record)
             if task.node == name:
-                ops.drop_task(changes, task, task_record.mod_revision, networks)
+                drop_task(changes, task, task_record.mod_revision, networks)
         changes.ops.append(Delete(NODE, name, expect=record.mod_revision))
         changes.commit()
         return node

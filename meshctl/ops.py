@@ -28,10 +28,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshctl import ipam
+from meshctl.changeset import Changes, networks_by_name
 from meshctl.ipam import IpamState
 from meshctl.model import (
     CONTAINER,
@@ -42,7 +43,6 @@ from meshctl.model import (
     VNI_FIRST,
     VNI_LAST,
     Container,
-    DesiredState,
     Driver,
     Network,
     NetworkAttachment,
@@ -54,8 +54,7 @@ from meshctl.model import (
     check_name,
     from_record,
 )
-from meshctl.orchestrator import plan_tasks
-from meshctl.store import Conflict, Delete, Op, Put, Store, retry_conflicts
+from meshctl.store import Delete, Put, Store, retry_conflicts
 
 PORT = "port"
 VNI = "vni"  # an overlay network's VXLAN identifier, claimed by a key of its own
@@ -74,49 +73,6 @@ UPDATABLE = frozenset(
         "hostnames",
     }
 )
-
-
-class Changes:
-    """The writes of one operation: records to put/delete and the networks' addresses it changed.
-
-    commit() writes them in one txn with the address claims (see meshctl.ipam), so a command
-    that lost a race changes nothing and is tried again on fresh data.
-    """
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.ops: list[Op] = []
-        self._ipam: dict[str, tuple[ipam.StoredIpam, IpamState]] = {}
-        self._nodes: int | None = None
-
-    def ipam(self, network: Network) -> IpamState:
-        """The network's IPAM state as changed so far."""
-        if network.id not in self._ipam:
-            stored = ipam.load(self.store, network)
-            self._ipam[network.id] = (stored, stored.state)
-        return self._ipam[network.id][1]
-
-    def allocate(self, network: Network, owner: str, what: str) -> str:
-        if self._nodes is None:
-            self._nodes = ipam.node_count(self.store)
-        state = self.ipam(network)
-        reserve = ipam.lb_reserve(state, self._nodes)
-        state, address = ipam.allocate(state, owner, what, reserve)
-        self._set(network, state)
-        return address
-
-    def release(self, network: Network, owners: Iterable[str]) -> None:
-        self._set(network, ipam.release(self.ipam(network), owners))
-
-    def _set(self, network: Network, state: IpamState) -> None:
-        stored, _ = self._ipam[network.id]
-        self._ipam[network.id] = (stored, state)
-
-    def commit(self) -> None:
-        claims = [
-            op for stored, state in self._ipam.values() for op in ipam.commit_ops(stored, state)
-        ]
-        self.store.txn([*self.ops, *claims])
 
 
 # -- networks --------------------------------------------------------------------------------
@@ -407,20 +363,6 @@ def remove_service(store: Store, name: str) -> Service:
     return retry_conflicts(attempt, f"removing service {name}")
 
 
-def forget_task(store: Store, task_id: str) -> None:
-    """Delete a torn-down task's record and release its addresses (the controller calls this)."""
-
-    def attempt() -> None:
-        record = store.get(TASK, task_id)
-        if record is None:
-            return
-        changes = Changes(store)
-        drop_task(changes, from_record(Task, record), record.mod_revision, _networks(store))
-        changes.commit()
-
-    retry_conflicts(attempt, f"forgetting task {task_id}")
-
-
 def _write_service(store: Store, old: Service | None, new: Service, expect: int) -> Service:
     changes = Changes(store)
     service = _plan_service(changes, old, new, expect)
@@ -428,8 +370,7 @@ def _write_service(store: Store, old: Service | None, new: Service, expect: int)
     return service
 
 
-def _networks(store: Store) -> dict[str, Network]:
-    return {n.name: n for n in list_networks(store)}
+_networks = networks_by_name
 
 
 def _plan_service(
@@ -447,7 +388,6 @@ def _plan_service(
         changes.ops.append(Delete(SERVICE, old.name, expect=expect))
         _release_vips(changes, old, keep=set(), networks=networks)
         _claim_ports(changes, old, None)
-        _plan_tasks(changes, old, None, networks)
         return old
     # Checked before _with_ingress, which may create the ingress network: a refused
     # command leaves no ingress network behind.
@@ -464,8 +404,33 @@ def _plan_service(
     new = _assign_vips(changes, old, new, networks)
     changes.ops.append(Put(SERVICE, new.name, new.to_dict(), expect=expect))
     _claim_ports(changes, old, new)
-    _plan_tasks(changes, old, new, networks)
+    _check_room(changes, old, new, networks)
     return new
+
+
+def _check_room(
+    changes: Changes, old: Service | None, new: Service, networks: dict[str, Network]
+) -> None:
+    """Refuse up front what the leader could not address: every slot without a task on a
+    network of the new spec needs an address there, and a rolling update one more (its new
+    task runs beside the old one). Not a claim: the leader claims as it makes the tasks."""
+    live = [
+        t
+        for t in list_tasks(changes.store)
+        if t.service_id == new.id and t.desired_state == "running"
+    ]
+    rolling = old is not None and old.version != new.version and bool(live)
+    for attachment in new.networks:
+        network = networks[attachment.network]
+        having = {t.slot for t in live if attachment.network in t.addresses}
+        needed = [slot for slot in range(1, new.replicas + 1) if slot not in having]
+        if rolling and not needed:
+            needed = [1]
+        state = changes.ipam(network)
+        reserve = changes.reserve(network)
+        for slot in needed:
+            what = f"task {new.name}.{slot}"
+            state, _ = ipam.allocate(state, f"task:{new.id}.{slot}", what, reserve)
 
 
 def _assign_vips(
@@ -528,162 +493,12 @@ def _claim_ports(changes: Changes, old: Service | None, new: Service | None) -> 
         changes.ops.extend(Put(PORT, key, claim, expect=0) for key in sorted(after - before))
 
 
-def _plan_tasks(
-    changes: Changes, old: Service | None, new: Service | None, networks: dict[str, Network]
-) -> None:
-    """Create, re-address, mark or drop task records for the change old → new."""
-    service = new or old
-    assert service is not None
-    records = [r for r in changes.store.list(TASK) if r.value.get("service_id") == service.id]
-    tasks = [(from_record(Task, r), r.mod_revision) for r in records]
-    now = time.time()
-    if new is None:
-        to_create: list[Task] = []
-        to_remove = [t for t, _ in tasks if t.desired_state == "running"]
-        goal: DesiredState = "removed"
-    else:
-        to_create, to_remove = plan_tasks(new, (t for t, _ in tasks))
-        goal = "shutdown"
-    revisions = {t.id: rev for t, rev in tasks}
-    removing = {t.id for t in to_remove}
-    for task in to_remove:
-        if task.node:
-            marked = dataclasses.replace(task, desired_state=goal, updated_at=now)
-            changes.ops.append(Put(TASK, task.id, marked.to_dict(), expect=revisions[task.id]))
-        else:
-            drop_task(changes, task, revisions[task.id], networks)
-    if new is None:
-        return
-    wanted = [a.network for a in new.networks]
-    for task, revision in tasks:
-        if task.id in removing or task.desired_state != "running":
-            continue
-        if list(task.addresses) != wanted:
-            readdressed = dataclasses.replace(
-                task, addresses=_addresses(changes, task, wanted, networks), updated_at=now
-            )
-            changes.ops.append(Put(TASK, task.id, readdressed.to_dict(), expect=revision))
-    for task in to_create:
-        created = dataclasses.replace(
-            task,
-            addresses=_addresses(changes, task, wanted, networks),
-            created_at=now,
-            updated_at=now,
-        )
-        changes.ops.append(Put(TASK, task.id, created.to_dict(), expect=0))
-
-
-def _addresses(
-    changes: Changes, task: Task, wanted: list[str], networks: dict[str, Network]
-) -> dict[str, str]:
-    """The task's address on each wanted network (kept where it has one); others released.
-
-    A running task loses its address on a removed network at once: the controller rolls it
-    onto the new spec, and allocation order keeps the address from being reused right away.
-    """
-    owner = ipam.task_owner(task.id)
-    for network in set(task.addresses) - set(wanted):
-        if network in networks:
-            changes.release(networks[network], [owner])
-    return {
-        name: task.addresses.get(name)
-        or changes.allocate(networks[name], owner, f"task {task.name}")
-        for name in wanted
-    }
-
-
-def drop_task(changes: Changes, task: Task, revision: int, networks: dict[str, Network]) -> None:
-    changes.ops.append(Delete(TASK, task.id, expect=revision))
-    for network in task.addresses:
-        if network in networks:
-            changes.release(networks[network], [ipam.task_owner(task.id)])
-
-
 # -- logs and tasks --------------------------------------------------------------------------
 
 
 def task_log_path(state_dir: str, task: Task) -> str:
     """Where the runtime writes a task's output: <state-dir>/tasks/<task-id>/log."""
     return os.path.join(state_dir, "tasks", task.id, "log")
-
-
-def replace_task(store: Store, task_id: str) -> Task | None:
-    """Start a rolling update of one task: a new task for its slot on the service's current spec.
-
-    The new task is pending and unassigned with fresh addresses; the old one keeps running
-    until the controller sees the new one running (new before old), then marks it shutdown.
-    None if the task or its service is gone, or the slot already has a current task.
-    """
-    return _replace(store, task_id, None, lambda old, service: old.spec_version < service.version)
-
-
-def reschedule_task(store: Store, task_id: str, why: str, *, retire: bool) -> Task | None:
-    """A new task for the slot of a task whose node is down or draining, to be placed elsewhere.
-
-    retire: the old task goes to shutdown in the same txn (a down node cannot be waited for;
-    its controller, if it comes back, stops the process). Otherwise it keeps running until its
-    replacement runs (drain: new before old). None if the task or its service is gone or the
-    slot already has another live task.
-    """
-    return _replace(store, task_id, why if retire else None, lambda old, service: True)
-
-
-def _replace(
-    store: Store, task_id: str, retire: str | None, needed: Callable[[Task, Service], bool]
-) -> Task | None:
-    def attempt() -> Task | None:
-        record = store.get(TASK, task_id)
-        if record is None:
-            return None
-        old = from_record(Task, record)
-        services = {s.id: s for s in list_services(store)}
-        service = services.get(old.service_id)
-        if service is None or old.desired_state != "running" or not needed(old, service):
-            return None
-        siblings = [from_record(Task, r) for r in store.list(TASK)]
-        now = time.time()
-        changes = Changes(store)
-        if retire is not None:
-            retired = dataclasses.replace(old, desired_state="shutdown").with_event(
-                now, old.state, retire
-            )
-            changes.ops.append(Put(TASK, old.id, retired.to_dict(), expect=record.mod_revision))
-        if any(
-            t.id != old.id
-            and t.service_id == service.id
-            and t.slot == old.slot
-            and t.desired_state == "running"
-            for t in siblings
-        ):
-            changes.commit()  # a replacement is under way already: only retire the old one
-            return None
-        new = Task(
-            service=service.name,
-            service_id=service.id,
-            slot=old.slot,
-            spec_version=service.version,
-            created_at=now,
-            updated_at=now,
-        )
-        wanted = [a.network for a in service.networks]
-        new = dataclasses.replace(new, addresses=_addresses(changes, new, wanted, _networks(store)))
-        changes.ops.append(Put(TASK, new.id, new.to_dict(), expect=0))
-        changes.commit()
-        return new
-
-    return retry_conflicts(attempt, f"replacing task {task_id}")
-
-
-def retire_task(store: Store, task: Task, revision: int, why: str) -> bool:
-    """Send a task to shutdown (its replacement runs); False if it changed meanwhile."""
-    retired = dataclasses.replace(task, desired_state="shutdown").with_event(
-        time.time(), task.state, why
-    )
-    try:
-        store.put(TASK, task.id, retired.to_dict(), expect=revision)
-    except Conflict:
-        return False
-    return True
 
 
 # -- containers ------------------------------------------------------------------------------

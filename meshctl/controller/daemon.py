@@ -27,7 +27,7 @@ from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
 from kernel.system import Kernel
 from meshctl import ipam, runtime
-from meshctl.controller import names, scheduler, updater
+from meshctl.controller import names, orchestrator, scheduler, updater
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.dns_sync import DnsSync
 from meshctl.controller.membership import Membership
@@ -44,6 +44,7 @@ from meshctl.store.informer import Informer
 log = logging.getLogger("meshctl.controller")
 
 STORE_WAIT = 5.0  # how long a pass waits for the copy to hold its own writes
+ORCHESTRATION_ROUNDS = 3  # make, move, place: a replacement is placed in the pass that made it
 
 
 class Controller:
@@ -105,9 +106,9 @@ class Controller:
         if not self.informer.connected:
             return time.time() + 1.0  # the kernel keeps its last state meanwhile
         view = self._view()
-        if self._orchestrate(view):
-            view = self._view(wait=True)
         errors: dict[str, str] = {}
+        if self._orchestrate(view, errors):
+            view = self._view(wait=True)
         if self._claim_lb_addresses(view, errors):
             view = self._view(wait=True)
         self._last_view = view
@@ -129,19 +130,33 @@ class Controller:
         self._report(errors, "")
         return min(deadline, time.time() + self.resync_period)
 
-    def _orchestrate(self, view: ClusterView) -> bool:
-        """The leader's part: place tasks, move them off down and draining nodes, roll updates.
-        True if the store changed. A leader that has just started gives nodes without a live
-        controller one lease period to come back before it reschedules their tasks."""
+    def _orchestrate(self, view: ClusterView, errors: dict[str, str]) -> bool:
+        """The leader's part: keep every service's slots filled (and no more), move tasks off
+        down and draining nodes, roll updates, place what is pending. True if the store
+        changed. Each step works on the view after the previous one's writes; a task made by
+        one (a replacement) is placed in the same pass. A leader that has just started gives
+        nodes without a live controller one lease period to come back before it judges them
+        down."""
         if not self.membership.lead(view.leader):
             return False
         settled = time.monotonic() - self.started > self.membership.ttl
-        changed = scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
-        if changed:
-            view = self._view(wait=True)
-            # Tasks made by a reschedule are placed in the same pass.
-            changed |= scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
-        return updater.roll(self.store, view) or changed
+        changed = False
+        for _ in range(ORCHESTRATION_ROUNDS):
+            made, problem = orchestrator.apply(self.store, view, orchestrator.plan(view))
+            if problem:
+                errors["tasks"] = problem
+            if made:
+                view = self._view(wait=True)
+            moved = scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
+            if moved:
+                view = self._view(wait=True)
+            rolled = updater.roll(self.store, view)
+            if rolled:
+                view = self._view(wait=True)
+            changed |= made or moved or rolled
+            if not (made or moved or rolled):
+                break
+        return changed
 
     def _claim_lb_addresses(self, view: ClusterView, errors: dict[str, str]) -> bool:
         """A load-balancer address on every network this node takes part in, and none on an

@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from meshctl import ops
+from meshctl import tasks
 from meshctl.controller.view import ClusterView
 from meshctl.model import TASK, Node, Service, Task
 from meshctl.store import Conflict, Store
@@ -168,14 +168,22 @@ def apply(store: Store, view: ClusterView, decisions: list[Decision]) -> bool:
             )
             changed |= _put(store, view, waiting)
             log.info("task=%s pending: %s", task.name, decision.reason)
+        elif isinstance(decision, Reschedule) and decision.retire:
+            # The slot is empty then: the orchestrator makes its new task, the next plan
+            # places it.
+            revision = view.task_revisions[task.id]
+            if tasks.stop_task(store, task, revision, "shutdown", decision.why):
+                log.info("task=%s %s", task.name, decision.why)
+                changed = True
         elif isinstance(decision, Reschedule):
-            new = ops.reschedule_task(store, task.id, decision.why, retire=decision.retire)
-            if new is not None:
-                log.info("task=%s %s (new task %s)", task.name, decision.why, new.id)
+            service = view.services.get(task.service_id)
+            if service is not None:
+                tasks.create_tasks(store, [(service, task.slot)])
+                log.info("task=%s %s: its replacement is made", task.name, decision.why)
                 changed = True
         else:
             revision = view.task_revisions[task.id]
-            if ops.retire_task(store, task, revision, decision.why):
+            if tasks.stop_task(store, task, revision, "shutdown", decision.why):
                 log.info("task=%s %s", task.name, decision.why)
                 changed = True
     return changed

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
-from meshctl import ops, runtime
+from meshctl import ops, runtime, tasks
 from meshctl.controller import names
 from meshctl.controller.view import ClusterView
 from meshctl.model import TASK, Health, Service, Task, TaskState
@@ -223,7 +223,7 @@ class Supervisor:
 
     def _forget(self, task: Task) -> None:
         """The task is stopped and unwired: its record, addresses and files go."""
-        ops.forget_task(self.store, task.id)
+        tasks.forget_task(self.store, task.id)
         shutil.rmtree(self.task_dir(task.id), ignore_errors=True)
         self._drop_local(task.id)
         log.info("task=%s removed", task.name)

@@ -3,19 +3,17 @@
 For each service with tasks behind its version: if a replacement is under way (a current task
 sharing a slot with an old one), wait until it runs (and is healthy, when the service has a
 check), then send the old one to shutdown; otherwise start the next replacement. The store is
-the only state, so any controller may take the next step and a restart loses nothing.
+the only state, so the next leader takes the next step and a restart loses nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
 
-from meshctl import ops
+from meshctl import tasks
 from meshctl.controller.view import ClusterView
-from meshctl.model import TASK, Service, Task
-from meshctl.store import Conflict, Store
+from meshctl.model import Service, Task
+from meshctl.store import Store
 
 log = logging.getLogger("meshctl.updater")
 
@@ -47,14 +45,11 @@ def _step(store: Store, view: ClusterView, service: Service) -> bool:
         old = under_way[0]
         if not _ready(current[old.slot], service):
             return False  # one at a time: wait for the new task before touching the next
-        retired = dataclasses.replace(old, desired_state="shutdown", updated_at=time.time())
-        try:
-            store.put(TASK, old.id, retired.to_dict(), expect=view.task_revisions[old.id])
-        except Conflict:
+        revision = view.task_revisions[old.id]
+        if not tasks.stop_task(store, old, revision, "shutdown", "replaced by an update"):
             return False
         log.info("rolling update service=%s replaced task=%s", service.name, old.name)
         return True
-    new = ops.replace_task(store, stale[0].id)
-    if new is not None:
-        log.info("rolling update service=%s started a new task for %s", service.name, new.name)
-    return new is not None
+    tasks.create_tasks(store, [(service, stale[0].slot)])
+    log.info("rolling update service=%s started a new task for %s", service.name, stale[0].name)
+    return True

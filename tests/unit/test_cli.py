@@ -15,6 +15,7 @@ from meshctl import cli
 from meshctl.cli import main
 from meshctl.model import NODE, NODE_STATUS, Container, Node, NodeStatus
 from meshctl.store import open_store
+from tests.unit.leader import settle
 
 
 @pytest.fixture
@@ -29,6 +30,17 @@ def run(tmp_path: Path) -> Any:
         return result
 
     return invoke
+
+
+@pytest.fixture
+def leader(tmp_path: Path) -> Any:
+    """What a leader's controller would do to the state dir's store: make the tasks."""
+
+    def step() -> None:
+        with open_store(f"sqlite://{tmp_path}/state.db") as store:
+            settle(store)
+
+    return step
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +78,7 @@ def test_every_command_has_help(run: Any, command: tuple[str, ...]) -> None:
     assert "Usage: " in result.stdout
 
 
-def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
+def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any, leader: Any) -> None:
     run("network", "create", "front", "--subnet", "10.40.0.0/24")
     result = run(
         "service", "create", "--name", "web", "--replicas", "2", "--network", "front:www",
@@ -75,6 +87,8 @@ def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any) -> None:
     service_id = result.stdout.strip()
     assert len(service_id) == 12
     assert "no controller is running: tasks stay pending" in result.stderr
+    assert json.loads(run("service", "ps", "web", "--format", "json").stdout) == []
+    leader()
     tasks = json.loads(run("service", "ps", "web", "--format", "json").stdout)
     assert [(t["name"], t["state"], t["node"], t["health"]) for t in tasks] == [
         ("web.1", "pending", "", "none"),
@@ -197,11 +211,12 @@ def test_network_commands(run: Any) -> None:
     one_line_error(run("network", "inspect", "front", code=None), "network front not found")
 
 
-def test_scale_update_and_rm(run: Any) -> None:
+def test_scale_update_and_rm(run: Any, leader: Any) -> None:
     run("service", "create", "--name", "web", "--", "true")
     run("service", "create", "--name", "api", "--", "true")
     assert run("service", "scale", "web=3", "api=0").stdout == "web scaled to 3\napi scaled to 0\n"
     one_line_error(run("service", "scale", "web=1", "nope=2", code=None), "service nope not found")
+    leader()
     assert len(json.loads(run("service", "ps", "web", "--format", "json").stdout)) == 3
     run("service", "update", "web", "--replicas", "1", "--env", "A=b", "--", "sleep", "5")
     spec = json.loads(run("service", "inspect", "web", "--format", "json").stdout)
@@ -219,8 +234,9 @@ def test_scale_update_and_rm(run: Any) -> None:
     one_line_error(run("service", "ps", "web", code=None), "service web not found")
 
 
-def test_logs_prefix_task_names_and_tail(run: Any, tmp_path: Path) -> None:
+def test_logs_prefix_task_names_and_tail(run: Any, tmp_path: Path, leader: Any) -> None:
     run("service", "create", "--name", "web", "--replicas", "3", "--", "true")
+    leader()
     tasks = json.loads(run("service", "ps", "web", "--format", "json").stdout)
     for task, text in zip(tasks, ["a\nb\nc\n", "x\npartial", None], strict=True):
         if text is not None:  # web.3 has written nothing yet: it prints nothing
@@ -262,7 +278,7 @@ def test_doctor_is_registered_and_loaded_only_when_run() -> None:
     assert "--format" in CliRunner().invoke(main, ["doctor", "--help"]).stdout
 
 
-def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path) -> None:
+def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any) -> None:
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
     examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
@@ -270,6 +286,7 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path) -> None:
     run("network", "create", "front", "--label", "team=web")
     run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
         "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
+    leader()
 
     def printed(*args: str) -> Any:
         return json.loads(run(*args, "--format", "json").stdout)
@@ -611,10 +628,11 @@ def test_a_corrupt_record_is_named_with_how_to_remove_it(
     refused(run("store", "rm", "service", "web", code=None), "there is no record service web")
 
 
-def test_logs_read_the_rotated_files_oldest_first(run: Any, tmp_path: Path) -> None:
+def test_logs_read_the_rotated_files_oldest_first(run: Any, tmp_path: Path, leader: Any) -> None:
     from meshctl import runtime
 
     run("service", "create", "--name", "web", "--", "true")
+    leader()
     (task,) = json.loads(run("service", "ps", "web", "--format", "json").stdout)
     log = tmp_path / "tasks" / task["id"] / "log"
     log.parent.mkdir(parents=True)

@@ -20,6 +20,7 @@ from meshctl.controller.node_kernel import apply_node, observe_node
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.model import NetworkAttachment, Service
 from meshctl.store.sqlite import SqliteStore
+from tests.unit.leader import settle
 
 
 def _store(tmp_path: Path) -> SqliteStore:
@@ -35,6 +36,7 @@ def _store(tmp_path: Path) -> SqliteStore:
             networks=(NetworkAttachment("front"), NetworkAttachment("back")),
         ),
     )
+    settle(store)  # the leader makes the tasks
     return store
 
 

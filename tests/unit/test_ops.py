@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
 import uuid
 from collections.abc import Iterator
@@ -15,18 +14,16 @@ from meshctl import ipam, ops
 from meshctl.ipam import AddressExhausted
 from meshctl.model import (
     NODE,
-    TASK,
     NetworkAttachment,
     Node,
     NotFoundError,
     PublishedPort,
     Service,
-    Task,
     ValidationError,
 )
-from meshctl.orchestrator import plan_tasks
 from meshctl.store import Conflict, Store, open_store
 from tests.etcd import EtcdServer
+from tests.unit.leader import settle
 
 
 @pytest.fixture(params=["sqlite", "etcd"])
@@ -51,15 +48,6 @@ def spec(name: str = "web", *networks: str, **fields: Any) -> Service:
         networks=tuple(NetworkAttachment(n) for n in networks),
         **fields,
     )
-
-
-def claim(store: Store, task: Task, node: str = "node1") -> Task:
-    """What a node's controller does: take an unassigned task with a compare-and-swap."""
-    record = store.get(TASK, task.id)
-    assert record is not None
-    claimed = dataclasses.replace(task, node=node, state="running")
-    store.put(TASK, task.id, claimed.to_dict(), expect=record.mod_revision)
-    return claimed
 
 
 def snapshot(store: Store) -> dict[str, list[Any]]:
@@ -179,25 +167,6 @@ def test_network_rm_refuses_while_a_service_uses_it(store: Store) -> None:
 # -- services --------------------------------------------------------------------------------
 
 
-def test_create_stores_the_spec_vip_and_pending_tasks_in_one_transaction(store: Store) -> None:
-    ops.create_network(store, "front", subnet="10.20.0.0/24")
-    revision = store.revision()
-    created = ops.create_service(store, spec("web", "front", replicas=3))
-    assert store.revision() == revision + 1  # one transaction
-    assert created.networks[0].vip == "10.20.0.2"
-    assert ops.get_service(store, "web") == created
-    tasks = ops.list_tasks(store, created)
-    assert [t.name for t in tasks] == ["web.1", "web.2", "web.3"]
-    assert {(t.desired_state, t.state, t.node, t.spec_version) for t in tasks} == {
-        ("running", "pending", "", 1)
-    }
-    assert [t.addresses for t in tasks] == [
-        {"front": "10.20.0.3"},
-        {"front": "10.20.0.4"},
-        {"front": "10.20.0.5"},
-    ]
-
-
 def test_dnsrr_services_get_no_vip(store: Store) -> None:
     ops.create_network(store, "front")
     created = ops.create_service(store, spec("db", "front", endpoint_mode="dnsrr"))
@@ -242,8 +211,10 @@ def test_a_full_29_with_more_replicas_than_addresses_fails_cleanly(store: Store)
     # The last address is the node's load balancer's: a 4th task would leave it none and
     # stop the network's load balancing (and, before, every pass of the controller).
     ops.create_service(store, spec("web", "tiny", replicas=3))
+    settle(store)
     with pytest.raises(AddressExhausted, match="for task web.4.*1 kept for the nodes' load"):
         ops.scale_services(store, {"web": 4})
+    settle(store)
     assert len(ops.list_tasks(store)) == 3
     network = ops.get_network(store, "tiny")
     assert ipam.allocate_lb_address(store, network, "node1")
@@ -255,40 +226,12 @@ def test_the_pool_keeps_one_address_per_node_for_load_balancers(store: Store) ->
     network = ops.create_network(store, "tiny", subnet="10.30.0.0/29")  # gateway + 5
     ipam.allocate_lb_address(store, network, "node1")
     ops.create_service(store, spec("web", "tiny", replicas=1))  # VIP + 1 task
+    settle(store)
     with pytest.raises(AddressExhausted, match="2 kept for the nodes' load balancers"):
         ops.scale_services(store, {"web": 2})
     ipam.allocate_lb_address(store, network, "node2")
     ipam.allocate_lb_address(store, network, "node3")
     assert len(ops.network_ipam(store, network).allocations) == 5
-
-
-def test_scale_down_drops_unclaimed_tasks_and_marks_claimed_ones(store: Store) -> None:
-    network = ops.create_network(store, "front")
-    created = ops.create_service(store, spec("web", "front", replicas=3))
-    tasks = ops.list_tasks(store, created)
-    claimed = claim(store, tasks[2])  # web.3 runs on node1
-    ops.scale_services(store, {"web": 1})
-    after = {t.name: t for t in ops.list_tasks(store, created)}
-    assert set(after) == {"web.1", "web.3"}  # web.2 never ran: gone at once
-    assert after["web.3"].desired_state == "shutdown"
-    owners = set(ops.network_ipam(store, network).allocations.values())
-    assert f"task:{tasks[1].id}" not in owners
-    assert f"task:{claimed.id}" in owners  # still in use until its controller forgets it
-    ops.forget_task(store, claimed.id)
-    assert f"task:{claimed.id}" not in set(ops.network_ipam(store, network).allocations.values())
-    assert ops.get_service(store, "web").version == 1  # scaling rolls nothing
-
-
-def test_scale_up_again_while_an_old_task_drains_makes_a_new_task(store: Store) -> None:
-    created = ops.create_service(store, spec("web", replicas=2))
-    old = claim(store, ops.list_tasks(store, created)[1])
-    ops.scale_services(store, {"web": 1})
-    ops.scale_services(store, {"web": 2})
-    slot2 = [t for t in ops.list_tasks(store, created) if t.slot == 2]
-    assert {(t.id == old.id, t.desired_state) for t in slot2} == {
-        (True, "shutdown"),
-        (False, "running"),
-    }
 
 
 def test_scale_of_several_services_is_all_or_nothing(store: Store) -> None:
@@ -298,42 +241,6 @@ def test_scale_of_several_services_is_all_or_nothing(store: Store) -> None:
     assert ops.get_service(store, "web").replicas == 1
     with pytest.raises(ValidationError, match="invalid --replicas -2"):
         ops.scale_services(store, {"web": -2})
-
-
-def test_rm_hides_the_service_and_hands_claimed_tasks_to_their_controller(store: Store) -> None:
-    network = ops.create_network(store, "front")
-    created = ops.create_service(store, spec("web", "front", replicas=2))
-    running = claim(store, ops.list_tasks(store, created)[0])
-    ops.remove_service(store, "web")
-    assert ops.list_services(store) == []
-    left = ops.list_tasks(store)
-    assert [(t.id, t.desired_state) for t in left] == [(running.id, "removed")]
-    assert set(ops.network_ipam(store, network).allocations.values()) == {f"task:{running.id}"}
-    # Lingering tasks do not block the network; a new service with the name starts afresh.
-    ops.create_service(store, spec("web", "front"))
-    with pytest.raises(NotFoundError, match="service gone not found; list services with"):
-        ops.remove_service(store, "gone")
-
-
-def test_update_bumps_the_version_keeps_vips_and_readdresses_tasks(store: Store) -> None:
-    front = ops.create_network(store, "front")
-    back = ops.create_network(store, "back")
-    created = ops.create_service(store, spec("web", "front", replicas=2))
-    vip = created.vips()["front"]
-    updated = ops.update_service(
-        store,
-        "web",
-        {"networks": (NetworkAttachment("front", ("www",)), NetworkAttachment("back"))},
-    )
-    assert updated.version == 2
-    assert updated.vips()["front"] == vip
-    assert updated.networks[0].aliases == ("www",)
-    tasks = ops.list_tasks(store, updated)
-    assert all(set(t.addresses) == {"front", "back"} and t.spec_version == 1 for t in tasks)
-    ops.update_service(store, "web", {"networks": (NetworkAttachment("back"),)})
-    front_owners = set(ops.network_ipam(store, front).allocations.values())
-    assert front_owners == set()  # VIP and task addresses on front released
-    assert len(ops.network_ipam(store, back).allocations) == 3
 
 
 def test_update_to_dnsrr_releases_the_vip_and_validates(store: Store) -> None:
@@ -348,32 +255,11 @@ def test_update_to_dnsrr_releases_the_vip_and_validates(store: Store) -> None:
         ops.update_service(store, "web", {"id": "x"})
 
 
-def test_update_with_new_replicas_plans_tasks_at_the_new_version(store: Store) -> None:
-    created = ops.create_service(store, spec("web"))
-    ops.update_service(store, "web", {"replicas": 2, "command": ("true",)})
-    tasks = ops.list_tasks(store, created)
-    assert [(t.slot, t.spec_version) for t in tasks] == [(1, 1), (2, 2)]
-
-
 def test_find_task_by_name_or_id(store: Store) -> None:
     created = ops.create_service(store, spec("web", replicas=2))
+    settle(store)
     task = ops.list_tasks(store, created)[1]
     assert ops.find_task(store, "web.2") == task
     assert ops.find_task(store, task.id) == task
     with pytest.raises(NotFoundError, match="no service or task named web.9"):
         ops.find_task(store, "web.9")
-
-
-def test_plan_tasks_fills_missing_slots_and_trims_extra_ones() -> None:
-    service = spec("web", replicas=2)
-    extra = Task("web", service.id, 3, 1)
-    gone = Task("web", service.id, 1, 1, desired_state="shutdown")
-    other = Task("api", "someone-else", 1, 1)
-    keep = Task("web", service.id, 2, 1, created_at=1.0)
-    twin = Task("web", service.id, 2, 1, created_at=2.0)
-    to_create, to_remove = plan_tasks(service, [extra, gone, other, keep, twin])
-    assert [(t.slot, t.service_id, t.desired_state, t.state) for t in to_create] == [
-        (1, service.id, "running", "pending")
-    ]
-    assert to_remove == [twin, extra]
-    assert plan_tasks(dataclasses.replace(service, replicas=0), [keep]) == ([], [keep])

@@ -17,6 +17,7 @@ from meshctl.controller.scheduler import Assign, Pending, Reschedule, Retire
 from meshctl.controller.view import ClusterView, read_view
 from meshctl.model import NODE, NODE_STATUS, Node, NodeStatus, Service, Task
 from meshctl.store import open_store
+from tests.unit.leader import settle
 
 
 def view(
@@ -140,6 +141,7 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
             store.put(NODE, node.name, node.to_dict())
             store.put(NODE_STATUS, node.name, NodeStatus(node.name).to_dict())
         web = ops.create_service(store, service(replicas=3))
+        settle(store)
         before = read_view(store)
         decisions = scheduler.plan(before)
         assert scheduler.apply(store, before, decisions)
@@ -156,6 +158,7 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
         old = [t for t in tasks if t.node == "node3"]
         assert [t.desired_state for t in old] == ["shutdown"]
         assert old[0].history[-1].message == "node node3 is down: rescheduled"
+        settle(store)  # the orchestrator fills the slot the down node's task left
         fresh = read_view(store)
         scheduler.apply(store, fresh, scheduler.plan(fresh))
         live = [t for t in ops.list_tasks(store, web) if t.desired_state == "running"]

@@ -53,10 +53,12 @@ def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
     from meshctl import ops, runtime
     from meshctl.controller.view import read_view
     from meshctl.model import Service
+    from tests.unit.leader import settle
 
     monkeypatch.setattr(runtime, "LOG_MAX_BYTES", 20)
     with SqliteStore(str(tmp_path / "state.db")) as store:
         ops.create_service(store, Service("web", ("true",)))
+        settle(store)
         supervisor = Supervisor(store, "node1", str(tmp_path))
         (record,) = store.list("task")
         store.put("task", record.name, {**record.value, "node": "node1"})  # the leader placed it

@@ -1,0 +1,174 @@
+"""The leader's slot keeping: task records made for missing slots (addressed), dropped or sent
+to stop when scaled away or their service is removed, on both stores; a 1,000-replica service
+fits etcd's cap on operations per txn."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from meshctl import ops, tasks
+from meshctl.controller import orchestrator, updater
+from meshctl.controller.orchestrator import Create, Drop, Stop, plan_tasks
+from meshctl.controller.view import read_view
+from meshctl.model import NetworkAttachment, Service, Task
+from meshctl.store import Store, open_store
+from tests.etcd import EtcdServer
+from tests.unit.leader import place, settle
+
+
+@pytest.fixture(params=["sqlite", "etcd"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        url = f"sqlite://{tmp_path}/state.db"
+    else:
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        url = server.url(f"/test-{uuid.uuid4().hex[:12]}")
+    with open_store(url) as opened:
+        yield opened
+
+
+def spec(name: str = "web", *networks: str, **fields: Any) -> Service:
+    return Service(name, ("sleep", "infinity"),
+                   networks=tuple(NetworkAttachment(n) for n in networks), **fields)  # fmt: skip
+
+
+def test_create_writes_the_service_in_one_txn_and_the_leader_makes_its_tasks(
+    store: Store,
+) -> None:
+    ops.create_network(store, "front", subnet="10.20.0.0/24", driver="bridge")
+    revision = store.revision()
+    created = ops.create_service(store, spec("web", "front", replicas=3))
+    assert store.revision() == revision + 1  # one transaction, and no task yet
+    assert created.networks[0].vip == "10.20.0.2"
+    assert ops.list_tasks(store) == []
+    view = read_view(store)
+    assert orchestrator.plan(view) == [Create(created.id, slot) for slot in (1, 2, 3)]
+    settle(store)
+    made = ops.list_tasks(store, created)
+    assert [t.name for t in made] == ["web.1", "web.2", "web.3"]
+    assert {(t.desired_state, t.state, t.node, t.spec_version) for t in made} == {
+        ("running", "pending", "", 1)
+    }
+    assert [t.addresses for t in made] == [
+        {"front": "10.20.0.3"},
+        {"front": "10.20.0.4"},
+        {"front": "10.20.0.5"},
+    ]
+    assert orchestrator.plan(read_view(store)) == []
+
+
+def test_scale_down_drops_unplaced_tasks_and_stops_placed_ones(store: Store) -> None:
+    network = ops.create_network(store, "front", driver="bridge")
+    created = ops.create_service(store, spec("web", "front", replicas=3))
+    settle(store)
+    made = ops.list_tasks(store, created)
+    placed = place(store, made[2])  # web.3 runs on node1
+    ops.scale_services(store, {"web": 1})
+    view = read_view(store)
+    assert orchestrator.plan(view) == [Drop(made[1].id), Stop(placed.id, "shutdown", "scaled down")]
+    settle(store)
+    after = {t.name: t for t in ops.list_tasks(store, created)}
+    assert set(after) == {"web.1", "web.3"}  # web.2 never ran: gone at once
+    assert after["web.3"].desired_state == "shutdown"
+    assert after["web.3"].history[-1].message == "scaled down"
+    owners = set(ops.network_ipam(store, network).allocations.values())
+    assert f"task:{made[1].id}" not in owners
+    assert f"task:{placed.id}" in owners  # still in use until its controller forgets it
+    tasks.forget_task(store, placed.id)
+    assert f"task:{placed.id}" not in set(ops.network_ipam(store, network).allocations.values())
+    assert ops.get_service(store, "web").version == 1  # scaling rolls nothing
+
+
+def test_scale_up_again_while_an_old_task_drains_makes_a_new_task(store: Store) -> None:
+    created = ops.create_service(store, spec("web", replicas=2))
+    settle(store)
+    old = place(store, ops.list_tasks(store, created)[1])
+    ops.scale_services(store, {"web": 1})
+    settle(store)
+    ops.scale_services(store, {"web": 2})
+    settle(store)
+    slot2 = [t for t in ops.list_tasks(store, created) if t.slot == 2]
+    assert {(t.id == old.id, t.desired_state) for t in slot2} == {
+        (True, "shutdown"),
+        (False, "running"),
+    }
+
+
+def test_a_removed_services_tasks_go_or_are_handed_to_their_controller(store: Store) -> None:
+    network = ops.create_network(store, "front", driver="bridge")
+    created = ops.create_service(store, spec("web", "front", replicas=2))
+    settle(store)
+    running = place(store, ops.list_tasks(store, created)[0])
+    ops.remove_service(store, "web")
+    assert ops.list_services(store) == []
+    settle(store)
+    left = ops.list_tasks(store)
+    assert [(t.id, t.desired_state) for t in left] == [(running.id, "removed")]
+    assert set(ops.network_ipam(store, network).allocations.values()) == {f"task:{running.id}"}
+    # Lingering tasks do not block the network; a new service with the name starts afresh.
+    again = ops.create_service(store, spec("web", "front"))
+    settle(store)
+    assert [t.service_id for t in ops.list_tasks(store) if t.desired_state == "running"] == [
+        again.id
+    ]
+
+
+def test_an_update_rolls_each_slot_onto_the_new_spec_and_networks(store: Store) -> None:
+    ops.create_network(store, "front", driver="bridge")
+    ops.create_network(store, "back", driver="bridge")
+    created = ops.create_service(store, spec("web", "front", replicas=2))
+    settle(store)
+    for task in ops.list_tasks(store, created):
+        place(store, task)
+    updated = ops.update_service(
+        store, "web", {"networks": (NetworkAttachment("front"), NetworkAttachment("back"))}
+    )
+    assert updated.version == 2 and updated.vips()["front"] == created.vips()["front"]
+    assert updater.roll(store, read_view(store))
+    new = [t for t in ops.list_tasks(store, created) if t.spec_version == 2]
+    assert [(t.slot, set(t.addresses)) for t in new] == [(1, {"front", "back"})]
+    place(store, new[0])
+    assert updater.roll(store, read_view(store))  # the new one runs: the old one goes
+    slot1 = {t.spec_version: t.desired_state for t in ops.list_tasks(store, created)
+             if t.slot == 1}  # fmt: skip
+    assert slot1 == {1: "shutdown", 2: "running"}
+    # No duplicate is trimmed while a replacement is under way.
+    assert not any(isinstance(d, (Drop, Stop)) for d in orchestrator.plan(read_view(store)))
+
+
+def test_plan_tasks_fills_missing_slots_and_trims_extra_ones() -> None:
+    service = spec("web", replicas=2)
+    extra = Task("web", service.id, 3, 1)
+    gone = Task("web", service.id, 1, 1, desired_state="shutdown")
+    other = Task("api", "someone-else", 1, 1)
+    keep = Task("web", service.id, 2, 1, created_at=1.0)
+    twin = Task("web", service.id, 2, 1, created_at=2.0)
+    assert plan_tasks(service, [extra, gone, other, keep, twin]) == ([1], [extra, twin])
+    # A twin on a node being drained is its replacement under way: both stay.
+    leaving = dataclasses.replace(keep, node="node1")
+    assert plan_tasks(service, [leaving, twin], leaving={"node1"}) == ([1], [])
+    newer = dataclasses.replace(twin, spec_version=2)  # a rolling update's: both stay
+    assert plan_tasks(service, [keep, newer]) == ([1], [])
+    assert plan_tasks(dataclasses.replace(service, replicas=0), [keep]) == ([], [keep])
+
+
+def test_a_thousand_replicas_fit_etcds_cap_on_a_txns_operations(store: Store) -> None:
+    """etcd refuses a txn of over 128 operations: a service's tasks are made in batches."""
+    ops.create_network(store, "big", subnet="10.40.0.0/20", driver="bridge")
+    created = ops.create_service(store, spec("web", "big", replicas=1000))
+    settle(store)
+    made = ops.list_tasks(store, created)
+    assert sorted(t.slot for t in made) == list(range(1, 1001))
+    assert len({t.addresses["big"] for t in made}) == 1000
+    ops.scale_services(store, {"web": 10})
+    settle(store)
+    assert len(ops.list_tasks(store, created)) == 10
+    ops.remove_service(store, "web")
+    settle(store)
+    assert ops.list_tasks(store) == []
