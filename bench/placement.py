@@ -18,8 +18,13 @@ compared on the key's mod_revision and each key read back on failure, as EtcdSto
   handful of processes: what etcd itself takes when its client need not write one at a time;
 - `etcdctl get` of each key, one process each: the process floor of the first peer (no write);
 - `EtcdStore.get` of each key, one request each: the request floor of meshctl's writes.
-etcd's WAL fsyncs are read from its /metrics around each. For reference, meshctl's plan and
-apply on the embedded SQLite store (a file in a temporary directory), same nodes and tasks.
+etcd's WAL fsyncs are read from its /metrics around each.
+
+Then a node is lost: the first node's lease is revoked (its status goes, as when the lease runs
+out) and two leader passes move its 100 tasks, timed as above: the first makes a replacement
+per task (`ops.reschedule_task`, one txn each that also retires the old task), the second
+places them. For reference, all of it on the embedded SQLite store (a file in a temporary
+directory), same nodes and tasks.
 Needs no root; etcd-server and etcdctl (Debian's etcd-server and etcd-client).
 
     .venv/bin/python bench/placement.py [--tasks 1000] [--nodes 10] [--services 10] [--rounds 5]
@@ -46,7 +51,7 @@ from kernel.gcpause import gc_paused
 from meshctl import ops
 from meshctl.controller import scheduler
 from meshctl.controller.membership import Membership
-from meshctl.controller.view import ClusterView, read_view
+from meshctl.controller.view import read_view
 from meshctl.model import TASK, Node, Service
 from meshctl.store import Put, Store
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
@@ -65,9 +70,11 @@ FSYNC = "etcd_disk_wal_fsync_duration_seconds"
 
 @dataclass
 class Figures:
-    """One way of making the 1,000 writes, over the rounds."""
+    """One way of making the writes, over the rounds."""
 
     label: str
+    tasks: int  # the tasks it places (or moves): the per-task column divides by it
+    peer: bool = False  # compared with meshctl's placement in the report
     seconds: list[float] = field(default_factory=list)
     fsyncs: list[float] = field(default_factory=list)  # WAL fsyncs during the writes (etcd)
     fsync_s: list[float] = field(default_factory=list)  # seconds spent in them
@@ -85,15 +92,15 @@ class Write:
 # -- the simulated cluster -------------------------------------------------------------------
 
 
-def simulated_cluster(store: Store, nodes: int, services: int, tasks: int) -> list[str]:
-    """Nodes with live statuses and services with `tasks` pending tasks; the node names."""
-    names = [f"node{i:02d}" for i in range(1, nodes + 1)]
-    for name in names:
-        Membership(store, Node(name), ttl=LEASE_TTL).join()
+def simulated_cluster(store: Store, nodes: int, services: int, tasks: int) -> list[Membership]:
+    """Nodes with live statuses and services with `tasks` pending tasks; the nodes' places."""
+    members = [Membership(store, Node(f"node{i:02d}"), ttl=LEASE_TTL) for i in range(nodes)]
+    for member in members:
+        member.join()
     replicas = [tasks // services + (i < tasks % services) for i in range(services)]
     for i, count in enumerate(replicas):
         ops.create_service(store, Service(f"svc{i:02d}", ("sleep", "infinity"), replicas=count))
-    return names
+    return members
 
 
 @dataclass
@@ -128,12 +135,29 @@ def leader_pass(store: Store) -> LeaderPass:
     )
 
 
-def check_spread(view: ClusterView, nodes: list[str], tasks: int) -> None:
-    """Every task assigned, the same number on every node."""
-    per_node = Counter(t.node for t in view.tasks.values())
-    want = dict.fromkeys(nodes, tasks // len(nodes))
-    if len(view.tasks) != tasks or (tasks % len(nodes) == 0 and per_node != want):
-        raise RuntimeError(f"placement spread {dict(per_node)}, wanted {want}")
+def check_spread(store: Store, nodes: list[str], tasks: int) -> None:
+    """Every task that should run assigned to one of nodes, as many on each (give or take 1)."""
+    live = [t for t in read_view(store).tasks.values() if t.desired_state == "running"]
+    per_node = Counter(t.node for t in live)
+    least = tasks // len(nodes)
+    if (
+        len(live) != tasks
+        or set(per_node) != set(nodes)
+        or not (least <= min(per_node.values()) <= max(per_node.values()) <= least + 1)
+    ):
+        raise RuntimeError(f"{len(live)} tasks placed {dict(per_node)}, wanted {least} per node")
+
+
+def lose_node(store: Store, members: list[Membership], out: tuple[Figures, Figures]) -> None:
+    """The first node's lease revoked (as when it runs out); its tasks moved by two leader
+    passes, as a leader's pass makes them (the reschedules, then their placement)."""
+    lost, rest = members[0], [m.node.name for m in members[1:]]
+    tasks = len(read_view(store).tasks)
+    store.revoke_lease(lost.lease)
+    for figures in out:
+        done = leader_pass(store)
+        figures.seconds.append(done.total_s)
+    check_spread(store, rest, tasks)
 
 
 # -- the peer: etcdctl -----------------------------------------------------------------------
@@ -222,30 +246,37 @@ def measured(figures: Figures, endpoint: str | None, run: Callable[[], None]) ->
 class Rounds:
     """Every figure of the bench, over the rounds, in the report's order."""
 
-    def __init__(self, tasks: int, batch: int) -> None:
-        self.meshctl = Figures("meshctl: plan + apply")
-        self.plan = Figures("of which plan (Python)")
-        self.apply = Figures(f"of which apply ({tasks:,} CAS txns)")
-        self.put = Figures("of apply: in store.put")
-        self.view = Figures("reading the view (snapshot + view_of; not in the figure)")
-        self.per_key = Figures(f"etcdctl txn, one process per key ({tasks:,})")
+    def __init__(self, args: argparse.Namespace) -> None:
+        n, batch = args.tasks, args.batch
+        moved = -(-n // args.nodes)  # the lost node's tasks
+        self.meshctl = Figures("meshctl: plan + apply", n)
+        self.plan = Figures("of which plan (Python)", n)
+        self.apply = Figures(f"of which apply ({n:,} CAS txns)", n)
+        self.put = Figures("of apply: in store.put", n)
+        self.view = Figures("reading the view (snapshot + view_of; not in the figure)", n)
+        self.per_key = Figures(f"etcdctl txn, one process per key ({n:,})", n, peer=True)
         self.batched = Figures(
-            f"etcdctl txn, {batch} keys per txn ({-(-tasks // batch)} processes)"
+            f"etcdctl txn, {batch} keys per txn ({-(-n // batch)} processes)", n, peer=True
         )
-        self.floor = Figures("etcdctl get, one process per key (no write: the process floor)")
-        self.reads = Figures("EtcdStore.get, one request per key (no write: meshctl's floor)")
-        self.sqlite = Figures("meshctl on SQLite: plan + apply (reference)")
-        self.sqlite_plan = Figures("of which plan")
+        self.floor = Figures("etcdctl get, one process per key (no write)", n, peer=True)
+        self.reads = Figures("EtcdStore.get, one request per key (no write)", n, peer=True)
+        self.sqlite = Figures("meshctl on SQLite: plan + apply (reference)", n, peer=True)
+        self.sqlite_plan = Figures("of which plan", n)
+        self.resched = Figures(f"a node lost: its {moved} tasks rescheduled (a pass)", moved)
+        self.replace = Figures("and their replacements placed (the next pass)", moved)
+        self.sqlite_resched = Figures("the same reschedule on SQLite", moved)
+        self.sqlite_replace = Figures("and the placement on SQLite", moved)
 
     def all(self) -> list[Figures]:
         return list(vars(self).values())
 
 
 def etcd_round(etcd: EtcdServer, prefix: str, args: argparse.Namespace, out: Rounds) -> None:
-    """meshctl's placement and the etcdctl peers on one simulated cluster under prefix."""
+    """meshctl's placement and the etcdctl peers on one simulated cluster under prefix, then
+    a node lost."""
     endpoint = etcd.endpoint
     with EtcdStore(parse_etcd_url(etcd.url())[0], prefix) as store:
-        nodes = simulated_cluster(store, args.nodes, args.services, args.tasks)
+        members = simulated_cluster(store, args.nodes, args.services, args.tasks)
         pending = {r.name: r.value for r in store.list(TASK)}
         before = fsync_totals(endpoint)
         done = leader_pass(store)
@@ -256,7 +287,7 @@ def etcd_round(etcd: EtcdServer, prefix: str, args: argparse.Namespace, out: Rou
                                  (out.apply, done.apply_s), (out.put, done.put_s),
                                  (out.view, done.view_s)):  # fmt: skip
             figures.seconds.append(seconds)
-        check_spread(read_view(store), nodes, args.tasks)
+        check_spread(store, [m.node.name for m in members], args.tasks)
         assigned = stored(store)  # what apply wrote: every peer writes it again
 
         def writes() -> list[Write]:
@@ -273,16 +304,18 @@ def etcd_round(etcd: EtcdServer, prefix: str, args: argparse.Namespace, out: Rou
             raise RuntimeError("etcdctl (batched) did not write what apply wrote")
         measured(out.floor, endpoint, lambda: etcdctl_gets(endpoint, list(assigned)))
         measured(out.reads, endpoint, lambda: store_gets(store, list(pending)))
+        lose_node(store, members, (out.resched, out.replace))
 
 
 def sqlite_round(path: Path, args: argparse.Namespace, out: Rounds) -> None:
-    """The same placement on the embedded store, for reference."""
+    """The same placement and node loss on the embedded store, for reference."""
     with SqliteStore(str(path)) as store:
-        nodes = simulated_cluster(store, args.nodes, args.services, args.tasks)
+        members = simulated_cluster(store, args.nodes, args.services, args.tasks)
         done = leader_pass(store)
         out.sqlite.seconds.append(done.total_s)
         out.sqlite_plan.seconds.append(done.plan_s)
-        check_spread(read_view(store), nodes, args.tasks)
+        check_spread(store, [m.node.name for m in members], args.tasks)
+        lose_node(store, members, (out.sqlite_resched, out.sqlite_replace))
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -304,19 +337,16 @@ def report(out: Rounds, args: argparse.Namespace) -> None:
         f"{version.stdout.splitlines()[0]}; commit {commit};"
     )
     print(f"{machine()}, shared with anything else running.\n")
-    print(
-        "| writer | seconds, median (min–max) | per task (ms) | WAL fsyncs | in fsync (s) "
-        "| meshctl / this |"
-    )
-    print("|---|---:|---:|---:|---:|---:|")  # fmt: skip
+    print("| writes | seconds, median (min–max) | per task (ms) | WAL fsyncs | in fsync (s) "
+          "| meshctl / this |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
     base = statistics.median(out.meshctl.seconds)
     for f in out.all():
         median = statistics.median(f.seconds)
         fsyncs = f"{statistics.median(f.fsyncs):,.0f}" if f.fsyncs else ""
         fsync_s = f"{statistics.median(f.fsync_s):.3f}" if f.fsync_s else ""
-        part = f is out.meshctl or f.label.startswith(("of", "reading"))
-        ratio = "" if part else f"{base / median:.2f}"
-        print(f"| {f.label} | {spread(f.seconds)} | {median / args.tasks * 1000:.3f} "
+        ratio = f"{base / median:.2f}" if f.peer else ""
+        print(f"| {f.label} | {spread(f.seconds)} | {median / f.tasks * 1000:.3f} "
               f"| {fsyncs} | {fsync_s} | {ratio} |")  # fmt: skip
 
 
@@ -330,7 +360,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=128, help="keys per batched etcdctl txn")
     args = parser.parse_args()
-    out = Rounds(args.tasks, args.batch)
+    out = Rounds(args)
     with EtcdServer() as etcd, tempfile.TemporaryDirectory(prefix="meshctl-placement-") as tmp:
         for r in range(args.rounds):
             etcd_round(etcd, f"/placement{r}", args, out)
