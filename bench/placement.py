@@ -182,10 +182,11 @@ def stored(store: EtcdStore) -> dict[str, str]:
 
 
 def txn_stdin(writes: Sequence[Write]) -> str:
-    """`etcdctl txn` input: compares, then puts, then the failure branch's reads, each list
-    ended by an empty line (values quoted as Go strings: JSON string syntax fits)."""
+    """`etcdctl txn` input: compares, then puts asking for the previous value back, then the
+    failure branch's reads, each list ended by an empty line: the txn EtcdStore sends (values
+    quoted as Go strings, which JSON string syntax fits)."""
     compares = [f'mod("{w.key}") = "{w.expect}"' for w in writes]
-    puts = [f"put {w.key} {json.dumps(w.value)}" for w in writes]
+    puts = [f"put --prev-kv {w.key} {json.dumps(w.value)}" for w in writes]
     reads = [f"get {w.key}" for w in writes]
     return "\n".join([*compares, "", *puts, "", *reads, "", ""])
 
