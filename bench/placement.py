@@ -93,7 +93,8 @@ class Write:
 
 
 def simulated_cluster(store: Store, nodes: int, services: int, tasks: int) -> list[Membership]:
-    """Nodes with live statuses and services with `tasks` pending tasks; the nodes' places."""
+    """Nodes with live statuses and services with `tasks` pending tasks; the nodes' members
+    (their leases)."""
     members = [Membership(store, Node(f"node{i:02d}"), ttl=LEASE_TTL) for i in range(nodes)]
     for member in members:
         member.join()
@@ -111,7 +112,6 @@ class LeaderPass:
     plan_s: float
     apply_s: float
     put_s: float
-    decisions: int
 
     @property
     def total_s(self) -> float:
@@ -130,9 +130,7 @@ def leader_pass(store: Store) -> LeaderPass:
         applied = time.perf_counter()
         scheduler.apply(timed, view, decisions)
         done = time.perf_counter()
-    return LeaderPass(
-        planned - start, applied - planned, done - applied, spent["store.put"], len(decisions)
-    )
+    return LeaderPass(planned - start, applied - planned, done - applied, spent["store.put"])
 
 
 def check_spread(store: Store, nodes: list[str], tasks: int) -> None:
