@@ -32,6 +32,7 @@ from meshctl.controller.overlay import (
 )
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
+from meshctl.lb.spec import take_turns
 from meshctl.model import INGRESS, Container, Network, Task
 from meshctl.runtime.process import read_start_time
 
@@ -362,15 +363,9 @@ def ingress_rules(
                 )
                 continue  # fmt: skip
             for index, address in enumerate(local):
-                left = len(local) - index
-                spread = (
-                    (Match("statistic", opts(mode="random", probability=1 / left)),)
-                    if left > 1
-                    else ()
-                )
                 catch.append(
                     Rule(INGRESS_CHAIN, "DNAT", comment, protocol=proto,
-                         matches=published + spread,
+                         matches=published + take_turns(len(local) - index),
                          target_args=opts(to_destination=f"{address}:{port.target}"))
                 )  # fmt: skip
     return tuple(catch), tuple(masquerade)

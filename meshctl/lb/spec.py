@@ -211,10 +211,12 @@ def addresses(spec: LbSpec) -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=256)
-def _spread(left: int) -> tuple[Match, ...]:
+def take_turns(left: int) -> tuple[Match, ...]:
     """The match of a service chain's rule with `left` backends from it to the last: it takes
-    1/left of what the earlier rules left, an even spread overall (the last takes the rest)."""
-    return (Match("statistic", opts(mode="random", probability=1 / left)),) if left > 1 else ()
+    every left-th of the new connections the earlier rules left (the last takes the rest), so
+    the backends take turns, as IPVS's round robin does (a random pick, kube-proxy's, spreads
+    as evenly only on average)."""
+    return (Match("statistic", opts(mode="nth", every=str(left), packet="0")),) if left > 1 else ()
 
 
 def _by_block(
@@ -259,7 +261,7 @@ def _dispatch_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
 
 def service_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
     """nat chains of the iptables backend that belong to one service each: its MESH-SVC-*
-    chain spreading at random over its active backends, and a MESH-SEP-* DNAT chain per one."""
+    chain taking its active backends in turn, and a MESH-SEP-* DNAT chain per one."""
     chains: dict[str, tuple[Rule, ...]] = {}
     for vip in spec.vips:
         active = vip.active
@@ -267,7 +269,7 @@ def service_chains(spec: LbSpec) -> dict[str, tuple[Rule, ...]]:
         spread = []
         for index, backend in enumerate(active):
             sep = sep_chain(vip, backend)
-            spread.append(Rule(svc, sep, comment, matches=_spread(len(active) - index)))
+            spread.append(Rule(svc, sep, comment, matches=take_turns(len(active) - index)))
             # No port in the DNAT: the connection keeps its port, as swarm's VIPs do.
             dnat = (("to-destination", backend.address),)
             chains[sep] = (Rule(sep, "DNAT", comment, target_args=dnat),)

@@ -74,8 +74,8 @@ def test_iptables_backend_spreads_evenly_over_active_backends_in_a_stable_order(
     assert (jump.target, jump.destination) == (svc, "10.0.1.100/32")
     spread = nat.chains[svc]
     assert [r.matches for r in spread] == [
-        (Match("statistic", opts(mode="random", probability=1 / 3)),),
-        (Match("statistic", opts(mode="random", probability=1 / 2)),),
+        (Match("statistic", opts(mode="nth", every="3", packet="0")),),
+        (Match("statistic", opts(mode="nth", every="2", packet="0")),),
         (),
     ]
     # Sorted by address; the draining backend (weight 0) takes no new connections.
