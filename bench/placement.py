@@ -7,8 +7,8 @@ by `Membership.join` as a controller does; the lease outlives the round, so no k
 and services whose replicas add up to 1,000 pending tasks (`ops.create_service`, untimed).
 Timed, as the leader's pass runs it (cyclic GC paused): `scheduler.plan` on one view, then
 `scheduler.apply`, until every task is assigned; the bench checks the spread (100 per node).
-The writes are 1,000 compare-and-swap puts, one txn and one HTTP request each (EtcdStore talks
-to etcd's JSON gateway); `store.put` is timed apart, the rest of apply is Python.
+The writes are 1,000 compare-and-swap puts in txns of up to 120 (etcd's cap is 128), one HTTP
+request each (EtcdStore talks to etcd's JSON gateway).
 
 Peers, in the same round, with the same keys and values: the tasks are put back to their
 pending values (untimed), and etcd's own client `etcdctl txn` writes what apply wrote, each put
@@ -21,10 +21,10 @@ compared on the key's mod_revision and each key read back on failure, as EtcdSto
 etcd's WAL fsyncs are read from its /metrics around each.
 
 Then a node is lost: the first node's lease is revoked (its status goes, as when the lease runs
-out) and two leader passes move its 100 tasks, timed as above: the first makes a replacement
-per task (`ops.reschedule_task`, one txn each that also retires the old task), the second
-places them. For reference, all of it on the embedded SQLite store (a file in a temporary
-directory), same nodes and tasks.
+out) and two leader rounds move its 100 tasks, timed as above: the first sends them to
+shutdown, the second makes their slots' new task records and places them (records written in
+batches within etcd's cap on a txn's operations). For reference, all of it on the embedded
+SQLite store (a file in a temporary directory), same nodes and tasks.
 Needs no root; etcd-server and etcdctl (Debian's etcd-server and etcd-client).
 
     .venv/bin/python bench/placement.py [--tasks 1000] [--nodes 10] [--services 10] [--rounds 5]
@@ -49,7 +49,7 @@ import requests
 
 from kernel.gcpause import gc_paused
 from meshctl import ops
-from meshctl.controller import scheduler
+from meshctl.controller import orchestrator, scheduler
 from meshctl.controller.membership import Membership
 from meshctl.controller.view import read_view
 from meshctl.model import TASK, Node, Service
@@ -101,6 +101,8 @@ def simulated_cluster(store: Store, nodes: int, services: int, tasks: int) -> li
     replicas = [tasks // services + (i < tasks % services) for i in range(services)]
     for i, count in enumerate(replicas):
         ops.create_service(store, Service(f"svc{i:02d}", ("sleep", "infinity"), replicas=count))
+    view = read_view(store)  # the leader makes the tasks (untimed): pending, to be placed
+    orchestrator.apply(store, view, orchestrator.plan(view))
     return members
 
 
@@ -119,18 +121,28 @@ class LeaderPass:
 
 
 def leader_pass(store: Store) -> LeaderPass:
-    """The leader's placement from one view, as its pass runs it (cyclic GC paused)."""
+    """One round of the leader's pass (cyclic GC paused, as its pass runs it): the slots kept
+    (task records made for empty slots), then placement, each from a view of the store."""
     spent: dict[str, float] = defaultdict(float)
     timed = cast(Store, Timed("store", store, spent))
     with gc_paused():
         start = time.perf_counter()
         view = read_view(store)
         planned = time.perf_counter()
-        decisions = scheduler.plan(view)
+        slots = orchestrator.plan(view)
         applied = time.perf_counter()
+        made, _ = orchestrator.apply(timed, view, slots)
+        read = time.perf_counter()
+        if made:
+            view = read_view(store)
+        placing = time.perf_counter()
+        decisions = scheduler.plan(view)
+        plan_s = time.perf_counter() - placing + (applied - planned)
+        applying = time.perf_counter()
         scheduler.apply(timed, view, decisions)
         done = time.perf_counter()
-    return LeaderPass(planned - start, applied - planned, done - applied, spent["store.put"])
+    apply_s = (read - applied) + (done - applying)
+    return LeaderPass(planned - start + (placing - read), plan_s, apply_s, spent["store.put"])
 
 
 def check_spread(store: Store, nodes: list[str], tasks: int) -> None:
@@ -148,7 +160,8 @@ def check_spread(store: Store, nodes: list[str], tasks: int) -> None:
 
 def lose_node(store: Store, members: list[Membership], out: tuple[Figures, Figures]) -> None:
     """The first node's lease revoked (as when it runs out); its tasks moved by two leader
-    passes, as a leader's pass makes them (the reschedules, then their placement)."""
+    rounds, as a leader's pass makes them: its tasks sent to shutdown, then their slots
+    refilled with new task records and those placed."""
     lost, rest = members[0], [m.node.name for m in members[1:]]
     tasks = len(read_view(store).tasks)
     store.revoke_lease(lost.lease)

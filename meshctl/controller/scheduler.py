@@ -18,9 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 from meshctl import tasks
+from meshctl.changeset import MAX_TXN_OPS
 from meshctl.controller.view import ClusterView
 from meshctl.model import TASK, Node, Service, Task
-from meshctl.store import Conflict, Store
+from meshctl.store import Conflict, Put, Store
 
 log = logging.getLogger("meshctl.scheduler")
 
@@ -149,44 +150,50 @@ def _pick(
 
 
 def apply(store: Store, view: ClusterView, decisions: list[Decision]) -> bool:
-    """Write the decisions; True if the store changed. A decision that lost a race is
-    dropped: the next pass decides again on fresh data."""
-    changed = False
+    """Write the decisions; True if the store changed. Task records are written in txns of
+    many compare-and-swaps (a placement of 1,000 tasks is a handful of requests, not 1,000);
+    a txn that lost a race is written again one record at a time, and a record that changed
+    meanwhile is dropped: the next pass decides again on fresh data."""
     now = time.time()
+    updated: list[Task] = []
+    replacing: list[tuple[Service, int]] = []
     for decision in decisions:
         task = view.tasks.get(decision.task_id)
         if task is None:
             continue
         if isinstance(decision, Assign):
-            placed = dataclasses.replace(task, node=decision.node, error="").with_event(
-                now, "assigned", f"assigned to node {decision.node}"
-            )
-            changed |= _put(store, view, placed)
+            updated.append(dataclasses.replace(task, node=decision.node, error="").with_event(
+                now, "assigned", f"assigned to node {decision.node}"))  # fmt: skip
         elif isinstance(decision, Pending):
-            waiting = dataclasses.replace(task, error=decision.reason).with_event(
-                now, "pending", decision.reason
-            )
-            changed |= _put(store, view, waiting)
+            updated.append(dataclasses.replace(task, error=decision.reason).with_event(
+                now, "pending", decision.reason))  # fmt: skip
             log.info("task=%s pending: %s", task.name, decision.reason)
-        elif isinstance(decision, Reschedule) and decision.retire:
-            # The slot is empty then: the orchestrator makes its new task, the next plan
-            # places it.
-            revision = view.task_revisions[task.id]
-            if tasks.stop_task(store, task, revision, "shutdown", decision.why):
-                log.info("task=%s %s", task.name, decision.why)
-                changed = True
-        elif isinstance(decision, Reschedule):
-            service = view.services.get(task.service_id)
-            if service is not None:
-                tasks.create_tasks(store, [(service, task.slot)])
+        elif isinstance(decision, Reschedule) and not decision.retire:
+            if task.service_id in view.services:
+                replacing.append((view.services[task.service_id], task.slot))
                 log.info("task=%s %s: its replacement is made", task.name, decision.why)
-                changed = True
         else:
-            revision = view.task_revisions[task.id]
-            if tasks.stop_task(store, task, revision, "shutdown", decision.why):
-                log.info("task=%s %s", task.name, decision.why)
-                changed = True
-    return changed
+            # A retired task leaves its slot empty: the orchestrator makes its new task.
+            updated.append(dataclasses.replace(task, desired_state="shutdown").with_event(
+                now, task.state, decision.why))  # fmt: skip
+            log.info("task=%s %s", task.name, decision.why)
+    if replacing:
+        tasks.create_tasks(store, replacing)
+    return _write(store, view, updated) or bool(replacing)
+
+
+def _write(store: Store, view: ClusterView, updated: list[Task]) -> bool:
+    """Each task record as updated, compared on the revision the view read; True if any."""
+    written = 0
+    for start in range(0, len(updated), MAX_TXN_OPS):
+        batch = updated[start : start + MAX_TXN_OPS]
+        puts = [Put(TASK, t.id, t.to_dict(), expect=view.task_revisions[t.id]) for t in batch]
+        try:
+            store.txn(puts)
+            written += len(batch)
+        except Conflict:
+            written += sum(_put(store, view, task) for task in batch)
+    return written > 0
 
 
 def _put(store: Store, view: ClusterView, task: Task) -> bool:
