@@ -8,6 +8,7 @@ the verdict, which sysctls matter and the rendering live in meshctl.doctor.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -115,6 +116,16 @@ def _links_probe(ns: str) -> tuple[Check, Check, Check]:
             "vxlan VNI 42 created (for clusters)",
         ),
     )
+
+
+def pings(ns: str, address: str, timeout: float = 2.0) -> bool:
+    """Whether `address` answers one ICMP echo sent from namespace ns."""
+    argv = ["nsenter", f"--net={netns.path(ns)}", "--", "ping", "-c1", "-W", f"{timeout:g}",
+            address]  # fmt: skip
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=timeout + 3).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
 
 
 def sysctl_value(ns: str | None, key: str) -> str | None:

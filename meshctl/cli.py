@@ -734,11 +734,18 @@ def node_rm(name: str) -> None:
 
 @main.command("doctor")
 @_format_option
-def doctor(fmt: Format) -> None:
+@click.option(
+    "--node",
+    help="Also check this node's overlay paths to its peers (a ping over VXLAN from its load "
+    "balancers to theirs); run it where that node's controller runs.",
+)
+def doctor(fmt: Format, node: str | None) -> None:
     """Report what this kernel supports (IPVS or iptables, namespaces, conntrack...)."""
     from meshctl.doctor import run_doctor
 
-    sys.exit(run_doctor(fmt))
+    env = _env()
+    store_url = env.store_url if node is not None else None
+    sys.exit(run_doctor(fmt, store_url, check_name(node, "--node") if node else None))
 
 
 # -- controller and tasks --------------------------------------------------------------------

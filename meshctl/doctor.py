@@ -17,6 +17,7 @@ import click
 from kernel import features
 from kernel.errors import KernelError
 from kernel.features import Check, LbBackend, pick_lb_backend
+from meshctl.controller.overlay import PeerProbe
 from meshctl.output import dumps, table
 from meshctl.sysctls import SETTINGS, Setting
 
@@ -127,12 +128,51 @@ def render(
     return out, reasons, 1 if reasons else 0
 
 
-def run_doctor(fmt: Literal["table", "json"]) -> int:
-    """Probe, print the report (stdout) and the reasons (stderr); 0 iff the mesh can run."""
+def overlay_check(probe: PeerProbe, answered: bool) -> Check:
+    """One overlay path as a check: not required to run a node, but traffic to that peer's
+    tasks on the network fails without it."""
+    name = f"overlay {probe.network} to {probe.peer}"
+    if answered:
+        return Check(name, True, False, f"{probe.address} answers over VXLAN "
+                     f"({probe.local} to {probe.remote}, UDP {probe.port})")  # fmt: skip
+    return Check(
+        name, False, False,
+        f"{probe.address} does not answer over VXLAN: let UDP {probe.port} through between "
+        f"{probe.local} and {probe.remote} (both ways), and check both controllers run",
+    )  # fmt: skip
+
+
+def overlay_checks(store_url: str | None, node: str | None) -> list[Check]:
+    """The overlay paths from this node (when it is a node of the store's cluster)."""
+    if store_url is None or node is None:
+        return []
+    from kernel.system import real_kernel
+    from meshctl.controller.overlay import VXLAN_PORT, peer_probes, underlay_of
+    from meshctl.controller.view import read_view
+    from meshctl.store import open_store
+
+    with open_store(store_url) as store:
+        view = read_view(store)
+    me = view.nodes.get(node)
+    if me is None:
+        return []
+    status = view.statuses.get(node)
+    port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
+    kernel = real_kernel()
+    probes = peer_probes(view, node, me.id, underlay_of(kernel, me.address, port))
+    return [overlay_check(p, features.pings(p.netns, p.address)) for p in probes]
+
+
+def run_doctor(
+    fmt: Literal["table", "json"], store_url: str | None = None, node: str | None = None
+) -> int:
+    """Probe, print the report (stdout) and the reasons (stderr); 0 iff the mesh can run.
+    With a store and a node of its cluster, also every overlay path to the node's peers."""
     if not features.privileged():
         click.echo(features.NOT_PRIVILEGED, err=True)
         return 1
-    out, reasons, code = render(features.probe(), fmt, read_sysctls())
+    checks = [*features.probe(), *overlay_checks(store_url, node)]
+    out, reasons, code = render(checks, fmt, read_sysctls())
     click.echo(out)
     for reason in reasons:
         click.echo(reason, err=True)

@@ -230,3 +230,38 @@ def apply_peers(kernel: Kernel, change: PeerChange) -> None:
         kernel.neighbours.ensure_fdb_entries(NODE, entries)
         neighbours = [Neighbour(change.device, p.address, p.mac) for p in sorted(change.add)]
         kernel.neighbours.ensure_neighbours(NODE, neighbours)
+
+
+# -- is the overlay up? ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PeerProbe:
+    """One overlay path to check: from this node's LB namespace on a network to a peer node's
+    load-balancer address there, over VXLAN (UDP `port` between the two underlay addresses)."""
+
+    network: str
+    peer: str  # the peer node's name
+    netns: str  # this node's LB namespace on the network
+    address: str  # the peer's LB address on the network
+    local: str
+    remote: str
+    port: int
+
+
+def peer_probes(view: ClusterView, node: str, node_id: str, underlay: Underlay) -> list[PeerProbe]:
+    """Every (overlay network, peer node) pair that should carry traffic now: both nodes take
+    part in the network and hold a load-balancer address on it, and the peer is up."""
+    probes = []
+    for network in sorted(view.networks.values(), key=lambda n: n.name):
+        if not network.overlay or (network.name, node) not in view.lb_addresses:
+            continue
+        for (net, peer), address in sorted(view.lb_addresses.items()):
+            other = view.nodes.get(peer)
+            if net != network.name or peer == node or other is None or not view.up(peer):
+                continue
+            probes.append(
+                PeerProbe(network.name, peer, names.lb_netns(node_id, network.id), address,
+                          underlay.address, other.address, underlay.port)
+            )  # fmt: skip
+    return probes

@@ -211,3 +211,50 @@ def test_a_partitioned_node_converges_within_one_resync_of_healing(short: Cluste
         wait_for(lambda t=client["id"]: dig(cluster, t, "tasks.web") == running, 10,  # type: ignore[misc]
                  f"DNS on {client['node']} answering the running tasks")  # fmt: skip
     print(f"converged {time.monotonic() - healed:.1f}s after healing")
+
+
+def test_doctor_checks_each_overlay_path_and_names_a_blocked_one(cluster: Cluster) -> None:
+    cluster.cli("network", "create", "front")
+    create(cluster, "web", 3, "--network", "front", "--replicas-max-per-node", "1")
+    wait_live(cluster, "web", 3)
+
+    def overlay_checks() -> dict[str, dict[str, Any]]:
+        shown = cluster.cli("doctor", "--node", "node1", "--format", "json", node="node1",
+                            check=False)  # fmt: skip
+        checks = json.loads(shown.stdout)["checks"]
+        return {c["name"]: c for c in checks if c["name"].startswith("overlay ")}
+
+    def both(ok: bool) -> dict[str, dict[str, Any]] | None:
+        checks = overlay_checks()
+        names = {"overlay front to node2", "overlay front to node3"}
+        return (
+            checks if set(checks) == names and all(c["ok"] == ok for c in checks.values()) else None
+        )
+
+    checks = wait_for(lambda: both(True), 20, "both overlay paths answering")
+    assert (
+        "answers over VXLAN (10.99.0.11 to 10.99.0.12, UDP 4789)"
+        in (checks["overlay front to node2"]["detail"])
+    )
+    # UDP 4789 dropped on node3's underlay leg: that path, and only that one, fails.
+    drop = ["iptables-legacy", "-I", "INPUT", "-p", "udp", "--dport", "4789", "-j", "DROP"]
+    assert cluster.in_node("node3", *drop).returncode == 0
+    try:
+
+        def blocked() -> dict[str, dict[str, Any]] | None:
+            checks = overlay_checks()
+            ok = checks.get("overlay front to node2", {}).get("ok")
+            return (
+                checks
+                if ok and checks.get("overlay front to node3", {}).get("ok") is False
+                else None
+            )
+
+        checks = wait_for(blocked, 20, "node3's path reported blocked")
+        assert (
+            "let UDP 4789 through between 10.99.0.11 and 10.99.0.13"
+            in (checks["overlay front to node3"]["detail"])
+        )
+    finally:
+        cluster.in_node("node3", "iptables-legacy", "-D", "INPUT", "-p", "udp", "--dport", "4789",
+                        "-j", "DROP")  # fmt: skip
