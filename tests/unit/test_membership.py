@@ -6,9 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,19 +13,7 @@ from meshctl import nodes
 from meshctl.controller.membership import Membership, NodeBusy, boot_id
 from meshctl.model import LEADER, LEADER_KEY, NODE_STATUS, Node, NodeStatus
 from meshctl.runtime import read_start_time
-from meshctl.store import Store, open_store
-from tests.etcd import EtcdServer
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite://{tmp_path}/state.db"
-    else:
-        server: EtcdServer = request.getfixturevalue("etcd_server")
-        url = server.url(f"/test-{uuid.uuid4().hex[:12]}")
-    with open_store(url) as opened:
-        yield opened
+from meshctl.store import Store
 
 
 def wait_until(probe: object, timeout: float) -> bool:

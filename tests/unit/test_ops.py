@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,23 +19,7 @@ from meshctl.model import (
     ValidationError,
 )
 from meshctl.store import Conflict, Store, open_store
-from tests.etcd import EtcdServer
 from tests.unit.leader import settle
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every operation runs on both stores: a new SQLite file, or a new prefix on the run's etcd."""
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/state.db"
-    server: EtcdServer = request.getfixturevalue("etcd_server")
-    return server.url(f"/test-{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with open_store(store_url) as opened:
-        yield opened
 
 
 def spec(name: str = "web", *networks: str, **fields: Any) -> Service:

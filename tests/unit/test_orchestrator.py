@@ -5,32 +5,15 @@ fits etcd's cap on operations per txn."""
 from __future__ import annotations
 
 import dataclasses
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from meshctl import ops, tasks
 from meshctl.controller import orchestrator, updater
 from meshctl.controller.orchestrator import Create, Drop, Stop, plan_tasks
 from meshctl.controller.view import read_view
 from meshctl.model import NetworkAttachment, Service, Task
-from meshctl.store import Store, open_store
-from tests.etcd import EtcdServer
+from meshctl.store import Store
 from tests.unit.leader import place, settle
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        url = f"sqlite://{tmp_path}/state.db"
-    else:
-        server: EtcdServer = request.getfixturevalue("etcd_server")
-        url = server.url(f"/test-{uuid.uuid4().hex[:12]}")
-    with open_store(url) as opened:
-        yield opened
 
 
 def spec(name: str = "web", *networks: str, **fields: Any) -> Service:

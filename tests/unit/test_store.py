@@ -9,12 +9,10 @@ and a controller do.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -44,21 +42,6 @@ from tests.etcd import EtcdServer
 @pytest.fixture
 def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "state" / "state.db")
-
-
-@pytest.fixture(params=["sqlite", "etcd"])
-def store_url(request: pytest.FixtureRequest, db_path: str) -> str:
-    """The URL of an empty store: a new SQLite file, or a new key prefix on the run's etcd."""
-    if request.param == "sqlite":
-        return default_store_url(os.path.dirname(db_path))
-    server: EtcdServer = request.getfixturevalue("etcd_server")
-    return server.url(f"/test-{uuid.uuid4().hex[:12]}")
-
-
-@pytest.fixture
-def store(store_url: str) -> Iterator[Store]:
-    with open_store(store_url) as opened:
-        yield opened
 
 
 def test_put_get_list_and_revisions(store: Store) -> None:
