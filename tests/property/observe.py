@@ -1,0 +1,257 @@
+"""What a node shows from outside meshctl: load-balancer rules and addresses, links, processes
+and DNS answers, read with the kernel's own tools so the checks do not trust meshctl's readers.
+
+Each reader returns plain data; the property test compares it with the store and its model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import shlex
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import dns.exception
+import dns.message
+import dns.query
+import dns.rcode
+import dns.rdatatype
+
+from kernel import netns
+
+DNS_ADDRESS = "127.0.0.11"  # what a task's resolv.conf names (Docker's embedded DNS address)
+
+
+# -- iptables ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SavedRule:
+    """The parts of an `iptables-save` rule the checks look at."""
+
+    chain: str
+    target: str
+    destination: str | None = None
+    probability: float | None = None
+    to_destination: str | None = None
+    comment: str | None = None
+
+
+def parse_rules(saved: str) -> dict[str, dict[str, list[SavedRule]]]:
+    """table → chain → rules in order, from `iptables-save` text (empty chains included)."""
+    tables: dict[str, dict[str, list[SavedRule]]] = {}
+    table: dict[str, list[SavedRule]] = {}
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            table = tables.setdefault(line[1:], {})
+        elif line.startswith(":"):
+            table.setdefault(line[1:].split()[0], [])
+        elif line.startswith("-A "):
+            words = shlex.split(line)
+            values: dict[str, str] = {}
+            for flag, value in zip(words, words[1:], strict=False):
+                if flag in ("-A", "-d", "-j", "--probability", "--to-destination", "--comment"):
+                    values.setdefault(flag, value)
+            rule = SavedRule(
+                chain=values["-A"],
+                target=values.get("-j", ""),
+                destination=values.get("-d"),
+                probability=float(values["--probability"]) if "--probability" in values else None,
+                to_destination=values.get("--to-destination"),
+                comment=values.get("--comment"),
+            )
+            table.setdefault(rule.chain, []).append(rule)
+    return tables
+
+
+def iptables_save(ns: str | None) -> dict[str, dict[str, list[SavedRule]]]:
+    """Every table of namespace ns (a name under /run/netns), parsed."""
+    argv = ["iptables-legacy-save"]
+    if ns is not None:
+        argv = ["nsenter", f"--net={netns.path(ns)}", "--", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    return parse_rules(out)
+
+
+def _matches(rule: SavedRule, address: str) -> bool:
+    if rule.destination is None:
+        return True
+    return ipaddress.IPv4Address(address) in ipaddress.IPv4Network(rule.destination, strict=False)
+
+
+@dataclass(frozen=True)
+class VipPath:
+    """Where a new connection to a VIP can go: the DNAT targets on every path (one entry per
+    path, so a backend reachable twice shows twice), whether it is refused, and anything odd."""
+
+    dnat: tuple[str, ...]
+    refused: bool
+    problems: tuple[str, ...]
+
+
+def vip_path(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> VipPath:
+    """Follow a new connection to vip through nat PREROUTING and filter INPUT.
+
+    Every rule whose destination matches is followed (a `statistic` match may or may not
+    match, so each branch counts); a chain where several rules match spreads the connections,
+    and must do so evenly: rule i of n takes 1/(n-i) of what is left, the last one the rest.
+    """
+    nat, filter_ = tables.get("nat", {}), tables.get("filter", {})
+    problems: list[str] = []
+
+    def walk(table: dict[str, list[SavedRule]], chain: str, depth: int) -> list[SavedRule]:
+        if depth > 8:
+            problems.append(f"chain {chain}: jumps nest deeper than 8")
+            return []
+        matching = [r for r in table.get(chain, []) if _matches(r, vip)]
+        if len(matching) > 1 and chain.startswith("MESH-SVC-"):
+            n = len(matching)
+            for i, rule in enumerate(matching):
+                want = None if i == n - 1 else 1 / (n - i)
+                have = rule.probability
+                if (want is None) != (have is None) or (
+                    want is not None and have is not None and abs(want - have) > 1e-6
+                ):
+                    problems.append(f"{chain} rule {i + 1}/{n}: probability {have}, want {want}")
+        reached: list[SavedRule] = []
+        for rule in matching:
+            if rule.target in table and rule.target != chain:
+                reached.extend(walk(table, rule.target, depth + 1))
+            else:
+                reached.append(rule)
+        return reached
+
+    terminal = walk(nat, "PREROUTING", 0)
+    dnat = tuple(sorted(r.to_destination or "?" for r in terminal if r.target == "DNAT"))
+    refused = any(r.target == "REJECT" for r in walk(filter_, "INPUT", 0))
+    return VipPath(dnat, refused, tuple(problems))
+
+
+def marks(tables: dict[str, dict[str, list[SavedRule]]]) -> set[str]:
+    """What meshctl's rule comments name (`meshctl:<what>`), without the prefix."""
+    found = set()
+    for table in tables.values():
+        for rules in table.values():
+            for rule in rules:
+                if rule.comment and rule.comment.startswith("meshctl:"):
+                    found.add(rule.comment.removeprefix("meshctl:"))
+    return found
+
+
+# -- links and addresses -------------------------------------------------------------------------
+
+
+def links(ns: str) -> list[dict[str, object]]:
+    """`ip -d -j link show` in namespace ns."""
+    out = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show"],
+                         capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
+    return json.loads(out)  # type: ignore[no-any-return]
+
+
+def addresses(ns: str, device: str) -> set[str]:
+    """The IPv4 addresses (CIDR) of a device in namespace ns; empty if there is no such device."""
+    result = subprocess.run(["ip", "-n", ns, "-j", "-4", "addr", "show", "dev", device],
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    if result.returncode != 0:
+        return set()
+    return {
+        f"{info['local']}/{info['prefixlen']}"
+        for link in json.loads(result.stdout or "[]")
+        for info in link.get("addr_info", [])
+    }
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    start_time: int
+    netns_inode: int
+    cmdline: str
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
+def proc(pid: int) -> Proc | None:
+    """One process, or None if it is gone (or a zombie whose namespaces are gone)."""
+    try:
+        fields = _stat_fields(pid)
+        inode = os.stat(f"/proc/{pid}/ns/net").st_ino
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return Proc(pid, int(fields[1]), int(fields[19]), inode, cmdline)
+
+
+def processes_with(marker: bytes) -> dict[int, Proc]:
+    """Every live process whose environment holds marker (zombies have none left to read)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                environ = f.read()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if marker in environ.split(b"\0") and (p := proc(int(name))) is not None:
+            found[p.pid] = p
+    return found
+
+
+def descends_from(pid: int, ancestor: int) -> bool:
+    """Whether ancestor is pid's parent, grandparent, ... (False once the chain breaks)."""
+    seen = 0
+    while pid > 1 and seen < 64:
+        p = proc(pid)
+        if p is None:
+            return False
+        if p.ppid == ancestor:
+            return True
+        pid, seen = p.ppid, seen + 1
+    return False
+
+
+# -- DNS -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DnsAnswer:
+    rcode: str  # NOERROR, NXDOMAIN, SERVFAIL, ... or "timeout"
+    addresses: frozenset[str]
+
+
+def ask(ns: str, names: Iterable[str], timeout: float = 2.0) -> dict[str, DnsAnswer]:
+    """A queries for names, asked from inside namespace ns at the task's resolver address."""
+    wanted = list(names)
+
+    def body() -> dict[str, DnsAnswer]:
+        answers = {}
+        for name in wanted:
+            query = dns.message.make_query(name, "A")
+            try:
+                reply = dns.query.udp(query, DNS_ADDRESS, timeout=timeout)
+            except dns.exception.Timeout:
+                answers[name] = DnsAnswer("timeout", frozenset())
+                continue
+            found = frozenset(
+                item.address
+                for rrset in reply.answer
+                if rrset.rdtype == dns.rdatatype.A
+                for item in rrset
+            )
+            answers[name] = DnsAnswer(dns.rcode.to_text(reply.rcode()), found)
+        return answers
+
+    return netns.run_in(ns, body)
