@@ -703,8 +703,8 @@ class MeshMachine(RuleBasedStateMachine):
         controller = self.mesh.controller
         assert controller is not None
         for pid, p in observe.processes_with(self.marker).items():
-            task = expected.get(pid)
-            if task is not None and task["start_time"] == p.start_time:
+            owner = expected.get(pid)
+            if owner is not None and owner["start_time"] == p.start_time:
                 continue
             if observe.descends_from(pid, controller.pid):
                 continue  # a health probe the controller runs inside a task
@@ -833,10 +833,10 @@ class MeshMachine(RuleBasedStateMachine):
         ids = {n["id"]: name for name, n in store["network"].items()}
         claims = {}
         problems = []
-        for key, claim in store["address"].items():
-            network_id, address = key.split("/", 1)
+        for name, claim in store["address"].items():
+            network_id, address = name.split("/", 1)
             if ids.get(network_id) != claim["network"]:
-                problems.append(f"address claim {key} ({claim}) of no network in the store")
+                problems.append(f"address claim {name} ({claim}) of no network in the store")
             claims[(claim["network"], address)] = claim["owner"]
         owners = {}
         for service in store["service"].values():
@@ -848,11 +848,11 @@ class MeshMachine(RuleBasedStateMachine):
                 if network in store["network"]:
                     owners[(network, address)] = f"task:{task_id}"
         for key in sorted(set(claims) | set(owners)):
-            claim, owner = claims.get(key), owners.get(key)
-            if claim == f"lb:{NODE}" and owner is None:
+            claimed, held = claims.get(key), owners.get(key)
+            if claimed == f"lb:{NODE}" and held is None:
                 continue
-            if claim != owner:
-                problems.append(f"address {key}: claimed by {claim}, held by {owner}")
+            if claimed != held:
+                problems.append(f"address {key}: claimed by {claimed}, held by {held}")
         return problems
 
     def _dns_problems(
@@ -870,7 +870,7 @@ class MeshMachine(RuleBasedStateMachine):
                 service = services.get(name)
                 attached = service["networks"] if service else []
                 shared = [a for a in attached if a["network"] in networks]
-                if not shared:
+                if service is None or not shared:
                     want[name] = want[f"tasks.{name}"] = None
                     continue
                 on = {a["network"] for a in shared}

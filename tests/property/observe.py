@@ -13,6 +13,7 @@ import shlex
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -144,11 +145,12 @@ def marks(tables: dict[str, dict[str, list[SavedRule]]]) -> set[str]:
 # -- links and addresses -------------------------------------------------------------------------
 
 
-def links(ns: str) -> list[dict[str, object]]:
+def links(ns: str) -> list[dict[str, Any]]:
     """`ip -d -j link show` in namespace ns."""
     out = subprocess.run(["ip", "-n", ns, "-d", "-j", "link", "show"],
                          capture_output=True, text=True, check=True, timeout=30).stdout  # fmt: skip
-    return json.loads(out)  # type: ignore[no-any-return]
+    found: list[dict[str, Any]] = json.loads(out)
+    return found
 
 
 def addresses(ns: str, device: str) -> set[str]:
