@@ -6,7 +6,8 @@ Each batch is one pytest run of tests/property/test_mesh_machine.py with
 failing batch is reproduced by the command the report prints (a timing-dependent failure may
 need a few tries); hypothesis also prints a @reproduce_failure blob for the exact example.
 The report gives batches, examples, steps, wall time and every failure with its log file.
-Needs root, like the root tests.
+Needs root, like the root tests; like bench/failover.py it runs in a private mount namespace
+with its own /run/netns, so no other controller on the host sees its namespaces.
 
     sudo .venv/bin/python bench/property.py [--minutes 60] [--examples 10] [--steps 60]
 """
@@ -23,6 +24,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from failover import isolate  # bench/failover.py: bench/ is this script's sys.path[0]
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/property/test_mesh_machine.py"
@@ -70,6 +73,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help="the first batch's seed (then random ones)")
     parser.add_argument("--logs", help="where batch logs go (default: a new temp dir)")
     args = parser.parse_args()
+    isolate()
     logs = Path(args.logs or tempfile.mkdtemp(prefix="meshprop-campaign-"))
     logs.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.minutes * 60

@@ -1,6 +1,6 @@
 """A stateful property test of one node: random user actions against a real controller.
 
-The rules are what a user (or the world) does: create and remove networks (small subnets
+The actions are what a user (or the world) does: create and remove networks (small subnets
 sometimes), create, scale, update (rolling) and remove services with 0-4 replicas on 1-2
 networks, with or without a health check, kill -9 a task's process, make a task sick or well
 again, and restart the controller (SIGTERM or SIGKILL). The model keeps what the user asked
@@ -92,15 +92,17 @@ class Stats:
     warnings: Counter[str] = field(default_factory=Counter)  # controller warnings by text
     known: dict[str, int] = field(default_factory=dict)  # known finding → times seen
     example_times: list[float] = field(default_factory=list)
-    rules: Counter[str] = field(default_factory=Counter)  # rule → runs
+    actions: Counter[str] = field(default_factory=Counter)  # action → runs
     outcomes: Counter[str] = field(default_factory=Counter)  # "refused: ..." / "skipped: ..."
 
     def summary(self) -> str:
         waits = sorted(self.settle_waits) or [0.0]
+        times = sorted(self.example_times) or [0.0]
         lines = [
             f"{self.examples} examples, {self.steps} steps, {self.checks} checks, "
-            f"settled after median {waits[len(waits) // 2]:.1f}s, max {waits[-1]:.1f}s",
-            "rules: " + ", ".join(f"{k} {v}" for k, v in sorted(self.rules.items())),
+            f"settled after median {waits[len(waits) // 2]:.1f}s, max {waits[-1]:.1f}s; "
+            f"an example took median {times[len(times) // 2]:.0f}s",
+            "actions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.actions.items())),
             "outcomes: " + ", ".join(f"{k} {v}" for k, v in sorted(self.outcomes.items())),
             f"known findings seen: {self.known or 'none'}; "
             f"{sum(self.warnings.values())} controller warnings",
@@ -133,13 +135,11 @@ class SvcModel:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def _step(fn: F) -> F:
-    """Count a rule as a step; mark the machine broken when a rule or check fails."""
+def _guarded(fn: F) -> F:
+    """Mark the machine broken when a rule or the check fails (teardown then only cleans)."""
 
     @functools.wraps(fn)
     def wrapper(self: MeshMachine, *args: Any, **kwargs: Any) -> Any:
-        if fn.__name__ != "settled":
-            STATS.steps += 1
         try:
             return fn(self, *args, **kwargs)
         except BaseException:
@@ -270,7 +270,6 @@ class MeshMachine(RuleBasedStateMachine):
         self.ready_by: dict[str, float] = {}  # task name → by then it serves (unless sick)
         self.leaving_since: dict[str, float] = {}  # task id → first seen on its way out
         self.known_tasks: set[str] = set()  # every task id seen, for leftover namespaces
-        self.removed_services: set[str] = set()  # ids of removed services
         self.tasks: dict[str, dict[str, Any]] = {}  # the store's tasks at the last check
         self.expect_pids: dict[str, int] | None = None  # after a restart: pids to keep
         self.log_seen = 0
@@ -340,9 +339,10 @@ class MeshMachine(RuleBasedStateMachine):
         replicas=st.sampled_from((2, 0, 1, 3, 4)),
         health=st.sampled_from((True, False)),
     )
-    @_step
+    @_guarded
     def start(self, subnet: str | None, replicas: int, health: bool) -> None:
         """A network and a service on it to begin with: even the simplest example does work."""
+        STATS.steps += 1
         self._network_create(NETWORKS[0], subnet)
         self._service_create(SERVICES[0], replicas, [0], health, "any")
 
@@ -454,7 +454,6 @@ class MeshMachine(RuleBasedStateMachine):
         result = self._cli("service", "rm", name)
         if self._judge(result, "fail" if service is None else "ok", f"service rm {name}"):
             assert service is not None
-            self.removed_services.add(service.id)
             del self.services[name]
 
     # -- the world -------------------------------------------------------------------------------
@@ -515,15 +514,16 @@ class MeshMachine(RuleBasedStateMachine):
         self.failures.clear()  # a new controller starts every back-off afresh
 
     @rule(action=ACTION)
-    @_step
+    @_guarded
     def act(self, action: Action) -> None:
-        STATS.rules[action.kind] += 1
+        STATS.steps += 1
+        STATS.actions[action.kind] += 1
         getattr(self, action.kind)(**dict(action.args))
 
     # -- the check -------------------------------------------------------------------------------
 
     @invariant()
-    @_step
+    @_guarded
     def settled(self) -> None:
         """Wait (bounded) until the node has settled, then hold it to the store and the model."""
         STATS.checks += 1

@@ -72,15 +72,21 @@ def test_f2_rolling_update_short_of_addresses_stops_nothing_else(mesh: Mesh) -> 
     mesh.start_controller()
     mesh.wait_running("web", 2)
     mesh.cli("service", "update", "web", "--env", "RELEASE=2", "--detach")
-    # The update can finish: new before old, one at a time, with one spare address.
+    wait_for(
+        lambda: any(t["desired_state"] == "shutdown" for t in mesh.ps("web")),
+        20,
+        "the first old task to be retired",
+    )
+    # The controller goes on with other work meanwhile...
+    mesh.cli("service", "scale", "api=1", "--detach")
+    mesh.wait_running("api", 1)
+    # ...and the update can finish: new before old, one at a time, with one spare address
+    # (the second new task gets the first old task's address once that one has stopped).
     wait_for(
         lambda: sorted(t["spec_version"] for t in mesh.ps("web")) == [2, 2],
         30,
         "the rolling update to finish",
     )
-    # And the controller goes on with other work meanwhile.
-    mesh.cli("service", "scale", "api=1", "--detach")
-    mesh.wait_running("api", 1)
     assert "Traceback" not in _log(mesh)
 
 
