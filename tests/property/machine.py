@@ -229,6 +229,29 @@ def _fresh(existing: dict[str, Any], pool: tuple[str, ...], pick: int) -> str:
     return free[0] if free and pick != ANY else pool[pick % len(pool)]
 
 
+MOVED = "the store changed while it was being checked"
+
+
+def _changes(
+    before: dict[str, dict[str, dict[str, Any]]], after: dict[str, dict[str, dict[str, Any]]]
+) -> str:
+    """What changed between two store reads, field by field (history left out)."""
+    changes = []
+    for kind in sorted(before):
+        old, new = before[kind], after.get(kind, {})
+        for name in sorted(set(old) | set(new)):
+            a, b = old.get(name), new.get(name)
+            if a == b:
+                continue
+            if a is None or b is None:
+                changes.append(f"{kind} {name} {'added' if a is None else 'deleted'}")
+                continue
+            fields = sorted(k for k in set(a) | set(b) if k != "history" and a.get(k) != b.get(k))
+            what = ", ".join(f"{k} {a.get(k)!r}→{b.get(k)!r}" for k in fields)
+            changes.append(f"{kind} {b.get('name', name)}: {what}")
+    return "; ".join(changes)[:2000]
+
+
 def backoff(failures: int) -> float:
     return min(BACKOFF_CAP, BACKOFF_BASE * 2**failures)
 
@@ -253,6 +276,7 @@ class MeshMachine(RuleBasedStateMachine):
         self.flags = os.path.join(self.workdir, "flags")
         os.makedirs(self.flags)
         self.began = time.monotonic()
+        self.history: list[str] = []  # what each step did, for failure messages
         self.node_ns = f"{TEST_NETNS_PREFIX}prop{STATS.examples}"
         netns.create(self.node_ns)
         os.makedirs(os.path.join(self.workdir, "state"))
@@ -279,11 +303,16 @@ class MeshMachine(RuleBasedStateMachine):
 
     # -- helpers ---------------------------------------------------------------------------------
 
+    def _note(self, text: str) -> None:
+        """Say what a step did: in hypothesis's report and in this example's history."""
+        note(text)
+        self.history.append(f"{time.monotonic() - self.began:7.1f}s {text}")
+
     def _cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         result = self.mesh.cli(*args, check=False)
         if args[0] in ("network", "service") and args[1] not in ("inspect", "ps", "ls"):
-            note(f"$ meshctl {' '.join(args)}  → exit {result.returncode} "
-                 f"{result.stderr.strip()}")  # fmt: skip
+            self._note(f"$ meshctl {' '.join(args)}  → exit {result.returncode} "
+                       f"{result.stderr.strip()}")  # fmt: skip
         return result
 
     def _judge(self, result: subprocess.CompletedProcess[str], expect: str, what: str) -> bool:
@@ -437,7 +466,7 @@ class MeshMachine(RuleBasedStateMachine):
             )
         ):
             # A /24 never fills here (3 services of at most 4 tasks); a smaller one may.
-            note("skipped: a rolling update on a small network could trigger F2")
+            self._note("skipped: a rolling update on a small network could trigger F2")
             STATS.outcomes["skipped for F2"] += 1
             return
         rev = service.rev + 1 if service else 1
@@ -474,7 +503,7 @@ class MeshMachine(RuleBasedStateMachine):
             if p is None or p.start_time != task["start_time"]:
                 continue  # gone meanwhile: never signal a reused PID
             os.kill(task["pid"], signal.SIGKILL)
-            note(f"kill -9 {task['pid']} ({task_name}, task {task['id']})")
+            self._note(f"kill -9 {task['pid']} ({task_name}, task {task['id']})")
             self.failures[task_name] = self.failures.get(task_name, 0) + 1
             self._set_ready(task_name)
             service = self.services.get(name)
@@ -487,7 +516,7 @@ class MeshMachine(RuleBasedStateMachine):
         task_name = f"{name}.{slot}"
         flag = os.path.join(self.flags, task_name)
         now = time.monotonic()
-        note(f"{task_name}: {'well' if task_name in self.sick_since else 'sick'}")
+        self._note(f"{task_name}: {'well' if task_name in self.sick_since else 'sick'}")
         if task_name in self.sick_since:
             os.unlink(flag)
             # While sick, a task with a check is replaced about once a second (probe
@@ -511,7 +540,7 @@ class MeshMachine(RuleBasedStateMachine):
             for tid, t in self.tasks.items()
             if serving(t) and t["pid"] is not None and t["name"] not in self.sick_since
         }
-        note(f"controller restart ({'SIGKILL' if kill else 'SIGTERM'})")
+        self._note(f"controller restart ({'SIGKILL' if kill else 'SIGTERM'})")
         self.mesh.stop_controller(signal.SIGKILL if kill else signal.SIGTERM)
         self.mesh.start_controller(*CONTROLLER_ARGS)
         self.failures.clear()  # a new controller starts every back-off afresh
@@ -519,6 +548,7 @@ class MeshMachine(RuleBasedStateMachine):
     @rule(action=ACTION)
     @_guarded
     def act(self, action: Action) -> None:
+        self.history.append(f"{time.monotonic() - self.began:7.1f}s {action!r}")
         STATS.steps += 1
         STATS.actions[action.kind] += 1
         getattr(self, action.kind)(**dict(action.args))
@@ -532,13 +562,22 @@ class MeshMachine(RuleBasedStateMachine):
         STATS.checks += 1
         began = time.monotonic()
         problems: list[str] = []
+        seen: list[str] = []  # the last problems found in a snapshot the store held still for
         while True:
             problems = self._problems()
             if not problems:
                 break
+            if not problems[0].startswith(MOVED):
+                seen = problems
             if time.monotonic() - began > SETTLE:
+                # The example's steps too: a failure that hypothesis cannot replay (timing)
+                # is reported without them.
                 raise AssertionError(
-                    f"not settled {SETTLE:g}s after the step:\n  " + "\n  ".join(problems)
+                    f"not settled {SETTLE:g}s after the step:\n  "
+                    + "\n  ".join(problems)
+                    + ("\nbefore that:\n  " + "\n  ".join(seen) if seen != problems else "")
+                    + "\nsteps:\n  "
+                    + "\n  ".join(self.history[-60:])
                 )
             time.sleep(0.1)
         STATS.settle_waits.append(time.monotonic() - began)
@@ -591,8 +630,9 @@ class MeshMachine(RuleBasedStateMachine):
             if names:
                 name = names[STATS.checks % len(names)]
                 problems += self._ps_problems(name, self.mesh.ps(name), tasks)
-        if self._read_store()[1] != fingerprint:
-            return ["the store changed while it was being checked"]
+        after, fingerprint_after = self._read_store()
+        if fingerprint_after != fingerprint:
+            return [f"{MOVED}: {_changes(store, after)}"]
         return problems
 
     # -- observing -------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ class SavedRule:
     chain: str
     target: str
     destination: str | None = None
-    probability: float | None = None
+    # The share of what reaches the rule that it takes: a `statistic` match's probability
+    # (mode random) or 1/every (mode nth); None without one (it takes all).
+    share: float | None = None
     to_destination: str | None = None
     comment: str | None = None
 
@@ -54,13 +56,19 @@ def parse_rules(saved: str) -> dict[str, dict[str, list[SavedRule]]]:
             words = shlex.split(line)
             values: dict[str, str] = {}
             for flag, value in zip(words, words[1:], strict=False):
-                if flag in ("-A", "-d", "-j", "--probability", "--to-destination", "--comment"):
+                if flag in ("-A", "-d", "-j", "--probability", "--every", "--packet",
+                            "--to-destination", "--comment"):  # fmt: skip
                     values.setdefault(flag, value)
+            share = None
+            if "--probability" in values:
+                share = float(values["--probability"])
+            elif "--every" in values and values.get("--packet") == "0":
+                share = 1 / int(values["--every"])
             rule = SavedRule(
                 chain=values["-A"],
                 target=values.get("-j", ""),
                 destination=values.get("-d"),
-                probability=float(values["--probability"]) if "--probability" in values else None,
+                share=share,
                 to_destination=values.get("--to-destination"),
                 comment=values.get("--comment"),
             )
@@ -98,7 +106,8 @@ def vip_path(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> VipPath
 
     Every rule whose destination matches is followed (a `statistic` match may or may not
     match, so each branch counts); a chain where several rules match spreads the connections,
-    and must do so evenly: rule i of n takes 1/(n-i) of what is left, the last one the rest.
+    and must do so evenly: rule i of n takes 1/(n-i) of what is left (at random or in turn),
+    the last one the rest.
     """
     nat, filter_ = tables.get("nat", {}), tables.get("filter", {})
     problems: list[str] = []
@@ -112,11 +121,11 @@ def vip_path(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> VipPath
             n = len(matching)
             for i, rule in enumerate(matching):
                 want = None if i == n - 1 else 1 / (n - i)
-                have = rule.probability
+                have = rule.share
                 if (want is None) != (have is None) or (
                     want is not None and have is not None and abs(want - have) > 1e-6
                 ):
-                    problems.append(f"{chain} rule {i + 1}/{n}: probability {have}, want {want}")
+                    problems.append(f"{chain} rule {i + 1}/{n}: takes {have}, want {want}")
         reached: list[SavedRule] = []
         for rule in matching:
             if rule.target in table and rule.target != chain:
