@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,11 +62,13 @@ def test_f1_sigterm_stops_the_controller_without_a_traceback(mesh: Mesh) -> None
 
 @pytest.mark.xfail(strict=True, reason="F2: AddressExhausted in a rolling update fails every pass")
 def test_f2_rolling_update_short_of_addresses_stops_nothing_else(mesh: Mesh) -> None:
-    """A /29 holds gateway, LB address, VIP and two tasks, and one address is free. A rolling
-    update takes it for the first new task; the old one is then told to stop, but the next
-    pass asks for the second new task's address first (updater.roll, before the supervisor
-    stops anything), gets AddressExhausted, and so does every pass after it: the old task
-    never stops, its address never frees, and nothing else on the node is done any more."""
+    """A /29 holds gateway, LB address, VIP and two tasks, and one address is free, so
+    `service update` is accepted (ops._check_room wants one). The first new task takes it; the
+    old one is then told to stop, but the next pass makes the second new task first
+    (updater._step → tasks.create_tasks, before the supervisor stops anything), gets
+    AddressExhausted, and so does every pass after it ("reconcile pass failed; retrying"):
+    the old task never stops, its address never frees, and nothing else on the node is done
+    any more."""
     mesh.cli("network", "create", "small", "--subnet", "10.78.1.0/29")
     mesh.cli("network", "create", "other", "--subnet", "10.78.2.0/24")
     mesh.cli("service", "create", "--name", "web", "--replicas", "2", "--network", "small",
@@ -133,8 +136,7 @@ def test_f4_a_stable_run_resets_the_back_off_after_an_unhealthy_restart(
     mesh.start_controller()
 
     def healthy() -> bool:
-        (task,) = mesh.ps("web")
-        return bool(task["health"] == "healthy")
+        return [t["health"] for t in mesh.ps("web")] == ["healthy"]
 
     wait_for(healthy, 20, "web.1 healthy")
     sick.touch()
@@ -167,7 +169,7 @@ def test_f5_a_task_in_back_off_is_not_shown_running(mesh: Mesh, tmp_path: Path) 
     mesh.start_controller()
     mesh.wait_running("web", 1)
     sick.touch()
-    seen = []
+    seen: list[dict[str, Any]] = []
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         (task,) = mesh.ps("web")
