@@ -71,9 +71,7 @@ HEALTH_ARGS = ("--health-interval", "500ms", "--health-retries", "2", "--health-
 # Exceptions the controller logs that are reported product bugs (tests/property/
 # test_findings.py): counted, not failed on, so a campaign goes on to find others. Each is the
 # exception's last line, with the traceback before it removed from the log text checked.
-KNOWN_TRACEBACKS: dict[str, str] = {
-    "RuntimeError: Event loop is closed": "F1: the store watcher wakes a closed loop on SIGTERM",
-}
+KNOWN_TRACEBACKS: dict[str, str] = {}
 # Known product bugs whose marks the checks count instead of failing on (test_findings.py).
 KNOWN = {"F5": "F5: an unhealthy task's lost exit leaves it `running` without a pid"}
 # Known product bugs the actions steer clear of, so that a campaign finds others:
