@@ -30,7 +30,10 @@ pytestmark = pytest.mark.root
 # TCP 80 answers the task name; UDP 81 answers it per datagram; TCP 82 echoes (long-lived).
 BACKEND = [
     "sh", "-c",
-    "socat UDP-RECVFROM:81,fork SYSTEM:hostname & socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
+    # The UDP answer reads the datagram first: a child that exits before socat wrote the
+    # datagram to it makes socat fail on EPIPE and drop the answer.
+    "socat UDP-RECVFROM:81,fork SYSTEM:'head -c1 >/dev/null; hostname' & "
+    "socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
     "exec socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname",
 ]  # fmt: skip
 
