@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from kernel import netns
 from kernel.errors import KernelError
 from kernel.fake.world import FakeWorld
-from kernel.iptables import (
+from kernel.iptables_rules import (
     BUILTIN_CHAINS,
     CHAIN_PREFIX,
     NAT_TARGET_CHAINS,

@@ -12,7 +12,7 @@ import json
 import os
 from collections.abc import Iterator
 
-from kernel.iptables import OwnedTable, TableChange
+from kernel.iptables_rules import OwnedTable, TableChange
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs

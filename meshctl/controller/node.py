@@ -17,7 +17,7 @@ import ipaddress
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 
-from kernel.iptables import Match, OwnedTable, Rule, TableChange, opts
+from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts
 from kernel.links import mac_for
 from meshctl.controller import names
 from meshctl.controller.discovery import serving

@@ -14,7 +14,7 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 
 from kernel.errors import KernelError
-from kernel.iptables import OwnedTable
+from kernel.iptables_rules import OwnedTable
 from kernel.links import Link, Route
 from kernel.system import Kernel
 from meshctl import sysctls

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Collection, Mapping
 
-from kernel.iptables import OwnedTable
+from kernel.iptables_rules import OwnedTable
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.node import (

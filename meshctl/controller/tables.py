@@ -6,7 +6,7 @@ after applying the change must be empty.
 
 from __future__ import annotations
 
-from kernel.iptables import OwnedTable, TableChange
+from kernel.iptables_rules import OwnedTable, TableChange
 
 
 def table_change(desired: OwnedTable, actual: OwnedTable) -> TableChange | None:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
 from kernel.conntrack import UdpFlow
-from kernel.iptables import OwnedTable, Rule, TableChange
+from kernel.iptables_rules import OwnedTable, Rule, TableChange
 from kernel.ipvs import Destination, IpvsChange, VirtualService
 from kernel.links import Link
 from meshctl.controller.tables import table_change

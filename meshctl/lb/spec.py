@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from kernel.iptables import Match, OwnedTable, Rule, opts
+from kernel.iptables_rules import Match, OwnedTable, Rule, opts
 from kernel.ipvs import Destination, VirtualService
 from kernel.links import mac_for
 from meshctl.controller import names

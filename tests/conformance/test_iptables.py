@@ -18,10 +18,9 @@ import pytest
 from kernel import iptables, netns
 from kernel.errors import KernelError, Unsupported
 from kernel.fake.iptables import FakeIptables
-from kernel.iptables import (
+from kernel.iptables import Iptables, IptablesAPI
+from kernel.iptables_rules import (
     BUILTIN_CHAINS,
-    Iptables,
-    IptablesAPI,
     Match,
     OwnedTable,
     Rule,

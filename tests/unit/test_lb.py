@@ -16,7 +16,7 @@ from kernel.fake.neighbours import FakeNeighbours
 from kernel.fake.sockets import FakeSockets
 from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
-from kernel.iptables import Match, TableChange, opts, validate
+from kernel.iptables_rules import Match, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
 from kernel.system import Kernel
 from meshctl.controller.names import lb_netns_prefix
