@@ -49,18 +49,12 @@ from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.system import Kernel, real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
+from meshctl.lb.backends import backend_named
+from meshctl.lb.iptables import SEP_CHAIN_PREFIX, SVC_CHAIN_PREFIX, iptables_tables
+from meshctl.lb.ipvs import fwmark
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
-from meshctl.lb.spec import (
-    SEP_CHAIN_PREFIX,
-    SVC_CHAIN_PREFIX,
-    Backend,
-    BackendKind,
-    LbSpec,
-    VirtualIp,
-    iptables_tables,
-    lb_spec,
-)
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.store import Put, Store, Value
 from meshctl.store.sqlite import SqliteStore
 
@@ -213,7 +207,7 @@ def iptables_change(spec: LbSpec, old: VirtualIp, new: VirtualIp, tmp: Path) -> 
 def ipvsadm_change(spec: LbSpec, old: VirtualIp, new: VirtualIp) -> list[str]:
     """The one ipvsadm command making the same change as meshctl: a backend edited, added or
     removed (masquerading, to the connection's own port, as meshctl's destinations)."""
-    service = ["-f", str(spec.fwmark(new))]
+    service = ["-f", str(fwmark(spec, new))]
     before = {b.address: b for b in old.backends}
     for backend in new.backends:
         if before.get(backend.address) != backend:
@@ -291,7 +285,7 @@ class Watcher:
 
 
 def full_sync(
-    backend: BackendKind, reconciler: LbReconciler, spec: LbSpec, prefix: str, peer: str, tmp: Path
+    backend: str, reconciler: LbReconciler, spec: LbSpec, prefix: str, peer: str, tmp: Path
 ) -> tuple[float, float, str]:
     """Seconds meshctl's sync from empty takes, seconds the peer tool takes to restore what it
     wrote into peer, and what that was."""
@@ -314,7 +308,7 @@ def full_sync(
 
 
 def measure_changes(
-    backend: BackendKind,
+    backend: str,
     scale: Scale,
     store: Store,
     watcher: Watcher,
@@ -352,7 +346,7 @@ def measure_changes(
 
 
 def measure(
-    backend: BackendKind, count: int, changes: int, budget: float, tmp: Path, rng: random.Random
+    backend: str, count: int, changes: int, budget: float, tmp: Path, rng: random.Random
 ) -> Scale:
     """Full sync from empty and single-endpoint changes at S=count, each against its peer."""
     node_id, network_id = uuid.uuid4().hex[:8], uuid.uuid4().hex[:8]
@@ -364,7 +358,7 @@ def measure(
         try:
             Links().ensure_bridge(node, spec.bridge, alias=spec.mark)
             Links().set_up(node, spec.bridge)
-            reconciler = LbReconciler(timed_kernel(spent), backend, node_ns=node)
+            reconciler = LbReconciler(timed_kernel(spent), backend_named(backend), node_ns=node)
             rss_before = vm_rss_mib()
             sync_s, restore_s, objects = full_sync(backend, reconciler, spec, prefix, peer, tmp)
             scale = Scale(count, objects, sync_s, restore_s, rss_before, vm_rss_mib(), dict(spent))
@@ -409,7 +403,7 @@ def machine() -> str:
     return f"{os.cpu_count()} x {cpu}, Linux {platform.release()}"
 
 
-def report(backend: BackendKind, scales: list[Scale]) -> None:
+def report(backend: str, scales: list[Scale]) -> None:
     peer_verb, tool = PEER_VERB[backend], PEER_TOOL[backend]
     print(f"LB control plane, {backend} backend: S services x {ENDPOINTS} backends, one LB netns;")
     print(f"{machine()}, shared with anything else running.\n")
@@ -482,7 +476,7 @@ def main() -> None:
         "--change-budget", type=float, default=120, help="seconds of changes per S at most"
     )
     args = parser.parse_args()
-    backend: BackendKind = args.backend
+    backend: str = args.backend
     if backend == "ipvs":
         with namespace("probe") as probe:
             reason = Ipvs().available(probe)

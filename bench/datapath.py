@@ -39,6 +39,7 @@ from kernel import netns
 from kernel.links import Links, Route
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
+from meshctl.lb.backends import backend_named
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
 
@@ -252,7 +253,9 @@ def main() -> None:
                 links.delete_link(node, lb_node_end(network_id))
                 netns.delete(name)
 
-        LbReconciler(real_kernel(), "iptables", node_ns=node).sync([spec], lb_netns_prefix(node_id))
+        LbReconciler(real_kernel(), backend_named("iptables"), node_ns=node).sync(
+            [spec], lb_netns_prefix(node_id)
+        )
         for address in (*BACKENDS, VIP_ONE, VIP_ALL):
             wait_serving(client, address)
         outside, task = stack.enter_context(published_task(stack, tmp))

@@ -34,8 +34,9 @@ from kernel.ipvs import Ipvs
 from kernel.links import Links, Neighbour
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
+from meshctl.lb.backends import backend_named
 from meshctl.lb.reconcile import LbReconciler
-from meshctl.lb.spec import Backend, BackendKind, VirtualIp, lb_spec
+from meshctl.lb.spec import Backend, VirtualIp, lb_spec
 
 # bench/ is not a package of the product: its modules import each other from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -90,7 +91,7 @@ class World:
     network_id: str
 
 
-def measure(count: int, backend: BackendKind, samples: int, world: World) -> Sample:
+def measure(count: int, backend: str, samples: int, world: World) -> Sample:
     """Programs a fresh LB namespace with count services, samples, and removes it again."""
     node, client, node_id = world.node, world.client, uuid.uuid4().hex[:8]
     probed = VirtualIp("svc-probed", "probed", PROBED_VIP, (Backend(BACKEND),))
@@ -98,7 +99,8 @@ def measure(count: int, backend: BackendKind, samples: int, world: World) -> Sam
     assert spec.vips[-1] == probed, "the probed VIP must come last in the VIP order"
     try:
         start = time.perf_counter()
-        LbReconciler(real_kernel(), backend, node_ns=node).sync([spec], lb_netns_prefix(node_id))
+        reconciler = LbReconciler(real_kernel(), backend_named(backend), node_ns=node)
+        reconciler.sync([spec], lb_netns_prefix(node_id))
         sync_s = time.perf_counter() - start
         wait_serving(client, PROBED_VIP)
         vip, direct = netns.run_in(client, sample, samples)
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--backend", choices=("iptables", "ipvs"), default="iptables")
     parser.add_argument("--samples", type=int, default=2000, help="connects per path and S")
     args = parser.parse_args()
-    backend: BackendKind = args.backend
+    backend: str = args.backend
     if shutil.which("nginx") is None:
         sys.exit("nginx is missing: apt-get install nginx-light")
     counts = [int(s) for s in args.services.split(",")]

@@ -11,7 +11,6 @@ import os
 import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 from kernel import netns
 from kernel.errors import NotFound
@@ -26,8 +25,6 @@ DOCTOR_NS_PREFIX = "mesh-doctor-"
 CAP_NET_ADMIN = 12
 CAP_SYS_ADMIN = 21
 NOT_PRIVILEGED = "meshctl doctor needs root (CAP_NET_ADMIN) to probe the kernel; run it with sudo"
-
-LbBackend = Literal["ipvs", "iptables"]
 
 
 @dataclass(frozen=True)
@@ -54,11 +51,6 @@ def privileged(status_path: str = "/proc/self/status") -> bool:
                 caps = int(line.split()[1], 16)
                 return all(caps >> bit & 1 for bit in (CAP_NET_ADMIN, CAP_SYS_ADMIN))
     return os.geteuid() == 0  # a kernel without capability lines: uid decides
-
-
-def pick_lb_backend(ipvs_ok: bool) -> LbBackend:
-    """The backend `--lb-backend auto` resolves to: IPVS where the kernel has it."""
-    return "ipvs" if ipvs_ok else "iptables"
 
 
 def _probe(

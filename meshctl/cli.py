@@ -760,10 +760,10 @@ def controller() -> None:
 @click.option("--node", help="This node's name (default: the host name).")
 @click.option(
     "--lb-backend",
-    type=click.Choice(["auto", "ipvs", "iptables"]),
+    type=click.Choice(["auto", "ipvs", "nftables", "iptables"]),
     default="auto",
     show_default=True,
-    help="Load-balancer backend; auto picks ipvs where the kernel has it (see doctor).",
+    help="Load-balancer backend; auto picks the first the kernel runs, in this order (see doctor).",
 )
 @click.option(
     "--upstream-dns", multiple=True, help="Upstream resolver (default: /etc/resolv.conf)."
@@ -978,10 +978,10 @@ def store_rm(kind: str, name: str) -> None:
 @click.option("--node", help="This node's name (default: the host name), as the controller's.")
 @click.option(
     "--lb-backend",
-    type=click.Choice(["auto", "ipvs", "iptables"]),
+    type=click.Choice(["auto", "ipvs", "nftables", "iptables"]),
     default="auto",
     show_default=True,
-    help="The backend to compare with [auto: the one the node's controller runs].",
+    help="The backend to compare with [auto: the one recorded for the node].",
 )
 def diff(node: str | None, lb_backend: str) -> None:
     """Print what the kernel of this node lacks or has too much of; exit 0 when converged.
@@ -989,14 +989,15 @@ def diff(node: str | None, lb_backend: str) -> None:
     Run it where the controller runs (its network namespace). Each line is one difference:
     `+` missing, `-` to remove, `~` to change, `!` what the controller cannot change (a link
     of another's with the name it wants, a network that fails on this node). Exit code 1 when
-    there is any. The backend is the one the node's running controller uses, unless given.
+    there is any. The backend is the one recorded for the node by its controller, unless given.
     """
     from kernel.system import real_kernel
     from meshctl.controller.diff import describe, node_differences
     from meshctl.controller.main import default_node_name
     from meshctl.controller.overlay import VXLAN_PORT, underlay_of
     from meshctl.controller.view import read_view
-    from meshctl.lb.reconcile import LbReconciler, choose_backend
+    from meshctl.lb.backends import choose_backend
+    from meshctl.lb.reconcile import LbReconciler
 
     store = _store()
     name = check_name(node or default_node_name(), "--node")
@@ -1004,11 +1005,11 @@ def diff(node: str | None, lb_backend: str) -> None:
     if record is None:
         raise MeshctlError(f"no controller has run as node {name}; give its name with --node")
     status = nodes.statuses(store).get(name)
-    if lb_backend == "auto" and status is not None and status.lb_backend:
-        lb_backend = status.lb_backend
+    node_record = from_record(Node, record)
+    if lb_backend == "auto" and node_record.lb_backend:
+        lb_backend = node_record.lb_backend  # the one recorded when its controller started
     kernel = real_kernel()
     lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
-    node_record = from_record(Node, record)
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     underlay = underlay_of(kernel, node_record.address, port)
     plans = node_differences(

@@ -16,8 +16,9 @@ import click
 
 from kernel import features
 from kernel.errors import KernelError
-from kernel.features import Check, LbBackend, pick_lb_backend
+from kernel.features import Check
 from meshctl.controller.overlay import PeerProbe
+from meshctl.lb.backends import NAMES
 from meshctl.output import dumps, table
 from meshctl.sysctls import SETTINGS, Setting
 
@@ -63,9 +64,30 @@ def missing_required(checks: Sequence[Check]) -> list[Check]:
     return [c for c in checks if c.required and not c.ok]
 
 
-def lb_backend(checks: Sequence[Check]) -> LbBackend:
-    """The backend `auto` would pick, from the ipvs check (absent means no IPVS)."""
-    return pick_lb_backend(any(c.name == "ipvs" and c.ok for c in checks))
+def lb_backend(checks: Sequence[Check]) -> str:
+    """The backend `auto` would pick: the first whose check passed (absent: not there)."""
+    return _pick(checks)[0]
+
+
+def lb_backend_why(checks: Sequence[Check]) -> str:
+    """Why `auto` picks it: what the backends before it lack."""
+    name, passed_over = _pick(checks)
+    if not passed_over:
+        return f"{name} is the first choice and works here"
+    return f"{name}, as " + "; ".join(passed_over)
+
+
+def _pick(checks: Sequence[Check]) -> tuple[str, list[str]]:
+    """meshctl.lb.backends' order, each backend probed by the check of its name; the last is
+    the fallback (required anyway)."""
+    found = {c.name: c for c in checks}
+    passed_over: list[str] = []
+    for name in NAMES[:-1]:
+        check = found.get(name)
+        if check is not None and check.ok:
+            return name, passed_over
+        passed_over.append(f"{name}: {check.detail if check else 'not probed'}")
+    return NAMES[-1], passed_over
 
 
 def report_json(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> dict[str, Any]:
@@ -94,6 +116,7 @@ def report_json(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> dic
             for r in sysctls
         ],
         "lb_backend": lb_backend(checks),
+        "lb_backend_why": lb_backend_why(checks),
         "ok": not missing_required(checks),
     }
 
@@ -116,7 +139,8 @@ def report_table(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> st
             for r in sysctls
         )
         parts += ["", table(["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"], settings)]
-    return "\n".join([*parts, f"lb_backend: {lb_backend(checks)}", verdict_line(checks)])
+    backend = f"lb_backend: {lb_backend(checks)} ({lb_backend_why(checks)})"
+    return "\n".join([*parts, backend, verdict_line(checks)])
 
 
 def render(

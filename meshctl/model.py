@@ -762,6 +762,7 @@ class Node:
     availability: Availability = "active"
     id: str = field(default_factory=new_id)
     created_at: float = 0.0
+    lb_backend: str = ""  # the load-balancer backend its controller runs (or last ran)
 
     def __post_init__(self) -> None:
         check_name(self.name, "node name")
@@ -779,6 +780,7 @@ class Node:
             "labels": dict(self.labels),
             "availability": self.availability,
             "created_at": self.created_at,
+            "lb_backend": self.lb_backend,
         }
 
     @classmethod
@@ -790,6 +792,7 @@ class Node:
             availability=data.get("availability", "active"),
             id=data["id"],
             created_at=float(data.get("created_at", 0.0)),
+            lb_backend=str(data.get("lb_backend", "")),
         )
 
 

@@ -151,10 +151,15 @@ def remove_node(store: Store, name: str) -> Node:
 
 def register_ops(node: Node, existing: Node | None, revision: int) -> list[Op]:
     """The write that records a starting controller's node: its id, labels and availability
-    are kept from an earlier start; its address is the one it advertises now."""
+    are kept from an earlier start; its address and load-balancer backend are the ones it
+    runs with now."""
     if existing is None:
         return [Put(NODE, node.name, node.to_dict(), expect=0)]
-    kept = dataclasses.replace(existing, address=node.address or existing.address)
+    kept = dataclasses.replace(
+        existing,
+        address=node.address or existing.address,
+        lb_backend=node.lb_backend or existing.lb_backend,
+    )
     if kept == existing:
         return []
     return [Put(NODE, node.name, kept.to_dict(), expect=revision)]

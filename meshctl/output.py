@@ -231,7 +231,6 @@ def node_json(view: NodeView) -> dict[str, Any]:
         "tasks": view.tasks,
         "message": status.message if status else "",
         "errors": dict(status.errors) if status else {},
-        "lb_backend": status.lb_backend if status else "",
         "since": status.since if status else None,
     }
 
@@ -276,6 +275,5 @@ def node_pretty(view: NodeView) -> str:
         ("Tasks", str(view.tasks)),
         ("Labels", ", ".join(f"{k}={v}" for k, v in sorted(node.labels.items())) or "-"),
     ]
-    if view.status is not None:
-        pairs.append(("Load balancer", view.status.lb_backend or "-"))
+    pairs.append(("Load balancer", node.lb_backend or "-"))
     return key_values(pairs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from kernel.features import LbBackend
 from meshctl.controller.names import LB_INTERFACE
 
 Place = Literal["node", "lb", "task"]
@@ -24,7 +23,7 @@ class Setting:
     key: str
     value: str
     why: str
-    backend: LbBackend | None = None
+    backend: str | None = None  # a load-balancer backend's name
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -47,6 +46,6 @@ def node_sysctls() -> dict[str, str]:
     return {s.key: s.value for s in SETTINGS if s.place == "node"}
 
 
-def lb_sysctls(backend: LbBackend) -> dict[str, str]:
+def lb_sysctls(backend: str) -> dict[str, str]:
     """What every load-balancer namespace holds with this backend."""
     return {s.key: s.value for s in SETTINGS if s.place == "lb" and s.backend in (None, backend)}

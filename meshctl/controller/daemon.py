@@ -36,7 +36,8 @@ from meshctl.controller.node_reconciler import NodeReconciler
 from meshctl.controller.overlay import VXLAN_PORT, underlay_of
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, view_of
-from meshctl.lb.reconcile import LbReconciler, choose_backend
+from meshctl.lb.backends import backend_named, choose_backend
+from meshctl.lb.reconcile import LbReconciler
 from meshctl.model import HealthCheck, MeshctlError, Node, Task
 from meshctl.store import Store, StoreError
 from meshctl.store.informer import Informer
@@ -67,14 +68,15 @@ class Controller:
         self.kernel = kernel
         backend = choose_backend(kernel, lb_backend)
         self.membership = Membership(store, node, ttl=node_ttl)
-        self.node = self.membership.join(lb_backend=backend, vxlan_port=vxlan_port).name
+        self.node = self.membership.join(lb_backend=backend.name, vxlan_port=vxlan_port).name
         self.node_id = self.membership.node.id
         self.state_dir = state_dir
         self.resync_period = resync_period
         self.started = time.monotonic()
         self._wake: Callable[[], None] = lambda: None  # set by run(): wakes the loop
         self.informer = Informer(store, lambda events: self._wake())
-        self.lb = LbReconciler(kernel, backend)
+        retired = self.membership.retired_lb_backend  # its objects go from the LB namespaces
+        self.lb = LbReconciler(kernel, backend, retired=backend_named(retired) if retired else None)
         self.underlay = underlay_of(kernel, self.membership.node.address, vxlan_port)
         self.node_sync = NodeReconciler(kernel, self.node, resync_period, self.underlay)
         self.dns = DnsSync(upstreams or [])
@@ -87,7 +89,7 @@ class Controller:
         self._errors: dict[str, str] = {}  # what failed in the last pass, by network or task
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
-        log.info("node=%s id=%s lb_backend=%s", self.node, self.node_id, backend)
+        log.info("node=%s id=%s lb_backend=%s", self.node, self.node_id, backend.name)
 
     # -- one pass (runs in the worker thread) --------------------------------------------------
 

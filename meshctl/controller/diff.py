@@ -12,13 +12,14 @@ import json
 import os
 from collections.abc import Iterator
 
-from kernel.iptables_rules import OwnedTable, TableChange
+from kernel.iptables_rules import OwnedTable
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
 from meshctl.controller.node_kernel import blocked_ports, observe_node
 from meshctl.controller.overlay import NO_UNDERLAY, Underlay
+from meshctl.controller.tables import table_lines
 from meshctl.controller.view import ClusterView
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
@@ -101,13 +102,13 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
     for task in node_plan.wire_tasks:
         yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
     for ns, change in node_plan.task_rules:
-        yield from _table_lines(ns, "nat", change)
+        yield from table_lines(ns, "nat", change)
     for ns in node_plan.unwire_tasks:
         yield f"- task namespace {ns}"
     for link in node_plan.delete_links:
         yield f"- link {link}"
     for table, change in node_plan.tables.items():
-        yield from _table_lines("node", table, change)
+        yield from table_lines("node", table, change)
     for ns_change in lb_plan.changes:
         ns = ns_change.spec.netns
         for name, alias in ns_change.clashes:
@@ -122,30 +123,11 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
             yield f"+ {ns}: address {address}"
         for address in ns_change.delete_addresses:
             yield f"- {ns}: address {address}"
-        for table, change in ns_change.tables.items():
-            yield from _table_lines(ns, table, change)
-        for svc in ns_change.ipvs.ensure_services:
-            yield f"~ {ns}: ipvs service fwmark {svc.fwmark} {svc.scheduler}"
-        for svc, dest in ns_change.ipvs.ensure_destinations:
-            yield f"~ {ns}: ipvs fwmark {svc.fwmark} -> {dest.address} weight {dest.weight}"
-        for svc, dest in ns_change.ipvs.delete_destinations:
-            yield f"- {ns}: ipvs fwmark {svc.fwmark} -> {dest.address}"
-        for svc in ns_change.ipvs.delete_services:
-            yield f"- {ns}: ipvs service fwmark {svc.fwmark}"
+        if ns_change.objects is not None:
+            yield from ns_change.objects.lines(ns)
         for flow in ns_change.stale_udp:
             yield f"- {ns}: udp conntrack {flow.vip} -> {flow.backend}"
     for ns in lb_plan.delete_netns:
         yield f"- load-balancer namespace {ns}"
     for ns in lb_plan.unmarked_netns:
         yield f"! load-balancer namespace {ns} has no leg with meshctl's mark: left alone"
-
-
-def _table_lines(where: str, table: str, change: TableChange) -> Iterator[str]:
-    for chain, rules in change.replace.items():
-        yield f"~ {where}: {table} chain {chain} ({len(rules)} rules)"
-    for chain in change.delete:
-        yield f"- {where}: {table} chain {chain}"
-    for rule in change.ensure_jumps:
-        yield f"+ {where}: {table} {rule.render()}"
-    for rule in change.delete_jumps:
-        yield f"- {where}: {table} {rule.render()}"

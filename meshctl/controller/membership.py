@@ -76,18 +76,28 @@ class Membership:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unreachable = False
+        self.retired_lb_backend = ""  # the backend the node ran before, if it ran another
 
     # -- joining -------------------------------------------------------------------------------
 
     def join(self, lb_backend: str = "", vxlan_port: int = 0) -> Node:
-        """Record the node and put its status under a new lease; NodeBusy if it is live."""
+        """Record the node (with the load-balancer backend it runs) and put its status under a
+        new lease; NodeBusy if it is live."""
         record = self.store.get(NODE, self.node.name)
         existing = from_record(Node, record) if record else None
-        ops = register_ops(self.node, existing, record.mod_revision if record else 0)
+        node = dataclasses.replace(self.node, lb_backend=lb_backend)
+        ops = register_ops(node, existing, record.mod_revision if record else 0)
         if ops:
             self.store.txn(ops)
+        self.node = node
         if existing is not None:
-            self.node = dataclasses.replace(existing, address=self.node.address or existing.address)
+            if existing.lb_backend not in ("", lb_backend):
+                self.retired_lb_backend = existing.lb_backend
+            self.node = dataclasses.replace(
+                existing,
+                address=node.address or existing.address,
+                lb_backend=lb_backend or existing.lb_backend,
+            )
         self._status = dataclasses.replace(
             self._status, lb_backend=lb_backend, vxlan_port=vxlan_port
         )

@@ -32,7 +32,7 @@ from meshctl.controller.overlay import (
 )
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
-from meshctl.lb.spec import take_turns
+from meshctl.lb.netfilter import take_turns
 from meshctl.model import INGRESS, Container, Network, Task
 from meshctl.runtime.process import read_start_time
 

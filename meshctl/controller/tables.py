@@ -6,6 +6,8 @@ after applying the change must be empty.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from kernel.iptables_rules import OwnedTable, TableChange
 
 
@@ -29,3 +31,15 @@ def table_change(desired: OwnedTable, actual: OwnedTable) -> TableChange | None:
     return TableChange(
         replace=replace, delete=delete, ensure_jumps=ensure_jumps, delete_jumps=delete_jumps
     )
+
+
+def table_lines(where: str, table: str, change: TableChange) -> Iterator[str]:
+    """One `meshctl diff` line per chain replaced or deleted and per jump rule added or removed."""
+    for chain, rules in change.replace.items():
+        yield f"~ {where}: {table} chain {chain} ({len(rules)} rules)"
+    for chain in change.delete:
+        yield f"- {where}: {table} chain {chain}"
+    for rule in change.ensure_jumps:
+        yield f"+ {where}: {table} {rule.render()}"
+    for rule in change.delete_jumps:
+        yield f"- {where}: {table} {rule.render()}"

@@ -11,25 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from kernel.conntrack import UdpFlow
-from kernel.iptables_rules import OwnedTable, Rule, TableChange
-from kernel.ipvs import Destination, IpvsChange, VirtualService
 from kernel.links import Link
-from meshctl.controller.tables import table_change
-from meshctl.lb.spec import (
-    BackendKind,
-    LbSpec,
-    VirtualIp,
-    addresses,
-    iptables_tables,
-    ipvs_state,
-    service_chains,
-    shared_tables,
-)
-from meshctl.sysctls import lb_sysctls
-
-Ipvs = Mapping[VirtualService, tuple[Destination, ...]]
+from meshctl.lb.backend import LbBackend, ObjectsChange, shared_part
+from meshctl.lb.spec import LbSpec, addresses
 
 
 @dataclass(frozen=True)
@@ -43,8 +30,7 @@ class LbObserved:
     inside: Link | None = None  # eth0 in the LB namespace
     addresses: frozenset[str] = frozenset()
     sysctls: Mapping[str, str | None] = field(default_factory=dict)  # None: key missing
-    tables: Mapping[str, OwnedTable] = field(default_factory=dict)
-    ipvs: Ipvs = field(default_factory=dict)  # meshctl's fwmark services only
+    objects: Any = None  # what the backend owns there, in its render's shape (None: nothing)
     udp_flows: frozenset[UdpFlow] = frozenset()
 
 
@@ -57,8 +43,7 @@ class NsChange:
     ensure_leg: bool = False
     sysctls: Mapping[str, str] = field(default_factory=dict)
     add_addresses: tuple[str, ...] = ()
-    tables: Mapping[str, TableChange] = field(default_factory=dict)
-    ipvs: IpvsChange = IpvsChange()
+    objects: ObjectsChange | None = None  # the backend's change
     delete_addresses: tuple[str, ...] = ()
     stale_udp: tuple[UdpFlow, ...] = ()  # flows pinned to backends that are gone
     # The leg's node end or the bridge held by a link without the network's mark, with its
@@ -74,8 +59,7 @@ class NsChange:
                 self.ensure_leg,
                 self.sysctls,
                 self.add_addresses,
-                self.tables,
-                self.ipvs != IpvsChange(),
+                self.objects is not None and not self.objects.empty,
                 self.delete_addresses,
                 self.stale_udp,
             )
@@ -123,28 +107,6 @@ def _leg_ok(spec: LbSpec, observed: LbObserved) -> bool:
     )
 
 
-def _ipvs_change(desired: Ipvs, observed: Ipvs) -> IpvsChange:
-    """IPVS services to ensure, destinations to ensure and delete, services to delete,
-    compared by the kernel's keys."""
-    have = {svc.key: (svc, dests) for svc, dests in observed.items()}
-    ensure_services: list[VirtualService] = []
-    ensure_dests: list[tuple[VirtualService, Destination]] = []
-    delete_dests: list[tuple[VirtualService, Destination]] = []
-    for svc, dests in desired.items():
-        old_svc, old_dests = have.get(svc.key, (None, ()))
-        if old_svc != svc:
-            ensure_services.append(svc)
-        old = {d.key: d for d in old_dests}
-        ensure_dests += [(svc, d) for d in dests if old.get(d.key) != d]
-        wanted = {d.key for d in dests}
-        delete_dests += [(svc, d) for d in old_dests if d.key not in wanted]
-    wanted_keys = {svc.key for svc in desired}
-    delete_services = tuple(svc for svc in observed if svc.key not in wanted_keys)
-    return IpvsChange(
-        tuple(ensure_services), tuple(ensure_dests), tuple(delete_dests), delete_services
-    )
-
-
 def _stale_udp(spec: LbSpec, flows: frozenset[UdpFlow]) -> tuple[UdpFlow, ...]:
     """Balanced UDP flows whose backend is no longer one of its VIP's (draining ones stay)."""
     backends = {v.vip: {b.address for b in v.backends} for v in spec.vips}
@@ -156,23 +118,10 @@ def _stale_udp(spec: LbSpec, flows: frozenset[UdpFlow]) -> tuple[UdpFlow, ...]:
     )
 
 
-def _table_changes(
-    desired: Mapping[str, OwnedTable], held: Mapping[str, OwnedTable]
-) -> dict[str, TableChange]:
-    """One batched change per table that differs."""
-    changes = {}
-    for table, rules in desired.items():
-        change = table_change(rules, held.get(table, OwnedTable()))
-        if change is not None:
-            changes[table] = change
-    return changes
-
-
 def _objects_change(
-    spec: LbSpec, held: LbObserved, backend: BackendKind, tables: Mapping[str, TableChange]
+    spec: LbSpec, held: LbObserved, backend: LbBackend, desired: Any, held_objects: Any
 ) -> NsChange:
-    """The addresses, IPVS entries and UDP flows to change so that `held` becomes spec's, with
-    the given table changes.
+    """The addresses, backend objects and UDP flows to change so that `held` becomes spec's.
 
     Only those fields of `held` are read: the namespace, its leg and sysctls are `diff`'s part.
     """
@@ -180,39 +129,38 @@ def _objects_change(
     return NsChange(
         spec=spec,
         add_addresses=tuple(sorted(want_addresses - held.addresses)),
-        tables=tables,
-        ipvs=_ipvs_change(ipvs_state(spec) if backend == "ipvs" else {}, held.ipvs),
+        objects=backend.change(desired, held_objects),
         delete_addresses=tuple(sorted(held.addresses - want_addresses)),
         stale_udp=_stale_udp(spec, held.udp_flows),
     )
 
 
-def diff(spec: LbSpec, observed: LbObserved, backend: BackendKind) -> NsChange:
+def diff(spec: LbSpec, observed: LbObserved, backend: LbBackend) -> NsChange:
     """The smallest change from observed to spec for one LB namespace (empty when converged);
     only the clashes if its leg's name or its bridge is another's link."""
     taken = clashes(spec, observed)
     if taken:
         return NsChange(spec=spec, clashes=taken)
-    want_sysctls = lb_sysctls(backend)
-    tables = _table_changes(iptables_tables(spec, backend), observed.tables)
+    want_sysctls = backend.sysctls()
+    held = observed.objects
+    if held is None:  # no namespace yet: nothing held
+        held = backend.render(replace(spec, vips=()), None)
     return replace(
-        _objects_change(spec, observed, backend, tables),
+        _objects_change(spec, observed, backend, backend.render(spec, spec), held),
         create_netns=not observed.exists,
         ensure_leg=not _leg_ok(spec, observed),
         sysctls={k: v for k, v in want_sysctls.items() if observed.sysctls.get(k) != v},
     )
 
 
-def held_by(spec: LbSpec, backend: BackendKind) -> LbObserved:
-    """What an LB namespace holds once spec has been applied to it: its addresses, tables and
-    IPVS entries, and a UDP flow to every backend (the flows that may exist)."""
+def held_by(spec: LbSpec, objects: Any) -> LbObserved:
+    """What an LB namespace holds once spec has been applied to it: its addresses, the backend's
+    objects given, and a UDP flow to every backend (the flows that may exist)."""
     return LbObserved(
         netns=spec.netns,
         exists=True,
         addresses=addresses(spec),
-        sysctls=lb_sysctls(backend),
-        tables=iptables_tables(spec, backend),
-        ipvs=ipvs_state(spec) if backend == "ipvs" else {},
+        objects=objects,
         udp_flows=frozenset(UdpFlow(v.vip, b.address) for v in spec.vips for b in v.backends),
     )
 
@@ -222,18 +170,14 @@ def _frame(spec: LbSpec) -> tuple[str, ...]:
     return (spec.netns, spec.network_id, spec.bridge, spec.node_end, spec.lb_address_cidr)
 
 
-def _shared_part(vip: VirtualIp) -> tuple[str, str, bool]:
-    """What a VIP contributes to the shared chains (its mark, service jump, refusal)."""
-    return (vip.vip, vip.service_id, bool(vip.active))
-
-
-def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChange | None:
+def vip_change(applied: LbSpec, desired: LbSpec, backend: LbBackend) -> NsChange | None:
     """The change from the kernel state `applied` left to `desired`'s, built from the VIPs that
     differ alone; None when the namespace itself changed (observe it instead).
 
-    A VIP whose backends changed is compared as two one-VIP specs, so the cost follows that
-    service's size. The shared chains are rebuilt from all of `desired` only when the set of
-    VIPs or their being active changed.
+    The change tracker, the same for every backend: a VIP whose backends changed is rendered
+    as two one-VIP specs (before and after), so the cost follows that service's size. The
+    objects the VIPs share are rendered from all of `applied` and `desired` only when the set
+    of VIPs or their being active changed; the backend's diff then rewrites those that differ.
     """
     if _frame(applied) != _frame(desired):
         return None
@@ -244,23 +188,8 @@ def vip_change(applied: LbSpec, desired: LbSpec, backend: BackendKind) -> NsChan
     if not gone and not came:
         return NsChange(spec=desired)
     gone_spec, new = replace(applied, vips=gone), replace(desired, vips=came)
-    old = held_by(gone_spec, backend)
-    # The changed VIPs' own chains; the chains the VIPs share (MESH-SERVICES and its blocks,
-    # marks, refusals) before and after, only if they changed: the diff then rewrites those
-    # that differ and deletes emptied blocks.
-    shared_changed = sorted(map(_shared_part, gone)) != sorted(map(_shared_part, came))
-    after = shared_tables(desired, backend) if shared_changed else {}
-    before = shared_tables(applied, backend) if shared_changed else {}
-    balanced = backend == "iptables"  # only its nat table holds chains of single services
-    want, had = {}, {}
-    for table in old.tables:
-        own_new = service_chains(new) if balanced and table == "nat" else {}
-        own_old = service_chains(gone_spec) if balanced and table == "nat" else {}
-        want[table] = OwnedTable(chains={**own_new, **_chains(after, table)})
-        had[table] = OwnedTable(chains={**own_old, **_chains(before, table)})
-    change = _objects_change(new, old, backend, _table_changes(want, had))
+    shared_changed = sorted(map(shared_part, gone)) != sorted(map(shared_part, came))
+    want = backend.render(new, desired if shared_changed else None)
+    had = backend.render(gone_spec, applied if shared_changed else None)
+    change = _objects_change(new, held_by(gone_spec, had), backend, want, had)
     return replace(change, spec=desired)
-
-
-def _chains(tables: Mapping[str, OwnedTable], table: str) -> dict[str, tuple[Rule, ...]]:
-    return dict(tables[table].chains) if table in tables else {}

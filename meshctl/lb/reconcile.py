@@ -1,14 +1,13 @@
 """Reconcile the load-balancer namespaces of one node: observe, diff (pure), apply.
 
 Per network an `LbSpec` says what its LB namespace should hold; `observe` reads what it holds
-(leg, addresses, sysctls, owned iptables tables, IPVS services in meshctl's fwmark range, UDP
-flows), `meshctl.lb.plan` computes the smallest change, `apply` makes it. `sync` does it for
-every network of the node and deletes the node's LB namespaces that are no longer desired, and
-nothing else: a namespace is known to be meshctl's by its leg, whose node end carries the
-network's mark (names.mark) as its alias; one without a marked leg is reported and kept. A leg
-name or bridge held by another's link is reported and left alone. `sync_changed` is the fast
-path between full syncs: it reads nothing back and changes only the VIPs whose spec differs
-from the one it last applied.
+(leg, addresses, sysctls, the backend's objects, UDP flows), `meshctl.lb.plan` computes the
+smallest change, `apply` makes it. `sync` does it for every network of the node and deletes the
+node's LB namespaces that are no longer desired, and nothing else: a namespace is known to be
+meshctl's by its leg, whose node end carries the network's mark (names.mark) as its alias; one
+without a marked leg is reported and kept. A leg name or bridge held by another's link is
+reported and left alone. `sync_changed` is the fast path between full syncs: it reads nothing
+back and changes only the VIPs whose spec differs from the one it last applied.
 """
 
 from __future__ import annotations
@@ -20,37 +19,16 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from functools import partial
 
-from kernel.errors import KernelError, NotFound, Unsupported
-from kernel.features import pick_lb_backend
-from kernel.ipvs import IpvsChange
+from kernel.errors import KernelError, NotFound
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.names import LB_INTERFACE
-from meshctl.lb.plan import Ipvs, LbObserved, LbPlan, NsChange, diff, vip_change
-from meshctl.lb.spec import (
-    BackendKind,
-    LbSpec,
-    is_owned_service,
-    lb_node_end,
-)
-from meshctl.sysctls import lb_sysctls
+from meshctl.lb.backend import LbBackend
+from meshctl.lb.plan import LbObserved, LbPlan, NsChange, diff, vip_change
+from meshctl.lb.spec import LbSpec, lb_node_end
 
 log = logging.getLogger("meshctl.lb")
-
-TABLES = ("mangle", "nat", "filter")  # mangle first: nat's SNAT matches the mark set there
-
-
-def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> BackendKind:
-    """The backend to run: "auto" picks IPVS where the kernel has it, else iptables."""
-    reason = kernel.ipvs.available(ns) if wanted in ("auto", "ipvs") else None
-    if wanted == "auto":
-        return pick_lb_backend(reason is None)  # the rule meshctl doctor reports
-    if wanted == "ipvs" and reason is not None:
-        raise Unsupported(f"load-balancer backend ipvs: {reason}; choose iptables or auto")
-    if wanted not in ("ipvs", "iptables"):
-        raise ValueError(f"load-balancer backend {wanted!r}: use auto, ipvs or iptables")
-    return "ipvs" if wanted == "ipvs" else "iptables"
 
 
 def _cidr(cidr: str) -> str:
@@ -58,18 +36,25 @@ def _cidr(cidr: str) -> str:
 
 
 class LbReconciler:
-    """Drives the LB namespaces of one node with one backend ("ipvs" or "iptables").
+    """Drives the LB namespaces of one node with one backend (meshctl.lb.backends).
 
     node_ns is the namespace of the node (None: the one the controller runs in), where the
-    networks' bridges and the LB legs' node ends live.
+    networks' bridges and the LB legs' node ends live. `retired` is the backend the node ran
+    before, if another: the first observe of each LB namespace removes its objects there.
     """
 
-    def __init__(self, kernel: Kernel, backend: BackendKind, node_ns: Namespace = None) -> None:
-        if backend not in ("ipvs", "iptables"):
-            raise ValueError(f"load-balancer backend {backend!r}: use 'ipvs' or 'iptables'")
+    def __init__(
+        self,
+        kernel: Kernel,
+        backend: LbBackend,
+        node_ns: Namespace = None,
+        retired: LbBackend | None = None,
+    ) -> None:
         self.kernel = kernel
         self.backend = backend
         self.node_ns = node_ns
+        self.retired = retired if retired is not None and retired.name != backend.name else None
+        self._cleared: set[str] = set()  # LB namespaces rid of the retired backend's objects
         # The spec each LB namespace is known to hold: set when a change to it was applied or a
         # full observe found it converged, dropped before a change is made (a failed apply
         # leaves it unknown, so the next pass observes it).
@@ -86,16 +71,15 @@ class LbReconciler:
         bridge = k.links.get_link(self.node_ns, spec.bridge)
         if not k.netns.exists(ns):
             return LbObserved(ns, node_end=node_end, bridge=bridge)
+        if self.retired is not None and ns not in self._cleared:
+            self.retired.clear(k, ns)
+            self._cleared.add(ns)
         values: dict[str, str | None] = {}
-        for key in lb_sysctls(self.backend):
+        for key in self.backend.sysctls():
             try:
                 values[key] = k.sysctl.get(ns, key)
             except NotFound:  # eth0's keys before the leg exists
                 values[key] = None
-        ipvs: Ipvs = {}
-        if self.backend == "ipvs":
-            snapshot = k.ipvs.snapshot(ns)
-            ipvs = {s: tuple(d) for s, d in snapshot.items() if is_owned_service(s)}
         return LbObserved(
             netns=ns,
             exists=True,
@@ -104,8 +88,7 @@ class LbReconciler:
             inside=k.links.get_link(ns, LB_INTERFACE),
             addresses=frozenset(_cidr(a.cidr) for a in k.links.list_addresses(ns, LB_INTERFACE)),
             sysctls=values,
-            tables={t: k.iptables.list_owned(ns, t) for t in TABLES},
-            ipvs=ipvs,
+            objects=self.backend.observe(k, ns),
             udp_flows=k.conntrack.list_udp_flows(ns),
         )
 
@@ -219,16 +202,17 @@ class LbReconciler:
         k, ns = self.kernel, change.spec.netns
         if change.create_netns:
             k.netns.create(ns)
-        tables = {t: change.tables[t] for t in TABLES if t in change.tables}
-        if tables:
-            # The leg, sysctls and addresses go in beside the iptables batch: the restore tool
-            # parses in its own process meanwhile (10,000 VIP addresses take 1.5 s of netlink).
+        objects = change.objects
+        if objects is None or objects.empty:
+            self._plumb(change)
+        elif self.backend.parallel:
+            # The leg, sysctls and addresses go in beside the backend's batch: its tool parses
+            # in its own process meanwhile (10,000 VIP addresses take 1.5 s of netlink).
             with _beside(partial(self._plumb, change)):
-                k.iptables.apply_tables(ns, tables)
+                self.backend.apply(k, ns, objects)
         else:
             self._plumb(change)
-        if change.ipvs != IpvsChange():  # destinations need the LB address's subnet route
-            k.ipvs.apply(ns, change.ipvs)
+            self.backend.apply(k, ns, objects)
         if change.delete_addresses:
             k.links.delete_addresses(ns, LB_INTERFACE, change.delete_addresses)
         # Last: only now can no new flow reach a removed backend.

@@ -28,7 +28,8 @@ from kernel.iptables_rules import (
     opts,
     parse_rule,
 )
-from meshctl.lb.spec import Backend, VirtualIp, iptables_tables, lb_spec
+from meshctl.lb.iptables import iptables_tables
+from meshctl.lb.spec import Backend, VirtualIp, lb_spec
 from tests.conftest import NetnsFactory
 
 C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl

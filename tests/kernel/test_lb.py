@@ -25,16 +25,11 @@ from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix
+from meshctl.lb.backends import backend_named
+from meshctl.lb.iptables import sep_chain, svc_chain
+from meshctl.lb.ipvs import fwmark
 from meshctl.lb.reconcile import LbReconciler
-from meshctl.lb.spec import (
-    Backend,
-    BackendKind,
-    LbSpec,
-    VirtualIp,
-    lb_spec,
-    sep_chain,
-    svc_chain,
-)
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from tests.conftest import NetnsFactory
 
 pytestmark = pytest.mark.root
@@ -179,7 +174,7 @@ def _wait_serving(client: str, address: str) -> None:
 
 @pytest.fixture(params=["iptables", pytest.param("ipvs", marks=pytest.mark.ipvs)])
 def mesh(request: pytest.FixtureRequest, netns_factory: NetnsFactory) -> Iterator[Mesh]:
-    backend: BackendKind = request.param
+    backend: str = request.param
     links = Links()
     node = netns_factory("node")
     if backend == "ipvs" and (reason := Ipvs().available(node)) is not None:
@@ -193,7 +188,7 @@ def mesh(request: pytest.FixtureRequest, netns_factory: NetnsFactory) -> Iterato
         node=node,
         client=netns_factory("client"),
         node_id=node_id,
-        reconciler=LbReconciler(real_kernel(), backend, node_ns=node),
+        reconciler=LbReconciler(real_kernel(), backend_named(backend), node_ns=node),
         spec=spec,
     )
     _attach(links, node, spec.bridge, world.client, 0, CLIENT)
@@ -275,7 +270,7 @@ def test_draining_backend_takes_no_new_connections_and_keeps_established_ones(
         # Removal comes later (the controller waits for connections to end or a timeout).
         remaining = {name: 1 for name in TASKS if name != drained}
         mesh.sync(mesh.with_backends(remaining))
-        if mesh.reconciler.backend == "iptables":
+        if mesh.reconciler.backend.name != "ipvs":
             # conntrack keeps DNATing an established connection to its backend.
             assert mesh.in_client(conversation.ask) == drained
         else:
@@ -338,14 +333,14 @@ def test_drift_is_repaired_by_the_next_sync(mesh: Mesh) -> None:
     mesh.sync()
     web = mesh.spec.vips[0]
     mesh.lb("ip", "addr", "del", f"{VIP}/32", "dev", "eth0")
-    if mesh.reconciler.backend == "iptables":
+    if mesh.reconciler.backend.name == "iptables":
         mesh.lb("iptables-legacy", "-t", "nat", "-F", svc_chain(web))
         sep = sep_chain(web, web.backends[0])
         mesh.lb("iptables-legacy", "-t", "nat", "-F", sep)
         mesh.lb("iptables-legacy", "-t", "nat", "-X", sep)
     else:
         mesh.lb("iptables-legacy", "-t", "mangle", "-D", "PREROUTING", "1")  # the mark jump
-        mark = str(mesh.spec.fwmark(web))  # ipvsadm reads a decimal mark
+        mark = str(fwmark(mesh.spec, web))  # ipvsadm reads a decimal mark
         mesh.lb("ipvsadm", "-d", "-f", mark, "-r", web.backends[0].address)
     assert not mesh.converged()
 

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from kernel import features
-from kernel.features import Check, pick_lb_backend, privileged
+from kernel.features import Check, privileged
 from meshctl.cli import main
 from meshctl.doctor import Reading, lb_backend, render, report_json, report_table, status
 from meshctl.sysctls import SETTINGS, lb_sysctls, node_sysctls
@@ -65,7 +65,7 @@ def test_host_without_ipvs_can_run_and_picks_iptables() -> None:
 
 def test_json_keys() -> None:
     doc = report_json(host_like(), readings())
-    assert list(doc) == ["checks", "sysctls", "lb_backend", "ok"]
+    assert list(doc) == ["checks", "sysctls", "lb_backend", "lb_backend_why", "ok"]
     assert all(list(c) == ["name", "ok", "required", "status", "detail"] for c in doc["checks"])
     assert [c["name"] for c in doc["checks"]] == [c.name for c in host_like()]
     keys = ["namespace", "key", "value", "sets", "backend", "why"]
@@ -100,12 +100,12 @@ def test_ipvs_present_picks_ipvs() -> None:
     checks = with_ipvs(host_like())
     assert lb_backend(checks) == "ipvs"
     assert json.loads(render(checks, "json")[0])["lb_backend"] == "ipvs"
-    assert report_table(checks).splitlines()[-2] == "lb_backend: ipvs"
+    assert report_table(checks).splitlines()[-2] == (
+        "lb_backend: ipvs (ipvs is the first choice and works here)"
+    )
 
 
 def test_auto_backend_policy() -> None:
-    assert pick_lb_backend(True) == "ipvs"
-    assert pick_lb_backend(False) == "iptables"
     assert lb_backend([]) == "iptables"  # no ipvs check at all: no IPVS
 
 
@@ -153,7 +153,8 @@ def test_table_is_aligned_and_ends_with_backend_and_verdict() -> None:
         row = by_name[check.name]
         assert row[status_col:detail_col].strip() == status(check)
         assert row[detail_col:] == check.detail
-    assert tail == ["lb_backend: iptables", "verdict: ok, the mesh can run here"]
+    assert tail[0].startswith("lb_backend: iptables (iptables, as ipvs: ")
+    assert tail[1] == "verdict: ok, the mesh can run here"
     # Then one row per sysctl: where, the value now ("-": not there) and what it is set to.
     sysctl_header, *sysctl_rows = lines[blank + 1 : -2]
     assert sysctl_header.split() == ["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"]

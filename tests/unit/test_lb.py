@@ -16,25 +16,15 @@ from kernel.fake.neighbours import FakeNeighbours
 from kernel.fake.sockets import FakeSockets
 from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
-from kernel.iptables_rules import Match, TableChange, opts, validate
+from kernel.iptables_rules import Match, OwnedTable, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
 from kernel.system import Kernel
 from meshctl.controller.names import lb_netns_prefix
-from meshctl.lb.reconcile import LbReconciler, choose_backend
-from meshctl.lb.spec import (
-    FWMARK_BASE,
-    FWMARK_MASK,
-    SERVICES_CHAIN,
-    Backend,
-    BackendKind,
-    LbSpec,
-    VirtualIp,
-    iptables_tables,
-    ipvs_state,
-    lb_spec,
-    sep_chain,
-    svc_chain,
-)
+from meshctl.lb.backends import backend_named, choose_backend
+from meshctl.lb.iptables import SERVICES_CHAIN, iptables_tables, sep_chain, svc_chain
+from meshctl.lb.ipvs import FWMARK_BASE, FWMARK_MASK, fwmark, ipvs_state, ipvs_tables
+from meshctl.lb.reconcile import LbReconciler
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"
@@ -50,6 +40,11 @@ def spec(*vips: VirtualIp, network_id: str = "net00001") -> LbSpec:
 
 
 THREE = web(Backend("10.0.1.13"), Backend("10.0.1.11"), Backend("10.0.1.12"))
+
+
+def tables_of(s: LbSpec, backend: str) -> dict[str, OwnedTable]:
+    """The iptables tables a backend that writes them renders for s."""
+    return iptables_tables(s) if backend == "iptables" else ipvs_tables(s)
 
 
 # pure builders
@@ -92,9 +87,9 @@ def test_iptables_backend_spreads_evenly_over_active_backends_in_a_stable_order(
 
 @pytest.mark.parametrize("backend", ["iptables", "ipvs"])
 def test_every_rule_is_commented_and_passes_the_iptables_ownership_checks(
-    backend: BackendKind,
+    backend: str,
 ) -> None:
-    for table, owned in iptables_tables(spec(THREE), backend).items():
+    for table, owned in tables_of(spec(THREE), backend).items():
         rules = [r for rules in owned.chains.values() for r in rules] + list(owned.jumps)
         assert all(r.comment.startswith("meshctl:") for r in rules)
         validate(table, TableChange(replace=owned.chains, ensure_jumps=owned.jumps))
@@ -102,11 +97,11 @@ def test_every_rule_is_commented_and_passes_the_iptables_ownership_checks(
 
 def test_vip_traffic_is_marked_and_source_natted_to_the_lb_address() -> None:
     s = spec(THREE)
-    tables = iptables_tables(s, "ipvs")
+    tables = ipvs_tables(s)
     (block,) = tables["mangle"].chains["MESH-MARK"]
     (mark,) = tables["mangle"].chains[block.target]
     assert mark.destination == "10.0.1.100/32"
-    assert dict(mark.target_args)["set-xmark"] == f"{s.fwmark(THREE):#x}/0xffffffff"
+    assert dict(mark.target_args)["set-xmark"] == f"{fwmark(s, THREE):#x}/0xffffffff"
     (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
     assert dict(snat.target_args) == {"to-source": "10.0.1.2"}
     assert snat.matches[0].name == "mark"
@@ -114,7 +109,7 @@ def test_vip_traffic_is_marked_and_source_natted_to_the_lb_address() -> None:
 
 
 def test_the_iptables_backend_needs_no_mark_its_snat_follows_its_dnat() -> None:
-    tables = iptables_tables(spec(THREE), "iptables")
+    tables = iptables_tables(spec(THREE))
     (snat,) = tables["nat"].chains["MESH-POSTROUTING"]
     assert snat.matches[0].name == "conntrack"
     assert dict(snat.matches[0].args) == {"ctstate": "DNAT"}
@@ -130,7 +125,7 @@ def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations(
     marks = [svc.fwmark for svc in state]
     assert len(set(marks)) == 2
     assert all(m is not None and m & FWMARK_MASK == FWMARK_BASE for m in marks)
-    assert state[VirtualService(fwmark=s.fwmark(vip))] == (
+    assert state[VirtualService(fwmark=fwmark(s, vip))] == (
         Destination("10.0.1.11", 0, 1, "masq"),
         Destination("10.0.1.12", 0, 0, "masq"),
     )
@@ -162,7 +157,7 @@ def test_invalid_specs_say_what_to_fix(build: Callable[[], object], error: str) 
 class Fake:
     """A fake node with the network's bridge, and a reconciler over it."""
 
-    def __init__(self, backend: BackendKind) -> None:
+    def __init__(self, backend: str) -> None:
         self.world = FakeWorld()
         self.links = FakeLinks(self.world)
         self.iptables = FakeIptables(self.world)
@@ -178,7 +173,7 @@ class Fake:
             FakeSockets(self.world),
             FakeNeighbours(self.world),
         )
-        self.reconciler = LbReconciler(kernel, backend)
+        self.reconciler = LbReconciler(kernel, backend_named(backend))
         self.links.ensure_bridge(None, spec().bridge, alias=spec().mark)
 
     def sync(self, *specs: LbSpec) -> bool:
@@ -201,7 +196,7 @@ def test_sync_builds_the_lb_namespace_and_converges(fake: Fake) -> None:
     assert fake.links.get_link(None, s.node_end).master == s.bridge  # type: ignore[union-attr]
     cidrs = {a.cidr for a in fake.links.list_addresses(ns, "eth0")}
     assert cidrs == {"10.0.1.2/24", "10.0.1.100/32"}
-    if fake.reconciler.backend == "ipvs":
+    if fake.reconciler.backend.name == "ipvs":
         (dests,) = fake.ipvs.snapshot(ns).values()
         assert [d.address for d in dests] == ["10.0.1.11", "10.0.1.12", "10.0.1.13"]
 
@@ -214,10 +209,10 @@ def test_changing_one_service_rebuilds_only_its_chains() -> None:
 
     (change,) = fake.reconciler.plan([spec(changed, api)], PREFIX).changes
 
-    nat = change.tables["nat"]
+    nat = change.objects.tables["nat"]  # type: ignore[union-attr]
     assert set(nat.replace) == {svc_chain(THREE)}
     assert nat.delete == (sep_chain(THREE, THREE.backends[2]),)
-    assert "mangle" not in change.tables
+    assert "mangle" not in change.objects.tables  # type: ignore[union-attr]
 
 
 def test_drift_is_repaired(fake: Fake) -> None:
@@ -225,7 +220,7 @@ def test_drift_is_repaired(fake: Fake) -> None:
     fake.sync(s)
     fake.links.delete_address(s.netns, "eth0", "10.0.1.100/32")
     fake.iptables.flush_owned(s.netns, "mangle")
-    if fake.reconciler.backend == "ipvs":
+    if fake.reconciler.backend.name == "ipvs":
         (svc,) = fake.ipvs.list_services(s.netns)
         fake.ipvs.delete_destination(s.netns, svc, Destination("10.0.1.11", 0))
     else:
@@ -248,11 +243,11 @@ def test_a_deleted_lb_namespace_is_rebuilt(fake: Fake) -> None:
 def test_auto_picks_ipvs_where_the_kernel_has_it() -> None:
     fake = Fake("iptables")
     kernel = fake.reconciler.kernel
-    assert choose_backend(kernel, "auto") == "ipvs"
+    assert choose_backend(kernel, "auto").name == "ipvs"
     fake.ipvs.unavailable = "no IPVS here"
-    assert choose_backend(kernel, "auto") == "iptables"
-    assert choose_backend(kernel, "iptables") == "iptables"
-    with pytest.raises(Unsupported, match="no IPVS here; choose iptables"):
+    assert choose_backend(kernel, "auto").name == "iptables"
+    assert choose_backend(kernel, "iptables").name == "iptables"
+    with pytest.raises(Unsupported, match="no IPVS here; choose .*iptables or auto"):
         choose_backend(kernel, "ipvs")
 
 
@@ -381,7 +376,7 @@ def test_vips_are_dispatched_per_24_block_in_address_order() -> None:
     s = replace(spec(), lb_address_cidr="10.0.0.2/16", vips=tuple(vips))
     for backend, top, prefix in (("iptables", SERVICES_CHAIN, "MESH-VIPS-"),
                                  ("ipvs", "MESH-MARK", "MESH-MARKS-")):  # fmt: skip
-        chains = iptables_tables(s, backend)["nat" if backend == "iptables" else "mangle"].chains
+        chains = tables_of(s, backend)["nat" if backend == "iptables" else "mangle"].chains
         blocks = [(r.destination, r.target) for r in chains[top]]
         assert blocks == [
             ("10.0.1.0/24", f"{prefix}0A000100"),
@@ -394,3 +389,19 @@ def test_vips_are_dispatched_per_24_block_in_address_order() -> None:
             ["10.0.2.250/32"],
             ["10.0.3.1/32", "10.0.3.7/32"],
         ]
+
+
+def test_a_node_moved_to_another_backend_loses_the_old_ones_objects() -> None:
+    """The backend recorded for the node before (the controller's `retired`) is cleared from
+    each LB namespace at its first observe: two backends never balance the same VIPs."""
+    fake = Fake("ipvs")
+    s = spec(THREE)
+    fake.sync(s)
+    kernel = fake.reconciler.kernel
+    fake.reconciler = LbReconciler(kernel, backend_named("iptables"), retired=backend_named("ipvs"))
+
+    assert fake.sync(s)
+
+    assert fake.ipvs.list_services(s.netns) == []
+    assert "MESH-MARK" not in fake.iptables.list_owned(s.netns, "mangle").chains
+    assert svc_chain(THREE) in fake.iptables.list_owned(s.netns, "nat").chains

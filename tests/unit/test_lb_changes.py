@@ -6,13 +6,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from kernel.errors import KernelError
+from meshctl.lb.iptables import SERVICES_CHAIN as SERVICES
+from meshctl.lb.iptables import sep_chain, svc_chain
 from meshctl.lb.plan import vip_change
-from meshctl.lb.spec import SERVICES_CHAIN as SERVICES
-from meshctl.lb.spec import Backend, LbSpec, VirtualIp, sep_chain, svc_chain
+from meshctl.lb.spec import Backend, LbSpec, VirtualIp
 from tests.unit.test_lb import PREFIX, Fake, spec
 from tests.unit.test_lb import fake as fake  # noqa: F401  (the fixture, over both backends)
 
@@ -87,15 +89,16 @@ def test_a_backend_change_touches_only_that_services_objects(fake: Fake) -> None
 
     (change,) = fake.reconciler.plan_changes([spec(*vips)], PREFIX).changes
 
-    if fake.reconciler.backend == "iptables":
-        (nat,) = change.tables.values()
+    objects: Any = change.objects
+    if fake.reconciler.backend.name == "iptables":
+        (nat,) = objects.tables.values()
         assert set(nat.replace) == {svc_chain(web)}
         assert nat.delete == (sep_chain(web, web.backends[2]),)
     else:
-        assert change.tables == {}
-        ((_, gone),) = change.ipvs.delete_destinations
+        assert objects.tables.empty
+        ((_, gone),) = objects.ipvs.delete_destinations
         assert gone.address == web.backends[2].address
-        assert not change.ipvs.ensure_destinations and not change.ipvs.ensure_services
+        assert not objects.ipvs.ensure_destinations and not objects.ipvs.ensure_services
     assert [(f.vip, f.backend) for f in change.stale_udp] == [(web.vip, web.backends[2].address)]
     assert not change.add_addresses and not change.delete_addresses
 
@@ -107,12 +110,14 @@ def test_a_new_or_removed_service_rewrites_the_shared_chains(fake: Fake) -> None
     change = vip_change(before, spec(service(1)), fake.reconciler.backend)
 
     assert change is not None
-    table = "mangle" if fake.reconciler.backend == "ipvs" else "nat"
+    objects: Any = change.objects
+    tables = objects.tables if fake.reconciler.backend.name == "iptables" else objects.tables.tables
+    table = "mangle" if fake.reconciler.backend.name == "ipvs" else "nat"
     held = fake.iptables.list_owned(before.netns, table).chains
     (block,) = (c for c in held if c.startswith(("MESH-VIPS-", "MESH-MARKS-")))  # one /24
-    assert block in change.tables[table].replace  # its block loses service 2's rule
+    assert block in tables[table].replace  # its block loses service 2's rule
     top = "MESH-MARK" if table == "mangle" else SERVICES
-    assert top not in change.tables[table].replace  # the block stays, and its jump with it
+    assert top not in tables[table].replace  # the block stays, and its jump with it
     assert change.delete_addresses == (f"{service(2).vip}/32",)
 
 

@@ -39,7 +39,11 @@ def test_join_records_the_node_and_its_status_and_keeps_id_labels_availability(
     nodes.update_node(store, "node1", availability="pause", labels_add={"zone": "a"})
     store.revoke_lease(first.lease)  # as if it had stopped long ago
     assert nodes.node_views(store)[0].state == "down"
-    again = Membership(store, Node("node1", "10.0.0.9"), ttl=5).join()
+    assert nodes.node_views(store)[0].node.lb_backend == "iptables"  # recorded, also when down
+    moved = Membership(store, Node("node1", "10.0.0.9"), ttl=5)
+    again = moved.join("nftables")
+    assert moved.retired_lb_backend == "iptables"  # the controller clears its objects
+    assert nodes.node_views(store)[0].node.lb_backend == "nftables"
     assert (again.id, again.labels, again.availability, again.address) == (
         node.id,
         {"zone": "a"},
