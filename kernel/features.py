@@ -17,6 +17,7 @@ from kernel.errors import NotFound
 from kernel.iptables import Iptables
 from kernel.ipvs import Ipvs
 from kernel.links import Links
+from kernel.nftables import Nftables
 from kernel.sysctl import Sysctl
 
 DOCTOR_NS_PREFIX = "mesh-doctor-"
@@ -144,9 +145,17 @@ def _in_namespace_checks(ns: str) -> list[Check]:
         _probe(
             "ipvs",
             False,
-            "not required: the iptables backend balances instead; for IPVS: modprobe ip_vs",
+            "not required: nftables or iptables balances instead; for IPVS: modprobe ip_vs",
             lambda: Ipvs().available(ns),
             "IPVS generic netlink family answers",
+        ),
+        _probe(
+            "nftables",
+            False,
+            "not required: iptables balances instead; for nftables: apt-get install nftables "
+            "and a kernel with nf_tables (CONFIG_NF_TABLES; modprobe nf_tables)",
+            lambda: Nftables().available(ns),
+            "nft checks a load balancer's transaction (maps, numgen, nat) and lists tables",
         ),
     ]
     # After the iptables probe: opening the nat table loads nf_conntrack where it is a module.

@@ -14,6 +14,7 @@ from kernel.ipvs import IpvsAPI
 from kernel.links import LinksAPI
 from kernel.neighbours import NeighboursAPI
 from kernel.netns import NetnsAPI
+from kernel.nftables import NftablesAPI
 from kernel.sockets import SocketsAPI
 from kernel.sysctl import SysctlAPI
 
@@ -28,21 +29,31 @@ class Kernel:
     conntrack: ConntrackAPI
     sockets: SocketsAPI
     neighbours: NeighboursAPI
+    nftables: NftablesAPI
 
 
 def real_kernel() -> Kernel:
-    """The running kernel, through pyroute2 and the iptables-legacy tools."""
+    """The running kernel, through pyroute2, the iptables-legacy tools and nft."""
     from kernel.conntrack import Conntrack
     from kernel.iptables import Iptables
     from kernel.ipvs import Ipvs
     from kernel.links import Links
     from kernel.neighbours import Neighbours
     from kernel.netns import Netns
+    from kernel.nftables import Nftables
     from kernel.sockets import Sockets
     from kernel.sysctl import Sysctl
 
     return Kernel(
-        Netns(), Links(), Sysctl(), Iptables(), Ipvs(), Conntrack(), Sockets(), Neighbours()
+        Netns(),
+        Links(),
+        Sysctl(),
+        Iptables(),
+        Ipvs(),
+        Conntrack(),
+        Sockets(),
+        Neighbours(),
+        Nftables(),
     )
 
 
@@ -56,6 +67,7 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
     from kernel.fake.ipvs import FakeIpvs
     from kernel.fake.links import FakeLinks
     from kernel.fake.neighbours import FakeNeighbours
+    from kernel.fake.nftables import FakeNftables
     from kernel.fake.sockets import FakeSockets
     from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
@@ -70,4 +82,5 @@ def fake_kernel(ipvs: bool = True) -> Kernel:
         FakeConntrack(world),
         FakeSockets(world),
         FakeNeighbours(world),
+        FakeNftables(world),
     )

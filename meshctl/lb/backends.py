@@ -12,8 +12,9 @@ from kernel.system import Kernel
 from meshctl.lb.backend import LbBackend
 from meshctl.lb.iptables import IptablesBackend
 from meshctl.lb.ipvs import IpvsBackend
+from meshctl.lb.nftables import NftablesBackend
 
-BACKENDS: tuple[LbBackend, ...] = (IpvsBackend(), IptablesBackend())
+BACKENDS: tuple[LbBackend, ...] = (IpvsBackend(), NftablesBackend(), IptablesBackend())
 NAMES: tuple[str, ...] = tuple(b.name for b in BACKENDS)
 
 
@@ -26,8 +27,8 @@ def backend_named(name: str) -> LbBackend:
 
 
 def choose_backend(kernel: Kernel, wanted: str, ns: Namespace = None) -> LbBackend:
-    """The backend to run: "auto" picks the first the kernel can run (IPVS where it has it);
-    a named one must be available."""
+    """The backend to run: "auto" picks the first the kernel can run (IPVS where it has it,
+    else nftables, else iptables); a named one must be available."""
     if wanted == "auto":
         return next(b for b in BACKENDS if b.available(kernel, ns) is None)
     backend = backend_named(wanted)

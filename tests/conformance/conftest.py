@@ -28,6 +28,7 @@ class KernelUnderTest:
     sysctl: Any  # kernel.sysctl.SysctlAPI
     iptables: Any | None  # kernel.iptables.IptablesAPI, None until it exists
     ipvs: Any | None  # kernel.ipvs.IpvsAPI, None until it exists
+    nftables: Any | None  # kernel.nftables.NftablesAPI
     world: Any | None  # kernel.fake.world.FakeWorld for the fake, None for the real kernel
     new_ns: Callable[[str], str]  # a fresh namespace in this kernel, removed after the test
 
@@ -70,6 +71,7 @@ def _fake_kernel() -> KernelUnderTest:
         sysctl=FakeSysctl(world),
         iptables=_optional("kernel.fake.iptables", "FakeIptables", world),
         ipvs=_optional("kernel.fake.ipvs", "FakeIpvs", world),
+        nftables=_optional("kernel.fake.nftables", "FakeNftables", world),
         world=world,
         new_ns=new_ns,
     )
@@ -89,6 +91,7 @@ def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
         sysctl=Sysctl(),
         iptables=_optional("kernel.iptables", "Iptables"),
         ipvs=_optional("kernel.ipvs", "Ipvs"),
+        nftables=_optional("kernel.nftables", "Nftables"),
         world=None,
         new_ns=netns_factory,
     )

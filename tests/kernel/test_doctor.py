@@ -60,15 +60,17 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
     assert done.stderr == ""
     assert doc["ok"] is True
     checks = {c["name"]: c for c in doc["checks"]}
-    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "conntrack", "br_netfilter"}
+    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "nftables", "conntrack", "br_netfilter"}
     assert all(checks[name]["ok"] and checks[name]["required"] for name in REQUIRED)
     assert "iptables-legacy-save/-restore" in checks["iptables"]["detail"]
-    if ipvs_reason:  # this host: no IPVS, so iptables balances
+    if ipvs_reason:  # this host: no IPVS, so nftables balances (bootstrap installs nft)
         assert checks["ipvs"]["ok"] is False
         assert checks["ipvs"]["status"] == "missing"
         assert ipvs_reason in checks["ipvs"]["detail"]
-        assert "iptables backend" in checks["ipvs"]["detail"]
-        assert doc["lb_backend"] == "iptables"
+        assert "nftables or iptables balances instead" in checks["ipvs"]["detail"]
+        assert checks["nftables"]["ok"] is True, checks["nftables"]
+        assert doc["lb_backend"] == "nftables"
+        assert doc["lb_backend_why"].startswith("nftables, as ipvs: ")
     else:
         assert checks["ipvs"]["ok"] is True
         assert doc["lb_backend"] == "ipvs"

@@ -1,4 +1,4 @@
-"""The load balancer of one network on one node, with real packets, for both backends.
+"""The load balancer of one network on one node, with real packets, for every backend.
 
 Each test builds a node namespace with the network's bridge, three task namespaces on it each
 running a tiny TCP and UDP server that answers its own name and the peer address it sees, and a
@@ -28,6 +28,7 @@ from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.backends import backend_named
 from meshctl.lb.iptables import sep_chain, svc_chain
 from meshctl.lb.ipvs import fwmark
+from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from tests.conftest import NetnsFactory
@@ -172,7 +173,7 @@ def _wait_serving(client: str, address: str) -> None:
             time.sleep(0.1)
 
 
-@pytest.fixture(params=["iptables", pytest.param("ipvs", marks=pytest.mark.ipvs)])
+@pytest.fixture(params=["iptables", "nftables", pytest.param("ipvs", marks=pytest.mark.ipvs)])
 def mesh(request: pytest.FixtureRequest, netns_factory: NetnsFactory) -> Iterator[Mesh]:
     backend: str = request.param
     links = Links()
@@ -333,7 +334,10 @@ def test_drift_is_repaired_by_the_next_sync(mesh: Mesh) -> None:
     mesh.sync()
     web = mesh.spec.vips[0]
     mesh.lb("ip", "addr", "del", f"{VIP}/32", "dev", "eth0")
-    if mesh.reconciler.backend.name == "iptables":
+    if mesh.reconciler.backend.name == "nftables":
+        mesh.lb("nft", "delete", "element", "ip", "meshctl", "services", f"{{ {VIP} }}")
+        mesh.lb("nft", "flush", "chain", "ip", "meshctl", endpoint_chain(web, web.backends[0]))
+    elif mesh.reconciler.backend.name == "iptables":
         mesh.lb("iptables-legacy", "-t", "nat", "-F", svc_chain(web))
         sep = sep_chain(web, web.backends[0])
         mesh.lb("iptables-legacy", "-t", "nat", "-F", sep)

@@ -12,7 +12,15 @@ from click.testing import CliRunner
 from kernel import features
 from kernel.features import Check, privileged
 from meshctl.cli import main
-from meshctl.doctor import Reading, lb_backend, render, report_json, report_table, status
+from meshctl.doctor import (
+    Reading,
+    lb_backend,
+    lb_backend_why,
+    render,
+    report_json,
+    report_table,
+    status,
+)
 from meshctl.sysctls import SETTINGS, lb_sysctls, node_sysctls
 
 NO_IPVS = "the kernel has no IPVS; not required: the iptables backend balances instead"
@@ -27,6 +35,7 @@ def host_like(**broken: str) -> list[Check]:
         Check("vxlan", True, False, "vxlan created"),
         Check("iptables", True, True, "legacy iptables usable"),
         Check("ipvs", False, False, NO_IPVS),
+        Check("nftables", False, False, "nft not found; apt-get install nftables"),
         Check("conntrack", True, False, "connection tracking active"),
         Check("br_netfilter", False, False, "not loaded", info=True),
     ]
@@ -106,7 +115,11 @@ def test_ipvs_present_picks_ipvs() -> None:
 
 
 def test_auto_backend_policy() -> None:
-    assert lb_backend([]) == "iptables"  # no ipvs check at all: no IPVS
+    assert lb_backend([]) == "iptables"  # no ipvs or nftables check at all: neither
+    nft = [Check("ipvs", False, False, NO_IPVS), Check("nftables", True, False, "works")]
+    assert lb_backend(nft) == "nftables"
+    assert lb_backend_why(nft) == f"nftables, as ipvs: {NO_IPVS}"
+    assert lb_backend(with_ipvs(nft)) == "ipvs"
 
 
 def test_each_missing_required_piece_fails_with_its_own_line() -> None:

@@ -13,16 +13,19 @@ from kernel.fake.iptables import FakeIptables
 from kernel.fake.ipvs import FakeIpvs
 from kernel.fake.links import FakeLinks
 from kernel.fake.neighbours import FakeNeighbours
+from kernel.fake.nftables import FakeNftables
 from kernel.fake.sockets import FakeSockets
 from kernel.fake.sysctl import FakeSysctl
 from kernel.fake.world import FakeNetns, FakeWorld
 from kernel.iptables_rules import Match, OwnedTable, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
+from kernel.nftables_rules import Chain, NftChange
 from kernel.system import Kernel
 from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.backends import backend_named, choose_backend
 from meshctl.lb.iptables import SERVICES_CHAIN, iptables_tables, sep_chain, svc_chain
 from meshctl.lb.ipvs import FWMARK_BASE, FWMARK_MASK, fwmark, ipvs_state, ipvs_tables
+from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.sysctls import lb_sysctls
@@ -163,6 +166,7 @@ class Fake:
         self.iptables = FakeIptables(self.world)
         self.ipvs = FakeIpvs(self.world)
         self.conntrack = FakeConntrack(self.world)
+        self.nftables = FakeNftables(self.world)
         kernel = Kernel(
             FakeNetns(self.world),
             self.links,
@@ -172,6 +176,7 @@ class Fake:
             self.conntrack,
             FakeSockets(self.world),
             FakeNeighbours(self.world),
+            self.nftables,
         )
         self.reconciler = LbReconciler(kernel, backend_named(backend))
         self.links.ensure_bridge(None, spec().bridge, alias=spec().mark)
@@ -182,7 +187,7 @@ class Fake:
         return self.reconciler.plan(list(specs), PREFIX).empty
 
 
-@pytest.fixture(params=["iptables", "ipvs"])
+@pytest.fixture(params=["iptables", "ipvs", "nftables"])
 def fake(request: pytest.FixtureRequest) -> Fake:
     return Fake(request.param)
 
@@ -223,6 +228,11 @@ def test_drift_is_repaired(fake: Fake) -> None:
     if fake.reconciler.backend.name == "ipvs":
         (svc,) = fake.ipvs.list_services(s.netns)
         fake.ipvs.delete_destination(s.netns, svc, Destination("10.0.1.11", 0))
+    elif fake.reconciler.backend.name == "nftables":
+        held = fake.nftables.list_table(s.netns)
+        endpoint = endpoint_chain(THREE, THREE.backends[0])
+        fake.nftables.apply(s.netns, NftChange(replace={endpoint: Chain(("dnat to 10.0.1.99",))}))
+        assert fake.nftables.list_table(s.netns) != held
     else:
         fake.iptables.flush_owned(s.netns, "nat")
     assert not fake.reconciler.plan([s], PREFIX).empty
@@ -245,6 +255,8 @@ def test_auto_picks_ipvs_where_the_kernel_has_it() -> None:
     kernel = fake.reconciler.kernel
     assert choose_backend(kernel, "auto").name == "ipvs"
     fake.ipvs.unavailable = "no IPVS here"
+    assert choose_backend(kernel, "auto").name == "nftables"
+    fake.nftables.unavailable = "no nft here"
     assert choose_backend(kernel, "auto").name == "iptables"
     assert choose_backend(kernel, "iptables").name == "iptables"
     with pytest.raises(Unsupported, match="no IPVS here; choose .*iptables or auto"):

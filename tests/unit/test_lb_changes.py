@@ -13,6 +13,7 @@ import pytest
 from kernel.errors import KernelError
 from meshctl.lb.iptables import SERVICES_CHAIN as SERVICES
 from meshctl.lb.iptables import sep_chain, svc_chain
+from meshctl.lb.nftables import endpoint_chain, service_chain
 from meshctl.lb.plan import vip_change
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp
 from tests.unit.test_lb import PREFIX, Fake, spec
@@ -94,6 +95,11 @@ def test_a_backend_change_touches_only_that_services_objects(fake: Fake) -> None
         (nat,) = objects.tables.values()
         assert set(nat.replace) == {svc_chain(web)}
         assert nat.delete == (sep_chain(web, web.backends[2]),)
+    elif fake.reconciler.backend.name == "nftables":
+        nft = objects.change
+        assert set(nft.replace) == {service_chain(web)}  # its numgen map, one entry shorter
+        assert nft.delete == (endpoint_chain(web, web.backends[2]),)
+        assert not (nft.add_elements or nft.delete_elements or nft.add_sets)
     else:
         assert objects.tables.empty
         ((_, gone),) = objects.ipvs.delete_destinations
@@ -111,6 +117,15 @@ def test_a_new_or_removed_service_rewrites_the_shared_chains(fake: Fake) -> None
 
     assert change is not None
     objects: Any = change.objects
+    assert change.delete_addresses == (f"{service(2).vip}/32",)
+    if fake.reconciler.backend.name == "nftables":
+        nft = objects.change  # one map element: the other VIPs' are left alone
+        assert nft.delete_elements == {"services": (service(2).vip,)}
+        assert set(nft.delete) == {service_chain(service(2))} | {
+            endpoint_chain(service(2), b) for b in service(2).backends
+        }
+        assert not nft.replace and not nft.add_elements
+        return
     tables = objects.tables if fake.reconciler.backend.name == "iptables" else objects.tables.tables
     table = "mangle" if fake.reconciler.backend.name == "ipvs" else "nat"
     held = fake.iptables.list_owned(before.netns, table).chains
@@ -145,6 +160,7 @@ def test_a_failed_apply_makes_the_next_pass_observe(
     with monkeypatch.context() as patch:
         patch.setattr(kernel.iptables, "apply", refuse)
         patch.setattr(kernel.ipvs, "apply", refuse)
+        patch.setattr(kernel.nftables, "apply", refuse)
         fake.reconciler.sync_changed([changed], PREFIX)
         assert "refused" in fake.reconciler.failures[changed.netns]
 
