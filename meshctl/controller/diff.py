@@ -17,7 +17,7 @@ from kernel.system import Kernel
 from meshctl.controller import names
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
-from meshctl.controller.node_kernel import blocked_ports, observe_node
+from meshctl.controller.node_kernel import blocked_ports, observe_node, stateless_dns
 from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.tables import table_lines
 from meshctl.controller.view import ClusterView
@@ -72,10 +72,11 @@ def node_differences(
         if c.node == node and (spec := container_spec(view, c, underlay=underlay)) is not None
     ]
     mine = {task.id for task in view.tasks_on(node)}
-    actual, stray = observe_node(kernel, containers, mine=mine)
+    nft_dns = stateless_dns(kernel)
+    actual, stray = observe_node(kernel, containers, mine=mine, stateless_dns=nft_dns)
     blocked = blocked_ports(kernel, view, actual.tables.get("nat", OwnedTable()))
     dns_ports = read_dns_ports(state_dir, sorted(wired))
-    desired = desired_node(view, node, wired, dns_ports, blocked, underlay)
+    desired = desired_node(view, node, wired, dns_ports, blocked, underlay, nft_dns)
     node_plan = plan_node(desired, actual, stray)
     lb_plan = lb.plan(lb_specs(view, node, node_id, underlay), names.lb_netns_prefix(node_id))
     return node_plan, lb_plan
@@ -103,6 +104,9 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
         yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
     for ns, change in node_plan.task_rules:
         yield from table_lines(ns, "nat", change)
+    for ns, nft in node_plan.task_dns:
+        yield from (f"~ {ns}: nftables chain {name}" for name in nft.replace)
+        yield from (f"- {ns}: nftables chain {name}" for name in nft.delete)
     for ns in node_plan.unwire_tasks:
         yield f"- task namespace {ns}"
     for link in node_plan.delete_links:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 
 from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts
 from kernel.links import mac_for
+from kernel.nftables_rules import Chain, Hook, NftChange, NftTable
+from kernel.nftables_rules import table_change as nft_change
 from meshctl.controller import names
 from meshctl.controller.discovery import serving
 from meshctl.controller.overlay import (
@@ -82,8 +84,10 @@ class TaskNetSpec:
     # False for an attached container: its namespace is another runtime's; meshctl adds only
     # its veth and address there (no lo, no route, no rules) and never deletes the namespace.
     owns_netns: bool = True
-    # The task's own nat table: 127.0.0.11:53 redirected to the embedded DNS server's ports.
+    # 127.0.0.11:53 sent to the embedded DNS server's ports: by the task's own nat table, or
+    # (where nftables runs) by its own nftables table, statelessly (dns_rewrite).
     nat: OwnedTable = field(default_factory=OwnedTable)
+    dns: NftTable = field(default_factory=NftTable)
 
 
 @dataclass(frozen=True)
@@ -149,13 +153,38 @@ def dns_redirect(task_id: str, udp_port: int, tcp_port: int) -> OwnedTable:
     return OwnedTable(chains={DNS_CHAIN: rules}, jumps=(Rule("OUTPUT", DNS_CHAIN, comment),))
 
 
+DNS_NFT_CHAIN = "dns"
+# Raw priority: before conntrack, which a notrack'd packet then skips.
+DNS_NFT_HOOK = Hook("filter", "output", -300)
+
+
+def dns_rewrite(udp_port: int, tcp_port: int) -> NftTable:
+    """Inside a task, 127.0.0.11:53 goes to the DNS server's sockets (bound on 127.0.0.11) by a
+    stateless port rewrite both ways, the queries' destination port and the answers' source
+    port, with conntrack skipped: a query costs no conntrack entry (a nat rule costs one per
+    query, which the table's limit and its garbage collection then pay for). The task's own
+    server on port 53 still works: only 127.0.0.11's port 53 is rewritten, and only answers
+    from the DNS server's ports."""
+    rules = tuple(
+        rule
+        for proto, port in (("udp", udp_port), ("tcp", tcp_port))
+        for rule in (
+            f"ip daddr {DNS_ADDRESS} {proto} dport 53 notrack {proto} dport set {port}",
+            f"ip saddr {DNS_ADDRESS} {proto} sport {port} notrack {proto} sport set 53",
+        )
+    )
+    return NftTable(chains={DNS_NFT_CHAIN: Chain(rules, DNS_NFT_HOOK)})
+
+
 def task_spec(
     view: ClusterView,
     task: Task,
     dns_ports: tuple[int, int] | None = None,
     underlay: Underlay = NO_UNDERLAY,
+    stateless_dns: bool = False,
 ) -> TaskNetSpec:
-    """The wiring of one task: a leg per network in the order the service lists them."""
+    """The wiring of one task: a leg per network in the order the service lists them; its
+    DNS redirect by nftables (stateless_dns) or by a nat rule."""
     links = []
     gateway = None
     service = view.service_of(task)
@@ -176,8 +205,13 @@ def task_spec(
             leg(names.task_veth(task.id, index), network, names.task_interface(index), address,
                 underlay)
         )  # fmt: skip
-    nat = dns_redirect(task.id, *dns_ports) if dns_ports else OwnedTable()
-    return TaskNetSpec(task.id, names.task_netns(task.id), tuple(links), gateway, nat=nat)
+    nat, dns = OwnedTable(), NftTable()
+    if dns_ports and stateless_dns:
+        dns = dns_rewrite(*dns_ports)
+    elif dns_ports:
+        nat = dns_redirect(task.id, *dns_ports)
+    netns = names.task_netns(task.id)
+    return TaskNetSpec(task.id, netns, tuple(links), gateway, nat=nat, dns=dns)
 
 
 def container_process_current(container: Container, start_time: int | None) -> bool:
@@ -378,10 +412,12 @@ def desired_node(
     dns_ports: Mapping[str, tuple[int, int]] | None = None,
     blocked_ports: Collection[tuple[int, str]] = (),
     underlay: Underlay = NO_UNDERLAY,
+    stateless_dns: bool = False,
 ) -> NodeSpec:
     """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops);
     dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them;
-    blocked_ports: published ports another process of the node holds (not taken over).
+    blocked_ports: published ports another process of the node holds (not taken over);
+    stateless_dns: nftables rewrites 127.0.0.11:53 (dns_rewrite) instead of a nat rule.
 
     A network's bridge (and rules) exists on the node while it takes part in the network
     (ClusterView.taking_part: a bridge network always, an overlay while it is in use here).
@@ -393,7 +429,9 @@ def desired_node(
         for b in (bridge_spec(view, n, underlay) for n in networks if n.name in view.gateways)
     }
     tasks = {
-        task_id: task_spec(view, view.tasks[task_id], (dns_ports or {}).get(task_id), underlay)
+        task_id: task_spec(
+            view, view.tasks[task_id], (dns_ports or {}).get(task_id), underlay, stateless_dns
+        )
         for task_id in wired_tasks
         if task_id in view.tasks and view.tasks[task_id].node == node
     }
@@ -413,8 +451,9 @@ class NodePlan:
 
     ensure_bridges: tuple[BridgeSpec, ...] = ()
     wire_tasks: tuple[TaskNetSpec, ...] = ()
-    # Tasks wired as desired but for their nat rules (a new DNS endpoint): the rules alone.
+    # Tasks wired as desired but for their DNS redirect (a new DNS endpoint): the rules alone.
     task_rules: tuple[tuple[str, TableChange], ...] = ()  # (task netns, its nat change)
+    task_dns: tuple[tuple[str, NftChange], ...] = ()  # (task netns, its nftables change)
     unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
     delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
     tables: dict[str, TableChange] = field(default_factory=dict)
@@ -435,6 +474,7 @@ class NodePlan:
             or self.ensure_bridges
             or self.wire_tasks
             or self.task_rules
+            or self.task_dns
             or self.unwire_tasks
             or self.delete_links
             or self.tables
@@ -476,14 +516,17 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         )
         if change is not None:
             tables[table] = change
-    wire, rules = [], []
+    wire, rules, dns = [], [], []
     for task_id, want in sorted(desired.tasks.items()):
         have = actual.tasks.get(task_id)
         if have == want or any({leg.node_end, leg.bridge} & taken.keys() for leg in want.links):
             continue
-        nat = table_change(want.nat, have.nat) if have is not None else None
-        if have is not None and nat is not None and replace(have, nat=want.nat) == want:
-            rules.append((want.netns, nat))
+        if have is not None and replace(have, nat=want.nat, dns=want.dns) == want:
+            nat = table_change(want.nat, have.nat)
+            if nat is not None:
+                rules.append((want.netns, nat))
+            if want.dns != have.dns:
+                dns.append((want.netns, nft_change(want.dns, have.dns)))
         else:
             wire.append(want)
     overlays = {
@@ -501,6 +544,7 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         ),
         wire_tasks=tuple(wire),
         task_rules=tuple(rules),
+        task_dns=tuple(dns),
         unwire_tasks=tuple(
             t.netns
             for tid, t in sorted(actual.tasks.items())

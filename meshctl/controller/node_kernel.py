@@ -16,6 +16,8 @@ from collections.abc import Collection, Iterable, Mapping
 from kernel.errors import KernelError
 from kernel.iptables_rules import OwnedTable
 from kernel.links import Link, Route
+from kernel.nftables_rules import NftTable
+from kernel.nftables_rules import table_change as nft_change
 from kernel.system import Kernel
 from meshctl import sysctls
 from meshctl.controller import names
@@ -45,6 +47,7 @@ def observe_node(
     known: Mapping[str, TaskNetSpec] | None = None,
     mine: Collection[str] = (),
     known_tables: Mapping[str, OwnedTable] | None = None,
+    stateless_dns: bool = False,
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
@@ -55,7 +58,8 @@ def observe_node(
     other runtimes and cannot be listed, so the ones desired are looked at where they should be.
     A present task namespace listed in `known` is taken to hold what it says, unread, and so
     are the node's own rules when `known_tables` is given: the controller passes what it wired
-    or saw converged since its last full observe.
+    or saw converged since its last full observe. stateless_dns: the tasks' nftables tables
+    are read too (see stateless_dns()).
     """
     known = known or {}
     listed = kernel.links.list_links(NODE)
@@ -77,7 +81,7 @@ def observe_node(
         if task_id not in mine and not _has_leg_here(task_id, node_links):
             continue
         trusted = known.get(task_id)
-        tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links)
+        tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links, stateless_dns)
     for container in containers:
         if os.path.exists(container.netns):
             tasks[container.task_id] = _observe_container(kernel, container, node_links)
@@ -108,10 +112,17 @@ def _only(cidrs: list[str]) -> str:
     return cidrs[0] if len(cidrs) == 1 else ",".join(sorted(cidrs))
 
 
+def stateless_dns(kernel: Kernel) -> bool:
+    """Whether tasks reach 127.0.0.11 by nftables' stateless rewrite (where nftables runs),
+    rather than by a nat rule."""
+    return kernel.nftables.available(NODE) is None
+
+
 def _observe_task(
-    kernel: Kernel, task_id: str, ns: str, node_links: Mapping[str, Link]
+    kernel: Kernel, task_id: str, ns: str, node_links: Mapping[str, Link], nft: bool = False
 ) -> TaskNetSpec:
-    """A task's namespace as it is; node_links are the node's marked links."""
+    """A task's namespace as it is; node_links are the node's marked links; nft: read its
+    nftables table too."""
     inside = {link.name: link for link in kernel.links.list_links(ns)}
     addresses: dict[str, list[str]] = {}
     for address in kernel.links.list_addresses(ns):
@@ -140,7 +151,8 @@ def _observe_task(
         None,
     )
     nat = kernel.iptables.list_owned(ns, "nat")
-    return TaskNetSpec(task_id, ns, tuple(links), gateway, nat=nat)
+    dns = kernel.nftables.list_table(ns) if nft else NftTable()
+    return TaskNetSpec(task_id, ns, tuple(links), gateway, nat=nat, dns=dns)
 
 
 def _observe_container(
@@ -215,6 +227,11 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
             kernel.iptables.apply(ns, "nat", change)
         except KernelError as err:
             failed[ns] = f"cannot set its rules: {err}"
+    for ns, nft in plan.task_dns:
+        try:
+            kernel.nftables.apply(ns, nft)
+        except KernelError as err:
+            failed[ns] = f"cannot set its DNS rewrite: {err}"
     for ns in plan.unwire_tasks:
         kernel.netns.delete(ns)
     for name in plan.delete_links:
@@ -266,6 +283,10 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
     change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
     if change is not None:
         kernel.iptables.apply(task.netns, "nat", change)
+    if task.dns != NftTable():
+        kernel.nftables.apply(
+            task.netns, nft_change(task.dns, kernel.nftables.list_table(task.netns))
+        )
 
 
 def set_node_sysctls(kernel: Kernel) -> None:

@@ -23,7 +23,7 @@ from meshctl.controller.node import (
     plan_node,
     published_ports,
 )
-from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node
+from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node, stateless_dns
 from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.view import ClusterView
 
@@ -40,6 +40,7 @@ class NodeReconciler:
         self.node = node
         self.underlay = underlay
         self.resync_period = resync_period
+        self.stateless_dns = stateless_dns(kernel)  # 127.0.0.11 by nftables, without conntrack
         self._last_full = -float("inf")  # monotonic time of the last full observe
         self._wired: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
         self._tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
@@ -64,18 +65,26 @@ class NodeReconciler:
             self._last_full = time.monotonic()
             self._wired, self._tables = {}, None
         mine = {task.id for task in view.tasks_on(self.node)}
-        actual, stray = observe_node(self.kernel, containers, self._wired, mine, self._tables)
+        actual, stray = observe_node(
+            self.kernel, containers, self._wired, mine, self._tables, self.stateless_dns
+        )
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
-        desired = desired_node(view, self.node, wired, dns_ports, blocked, self.underlay)
+        desired = desired_node(
+            view, self.node, wired, dns_ports, blocked, self.underlay, self.stateless_dns
+        )
         plan = plan_node(desired, actual, stray)
         failed: dict[str, str] = {}
         if plan:
             log.info("applying node plan %s", summary(plan))
             failed = apply_node(self.kernel, plan)
-            changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_rules}
+            changed = {t.netns for t in plan.wire_tasks} | {
+                ns for ns, _ in (*plan.task_rules, *plan.task_dns)
+            }
             known = {k: v for k, v in self._wired.items() if v.netns not in changed}
             tables = None if plan.tables else self._tables
-            actual, stray = observe_node(self.kernel, containers, known, mine, tables)
+            actual, stray = observe_node(
+                self.kernel, containers, known, mine, tables, self.stateless_dns
+            )
             residue = plan_node(desired, actual, stray)
             if residue and not failed:  # a second diff must be empty after applying
                 log.warning("node not converged after apply: %s", summary(residue))

@@ -65,7 +65,7 @@ class Mesh:
 
     def start_controller(self, *extra: str) -> None:
         """The controller in the node namespace, with the backend the lane asks for (the QEMU
-        lane sets MESHCTL_LB_BACKEND=ipvs; here auto picks iptables)."""
+        lane sets MESHCTL_LB_BACKEND=ipvs; here auto picks nftables)."""
         assert self.controller is None or self.controller.poll() is not None
         extra = ("--lb-backend", LB_BACKEND, *extra)
         log = open(self.controller_log, "ab")  # noqa: SIM115 - the controller holds it open

@@ -259,12 +259,17 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
 
     # Drift: the VIP address and a balancing chain's rules deleted by hand come back.
     subprocess.run(["ip", "-n", lb_ns, "addr", "del", f"{vip}/32", "dev", "eth0"], check=True)
-    chains = subprocess.run(["ip", "netns", "exec", lb_ns, "iptables-legacy-save", "-t", "nat"],
+    node = json.loads(mesh.cli("node", "inspect", mesh.node_name, "--format", "json").stdout)
+    if node["lb_backend"] == "nftables":
+        listing = ["nft", "list", "table", "ip", "meshctl"]
+        flush, prefix = ["nft", "flush", "chain", "ip", "meshctl"], "service-"
+    else:
+        listing = ["iptables-legacy-save", "-t", "nat"]
+        flush, prefix = ["iptables-legacy", "-t", "nat", "-F"], "MESH-SVC-"
+    chains = subprocess.run(["ip", "netns", "exec", lb_ns, *listing],
                             capture_output=True, text=True).stdout  # fmt: skip
-    svc_chain = next(w for w in chains.split() if w.startswith("MESH-SVC-"))
-    subprocess.run(
-        ["ip", "netns", "exec", lb_ns, "iptables-legacy", "-t", "nat", "-F", svc_chain], check=True
-    )
+    svc_chain = next(w for w in chains.split() if w.startswith(prefix))
+    subprocess.run(["ip", "netns", "exec", lb_ns, *flush, svc_chain], check=True)
     assert mesh.diff().returncode == 1
     _converged(mesh)  # within the resync period (2 s in these tests)
     # 30 new connections: all 3 backends answer (a miss by chance is about 1 in 70,000).

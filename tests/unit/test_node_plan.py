@@ -14,6 +14,7 @@ from meshctl.controller.node import (
     ISOLATION_DROP_CHAIN,
     NodeSpec,
     desired_node,
+    dns_rewrite,
     plan_node,
 )
 from meshctl.controller.node_kernel import apply_node, observe_node
@@ -166,6 +167,35 @@ def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None
     assert ns == names.task_netns(task_id) and change.replace
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
+
+
+def test_with_nftables_the_dns_redirect_is_a_stateless_rewrite_replacing_the_nat_rule(
+    tmp_path: Path,
+) -> None:
+    """A node that moves to nftables (or starts with it) rewrites 127.0.0.11:53 in the task's
+    own nftables table and drops the nat rule; a second plan is empty."""
+    view, kernel, _ = _wired_node(tmp_path)
+    task_id = sorted(view.tasks)[0]
+    ns = names.task_netns(task_id)
+    ports = {task_id: (40001, 40002)}
+    apply_node(
+        kernel,
+        plan_node(desired_node(view, "node1", set(view.tasks), ports), *observe_node(kernel)),
+    )
+    assert kernel.iptables.list_owned(ns, "nat").chains  # the nat redirect, as without nftables
+    desired = desired_node(view, "node1", set(view.tasks), ports, stateless_dns=True)
+
+    plan = plan_node(desired, *observe_node(kernel, stateless_dns=True))
+
+    assert not plan.wire_tasks
+    ((nat_ns, nat),) = plan.task_rules
+    assert nat_ns == ns and nat.delete == ("MESH-DNS",)
+    ((dns_ns, dns),) = plan.task_dns
+    assert dns_ns == ns and dns.replace == desired.tasks[task_id].dns.chains
+    assert desired.tasks[task_id].dns == dns_rewrite(40001, 40002)
+    apply_node(kernel, plan)
+    assert not kernel.iptables.list_owned(ns, "nat").chains
+    assert not plan_node(desired, *observe_node(kernel, stateless_dns=True))
 
 
 def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: Path) -> None:
