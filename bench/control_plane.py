@@ -3,21 +3,24 @@
 For each S, builds a node namespace with a network bridge and lets `LbReconciler.sync` program a
 fresh LB namespace from empty with S services x 10 backends (timed, with the time each kernel verb
 took). The peer, in the same run, loads the same state into a fresh namespace with the backend's
-own tool: iptables-legacy-save | iptables-legacy-restore (iptables backend), or ipvsadm -Sn |
-ipvsadm -R (ipvs backend: the IPVS services only; meshctl's figure also holds its mark and SNAT
-rules and the VIP addresses, shown apart per kernel verb).
+own tool: iptables-legacy-save | iptables-legacy-restore (iptables backend), nft list table |
+nft -f (nftables backend: the ruleset in meshctl's layout, as written by hand, in one
+transaction), or ipvsadm -Sn | ipvsadm -R (ipvs backend: the IPVS services only; meshctl's
+figure also holds its mark and SNAT rules and the VIP addresses, shown apart per kernel verb).
 
 Then single-endpoint changes (drain or undrain, remove or re-add one backend of a random
 service), each a real store write: `store.put` into a SqliteStore, a watcher thread that wakes on
 `store.watch` as the daemon's `_watch_store` does, rebuilds the spec and calls the reconciler's
 `sync_changed` (or `sync` where it is missing). Timed from just before the put until that call
 returns: the kernel holds the change. Peer: the same change by one tool process
-(iptables-legacy-restore --noflush of the service's chains; one ipvsadm -e, -a or -d).
+(iptables-legacy-restore --noflush of the service's chains; nft -f of them; one ipvsadm -e,
+-a or -d).
 A warm-up sync of 10 services (and its peer) runs first, untimed. Prints markdown tables.
 Needs root; the ipvs backend needs IPVS (run it in the QEMU lane's kernel
 with bench/vm); without it the bench says why and exits 0.
 
-    /opt/meshvenv/bin/python bench/control_plane.py [--backend iptables] [--services 100,1000]
+    /opt/meshvenv/bin/python bench/control_plane.py [--backend iptables|nftables] \
+        [--services 100,1000]
     MESHCTL_VENV=/opt/meshvenv bench/vm /opt/meshvenv/bin/python bench/control_plane.py \
         --backend ipvs --services 100,1000
 """
@@ -47,11 +50,13 @@ from kernel import netns
 from kernel.gcpause import gc_paused
 from kernel.ipvs import Ipvs
 from kernel.links import Links
+from kernel.nftables_rules import table_change, transaction_lines
 from kernel.system import Kernel, real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
 from meshctl.lb.iptables import SEP_CHAIN_PREFIX, SVC_CHAIN_PREFIX, iptables_tables
 from meshctl.lb.ipvs import fwmark
+from meshctl.lb.nftables import NftablesBackend
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
@@ -62,11 +67,22 @@ PREFIX = f"mbench{os.getpid()}-"
 ENDPOINTS = 10
 LB_ADDRESS = "10.0.0.2/8"  # a /8 holds 10,000 VIPs and 100,000 backends
 VIP_BASE, BACKEND_BASE = 0x0A010000, 0x0A100000  # 10.1.0.0 and 10.16.0.0
-KIND = "bench-service"  # the store kind the bench writes its services under
+KIND = "bench-service"
+SPEC = lb_spec(
+    "benchnod", "benchnet", LB_ADDRESS, ()
+)  # a frame to render one service in  # the store kind the bench writes its services under
 # The kernel verb whose writes the peer tool makes too; the rest of meshctl's time it does not.
-PEER_VERB = {"iptables": "iptables.apply_tables", "ipvs": "ipvs.apply"}
-PEER_TOOL = {"iptables": "iptables-legacy-restore", "ipvs": "ipvsadm -R"}
-CHANGE_TOOL = {"iptables": "iptables-legacy-restore --noflush", "ipvs": "ipvsadm -e/-a/-d"}
+PEER_VERB = {
+    "iptables": "iptables.apply_tables",
+    "ipvs": "ipvs.apply",
+    "nftables": "nftables.apply",
+}
+PEER_TOOL = {"iptables": "iptables-legacy-restore", "ipvs": "ipvsadm -R", "nftables": "nft -f"}
+CHANGE_TOOL = {
+    "iptables": "iptables-legacy-restore --noflush",
+    "ipvs": "ipvsadm -e/-a/-d",
+    "nftables": "nft -f",
+}
 
 
 @dataclass
@@ -204,6 +220,16 @@ def iptables_change(spec: LbSpec, old: VirtualIp, new: VirtualIp, tmp: Path) -> 
     return ["iptables-legacy-restore", "-w", "5", "--noflush"]
 
 
+def nft_change(old: VirtualIp, new: VirtualIp, tmp: Path) -> list[str]:
+    """nft -f making the same change as meshctl: the service's chains rewritten, endpoint chains
+    no longer wanted deleted (its VIP's map element stays: its service chain is the same)."""
+    backend = NftablesBackend()
+    before = backend.render(replace(SPEC, vips=(old,)), None)
+    after = backend.render(replace(SPEC, vips=(new,)), None)
+    (tmp / "change").write_text("\n".join(transaction_lines(table_change(after, before))) + "\n")
+    return ["nft", "-f", "-"]
+
+
 def ipvsadm_change(spec: LbSpec, old: VirtualIp, new: VirtualIp) -> list[str]:
     """The one ipvsadm command making the same change as meshctl: a backend edited, added or
     removed (masquerading, to the connection's own port, as meshctl's destinations)."""
@@ -294,6 +320,14 @@ def full_sync(
         reconciler.sync([spec], prefix)
     sync_s = time.perf_counter() - start
     dump = tmp / "dump"
+    if backend == "nftables":
+        # What nft prints is the ruleset in meshctl's layout as one would write it by hand: one
+        # table block, loaded by one nft -f.
+        dump.write_text(sh(*in_ns(spec.netns, "nft", "list", "table", "ip", "meshctl")))
+        lines = dump.read_text().splitlines()
+        chains = sum(line.strip().startswith("chain ") for line in lines)
+        what = f"{chains:,} chains, {len(spec.vips):,} map elements"
+        return sync_s, timed_run(in_ns(peer, "nft", "-f", "-"), dump), what
     if backend == "ipvs":
         dump.write_text(sh(*in_ns(spec.netns, "ipvsadm", "-Sn")))
         lines = dump.read_text().splitlines()
@@ -339,6 +373,8 @@ def measure_changes(
         scale.change_ms.append((held - start) * 1000)
         if backend == "ipvs":
             peer_s = timed_run(in_ns(peer, *ipvsadm_change(spec, old, new)))
+        elif backend == "nftables":
+            peer_s = timed_run(in_ns(peer, *nft_change(old, new, tmp)), tmp / "change")
         else:
             tool = iptables_change(spec, old, new, tmp)
             peer_s = timed_run(in_ns(peer, *tool), tmp / "change")
@@ -469,7 +505,7 @@ def report(backend: str, scales: list[Scale]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", choices=("iptables", "ipvs"), default="iptables")
+    parser.add_argument("--backend", choices=("iptables", "ipvs", "nftables"), default="iptables")
     parser.add_argument("--services", default="100,1000", help="comma-separated values of S")
     parser.add_argument("--changes", type=int, default=100, help="endpoint changes per S")
     parser.add_argument(

@@ -2,11 +2,7 @@
 `nft -f -` transactions and read by `nft -j list table`, as kube-proxy's knftables does.
 
 Each `apply` is one `nft -f` run, which the kernel commits atomically: a transaction it refuses
-changes nothing. Only a change that declares many new chains (a full sync from empty) declares
-them in a transaction of its own first: nf_tables looks a chain made in the same transaction up
-by walking that transaction, so one transaction of 110,000 chains and their rules took 57 s
-against 1 s + 18 s in two. If the second is refused, the chains and sets the first declared
-are deleted again. The rules, their checks and their text are kernel.nftables_rules'.
+changes nothing. The rules, their checks and their text are kernel.nftables_rules'.
 """
 
 from __future__ import annotations
@@ -25,14 +21,12 @@ from kernel.nftables_rules import (
     WHERE,
     NftChange,
     NftTable,
-    declare_lines,
     parse_table,
     transaction_lines,
     validate,
 )
 
 NFT = "nft"
-DECLARE_APART = 1000  # new chains from which a change declares them in a transaction first
 _LOCK = threading.Lock()  # meshctl's read-then-write transactions never interleave
 _HINT = "check that nftables works here (`meshctl doctor`)"
 
@@ -112,15 +106,6 @@ def _has_table(ns: netns.Namespace) -> bool:
     return f"table {WHERE}" in listing.splitlines()
 
 
-def _undeclare(change: NftChange, existing: NftTable, had_table: bool) -> list[str]:
-    """The commands deleting what declare_lines made beyond `existing` (the transaction after
-    it was refused)."""
-    if not had_table:
-        return [f"delete table {WHERE}"]
-    lines = [f"delete chain {WHERE} {n}" for n in change.replace if n not in existing.chains]
-    return lines + [f"delete set {WHERE} {n}" for n in change.add_sets if n not in existing.sets]
-
-
 class Nftables:
     """NftablesAPI on the real kernel through nft."""
 
@@ -151,17 +136,7 @@ class Nftables:
         if change.empty:
             return
         with _LOCK:
-            if len(change.replace) < DECLARE_APART:
-                _write(ns, transaction_lines(change))
-                return
-            had_table = _has_table(ns)
-            existing = _list(ns)
-            _write(ns, declare_lines(change, existing))
-            try:
-                _write(ns, transaction_lines(change))
-            except KernelError:
-                _write(ns, _undeclare(change, existing, had_table))
-                raise
+            _write(ns, transaction_lines(change))
 
     def delete_table(self, ns: netns.Namespace) -> None:
         """Delete meshctl's table in ns, if there is one; no other table is touched."""

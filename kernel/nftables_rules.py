@@ -67,13 +67,15 @@ class NftTable:
 
 @dataclass(frozen=True)
 class NftChange:
-    """One transaction on the meshctl table, made in this order: the table, new sets and chains
-    (`add_sets` and `replace` declare theirs if missing), element deletions, replaced chains
-    flushed and refilled, element additions, `delete` chains flushed, `delete_sets` deleted,
-    `delete` chains deleted. A map element whose value changes is deleted and added again."""
+    """One transaction on the meshctl table, made in this order: the table with the sets of
+    `add_sets` and the chains of `replace` (each declared if missing), element deletions, the
+    `replace` chains flushed (but those in `new`, known not to exist) and filled, element
+    additions, `delete` chains flushed, `delete_sets` deleted, `delete` chains deleted. A map
+    element whose value changes is deleted and added again."""
 
     add_sets: Mapping[str, NftSet] = field(default_factory=dict)
     replace: Mapping[str, Chain] = field(default_factory=dict)
+    new: frozenset[str] = frozenset()
     delete_elements: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     add_elements: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     delete: tuple[str, ...] = ()
@@ -97,6 +99,7 @@ def table_change(desired: NftTable, held: NftTable) -> NftChange:
     """The smallest transaction from held to desired: chains whose rules (or hook) differ are
     replaced whole, equal ones untouched; set elements are added and deleted one by one."""
     replace = {n: c for n, c in desired.chains.items() if held.chains.get(n) != c}
+    new = frozenset(n for n in replace if n not in held.chains)
     delete = tuple(n for n in held.chains if n not in desired.chains)
     add_sets = {n: s for n, s in desired.sets.items() if n not in held.sets}
     add_elements: dict[str, dict[str, str]] = {}
@@ -110,7 +113,7 @@ def table_change(desired: NftTable, held: NftTable) -> NftChange:
         if gone:
             delete_elements[name] = gone
     delete_sets = tuple(n for n in held.sets if n not in desired.sets)
-    return NftChange(add_sets, replace, delete_elements, add_elements, delete, delete_sets)
+    return NftChange(add_sets, replace, new, delete_elements, add_elements, delete, delete_sets)
 
 
 def validate(change: NftChange) -> None:
@@ -141,37 +144,32 @@ def validate(change: NftChange) -> None:
                              "line break here")  # fmt: skip
 
 
-def _declare(kind: str, name: str, nft_set: NftSet) -> str:
-    return f"add {kind} {WHERE} {name} {{ {nft_set.declare}; }}"
-
-
-def declare_lines(change: NftChange, existing: NftTable | None = None) -> Iterator[str]:
-    """The table, and the sets and chains the change needs that `existing` lacks (all of them
-    if None): a transaction of its own may declare them first (see kernel.nftables)."""
-    yield f"add table {WHERE}"
-    for name, nft_set in change.add_sets.items():
-        if existing is None or name not in existing.sets:
-            yield _declare("map" if nft_set.map else "set", name, nft_set)
-    for name, chain in change.replace.items():
-        if existing is None or name not in existing.chains:
-            hook = f" {{ {chain.hook.render()} }}" if chain.hook is not None else ""
-            yield f"add chain {WHERE} {name}{hook}"
-
-
 def _elements(items: Iterator[str]) -> str:
     return "{ " + ", ".join(items) + " }"
 
 
 def transaction_lines(change: NftChange) -> Iterator[str]:
-    """The `nft -f` commands of the change, one transaction (validate() it first)."""
-    yield from declare_lines(change)
+    """The `nft -f` text of the change, one transaction (validate() it first).
+
+    Chains are declared and filled in `table { chain { ... } }` blocks, not one `add rule`
+    command per rule: nft 1.0.6 took 36 s for 3,000 services' chains as commands, 7.5 s as
+    blocks."""
+    yield f"table {WHERE} {{"
+    for name, nft_set in change.add_sets.items():
+        yield f"{'map' if nft_set.map else 'set'} {name} {{ {nft_set.declare}; }}"
+    for name, chain in change.replace.items():
+        yield f"chain {name} {{ {chain.hook.render() if chain.hook else ''} }}"
+    yield "}"
     for name, keys in change.delete_elements.items():
         yield f"delete element {WHERE} {name} {_elements(iter(keys))}"
     for name in change.replace:
-        yield f"flush chain {WHERE} {name}"
+        if name not in change.new:
+            yield f"flush chain {WHERE} {name}"
+    yield f"table {WHERE} {{"
     for name, chain in change.replace.items():
-        for rule in chain.rules:
-            yield f"add rule {WHERE} {name} {rule}"
+        if chain.rules:
+            yield f"chain {name} {{ " + "".join(f"{rule}; " for rule in chain.rules) + "}"
+    yield "}"
     for name, elements in change.add_elements.items():
         if elements:
             items = (f"{k} : {v}" if v else k for k, v in elements.items())

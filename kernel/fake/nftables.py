@@ -68,7 +68,11 @@ class FakeNftables:
                 if key not in sets.get(name, {}):
                     raise KernelError(f"{where}: no element {key} in {name} to delete")
                 del sets[name][key]
-        chains.update(change.replace)
+        for name, chain in change.replace.items():
+            old = chains.get(name)
+            if name in change.new and old is not None:  # not flushed: its rules stay first
+                chain = Chain(old.rules + chain.rules, chain.hook)
+            chains[name] = chain
         for name, elements in change.add_elements.items():
             if name not in sets:
                 raise KernelError(f"{where}: no set {name} to add elements to")
