@@ -1,10 +1,12 @@
-"""Load-balancer data path, iptables backend: HTTP through a VIP and through a published port
-vs the same servers directly.
+"""Load-balancer data path, per backend: HTTP through a VIP and through a published port vs the
+same servers directly.
 
 VIP: a node namespace with a network bridge, three backend namespaces on it each running nginx
 (one worker) serving a small static file, and a client namespace on the same bridge; the LB
 namespace is built by `LbReconciler.sync` with two VIPs: one over the first backend only (the
 same server capacity as the direct path, so the ratio is the LB's cost) and one over all three.
+Each round runs the direct path, then for each backend of --backends (those the kernel runs) a
+fresh LB namespace of that backend and its two VIP paths, side by side.
 
 Published port: a second node run as the product runs it (tests/kernel/mesh.py: a controller
 in the node namespace, `meshctl service create --publish 8080:80` of one nginx task), and a
@@ -16,6 +18,7 @@ wrk runs every path once per round, back to back, and the bench prints a markdow
 ratios to direct. Needs root, nginx (nginx-light), wrk and curl.
 
     /opt/meshvenv/bin/python bench/datapath.py [--seconds 10] [--rounds 3] [--connections 32]
+        [--backends iptables,nftables,ipvs]
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 from kernel import netns
 from kernel.links import Links, Route
+from kernel.neighbours import Neighbour, Neighbours
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
@@ -52,7 +56,7 @@ SUBNET = "10.78.0"
 LB_ADDRESS, CLIENT = f"{SUBNET}.2", f"{SUBNET}.50"
 VIP_ONE, VIP_ALL = f"{SUBNET}.100", f"{SUBNET}.101"  # over the first backend, over all three
 BACKENDS = (f"{SUBNET}.11", f"{SUBNET}.12", f"{SUBNET}.13")
-DIRECT, THROUGH_VIP = "direct to backend 1", "VIP over backend 1"
+DIRECT = "direct to backend 1"
 NODE_IP, OUTSIDE = "198.51.100.1", "198.51.100.2"  # the published node's veth to the client
 TASK_SUBNET, PUBLISHED_PORT = "10.79.0.0/24", 8080
 TASK_DIRECT, PUBLISHED = "direct to the task, routed via the node", "published port nodeIP:8080"
@@ -224,6 +228,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per path")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--backends", default="iptables,nftables,ipvs", help="comma-separated")
     args = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
         if shutil.which(tool) is None:
@@ -247,41 +252,63 @@ def main() -> None:
             attach(links, node, spec.bridge, backend, address)
             stack.enter_context(nginx(backend, address, tmp / f"www{index}"))
 
-        @stack.callback
         def remove_lb() -> None:
             for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                 links.delete_link(node, lb_node_end(network_id))
                 netns.delete(name)
+            for address in (VIP_ONE, VIP_ALL, LB_ADDRESS):  # the next LB leg has a new MAC
+                Neighbours().delete_neighbour(client, Neighbour("eth0", address, mac=""))
+            for index in range(len(BACKENDS)):
+                Neighbours().delete_neighbour(
+                    f"{PREFIX}backend{index}", Neighbour("eth0", LB_ADDRESS, mac="")
+                )
 
-        LbReconciler(real_kernel(), backend_named("iptables"), node_ns=node).sync(
-            [spec], lb_netns_prefix(node_id)
-        )
-        for address in (*BACKENDS, VIP_ONE, VIP_ALL):
+        stack.callback(remove_lb)
+        kernel = real_kernel()
+        backends = []
+        for name in args.backends.split(","):
+            reason = backend_named(name).available(kernel, node)
+            if reason is None:
+                backends.append(backend_named(name))
+            else:
+                print(f"{name} backend: not measured here, {reason}")
+        for address in BACKENDS:
             wait_serving(client, address)
         outside, task = stack.enter_context(published_task(stack, tmp))
         for address in (task, f"{NODE_IP}:{PUBLISHED_PORT}"):
             wait_serving(outside, address)
         for _ in range(args.rounds):
             runs.append(wrk(client, BACKENDS[0], args, DIRECT))
-            runs.append(wrk(client, VIP_ONE, args, THROUGH_VIP))
-            runs.append(wrk(client, VIP_ALL, args, "VIP over 3 backends"))
+            for backend in backends:
+                LbReconciler(kernel, backend, node_ns=node).sync([spec], lb_netns_prefix(node_id))
+                for address in (VIP_ONE, VIP_ALL):
+                    wait_serving(client, address)
+                runs.append(wrk(client, VIP_ONE, args, through_vip(backend.name)))
+                runs.append(wrk(client, VIP_ALL, args, f"VIP over 3 backends ({backend.name})"))
+                remove_lb()
             runs.append(wrk(outside, task, args, TASK_DIRECT))
             runs.append(wrk(outside, f"{NODE_IP}:{PUBLISHED_PORT}", args, PUBLISHED))
-    report(runs, args)
+    report(runs, args, [b.name for b in backends])
 
 
-def report(runs: list[Run], args: argparse.Namespace) -> None:
+def through_vip(backend: str) -> str:
+    return f"VIP over backend 1 ({backend})"
+
+
+def report(runs: list[Run], args: argparse.Namespace, backends: list[str]) -> None:
     print(f"Data path: HTTP GET of {len(BODY)} bytes from nginx (1 worker per backend),")
     print(f"keep-alive, wrk -t2 -c{args.connections} -d{args.seconds}s in a client namespace on")
     print("the same bridge (so VIP traffic is source-NATed through the LB namespace both ways);")
-    print("published port: a client outside the mesh on its own veth to a controller-run node;")
+    print("published port: a client outside the mesh on its own veth to a controller-run node")
+    print("(its controller's backend: --lb-backend auto);")
     print(f"{os.cpu_count()} cores shared by wrk, the servers, the kernel and anything else.\n")
     print("| path | requests/s | p50 latency (ms) | p99 latency (ms) | errors |")
     print("|---|---:|---:|---:|---:|")
     for run in runs:
         latency = f"{run.p50_ms:.2f} | {run.p99_ms:.2f}"
         print(f"| {run.label} | {run.rps:,.0f} | {latency} | {run.errors} |")
-    for ours, theirs in ((THROUGH_VIP, DIRECT), (PUBLISHED, TASK_DIRECT)):
+    pairs = [(through_vip(b), DIRECT) for b in backends] + [(PUBLISHED, TASK_DIRECT)]
+    for ours, theirs in pairs:
         # Each round's runs are back to back, so their ratio is the least disturbed by other load.
         ratios = [
             a.rps / b.rps

@@ -9,8 +9,8 @@ in the client; closed with a reset so no TIME_WAIT piles up. Prints a markdown t
 p99 per S. The ipvs backend runs only where the kernel has IPVS (otherwise it says why and
 exits 0). Needs root and nginx (nginx-light).
 
-    /opt/meshvenv/bin/python bench/scale.py [--services 100,10000] [--backend iptables|ipvs]
-        [--samples 2000]
+    /opt/meshvenv/bin/python bench/scale.py [--services 100,10000]
+        [--backend iptables|nftables|ipvs] [--samples 2000]
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 
 from kernel import netns
 from kernel.ipvs import Ipvs
-from kernel.links import Links, Neighbour
+from kernel.links import Links
+from kernel.neighbours import Neighbour, Neighbours
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
@@ -113,7 +114,7 @@ def measure(count: int, backend: str, samples: int, world: World) -> Sample:
         # The next S's LB leg has a new MAC for the same VIP and LB address: forget the old one.
         lb_address = LB_ADDRESS.split("/")[0]
         for ns, address in ((client, PROBED_VIP), (world.server, lb_address)):
-            links.delete_neighbour(ns, Neighbour("eth0", address, mac=""))  # any MAC
+            Neighbours().delete_neighbour(ns, Neighbour("eth0", address, mac=""))  # any MAC
 
 
 def report(results: list[Sample], backend: str, samples: int) -> None:
@@ -135,7 +136,7 @@ def report(results: list[Sample], backend: str, samples: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--services", default="100,10000", help="comma-separated values of S")
-    parser.add_argument("--backend", choices=("iptables", "ipvs"), default="iptables")
+    parser.add_argument("--backend", choices=("iptables", "ipvs", "nftables"), default="iptables")
     parser.add_argument("--samples", type=int, default=2000, help="connects per path and S")
     args = parser.parse_args()
     backend: str = args.backend

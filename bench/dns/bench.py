@@ -1,10 +1,13 @@
 """Embedded DNS vs dnsmasq: QPS and latency with dnsperf from inside a task namespace.
 
-Builds a node namespace (running the embedded server) and a task namespace in which the
-server listens on 127.0.0.11:53 and dnsmasq, serving the same names from a hosts file, on
-127.0.0.12:53. dnsperf runs inside the task against each in turn, rounds alternating, then once
-more against the embedded server through the production path: a random port reached by a nat
-redirect of 127.0.0.11:53. Prints a markdown table and the ratio. Needs root, dnsperf, dnsmasq.
+Builds a node namespace (running the embedded server) and a task namespace in which dnsmasq
+serves the same names from a hosts file on 127.0.0.12:53, and the embedded server listens on
+127.0.0.11:53 (a direct socket) and on a random port of 127.0.0.11, which the task reaches at
+127.0.0.11:53 as users do: by nftables' stateless port rewrite (meshctl.controller.node's
+dns_rewrite, where nft runs) or by the nat redirect. Each round runs dnsperf inside the task
+against dnsmasq, the direct socket, the rewrite and the nat redirect in turn (only one redirect
+is in place at a time). Prints a markdown table and the ratios to dnsmasq in the same round.
+Needs root, dnsperf, dnsmasq, nft.
 
     /opt/meshvenv/bin/python bench/dns/bench.py [--seconds 10] [--rounds 3] [--services 100]
 """
@@ -24,11 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kernel import netns
+from kernel.nftables import Nftables
+from kernel.nftables_rules import NftTable, table_change
+from meshctl.controller.node import dns_rewrite
 from meshctl.dns import DnsServer, DnsService, DnsTask, DnsView
 from meshctl.dns.thread import ServerThread
 
 PREFIX = f"mbench{os.getpid()}-"
 EMBEDDED, DNSMASQ = "127.0.0.11", "127.0.0.12"
+DNSMASQ_RUN = "dnsmasq"
+DIRECT_RUN = "embedded, direct socket on 127.0.0.11:53"
+REWRITE_RUN = "embedded via 127.0.0.11:53, nftables stateless rewrite"
+NAT_RUN = "embedded via 127.0.0.11:53, nat redirect"
 REPLICAS = 3
 
 
@@ -151,18 +161,44 @@ def main() -> None:
         hosts.chmod(0o644)
         thread.update(view)
         thread.add_endpoint("direct", task, frozenset({"front"}), port=53)
+        ports = thread.add_endpoint("redirected", task, frozenset({"front"}), port=0)
+        nat = ["-d", EMBEDDED, "-p", "udp", "--dport", "53", "-j", "DNAT",
+               "--to-destination", f"{EMBEDDED}:{ports[0]}"]  # fmt: skip
+        rewrite = table_change(dns_rewrite(*ports), NftTable())
+        nft = Nftables()
         with dnsmasq(task, hosts):
             check_same_answers(task, ["svc0", "tasks.svc1", "svc2.3"])
             for _ in range(args.rounds):
-                runs.append(dnsperf(task, DNSMASQ, queries, args.seconds, "dnsmasq"))
-                runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, "embedded"))
-        udp_port, _ = thread.add_endpoint("redirected", task, frozenset({"front"}), port=0)
-        sh(
-            "ip", "netns", "exec", task, "iptables", "-t", "nat", "-A", "OUTPUT",
-            "-d", EMBEDDED, "-p", "udp", "--dport", "53",
-            "-j", "DNAT", "--to-destination", f"{EMBEDDED}:{udp_port}",
-        )  # fmt: skip
-        runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, "embedded, nat redirect"))
+                runs.append(dnsperf(task, DNSMASQ, queries, args.seconds, DNSMASQ_RUN))
+                runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, DIRECT_RUN))
+                nft.apply(task, rewrite)
+                runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, REWRITE_RUN))
+                nft.delete_table(task)
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    task,
+                    "iptables-legacy",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "OUTPUT",
+                    *nat,
+                )
+                runs.append(dnsperf(task, EMBEDDED, queries, args.seconds, NAT_RUN))
+                sh(
+                    "ip",
+                    "netns",
+                    "exec",
+                    task,
+                    "iptables-legacy",
+                    "-t",
+                    "nat",
+                    "-D",
+                    "OUTPUT",
+                    *nat,
+                )
     report(runs, args)
 
 
@@ -175,11 +211,12 @@ def report(runs: list[Run], args: argparse.Namespace) -> None:
     for run in runs:
         print(f"| {run.label} | {run.qps:,.0f} | {run.avg_latency_ms:.3f} | {run.lost} |")
     # Each round's runs are back to back, so their ratio is the least disturbed by other load.
-    ours = [r.qps for r in runs if r.label == "embedded"]
-    theirs = [r.qps for r in runs if r.label == "dnsmasq"]
-    ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
-    print(f"\nembedded / dnsmasq QPS per round: {', '.join(f'{r:.2f}' for r in ratios)}")
-    print(f"median ratio: {statistics.median(ratios):.2f}")
+    theirs = [r.qps for r in runs if r.label == DNSMASQ_RUN]
+    for label in (DIRECT_RUN, REWRITE_RUN, NAT_RUN):
+        ours = [r.qps for r in runs if r.label == label]
+        ratios = [a / b for a, b in zip(ours, theirs, strict=True)]
+        print(f"\n{label} / dnsmasq QPS per round: {', '.join(f'{r:.2f}' for r in ratios)}; "
+              f"median {statistics.median(ratios):.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":
