@@ -268,7 +268,7 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
         flush, prefix = ["iptables-legacy", "-t", "nat", "-F"], "MESH-SVC-"
     chains = subprocess.run(["ip", "netns", "exec", lb_ns, *listing],
                             capture_output=True, text=True).stdout  # fmt: skip
-    svc_chain = next(w for w in chains.split() if w.startswith(prefix))
+    svc_chain = next(w.rstrip(",") for w in chains.split() if w.startswith(prefix))
     subprocess.run(["ip", "netns", "exec", lb_ns, *flush, svc_chain], check=True)
     assert mesh.diff().returncode == 1
     _converged(mesh)  # within the resync period (2 s in these tests)
