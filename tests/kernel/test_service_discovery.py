@@ -257,7 +257,11 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
     node_id = mesh.node_id()
     (lb_ns,) = [n for n in netns.list_namespaces("mesh-lb-") if node_id and node_id[:8] in n]
 
-    # Drift: the VIP address and a balancing chain's rules deleted by hand come back.
+    # Drift: the VIP address and a balancing chain's rules deleted by hand come back. The
+    # controller holds still until diff has seen them: on a loaded machine its resync could
+    # repair them before diff runs.
+    assert mesh.controller is not None
+    mesh.controller.send_signal(signal.SIGSTOP)
     subprocess.run(["ip", "-n", lb_ns, "addr", "del", f"{vip}/32", "dev", "eth0"], check=True)
     node = json.loads(mesh.cli("node", "inspect", mesh.node_name, "--format", "json").stdout)
     if node["lb_backend"] == "nftables":
@@ -270,7 +274,9 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
                             capture_output=True, text=True).stdout  # fmt: skip
     svc_chain = next(w.rstrip(",") for w in chains.split() if w.startswith(prefix))
     subprocess.run(["ip", "netns", "exec", lb_ns, *flush, svc_chain], check=True)
-    assert mesh.diff().returncode == 1
+    drifted = mesh.diff()
+    mesh.controller.send_signal(signal.SIGCONT)
+    assert drifted.returncode == 1, drifted.stdout
     _converged(mesh)  # within the resync period (2 s in these tests)
     # 30 new connections: all 3 backends answer (a miss by chance is about 1 in 70,000).
     assert set(_spread(mesh, client, vip, 30)) == {"web.1", "web.2", "web.3"}
