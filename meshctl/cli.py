@@ -787,6 +787,33 @@ def controller() -> None:
     show_default=True,
     help="UDP port of the overlay networks on the underlay (the same on every node).",
 )
+@click.option(
+    "--metrics-addr",
+    default="127.0.0.1:9323",
+    show_default=True,
+    metavar="IP:PORT",
+    help="Where to serve /metrics (Prometheus), /healthz and /readyz; '' for nowhere.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["logfmt", "json"]),
+    default="logfmt",
+    show_default=True,
+    help="Log lines on stderr: key=value pairs, or one JSON object per line.",
+)
+@click.option(
+    "--events-window",
+    default="1h",
+    show_default=True,
+    help="How long `meshctl events` keeps events (the leader prunes older ones).",
+)
+@click.option(
+    "--events-max",
+    type=_Int(minimum=1),
+    default=10_000,
+    show_default=True,
+    help="How many events are kept at most (the oldest go first).",
+)
 def controller_run(
     node: str | None,
     lb_backend: str,
@@ -795,6 +822,10 @@ def controller_run(
     advertise_addr: str | None,
     node_ttl: str,
     vxlan_port: int,
+    metrics_addr: str,
+    log_format: str,
+    events_window: str,
+    events_max: int,
 ) -> None:
     """Run the controller in the foreground on this node (the network namespace it starts in).
 
@@ -816,6 +847,10 @@ def controller_run(
         advertise_addr,
         duration(node_ttl, "--node-ttl"),
         vxlan_port,
+        metrics_addr,
+        log_format,
+        duration(events_window, "--events-window"),
+        events_max,
     )
     env = _env()
     sys.exit(run_controller(env.store, env.state_dir, settings))

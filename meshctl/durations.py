@@ -7,6 +7,7 @@ in the same notation so `inspect` shows what the user typed.
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 # Longest units first so `ms` is not read as `m` followed by garbage.
 _UNITS: dict[str, float] = {
@@ -71,3 +72,37 @@ def format_duration(seconds: float) -> str:
 def _trim(amount: float) -> str:
     """A number without a trailing `.0` and without float noise (0.1+0.2 → 0.3)."""
     return f"{round(amount, 6):g}"
+
+
+class TimeError(ValueError):
+    """Text that is neither a timestamp nor a duration."""
+
+
+def parse_time(text: str, now: float, field: str = "time") -> float:
+    """A point in time as Docker's --since/--until take it: a duration back from now (`10m`),
+    Unix seconds (`1700000000.5`) or an RFC 3339 date or time (`2024-05-01T10:00:00Z`; without
+    a zone, UTC)."""
+    value = text.strip()
+    if re.fullmatch(r"[0-9]{1,12}(\.[0-9]{1,9})?", value):
+        return float(value)
+    try:
+        return now - parse_duration(value, field)
+    except DurationError:
+        pass
+    try:
+        stamp = datetime.fromisoformat(value.replace("z", "Z"))
+    except ValueError:
+        raise TimeError(
+            f"invalid {field} {text!r}: give a duration back from now (10m), Unix seconds or an "
+            "RFC 3339 time (2024-05-01T10:00:00Z)"
+        ) from None
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.timestamp()
+
+
+def format_time(seconds: float) -> str:
+    """RFC 3339 in UTC with nanoseconds, as `docker events` prints times."""
+    stamp = datetime.fromtimestamp(seconds, UTC)
+    nanos = round((seconds - int(seconds)) * 1e9) % 1_000_000_000
+    return stamp.strftime("%Y-%m-%dT%H:%M:%S") + f".{nanos:09d}Z"

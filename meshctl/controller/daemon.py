@@ -11,6 +11,10 @@ converge. The load balancers and the node are observed in full once per resync p
 passes in between apply only what changed. While the store is out of reach no pass runs: the
 kernel keeps its last state. SIGTERM ends the loop and leaves every task running; a restarted
 controller adopts them.
+
+Operating it: every part of a pass is timed and every kernel call counted (meshctl.metrics,
+served with /healthz and /readyz by controller.endpoints); the store changes the informer
+brings are turned into the event log (meshctl.events), which the leader writes and prunes.
 """
 
 from __future__ import annotations
@@ -23,23 +27,30 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+from prometheus_client import Histogram
+
 from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
 from kernel.system import Kernel
 from meshctl import ipam, runtime
 from meshctl.controller import names, orchestrator, scheduler, updater
+from meshctl.controller.counted import counted
 from meshctl.controller.discovery import lb_specs
 from meshctl.controller.dns_sync import DnsSync
+from meshctl.controller.endpoints import Endpoints
+from meshctl.controller.liveness import Liveness
 from meshctl.controller.membership import Membership
 from meshctl.controller.node_kernel import set_node_sysctls
 from meshctl.controller.node_reconciler import NodeReconciler
 from meshctl.controller.overlay import VXLAN_PORT, underlay_of
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, view_of
+from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
 from meshctl.lb.backends import backend_named, choose_backend
 from meshctl.lb.reconcile import LbReconciler
+from meshctl.metrics import Metrics, Sources
 from meshctl.model import HealthCheck, MeshctlError, Node, Task
-from meshctl.store import Store, StoreError
+from meshctl.store import Event, Store, StoreError
 from meshctl.store.informer import Informer
 
 log = logging.getLogger("meshctl.controller")
@@ -63,9 +74,19 @@ class Controller:
         upstreams: list[str] | None = None,
         node_ttl: float = 10.0,
         vxlan_port: int = VXLAN_PORT,
+        metrics_addr: str = "",
+        events_window: float = DEFAULT_WINDOW,
+        events_limit: int = DEFAULT_LIMIT,
     ) -> None:
         self.store = store
-        self.kernel = kernel
+        self.metrics = Metrics()
+        self.liveness = Liveness(2 * resync_period)
+        self.endpoints = None
+        if metrics_addr:  # bound first: a taken address fails the start before the node joins
+            self.endpoints = Endpoints(metrics_addr, self.metrics, self.liveness)
+            self.endpoints.start()
+            log.info("metrics, /healthz and /readyz on %s", metrics_addr)
+        self.kernel = kernel = counted(kernel, self.metrics.kernel_operation)
         backend = choose_backend(kernel, lb_backend)
         self.membership = Membership(store, node, ttl=node_ttl)
         self.node = self.membership.join(lb_backend=backend.name, vxlan_port=vxlan_port).name
@@ -74,7 +95,12 @@ class Controller:
         self.resync_period = resync_period
         self.started = time.monotonic()
         self._wake: Callable[[], None] = lambda: None  # set by run(): wakes the loop
-        self.informer = Informer(store, lambda events: self._wake())
+        self.events = EventLog(
+            store, window=events_window, limit=events_limit, keep=max(60.0, 3 * node_ttl)
+        )
+        self.informer = Informer(
+            store, self._store_changed, ignore=(EVENT,), on_changes=self.events.observe
+        )
         retired = self.membership.retired_lb_backend  # its objects go from the LB namespaces
         self.lb = LbReconciler(kernel, backend, retired=backend_named(retired) if retired else None)
         self.underlay = underlay_of(kernel, self.membership.node.address, vxlan_port)
@@ -89,6 +115,16 @@ class Controller:
         self._errors: dict[str, str] = {}  # what failed in the last pass, by network or task
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
+        self._leading = False
+        self.metrics.sources = Sources(
+            dns=self.dns.server.server.stats,
+            forwarder=self.dns.server.server.forwarder,
+            informer=self.informer,
+            liveness=self.liveness,
+            tasks=self._task_states,
+            restarts=lambda: self.supervisor.restarts,
+            leader=lambda: self._leading,
+        )
         log.info("node=%s id=%s lb_backend=%s", self.node, self.node_id, backend.name)
 
     # -- one pass (runs in the worker thread) --------------------------------------------------
@@ -104,33 +140,77 @@ class Controller:
             self.informer.sync(STORE_WAIT)
         return view_of(self.informer.snapshot())
 
+    def _store_changed(self, events: list[Event]) -> None:
+        """The informer applied a batch: it waits for a pass (/healthz), which it wakes."""
+        if events:
+            self.liveness.changed()
+        self._wake()
+
     def _reconcile_once(self) -> float:
         if not self.informer.connected:
             return time.time() + 1.0  # the kernel keeps its last state meanwhile
+        covered = self.liveness.begin()
+        started = time.perf_counter()
+        parts = _Parts(self.metrics.reconcile)
+        try:
+            return self._pass(covered, parts)
+        except BaseException:
+            parts("pass").failed = True
+            raise
+        finally:
+            parts("pass").spent = time.perf_counter() - started
+            parts.observe()
+
+    def _pass(self, covered: int, timed: _Parts) -> float:
         view = self._view()
         errors: dict[str, str] = {}
-        if self._orchestrate(view, errors):
-            view = self._view(wait=True)
-        if self._claim_lb_addresses(view, errors):
-            view = self._view(wait=True)
+        with timed("orchestrate") as part:
+            if self._orchestrate(view, errors):
+                view = self._view(wait=True)
+            if self._claim_lb_addresses(view, errors):
+                view = self._view(wait=True)
+            part.failed = dict(errors)
         self._last_view = view
-        self.dns.sync_records(view, self.node)  # first: answers follow the store at once
+        with timed("dns"):
+            self.dns.sync_records(view, self.node)  # first: answers follow the store at once
         if not self._adopted:
             self.supervisor.adopt(view)
             self._adopted = True
         wired = self.supervisor.wired(view)
-        errors |= self.node_sync.sync(view, wired, self.dns.ports)
+        with timed("node") as part:
+            part.failed = self.node_sync.sync(view, wired, self.dns.ports)
+            errors |= part.failed
         self.supervisor.port_errors = self.node_sync.port_errors
         # Task namespaces after wiring; adding DNS endpoints below creates or removes none.
         present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
         task_dirs = {tid: self.supervisor.task_dir(tid) for tid in wired}
-        if self.dns.sync_endpoints(view, wired, present, task_dirs):
-            errors |= self.node_sync.sync(view, wired, self.dns.ports)  # their redirect rules
-        errors |= self._sync_lb(view)
+        with timed("dns"):
+            added = self.dns.sync_endpoints(view, wired, present, task_dirs)
+        if added:
+            with timed("node") as part:
+                failed = self.node_sync.sync(view, wired, self.dns.ports)  # their redirects
+                part.failed, errors = part.failed or failed, errors | failed
+        with timed("lb") as part:
+            part.failed = self._sync_lb(view)
+            errors |= part.failed
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
-        deadline = self.supervisor.step(view, unwired)
+        with timed("tasks"):
+            deadline = self.supervisor.step(view, unwired)
         self._report(errors, "")
+        self.events.flush(self._leading)
+        problem = _problem(errors)
+        for wait in self.liveness.end(covered, problem):
+            self.metrics.programming.observe(wait)
+        timed("pass").failed = problem
         return min(deadline, time.time() + self.resync_period)
+
+    def _task_states(self) -> dict[str, int]:
+        """This node's tasks by state, as the last pass saw them (for /metrics)."""
+        counts: dict[str, int] = {}
+        view = self._last_view
+        for task in view.tasks_on(self.node) if view is not None else []:
+            counts[task.state] = counts.get(task.state, 0) + 1
+        return counts
 
     def _orchestrate(self, view: ClusterView, errors: dict[str, str]) -> bool:
         """The leader's part: keep every service's slots filled (and no more), move tasks off
@@ -139,7 +219,8 @@ class Controller:
         one (a replacement) is placed in the same pass. A leader that has just started gives
         nodes without a live controller one lease period to come back before it judges them
         down."""
-        if not self.membership.lead(view.leader):
+        self._leading = self.membership.lead(view.leader)
+        if not self._leading:
             return False
         settled = time.monotonic() - self.started > self.membership.ttl
         changed = False
@@ -257,6 +338,7 @@ class Controller:
                     deadline = await loop.run_in_executor(worker, self.reconcile_once)
                 except Exception as err:
                     log.exception("reconcile pass failed; retrying")
+                    self.liveness.failed(_one_line(err))
                     await loop.run_in_executor(
                         worker, self._report, self._errors, f"degraded: {_one_line(err)}"
                     )
@@ -282,6 +364,8 @@ class Controller:
             # The lease is left to run out: a controller restarted within it takes over
             # without the node ever looking down.
             self.membership.stop()
+            if self.endpoints is not None:
+                self.endpoints.stop()
             log.info("controller stopped; tasks keep running")
 
     def _watch_exits(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
@@ -321,6 +405,7 @@ class Controller:
                 state: runtime.HealthState, result: runtime.ProbeResult, local: Local = local
             ) -> None:
                 local.health = state
+                self.metrics.health_transitions.labels(state).inc()
                 log.info("health %s: %s", state, result.output.strip()[:200])
                 wake()
 
@@ -337,6 +422,43 @@ class Controller:
         if service is None or service.health is None or not task.addresses:
             return None
         return service.health, next(iter(task.addresses.values()))
+
+
+class _Parts:
+    """The time each kind of work took in one pass (a kind may run twice, as the node's), for
+    the reconcile histogram: observed once per kind with its result, error if it raised or
+    its `failed` was set (what it reports as failing)."""
+
+    def __init__(self, histogram: Histogram) -> None:
+        self.histogram = histogram
+        self.parts: dict[str, _Part] = {}
+
+    def __call__(self, kind: str) -> _Part:
+        return self.parts.setdefault(kind, _Part())
+
+    def observe(self) -> None:
+        for kind, part in self.parts.items():
+            result = "error" if part.failed else "success"
+            self.histogram.labels(kind, result).observe(part.spent)
+
+
+class _Part:
+    def __init__(self) -> None:
+        self.spent = 0.0
+        self.failed: object = None
+
+    def __enter__(self) -> _Part:
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        self.spent += time.perf_counter() - self.started
+        self.failed = self.failed or kind is not None
+
+
+def _problem(errors: dict[str, str]) -> str:
+    """Why a pass did not converge, in one line for /healthz ("" when it did)."""
+    return "; ".join(f"{what} fails on this node: {why}" for what, why in sorted(errors.items()))
 
 
 def _one_line(err: BaseException) -> str:

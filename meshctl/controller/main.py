@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import socket
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from kernel.system import Kernel
 from meshctl.controller.membership import DEFAULT_TTL
 from meshctl.controller.overlay import VXLAN_PORT
+from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW
 from meshctl.model import Node, ValidationError, check_address, check_name, check_port
 from meshctl.store import Store
 
@@ -30,6 +32,26 @@ class LogfmtFormatter(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line (--log-format json), for journald, Loki or Elasticsearch:
+    time, level, logger, msg, and exc with a traceback."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, str] = {
+            "time": f"{stamp}.{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False)
+
+
+LOG_FORMATS = {"logfmt": LogfmtFormatter, "json": JsonFormatter}
 
 
 def default_node_name() -> str:
@@ -49,6 +71,10 @@ class ControllerSettings:
     advertise_addr: str = ""  # empty: the address of the default route, found at start
     node_ttl: float = DEFAULT_TTL
     vxlan_port: int = VXLAN_PORT
+    metrics_addr: str = ""  # empty: no /metrics, /healthz, /readyz
+    log_format: str = "logfmt"
+    events_window: float = DEFAULT_WINDOW
+    events_limit: int = DEFAULT_LIMIT
 
 
 def controller_settings(
@@ -59,8 +85,13 @@ def controller_settings(
     advertise_addr: str | None = None,
     node_ttl: float = DEFAULT_TTL,
     vxlan_port: int = VXLAN_PORT,
+    metrics_addr: str = "",
+    log_format: str = "logfmt",
+    events_window: float = DEFAULT_WINDOW,
+    events_limit: int = DEFAULT_LIMIT,
 ) -> ControllerSettings:
     """Check every option at once, so a bad one fails before the node is registered."""
+    from meshctl.controller.endpoints import parse_address
     from meshctl.dns.forwarder import parse_upstream
 
     name = check_name(node or default_node_name(), "--node")
@@ -75,6 +106,14 @@ def controller_settings(
         except ValueError as err:
             raise ValidationError(f"invalid --upstream-dns: {err}") from None
     check_port(vxlan_port, "--vxlan-port")
+    if metrics_addr:
+        parse_address(metrics_addr)
+    if log_format not in LOG_FORMATS:
+        raise ValidationError(f"invalid --log-format {log_format!r}: use logfmt or json")
+    if not events_window > 0:
+        raise ValidationError(f"invalid --events-window {events_window:g}s: use one above 0")
+    if events_limit < 1:
+        raise ValidationError(f"invalid --events-max {events_limit}: keep at least 1 event")
     return ControllerSettings(
         name,
         lb_backend,
@@ -83,6 +122,10 @@ def controller_settings(
         advertise_addr or "",
         node_ttl,
         vxlan_port,
+        metrics_addr,
+        log_format,
+        events_window,
+        events_limit,
     )
 
 
@@ -104,7 +147,7 @@ def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -
     from meshctl.dns import read_resolv_conf
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+    handler.setFormatter(LOG_FORMATS[settings.log_format]())
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
     upstreams = settings.upstreams or read_resolv_conf("/etc/resolv.conf")
     kernel = real_kernel()
@@ -124,6 +167,9 @@ def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -
         upstreams=upstreams,
         node_ttl=settings.node_ttl,
         vxlan_port=settings.vxlan_port,
+        metrics_addr=settings.metrics_addr,
+        events_window=settings.events_window,
+        events_limit=settings.events_limit,
     )
     asyncio.run(controller.run())
     return 0

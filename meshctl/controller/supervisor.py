@@ -58,6 +58,7 @@ class Supervisor:
     tasks: dict[str, Local] = field(default_factory=dict)
     # service id → why one of its published ports is not published on this node
     port_errors: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0  # processes started again after an exit (for /metrics)
 
     # -- the pass ------------------------------------------------------------------------------
 
@@ -257,6 +258,7 @@ class Supervisor:
                 # A start after a recorded exit is a restart; the first start is not.
                 restarted = updated.state in ("failed", "complete")
                 restarts = updated.restarts + (1 if restarted else 0)
+                self.restarts += restarted
                 updated = dataclasses.replace(
                     updated, pid=pid, start_time=start_time, restarts=restarts
                 ).with_event(now, "running", f"started, pid {pid}")

@@ -14,7 +14,8 @@ import os
 import socket
 from collections.abc import Sequence
 
-from meshctl.dns.wire import RCODE_REFUSED, RCODE_SERVFAIL, error_reply
+from meshctl.dns.wire import RCODE_REFUSED, RCODE_SERVFAIL, error_reply, rcode_name
+from meshctl.stats import Counts
 
 DNS_PORT = 53
 RESOLV_CONF = "/etc/resolv.conf"
@@ -74,6 +75,9 @@ class Forwarder:
         self.timeout = timeout
         self.max_in_flight = max_in_flight
         self.in_flight = 0
+        self.sent = Counts()  # by upstream ("address:port")
+        # by upstream and why: timeout, error, malformed, SERVFAIL, REFUSED
+        self.failures = Counts()
 
     @property
     def full(self) -> bool:
@@ -86,16 +90,24 @@ class Forwarder:
         try:
             for address, port in self.upstreams:
                 ident = os.urandom(2)
+                upstream = f"{address}:{port}"
+                self.sent.inc(upstream)
                 try:
                     ask = self._ask_tcp if tcp else self._ask_udp
                     reply = await asyncio.wait_for(
                         ask(address, port, ident + query[2:]), self.timeout
                     )
-                except (TimeoutError, OSError, asyncio.IncompleteReadError):
+                except TimeoutError:
+                    self.failures.inc(upstream, "timeout")
+                    continue
+                except (OSError, asyncio.IncompleteReadError):
+                    self.failures.inc(upstream, "error")
                     continue
                 if len(reply) < 12 or reply[:2] != ident:
+                    self.failures.inc(upstream, "malformed")
                     continue
                 if reply[3] & 0x0F in _GIVE_UP_RCODES:
+                    self.failures.inc(upstream, rcode_name(reply))
                     continue
                 return query[:2] + reply[2:]
             return error_reply(query, RCODE_SERVFAIL)

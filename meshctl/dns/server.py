@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,8 @@ from kernel import netns
 from kernel.errors import calling
 from meshctl.dns.forwarder import EMBEDDED_ADDRESS, Forwarder
 from meshctl.dns.records import DnsView, ScopeTable, Zone, build_zones
-from meshctl.dns.wire import RCODE_SERVFAIL, error_reply
+from meshctl.dns.wire import RCODE_SERVFAIL, error_reply, query_type, rcode_name
+from meshctl.stats import DNS_BUCKETS, Counts, Histogram
 
 # Datagrams read per readiness callback: the loop then moves to the other endpoints, so a task
 # flooding its socket gets a fair share, not the whole loop.
@@ -28,6 +30,24 @@ TCP_IDLE_SECONDS = 10.0
 # Room for bursts (the kernel caps it at net.core.rmem_max); beyond it the kernel drops a
 # flood's excess on the flooding task's socket alone.
 UDP_RECV_BUFFER = 1 << 20
+
+
+@dataclass
+class DnsStats:
+    """What the server answered, for /metrics: requests by protocol and type, responses by
+    rcode and source (local, forward), durations by type from the query's arrival to the
+    reply's send."""
+
+    requests: Counts = field(default_factory=Counts)
+    responses: Counts = field(default_factory=Counts)
+    durations: dict[str, Histogram] = field(default_factory=dict)
+
+    def answered(self, reply: bytes, source: str, qtype: str, started: float) -> None:
+        self.responses.inc(rcode_name(reply), source)
+        histogram = self.durations.get(qtype)
+        if histogram is None:
+            histogram = self.durations[qtype] = Histogram(DNS_BUCKETS)
+        histogram.observe(time.perf_counter() - started)
 
 
 @dataclass(eq=False)
@@ -90,6 +110,7 @@ class DnsServer:
         max_tcp_per_endpoint: int = 16,
     ) -> None:
         self.forwarder = Forwarder(upstreams, forward_timeout, max_forwards)
+        self.stats = DnsStats()
         self.max_forwards_per_endpoint = max_forwards_per_endpoint
         self.max_tcp_per_endpoint = max_tcp_per_endpoint
         self._zones: dict[str, Zone] = {}
@@ -164,33 +185,42 @@ class DnsServer:
         """The hot path: answer up to UDP_BUDGET queued datagrams from the endpoint's socket."""
         sock = endpoint.udp
         answer = endpoint.table.answer
+        stats = self.stats
         for _ in range(UDP_BUDGET):
             try:
                 data, peer = sock.recvfrom(65535)
             except OSError:  # drained (EAGAIN) or a queued ICMP error: nothing to read now
                 return
+            started = time.perf_counter()
+            qtype = query_type(data)
+            stats.requests.inc("udp", qtype)
             reply = answer(data, False)
             if reply is None:
-                self._forward_udp(endpoint, data, peer)
+                self._forward_udp(endpoint, data, peer, qtype, started)
             elif reply:
                 try:  # noqa: SIM105 -- suppress() costs a context manager per packet here
                     sock.sendto(reply, peer)
                 except OSError:  # the client's buffer is full or it went away: as UDP loss
                     pass
+                stats.answered(reply, "local", qtype, started)
 
     def _may_forward(self, endpoint: _Endpoint) -> bool:
         """Whether a forward fits both the endpoint's and the server's bound on forwards."""
         return endpoint.forwards < self.max_forwards_per_endpoint and not self.forwarder.full
 
-    def _forward_udp(self, endpoint: _Endpoint, data: bytes, peer: tuple[str, int]) -> None:
+    def _forward_udp(
+        self, endpoint: _Endpoint, data: bytes, peer: tuple[str, int], qtype: str, started: float
+    ) -> None:
         if not self._may_forward(endpoint):
+            reply = error_reply(data, RCODE_SERVFAIL)
             with contextlib.suppress(OSError):  # lost like any UDP reply
-                endpoint.udp.sendto(error_reply(data, RCODE_SERVFAIL), peer)
+                endpoint.udp.sendto(reply, peer)
+            self.stats.answered(reply, "overload", qtype, started)
             return
-        self._start(None, self._forward_then_reply(endpoint, data, peer))
+        self._start(None, self._forward_then_reply(endpoint, data, peer, qtype, started))
 
     async def _forward_then_reply(
-        self, endpoint: _Endpoint, data: bytes, peer: tuple[str, int]
+        self, endpoint: _Endpoint, data: bytes, peer: tuple[str, int], qtype: str, started: float
     ) -> None:
         endpoint.forwards += 1
         try:
@@ -199,6 +229,7 @@ class DnsServer:
             endpoint.forwards -= 1
         with contextlib.suppress(OSError):  # the endpoint was removed meanwhile, or the client left
             endpoint.udp.sendto(reply, peer)
+        self.stats.answered(reply, "forward", qtype, started)
 
     async def _accept(self, endpoint: _Endpoint) -> None:
         """Accept TCP connections, each served by its own task, up to the endpoint's bound."""
@@ -223,11 +254,17 @@ class DnsServer:
                 head = await asyncio.wait_for(_recv_exactly(conn, 2), TCP_IDLE_SECONDS)
                 length = int.from_bytes(head, "big")
                 data = await asyncio.wait_for(_recv_exactly(conn, length), TCP_IDLE_SECONDS)
+                started = time.perf_counter()
+                qtype = query_type(data)
+                self.stats.requests.inc("tcp", qtype)
                 reply = endpoint.table.answer(data, True)
+                source = "local"
                 if reply is None:
+                    source = "forward" if self._may_forward(endpoint) else "overload"
                     reply = await self._forward_tcp(endpoint, data)
                 if reply:
                     await loop.sock_sendall(conn, len(reply).to_bytes(2, "big") + reply)
+                    self.stats.answered(reply, source, qtype, started)
         except (TimeoutError, EOFError, OSError):
             pass
         finally:

@@ -48,6 +48,27 @@ def question_end(data: bytes) -> int | None:
     return None
 
 
+# Names of the query types and response codes metrics carry (CoreDNS's); other types count
+# as "other", so a client sending every type cannot grow the label set.
+QTYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA",
+               33: "SRV", 35: "NAPTR", 64: "SVCB", 65: "HTTPS", 255: "ANY"}  # fmt: skip
+RCODE_NAMES = ("NOERROR", "FORMERR", "SERVFAIL", "NXDOMAIN", "NOTIMP", "REFUSED")
+
+
+def query_type(data: bytes) -> str:
+    """The name of a query's type for metrics ("other" for the rest and for malformed ones)."""
+    qend = question_end(data)
+    if qend is None:
+        return "other"
+    return QTYPE_NAMES.get(int.from_bytes(data[qend - 4 : qend - 2], "big"), "other")
+
+
+def rcode_name(reply: bytes) -> str:
+    """The name of a reply's response code (its numeric value past the common six)."""
+    code = reply[3] & 0x0F if len(reply) >= 4 else RCODE_FORMERR
+    return RCODE_NAMES[code] if code < len(RCODE_NAMES) else str(code)
+
+
 def edns_size(data: bytes, qend: int) -> int | None:
     """The client's EDNS UDP size if data ends with one OPT record of version 0, else None."""
     if len(data) < qend + 11 or data[qend] != 0 or data[qend + 1 : qend + 3] != TYPE_OPT:

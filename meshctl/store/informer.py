@@ -10,6 +10,9 @@ without a request to the store. While the store is unreachable, the copy stays a
 
 A record built from a watch event carries the event's revision as its mod_revision (what
 compare-and-swaps need); its create_revision is kept from the copy, or that same revision.
+Kinds in `ignore` (the event log, which only the CLI reads) are neither kept nor reported: a
+write of theirs wakes no controller. For /metrics it counts its re-lists by reason and knows
+when its copy was last known to hold everything in the store.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
+from meshctl.stats import Counts
 from meshctl.store import Compacted, Event, Record, Snapshot, Store, StoreError
 
 log = logging.getLogger("meshctl.informer")
 
 Key = tuple[str, str]
+Change = tuple[Record | None, Event]  # a key's record in the copy before the event, the event
 WATCH_TIMEOUT = 1.0
 BACKOFF_START = 0.2
 BACKOFF_CAP = 5.0
@@ -47,13 +52,21 @@ def sweep(old: dict[Key, Record], new: Snapshot) -> list[Event]:
 
 class Informer:
     """Follows a store from a thread of its own; on_events(events) is called for every batch
-    applied (from that thread), deletes found by a re-list included."""
+    applied (from that thread), deletes found by a re-list included; on_changes, if given,
+    with each event and the record it replaced."""
 
     def __init__(
-        self, store: Store, on_events: Callable[[list[Event]], None] = lambda events: None
+        self,
+        store: Store,
+        on_events: Callable[[list[Event]], None] = lambda events: None,
+        *,
+        ignore: Collection[str] = (),
+        on_changes: Callable[[list[Change]], None] | None = None,
     ) -> None:
         self.store = store
         self._on_events = on_events
+        self._on_changes = on_changes
+        self._ignore = frozenset(ignore)
         self._records: dict[Key, Record] = {}
         self._revision = 0
         self._listed = False  # the copy holds a whole snapshot
@@ -62,6 +75,8 @@ class Informer:
         self._thread: threading.Thread | None = None
         self.connected = False
         self.error = ""
+        self.relists = Counts()  # by reason: compacted, unreachable
+        self.current_at = 0.0  # monotonic time the copy last held all the store had
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -117,25 +132,35 @@ class Informer:
                 if relist:
                     self._relist()
                     relist = False
+                asked = time.monotonic()
                 events = self.store.watch(self.revision, timeout=WATCH_TIMEOUT)
                 if events:
                     self._apply(events)
+                # Nothing new: current now. Events: current at least as of the question.
+                self.current_at = asked if events else time.monotonic()
                 backoff = BACKOFF_START
             except Compacted as err:
                 log.info("the store's history moved on (%s); listing again", err)
+                self.relists.inc("compacted")
                 relist = True
             except StoreError as err:
                 if self.connected or not self.error:
                     log.warning("store unreachable, keeping the last state: %s", err)
+                    self.relists.inc("unreachable")
                 self.connected, self.error = False, str(err)
                 relist = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, BACKOFF_CAP)
 
     def _relist(self) -> None:
+        asked = time.monotonic()
         snapshot = self.store.snapshot()
+        if self._ignore:
+            kept = {k: rs for k, rs in snapshot.records.items() if k not in self._ignore}
+            snapshot = Snapshot(snapshot.revision, kept)
         with self._changed:
-            events = sweep(self._records, snapshot) if self._listed else []
+            old = self._records
+            events = sweep(old, snapshot) if self._listed else []
             self._records = {
                 (r.kind, r.name): r for records in snapshot.records.values() for r in records
             }
@@ -145,20 +170,31 @@ class Informer:
         if not self.connected and self.error:
             log.info("store reachable again at revision %d", snapshot.revision)
         self.connected, self.error = True, ""
+        self.current_at = asked
+        if self._on_changes is not None and events:
+            self._on_changes([(old.get((e.kind, e.name)), e) for e in events])
         self._on_events(events)  # also when empty: a fresh copy is news to one who waited
 
     def _apply(self, events: list[Event]) -> None:
+        changes: list[Change] = []
         with self._changed:
             for event in events:
+                if event.kind in self._ignore:
+                    continue
                 key = (event.kind, event.name)
+                before = self._records.get(key)
+                changes.append((before, event))
                 if event.type == "delete" or event.value is None:
                     self._records.pop(key, None)
                     continue
-                before = self._records.get(key)
                 created = before.create_revision if before else event.revision
                 self._records[key] = Record(
                     event.kind, event.name, event.value, created, event.revision
                 )
             self._revision = max(self._revision, events[-1].revision)
             self._changed.notify_all()
-        self._on_events(events)
+        if not changes:
+            return
+        if self._on_changes is not None:
+            self._on_changes(changes)
+        self._on_events([event for _, event in changes])
