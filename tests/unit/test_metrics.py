@@ -50,7 +50,11 @@ def test_names_follow_prometheus_conventions() -> None:
 
 
 def wire_query(qtype: int) -> bytes:
-    return b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00" + qtype.to_bytes(2, "big") + b"\x00\x01"  # noqa: E501
+    return (
+        b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00"
+        + qtype.to_bytes(2, "big")
+        + b"\x00\x01"
+    )  # noqa: E501
 
 
 def test_dns_counts_come_out_by_type_rcode_and_upstream() -> None:
@@ -98,7 +102,7 @@ def test_healthz_fails_while_a_change_waits_longer_than_the_bound() -> None:
     assert live.health()[0]
     clock.now += 2
     healthy, why = live.health()
-    assert not healthy and "a store change has waited 21.0s for a pass (bound 20s)" == why
+    assert not healthy and why == "a store change has waited 21.0s for a pass (bound 20s)"
     covered = live.begin()
     clock.now += 0.5
     assert live.end(covered, "") == [pytest.approx(21.5)]
