@@ -6,6 +6,7 @@ Imports no kernel module at import time, so `meshctl --help` works without root.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -15,7 +16,7 @@ from typing import Any, Literal, TypeVar, cast
 
 import click
 
-from meshctl import nodes, ops, output
+from meshctl import formats, nodes, ops, output
 from meshctl.model import (
     NODE,
     REPLICAS_CEILING,
@@ -37,12 +38,18 @@ from meshctl.model import (
     from_record,
     proc_pid,
 )
-from meshctl.store import Store, StoreError, default_store_url, open_store, resolve_state_dir
+from meshctl.store import (
+    Compacted,
+    Record,
+    Store,
+    StoreError,
+    default_store_url,
+    open_store,
+    resolve_state_dir,
+)
 
-# How long create/update/scale wait for tasks to run when a controller is up (no --detach).
-CONVERGE_TIMEOUT = 60.0
 POLL_INTERVAL = 0.5
-Format = Literal["table", "json"]
+Format = str  # table, json or a template (meshctl.formats)
 F = TypeVar("F", bound=Callable[..., Any])
 # Limits a host sets in the environment (see README, "Limits").
 MAX_REPLICAS_ENV = "MESHCTL_MAX_REPLICAS"
@@ -145,15 +152,32 @@ def _task_ref(text: str) -> str:
     return check_name(text, "service or task name")
 
 
+def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    return formats.check(value)
+
+
 def _format_option(fn: F) -> F:
     return click.option(
         "--format",
         "fmt",
-        type=click.Choice(["table", "json"]),
         default="table",
         show_default=True,
-        help="Output format; the JSON is stable (docs/cli-json.md).",
+        callback=_check_format,
+        help="table, json (stable: docs/cli-json.md) or a template applied to each item's "
+        "JSON, as docker's: '{{.Name}} {{.Id}}', '{{json .}}'.",
     )(fn)
+
+
+def _show(fmt: Format, docs: Any, table: Callable[[], str]) -> None:
+    """Print docs (a JSON document or a list of them) as --format says."""
+    if fmt == "json":
+        click.echo(output.dumps(docs))
+    elif fmt == "table":
+        click.echo(table())
+    else:
+        template = formats.parse(fmt)
+        for doc in docs if isinstance(docs, list) else [docs]:
+            click.echo(formats.render(template, doc))
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -254,12 +278,10 @@ def network_ls(fmt: Format) -> None:
     """List networks."""
     store = _store()
     networks = ops.list_networks(store)
-    if fmt == "json":
-        click.echo(
-            output.dumps([output.network_json(n, ops.network_ipam(store, n)) for n in networks])
-        )
-    else:
-        click.echo(output.network_table(networks))
+    docs = [] if fmt == "table" else [
+        output.network_json(n, ops.network_ipam(store, n)) for n in networks
+    ]  # fmt: skip
+    _show(fmt, docs, lambda: output.network_table(networks))
 
 
 @network.command("inspect")
@@ -270,10 +292,7 @@ def network_inspect(name: str, fmt: Format) -> None:
     store = _store()
     net = ops.get_network(store, check_name(name, "network name"))
     state = ops.network_ipam(store, net)
-    if fmt == "json":
-        click.echo(output.dumps(output.network_json(net, state)))
-    else:
-        click.echo(output.network_pretty(net, state))
+    _show(fmt, output.network_json(net, state), lambda: output.network_pretty(net, state))
 
 
 @network.command("rm")
@@ -440,34 +459,68 @@ def _spec_changes(name: str, opts: Mapping[str, Any], current: Service | None) -
     return changes
 
 
-def _wait(store: Store, names: Sequence[str]) -> None:
-    """Wait (bounded) until the services' tasks run, if a controller is there to run them."""
+def _wait(store: Store, names: Sequence[str], timeout: float, ids: Mapping[str, str]) -> None:
+    """Wait until the services' tasks run (or, for removed ones, have stopped), showing each
+    slot's progress: docker's bars on a terminal, a line per change otherwise. After timeout,
+    each stuck task's reason and exit code 1. ids: service name → id (a removed one's)."""
+    from meshctl import progress
+
     if not nodes.controller_running(store):
         click.echo("no controller is running: tasks stay pending", err=True)
         return
-    deadline = time.monotonic() + CONVERGE_TIMEOUT
-    last = ""
+    tty = sys.stderr.isatty()
+    deadline = time.monotonic() + timeout
+    seen: dict[tuple[str, int | None], float] = {}  # (task, pid) → when first seen running
+    drawn, last = 0, ""
     while True:
-        progress = []
+        now = time.monotonic()
+        statuses = nodes.statuses(store)
+        tasks = ops.list_tasks(store)
+        for task in tasks:
+            if task.state == "running":
+                seen.setdefault((task.id, task.pid), now)
+        views = []
         for name in names:
-            svc = ops.get_service(store, name)
-            tasks = [t for t in ops.list_tasks(store, svc) if t.desired_state == "running"]
-            running = sum(t.state == "running" and t.spec_version == svc.version for t in tasks)
-            progress.append((name, running, svc.replicas))
-        line = ", ".join(f"{n}: {r}/{d} running" for n, r, d in progress)
-        if line != last:
-            click.echo(line, err=True)
-            last = line
-        if all(r == d for _, r, d in progress):
+            try:
+                service: Service | None = ops.get_service(store, name)
+            except MeshctlError:
+                service = None  # removed (rm, or meanwhile)
+            sid = service.id if service is not None else ids[name]
+            mine = [t for t in tasks if t.service_id == sid]
+            views.append(progress.progress(name, service, mine, statuses, seen, now))
+        if tty:
+            lines = [line for view in views for line in progress.bars(view)]
+            up = f"\x1b[{drawn}F" if drawn else ""
+            click.echo(up + "".join(f"\x1b[2K{line}\n" for line in lines), err=True, nl=False)
+            drawn = len(lines)
+        else:
+            line = "; ".join(progress.summary(view) for view in views)
+            if line != last:
+                click.echo(line, err=True)
+                last = line
+        if all(view.converged for view in views):
+            if not tty:
+                click.echo(f"{', '.join(names)}: converged", err=True)
             return
-        if time.monotonic() > deadline:
-            click.echo(
-                f"tasks did not all start within {CONVERGE_TIMEOUT:g}s; "
-                f"see: meshctl service ps {names[0]}",
-                err=True,
+        if now > deadline:
+            for view in views:
+                for reason in progress.stuck(view):
+                    click.echo(reason, err=True)
+            raise MeshctlError(
+                f"{', '.join(names)} did not converge within {timeout:g}s; see: "
+                f"meshctl service ps {names[0]}"
             )
-            return
         time.sleep(POLL_INTERVAL)
+
+
+def _timeout_option(fn: F) -> F:
+    return click.option(
+        "--timeout",
+        default="60s",
+        show_default=True,
+        metavar="D",
+        help="Without --detach: how long to wait for the tasks before failing with why.",
+    )(fn)
 
 
 # Everything after the first argument is the command, so its own options need no `--`.
@@ -488,8 +541,14 @@ def _refuse_ports_in_use(ports: Iterable[PublishedPort]) -> None:
 @service.command("create", context_settings={"allow_interspersed_args": False})
 @click.option("--name", required=True, help="Service name (a DNS label of at most 56 characters).")
 @_service_options
-def service_create(name: str, detach: bool, **opts: Any) -> None:
-    """Create a service running COMMAND in each task; print its id."""
+@_timeout_option
+def service_create(name: str, detach: bool, timeout: str, **opts: Any) -> None:
+    """Create a service running COMMAND in each task; print its id.
+
+    Without --detach it waits until every task runs (and is healthy, with a health check),
+    showing each one's progress, and fails with each stuck task's reason after --timeout.
+    """
+    wait = duration(timeout, "--timeout")
     if not opts["command"]:
         raise click.UsageError("missing COMMAND: put it after '--', like: -- sleep infinity")
     spec = Service(name=name, **_spec_changes(name, opts, None))
@@ -498,15 +557,21 @@ def service_create(name: str, detach: bool, **opts: Any) -> None:
     created = ops.create_service(store, spec)
     click.echo(created.id)
     if not detach:
-        _wait(store, [name])
+        _wait(store, [name], wait, {name: created.id})
 
 
 # NAME comes first here: options may follow it, and the new command goes after `--`.
 @service.command("update")
 @click.argument("name")
 @_service_options
-def service_update(name: str, detach: bool, **opts: Any) -> None:
-    """Change options of service NAME (given list options replace the old list)."""
+@_timeout_option
+def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
+    """Change options of service NAME (given list options replace the old list).
+
+    Tasks are replaced one at a time, the new one running before the old one stops; without
+    --detach it waits for all of them as `service create` does.
+    """
+    wait = duration(timeout, "--timeout")
     store = _store()
     changes = _spec_changes(name, opts, ops.get_service(store, check_name(name, "service name")))
     if not changes:
@@ -515,10 +580,10 @@ def service_update(name: str, detach: bool, **opts: Any) -> None:
     _refuse_ports_in_use(
         [p for p in changes.get("ports", ()) if (p.published, p.protocol) not in old_ports]
     )
-    ops.update_service(store, name, changes)
+    updated = ops.update_service(store, name, changes)
     click.echo(name)
     if not detach:
-        _wait(store, [name])
+        _wait(store, [name], wait, {name: updated.id})
 
 
 @service.command("ls")
@@ -527,10 +592,8 @@ def service_ls(fmt: Format) -> None:
     """List services."""
     store = _store()
     services, tasks = ops.list_services(store), ops.list_tasks(store)
-    if fmt == "json":
-        click.echo(output.dumps([output.service_summary_json(s, tasks) for s in services]))
-    else:
-        click.echo(output.service_table(services, tasks))
+    docs = [output.service_summary_json(s, tasks) for s in services]
+    _show(fmt, docs, lambda: output.service_table(services, tasks))
 
 
 @service.command("inspect")
@@ -541,10 +604,7 @@ def service_inspect(name: str, fmt: Format) -> None:
     store = _store()
     svc = ops.get_service(store, check_name(name, "service name"))
     tasks = ops.list_tasks(store, svc)
-    if fmt == "json":
-        click.echo(output.dumps(output.service_json(svc, tasks)))
-    else:
-        click.echo(output.service_pretty(svc, tasks))
+    _show(fmt, output.service_json(svc, tasks), lambda: output.service_pretty(svc, tasks))
 
 
 @service.command("ps")
@@ -555,17 +615,21 @@ def service_ps(name: str, fmt: Format) -> None:
     store = _store()
     tasks = ops.list_tasks(store, ops.get_service(store, check_name(name, "service name")))
     statuses = nodes.statuses(store)
-    if fmt == "json":
-        click.echo(output.dumps([output.task_json(t, statuses) for t in tasks]))
-    else:
-        click.echo(output.task_table(tasks, statuses=statuses))
+    docs = [output.task_json(t, statuses) for t in tasks]
+    _show(fmt, docs, lambda: output.task_table(tasks, statuses=statuses))
 
 
 @service.command("scale")
 @click.argument("assignments", nargs=-1, required=True, metavar="NAME=REPLICAS...")
 @click.option("--detach", "-d", is_flag=True, help="Return without waiting for tasks.")
-def service_scale(assignments: tuple[str, ...], detach: bool) -> None:
-    """Set the number of tasks of one or more services, all at once."""
+@_timeout_option
+def service_scale(assignments: tuple[str, ...], detach: bool, timeout: str) -> None:
+    """Set the number of tasks of one or more services, all at once.
+
+    Without --detach it waits until each service runs exactly that many tasks, and fails
+    with each stuck task's reason (no suitable node, its exit code, unhealthy) after --timeout.
+    """
+    wait = duration(timeout, "--timeout")
     replicas: dict[str, int] = {}
     for item in assignments:
         name, eq, count = item.partition("=")
@@ -574,18 +638,28 @@ def service_scale(assignments: tuple[str, ...], detach: bool) -> None:
             raise click.BadParameter(f"{item!r}: write NAME=REPLICAS, like web=3")
         replicas[check_name(name, "service name")] = _check_replicas(name, number)
     store = _store()
-    for svc in ops.scale_services(store, replicas):
+    scaled = ops.scale_services(store, replicas)
+    for svc in scaled:
         click.echo(f"{svc.name} scaled to {svc.replicas}")
     if not detach:
-        _wait(store, list(replicas))
+        _wait(store, list(replicas), wait, {svc.name: svc.id for svc in scaled})
 
 
 @service.command("rm")
 @click.argument("name")
-def service_rm(name: str) -> None:
-    """Remove service NAME; its tasks are stopped by their controllers."""
-    ops.remove_service(_store(), check_name(name, "service name"))
+@click.option("--detach", "-d", is_flag=True, help="Return without waiting for the tasks.")
+@_timeout_option
+def service_rm(name: str, detach: bool, timeout: str) -> None:
+    """Remove service NAME; its tasks are stopped by their controllers.
+
+    Without --detach it waits until every task has stopped.
+    """
+    wait = duration(timeout, "--timeout")
+    store = _store()
+    removed = ops.remove_service(store, check_name(name, "service name"))
     click.echo(name)
+    if not detach:
+        _wait(store, [name], wait, {name: removed.id})
 
 
 @service.command("logs")
@@ -675,10 +749,7 @@ def node() -> None:
 def node_ls(fmt: Format) -> None:
     """List nodes: STATUS is ready while the node's controller is live, else down."""
     views = nodes.node_views(_store())
-    if fmt == "json":
-        click.echo(output.dumps([output.node_json(v) for v in views]))
-    else:
-        click.echo(output.node_table(views))
+    _show(fmt, [output.node_json(v) for v in views], lambda: output.node_table(views))
 
 
 @node.command("inspect")
@@ -689,10 +760,7 @@ def node_inspect(name: str, fmt: Format) -> None:
     store = _store()
     wanted = nodes.get_node(store, name).name
     (view,) = [v for v in nodes.node_views(store) if v.node.name == wanted]
-    if fmt == "json":
-        click.echo(output.dumps(output.node_json(view)))
-    else:
-        click.echo(output.node_pretty(view))
+    _show(fmt, output.node_json(view), lambda: output.node_pretty(view))
 
 
 @node.command("update")
@@ -729,17 +797,118 @@ def node_rm(name: str) -> None:
     click.echo(name)
 
 
+# -- events ----------------------------------------------------------------------------------
+
+
+@main.command("events")
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="Show events from then on: a duration back (10m), Unix seconds or an RFC 3339 time "
+    "[default: only new events; with --until, every kept one].",
+)
+@click.option(
+    "--until", metavar="TIME", help="Stop at then (as --since); a past time: print and exit."
+)
+@click.option(
+    "--filter",
+    "filters",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Only matching events (repeatable; a key given twice matches either value): "
+    "type=task|service|network|node|health|reconcile, action=, name=, id=, node=, "
+    "service=, network=.",
+)
+@_format_option
+def events(since: str | None, until: str | None, filters: tuple[str, ...], fmt: Format) -> None:
+    """Print the cluster's events as they happen, as `docker events`: task, service, network,
+    node and health transitions and reconcile errors, in the order they happened.
+
+    The controllers' leader keeps them in the store for an hour (at most 10,000, see
+    `controller run --events-window`), so any node can read them, also after the fact.
+    With --format json each event is one JSON object per line (docs/cli-json.md).
+
+    \b
+    Examples:
+      meshctl events --since 10m --filter service=web
+      meshctl events --filter type=task --filter action=failed --format json
+      meshctl events --since 1h --until 0s --format '{{.Type}} {{.Action}} {{.Name}}'
+    """
+    from meshctl import events as log
+    from meshctl.durations import TimeError, parse_time
+
+    now = time.time()
+    try:
+        start = parse_time(since, now, "--since") if since else None
+        end = parse_time(until, now, "--until") if until else None
+    except TimeError as err:
+        raise ValidationError(str(err)) from None
+    if start is None:
+        start = -float("inf") if end is not None else now
+    wanted = log.parse_filters(filters)
+    template = formats.parse(fmt) if fmt not in ("table", "json") else None
+
+    def show(event: log.MeshEvent) -> None:
+        if not (start <= event.time and (end is None or event.time <= end)):
+            return
+        if not log.matches(event, wanted):
+            return
+        if fmt == "json":
+            click.echo(json.dumps(event.to_dict()))
+        elif template is not None:
+            click.echo(formats.render(template, event.to_dict()))
+        else:
+            click.echo(output.event_line(event))
+
+    store = _store()
+    try:
+        revision = store.revision()  # first: what is written while listing comes by the watch
+        listed = log.read_events(store)
+        for event in listed:
+            show(event)
+        seen = {e.key for e in listed}
+        while end is None or time.time() < end:
+            wait = 1.0 if end is None else max(0.0, min(1.0, end - time.time()))
+            try:
+                changes = store.watch(revision, timeout=wait)
+            except Compacted:
+                revision = store.revision()
+                changes = []
+                for event in log.read_events(store):
+                    if event.key not in seen:
+                        seen.add(event.key)
+                        show(event)
+            for change in changes:
+                revision = max(revision, change.revision)
+                if change.kind != log.EVENT or change.type != "put" or change.name in seen:
+                    continue
+                record = Record(change.kind, change.name, change.value or {}, 0, change.revision)
+                try:
+                    show(log.MeshEvent.from_record(record))
+                except (KeyError, TypeError, ValueError):
+                    continue
+    except KeyboardInterrupt:
+        return
+
+
 # -- doctor ----------------------------------------------------------------------------------
 
 
 @main.command("doctor")
-@_format_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format; the JSON is stable (docs/cli-json.md).",
+)
 @click.option(
     "--node",
     help="Also check this node's overlay paths to its peers (a ping over VXLAN from its load "
     "balancers to theirs); run it where that node's controller runs.",
 )
-def doctor(fmt: Format, node: str | None) -> None:
+def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
     """Report what this kernel supports (IPVS or iptables, namespaces, conntrack...)."""
     from meshctl.doctor import run_doctor
 
@@ -927,10 +1096,7 @@ def container_attach(
             )
         node = known[0]
     attached = ops.attach_container(store, name, path, network, node, start_time)
-    if fmt == "json":
-        click.echo(output.dumps(attached.to_dict()))
-    else:
-        click.echo(f"{attached.name} {attached.network}={attached.address}")
+    _show(fmt, attached.to_dict(), lambda: f"{attached.name} {attached.network}={attached.address}")
 
 
 def _refuse_own_netns(path: str) -> None:
@@ -977,14 +1143,13 @@ def container_detach(name: str) -> None:
 def container_ls(fmt: Format) -> None:
     """List attached namespaces."""
     containers = ops.list_containers(_store())
-    if fmt == "json":
-        click.echo(output.dumps([c.to_dict() for c in containers]))
-        return
-    click.echo(
-        output.table(
+    _show(
+        fmt,
+        [c.to_dict() for c in containers],
+        lambda: output.table(
             ["NAME", "NETWORK", "ADDRESS", "NODE", "NETNS"],
             ([c.name, c.network, c.address, c.node, c.netns] for c in containers),
-        )
+        ),
     )
 
 

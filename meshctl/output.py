@@ -11,7 +11,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from meshctl.durations import format_duration
+from meshctl.durations import format_duration, format_time
+from meshctl.events import MeshEvent
 from meshctl.ipam import IpamState
 from meshctl.model import Network, NodeStatus, PublishedPort, Service, Task
 from meshctl.nodes import NodeView
@@ -277,3 +278,15 @@ def node_pretty(view: NodeView) -> str:
     ]
     pairs.append(("Load balancer", node.lb_backend or "-"))
     return key_values(pairs)
+
+
+# -- events ----------------------------------------------------------------------------------
+
+
+def event_line(event: MeshEvent) -> str:
+    """docker events' line: time, type, action, the object, then its attributes."""
+    attributes = {"id": event.id, "node": event.node, **event.attributes}
+    detail = ", ".join(f"{k}={v}" for k, v in attributes.items() if v)
+    return f"{format_time(event.time)} {event.type} {event.action} {event.name}" + (
+        f" ({detail})" if detail else ""
+    )

@@ -258,13 +258,16 @@ def test_without_detach_it_waits_for_a_live_controller(
         live = store.grant_lease(60)  # what a running controller keeps: its status, leased
         store.put(NODE, "node1", Node("node1").to_dict())
         store.put(NODE_STATUS, "node1", NodeStatus("node1").to_dict(), lease=live)
-    monkeypatch.setattr(cli, "CONVERGE_TIMEOUT", 0.3)
     monkeypatch.setattr(cli, "POLL_INTERVAL", 0.05)
     started = time.monotonic()
-    result = run("service", "create", "--name", "web", "--replicas", "2", "--", "true")
+    create = ("service", "create", "--name", "web", "--replicas", "2", "--timeout", "0.3s")
+    result = run(*create, "--", "true", code=1)
     assert time.monotonic() - started >= 0.3
     assert "web: 0/2 running" in result.stderr
-    assert "tasks did not all start within 0.3s; see: meshctl service ps web" in result.stderr
+    assert "web.1: new: no task made yet (is a leader running?)" in result.stderr
+    assert result.stderr.endswith(
+        "Error: web did not converge within 0.3s; see: meshctl service ps web\n"
+    )
     detached = run("service", "create", "--name", "api", "-d", "--", "true")
     assert detached.stderr == ""
 
