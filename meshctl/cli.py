@@ -462,7 +462,8 @@ def _spec_changes(name: str, opts: Mapping[str, Any], current: Service | None) -
 def _wait(store: Store, names: Sequence[str], timeout: float, ids: Mapping[str, str]) -> None:
     """Wait until the services' tasks run (or, for removed ones, have stopped), showing each
     slot's progress: docker's bars on a terminal, a line per change otherwise. After timeout,
-    each stuck task's reason and exit code 1. ids: service name → id (a removed one's)."""
+    or at once when a task ended that its restart policy does not start again, each stuck
+    task's reason and exit code 1. ids: service name → id (a removed one's)."""
     from meshctl import progress
 
     if not nodes.controller_running(store):
@@ -502,14 +503,15 @@ def _wait(store: Store, names: Sequence[str], timeout: float, ids: Mapping[str, 
             if not tty:
                 click.echo(f"{', '.join(names)}: converged", err=True)
             return
-        if now > deadline:
+        hopeless = any(view.hopeless for view in views)
+        if now > deadline or hopeless:
             for view in views:
                 for reason in progress.stuck(view):
                     click.echo(reason, err=True)
-            raise MeshctlError(
-                f"{', '.join(names)} did not converge within {timeout:g}s; see: "
-                f"meshctl service ps {names[0]}"
-            )
+            why = "cannot converge: a task ended for good" if hopeless else (
+                f"did not converge within {timeout:g}s"
+            )  # fmt: skip
+            raise MeshctlError(f"{', '.join(names)} {why}; see: meshctl service ps {names[0]}")
         time.sleep(POLL_INTERVAL)
 
 

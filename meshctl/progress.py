@@ -30,6 +30,7 @@ class Slot:
     stage: int  # 0 (no task) .. len(STAGES) + 1 (converged)
     label: str  # what the line says: pending, running, unhealthy, failed...
     problem: str  # why it is not converged ("" when it is, or when nothing is wrong yet)
+    final: bool = False  # it ended and its restart policy starts it no more: no waiting helps
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Progress:
     @property
     def converged(self) -> bool:
         return self.done == len(self.slots) and not self.leaving
+
+    @property
+    def hopeless(self) -> bool:
+        """A slot's task has ended for good: waiting longer cannot converge."""
+        return any(s.final for s in self.slots)
 
 
 def _running(task: Task) -> bool:
@@ -102,7 +108,13 @@ def _slot(
         return Slot(number, task, len(STAGES) + 1, "running", "")
     if task.state in ("failed", "complete", "rejected", "shutdown"):
         code = f" with exit code {task.exit_code}" if task.exit_code is not None else ""
-        return Slot(number, task, 1, task.state, problem or f"{task.state}{code}")
+        policy = service.restart
+        final = (
+            policy.condition == "none"
+            or (policy.condition == "on-failure" and task.exit_code == 0)
+            or bool(policy.max_attempts and task.restarts >= policy.max_attempts)
+        )
+        return Slot(number, task, 1, task.state, problem or f"{task.state}{code}", final)
     stage = STAGES.index(task.state) + 1 if task.state in STAGES else 1
     return Slot(number, task, stage, task.state, problem)
 

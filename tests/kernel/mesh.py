@@ -107,6 +107,36 @@ class Mesh:
             shown = (last[0].stdout + last[0].stderr).strip() if last else ""
             raise AssertionError(f"{err}; meshctl diff still shows:\n{shown}") from None
 
+    def endpoint(self, path: str, port: int = 9323) -> tuple[int, str]:
+        """GET http://127.0.0.1:PORT/PATH from the node (where the controller serves /metrics,
+        /healthz, /readyz) with a real HTTP client: (status, body); (0, why) if none answers."""
+        import urllib.error
+        import urllib.request
+
+        def get() -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as err:
+                return err.code, err.read().decode()
+            except OSError as err:
+                return 0, str(err)
+
+        return netns.run_in(self.node_ns, get)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of a family's samples on /metrics whose labels include these."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        code, text = self.endpoint("/metrics")
+        assert code == 200, text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
     def node_id(self) -> str | None:
         from meshctl.store import open_store
 

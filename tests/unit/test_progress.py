@@ -43,6 +43,10 @@ def test_failed_and_unhealthy_tasks_say_so() -> None:
     ]
     view = progress("web", checked, tasks, LIVE, {("t2", 102): 0.0}, now=100.0)
     assert stuck(view) == ["web.1: failed: exit code 127", "web.2: unhealthy: unhealthy"]
+    assert not view.hopeless  # the restart policy (any) starts web.1 again
+    never = dataclasses.replace(checked, restart=dataclasses.replace(checked.restart,
+                                                                     condition="none"))  # fmt: skip
+    assert progress("web", never, tasks, LIVE, {}, now=100.0).hopeless
 
 
 def test_scaled_down_and_removed_services_wait_for_their_tasks_to_stop() -> None:
