@@ -15,11 +15,16 @@ from dataclasses import replace
 from typing import Any, Literal, TypeVar, cast
 
 import click
+from click.shell_completion import CompletionItem, get_completion_class
 
 from meshctl import formats, nodes, ops, output
 from meshctl.model import (
+    CONTAINER,
+    NETWORK,
     NODE,
     REPLICAS_CEILING,
+    SERVICE,
+    TASK,
     Availability,
     HealthCheck,
     HealthKind,
@@ -156,6 +161,35 @@ def _check_format(ctx: click.Context, param: click.Parameter, value: str) -> str
     return formats.check(value)
 
 
+def _names(
+    *kinds: str, suffix: str = ""
+) -> Callable[[click.Context, click.Parameter, str], list[CompletionItem]]:
+    """Shell completion of the names of the store's records of these kinds (a task's is its
+    `web.1`). The store is the command line's (--state-dir, --store, their variables); one
+    that does not exist yet, or cannot be read, completes nothing."""
+
+    def complete(
+        ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        root = ctx.find_root().params
+        state_dir = resolve_state_dir(root.get("state_dir"))
+        url = root.get("store_url") or default_store_url(state_dir)
+        if url.startswith("sqlite://") and not os.path.exists("/" + url[9:].lstrip("/")):
+            return []
+        try:
+            with open_store(url) as store:
+                found = {
+                    str(r.value.get("name", r.name)) if kind == TASK else r.name
+                    for kind in kinds
+                    for r in store.list(kind)
+                }
+        except Exception:  # completion must never print a traceback into the shell
+            return []
+        return [CompletionItem(n + suffix) for n in sorted(found) if n.startswith(incomplete)]
+
+    return complete
+
+
 def _format_option(fn: F) -> F:
     return click.option(
         "--format",
@@ -285,7 +319,7 @@ def network_ls(fmt: Format) -> None:
 
 
 @network.command("inspect")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(NETWORK))
 @_format_option
 def network_inspect(name: str, fmt: Format) -> None:
     """Show network NAME with its gateway and address allocations."""
@@ -296,7 +330,7 @@ def network_inspect(name: str, fmt: Format) -> None:
 
 
 @network.command("rm")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(NETWORK))
 def network_rm(name: str) -> None:
     """Remove network NAME (refused while a service uses it)."""
     ops.remove_network(_store(), check_name(name, "network name"))
@@ -323,6 +357,7 @@ def _service_options(fn: F) -> F:
         click.option(
             "--network",
             "networks",
+            shell_complete=_names(NETWORK),
             multiple=True,
             metavar="NET[:ALIAS[,ALIAS]]",
             help="Attach to a network, with extra DNS aliases (repeatable; at most 16, a "
@@ -564,7 +599,7 @@ def service_create(name: str, detach: bool, timeout: str, **opts: Any) -> None:
 
 # NAME comes first here: options may follow it, and the new command goes after `--`.
 @service.command("update")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(SERVICE))
 @_service_options
 @_timeout_option
 def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
@@ -599,7 +634,7 @@ def service_ls(fmt: Format) -> None:
 
 
 @service.command("inspect")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(SERVICE))
 @_format_option
 def service_inspect(name: str, fmt: Format) -> None:
     """Show service NAME's spec, with its VIP on each network."""
@@ -610,7 +645,7 @@ def service_inspect(name: str, fmt: Format) -> None:
 
 
 @service.command("ps")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(SERVICE))
 @_format_option
 def service_ps(name: str, fmt: Format) -> None:
     """List the tasks of service NAME, including those shutting down."""
@@ -622,7 +657,13 @@ def service_ps(name: str, fmt: Format) -> None:
 
 
 @service.command("scale")
-@click.argument("assignments", nargs=-1, required=True, metavar="NAME=REPLICAS...")
+@click.argument(
+    "assignments",
+    nargs=-1,
+    required=True,
+    metavar="NAME=REPLICAS...",
+    shell_complete=_names(SERVICE, suffix="="),
+)
 @click.option("--detach", "-d", is_flag=True, help="Return without waiting for tasks.")
 @_timeout_option
 def service_scale(assignments: tuple[str, ...], detach: bool, timeout: str) -> None:
@@ -648,7 +689,7 @@ def service_scale(assignments: tuple[str, ...], detach: bool, timeout: str) -> N
 
 
 @service.command("rm")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(SERVICE))
 @click.option("--detach", "-d", is_flag=True, help="Return without waiting for the tasks.")
 @_timeout_option
 def service_rm(name: str, detach: bool, timeout: str) -> None:
@@ -665,16 +706,37 @@ def service_rm(name: str, detach: bool, timeout: str) -> None:
 
 
 @service.command("logs")
-@click.argument("target", metavar="NAME|TASK")
+@click.argument("target", metavar="NAME|TASK", shell_complete=_names(SERVICE, TASK))
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C stops).")
 @click.option("--tail", type=_Int(minimum=0), help="Only the last N lines of each task.")
-def service_logs(target: str, follow: bool, tail: int | None) -> None:
+@click.option(
+    "--since",
+    metavar="TIME",
+    help="Only lines written since then: a duration back (10m), Unix seconds or RFC 3339.",
+)
+@click.option("--timestamps", "-t", is_flag=True, help="Start each line with when it was written.")
+def service_logs(
+    target: str, follow: bool, tail: int | None, since: str | None, timestamps: bool
+) -> None:
     """Print a service's task output, each line prefixed `web.1 | `, or one task's output.
 
     A task's log is rotated at 10 MiB, keeping 3 files (log, log.1, log.2): the oldest
-    lines go first, and the output starts with the oldest kept.
+    lines go first, and the output starts with the oldest kept. A line's time is when the
+    node's controller saw it written (a few times a second; lines written while no
+    controller ran carry the time it came back).
+
+    \b
+    Examples:
+      meshctl service logs web --follow --tail 10
+      meshctl service logs web.2 --since 5m --timestamps
     """
+    from meshctl.durations import TimeError, parse_time
+
     _task_ref(target)
+    try:
+        start = parse_time(since, time.time(), "--since") if since else None
+    except TimeError as err:
+        raise ValidationError(str(err)) from None
     env = _env()
     store = env.store
 
@@ -684,48 +746,86 @@ def service_logs(target: str, follow: bool, tail: int | None) -> None:
             return ops.list_tasks(store, ops.get_service(store, target)), True
         return [ops.find_task(store, target)], False
 
+    show = _LogOptions(start, timestamps)
     offsets: dict[str, int] = {}
     shown, prefixed = tasks()
     for task in shown:
-        offsets[task.id] = _print_log(env.state_dir, task, prefixed, None, tail)
+        offsets[task.id] = _print_log(env.state_dir, task, prefixed, None, tail, show)
     while follow:
         time.sleep(POLL_INTERVAL)
         shown, prefixed = tasks()
         for task in shown:
             offsets[task.id] = _print_log(
-                env.state_dir, task, prefixed, offsets.get(task.id, 0), None
+                env.state_dir, task, prefixed, offsets.get(task.id, 0), None, show
             )
 
 
+class _LogOptions:
+    """Which lines `service logs` prints (written since `since`) and how (`timestamps`)."""
+
+    def __init__(self, since: float | None = None, timestamps: bool = False) -> None:
+        self.since = since
+        self.timestamps = timestamps
+
+    @property
+    def timed(self) -> bool:
+        return self.since is not None or self.timestamps
+
+
 def _print_log(
-    state_dir: str, task: Task, prefixed: bool, offset: int | None, tail: int | None
+    state_dir: str,
+    task: Task,
+    prefixed: bool,
+    offset: int | None,
+    tail: int | None,
+    show: _LogOptions | None = None,
 ) -> int:
     """Print the task's complete log lines from byte offset of its live log on (None: all of
     it, its rotated files first); return the new offset."""
+    from meshctl.durations import format_time
     from meshctl.runtime import rotated_paths
 
+    show = show or _LogOptions()
     path = ops.task_log_path(state_dir, task)
-    earlier = b""
+    earlier: list[tuple[str, int, bytes]] = []  # (file, offset, bytes): lines of rotated files
     if offset is None:
-        earlier = b"".join(_read_log(p, 0) or b"" for p in rotated_paths(path))
+        earlier = [(p, 0, _read_log(p, 0) or b"") for p in rotated_paths(path)]
         offset = 0
     elif os.path.exists(path) and os.path.getsize(path) < offset:
         # Rotated (copied to log.1 and emptied) since the last read: log.1's rest comes first.
-        earlier = _read_log(rotated_paths(path)[-1], offset) or b""
-        earlier += b"" if earlier.endswith(b"\n") or not earlier else b"\n"
+        rotated = rotated_paths(path)[-1]
+        earlier = [(rotated, offset, _read_log(rotated, offset) or b"")]
         offset = 0
     data = _read_log(path, offset)
     if data is None:
         return offset
-    data = earlier + data
     complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its end
-    lines = complete.decode(errors="replace").splitlines()
+    lines: list[tuple[str, float]] = []
+    for file, start, chunk in [*earlier, (path, offset, complete)]:
+        lines += _timed_lines(file, start, chunk, show.timed)
+    if show.since is not None:
+        lines = [(line, when) for line, when in lines if when >= show.since]
     if tail is not None:
         lines = lines[-tail:] if tail else []
     prefix = f"{task.name} | " if prefixed else ""
-    for line in lines:
-        click.echo(prefix + line)
-    return offset + max(0, len(complete) - len(earlier))
+    for line, when in lines:
+        click.echo((f"{format_time(when)} " if show.timestamps else "") + prefix + line)
+    return offset + len(complete)
+
+
+def _timed_lines(file: str, start: int, chunk: bytes, timed: bool) -> list[tuple[str, float]]:
+    """The lines of chunk (read from file at offset start), each with when it was written
+    (0.0 unless timed); a last line without its newline (a rotated file's cut) counts."""
+    from meshctl.runtime import line_time, read_times
+
+    notes = read_times(file) if timed else []
+    fallback = os.path.getmtime(file) if timed and os.path.exists(file) else 0.0
+    out, end = [], start
+    for raw in chunk.split(b"\n")[: -1 if chunk.endswith(b"\n") else None]:
+        end += len(raw) + 1
+        text = raw.decode(errors="replace").removesuffix("\r")
+        out.append((text, line_time(notes, end - 1, fallback) if timed else 0.0))
+    return out if chunk else []
 
 
 def _read_log(path: str, offset: int) -> bytes | None:
@@ -755,7 +855,7 @@ def node_ls(fmt: Format) -> None:
 
 
 @node.command("inspect")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(NODE))
 @_format_option
 def node_inspect(name: str, fmt: Format) -> None:
     """Show node NAME: address, status, availability, labels."""
@@ -766,7 +866,7 @@ def node_inspect(name: str, fmt: Format) -> None:
 
 
 @node.command("update")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(NODE))
 @click.option(
     "--availability",
     type=click.Choice(["active", "pause", "drain"]),
@@ -792,11 +892,33 @@ def node_update(
 
 
 @node.command("rm")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(NODE))
 def node_rm(name: str) -> None:
     """Remove node NAME, which must be down: its tasks already run elsewhere."""
     nodes.remove_node(_store(), name)
     click.echo(name)
+
+
+# -- completion ------------------------------------------------------------------------------
+
+
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the script that completes meshctl's commands, options and the store's names
+    (services, networks, tasks, nodes) in SHELL.
+
+    \b
+    Examples:
+      source <(meshctl completion bash)                       # this shell
+      meshctl completion bash > /etc/bash_completion.d/meshctl
+      meshctl completion zsh > "${fpath[1]}/_meshctl"
+      meshctl completion fish > ~/.config/fish/completions/meshctl.fish
+    """
+    cls = get_completion_class(shell)
+    assert cls is not None, shell
+    prog = "meshctl"
+    click.echo(cls(main, {}, prog, "_MESHCTL_COMPLETE").source())
 
 
 # -- events ----------------------------------------------------------------------------------
@@ -1028,7 +1150,7 @@ def controller_run(
 
 
 @main.command("exec", context_settings={"allow_interspersed_args": False})
-@click.argument("task")
+@click.argument("task", shell_complete=_names(TASK))
 @click.argument("command", nargs=-1, required=True)
 def exec_(task: str, command: tuple[str, ...]) -> None:
     """Run COMMAND inside a running task (name like web.1, or id), as `docker exec` does.
@@ -1068,8 +1190,17 @@ def container() -> None:
 )
 @click.option("--netns", "netns_path", help="The namespace's path (e.g. /run/netns/NAME).")
 @click.option("--name", required=True, help="A name for the attachment (a DNS label).")
-@click.option("--network", required=True, help="The network to attach it to.")
-@click.option("--node", help="The node whose controller wires it (default: the only node).")
+@click.option(
+    "--network",
+    required=True,
+    shell_complete=_names(NETWORK),
+    help="The network to attach it to.",
+)
+@click.option(
+    "--node",
+    shell_complete=_names(NODE),
+    help="The node whose controller wires it (default: the only node).",
+)
 @_format_option
 def container_attach(
     pid: int | None,
@@ -1134,7 +1265,7 @@ def _start_time(path: str) -> int | None:
 
 
 @container.command("detach")
-@click.argument("name")
+@click.argument("name", shell_complete=_names(CONTAINER))
 def container_detach(name: str) -> None:
     """Remove exactly what attach added: the veth and the address."""
     ops.detach_container(_store(), check_name(name, "container name"))
@@ -1177,7 +1308,11 @@ def store_rm(kind: str, name: str) -> None:
 
 
 @main.command("diff")
-@click.option("--node", help="This node's name (default: the host name), as the controller's.")
+@click.option(
+    "--node",
+    shell_complete=_names(NODE),
+    help="This node's name (default: the host name), as the controller's.",
+)
 @click.option(
     "--lb-backend",
     type=click.Choice(["auto", "ipvs", "nftables", "iptables"]),

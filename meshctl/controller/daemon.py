@@ -56,6 +56,7 @@ from meshctl.store.informer import Informer
 log = logging.getLogger("meshctl.controller")
 
 STORE_WAIT = 5.0  # how long a pass waits for the copy to hold its own writes
+LOG_NOTE_PERIOD = 0.25  # seconds between notes of the task logs' growth (their timestamps)
 ORCHESTRATION_ROUNDS = 3  # make, move, place: a replacement is placed in the pass that made it
 
 
@@ -330,6 +331,7 @@ class Controller:
         self.informer.start()
         self.membership.start(lost)
         worker = ThreadPoolExecutor(1, thread_name_prefix="reconcile")
+        noting = asyncio.ensure_future(self._note_logs())
         log.info("controller started node=%s state_dir=%s", self.node, self.state_dir)
         try:
             while not stopping.is_set():
@@ -356,6 +358,7 @@ class Controller:
                 for waiter in pending:
                     waiter.cancel()
         finally:
+            noting.cancel()
             for monitor in self._monitors.values():
                 monitor.cancel()
             worker.shutdown(wait=True)
@@ -367,6 +370,13 @@ class Controller:
             if self.endpoints is not None:
                 self.endpoints.stop()
             log.info("controller stopped; tasks keep running")
+
+    async def _note_logs(self) -> None:
+        """Note the task logs' growth a few times a second, off the pass (which may be long)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await loop.run_in_executor(None, self.supervisor.note_logs)
+            await asyncio.sleep(LOG_NOTE_PERIOD)
 
     def _watch_exits(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
         """Wake the loop when a task process exits: its pidfd turns readable."""

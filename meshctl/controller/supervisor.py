@@ -59,6 +59,7 @@ class Supervisor:
     # service id → why one of its published ports is not published on this node
     port_errors: dict[str, str] = field(default_factory=dict)
     restarts: int = 0  # processes started again after an exit (for /metrics)
+    log_clock: runtime.LogClock = field(default_factory=runtime.LogClock)
 
     # -- the pass ------------------------------------------------------------------------------
 
@@ -100,7 +101,7 @@ class Supervisor:
             if when is not None:
                 deadline = min(deadline, when)
             self._write(view, task, local)
-            runtime.rotate_log(
+            self.log_clock.rotate(
                 ops.task_log_path(self.state_dir, task), runtime.LOG_MAX_BYTES, runtime.LOG_KEEP
             )
         for task_id in set(self.tasks) - set(view.tasks):
@@ -233,6 +234,10 @@ class Supervisor:
         local = self.tasks.pop(task_id, None)
         if local is not None and local.process is not None and local.stopping is None:
             local.process.close()
+
+    def note_logs(self) -> None:
+        """Note when the logs of this node's tasks grew (service logs --timestamps)."""
+        self.log_clock.note([os.path.join(self.task_dir(tid), "log") for tid in list(self.tasks)])
 
     def task_dir(self, task_id: str) -> str:
         return os.path.join(self.state_dir, "tasks", task_id)

@@ -14,7 +14,15 @@ from meshctl.runtime.health import (
     probe_tcp,
     run_probe,
 )
-from meshctl.runtime.logs import LOG_KEEP, LOG_MAX_BYTES, rotate_log, rotated_paths
+from meshctl.runtime.logs import (
+    LOG_KEEP,
+    LOG_MAX_BYTES,
+    LogClock,
+    line_time,
+    read_times,
+    rotate_log,
+    rotated_paths,
+)
 from meshctl.runtime.process import (
     RESOLV_CONF,
     TaskProcess,
@@ -29,6 +37,9 @@ from meshctl.runtime.process import (
 __all__ = [
     "LOG_KEEP",
     "LOG_MAX_BYTES",
+    "LogClock",
+    "line_time",
+    "read_times",
     "RESOLV_CONF",
     "HealthState",
     "HealthTracker",

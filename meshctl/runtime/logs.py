@@ -6,12 +6,21 @@ process.start), so the file cannot be renamed under it: the controller copies th
 `log.1` (older copies move up to `log.2`...) and empties `log` in place, and the task's next
 write lands at the new end. As with copytruncate, a line written between the copy and the
 truncation is lost. Readers take the files oldest first: log.N ... log.1, log.
+
+When lines were written (`service logs --timestamps`, `--since`): the task writes nothing but
+its bytes, so the controller notes, a few times a second (LogClock), each log's new size with
+its modification time in `log.times` (`SIZE MTIME` lines, rotated along with the log). A line
+ending at or before a noted size was written at or before that time: its stamp is the time of
+the first such note, so it is at most one look late (the last line of a burst is exact).
+Lines written while no controller ran get the time it came back and saw them.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
+import threading
 from typing import BinaryIO
 
 log = logging.getLogger("meshctl.runtime")
@@ -19,6 +28,7 @@ log = logging.getLogger("meshctl.runtime")
 LOG_MAX_BYTES = 10 * 1024 * 1024  # a log past this size is rotated
 LOG_KEEP = 3  # files kept per task, the live one included: log, log.1, log.2
 _CHUNK = 1 << 16
+TIMES = ".times"  # beside each log file: when it reached each size
 
 
 def rotated_paths(path: str, keep: int = LOG_KEEP) -> list[str]:
@@ -44,19 +54,25 @@ def rotate_log(path: str, max_bytes: int, keep: int) -> bool:
     try:
         older = rotated_paths(path, keep)  # oldest first: each moves one place older
         for source, target in zip(older[1:], older, strict=False):
-            if os.path.exists(source):
-                os.replace(source, target)
+            for suffix in ("", TIMES):
+                if os.path.exists(source + suffix):
+                    os.replace(source + suffix, target + suffix)
         if older:
-            _copy_tail(path, older[-1], max_bytes)
+            start = _copy_tail(path, older[-1], max_bytes)
+            _write_times(older[-1] + TIMES, [
+                (size - start, when) for size, when in read_times(path) if size > start
+            ])  # fmt: skip
         os.truncate(path, 0)
+        _write_times(path + TIMES, [])
     except OSError as err:
         log.warning("log %s: cannot rotate: %s", path, err)
         return False
     return True
 
 
-def _copy_tail(source: str, target: str, max_bytes: int) -> None:
-    """Copy source to target through a temporary file, so a reader never sees half a copy.
+def _copy_tail(source: str, target: str, max_bytes: int) -> int:
+    """Copy source to target through a temporary file, so a reader never sees half a copy;
+    returns the offset in source the copy starts at.
 
     A log that grew past twice max_bytes since the last look (a task flooding it) keeps only
     its last max_bytes, from a line start: the copies stay bounded.
@@ -71,6 +87,7 @@ def _copy_tail(source: str, target: str, max_bytes: int) -> None:
             # From the first line start at or after `start` (the byte before it tells); a
             # line longer than the chunk is kept cut rather than dropped whole.
             newline = first.find(b"\n")
+            start += newline if newline >= 0 else 0
             first = first[newline + 1 :] if newline >= 0 else first[1:]
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.st_mode & 0o777)
         with open(fd, "wb") as dst:
@@ -80,8 +97,87 @@ def _copy_tail(source: str, target: str, max_bytes: int) -> None:
             _copy_to(src, dst, stat.st_size)
             _copy_to(src, dst, os.fstat(src.fileno()).st_size)
     os.replace(temporary, target)
+    return start
 
 
 def _copy_to(src: BinaryIO, dst: BinaryIO, end: int) -> None:
     while src.tell() < end and (chunk := src.read(min(_CHUNK, end - src.tell()))):
         dst.write(chunk)
+
+
+def read_times(path: str) -> list[tuple[int, float]]:
+    """The (size, time) notes of the log at path, in order ([] if none)."""
+    try:
+        with open(path + TIMES, encoding="ascii") as f:
+            notes = [line.split() for line in f]
+    except (OSError, UnicodeError):
+        return []
+    out = []
+    for note in notes:
+        try:
+            out.append((int(note[0]), float(note[1])))
+        except (IndexError, ValueError):
+            continue  # a half-written last note
+    return out
+
+
+def _write_times(path: str, notes: list[tuple[int, float]]) -> None:
+    """The notes file at path holds notes (none: no file)."""
+    if not notes:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    with open(path, "w", encoding="ascii") as f:
+        f.writelines(f"{size} {when:.6f}\n" for size, when in notes)
+
+
+def line_time(notes: list[tuple[int, float]], end: int, fallback: float) -> float:
+    """When the line ending at byte offset end was written at the latest: the first note at or
+    past it, else fallback (the file's modification time)."""
+    index = bisect.bisect_left(notes, (end, -1.0))
+    return notes[index][1] if index < len(notes) else fallback
+
+
+class LogClock:
+    """Notes the logs' growth (see the module's docstring); rotation goes through it too, so
+    a note and a rotation of one log never interleave."""
+
+    def __init__(self) -> None:
+        self._sizes: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def note(self, paths: list[str]) -> None:
+        with self._lock:
+            for path in paths:
+                self._note(path)
+            for gone in set(self._sizes) - set(paths):
+                del self._sizes[gone]
+
+    def _note(self, path: str) -> None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return
+        known = self._sizes.get(path)
+        if known is None:
+            notes = read_times(path)
+            known = notes[-1][0] if notes else 0
+        if stat.st_size < known:
+            known = 0  # emptied (rotated): its notes were moved along
+        if stat.st_size > known:
+            try:
+                with open(path + TIMES, "a", encoding="ascii") as f:
+                    f.write(f"{stat.st_size} {stat.st_mtime:.6f}\n")
+            except OSError as err:
+                log.warning("log %s: cannot note its times: %s", path, err)
+                return
+        self._sizes[path] = stat.st_size
+
+    def rotate(self, path: str, max_bytes: int, keep: int) -> bool:
+        """rotate_log, after noting what the log holds now."""
+        with self._lock:
+            self._note(path)
+            rotated = rotate_log(path, max_bytes, keep)
+            if rotated:
+                self._sizes[path] = 0
+            return rotated

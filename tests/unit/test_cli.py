@@ -285,7 +285,7 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
     examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
-    network, services, service, tasks, nodes, containers = examples
+    network, services, service, tasks, nodes, containers, event = examples
     run("network", "create", "front", "--label", "team=web")
     run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
         "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
@@ -316,6 +316,9 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any
     assert [n.keys() for n in shown_nodes] == [nodes[0].keys()] * 2
     assert [n["state"] for n in shown_nodes] == ["ready", "down"]
     assert printed("node", "inspect", "node2").keys() == nodes[0].keys()
+    from meshctl.events import MeshEvent
+
+    assert MeshEvent(1, 1.0, "task", "failed", "web.1").to_dict().keys() == event.keys()
 
 
 def _one_line(result: Any) -> str:
@@ -680,3 +683,28 @@ def test_following_a_log_goes_on_across_a_rotation(tmp_path: Path) -> None:
         f.write("e\n")
     out, offset = follow(offset)
     assert (out, offset) == ("c\nd\ne\n", 2)
+
+
+def test_logs_since_and_timestamps_follow_the_controllers_notes(
+    run: Any, tmp_path: Path, leader: Any
+) -> None:
+    import os
+
+    run("service", "create", "--name", "web", "--", "true")
+    leader()
+    (task,) = json.loads(run("service", "ps", "web", "--format", "json").stdout)
+    log = tmp_path / "tasks" / task["id"] / "log"
+    log.parent.mkdir(parents=True)
+    log.write_text("old\nnew\nnewest\n")
+    (tmp_path / "tasks" / task["id"] / "log.times").write_text("4 1000.5\n8 2000.25\n")
+    os.utime(log, (3000.0, 3000.0))  # after the last note: the file's own time
+    stamped = run("service", "logs", "web", "--timestamps").stdout.splitlines()
+    assert stamped == [
+        "1970-01-01T00:16:40.500000000Z web.1 | old",
+        "1970-01-01T00:33:20.250000000Z web.1 | new",
+        "1970-01-01T00:50:00.000000000Z web.1 | newest",
+    ]
+    assert run("service", "logs", "web.1", "--since", "1500").stdout == "new\nnewest\n"
+    since = run("service", "logs", "web.1", "--since", "1970-01-01T00:40:00Z", "--tail", "5")
+    assert since.stdout == "newest\n"
+    one_line_error(run("service", "logs", "web", "--since", "soon", code=None), "invalid --since")

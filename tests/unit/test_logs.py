@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,28 @@ def test_a_log_that_cannot_be_rotated_is_left_and_reported(
     assert not rotate_log(str(log), 10, 2)
     assert log.read_text() == "x" * 30
     assert "cannot rotate" in caplog.text
+
+
+def test_the_clock_notes_when_lines_were_written_and_rotation_keeps_the_notes(
+    tmp_path: Path,
+) -> None:
+    from meshctl.runtime import LogClock, line_time, read_times
+
+    log = tmp_path / "log"
+    clock = LogClock()
+    log.write_text("one\ntwo\n")
+    os.utime(log, (100.0, 100.0))
+    clock.note([str(log)])
+    clock.note([str(log)])  # no growth, no note
+    with open(log, "a") as f:
+        f.write("three\n")
+    os.utime(log, (200.0, 200.0))
+    clock.note([str(log)])
+    notes = read_times(str(log))
+    assert notes == [(8, 100.0), (14, 200.0)]
+    assert [line_time(notes, end, 300.0) for end in (3, 7, 13, 20)] == [100, 100, 200, 300]
+    with open(log, "a") as f:
+        f.write("four\n")
+    assert clock.rotate(str(log), 10, 3)  # notes what it holds first, then moves the notes
+    assert read_times(str(log) + ".1")[:2] == notes and read_times(str(log)) == []
+    assert not (tmp_path / "log.times").exists()
