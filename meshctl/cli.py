@@ -228,7 +228,14 @@ def _show(fmt: Format, docs: Any, table: Callable[[], str]) -> None:
 )
 @click.pass_context
 def main(ctx: click.Context, state_dir: str | None, store_url: str | None) -> None:
-    """meshctl: DNS discovery and kernel load balancing for services on plain Linux hosts."""
+    """meshctl: DNS discovery and kernel load balancing for services on plain Linux hosts.
+
+    \b
+    Examples:
+      meshctl network create front --subnet 10.20.0.0/24
+      meshctl service create --name web --replicas 3 --network front -- sleep infinity
+      meshctl --store etcd://10.0.0.1:2379 node ls
+    """
     env = _Env(state_dir, store_url)
     ctx.obj = env
     ctx.call_on_close(env.close)
@@ -260,7 +267,13 @@ def _pairs(values: Iterable[str], option: str) -> dict[str, str]:
 
 @main.group(cls=_Group)
 def network() -> None:
-    """Create, list, inspect and remove networks."""
+    """Create, list, inspect and remove networks.
+
+    \b
+    Examples:
+      meshctl network create front
+      meshctl network ls
+    """
 
 
 @network.command("create")
@@ -284,6 +297,11 @@ def network_create(
     """Create network NAME and print its id.
 
     At most $MESHCTL_MAX_NETWORKS networks exist at once (default 1,000).
+
+    \b
+    Examples:
+      meshctl network create front --subnet 10.20.0.0/24 --label team=web
+      meshctl network create --driver overlay --internal back
     """
     check_name(name, "network name")
     labels_given = _pairs(labels, "--label")
@@ -309,7 +327,13 @@ def network_create(
 @network.command("ls")
 @_format_option
 def network_ls(fmt: Format) -> None:
-    """List networks."""
+    """List networks.
+
+    \b
+    Examples:
+      meshctl network ls
+      meshctl network ls --format '{{.Name}} {{.Subnet}}'
+    """
     store = _store()
     networks = ops.list_networks(store)
     docs = [] if fmt == "table" else [
@@ -322,7 +346,13 @@ def network_ls(fmt: Format) -> None:
 @click.argument("name", shell_complete=_names(NETWORK))
 @_format_option
 def network_inspect(name: str, fmt: Format) -> None:
-    """Show network NAME with its gateway and address allocations."""
+    """Show network NAME with its gateway and address allocations.
+
+    \b
+    Examples:
+      meshctl network inspect front
+      meshctl network inspect front --format json
+    """
     store = _store()
     net = ops.get_network(store, check_name(name, "network name"))
     state = ops.network_ipam(store, net)
@@ -332,7 +362,12 @@ def network_inspect(name: str, fmt: Format) -> None:
 @network.command("rm")
 @click.argument("name", shell_complete=_names(NETWORK))
 def network_rm(name: str) -> None:
-    """Remove network NAME (refused while a service uses it)."""
+    """Remove network NAME (refused while a service uses it).
+
+    \b
+    Example:
+      meshctl network rm front
+    """
     ops.remove_network(_store(), check_name(name, "network name"))
     click.echo(name)
 
@@ -342,7 +377,13 @@ def network_rm(name: str) -> None:
 
 @main.group(cls=_Group)
 def service() -> None:
-    """Create, list, inspect, scale, update and remove services; list their tasks; read logs."""
+    """Create, list, inspect, scale, update and remove services; list their tasks; read logs.
+
+    \b
+    Examples:
+      meshctl service ps web
+      meshctl service scale web=5
+    """
 
 
 def _service_options(fn: F) -> F:
@@ -584,6 +625,12 @@ def service_create(name: str, detach: bool, timeout: str, **opts: Any) -> None:
 
     Without --detach it waits until every task runs (and is healthy, with a health check),
     showing each one's progress, and fails with each stuck task's reason after --timeout.
+
+    \b
+    Examples:
+      meshctl service create --name web --replicas 3 --network front:www -- \\
+          socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname
+      meshctl service create --name api --publish 8000:80 --health-http 80/healthz -d -- ./api
     """
     wait = duration(timeout, "--timeout")
     if not opts["command"]:
@@ -607,6 +654,11 @@ def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
 
     Tasks are replaced one at a time, the new one running before the old one stops; without
     --detach it waits for all of them as `service create` does.
+
+    \b
+    Examples:
+      meshctl service update web --env RELEASE=2
+      meshctl service update web --replicas 4 --timeout 2m
     """
     wait = duration(timeout, "--timeout")
     store = _store()
@@ -626,7 +678,13 @@ def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
 @service.command("ls")
 @_format_option
 def service_ls(fmt: Format) -> None:
-    """List services."""
+    """List services.
+
+    \b
+    Examples:
+      meshctl service ls
+      meshctl service ls --format '{{.Name}}: {{.Running}}/{{.Replicas}}'
+    """
     store = _store()
     services, tasks = ops.list_services(store), ops.list_tasks(store)
     docs = [output.service_summary_json(s, tasks) for s in services]
@@ -637,7 +695,13 @@ def service_ls(fmt: Format) -> None:
 @click.argument("name", shell_complete=_names(SERVICE))
 @_format_option
 def service_inspect(name: str, fmt: Format) -> None:
-    """Show service NAME's spec, with its VIP on each network."""
+    """Show service NAME's spec, with its VIP on each network.
+
+    \b
+    Examples:
+      meshctl service inspect web
+      meshctl service inspect web --format '{{json .Networks}}'
+    """
     store = _store()
     svc = ops.get_service(store, check_name(name, "service name"))
     tasks = ops.list_tasks(store, svc)
@@ -648,7 +712,13 @@ def service_inspect(name: str, fmt: Format) -> None:
 @click.argument("name", shell_complete=_names(SERVICE))
 @_format_option
 def service_ps(name: str, fmt: Format) -> None:
-    """List the tasks of service NAME, including those shutting down."""
+    """List the tasks of service NAME, including those shutting down.
+
+    \b
+    Examples:
+      meshctl service ps web
+      meshctl service ps web --format '{{.Name}} {{.State}} {{.Problem}}'
+    """
     store = _store()
     tasks = ops.list_tasks(store, ops.get_service(store, check_name(name, "service name")))
     statuses = nodes.statuses(store)
@@ -671,6 +741,11 @@ def service_scale(assignments: tuple[str, ...], detach: bool, timeout: str) -> N
 
     Without --detach it waits until each service runs exactly that many tasks, and fails
     with each stuck task's reason (no suitable node, its exit code, unhealthy) after --timeout.
+
+    \b
+    Examples:
+      meshctl service scale web=5 api=2
+      meshctl service scale web=0 --detach
     """
     wait = duration(timeout, "--timeout")
     replicas: dict[str, int] = {}
@@ -696,6 +771,11 @@ def service_rm(name: str, detach: bool, timeout: str) -> None:
     """Remove service NAME; its tasks are stopped by their controllers.
 
     Without --detach it waits until every task has stopped.
+
+    \b
+    Examples:
+      meshctl service rm web
+      meshctl service rm web --detach
     """
     wait = duration(timeout, "--timeout")
     store = _store()
@@ -843,13 +923,25 @@ def _read_log(path: str, offset: int) -> bytes | None:
 
 @main.group(cls=_Group)
 def node() -> None:
-    """List, inspect, update and remove the cluster's nodes (each runs a controller)."""
+    """List, inspect, update and remove the cluster's nodes (each runs a controller).
+
+    \b
+    Examples:
+      meshctl node ls
+      meshctl node update --availability drain node1
+    """
 
 
 @node.command("ls")
 @_format_option
 def node_ls(fmt: Format) -> None:
-    """List nodes: STATUS is ready while the node's controller is live, else down."""
+    """List nodes: STATUS is ready while the node's controller is live, else down.
+
+    \b
+    Examples:
+      meshctl node ls
+      meshctl node ls --format '{{.Name}} {{.State}} {{.Message}}'
+    """
     views = nodes.node_views(_store())
     _show(fmt, [output.node_json(v) for v in views], lambda: output.node_table(views))
 
@@ -858,7 +950,13 @@ def node_ls(fmt: Format) -> None:
 @click.argument("name", shell_complete=_names(NODE))
 @_format_option
 def node_inspect(name: str, fmt: Format) -> None:
-    """Show node NAME: address, status, availability, labels."""
+    """Show node NAME: address, status, availability, labels.
+
+    \b
+    Examples:
+      meshctl node inspect node1
+      meshctl node inspect node1 --format json
+    """
     store = _store()
     wanted = nodes.get_node(store, name).name
     (view,) = [v for v in nodes.node_views(store) if v.node.name == wanted]
@@ -878,7 +976,13 @@ def node_inspect(name: str, fmt: Format) -> None:
 def node_update(
     name: str, availability: str | None, labels_add: tuple[str, ...], labels_rm: tuple[str, ...]
 ) -> None:
-    """Change node NAME's availability or labels (constraints use the labels)."""
+    """Change node NAME's availability or labels (constraints use the labels).
+
+    \b
+    Examples:
+      meshctl node update --availability drain node1
+      meshctl node update --label-add zone=b --label-rm rack node2
+    """
     if availability is None and not labels_add and not labels_rm:
         raise click.UsageError("nothing to update: give --availability, --label-add or --label-rm")
     nodes.update_node(
@@ -894,7 +998,12 @@ def node_update(
 @node.command("rm")
 @click.argument("name", shell_complete=_names(NODE))
 def node_rm(name: str) -> None:
-    """Remove node NAME, which must be down: its tasks already run elsewhere."""
+    """Remove node NAME, which must be down: its tasks already run elsewhere.
+
+    \b
+    Example:
+      meshctl node rm node3
+    """
     nodes.remove_node(_store(), name)
     click.echo(name)
 
@@ -1033,7 +1142,14 @@ def events(since: str | None, until: str | None, filters: tuple[str, ...], fmt: 
     "balancers to theirs); run it where that node's controller runs.",
 )
 def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
-    """Report what this kernel supports (IPVS or iptables, namespaces, conntrack...)."""
+    """Report what this kernel supports (IPVS, nftables or iptables, namespaces, conntrack...).
+
+    \b
+    Examples:
+      meshctl doctor
+      meshctl doctor --format json
+      meshctl doctor --node node1
+    """
     from meshctl.doctor import run_doctor
 
     env = _env()
@@ -1046,7 +1162,13 @@ def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
 
 @main.group(cls=_Group)
 def controller() -> None:
-    """Run the per-node controller."""
+    """Run the per-node controller.
+
+    \b
+    Examples:
+      meshctl controller run
+      meshctl controller health --ready
+    """
 
 
 @controller.command("run")
@@ -1128,6 +1250,12 @@ def controller_run(
     a host that should stay untouched, start it inside a namespace with
     `nsenter --net=/run/netns/NODE meshctl controller run` (not `ip netns exec`, whose private
     mount namespace would hide the task namespaces the controller makes).
+
+    \b
+    Examples:
+      meshctl controller run --node node1 --advertise-addr 10.0.0.11
+      meshctl controller run --metrics-addr :9323 --log-format json
+      nsenter --net=/run/netns/node1 meshctl controller run --node node1
     """
     from meshctl.controller.main import controller_settings, run_controller
 
@@ -1149,6 +1277,52 @@ def controller_run(
     sys.exit(run_controller(env.store, env.state_dir, settings))
 
 
+@controller.command("health")
+@click.option("--ready", is_flag=True, help="Ask /readyz (the first pass converged) instead.")
+@click.option(
+    "--metrics-addr",
+    default="127.0.0.1:9323",
+    show_default=True,
+    metavar="IP:PORT",
+    help="Where the controller serves them (its --metrics-addr).",
+)
+@click.option("--wait", "wait_for", default="0s", metavar="D", help="Ask again until then.")
+def controller_health(ready: bool, metrics_addr: str, wait_for: str) -> None:
+    """Ask this node's controller whether it is healthy (/healthz) or ready (/readyz); print
+    its answer and exit 0 when it says so, else 1 with the reason.
+
+    Run it where the controller runs (its network namespace). Healthy: the last pass
+    succeeded and no change waits longer than 2 x the resync period; ready: a pass has
+    converged since it started (docs/metrics.md).
+
+    \b
+    Examples:
+      meshctl controller health
+      meshctl controller health --ready --wait 90s     # e.g. systemd's ExecStartPost
+    """
+    import urllib.error
+    import urllib.request
+
+    from meshctl.controller.endpoints import parse_address
+
+    host, port = parse_address(metrics_addr)
+    host = f"[{host}]" if ":" in host else host or "127.0.0.1"
+    url = f"http://{host}:{port}/{'readyz' if ready else 'healthz'}"
+    deadline = time.monotonic() + duration(wait_for, "--wait")
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                click.echo(response.read().decode().strip())
+                return
+        except urllib.error.HTTPError as err:
+            why = err.read().decode().strip() or f"HTTP {err.code}"
+        except OSError as err:
+            why = f"no controller answers on {url}: {getattr(err, 'reason', err)}"
+        if time.monotonic() >= deadline:
+            raise MeshctlError(f"{'not ready' if ready else 'unhealthy'}: {why}")
+        time.sleep(POLL_INTERVAL)
+
+
 @main.command("exec", context_settings={"allow_interspersed_args": False})
 @click.argument("task", shell_complete=_names(TASK))
 @click.argument("command", nargs=-1, required=True)
@@ -1157,6 +1331,11 @@ def exec_(task: str, command: tuple[str, ...]) -> None:
 
     It gets the task's network, mount and UTS namespaces (its hostname, resolv.conf and hosts)
     and environment; stdin, stdout and stderr stay attached and its exit code is meshctl's.
+
+    \b
+    Examples:
+      meshctl exec web.1 -- hostname
+      meshctl exec web.2 -- sh
     """
     import os
 
@@ -1178,7 +1357,13 @@ def exec_(task: str, command: tuple[str, ...]) -> None:
 
 @main.group(cls=_Group)
 def container() -> None:
-    """Attach namespaces made by other runtimes (Docker, podman, unshare) to networks."""
+    """Attach namespaces made by other runtimes (Docker, podman, unshare) to networks.
+
+    \b
+    Examples:
+      meshctl container attach --pid 4242 --name legacy --network front
+      meshctl container ls
+    """
 
 
 @container.command("attach")
@@ -1210,7 +1395,13 @@ def container_attach(
     node: str | None,
     fmt: Format,
 ) -> None:
-    """Give a foreign namespace an address on NETWORK: one veth, nothing else of its changes."""
+    """Give a foreign namespace an address on NETWORK: one veth, nothing else of its changes.
+
+    \b
+    Examples:
+      meshctl container attach --pid 4242 --name legacy --network front
+      meshctl container attach --netns /run/netns/db --name db --network back --node node2
+    """
     if (pid is None) == (netns_path is None):
         raise click.UsageError("give exactly one of --pid PID or --netns PATH")
     check_name(name, "container name")
@@ -1267,14 +1458,25 @@ def _start_time(path: str) -> int | None:
 @container.command("detach")
 @click.argument("name", shell_complete=_names(CONTAINER))
 def container_detach(name: str) -> None:
-    """Remove exactly what attach added: the veth and the address."""
+    """Remove exactly what attach added: the veth and the address.
+
+    \b
+    Example:
+      meshctl container detach legacy
+    """
     ops.detach_container(_store(), check_name(name, "container name"))
 
 
 @container.command("ls")
 @_format_option
 def container_ls(fmt: Format) -> None:
-    """List attached namespaces."""
+    """List attached namespaces.
+
+    \b
+    Examples:
+      meshctl container ls
+      meshctl container ls --format '{{.Name}} {{.Address}}'
+    """
     containers = ops.list_containers(_store())
     _show(
         fmt,
@@ -1288,7 +1490,12 @@ def container_ls(fmt: Format) -> None:
 
 @main.group("store", cls=_Group)
 def store_group() -> None:
-    """Repair the store by hand (for a record an error names as invalid)."""
+    """Repair the store by hand (for a record an error names as invalid).
+
+    \b
+    Example:
+      meshctl store rm service broken-record
+    """
 
 
 @store_group.command("rm")
@@ -1299,6 +1506,10 @@ def store_rm(kind: str, name: str) -> None:
 
     Nothing that refers to it changes (tasks of a service, addresses it holds): use it only
     for a record meshctl cannot read, and remove or re-create what depends on it after.
+
+    \b
+    Example:
+      meshctl store rm task 4ff15fb0c883
     """
     check_text(kind, "record kind")
     check_text(name, "record name")
@@ -1327,6 +1538,11 @@ def diff(node: str | None, lb_backend: str) -> None:
     `+` missing, `-` to remove, `~` to change, `!` what the controller cannot change (a link
     of another's with the name it wants, a network that fails on this node). Exit code 1 when
     there is any. The backend is the one recorded for the node by its controller, unless given.
+
+    \b
+    Examples:
+      meshctl diff
+      nsenter --net=/run/netns/node1 meshctl diff --node node1
     """
     from kernel.system import real_kernel
     from meshctl.controller.diff import describe, node_differences

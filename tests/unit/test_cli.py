@@ -73,9 +73,10 @@ def all_commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[s
 
 
 @pytest.mark.parametrize("command", all_commands(main), ids=" ".join)
-def test_every_command_has_help(run: Any, command: tuple[str, ...]) -> None:
+def test_every_command_has_help_with_an_example(run: Any, command: tuple[str, ...]) -> None:
     result = run(*command, "--help")
     assert "Usage: " in result.stdout
+    assert "\n  Example" in result.stdout and "    meshctl " in result.stdout
 
 
 def test_create_stores_the_spec_and_ps_lists_pending_tasks(run: Any, leader: Any) -> None:
