@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from kernel import netns
@@ -181,6 +183,23 @@ class Mesh:
 
                 for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                     netns.delete(name)
+
+
+def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:
+    """A PATH dir whose iptables-legacy-restore fails while the returned file exists: the
+    kernel's firewall tool broken behind the controller's back."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    broken = tmp_path / "broken"
+    wrapper = tools / "iptables-legacy-restore"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'[ -e {broken} ] && {{ echo "iptables-legacy-restore: broken for the test" >&2; '
+        "exit 1; }\n"
+        'exec /usr/sbin/iptables-legacy-restore "$@"\n'
+    )
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    return tools, broken
 
 
 def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:

@@ -7,35 +7,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.kernel.mesh import MESHCTL, Mesh, wait_for
+from tests.kernel.mesh import MESHCTL, Mesh, breakable_iptables, wait_for
 
 pytestmark = pytest.mark.root
 
 WEB = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]
-
-
-def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:
-    """A PATH dir whose iptables-legacy-restore fails while the returned file exists: the
-    kernel's firewall tool broken behind the controller's back."""
-    tools = tmp_path / "bin"
-    tools.mkdir()
-    broken = tmp_path / "broken"
-    wrapper = tools / "iptables-legacy-restore"
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        f'[ -e {broken} ] && {{ echo "iptables-legacy-restore: broken for the test" >&2; '
-        "exit 1; }\n"
-        'exec /usr/sbin/iptables-legacy-restore "$@"\n'
-    )
-    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
-    return tools, broken
 
 
 def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(

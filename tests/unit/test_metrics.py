@@ -188,3 +188,18 @@ def test_the_endpoints_answer_over_http() -> None:
             taken.start()
     finally:
         endpoints.stop()
+
+
+def test_the_dashboard_queries_only_documented_metrics() -> None:
+    import json
+
+    dashboard = json.loads((DOC.parent / "grafana-dashboard.json").read_text())
+    names = set(documented())
+    used = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            for name in re.findall(r"meshctl_[a-z_]+", target["expr"]):
+                base = re.sub(r"_(bucket|sum|count)$", "", name)
+                assert name in names or base in names, (panel["title"], name)
+                used.add(base if base in names else name)
+    assert len(used) >= 12
