@@ -82,15 +82,15 @@ class Controller:
         self.store = store
         self.metrics = Metrics()
         self.liveness = Liveness(2 * resync_period)
-        self.endpoints = None
-        if metrics_addr:  # bound first: a taken address fails the start before the node joins
-            self.endpoints = Endpoints(metrics_addr, self.metrics, self.liveness)
-            self.endpoints.start()
-            log.info("metrics, /healthz and /readyz on %s", metrics_addr)
         self.kernel = kernel = counted(kernel, self.metrics.kernel_operation)
         backend = choose_backend(kernel, lb_backend)
         self.membership = Membership(store, node, ttl=node_ttl)
         self.node = self.membership.join(lb_backend=backend.name, vxlan_port=vxlan_port).name
+        self.endpoints = None
+        if metrics_addr:  # after joining: a second controller of the node is told that first
+            self.endpoints = Endpoints(metrics_addr, self.metrics, self.liveness)
+            self.endpoints.start()
+            log.info("metrics, /healthz and /readyz on %s", metrics_addr)
         self.node_id = self.membership.node.id
         self.state_dir = state_dir
         self.resync_period = resync_period

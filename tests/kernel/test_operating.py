@@ -85,9 +85,12 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
         reason = wait_for(unhealthy, 30, "/healthz to answer 503")
         assert "broken for the test" in reason, reason
         assert mesh.metric("meshctl_controller_healthy") == 0
+        asked = mesh.in_node(*MESHCTL, "controller", "health", env=mesh.env)
+        assert asked.returncode == 1 and asked.stderr.startswith("Error: unhealthy: "), asked
         assert mesh.metric("meshctl_reconcile_duration_seconds_count", result="error") >= 1
         broken.unlink()
-        wait_for(lambda: mesh.endpoint("/healthz") == (200, "ok\n"), 30, "/healthz back to ok")
+        ready = mesh.in_node(*MESHCTL, "controller", "health", "--wait", "30s", env=mesh.env)
+        assert ready.returncode == 0 and ready.stdout == "ok\n", ready
         assert mesh.metric("meshctl_controller_healthy") == 1
         mesh.wait_converged()
     finally:

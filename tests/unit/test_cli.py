@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from click.testing import CliRunner, Result
 
 from meshctl import cli
 from meshctl.cli import main
+from meshctl.controller.main import JsonFormatter
 from meshctl.model import NODE, NODE_STATUS, Container, Node, NodeStatus
 from meshctl.store import open_store
 from tests.unit.leader import settle
@@ -584,6 +586,9 @@ def test_container_attach_refuses_the_nodes_own_namespace_and_bad_pids(
         (["--node", "Bad_Name"], "invalid --node"),
         (["--resync-period", "soon"], "--resync-period"),
         (["--resync-period", "0"], "use a duration above 0"),
+        (["--metrics-addr", "localhost:9323"], "invalid --metrics-addr 'localhost:9323'"),
+        (["--metrics-addr", "9323"], "invalid --metrics-addr"),
+        (["--events-window", "0s"], "invalid --events-window"),
     ],
 )
 def test_controller_options_are_checked_before_the_store_is_touched(
@@ -709,3 +714,20 @@ def test_logs_since_and_timestamps_follow_the_controllers_notes(
     since = run("service", "logs", "web.1", "--since", "1970-01-01T00:40:00Z", "--tail", "5")
     assert since.stdout == "newest\n"
     one_line_error(run("service", "logs", "web", "--since", "soon", code=None), "invalid --since")
+
+
+def test_controller_logs_as_json_lines() -> None:
+    record = logging.LogRecord("meshctl.controller", logging.WARNING, "x", 1, "a %s", ("b",), None)
+    record.created, record.msecs = 0.0, 0.0
+    line = json.loads(JsonFormatter().format(record))
+    assert line == {
+        "time": "1970-01-01T00:00:00.000Z",
+        "level": "warning",
+        "logger": "meshctl.controller",
+        "msg": "a b",
+    }
+
+
+def test_controller_health_says_why_when_no_controller_answers(run: Any) -> None:
+    result = run("controller", "health", "--metrics-addr", "127.0.0.1:1", code=None)
+    one_line_error(result, "unhealthy: no controller answers on http://127.0.0.1:1/healthz")
