@@ -38,6 +38,15 @@ SKIPPED = {
 # `service logs --follow` prints until interrupted. The top-level --state-dir and --store are
 # not fuzzed either: a random store URL would create files anywhere on this machine.
 SKIPPED_OPTIONS = {("service", "logs"): {"follow"}}
+# Options that would make a command wait (no controller runs here): each command that has one
+# is always given the value that returns at once, and that option is not fuzzed. The waiting
+# paths run against a real controller in tests/kernel/test_operating.py.
+RETURN_AT_ONCE = {
+    "detach": ["--detach"],  # service create/update/scale/rm wait for the tasks otherwise
+    "timeout": [],  # only bounds that wait
+    "until": ["--until", "1970-01-01T00:00:00Z"],  # events follow otherwise
+    "wait_for": [],  # controller health --wait asks again until then
+}
 EXAMPLES = int(os.environ.get("MESHCTL_FUZZ_EXAMPLES", "1500"))
 
 # Values near what the commands expect, and the ones that broke them before (#14).
@@ -104,13 +113,16 @@ def option_tokens(option: click.Option) -> st.SearchStrategy[list[str]]:
 def invocations(draw: st.DrawFn) -> list[str]:
     """A command with its required options and up to three others, then its arguments."""
     path, command = draw(st.sampled_from(COMMANDS))
-    skipped = SKIPPED_OPTIONS.get(path, set())
+    skipped = SKIPPED_OPTIONS.get(path, set()) | set(RETURN_AT_ONCE)
     options = [p for p in command.params if isinstance(p, click.Option) and p.name not in skipped]
+    at_once = [
+        t for p in command.params if p.name in RETURN_AT_ONCE for t in RETURN_AT_ONCE[p.name]
+    ]
     chosen = [o for o in options if o.required]
     optional = [o for o in options if not o.required]
     if optional:
         chosen += draw(st.lists(st.sampled_from(optional), max_size=3, unique_by=id))
-    argv = list(path)
+    argv = [*path, *at_once]
     for option in chosen:
         argv += draw(option_tokens(option))
     positional: list[str] = []
