@@ -32,7 +32,7 @@ from pathlib import Path
 from kernel import netns
 from kernel.ipvs import Ipvs
 from kernel.links import Links
-from kernel.neighbours import Neighbour, Neighbours
+from kernel.neighbours import Neighbours
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
@@ -113,8 +113,10 @@ def measure(count: int, backend: str, samples: int, world: World) -> Sample:
             netns.delete(name)
         # The next S's LB leg has a new MAC for the same VIP and LB address: forget the old one.
         lb_address = LB_ADDRESS.split("/")[0]
+        neighbours = Neighbours()
         for ns, address in ((client, PROBED_VIP), (world.server, lb_address)):
-            Neighbours().delete_neighbour(ns, Neighbour("eth0", address, mac=""))  # any MAC
+            known = neighbours.list_neighbours(ns, "eth0")
+            neighbours.delete_neighbours(ns, [n for n in known if n.address == address])
 
 
 def report(results: list[Sample], backend: str, samples: int) -> None:
