@@ -40,7 +40,7 @@ from pathlib import Path
 
 from kernel import netns
 from kernel.links import Links, Route
-from kernel.neighbours import Neighbour, Neighbours
+from kernel.neighbours import Neighbours
 from kernel.system import real_kernel
 from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
@@ -223,6 +223,13 @@ def private_netns_dir() -> None:
     os.execvpe("unshare", argv, env)
 
 
+def forget(ns: str, addresses: set[str]) -> None:
+    """Delete ns's neighbour entries on eth0 for these addresses, whatever their MAC."""
+    neighbours = Neighbours()
+    known = neighbours.list_neighbours(ns, "eth0")
+    neighbours.delete_neighbours(ns, [n for n in known if n.address in addresses])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="per wrk run")
@@ -256,12 +263,10 @@ def main() -> None:
             for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                 links.delete_link(node, lb_node_end(network_id))
                 netns.delete(name)
-            for address in (VIP_ONE, VIP_ALL, LB_ADDRESS):  # the next LB leg has a new MAC
-                Neighbours().delete_neighbour(client, Neighbour("eth0", address, mac=""))
+            # The next LB leg has a new MAC for the same addresses: forget the old entries.
+            forget(client, {VIP_ONE, VIP_ALL, LB_ADDRESS})
             for index in range(len(BACKENDS)):
-                Neighbours().delete_neighbour(
-                    f"{PREFIX}backend{index}", Neighbour("eth0", LB_ADDRESS, mac="")
-                )
+                forget(f"{PREFIX}backend{index}", {LB_ADDRESS})
 
         stack.callback(remove_lb)
         kernel = real_kernel()
