@@ -30,7 +30,7 @@ def _create(mesh: Mesh, name: str, network: str, replicas: int, *extra: str) -> 
 
 
 def _tcp(mesh: Mesh, task_id: str, address: str) -> subprocess.CompletedProcess[str]:
-    return mesh.in_task(task_id, "socat", "-T5", "-", f"TCP:{address}:80,connect-timeout=5")
+    return mesh.in_task(task_id, "socat", "-t5", "-T5", "-", f"TCP:{address}:80,connect-timeout=5")
 
 
 def _ping(mesh: Mesh, task_id: str, address: str) -> int:
@@ -185,7 +185,7 @@ def test_attached_namespace_reaches_tasks_and_detach_removes_it(mesh: Mesh) -> N
         )
         assert in_ns("ping", "-c1", "-W1", task["addresses"]["front"]).returncode == 0
         assert (
-            in_ns("socat", "-T2", "-", f"TCP:{task['addresses']['front']}:80").stdout.strip()
+            in_ns("socat", "-t2", "-T2", "-", f"TCP:{task['addresses']['front']}:80").stdout.strip()
             == "web.1"
         )
         assert _ping(mesh, task["id"], address) == 0

@@ -41,7 +41,7 @@ def test_a_network_without_an_lb_address_is_reported_and_the_others_converge(
     mesh.wait_running("web", 2)
     (client,) = mesh.wait_running("client", 1)
     vip = json.loads(mesh.cli("service", "inspect", "web", "--format", "json").stdout)
-    answer = mesh.in_task(client["id"], "socat", "-T5", "-",
+    answer = mesh.in_task(client["id"], "socat", "-t5", "-T5", "-",
                           f"TCP:{vip['networks'][0]['vip']}:80,connect-timeout=5")  # fmt: skip
     assert answer.stdout.strip().startswith("web."), answer
     nodes = json.loads(mesh.cli("node", "ls", "--format", "json").stdout)

@@ -45,11 +45,12 @@ def world(node_ns: str, netns_factory: NetnsFactory, tmp_path: Path) -> Iterator
 
 
 def _ask(ns: str, port: int, udp: bool = False) -> str:
-    # TCP ends when the server closes (-T only bounds a hang); a UDP ask waits out -T after the
-    # answer, so it stays short there.
+    # TCP ends when the server closes (-T only bounds a hang).
     target = f"UDP:{NODE_IP}:{port}" if udp else f"TCP:{NODE_IP}:{port},connect-timeout=5"
-    idle = "-T2" if udp else "-T5"
-    cmd = ["ip", "netns", "exec", ns, "sh", "-c", f"echo x | socat {idle} - {target}"]
+    # TCP waits up to 5 s for the answer after stdin's end (-t, 0.5 s by default: too short on
+    # a loaded machine); UDP keeps 0.5 s, the time every UDP ask takes.
+    timing = "-T2" if udp else "-t5 -T5"
+    cmd = ["ip", "netns", "exec", ns, "sh", "-c", f"echo x | socat {timing} - {target}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
 
 
@@ -82,7 +83,7 @@ def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
     # From the node itself (OUTPUT) and from a task of the service (hairpin).
     assert _ask(mesh.node_ns, 8000).startswith("web.")
     (task, *_) = mesh.running("web")
-    hairpin = mesh.in_task(task["id"], "socat", "-T2", "-", f"TCP:{NODE_IP}:8000")
+    hairpin = mesh.in_task(task["id"], "socat", "-t2", "-T2", "-", f"TCP:{NODE_IP}:8000")
     assert hairpin.stdout.startswith("web.")
     shown = mesh.cli("service", "ls").stdout
     assert "*:8000->80/tcp" in shown and "*:8000->80/udp" in shown
@@ -91,7 +92,7 @@ def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
     wait_for(lambda: mesh.ps("web") == [], 20, "tasks gone")
     mesh.wait_converged(15, "converged")
     started = time.monotonic()
-    refused = subprocess.run(["ip", "netns", "exec", client, "socat", "-T5", "-",
+    refused = subprocess.run(["ip", "netns", "exec", client, "socat", "-t5", "-T5", "-",
                               f"TCP:{NODE_IP}:8000,connect-timeout=5"],
                              input="x", capture_output=True, text=True)  # fmt: skip
     assert refused.returncode != 0 and time.monotonic() - started < 1

@@ -59,7 +59,7 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
         forwarded = mesh.in_task(client["id"], *dig, "example.invalid")
         assert "status: SERVFAIL" in forwarded.stdout, forwarded
         vip = mesh.in_task(client["id"], *dig, "+short", "web").stdout.strip()
-        served = mesh.in_task(client["id"], "socat", "-T5", "-", f"TCP:{vip}:80")
+        served = mesh.in_task(client["id"], "socat", "-t5", "-T5", "-", f"TCP:{vip}:80")
         assert served.stdout.startswith("web."), served
         assert mesh.metric("meshctl_dns_requests_total", proto="udp", type="A") >= 5
         assert mesh.metric("meshctl_dns_responses_total", rcode="NOERROR", source="local") >= 3

@@ -60,7 +60,7 @@ def _converged(mesh: Mesh) -> None:
 
 def _get(mesh: Mesh, client: dict, address: str, port: int = 80) -> str:  # type: ignore[type-arg]
     return mesh.in_task(
-        client["id"], "socat", "-T5", "-", f"TCP:{address}:{port},connect-timeout=5"
+        client["id"], "socat", "-t5", "-T5", "-", f"TCP:{address}:{port},connect-timeout=5"
     ).stdout.strip()
 
 
