@@ -34,6 +34,9 @@ Health = Literal["none", "starting", "healthy", "unhealthy"]
 NodeState = Literal["ready", "down"]
 # active: takes new tasks; pause: keeps its tasks, takes none; drain: its tasks move away.
 Availability = Literal["active", "pause", "drain"]
+# How the router treats HTTPS for a route: terminate TLS with a stored certificate, or pass the
+# connection through untouched, chosen by SNI, to tasks that terminate TLS themselves.
+RouteTls = Literal["terminate", "passthrough"]
 
 # Kinds of store records this module's objects are kept under.
 NETWORK = "network"
@@ -48,11 +51,14 @@ LEADER_KEY = "scheduler"
 CONTAINER = "container"
 # The routing mesh's network: services publishing through it join it (see meshctl.ops).
 INGRESS = "ingress"
+# The HTTP routing mesh: one record (name ROUTER_KEY) while it is enabled, and its certificates.
+ROUTER = "router"
+ROUTER_KEY = "router"
+CERTIFICATE = "router-cert"
 
 # Every pattern is applied with fullmatch: `$` would also match before a final newline.
 _DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 _LABEL_RE = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
-_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL_RE}(\.{_LABEL_RE})*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Docker's label keys: reverse-DNS-like words (com.example.team), also with '_' and '/'.
 _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
@@ -61,6 +67,11 @@ _LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
 _INTEGER = re.compile(r"-?[0-9]{1,18}")
 # An HTTP request target: printable ASCII without spaces, so the request line stays one line.
 _HTTP_PATH = re.compile(r"/[!-~]*")
+# A route's host: a DNS name, or `*.` before one (every name below it); at most 253 characters.
+_ROUTE_HOST = re.compile(rf"(?=.{{1,253}}\Z)(\*\.)?{_LABEL_RE}(\.{_LABEL_RE})*")
+# A route's path prefix: RFC 3986 path characters but for quotes, parentheses and backslash,
+# which HAProxy's configuration language would read as its own.
+_ROUTE_PATH = re.compile(r"/[A-Za-z0-9._~!$&*+,;=:@%/-]*")
 _PROC_NETNS = re.compile(r"/proc/([1-9][0-9]{0,9})/ns/net")
 
 # A task's hostname is NAME.SLOT and Linux keeps at most 64 characters of a hostname: a
@@ -502,6 +513,49 @@ class RestartPolicy:
         return cls(data["condition"], float(data["delay"]), int(data["max_attempts"]))
 
 
+# A route's target port on the tasks when --hostname gives none.
+HTTP_TARGET_PORT = 80
+TLS_TARGET_PORT = 443
+
+
+def parse_route_host(text: str) -> tuple[str, int | None]:
+    """Read --hostname HOST[:PORT]: the host (a DNS name or `*.` before one) and the tasks'
+    port, if given. Hosts are matched case-insensitively: write them in lowercase."""
+    check_one_line(text, "--hostname")
+    host, colon, port = text.partition(":")
+    number = ascii_int(port) if colon else None
+    if not _ROUTE_HOST.fullmatch(host) or (colon and number is None):
+        raise ValidationError(
+            f"invalid --hostname {text!r}: write a lowercase DNS name, optionally `*.` before "
+            "it and :PORT after it (the tasks' port), like app.example.com or *.example.com:8080"
+        )
+    if number is not None:
+        check_port(number, f"--hostname {text} port")
+    return host, number
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of the HTTP routing mesh: requests for `host` (any name below it for
+    `*.NAME`) whose path starts with `path` go to the service's tasks on `port`; with
+    tls=passthrough, TLS connections whose SNI names the host go to them untouched."""
+
+    host: str
+    port: int
+    path: str = "/"
+    sticky: bool = False
+    tls: RouteTls = "terminate"
+
+    @property
+    def wildcard(self) -> bool:
+        return self.host.startswith("*.")
+
+    def __str__(self) -> str:
+        where = self.path if self.path != "/" else ""
+        passthrough = " (tls passthrough)" if self.tls == "passthrough" else ""
+        return f"{self.host}{where}->{self.port}{passthrough}"
+
+
 @dataclass(frozen=True)
 class Service:
     """A replicated service: its spec as the user gave it, plus id, version and VIPs.
@@ -520,7 +574,12 @@ class Service:
     health: HealthCheck | None = None
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     stop_grace_period: float = 10.0
+    # Routes of the HTTP routing mesh: HOST or HOST:PORT, with one path prefix, stickiness and
+    # TLS mode for all of them (see routes()).
     hostnames: tuple[str, ...] = ()
+    hostname_path: str = ""
+    hostname_sticky: bool = False
+    hostname_tls: RouteTls = "terminate"
     # Where its tasks may run (node.labels.K==V, node.name!=N...) and how many on one node.
     constraints: tuple[str, ...] = ()
     max_replicas_per_node: int = 0  # 0: no limit
@@ -593,14 +652,53 @@ class Service:
                     "the tasks' address on the service's first network; add --network NAME"
                 )
         _check_seconds(self.stop_grace_period, "--stop-grace-period")
-        for host in self.hostnames:
-            if not _HOSTNAME.fullmatch(host):
-                raise ValidationError(
-                    f"invalid --hostname {host!r}: use a lowercase DNS name like www.example.com"
-                )
+        self._check_routes()
         for constraint in self.constraints:
             Constraint.parse(constraint)
         _check_count(self.max_replicas_per_node, "--replicas-max-per-node")
+
+    def _check_routes(self) -> None:
+        _check_choice(self.hostname_tls, RouteTls, "--hostname-tls")
+        hosts = [parse_route_host(text)[0] for text in self.hostnames]
+        if len(set(hosts)) != len(hosts):
+            raise ValidationError(
+                f"invalid --hostname: a host is given twice in {', '.join(self.hostnames)}; "
+                "give each host once"
+            )
+        given = [
+            option
+            for option, value in (
+                ("--hostname-path", self.hostname_path),
+                ("--hostname-sticky", self.hostname_sticky),
+                ("--hostname-tls passthrough", self.hostname_tls == "passthrough"),
+            )
+            if value
+        ]
+        if given and not hosts:
+            raise ValidationError(f"invalid {given[0]}: it needs --hostname HOST")
+        if self.hostname_path and not _ROUTE_PATH.fullmatch(self.hostname_path):
+            raise ValidationError(
+                f"invalid --hostname-path {self.hostname_path!r}: write a path starting with /, "
+                "like /api (letters, digits and -._~!$&*+,;=:@%/ only)"
+            )
+        if self.hostname_tls == "passthrough" and (self.hostname_path or self.hostname_sticky):
+            raise ValidationError(
+                "invalid --hostname-tls passthrough: the router sees only the TLS server name "
+                "of such a route, neither path nor cookie; drop --hostname-path and "
+                "--hostname-sticky"
+            )
+
+    def routes(self) -> tuple[Route, ...]:
+        """The service's routes (none without --hostname)."""
+        default = TLS_TARGET_PORT if self.hostname_tls == "passthrough" else HTTP_TARGET_PORT
+        routes = []
+        for text in self.hostnames:
+            host, port = parse_route_host(text)
+            routes.append(
+                Route(host, port or default, self.hostname_path or "/", self.hostname_sticky,
+                      self.hostname_tls)
+            )  # fmt: skip
+        return tuple(routes)
 
     def placement(self) -> tuple[Constraint, ...]:
         return tuple(Constraint.parse(c) for c in self.constraints)
@@ -624,6 +722,9 @@ class Service:
             "restart": self.restart.to_dict(),
             "stop_grace_period": self.stop_grace_period,
             "hostnames": list(self.hostnames),
+            "hostname_path": self.hostname_path,
+            "hostname_sticky": self.hostname_sticky,
+            "hostname_tls": self.hostname_tls,
             "constraints": list(self.constraints),
             "max_replicas_per_node": self.max_replicas_per_node,
             "created_at": self.created_at,
@@ -645,6 +746,9 @@ class Service:
             restart=RestartPolicy.from_dict(restart) if restart else RestartPolicy(),
             stop_grace_period=float(data.get("stop_grace_period", 10.0)),
             hostnames=tuple(data.get("hostnames", ())),
+            hostname_path=str(data.get("hostname_path", "")),
+            hostname_sticky=bool(data.get("hostname_sticky", False)),
+            hostname_tls=data.get("hostname_tls", "terminate"),
             constraints=tuple(data.get("constraints", ())),
             max_replicas_per_node=int(data.get("max_replicas_per_node", 0)),
             id=data["id"],
@@ -919,6 +1023,87 @@ class Container:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Container:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Router:
+    """The HTTP routing mesh, while enabled: one HAProxy per node, published on http_port and
+    https_port through the routing mesh (mode ingress: the router's VIP on the ingress network
+    spreads over every node's router) or straight to the node's own router (mode host: it sees
+    the client's address). cookie_key seeds the sticky-session cookies, the same on every node
+    so that a cookie holds whichever node's router a request reaches."""
+
+    http_port: int = 80
+    https_port: int = 443
+    mode: PublishMode = "ingress"
+    vip: str | None = None  # on the ingress network (mode ingress)
+    cookie_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    id: str = field(default_factory=new_id)
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_port(self.http_port, "--http-port")
+        check_port(self.https_port, "--https-port")
+        _check_choice(self.mode, PublishMode, "--publish-mode")
+        if self.http_port == self.https_port:
+            raise ValidationError(
+                f"invalid --https-port {self.https_port}: it is the --http-port too; give two "
+                "different ports"
+            )
+
+    def ports(self) -> tuple[PublishedPort, ...]:
+        """The router's ports as published ports (it listens on the same numbers)."""
+        return tuple(
+            PublishedPort(port, port, "tcp", self.mode)
+            for port in (self.http_port, self.https_port)
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "http_port": self.http_port,
+            "https_port": self.https_port,
+            "mode": self.mode,
+            "vip": self.vip,
+            "cookie_key": self.cookie_key,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Router:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+@dataclass(frozen=True)
+class Certificate:
+    """A certificate and its key (PEM) that the router presents for `host` (`*.NAME`: any name
+    below NAME) when a TLS client names it (SNI)."""
+
+    host: str
+    cert: str
+    key: str
+    created_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _ROUTE_HOST.fullmatch(self.host):
+            raise ValidationError(
+                f"invalid certificate host {self.host!r}: write a lowercase DNS name, "
+                "optionally with `*.` before it, like app.example.com or *.example.com"
+            )
+        check_text(self.cert, "--cert")
+        check_text(self.key, "--key")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "cert": self.cert,
+            "key": self.key,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Certificate:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
