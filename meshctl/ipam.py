@@ -50,6 +50,7 @@ DEFAULT_PREFIX = 24
 POOL_ENV = "MESHCTL_ADDRESS_POOL"
 PREFIX_ENV = "MESHCTL_POOL_PREFIX"
 LB_OWNER_PREFIX = "lb:"
+ROUTER_OWNER_PREFIX = "router:"  # a node's HTTP router, on each network it joins
 
 
 class AddressExhausted(MeshctlError):
@@ -70,6 +71,10 @@ def container_owner(container_id: str) -> str:
 
 def lb_owner(node: str) -> str:
     return f"{LB_OWNER_PREFIX}{node}"
+
+
+def router_owner(node: str) -> str:
+    return f"{ROUTER_OWNER_PREFIX}{node}"
 
 
 def address_key(network_id: str, address: str) -> str:
@@ -316,12 +321,13 @@ def node_count(store: Store) -> int:
     return len(store.list(NODE))
 
 
-def allocate_lb_address(store: Store, network: Network, node: str) -> str:
-    """The load-balancer address of `node` on `network`, allocated and stored on first call."""
+def allocate_node_address(store: Store, network: Network, owner: str, what: str) -> str:
+    """The address a node's own endpoint (`owner`: its load balancer, its router) holds on
+    `network`, allocated and stored on first call."""
 
     def attempt() -> str:
         stored = load(store, network)
-        state, address = allocate(stored.state, lb_owner(node), f"the load balancer of {node}")
+        state, address = allocate(stored.state, owner, what)
         if state is not stored.state:
             store.txn(commit_ops(stored, state))
         return address
@@ -329,15 +335,25 @@ def allocate_lb_address(store: Store, network: Network, node: str) -> str:
     return retry_conflicts(attempt, f"allocating an address on network {network.name}")
 
 
-def release_lb_address(store: Store, network: Network, node: str) -> None:
-    """Free the load-balancer address of `node` on `network` (a node left)."""
+def release_node_address(store: Store, network: Network, owner: str) -> None:
+    """Free the address `owner` holds on `network` (a node left, its router left)."""
 
     def attempt() -> None:
         stored = load(store, network)
-        if stored.state.owner_address(lb_owner(node)) is not None:
-            store.txn(commit_ops(stored, release(stored.state, [lb_owner(node)])))
+        if stored.state.owner_address(owner) is not None:
+            store.txn(commit_ops(stored, release(stored.state, [owner])))
 
     retry_conflicts(attempt, f"releasing an address on network {network.name}")
+
+
+def allocate_lb_address(store: Store, network: Network, node: str) -> str:
+    """The load-balancer address of `node` on `network`, allocated and stored on first call."""
+    return allocate_node_address(store, network, lb_owner(node), f"the load balancer of {node}")
+
+
+def release_lb_address(store: Store, network: Network, node: str) -> None:
+    """Free the load-balancer address of `node` on `network` (a node left)."""
+    release_node_address(store, network, lb_owner(node))
 
 
 # -- what a controller reads -------------------------------------------------------------------
@@ -350,14 +366,25 @@ def gateways(snapshot: Snapshot) -> dict[str, str]:
 
 def lb_addresses(snapshot: Snapshot) -> dict[tuple[str, str], str]:
     """(network name, node) → that node's load-balancer address on the network."""
+    return node_addresses(snapshot, LB_OWNER_PREFIX)
+
+
+def router_addresses(snapshot: Snapshot) -> dict[tuple[str, str], str]:
+    """(network name, node) → that node's router address on the network."""
+    return node_addresses(snapshot, ROUTER_OWNER_PREFIX)
+
+
+def node_addresses(snapshot: Snapshot, prefix: str) -> dict[tuple[str, str], str]:
+    """(network name, node) → the address of the node's endpoint whose owners start with
+    `prefix` (a load balancer's, a router's)."""
     found: dict[tuple[str, str], str] = {}
     for record in snapshot.of(KIND):  # ipam records written before claim keys
         for address, owner in record.value.get("allocations", {}).items():
-            if owner.startswith(LB_OWNER_PREFIX):
-                found[(record.value["network"], owner.removeprefix(LB_OWNER_PREFIX))] = address
+            if owner.startswith(prefix):
+                found[(record.value["network"], owner.removeprefix(prefix))] = address
     for record in snapshot.of(ADDRESS):
         owner = str(record.value["owner"])
-        if owner.startswith(LB_OWNER_PREFIX):
+        if owner.startswith(prefix):
             address = record.name.partition("/")[2]
-            found[(record.value["network"], owner.removeprefix(LB_OWNER_PREFIX))] = address
+            found[(record.value["network"], owner.removeprefix(prefix))] = address
     return found

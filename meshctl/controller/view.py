@@ -13,6 +13,7 @@ from typing import TypeVar
 
 from meshctl import ipam
 from meshctl.model import (
+    CERTIFICATE,
     CONTAINER,
     INGRESS,
     LEADER,
@@ -20,20 +21,24 @@ from meshctl.model import (
     NETWORK,
     NODE,
     NODE_STATUS,
+    ROUTER,
+    ROUTER_KEY,
     SERVICE,
     TASK,
+    Certificate,
     Container,
     CorruptRecordError,
     Network,
     Node,
     NodeStatus,
+    Router,
     Service,
     Task,
     from_record,
 )
 from meshctl.store import Snapshot, Store
 
-M = TypeVar("M", Network, Service, Task, Node, NodeStatus, Container)
+M = TypeVar("M", Network, Service, Task, Node, NodeStatus, Container, Router, Certificate)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class ClusterView:
     statuses: dict[str, NodeStatus] = field(default_factory=dict)  # live nodes' controllers
     leader: str | None = None  # the node that places tasks
     broken: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) → why
+    router: Router | None = None  # the HTTP routing mesh, while enabled
+    router_addresses: dict[tuple[str, str], str] = field(default_factory=dict)  # as lb_addresses
+    certificates: dict[str, Certificate] = field(default_factory=dict)  # the router's, by host
 
     def up(self, node: str) -> bool:
         """Whether the node's controller is live."""
@@ -68,7 +76,18 @@ class ClusterView:
         names |= {c.network for c in self.containers.values() if c.node == node}
         if any(port.routed for s in self.services.values() for port in s.ports):
             names.add(INGRESS)
+        names |= self.router_networks()
         return names & set(self.networks)
+
+    def router_networks(self) -> set[str]:
+        """The networks every node's router joins while the router is enabled: the routing
+        mesh's, where it is published, and the first network of each service with routes."""
+        if self.router is None:
+            return set()
+        routed = {
+            s.networks[0].network for s in self.services.values() if s.hostnames and s.networks
+        }
+        return ({INGRESS} | routed) & set(self.networks)
 
     def tasks_on(self, node: str) -> list[Task]:
         return [t for t in self.tasks.values() if t.node == node]
@@ -109,6 +128,9 @@ def view_of(snapshot: Snapshot) -> ClusterView:
             (str(r.value.get("node")) for r in snapshot.of(LEADER) if r.name == LEADER_KEY), None
         ),
         broken=broken,
+        router=decode(Router, ROUTER, lambda _: ROUTER_KEY).get(ROUTER_KEY),
+        router_addresses=ipam.router_addresses(snapshot),
+        certificates=decode(Certificate, CERTIFICATE, lambda c: c.host),
     )
 
 
