@@ -43,6 +43,7 @@ from meshctl.controller.membership import Membership
 from meshctl.controller.node_kernel import set_node_sysctls
 from meshctl.controller.node_reconciler import NodeReconciler
 from meshctl.controller.overlay import VXLAN_PORT, underlay_of
+from meshctl.controller.router_sync import RouterSync
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.controller.view import ClusterView, view_of
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
@@ -107,6 +108,9 @@ class Controller:
         self.underlay = underlay_of(kernel, self.membership.node.address, vxlan_port)
         self.node_sync = NodeReconciler(kernel, self.node, resync_period, self.underlay)
         self.dns = DnsSync(upstreams or [])
+        self.router = RouterSync(
+            store, kernel, self.node, self.node_id, state_dir, resync_period, self.underlay
+        )
         self.supervisor = Supervisor(
             store, self.node, state_dir, open_connections=self._open_connections
         )
@@ -168,7 +172,7 @@ class Controller:
         with timed("orchestrate") as part:
             if self._orchestrate(view, errors):
                 view = self._view(wait=True)
-            if self._claim_lb_addresses(view, errors):
+            if self._claim_lb_addresses(view, errors) | self.router.claim_addresses(view, errors):
                 view = self._view(wait=True)
             part.failed = dict(errors)
         self._last_view = view
@@ -194,6 +198,11 @@ class Controller:
         with timed("lb") as part:
             part.failed = self._sync_lb(view)
             errors |= part.failed
+        # After the bridges it joins, and the ports it publishes.
+        with timed("router") as part:
+            router_errors, router_deadline = self.router.sync(view, self.node_sync.port_errors)
+            part.failed = router_errors
+        errors |= router_errors
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
         with timed("tasks"):
             deadline = self.supervisor.step(view, unwired)
@@ -203,7 +212,7 @@ class Controller:
         for wait in self.liveness.end(covered, problem):
             self.metrics.programming.observe(wait)
         timed("pass").failed = problem
-        return min(deadline, time.time() + self.resync_period)
+        return min(deadline, router_deadline, time.time() + self.resync_period)
 
     def _task_states(self) -> dict[str, int]:
         """This node's tasks by state, as the last pass saw them (for /metrics)."""
@@ -295,8 +304,9 @@ class Controller:
             log.warning("cannot report the node's status: %s", err)
 
     def _open_connections(self, task: Task) -> int:
-        """TCP connections the task still serves through this node's load balancers."""
-        total = 0
+        """TCP connections the task still serves through this node's load balancers, and
+        requests through its router."""
+        total = self.router.open_requests(task)
         for network, address in task.addresses.items():
             net = self._last_view.networks.get(network) if self._last_view else None
             if net is None:
@@ -379,9 +389,9 @@ class Controller:
             await asyncio.sleep(LOG_NOTE_PERIOD)
 
     def _watch_exits(self, loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
-        """Wake the loop when a task process exits: its pidfd turns readable."""
-        for local in self.supervisor.tasks.values():
-            process = local.process
+        """Wake the loop when a task process or the router exits: its pidfd turns readable."""
+        processes = [local.process for local in self.supervisor.tasks.values()]
+        for process in (*processes, self.router.process):
             if process is None or process.pid in self._exit_fds:
                 continue
             # Our own copy of the pidfd, so the supervisor closing its one cannot race with us.

@@ -19,10 +19,16 @@ from meshctl.controller.discovery import lb_specs
 from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
 from meshctl.controller.node_kernel import blocked_ports, observe_node, stateless_dns
 from meshctl.controller.overlay import NO_UNDERLAY, Underlay
+from meshctl.controller.router_net import describe_net, plan_router_net, router_net_spec
+from meshctl.controller.router_sync import router_files
+from meshctl.controller.routes import router_spec
 from meshctl.controller.tables import table_lines
 from meshctl.controller.view import ClusterView
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
+from meshctl.router import haproxy
+from meshctl.router.config import fingerprint_of
+from meshctl.router.slots import plan_runtime
 from meshctl.runtime import read_start_time
 
 DNS_PORTS_FILE = "dns-ports"
@@ -135,3 +141,42 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
         yield f"- load-balancer namespace {ns}"
     for ns in lb_plan.unmarked_netns:
         yield f"! load-balancer namespace {ns} has no leg with meshctl's mark: left alone"
+
+
+def router_differences(
+    kernel: Kernel,
+    view: ClusterView,
+    node: str,
+    node_id: str,
+    state_dir: str,
+    underlay: Underlay = NO_UNDERLAY,
+) -> Iterator[str]:
+    """The router's differences, one line each: its namespace and legs, whether HAProxy runs,
+    whether it runs the configuration the store asks for (a reload is due if not), and the
+    server changes the runtime API would make."""
+    desired = router_net_spec(view, node, node_id, underlay)
+    yield from describe_net(plan_router_net(kernel, desired, node_id))
+    spec = router_spec(view, node)
+    files = router_files(state_dir)
+    process = haproxy.adopt(files)
+    if process is not None:
+        process.close()
+    if spec is None:
+        if process is not None:
+            yield f"- router haproxy pid {process.pid}"
+        return
+    if process is None:
+        yield "+ router haproxy (not running)"
+        return
+    if fingerprint_of(haproxy.read_config(files) or "") != spec.fingerprint():
+        yield "~ router configuration: routes, certificates or ports changed (reload due)"
+        return
+    try:
+        commands = plan_runtime(spec, haproxy.servers(files))
+    except haproxy.RouterError as err:
+        yield f"! router: {err}"
+        return
+    if commands is None:
+        yield "~ router servers: more than the slots hold (reload due)"
+        return
+    yield from (f"~ router: {command}" for command in commands)

@@ -62,6 +62,20 @@ def _backends(view: ClusterView, service: Service, network: str, node: str) -> t
     return tuple(Backend(address, weight) for address, weight in sorted(backends.items()))
 
 
+def _router_vip(view: ClusterView, node: str) -> tuple[VirtualIp, ...]:
+    """The router's VIP on the ingress network (mode ingress): it spreads over the router of
+    every node this one reaches that is up, as a service's VIP spreads over its tasks."""
+    router, ingress = view.router, view.networks.get(INGRESS)
+    if router is None or router.vip is None or ingress is None:
+        return ()
+    backends = tuple(
+        Backend(address)
+        for (network, owner), address in sorted(view.router_addresses.items())
+        if network == INGRESS and (owner == node or (ingress.overlay and view.up(owner)))
+    )
+    return (VirtualIp(router.id, "router", router.vip, backends),)
+
+
 def lb_specs(
     view: ClusterView, node: str, node_id: str, underlay: Underlay = NO_UNDERLAY
 ) -> list[LbSpec]:
@@ -79,6 +93,8 @@ def lb_specs(
             for service in sorted(view.services.values(), key=lambda s: s.name)
             if (vip := service.vips().get(network.name)) is not None
         )
+        if network.name == INGRESS:
+            vips += _router_vip(view, node)
         mtu = underlay.mtu_of(network)
         specs.append(lb_spec(node_id, network.id, f"{address}/{prefix}", vips, mtu))
     return specs

@@ -12,9 +12,11 @@ from __future__ import annotations
 LINK_PREFIX = "mesh"
 TASK_NETNS_PREFIX = "mesh-t-"
 LB_NETNS_PREFIX = "mesh-lb-"
+ROUTER_NETNS_PREFIX = "mesh-r-"
 CHAIN_PREFIX = "MESH-"
 TASK_VETH_PREFIX = f"{LINK_PREFIX}v"
 CONTAINER_VETH_PREFIX = f"{LINK_PREFIX}c"
+ROUTER_VETH_PREFIX = f"{LINK_PREFIX}r"
 MARK_PREFIX = "meshctl:"
 LB_INTERFACE = "eth0"  # the LB namespace's leg on the bridge, named as a task's first leg
 
@@ -102,3 +104,19 @@ def lb_node_end(network_id: str) -> str:
 
 def is_task_netns(name: str) -> bool:
     return name.startswith(TASK_NETNS_PREFIX)
+
+
+def router_id(node_id: str) -> str:
+    """The id a node's router is marked with (meshctl:router-<node-id>)."""
+    return f"router-{node_id}"
+
+
+def router_netns(node_id: str) -> str:
+    """`mesh-r-<node-id-8>`: the namespace of the node's HTTP router (HAProxy)."""
+    return f"{ROUTER_NETNS_PREFIX}{node_id[:8]}"
+
+
+def router_veth(network_id: str) -> str:
+    """The node end of the router's leg on a network: `meshr` + 8 network id characters
+    (inside, the leg is named as an attached container's: container_interface)."""
+    return f"{ROUTER_VETH_PREFIX}{network_id[:8]}"

@@ -14,7 +14,7 @@ plan reports it as a clash and leaves it, and what would hang off it, alone.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts
@@ -35,7 +35,7 @@ from meshctl.controller.overlay import (
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 from meshctl.lb.netfilter import take_turns
-from meshctl.model import INGRESS, Container, Network, Task
+from meshctl.model import INGRESS, Container, Network, PublishedPort, Task
 from meshctl.runtime.process import read_start_time
 
 FORWARD_CHAIN = "MESH-FORWARD"
@@ -316,12 +316,15 @@ def node_tables(
 
 
 def published_ports(view: ClusterView) -> dict[tuple[int, str], str]:
-    """(port, protocol) → the id of the service that publishes it."""
-    return {
+    """(port, protocol) → the id of the service (or router) that publishes it."""
+    ports: dict[tuple[int, str], str] = {
         (port.published, port.protocol): service.id
         for service in view.services.values()
         for port in service.ports
     }
+    if view.router is not None:
+        ports.update(((p.published, p.protocol), view.router.id) for p in view.router.ports())
+    return ports
 
 
 def ports_in_use(nat: OwnedTable) -> set[tuple[int, str]]:
@@ -351,23 +354,14 @@ def ingress_rules(
     """
     catch: list[Rule] = []
     masquerade: list[Rule] = []
-    for service in sorted(view.services.values(), key=lambda s: s.name):
-        if not service.ports or not service.networks:
-            continue
-        first = service.networks[0].network
-        comment = f"meshctl:{service.id}"
-        local = sorted(
-            t.addresses[first]
-            for t in view.tasks_on(node)
-            if t.service_id == service.id and serving(t) and first in t.addresses
-        )
-        for port in service.ports:
+    for owner, ports, vip, local in _publishers(view, node):
+        comment = f"meshctl:{owner}"
+        for port in ports:
             if (port.published, port.protocol) in blocked:
                 continue
             proto = port.protocol
             published = (Match(proto, opts(dport=str(port.published))),)
             if port.mode == "ingress" and port.traffic == "cluster":
-                vip = service.vips().get(INGRESS)
                 if vip is None:
                     continue
                 target = f"{vip}:{port.target}"
@@ -403,6 +397,28 @@ def ingress_rules(
                          target_args=opts(to_destination=f"{address}:{port.target}"))
                 )  # fmt: skip
     return tuple(catch), tuple(masquerade)
+
+
+def _publishers(
+    view: ClusterView, node: str
+) -> Iterator[tuple[str, tuple[PublishedPort, ...], str | None, list[str]]]:
+    """What publishes ports, as (its id, its ports, its VIP on the ingress network, this
+    node's own addresses that mode=host and traffic=local send to): each service, then the
+    HTTP router (its VIP spreads over every node's router; mode=host: this node's)."""
+    for service in sorted(view.services.values(), key=lambda s: s.name):
+        if not service.ports or not service.networks:
+            continue
+        first = service.networks[0].network
+        local = sorted(
+            t.addresses[first]
+            for t in view.tasks_on(node)
+            if t.service_id == service.id and serving(t) and first in t.addresses
+        )
+        yield service.id, service.ports, service.vips().get(INGRESS), local
+    router = view.router
+    if router is not None:
+        address = view.router_addresses.get((INGRESS, node))
+        yield router.id, router.ports(), router.vip, [address] if address else []
 
 
 def desired_node(

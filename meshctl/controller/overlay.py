@@ -77,8 +77,8 @@ class OverlaySpec:
 
 def remote_peers(view: ClusterView, network: Network, node: str) -> frozenset[Peer]:
     """Every endpoint on the network that lives on another node that is up and advertises an
-    address: tasks (whatever their state: a draining one still answers), load balancers and
-    attached containers."""
+    address: tasks (whatever their state: a draining one still answers), load balancers,
+    routers and attached containers."""
     vteps = {
         name: n.address
         for name, n in view.nodes.items()
@@ -92,7 +92,8 @@ def remote_peers(view: ClusterView, network: Network, node: str) -> frozenset[Pe
     ]
     endpoints += [
         (address, owner)
-        for (net, owner), address in view.lb_addresses.items()
+        for addresses in (view.lb_addresses, view.router_addresses)
+        for (net, owner), address in addresses.items()
         if net == network.name and owner in vteps
     ]
     endpoints += [

@@ -1,0 +1,79 @@
+"""What each node's router should do: a pure function of the cluster view.
+
+A backend's servers are the tasks' addresses on the network the router reaches the service on
+(its first), chosen as the load balancers choose backends (meshctl.controller.discovery): a
+serving task is ready; a running task that is leaving or unhealthy is drained (no new
+requests, those in flight finish); any other is left out. So health gating and draining
+follow the service, as they do for its VIP.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from meshctl.controller.discovery import backend_weight, reachable
+from meshctl.controller.view import ClusterView
+from meshctl.model import Service
+from meshctl.router.spec import (
+    Backend,
+    BackendMode,
+    HttpRoute,
+    RouterSpec,
+    Server,
+    SniRoute,
+    backend_name,
+    route_order,
+)
+
+
+def _servers(view: ClusterView, service: Service, node: str) -> tuple[Server, ...]:
+    network = service.networks[0].network
+    servers: dict[str, bool] = {}
+    for task in view.tasks.values():
+        if task.service_id != service.id or network not in task.addresses:
+            continue
+        if not reachable(view, task, network, node):
+            continue
+        weight = backend_weight(task)
+        if weight is None:
+            continue
+        address = task.addresses[network]
+        # A slot being replaced may briefly have two tasks; an address is one server.
+        servers[address] = servers.get(address, False) or weight > 0
+    return tuple(sorted(Server(a, ready) for a, ready in servers.items()))
+
+
+def router_spec(view: ClusterView, node: str) -> RouterSpec | None:
+    """The router of `node`, or None while the router is disabled."""
+    router = view.router
+    if router is None:
+        return None
+    backends: dict[str, Backend] = {}
+    routes: list[HttpRoute] = []
+    sni: list[SniRoute] = []
+    for service in sorted(view.services.values(), key=lambda s: s.name):
+        if not service.networks:
+            continue
+        servers = _servers(view, service, node)
+        for route in service.routes():
+            name = backend_name(route, service)
+            mode: BackendMode = "tcp" if route.tls == "passthrough" else "http"
+            backends[name] = Backend(name, service.name, route.port, mode, route.sticky, servers)
+            if mode == "tcp":
+                sni.append(SniRoute(route.host, name))
+            else:
+                routes.append(HttpRoute(route.host, route.path, name))
+    certificates = sorted(view.certificates.values(), key=lambda c: route_order(c.host, ""))
+    digest = hashlib.sha256()
+    for cert in certificates:
+        digest.update(f"{cert.host}\0{cert.cert}\0{cert.key}\0".encode())
+    return RouterSpec(
+        http_port=router.http_port,
+        https_port=router.https_port,
+        cookie_key=router.cookie_key,
+        routes=tuple(sorted(routes, key=lambda r: route_order(r.host, r.path))),
+        sni_routes=tuple(sorted(sni, key=lambda r: route_order(r.host, ""))),
+        backends=tuple(sorted(backends.values(), key=lambda b: b.name)),
+        certificates=tuple(c.host for c in certificates),
+        certificate_digest=digest.hexdigest()[:16] if certificates else "",
+    )
