@@ -32,7 +32,9 @@ from meshctl.model import (
     NetworkAttachment,
     Node,
     PublishedPort,
+    PublishMode,
     RestartPolicy,
+    Router,
     Service,
     Task,
     ValidationError,
@@ -436,7 +438,35 @@ def _service_options(fn: F) -> F:
             "--hostname",
             "hostnames",
             multiple=True,
-            help="Hostname for the HTTP routing mesh (repeatable).",
+            metavar="HOST[:PORT]",
+            help="Route HTTP for HOST (`*.example.com`: every name below) to the tasks' PORT "
+            "[80; passthrough: 443] through the router (repeatable; replaces the list).",
+        ),
+        click.option(
+            "--hostname-add",
+            "hostnames_add",
+            multiple=True,
+            metavar="HOST[:PORT]",
+            help="Add a route (update; repeatable).",
+        ),
+        click.option(
+            "--hostname-rm",
+            "hostnames_rm",
+            multiple=True,
+            metavar="HOST",
+            help="Remove the route of HOST (update; repeatable).",
+        ),
+        click.option("--hostname-path", metavar="/PATH", help="Route only paths under /PATH."),
+        click.option(
+            "--hostname-sticky/--no-hostname-sticky",
+            default=None,
+            help="Keep each client on one task (a cookie).",
+        ),
+        click.option(
+            "--hostname-tls",
+            type=click.Choice(["terminate", "passthrough"]),
+            help="HTTPS: terminated by the router with its certificate [terminate], or "
+            "passed through by SNI to tasks that terminate TLS themselves.",
         ),
         click.option(
             "--constraint",
@@ -526,13 +556,45 @@ def _spec_changes(name: str, opts: Mapping[str, Any], current: Service | None) -
         changes["stop_grace_period"] = duration(opts["stop_grace_period"], "--stop-grace-period")
     if opts["env"]:
         changes["env"] = _pairs(opts["env"], "--env")
-    if opts["hostnames"]:
-        changes["hostnames"] = tuple(opts["hostnames"])
+    hostnames = _hostnames(opts, current.hostnames if current else ())
+    if hostnames is not None:
+        changes["hostnames"] = hostnames
+    if opts["hostname_path"] is not None:
+        changes["hostname_path"] = "" if opts["hostname_path"] == "/" else opts["hostname_path"]
+    if opts["hostname_sticky"] is not None:
+        changes["hostname_sticky"] = opts["hostname_sticky"]
+    if opts["hostname_tls"] is not None:
+        changes["hostname_tls"] = opts["hostname_tls"]
     if opts["constraints"]:
         changes["constraints"] = tuple(opts["constraints"])
     if opts["replicas_max_per_node"] is not None:
         changes["max_replicas_per_node"] = opts["replicas_max_per_node"]
     return changes
+
+
+def _hostnames(opts: Mapping[str, Any], current: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The routes' hosts the options give (None: unchanged). Hosts match case-insensitively,
+    so they are kept in lowercase; a host added again replaces its old port."""
+    if not (opts["hostnames"] or opts["hostnames_add"] or opts["hostnames_rm"]):
+        return None
+    hosts = [h.lower() for h in opts["hostnames"]] if opts["hostnames"] else list(current)
+    removed = {h.lower().partition(":")[0] for h in opts["hostnames_rm"]}
+    added = [h.lower() for h in opts["hostnames_add"]]
+    replaced = removed | {h.partition(":")[0] for h in added}
+    unknown = removed - {h.partition(":")[0] for h in hosts}
+    if unknown:
+        raise ValidationError(
+            f"invalid --hostname-rm {sorted(unknown)[0]}: the service has no such route "
+            f"({', '.join(hosts) or 'none'})"
+        )
+    return tuple(h for h in hosts if h.partition(":")[0] not in replaced) + tuple(added)
+
+
+def _check_routes(store: Store, service: Service) -> None:
+    """Routes HAProxy would refuse are refused now, before anything is stored."""
+    from meshctl.router.ops import check_with_haproxy
+
+    check_with_haproxy(store, service)
 
 
 def _wait(store: Store, names: Sequence[str], timeout: float, ids: Mapping[str, str]) -> None:
@@ -635,9 +697,12 @@ def service_create(name: str, detach: bool, timeout: str, **opts: Any) -> None:
     wait = duration(timeout, "--timeout")
     if not opts["command"]:
         raise click.UsageError("missing COMMAND: put it after '--', like: -- sleep infinity")
+    if opts["hostnames_add"] or opts["hostnames_rm"]:
+        raise click.UsageError("--hostname-add/--hostname-rm change a service; use --hostname")
     spec = Service(name=name, **_spec_changes(name, opts, None))
     _refuse_ports_in_use(spec.ports)
     store = _store()
+    _check_routes(store, spec)
     created = ops.create_service(store, spec)
     click.echo(created.id)
     if not detach:
@@ -662,9 +727,17 @@ def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
     """
     wait = duration(timeout, "--timeout")
     store = _store()
-    changes = _spec_changes(name, opts, ops.get_service(store, check_name(name, "service name")))
+    current = ops.get_service(store, check_name(name, "service name"))
+    changes = _spec_changes(name, opts, current)
     if not changes:
         raise click.UsageError("nothing to update: give at least one option")
+    if current.hostnames or changes.get("hostnames"):
+        try:
+            candidate: Service | None = replace(current, **changes)
+        except ValidationError:
+            candidate = None  # ops.update_service says what is wrong, in its order
+        if candidate is not None:
+            _check_routes(store, candidate)
     old_ports = {(p.published, p.protocol) for p in ops.get_service(store, name).ports}
     _refuse_ports_in_use(
         [p for p in changes.get("ports", ()) if (p.published, p.protocol) not in old_ports]
@@ -1488,6 +1561,140 @@ def container_ls(fmt: Format) -> None:
     )
 
 
+@main.group(cls=_Group)
+def router() -> None:
+    """The HTTP routing mesh: an HAProxy on every node routes HTTP by Host header (and TLS by
+    SNI) to the services created with --hostname.
+
+    \b
+    Examples:
+      meshctl router enable
+      meshctl service create --name web --network front --hostname app.example.com -- ./web
+    """
+
+
+@router.command("enable")
+@click.option("--http-port", type=_Int(1, 65535), default=80, show_default=True)
+@click.option("--https-port", type=_Int(1, 65535), default=443, show_default=True)
+@click.option(
+    "--publish-mode",
+    type=click.Choice(["ingress", "host"]),
+    default="ingress",
+    show_default=True,
+    help="ingress: every node's ports spread over every node's router (the routing mesh); "
+    "host: each node's own router, which sees the client's address.",
+)
+def router_enable(http_port: int, https_port: int, publish_mode: str) -> None:
+    """Run the router on every node (or move it to other ports); print its id.
+
+    \b
+    Examples:
+      meshctl router enable
+      meshctl router enable --http-port 8080 --https-port 8443 --publish-mode host
+    """
+    from meshctl.router.ops import enable_router, get_router
+
+    store = _store()
+    current = get_router(store)
+    held = {p.published for p in current.ports()} if current else set()
+    wanted = Router(http_port, https_port, cast(PublishMode, publish_mode)).ports()
+    _refuse_ports_in_use([p for p in wanted if p.published not in held])
+    click.echo(enable_router(store, http_port, https_port, cast(PublishMode, publish_mode)).id)
+
+
+@router.command("disable")
+def router_disable() -> None:
+    """Stop the router on every node; routes stay stored for when it is enabled again.
+
+    \b
+    Examples:
+      meshctl router disable
+    """
+    from meshctl.router.ops import disable_router
+
+    click.echo(disable_router(_store()).id)
+
+
+@router.command("inspect")
+@_format_option
+def router_inspect(fmt: Format) -> None:
+    """Show the router: ports, routes, certificates, and how it does on each node.
+
+    \b
+    Examples:
+      meshctl router inspect
+      meshctl router inspect --format '{{json .Routes}}'
+    """
+    from meshctl.router.ops import get_router, list_certificates
+
+    store = _store()
+    current = get_router(store)
+    if current is None:
+        raise MeshctlError("the router is not enabled; enable it with: meshctl router enable")
+    args = (current, ops.list_services(store), list_certificates(store), nodes.statuses(store))
+    _show(fmt, output.router_json(*args), lambda: output.router_pretty(*args))
+
+
+@router.group("cert", cls=_Group)
+def router_cert() -> None:
+    """The certificates the router terminates TLS with, chosen by SNI.
+
+    \b
+    Examples:
+      meshctl router cert add app.example.com --cert app.pem --key app.key
+      meshctl router cert ls
+    """
+
+
+@router_cert.command("add")
+@click.argument("host")
+@click.option("--cert", "cert_path", required=True, help="The certificate (PEM; its chain after).")
+@click.option("--key", "key_path", required=True, help="Its private key (PEM).")
+def router_cert_add(host: str, cert_path: str, key_path: str) -> None:
+    """Store the certificate for HOST (`*.example.com`: every name below), replacing one.
+
+    \b
+    Examples:
+      meshctl router cert add app.example.com --cert app.pem --key app.key
+      meshctl router cert add '*.example.com' --cert wildcard.pem --key wildcard.key
+    """
+    from meshctl.router.ops import add_certificate
+
+    click.echo(add_certificate(_store(), host.lower(), cert_path, key_path).host)
+
+
+@router_cert.command("ls")
+@_format_option
+def router_cert_ls(fmt: Format) -> None:
+    """List the stored certificates (never their keys).
+
+    \b
+    Examples:
+      meshctl router cert ls
+      meshctl router cert ls --format '{{.Host}}'
+    """
+    from meshctl.router.ops import list_certificates
+
+    certificates = list_certificates(_store())
+    _show(fmt, [output.certificate_json(c) for c in certificates],
+          lambda: output.certificate_table(certificates))  # fmt: skip
+
+
+@router_cert.command("rm")
+@click.argument("host")
+def router_cert_rm(host: str) -> None:
+    """Remove the certificate for HOST.
+
+    \b
+    Examples:
+      meshctl router cert rm app.example.com
+    """
+    from meshctl.router.ops import remove_certificate
+
+    remove_certificate(_store(), host.lower())
+    click.echo(host.lower())
+
+
 @main.group("store", cls=_Group)
 def store_group() -> None:
     """Repair the store by hand (for a record an error names as invalid).
@@ -1545,7 +1752,7 @@ def diff(node: str | None, lb_backend: str) -> None:
       nsenter --net=/run/netns/node1 meshctl diff --node node1
     """
     from kernel.system import real_kernel
-    from meshctl.controller.diff import describe, node_differences
+    from meshctl.controller.diff import describe, node_differences, router_differences
     from meshctl.controller.main import default_node_name
     from meshctl.controller.overlay import VXLAN_PORT, underlay_of
     from meshctl.controller.view import read_view
@@ -1565,12 +1772,12 @@ def diff(node: str | None, lb_backend: str) -> None:
     lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     underlay = underlay_of(kernel, node_record.address, port)
-    plans = node_differences(
-        kernel, read_view(store), name, node_record.id, _env().state_dir, lb, underlay
-    )
+    view = read_view(store)
+    plans = node_differences(kernel, view, name, node_record.id, _env().state_dir, lb, underlay)
     lines = list(describe(*plans))
+    lines += router_differences(kernel, view, name, node_record.id, _env().state_dir, underlay)
     if status is not None:
-        lines += [f"! network {net} fails on node {name}: {why}"
+        lines += [f"! {'' if net == 'router' else 'network '}{net} fails on node {name}: {why}"
                   for net, why in sorted(status.errors.items())]  # fmt: skip
     for line in lines:
         click.echo(line)

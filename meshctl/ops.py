@@ -38,6 +38,8 @@ from meshctl.model import (
     CONTAINER,
     INGRESS,
     NETWORK,
+    ROUTER,
+    ROUTER_KEY,
     SERVICE,
     TASK,
     VNI_FIRST,
@@ -48,6 +50,7 @@ from meshctl.model import (
     NetworkAttachment,
     NotFoundError,
     PublishedPort,
+    Router,
     Service,
     Task,
     ValidationError,
@@ -71,6 +74,9 @@ UPDATABLE = frozenset(
         "restart",
         "stop_grace_period",
         "hostnames",
+        "hostname_path",
+        "hostname_sticky",
+        "hostname_tls",
     }
 )
 
@@ -399,6 +405,7 @@ def _plan_service(
                 f"meshctl network create {attachment.network}"
             )
     _check_ports_free(store, new)
+    _check_routes(store, new)
     new = _with_ingress(store, new)
     networks = _networks(store)
     new = _assign_vips(changes, old, new, networks)
@@ -469,6 +476,15 @@ def _port_key(port: PublishedPort) -> str:
 def _check_ports_free(store: Store, new: Service) -> None:
     """Reject a published port/protocol another service already publishes."""
     wanted = {_port_key(p) for p in new.ports}
+    router = store.get(ROUTER, ROUTER_KEY)
+    if router is not None:
+        taken = wanted & {_port_key(p) for p in from_record(Router, router).ports()}
+        if taken:
+            raise ValidationError(
+                f"invalid --publish: port {sorted(taken)[0]} is the HTTP router's; choose "
+                "another published port, or move the router with: meshctl router enable "
+                "--http-port/--https-port"
+            )
     for other in list_services(store):
         if other.id == new.id:
             continue
@@ -478,6 +494,32 @@ def _check_ports_free(store: Store, new: Service) -> None:
                 f"invalid --publish: port {sorted(clash)[0]} is already published by service "
                 f"{other.name}; choose another published port"
             )
+
+
+def _check_routes(store: Store, new: Service) -> None:
+    """Refuse a route the router could not take: a service with routes but no network to
+    reach its tasks on, or a route another service has (the same host and path; for TLS
+    passthrough, the same host)."""
+    if not new.hostnames:
+        return
+    if not new.networks and not any(port.routed for port in new.ports):
+        raise ValidationError(
+            f"invalid --hostname: service {new.name} is on no network the router could reach "
+            "its tasks on; add --network NAME"
+        )
+    for other in list_services(store):
+        if other.id == new.id:
+            continue
+        theirs = {(r.host, r.tls, r.path if r.tls == "terminate" else "") for r in other.routes()}
+        for route in new.routes():
+            path = route.path if route.tls == "terminate" else ""
+            if (route.host, route.tls, path) in theirs:
+                where = f"{route.host}{path if path != '/' else ''}"
+                raise ValidationError(
+                    f"invalid --hostname {route.host}: service {other.name} already routes "
+                    f"{where}{' (TLS passthrough)' if route.tls == 'passthrough' else ''}; "
+                    "choose another host or --hostname-path"
+                )
 
 
 def _claim_ports(changes: Changes, old: Service | None, new: Service | None) -> None:

@@ -14,7 +14,16 @@ from typing import Any
 from meshctl.durations import format_duration, format_time
 from meshctl.events import MeshEvent
 from meshctl.ipam import IpamState
-from meshctl.model import Network, NodeStatus, PublishedPort, Service, Task
+from meshctl.model import (
+    Certificate,
+    Network,
+    NodeStatus,
+    PublishedPort,
+    Route,
+    Router,
+    Service,
+    Task,
+)
 from meshctl.nodes import NodeView
 
 
@@ -138,9 +147,88 @@ def service_pretty(service: Service, tasks: Sequence[Task]) -> str:
             ),
             ("Stop grace period", format_duration(service.stop_grace_period)),
             ("Env", " ".join(f"{k}={v}" for k, v in service.env.items()) or "-"),
-            ("Hostnames", ", ".join(service.hostnames) or "-"),
+            ("Routes", ", ".join(_route(r, service) for r in service.routes()) or "-"),
         ]
     )
+
+
+def _route(route: Route, service: Service) -> str:
+    return f"{route}{' sticky' if route.sticky else ''}"
+
+
+# -- the router --------------------------------------------------------------------------------
+
+
+def _router_routes(services: Iterable[Service]) -> list[dict[str, Any]]:
+    return [
+        {
+            "host": r.host,
+            "path": r.path,
+            "service": s.name,
+            "port": r.port,
+            "sticky": r.sticky,
+            "tls": r.tls,
+        }
+        for s in services
+        for r in s.routes()
+    ]
+
+
+def router_json(
+    router: Router,
+    services: Iterable[Service],
+    certificates: Iterable[Certificate],
+    statuses: Mapping[str, NodeStatus],
+) -> dict[str, Any]:
+    """The router as `router inspect --format json` prints it (never the cookie key)."""
+    return {
+        "id": router.id,
+        "http_port": router.http_port,
+        "https_port": router.https_port,
+        "publish_mode": router.mode,
+        "vip": router.vip,
+        "created_at": router.created_at,
+        "routes": _router_routes(services),
+        "certificates": sorted(c.host for c in certificates),
+        "nodes": {
+            name: status.errors.get("router", "") for name, status in sorted(statuses.items())
+        },
+    }
+
+
+def router_pretty(
+    router: Router,
+    services: Iterable[Service],
+    certificates: Iterable[Certificate],
+    statuses: Mapping[str, NodeStatus],
+) -> str:
+    data = router_json(router, services, certificates, statuses)
+    routes = [
+        f"{r['host']}{r['path'] if r['path'] != '/' else ''} -> {r['service']}:{r['port']}"
+        + (" sticky" if r["sticky"] else "")
+        + (" (tls passthrough)" if r["tls"] == "passthrough" else "")
+        for r in data["routes"]
+    ]
+    nodes = [f"{name}: {error or 'ok'}" for name, error in data["nodes"].items()]
+    return key_values(
+        [
+            ("ID", router.id),
+            ("Ports", f"http {router.http_port}, https {router.https_port}"),
+            ("Publish mode", router.mode + (f" (vip {router.vip})" if router.vip else "")),
+            ("Routes", "; ".join(routes) or "-"),
+            ("Certificates", ", ".join(data["certificates"]) or "-"),
+            ("Nodes", "; ".join(nodes) or "- (no controller is running)"),
+        ]
+    )
+
+
+def certificate_json(certificate: Certificate) -> dict[str, Any]:
+    return {"host": certificate.host, "created_at": certificate.created_at}
+
+
+def certificate_table(certificates: Iterable[Certificate]) -> str:
+    now = time.time()
+    return table(["HOST", "CREATED"], ([c.host, _ago(now, c.created_at)] for c in certificates))
 
 
 # -- tasks -----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from click.testing import CliRunner, Result
 from meshctl import cli
 from meshctl.cli import main
 from meshctl.controller.main import JsonFormatter
-from meshctl.model import NODE, NODE_STATUS, Container, Node, NodeStatus
+from meshctl.model import NODE, NODE_STATUS, Certificate, Container, Node, NodeStatus
 from meshctl.store import open_store
 from tests.unit.leader import settle
 
@@ -288,7 +288,7 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
     examples = [json.loads(block.split("```")[0]) for block in doc.split("```json\n")[1:]]
-    network, services, service, tasks, nodes, containers, event = examples
+    network, services, service, tasks, nodes, containers, event, router, certificates = examples
     run("network", "create", "front", "--label", "team=web")
     run("service", "create", "--name", "web", "--network", "front:www", "--publish", "8000:80",
         "--health-http", "8080/healthz", "-d", "--", "true")  # fmt: skip
@@ -322,6 +322,14 @@ def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any
     from meshctl.events import MeshEvent
 
     assert MeshEvent(1, 1.0, "task", "failed", "web.1").to_dict().keys() == event.keys()
+    run("service", "update", "web", "--hostname", "a.example.com", "-d")
+    run("router", "enable")
+    shown_router = printed("router", "inspect")
+    assert shown_router.keys() == router.keys()
+    assert shown_router["routes"][0].keys() == router["routes"][0].keys()
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put("router-cert", "a.example.com", Certificate("a.example.com", "c", "k").to_dict())
+    assert printed("router", "cert", "ls")[0].keys() == certificates[0].keys()
 
 
 def _one_line(result: Any) -> str:
