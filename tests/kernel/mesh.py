@@ -179,10 +179,13 @@ class Mesh:
                 netns.delete("mesh-t-" + task_id)
             node_id = self.node_id()
             if node_id is not None:
-                from meshctl.controller.names import lb_netns_prefix
+                from meshctl.controller.names import lb_netns_prefix, router_netns
 
                 for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                     netns.delete(name)
+                # The router's HAProxy runs in its own session, as tasks do.
+                kill_processes_in(netns.path(router_netns(node_id)))
+                netns.delete(router_netns(node_id))
 
 
 def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:

@@ -1,0 +1,229 @@
+"""The HTTP routing mesh on one node: a real HAProxy in the router's namespace, real curl.
+
+The client is a namespace outside the mesh with its own veth to the node (198.51.100.2 →
+node 198.51.100.1); every task runs tests/kernel/echo_server.py, which answers with its task
+name, the path and the headers it got.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import NetnsFactory
+from tests.kernel.mesh import Mesh, wait_for
+
+pytestmark = pytest.mark.root
+
+NODE_IP, CLIENT_IP = "198.51.100.1", "198.51.100.2"
+ECHO = str(Path(__file__).with_name("echo_server.py"))
+
+
+@pytest.fixture
+def world(node_ns: str, netns_factory: NetnsFactory, tmp_path: Path) -> Iterator[tuple[Mesh, str]]:
+    client = netns_factory("client")
+    ip = ["ip", "link", "add", "mtnode", "netns", node_ns, "type", "veth", "peer", "mtclient"]
+    subprocess.run(["ip", "-n", client, *ip[1:]], check=True)
+    for ns, dev, address in ((node_ns, "mtnode", NODE_IP), (client, "mtclient", CLIENT_IP)):
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{address}/24", "dev", dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", dev, "up"], check=True)
+    subprocess.run(["ip", "-n", client, "link", "set", "lo", "up"], check=True)
+    mesh = Mesh(node_ns, str(tmp_path / "state"))
+    try:
+        yield mesh, client
+    finally:
+        mesh.close()
+
+
+def curl(client: str, *args: str, timeout: float = 10) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["ip", "netns", "exec", client, "curl", "-sS", "--max-time", "5", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def get(client: str, host: str, path: str = "/", port: int = 80) -> tuple[int, str]:
+    """(status, body) of GET http://NODE:port/path with Host: host."""
+    result = curl(
+        client, "-H", f"Host: {host}", "-w", "\n%{http_code}", f"http://{NODE_IP}:{port}{path}"
+    )
+    body, _, code = result.stdout.rpartition("\n")
+    return (int(code) if code.isdigit() else 0), body
+
+
+def answer(client: str, host: str, path: str = "/") -> dict[str, Any]:
+    status, body = get(client, host, path)
+    assert status == 200, (host, path, status, body)
+    return json.loads(body)  # type: ignore[no-any-return]
+
+
+def service(mesh: Mesh, name: str, replicas: int, *options: str) -> None:
+    mesh.cli("service", "create", "--name", name, "--replicas", str(replicas), "--network",
+             "front", "--stop-grace-period", "2s", "--detach", *options,
+             "--", "python3", ECHO, "80")  # fmt: skip
+
+
+def serving(client: str, host: str, path: str = "/") -> bool:
+    return get(client, host, path)[0] == 200
+
+
+def test_routes_by_host_wildcard_and_path_and_refuses_unknown_hosts(
+    world: tuple[Mesh, str],
+) -> None:
+    mesh, client = world
+    mesh.cli("network", "create", "front", "--subnet", "10.91.0.0/24")
+    mesh.cli("router", "enable")
+    service(mesh, "a", 3, "--hostname", "a.test")
+    service(mesh, "b", 1, "--hostname", "b.test", "--hostname", "*.wild.test")
+    service(mesh, "api", 1, "--hostname", "a.test", "--hostname-path", "/api")
+    mesh.start_controller()
+    mesh.wait_running("a", 3)
+    wait_for(
+        lambda: (
+            len(
+                {answer(client, "a.test")["task"] for _ in range(12)}
+                if serving(client, "a.test")
+                else ()
+            )
+            == 3
+        ),
+        20,
+        "a's three tasks behind a.test",
+    )
+    spread = collections.Counter(answer(client, "a.test")["task"] for _ in range(30))
+    assert set(spread) == {"a.1", "a.2", "a.3"}, spread
+    wait_for(
+        lambda: serving(client, "b.test") and serving(client, "a.test", "/api"), 20, "b and api"
+    )
+    assert answer(client, "B.TEST:80")["task"] == "b.1"
+    assert answer(client, "x.wild.test")["task"] == "b.1"
+    assert answer(client, "y.x.wild.test")["task"] == "b.1"
+    assert answer(client, "a.test", "/api")["task"] == "api.1"
+    assert answer(client, "a.test", "/api/v1?x=1")["task"] == "api.1"
+    assert answer(client, "a.test", "/apix")["task"].startswith("a.")
+    assert get(client, "c.test") == (503, "no route for host c.test\n")
+    assert get(client, "wild.test")[0] == 503
+    mesh.wait_converged(15, "converged")
+
+
+def _certificates(directory: Path, *hosts: str) -> Path:
+    """A test CA (ca.pem) and for each host HOST.pem/HOST.key signed by it, in directory."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=meshctl test CA")  # fmt: skip
+    for host in hosts:
+        openssl("req", *ec, "-keyout", f"{host}.key", "-out", f"{host}.csr", "-subj", f"/CN={host}")
+        (directory / f"{host}.ext").write_text(f"subjectAltName=DNS:{host}\n")
+        openssl("x509", "-req", "-in", f"{host}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{host}.pem", "-days", "2",
+                "-extfile", f"{host}.ext")  # fmt: skip
+    return directory / "ca.pem"
+
+
+def https(client: str, ca: Path, host: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return curl(client, "--cacert", str(ca), "--resolve", f"{host}:443:{NODE_IP}", *args,
+                f"https://{host}/")  # fmt: skip
+
+
+def test_tls_terminated_with_the_certificate_sni_names_and_passed_through(
+    world: tuple[Mesh, str], tmp_path: Path
+) -> None:
+    mesh, client = world
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    ca = _certificates(certs, "a.test", "b.test", "p.test")
+    mesh.cli("network", "create", "front", "--subnet", "10.92.0.0/24")
+    mesh.cli("router", "enable")
+    for host in ("a.test", "b.test"):
+        mesh.cli("router", "cert", "add", host, "--cert", str(certs / f"{host}.pem"),
+                 "--key", str(certs / f"{host}.key"))  # fmt: skip
+    service(mesh, "a", 1, "--hostname", "a.test")
+    service(mesh, "b", 1, "--hostname", "b.test")
+    # p terminates TLS itself, with its own certificate; the router has none for p.test.
+    mesh.cli("service", "create", "--name", "p", "--network", "front", "--detach",
+             "--hostname", "p.test", "--hostname-tls", "passthrough", "--",
+             "python3", ECHO, "443", "--tls", str(certs / "p.test.pem"),
+             str(certs / "p.test.key"))  # fmt: skip
+    mesh.start_controller()
+    wait_for(lambda: https(client, ca, "a.test").returncode == 0, 20, "https://a.test")
+    # curl checks the certificate against the name: each host got its own.
+    for host, task in (("a.test", "a.1"), ("b.test", "b.1")):
+        got = json.loads(https(client, ca, host).stdout)
+        assert got["task"] == task and got["headers"]["x-forwarded-proto"] == "https", got
+        assert not got["tls"]  # the router terminated TLS and spoke HTTP to the task
+    wait_for(lambda: https(client, ca, "p.test").returncode == 0, 20, "https://p.test")
+    passed = json.loads(https(client, ca, "p.test").stdout)
+    assert passed["task"] == "p.1" and passed["tls"], passed
+    assert "x-forwarded-for" not in passed["headers"]  # untouched: the router never saw HTTP
+    # A name without a certificate gets the default one (curl refuses it) and no route.
+    assert https(client, ca, "c.test").returncode != 0
+    unknown = https(client, ca, "c.test", "-k", "-w", "\n%{http_code}")
+    assert unknown.stdout.endswith("\n503"), unknown.stdout
+    # Keys are readable by root only, in the state dir.
+    stored = Path(mesh.state_dir) / "router" / "certs" / "a.test.pem"
+    assert stored.stat().st_mode & 0o777 == 0o600
+    assert (Path(mesh.state_dir) / "router").stat().st_mode & 0o777 == 0o700
+    listed = mesh.cli("router", "cert", "ls").stdout
+    assert "a.test" in listed and "PRIVATE KEY" not in listed
+    mesh.wait_converged(15, "converged")
+
+
+def test_headers_for_the_client_in_host_mode_sticky_keepalive_and_websocket(
+    world: tuple[Mesh, str],
+) -> None:
+    mesh, client = world
+    mesh.cli("network", "create", "front", "--subnet", "10.93.0.0/24")
+    mesh.cli("router", "enable", "--publish-mode", "host")
+    service(mesh, "a", 3, "--hostname", "a.test", "--hostname-sticky")
+    mesh.start_controller()
+    mesh.wait_running("a", 3)
+    wait_for(lambda: serving(client, "a.test"), 20, "a.test")
+    headers = answer(client, "a.test")["headers"]
+    # mode=host: the router sees the client's own address.
+    assert headers["x-forwarded-for"] == CLIENT_IP, headers
+    assert headers["x-forwarded-proto"] == "http"
+    assert headers["forwarded"] == f"for={CLIENT_IP};proto=http"
+    assert headers["host"] == "a.test"
+    # Sticky: the first answer sets the cookie; with it, every request reaches that task.
+    wait_for(lambda: len({answer(client, "a.test")["task"] for _ in range(9)}) == 3, 20, "3 tasks")
+    jar = str(Path(mesh.state_dir) / "cookies")
+    first = curl(client, "-c", jar, "-H", "Host: a.test", f"http://{NODE_IP}/")
+    task = json.loads(first.stdout)["task"]
+    again = [json.loads(curl(client, "-b", jar, "-H", "Host: a.test", f"http://{NODE_IP}/").stdout)["task"]
+             for _ in range(10)]  # fmt: skip
+    assert set(again) == {task}, again
+    # Keep-alive: ten requests on one connection, still spread (without the cookie).
+    many = curl(client, "-H", "Host: a.test", "-w", "\n%{num_connects}\n",
+                *[f"http://{NODE_IP}/"] * 10)  # fmt: skip
+    connects = [int(line) for line in many.stdout.splitlines() if line.isdigit()]
+    assert sum(connects) == 1, many.stdout
+    # A websocket (any Upgrade): 101, then bytes both ways through the router.
+    script = (
+        "import socket\n"
+        f"s = socket.create_connection(('{NODE_IP}', 80), timeout=5)\n"
+        "s.sendall(b'GET /ws HTTP/1.1\\r\\nHost: a.test\\r\\nUpgrade: websocket\\r\\n'\n"
+        "          b'Connection: Upgrade\\r\\nSec-WebSocket-Version: 13\\r\\n'\n"
+        "          b'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\\r\\n\\r\\n')\n"
+        "head = b''\n"
+        "while b'\\r\\n\\r\\n' not in head:\n"
+        "    head += s.recv(1)\n"
+        "assert head.startswith(b'HTTP/1.1 101'), head\n"
+        "for i in range(3):\n"
+        "    s.sendall(b'ping %d' % i)\n"
+        "    assert s.recv(100) == b'ping %d' % i\n"
+        "print('tunnel ok')\n"
+    )
+    ws = subprocess.run(["ip", "netns", "exec", client, "python3", "-c", script],
+                        capture_output=True, text=True, timeout=20)  # fmt: skip
+    assert ws.stdout.strip() == "tunnel ok", ws.stderr
+    mesh.wait_converged(15, "converged")
