@@ -41,7 +41,7 @@ def check(config: str, haproxy: str = HAPROXY) -> None:
     configuration file."""
     try:
         result = subprocess.run(
-            [haproxy, "-c", "-q", "-f", config], capture_output=True, text=True,
+            [haproxy, "-c", "-f", config], capture_output=True, text=True,
             timeout=CHECK_TIMEOUT,
         )  # fmt: skip
     except FileNotFoundError:
@@ -186,12 +186,17 @@ def reload(
 
 
 def _master_state(files: RouterFiles) -> tuple[int, int, int] | None:
-    """(reloads, failed reloads, the newest worker's pid) from the master, None if it does not
-    answer (it is re-executing itself)."""
+    """parse_proc of the master's answer, None if it does not answer (it is re-executing
+    itself)."""
     try:
-        text = _ask(files.master_socket, "show proc")
+        return parse_proc(_ask(files.master_socket, "show proc"))
     except RouterError:
         return None
+
+
+def parse_proc(text: str) -> tuple[int, int, int]:
+    """(reloads, failed reloads, the newest worker's pid: 0 if none) from the master's
+    `show proc`."""
     reloads = failed = worker = 0
     for line in text.splitlines():
         fields = line.split()
@@ -210,6 +215,7 @@ def _ask(path: str, text: str) -> str:
             sock.settimeout(SOCKET_TIMEOUT)
             sock.connect(path)
             sock.sendall(text.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)  # the master's CLI answers once the asking is over
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
@@ -234,7 +240,13 @@ def apply(files: RouterFiles, commands: Iterable[str]) -> None:
 
 def servers(files: RouterFiles) -> dict[str, list[Slot]]:
     """Every backend's server slots as the running worker has them."""
-    lines = command(files, "show servers state").splitlines()
+    return parse_servers_state(command(files, "show servers state"))
+
+
+def parse_servers_state(text: str) -> dict[str, list[Slot]]:
+    """`show servers state`: backend name → its server slots (ready: operational state 2,
+    running; a server in maintenance is 0, stopped)."""
+    lines = text.splitlines()
     header = next((line for line in lines if line.startswith("# ")), None)
     if header is None:
         raise RouterError(f"haproxy answered no server state: {lines[:1]}")
@@ -257,8 +269,14 @@ def servers(files: RouterFiles) -> dict[str, list[Slot]]:
 
 
 def sessions(files: RouterFiles) -> dict[str, int]:
-    """Requests and tunnels in progress, by server address (`show stat`'s scur)."""
-    lines = command(files, "show stat").splitlines()
+    """Requests and tunnels in progress, by server address."""
+    return parse_stat(command(files, "show stat"))
+
+
+def parse_stat(text: str) -> dict[str, int]:
+    """`show stat` (CSV): each server address → its current sessions (scur), summed over the
+    backends that have it."""
+    lines = text.splitlines()
     if not lines or not lines[0].startswith("# "):
         raise RouterError("haproxy answered no statistics")
     column = {name: index for index, name in enumerate(lines[0][2:].split(","))}
