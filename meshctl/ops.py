@@ -79,6 +79,8 @@ UPDATABLE = frozenset(
         "hostname_tls",
     }
 )
+# What only the router reads: changing it re-routes, and no task is replaced for it.
+ROUTE_FIELDS = frozenset({"hostnames", "hostname_path", "hostname_sticky", "hostname_tls"})
 
 
 # -- networks --------------------------------------------------------------------------------
@@ -324,7 +326,8 @@ def create_service(store: Store, spec: Service) -> Service:
 
 
 def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Service:
-    """Store a new spec (version + 1) with the fields in `changes` replaced."""
+    """Store a new spec with the fields in `changes` replaced: version + 1, unless only its
+    routes changed (its tasks then stay as they are)."""
     unknown = set(changes) - UPDATABLE
     if unknown:
         raise ValidationError(f"cannot update {', '.join(sorted(unknown))} of a service")
@@ -332,7 +335,8 @@ def update_service(store: Store, name: str, changes: Mapping[str, Any]) -> Servi
 
     def attempt() -> Service:
         old, revision = _service_record(store, name)
-        new = dataclasses.replace(old, **changes, version=old.version + 1, updated_at=time.time())
+        version = old.version + (1 if set(changes) - ROUTE_FIELDS else 0)
+        new = dataclasses.replace(old, **changes, version=version, updated_at=time.time())
         return _write_service(store, old, new, expect=revision)
 
     return retry_conflicts(attempt, f"updating service {name}")
