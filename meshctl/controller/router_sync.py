@@ -194,7 +194,7 @@ class RouterSync:
             else:
                 haproxy.apply(self.files, commands)
                 if commands:
-                    log.info("router: %d server change(s) through the runtime API", len(commands))
+                    log.info("router: through the runtime API: %s", "; ".join(commands))
             self._applied = spec
         return now + 3600
 

@@ -73,6 +73,24 @@ def serving(client: str, host: str, path: str = "/") -> bool:
     return get(client, host, path)[0] == 200
 
 
+def behind(client: str, host: str, asks: int) -> int:
+    """How many tasks answered `asks` requests for host (0 if one failed)."""
+    tasks = set()
+    for _ in range(asks):
+        status, body = get(client, host)
+        if status != 200:
+            return 0
+        tasks.add(json.loads(body)["task"])
+    return len(tasks)
+
+
+def health(mesh: Mesh, task: str) -> set[Any]:
+    """The health of every task named `task` (a slot's old and new ones), and each
+    (health, pid) pair."""
+    found = [(t["health"], t["pid"]) for t in mesh.ps(task.split(".")[0]) if t["name"] == task]
+    return {h for h, _ in found} | set(found)
+
+
 def test_routes_by_host_wildcard_and_path_and_refuses_unknown_hosts(
     world: tuple[Mesh, str],
 ) -> None:
@@ -84,18 +102,7 @@ def test_routes_by_host_wildcard_and_path_and_refuses_unknown_hosts(
     service(mesh, "api", 1, "--hostname", "a.test", "--hostname-path", "/api")
     mesh.start_controller()
     mesh.wait_running("a", 3)
-    wait_for(
-        lambda: (
-            len(
-                {answer(client, "a.test")["task"] for _ in range(12)}
-                if serving(client, "a.test")
-                else ()
-            )
-            == 3
-        ),
-        20,
-        "a's three tasks behind a.test",
-    )
+    wait_for(lambda: behind(client, "a.test", 12) == 3, 20, "a's three tasks behind a.test")
     spread = collections.Counter(answer(client, "a.test")["task"] for _ in range(30))
     assert set(spread) == {"a.1", "a.2", "a.3"}, spread
     wait_for(
@@ -195,7 +202,7 @@ def test_headers_for_the_client_in_host_mode_sticky_keepalive_and_websocket(
     assert headers["forwarded"] == f"for={CLIENT_IP};proto=http"
     assert headers["host"] == "a.test"
     # Sticky: the first answer sets the cookie; with it, every request reaches that task.
-    wait_for(lambda: len({answer(client, "a.test")["task"] for _ in range(9)}) == 3, 20, "3 tasks")
+    wait_for(lambda: behind(client, "a.test", 9) == 3, 20, "3 tasks")
     jar = str(Path(mesh.state_dir) / "cookies")
     first = curl(client, "-c", jar, "-H", "Host: a.test", f"http://{NODE_IP}/")
     task = json.loads(first.stdout)["task"]
@@ -226,4 +233,91 @@ def test_headers_for_the_client_in_host_mode_sticky_keepalive_and_websocket(
     ws = subprocess.run(["ip", "netns", "exec", client, "python3", "-c", script],
                         capture_output=True, text=True, timeout=20)  # fmt: skip
     assert ws.stdout.strip() == "tunnel ok", ws.stderr
+    mesh.wait_converged(15, "converged")
+
+
+class RequestLoop:
+    """Clients asking for host through the router all the time, as `curl` does it: each run
+    sends a batch of requests over one kept-alive connection (curl retries a request on a
+    reused connection the server closed, as HTTP allows for idempotent requests). Every
+    status is recorded; curl's 000 is a request that failed."""
+
+    def __init__(self, client: str, host: str, directory: Path, clients: int = 2) -> None:
+        self.stop = directory / "stop"
+        self.outputs = [directory / f"codes{i}" for i in range(clients)]
+        urls = " ".join([f"-o /dev/null http://{NODE_IP}/"] * 20)
+        loop = (
+            f"while [ ! -e {self.stop} ]; do curl -s --max-time 5 "
+            f"-H 'Host: {host}' -w '%{{http_code}}\\n' {urls}; done"
+        )
+        self.processes = [
+            subprocess.Popen(["ip", "netns", "exec", client, "sh", "-c", f"{loop} > {out}"])
+            for out in self.outputs
+        ]
+
+    def codes(self) -> collections.Counter[str]:
+        return collections.Counter(
+            line for out in self.outputs if out.exists() for line in out.read_text().split()
+        )
+
+    def finish(self) -> collections.Counter[str]:
+        self.stop.touch()
+        for process in self.processes:
+            process.wait(timeout=30)
+        return self.codes()
+
+
+def test_no_request_fails_while_tasks_scale_fail_health_and_routes_change(
+    world: tuple[Mesh, str], tmp_path: Path
+) -> None:
+    mesh, client = world
+    sick = tmp_path / "sick"
+    sick.mkdir()
+    mesh.cli("network", "create", "front", "--subnet", "10.94.0.0/24")
+    mesh.cli("router", "enable")
+    # Healthy while it listens and no file names it sick.
+    service(mesh, "a", 4, "--hostname", "a.test", "--health-cmd",
+            f'test ! -e {sick}/$(hostname) && nc -z 127.0.0.1 80', "--health-interval", "300ms",
+            "--health-retries", "1")  # fmt: skip
+    mesh.start_controller()
+    mesh.wait_running("a", 4)
+    wait_for(lambda: behind(client, "a.test", 16) == 4, 30, "4 tasks serving")
+    loop = RequestLoop(client, "a.test", tmp_path)
+    try:
+
+        def served(count: int) -> bool:
+            return loop.codes().total() >= count
+
+        wait_for(lambda: served(100), 30, "the loop running")
+        # Scale 4 → 1 → 4: servers drained, then emptied; new ones take free slots.
+        mesh.cli("service", "scale", "a=1", "--detach")
+        wait_for(lambda: len(mesh.ps("a")) == 1, 30, "3 tasks gone")
+        mark = loop.codes().total()
+        wait_for(lambda: served(mark + 100), 30, "requests after scaling down")
+        mesh.cli("service", "scale", "a=4", "--detach")
+        wait_for(lambda: len([t for t in mesh.running("a") if t["health"] == "healthy"]) == 4, 30,
+                 "4 healthy tasks")  # fmt: skip
+        mark = loop.codes().total()
+        wait_for(lambda: served(mark + 100), 30, "requests after scaling up")
+        # A task's health fails: it leaves the backend, is restarted, comes back.
+        (victim,) = [t for t in mesh.running("a") if t["name"] == "a.2"]
+        (sick / "a.2").touch()
+        wait_for(lambda: "unhealthy" in health(mesh, "a.2"), 30, "a.2 unhealthy")
+        (sick / "a.2").unlink()
+
+        def recovered() -> bool:
+            now = health(mesh, "a.2")
+            return "healthy" in now and ("healthy", victim["pid"]) not in now
+
+        wait_for(recovered, 30, "a.2 healthy again, a new process")
+        # Routes change: HAProxy reloads, its listening sockets handed over.
+        mesh.cli("service", "update", "a", "--hostname-add", "a2.test", "--detach")
+        wait_for(lambda: serving(client, "a2.test"), 30, "the new route")
+        service(mesh, "b", 1, "--hostname", "b.test")
+        wait_for(lambda: serving(client, "b.test"), 30, "b's route")
+        mark = loop.codes().total()
+        wait_for(lambda: served(mark + 100), 30, "requests after the route changes")
+    finally:
+        codes = loop.finish()
+    assert set(codes) == {"200"} and codes["200"] > 500, codes
     mesh.wait_converged(15, "converged")
