@@ -185,18 +185,26 @@ class RouterSync:
             log.info("router: haproxy started pid=%d", self.process.pid)
             return now + 3600
         if spec.fingerprint() != self._loaded:
-            self._reload(spec)
+            try:
+                self._reload(spec)
+            except haproxy.RouterError:
+                # It keeps the configuration it runs; whose servers still follow their tasks.
+                self._apply(plan_runtime(spec, haproxy.servers(self.files), partial=True) or [])
+                raise
             return now + 3600
         if spec != self._applied:
             commands = plan_runtime(spec, haproxy.servers(self.files))
             if commands is None:
                 self._reload(spec)  # new servers do not fit the slots
             else:
-                haproxy.apply(self.files, commands)
-                if commands:
-                    log.info("router: through the runtime API: %s", "; ".join(commands))
+                self._apply(commands)
             self._applied = spec
         return now + 3600
+
+    def _apply(self, commands: list[str]) -> None:
+        haproxy.apply(self.files, commands)
+        if commands:
+            log.info("router: through the runtime API: %s", "; ".join(commands))
 
     def _install(self, spec: RouterSpec) -> None:
         """Certificates and configuration on disk, the configuration checked first."""

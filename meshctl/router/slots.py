@@ -67,16 +67,17 @@ def _index(slot: str) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def plan_runtime(spec: RouterSpec, running: Mapping[str, Sequence[Slot]]) -> list[str] | None:
+def plan_runtime(
+    spec: RouterSpec, running: Mapping[str, Sequence[Slot]], partial: bool = False
+) -> list[str] | None:
     """Commands for every backend of spec, given the slots HAProxy runs (by backend); None
-    when a reload is needed: a backend is missing or its new servers do not fit."""
+    when a reload is needed: a backend is missing or its new servers do not fit. partial:
+    what can be done without a reload (while none can be loaded), such backends left out."""
     commands: list[str] = []
     for backend in spec.backends:
         slots = running.get(backend.name)
-        if slots is None:
+        planned = plan_servers(backend, slots) if slots is not None else None
+        if planned is None and not partial:
             return None
-        planned = plan_servers(backend, slots)
-        if planned is None:
-            return None
-        commands += planned
+        commands += planned or []
     return commands

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import collections
 import json
+import os
+import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,10 @@ from typing import Any
 
 import pytest
 
+from kernel import netns
+from meshctl import ops
+from meshctl.controller import names
+from meshctl.model import NetworkAttachment, Service
 from tests.conftest import NetnsFactory
 from tests.kernel.mesh import Mesh, wait_for
 
@@ -321,3 +328,98 @@ def test_no_request_fails_while_tasks_scale_fail_health_and_routes_change(
         codes = loop.finish()
     assert set(codes) == {"200"} and codes["200"] > 500, codes
     mesh.wait_converged(15, "converged")
+
+
+def test_a_bad_route_is_refused_and_never_takes_the_router_down(
+    world: tuple[Mesh, str], tmp_path: Path
+) -> None:
+    mesh, client = world
+    # An haproxy that refuses any configuration naming refused.test, as it would a bad one.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    wrapper = bin_dir / "haproxy"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = -c ] && grep -q refused.test "$3"; then\n'
+        '  echo "[ALERT]    (1) : config : parsing [$3:9] : refused.test is not allowed here" >&2\n'
+        "  exit 1\n"
+        "fi\n"
+        f'exec {shutil.which("haproxy")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    mesh.env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    mesh.cli("network", "create", "front", "--subnet", "10.95.0.0/24")
+    mesh.cli("router", "enable")
+    service(mesh, "a", 1, "--hostname", "a.test")
+    mesh.start_controller()
+    wait_for(lambda: serving(client, "a.test"), 20, "a.test")
+    # Refused before anything is stored, with one line each.
+    for options, says in (
+        (["--hostname", "bad host"], "invalid --hostname 'bad host'"),
+        (["--hostname", "a.test"], "service a already routes a.test"),
+        (["--hostname", "refused.test"], "refused.test is not allowed here"),
+    ):
+        refused = mesh.cli("service", "create", "--name", "x", "--network", "front", "--detach",
+                           *options, "--", "true", check=False)  # fmt: skip
+        assert refused.returncode == 1 and says in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "x" not in mesh.cli("service", "ls").stdout
+    updated = mesh.cli("service", "update", "a", "--hostname-add", "refused.test", check=False)
+    assert updated.returncode == 1 and "refused.test is not allowed here" in updated.stderr
+    # Written past the CLI (an older one, a race): the controller's own check refuses it, says
+    # why, and the router keeps serving what it had.
+    from meshctl.store import open_store
+
+    with open_store(f"sqlite:///{mesh.state_dir}/state.db") as store:
+        ops.create_service(store, Service("x", ("true",), networks=(NetworkAttachment("front"),),
+                                          hostnames=("refused.test",)))  # fmt: skip
+
+    def reported() -> str:
+        shown = json.loads(mesh.cli("router", "inspect", "--format", "json").stdout)
+        return str(shown["nodes"].get("node1", ""))
+
+    wait_for(lambda: "refused.test is not allowed here" in reported(), 20, "the refusal reported")
+    assert all(serving(client, "a.test") for _ in range(10))
+    assert get(client, "refused.test")[0] == 503
+    # Meanwhile the servers it runs still follow their tasks (runtime API, no reload).
+    mesh.cli("service", "scale", "a=2", "--detach")
+    wait_for(lambda: behind(client, "a.test", 8) == 2, 20, "a's new task behind a.test")
+    assert "reload due" in mesh.diff().stdout
+    mesh.cli("service", "rm", "x")
+    wait_for(lambda: reported() == "", 20, "the refusal cleared")
+    mesh.wait_converged(15, "converged")
+
+
+def test_the_router_is_adopted_restarted_and_removed(world: tuple[Mesh, str]) -> None:
+    mesh, client = world
+    mesh.cli("network", "create", "front", "--subnet", "10.96.0.0/24")
+    mesh.cli("router", "enable")
+    service(mesh, "a", 2, "--hostname", "a.test")
+    mesh.start_controller()
+    wait_for(lambda: behind(client, "a.test", 8) == 2, 20, "a.test")
+    record = Path(mesh.state_dir) / "router" / "process.json"
+    pid = json.loads(record.read_text())["pid"]
+    # The controller dies: HAProxy goes on serving, and the next controller adopts it.
+    assert mesh.controller is not None
+    mesh.controller.kill()
+    mesh.controller.wait()
+    assert all(serving(client, "a.test") for _ in range(5))
+    mesh.start_controller()
+    wait_for(lambda: "adopted haproxy" in Path(mesh.controller_log).read_text(), 20, "adoption")
+    mesh.wait_converged(15, "converged after the restart")
+    assert json.loads(record.read_text())["pid"] == pid and serving(client, "a.test")
+    # HAProxy dies: the controller starts it again.
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: json.loads(record.read_text())["pid"] != pid, 20, "a new haproxy")
+    wait_for(lambda: serving(client, "a.test"), 20, "a.test served again")
+    # Disabled: HAProxy, the namespace and the published ports go; the port is free again.
+    new_pid = json.loads(record.read_text())["pid"]
+    mesh.cli("router", "disable")
+    wait_for(lambda: not Path(f"/proc/{new_pid}").exists(), 20, "haproxy stopped")
+    node_id = mesh.node_id()
+    assert node_id is not None
+    wait_for(lambda: not netns.exists(names.router_netns(node_id)), 20, "the namespace gone")
+    assert get(client, "a.test")[0] == 0  # refused
+    mesh.wait_converged(15, "converged after disabling")
+    service(mesh, "b", 1, "--publish", "80:80")
+    wait_for(lambda: serving(client, "anything"), 20, "port 80 published by b")

@@ -31,7 +31,7 @@ from meshctl.model import (
 from meshctl.router import haproxy
 from meshctl.router import ops as router_ops
 from meshctl.router.config import RouterFiles, render, slot_count
-from meshctl.router.slots import Slot, plan_servers
+from meshctl.router.slots import Slot, plan_runtime, plan_servers
 from meshctl.router.spec import Backend, HttpRoute, RouterSpec, Server, SniRoute
 from meshctl.store import Store
 from meshctl.store.sqlite import SqliteStore
@@ -348,6 +348,17 @@ def test_servers_keep_their_slots_new_ones_take_free_ones_and_gone_ones_drain() 
     # More new servers than free slots: only a reload can size them.
     many = Backend("web.80", "web", 80, servers=tuple(Server(f"10.0.1.{i}") for i in range(5)))
     assert plan_servers(many, slots) is None
+
+
+def test_without_a_reload_only_the_backends_that_fit_change() -> None:
+    spec = _spec()
+    running = {"api.80": _slots(("10.0.0.9", True))}  # web.80 is new, tls.443 too
+    assert plan_runtime(spec, running) is None  # a reload is needed
+    assert plan_runtime(spec, running, partial=True) == [
+        "set server api.80/s2 addr 10.0.0.2 port 80",
+        "set server api.80/s2 state ready",
+        "set server api.80/s1 state maint",
+    ]
 
 
 def test_haproxys_answers_are_read() -> None:
