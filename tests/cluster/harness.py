@@ -40,8 +40,10 @@ from kernel import netns
 from kernel.errors import NotFound
 from meshctl.controller.names import (
     LB_NETNS_PREFIX,
+    ROUTER_NETNS_PREFIX,
     TASK_NETNS_PREFIX,
     lb_netns_prefix,
+    router_netns,
     task_netns,
 )
 from meshctl.store import StoreError
@@ -377,14 +379,15 @@ class Cluster:
             self.stop_controller(node)
 
     def _remove_meshctl_namespaces(self) -> None:
-        """The task and LB namespaces the controllers made: the tasks' and the nodes' ids from
-        the store (while etcd still runs), and whatever hangs off a node by a link."""
+        """The task, LB and router namespaces the controllers made: the tasks' and the nodes'
+        ids from the store (while etcd still runs), and whatever hangs off a node by a link."""
         names = self._linked_namespaces()
         try:
             tasks = self.call_store(lambda store: store.list("task"))
             names |= {TASK_NETNS_PREFIX + r.name for r in tasks}
             for record in self.node_records().values():
                 names |= set(netns.list_namespaces(lb_netns_prefix(str(record["id"]))))
+                names.add(router_netns(str(record["id"])))
         except (StoreError, NotFound, OSError):
             pass  # etcd or the client never came up, or is gone: the links tell the rest
         for name in sorted(names):
@@ -403,7 +406,8 @@ class Cluster:
             peers = {
                 names.get(link["link_netnsid"], "") for link in links if "link_netnsid" in link
             }
-            found |= {p for p in peers if p.startswith((TASK_NETNS_PREFIX, LB_NETNS_PREFIX))}
+            ours = (TASK_NETNS_PREFIX, LB_NETNS_PREFIX, ROUTER_NETNS_PREFIX)
+            found |= {p for p in peers if p.startswith(ours)}
         return found
 
     def _remove_namespaces(self) -> None:
