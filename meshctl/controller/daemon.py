@@ -178,6 +178,9 @@ class Controller:
         self._last_view = view
         with timed("dns"):
             self.dns.sync_records(view, self.node)  # first: answers follow the store at once
+        # Routes too; again below if its namespace needs what the node's networking makes.
+        with timed("router"):
+            router_errors, router_deadline = self.router.sync(view, self.node_sync.port_errors)
         if not self._adopted:
             self.supervisor.adopt(view)
             self._adopted = True
@@ -198,10 +201,10 @@ class Controller:
         with timed("lb") as part:
             part.failed = self._sync_lb(view)
             errors |= part.failed
-        # After the bridges it joins, and the ports it publishes.
-        with timed("router") as part:
-            router_errors, router_deadline = self.router.sync(view, self.node_sync.port_errors)
-            part.failed = router_errors
+        if self.router.needs_node:  # a leg onto a bridge made just now
+            with timed("router"):
+                router_errors, router_deadline = self.router.sync(view, self.node_sync.port_errors)
+        timed("router").failed = router_errors
         errors |= router_errors
         unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
         with timed("tasks"):

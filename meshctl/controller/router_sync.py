@@ -1,14 +1,15 @@
 """The node's HTTP router, kept in line with the view: its addresses, namespace and HAProxy.
 
-Each pass: claim (or release) the router's address on each network it joins; wire its
-namespace (controller.router_net); then HAProxy: started on a checked configuration if it
-does not run (restarted with back-off after it exits, adopted after a controller restart),
-reloaded when what only a reload changes (routes, backends, certificates, ports) differs
-from what it loaded, and otherwise given its servers' changes through the runtime API. A
-configuration `haproxy -c` refuses is reported and never loaded: the router keeps serving
-the last good one. The namespace and the runtime state are observed in full once per resync
-period and trusted from the last pass in between.
-"""
+Each pass: claim (or release) the router's address on each network it joins (with the LB
+addresses); then, right after the DNS records (a route change is a reload away from
+serving), wire its namespace (controller.router_net) and run HAProxy: started on a checked
+configuration if it does not run (restarted with back-off after it exits, adopted after a
+controller restart), reloaded when what only a reload changes (routes, backends,
+certificates, ports) differs from what it loaded, and otherwise given its servers' changes
+through the runtime API. When the namespace needs a bridge the node's networking has not
+made yet, the controller runs it again after that. A configuration `haproxy -c` refuses is
+reported and never loaded: the router keeps serving the last good one. The namespace and
+the runtime state are observed in full once per resync period and trusted in between."""
 
 from __future__ import annotations
 
@@ -83,6 +84,9 @@ class RouterSync:
         self._failures = 0
         self._not_before = 0.0
         self._pems: dict[str, str] = {}  # host → certificate and key, as HAProxy reads them
+        # The namespace could not be wired (a bridge it joins is not made yet, say): the
+        # controller runs this again after the node's networking.
+        self.needs_node = False
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -143,6 +147,7 @@ class RouterSync:
         return ({ROUTER: held} if held else {}), deadline
 
     def _wire(self, desired: TaskNetSpec | None) -> dict[str, str]:
+        self.needs_node = False
         if desired is not None and desired == self._wired:
             return {}
         try:
@@ -152,6 +157,7 @@ class RouterSync:
                 apply_router_net(self.kernel, plan, desired)
         except KernelError as err:
             self._wired = None
+            self.needs_node = True
             return {ROUTER: f"cannot set up the router's namespace: {err}"}
         if plan.clashes:
             self._wired = None
