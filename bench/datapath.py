@@ -142,11 +142,12 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(client: str, address: str, args: argparse.Namespace, label: str) -> Run:
-    """One wrk run from client against http://address/ (address may carry a :port)."""
+def wrk(client: str, address: str, args: argparse.Namespace, label: str, *extra: str) -> Run:
+    """One wrk run from client against http://address/ (address may carry a :port); extra:
+    more wrk options (a header: "-H", "Host: a.test")."""
     out = sh(
         "nsenter", f"--net={netns.path(client)}", "wrk", "--latency", "-t", "2",
-        "-c", str(args.connections), "-d", f"{args.seconds}s", f"http://{address}/",
+        "-c", str(args.connections), "-d", f"{args.seconds}s", *extra, f"http://{address}/",
     )  # fmt: skip
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", out)
