@@ -348,7 +348,10 @@ def _node_message(view: NodeView) -> str:
     status = view.status
     if status is None:
         return ""
-    failing = [f"network {n}: {why}" for n, why in sorted(status.errors.items())]
+    failing = [
+        f"{n if n == 'router' else 'network ' + n}: {why}"
+        for n, why in sorted(status.errors.items())
+    ]
     return "; ".join(([status.message] if status.message else []) + failing)
 
 

@@ -48,6 +48,13 @@ STABLE_RUN = 10.0  # a run this long resets the back-off
 STOP_GRACE = 2.0
 
 
+class _Unseen:
+    """Not looked at since the last full resync."""
+
+
+UNSEEN = _Unseen()
+
+
 def router_files(state_dir: str) -> RouterFiles:
     return RouterFiles(os.path.join(state_dir, "router"))
 
@@ -78,7 +85,8 @@ class RouterSync:
         self._adopted = False
         self._loaded: str | None = None  # the fingerprint of what HAProxy runs
         self._applied: RouterSpec | None = None  # the spec whose servers HAProxy has
-        self._wired: TaskNetSpec | None = None  # the namespace as last seen or made
+        # The namespace as last seen or made (None: none), if seen since the last full resync.
+        self._wired: TaskNetSpec | None | _Unseen = UNSEEN
         self._last_full = -float("inf")
         self._started_at = 0.0
         self._failures = 0
@@ -128,7 +136,7 @@ class RouterSync:
         full = time.monotonic() - self._last_full >= self.resync_period
         if full:
             self._last_full = time.monotonic()
-            self._wired = self._applied = None
+            self._wired, self._applied = UNSEEN, None
         spec = router_spec(view, self.node)
         if spec is None:
             self._stop()
@@ -148,7 +156,7 @@ class RouterSync:
 
     def _wire(self, desired: TaskNetSpec | None) -> dict[str, str]:
         self.needs_node = False
-        if desired is not None and desired == self._wired:
+        if desired == self._wired:
             return {}
         try:
             plan = plan_router_net(self.kernel, desired, self.node_id)
@@ -156,11 +164,11 @@ class RouterSync:
                 log.info("router namespace: %s", "; ".join(describe_net(plan)))
                 apply_router_net(self.kernel, plan, desired)
         except KernelError as err:
-            self._wired = None
+            self._wired = UNSEEN
             self.needs_node = True
             return {ROUTER: f"cannot set up the router's namespace: {err}"}
         if plan.clashes:
-            self._wired = None
+            self._wired = UNSEEN
             name, alias = plan.clashes[0]
             return {ROUTER: names.clash_text(name, alias)}
         self._wired = desired
@@ -242,9 +250,9 @@ class RouterSync:
             self.process.stop(STOP_GRACE)
             self.process.close()
             self.process = None
+            haproxy.forget(self.files)
             log.info("router: haproxy stopped")
         self._loaded = self._applied = None
-        haproxy.forget(self.files)
 
     # -- what others ask -----------------------------------------------------------------------
 
