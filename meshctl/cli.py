@@ -731,7 +731,7 @@ def service_update(name: str, detach: bool, timeout: str, **opts: Any) -> None:
     changes = _spec_changes(name, opts, current)
     if not changes:
         raise click.UsageError("nothing to update: give at least one option")
-    if current.hostnames or changes.get("hostnames"):
+    if set(changes) & ops.ROUTE_FIELDS:
         try:
             candidate: Service | None = replace(current, **changes)
         except ValidationError:

@@ -147,6 +147,8 @@ class RouterSync:
         errors = self._wire(router_net_spec(view, self.node, self.node_id, self.underlay))
         if errors:
             return errors, now + 1.0
+        # HAProxy's alerts and server changes, kept bounded as a task's output is.
+        runtime.rotate_log(self.files.log, runtime.LOG_MAX_BYTES, runtime.LOG_KEEP)
         try:
             deadline = self._run(spec, now)
         except (MeshctlError, KernelError, OSError) as err:
