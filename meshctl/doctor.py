@@ -8,6 +8,8 @@ results; only run_doctor touches the kernel, through kernel.features.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -20,6 +22,7 @@ from kernel.features import Check
 from meshctl.controller.overlay import PeerProbe
 from meshctl.lb.backends import NAMES
 from meshctl.output import dumps, table
+from meshctl.router.haproxy import HAPROXY
 from meshctl.sysctls import SETTINGS, Setting
 
 Status = Literal["ok", "missing", "info"]
@@ -187,6 +190,22 @@ def overlay_checks(store_url: str | None, node: str | None) -> list[Check]:
     return [overlay_check(p, features.pings(p.netns, p.address)) for p in probes]
 
 
+def router_check() -> Check:
+    """HAProxy, which the HTTP router runs on every node (needed only once it is enabled)."""
+    found = shutil.which(HAPROXY)
+    if found is None:
+        return Check(
+            "haproxy", False, False,
+            "not required unless the HTTP router is enabled; for it: apt-get install haproxy",
+        )  # fmt: skip
+    try:
+        shown = subprocess.run([found, "-v"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return Check("haproxy", False, False, f"{found} -v fails: {err}")
+    version = shown.split("\n", 1)[0].split(" - ", 1)[0]
+    return Check("haproxy", True, False, f"{version}: the HTTP router can run here")
+
+
 def run_doctor(
     fmt: Literal["table", "json"], store_url: str | None = None, node: str | None = None
 ) -> int:
@@ -195,7 +214,7 @@ def run_doctor(
     if not features.privileged():
         click.echo(features.NOT_PRIVILEGED, err=True)
         return 1
-    checks = [*features.probe(), *overlay_checks(store_url, node)]
+    checks = [*features.probe(), router_check(), *overlay_checks(store_url, node)]
     out, reasons, code = render(checks, fmt, read_sysctls())
     click.echo(out)
     for reason in reasons:

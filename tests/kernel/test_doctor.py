@@ -60,7 +60,9 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
     assert done.stderr == ""
     assert doc["ok"] is True
     checks = {c["name"]: c for c in doc["checks"]}
-    assert set(checks) == REQUIRED | {"vxlan", "ipvs", "nftables", "conntrack", "br_netfilter"}
+    optional = {"vxlan", "ipvs", "nftables", "conntrack", "br_netfilter", "haproxy"}
+    assert set(checks) == REQUIRED | optional
+    assert checks["haproxy"]["ok"] and checks["haproxy"]["detail"].startswith("HAProxy version")
     assert all(checks[name]["ok"] and checks[name]["required"] for name in REQUIRED)
     assert "iptables-legacy-save/-restore" in checks["iptables"]["detail"]
     if ipvs_reason:  # this host: no IPVS, so nftables balances (bootstrap installs nft)
