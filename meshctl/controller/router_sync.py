@@ -71,7 +71,6 @@ class RouterSync:
         state_dir: str,
         resync_period: float,
         underlay: Underlay = NO_UNDERLAY,
-        haproxy_binary: str = haproxy.HAPROXY,
     ) -> None:
         self.store = store
         self.kernel = kernel
@@ -80,7 +79,6 @@ class RouterSync:
         self.files = router_files(state_dir)
         self.resync_period = resync_period
         self.underlay = underlay
-        self.binary = haproxy_binary
         self.process: runtime.TaskProcess | None = None
         self._adopted = False
         self._loaded: str | None = None  # the fingerprint of what HAProxy runs
@@ -195,7 +193,7 @@ class RouterSync:
             if now < self._not_before:
                 return self._not_before
             self._install(spec)
-            self.process = haproxy.start(self.files, names.router_netns(self.node_id), self.binary)
+            self.process = haproxy.start(self.files, names.router_netns(self.node_id))
             self._started_at = now
             self._loaded, self._applied = spec.fingerprint(), spec
             log.info("router: haproxy started pid=%d", self.process.pid)
@@ -204,7 +202,7 @@ class RouterSync:
             try:
                 self._reload(spec)
             except haproxy.RouterError:
-                # It keeps the configuration it runs; whose servers still follow their tasks.
+                # It keeps the configuration it runs, whose servers still follow their tasks.
                 self._apply(plan_runtime(spec, haproxy.servers(self.files), partial=True) or [])
                 raise
             return now + 3600
@@ -228,7 +226,7 @@ class RouterSync:
         os.makedirs(self.files.directory, mode=0o700, exist_ok=True)
         pems = {host: self._pems[host] for host in spec.certificates}
         haproxy.write_certificates(self.files, pems, crt_list(spec, self.files))
-        haproxy.install(self.files, render(spec, self.files), self.binary)
+        haproxy.install(self.files, render(spec, self.files))
 
     def _reload(self, spec: RouterSpec) -> None:
         assert self.process is not None

@@ -36,17 +36,17 @@ class RouterError(MeshctlError):
     """HAProxy refused a configuration or a command, or cannot be reached."""
 
 
-def check(config: str, haproxy: str = HAPROXY) -> None:
+def check(config: str) -> None:
     """Raise RouterError with HAProxy's first complaint unless `haproxy -c` accepts the
     configuration file."""
     try:
         result = subprocess.run(
-            [haproxy, "-c", "-f", config], capture_output=True, text=True,
+            [HAPROXY, "-c", "-f", config], capture_output=True, text=True,
             timeout=CHECK_TIMEOUT,
         )  # fmt: skip
     except FileNotFoundError:
         raise RouterError(
-            f"{haproxy} not found: install Debian's haproxy package (apt-get install haproxy)"
+            f"{HAPROXY} not found: install Debian's haproxy package (apt-get install haproxy)"
         ) from None
     if result.returncode != 0:
         raise RouterError(f"haproxy refuses the configuration: {_complaint(result.stderr)}")
@@ -113,21 +113,21 @@ def check_paths(files: RouterFiles) -> None:
             )
 
 
-def install(files: RouterFiles, text: str, haproxy: str = HAPROXY) -> None:
+def install(files: RouterFiles, text: str) -> None:
     """Write text as the configuration once `haproxy -c` has accepted it; a refused one is
     not written (the running HAProxy keeps its own) and raised as RouterError."""
     os.makedirs(files.directory, mode=0o700, exist_ok=True)
     candidate = files.config + ".new"
     write_private(candidate, text)
     try:
-        check(candidate, haproxy)
+        check(candidate)
     except RouterError:
         os.unlink(candidate)
         raise
     os.replace(candidate, files.config)
 
 
-def start(files: RouterFiles, netns: str, haproxy: str = HAPROXY) -> runtime.TaskProcess:
+def start(files: RouterFiles, netns: str) -> runtime.TaskProcess:
     """HAProxy's master in the router's namespace, on the installed configuration."""
     check_paths(files)
     for path in (files.admin_socket, files.master_socket):
@@ -136,7 +136,7 @@ def start(files: RouterFiles, netns: str, haproxy: str = HAPROXY) -> runtime.Tas
     spec = runtime.TaskProcessSpec(
         task_name="router",
         netns=netns,
-        command=(haproxy, "-W", "-f", files.config, "-S", f"{files.master_socket},mode,600"),
+        command=(HAPROXY, "-W", "-f", files.config, "-S", f"{files.master_socket},mode,600"),
         log_path=files.log,
         files_dir=os.path.join(files.directory, "files"),
     )
