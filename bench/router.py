@@ -14,7 +14,9 @@ controller idle; one that arrives during a pass waits for its end):
 - a server drained (`service scale b=1` from 2): the leader marks a task to shut down, the
   node's controller puts its server in maintenance through the runtime API; done when the
   last answer from the leaving task came (probes every ~1 ms).
-`haproxy -c` on the same configuration is timed alone, for the share the check takes.
+`haproxy -c` on the same configuration is timed alone, and the controller's log says how long
+each reload's two steps took (configuration written and checked; SIGUSR2 until the new worker
+answers on the runtime API).
 
 Data path: wrk (keep-alive) against one nginx task serving a 612-byte file, directly (routed
 via the node) and through HAProxy as the controller configures it, reached at the router's own
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -257,6 +260,11 @@ def main() -> None:
         until(client, "a.test", lambda a: a[0] == 200, 30)
         found = latencies(mesh, client, args.rounds)
         found["haproxy -c alone"] = check_time(mesh, args.rounds)
+        # What the controller says each reload took: writing and checking, then reloading.
+        reloads = re.findall(r"checked in (\d+) ms, the new worker serving (\d+) ms later",
+                             Path(mesh.controller_log).read_text())[-2 * args.rounds :]  # fmt: skip
+        found["reloads: write and haproxy -c"] = [int(c) / 1000 for c, _ in reloads]
+        found["reloads: SIGUSR2 to the new worker serving"] = [int(r) / 1000 for _, r in reloads]
         node_id = mesh.node_id()
         assert node_id is not None
         router_ns = router_netns(node_id)
