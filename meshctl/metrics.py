@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # a dashboard uses.
 prometheus_client.disable_created_metrics()
 
-PASS_KINDS = ("orchestrate", "dns", "node", "lb", "tasks", "pass")
+PASS_KINDS = ("orchestrate", "dns", "router", "node", "lb", "tasks", "pass")
 PASS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # From a change reaching the controller to the kernel holding it (kube-proxy's, made finer:
 # here a change takes milliseconds, not seconds).
@@ -65,7 +65,7 @@ class Metrics:
         self.reconcile = Histogram(
             "meshctl_reconcile_duration_seconds",
             "Time a reconcile pass and each of its parts took, by kind "
-            "(orchestrate, dns, node, lb, tasks, pass) and result (success, error).",
+            "(orchestrate, dns, router, node, lb, tasks, pass) and result (success, error).",
             ["kind", "result"],
             buckets=PASS_BUCKETS,
             registry=r,
