@@ -60,7 +60,10 @@ SUBNETS = (None, "10.77.0.0/24", "10.77.1.0/24", "10.77.0.0/28", "10.77.0.16/29"
 SMALLEST_PREFIX = 29  # `network create` refuses anything smaller (documented in its error)
 MAX_REPLICAS = 4
 NODE = "node1"
-CONTROLLER_ARGS = ("--upstream-dns", "127.0.0.1")  # nothing listens: a quick SERVFAIL
+# The checks read the load balancers through iptables-legacy-save (observe.py), so the controller
+# runs the iptables backend; auto would pick nftables on this kernel. Nothing listens on the
+# upstream: a quick SERVFAIL.
+CONTROLLER_ARGS = ("--lb-backend", "iptables", "--upstream-dns", "127.0.0.1")
 
 SETTLE = 20.0  # how long the node may take to settle after a step
 READY = 20.0  # how long a task may take to serve, back-off not counted
