@@ -114,16 +114,18 @@ class Supervisor:
         process = local.process
         if process is None or local.stopping is not None or not process.exited():
             return  # a stopping thread owns the process: it records the exit and closes it
-        code = process.exit_code()
+        code = _shell_code(process.exit_code())
         process.close()
         local.process = None
+        message = "exit code unknown (adopted task)" if code is None else f"exit code {code}"
+        self._ended(local, code, message)
+        log.info("task=%s exited %s", task.name, message)
+
+    def _ended(self, local: Local, code: int | None, message: str) -> None:
+        """Record the end of the task's process, whether it exited or was stopped."""
         if time.time() - local.started_at > STABLE_RUN:
             local.failures = 0  # it ran well for a while: the next restart waits only the delay
-        if code is not None and code < 0:
-            code = 128 - code  # killed by a signal: as a shell (and Docker) reports it
-        message = "exit code unknown (adopted task)" if code is None else f"exit code {code}"
         local.last_exit = (code, message)
-        log.info("task=%s exited %s", task.name, message)
 
     def _keep_running(
         self, view: ClusterView, task: Task, service: Service, local: Local, now: float
@@ -212,11 +214,9 @@ class Supervisor:
     def _stop(self, task: Task, local: Local, grace: float, why: str) -> None:
         process = local.process
         assert process is not None
-        code = process.stop(grace)
+        code = _shell_code(process.stop(grace))
         process.close()
-        if code is not None and code < 0:
-            code = 128 - code
-        local.last_exit = (code, why)
+        self._ended(local, code, why)
         local.draining_since = None
         local.process = None
         local.stopping = None
@@ -287,3 +287,8 @@ class Supervisor:
             self.wake()  # changed meanwhile: read again and redo this on the next pass
             return
         local.last_exit = None
+
+
+def _shell_code(code: int | None) -> int | None:
+    """An exit code as a shell (and Docker) reports it: 128 + n when killed by signal n."""
+    return 128 - code if code is not None and code < 0 else code

@@ -67,6 +67,7 @@ READY = 20.0  # how long a task may take to serve, back-off not counted
 SICK_OUT = 10.0  # how long a sick task may keep serving (interval 0.5 s × 2 retries + slack)
 LEAVING = 20.0  # how long a task on its way out may stay in the store
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 60.0  # the supervisor's restart back-off (restart-delay 0)
+STABLE_RUN = 10.0  # a process that ran this long resets the back-off, however it ends (F4)
 HEALTH_ARGS = ("--health-interval", "500ms", "--health-retries", "2", "--health-timeout", "2s")
 # Exceptions the controller logs that are reported product bugs (tests/property/
 # test_findings.py): counted, not failed on, so a campaign goes on to find others. Each is the
@@ -596,6 +597,7 @@ class MeshMachine(RuleBasedStateMachine):
         STATS.settle_waits.append(time.monotonic() - began)
         self._check_restart_kept_pids()
         self._check_log()
+        self._note_stable_runs()
 
     def _read_store(self) -> dict[str, dict[str, dict[str, Any]]]:
         """The records the checks compare with: kind → name → value."""
@@ -1059,6 +1061,21 @@ class MeshMachine(RuleBasedStateMachine):
             and self.tasks[tid]["pid"] != pid
         }
         assert not changed, f"the controller restart replaced processes (old, new): {changed}"
+
+    def _note_stable_runs(self) -> None:
+        """A slot whose one live task serves with a process that has run longer than
+        STABLE_RUN (and runs still) restarts with no back-off left the next time it fails."""
+        now = time.time()
+        live = Counter(t["name"] for t in self.tasks.values() if t["desired_state"] == "running")
+        for task in self.tasks.values():
+            if not serving(task) or task["pid"] is None or live[task["name"]] != 1:
+                continue
+            started = [e["time"] for e in task["history"]
+                       if e["message"] == f"started, pid {task['pid']}"]  # fmt: skip
+            p = observe.proc(task["pid"])
+            alive = p is not None and p.start_time == task["start_time"]
+            if started and started[-1] < now - STABLE_RUN - 1 and alive:
+                self.failures.pop(task["name"], None)
 
     def _log_tail(self, lines: int = 30) -> str:
         with open(self.mesh.controller_log, errors="replace") as f:
