@@ -73,8 +73,6 @@ HEALTH_ARGS = ("--health-interval", "500ms", "--health-retries", "2", "--health-
 # test_findings.py): counted, not failed on, so a campaign goes on to find others. Each is the
 # exception's last line, with the traceback before it removed from the log text checked.
 KNOWN_TRACEBACKS: dict[str, str] = {}
-# Known product bugs whose marks the checks count instead of failing on (test_findings.py).
-KNOWN = {"F5": "F5: an unhealthy task's lost exit leaves it `running` without a pid"}
 # Known product bugs the actions steer clear of, so that a campaign finds others:
 # F2, a rolling update that finds no free address for a new task fails every controller pass
 # (so no rolling update on a network smaller than a /24). MESHCTL_PROPERTY_AVOID="" triggers
@@ -308,7 +306,6 @@ class MeshMachine(RuleBasedStateMachine):
         self.tasks: dict[str, dict[str, Any]] = {}  # the store's tasks at the last check
         self.expect_pids: dict[str, int] | None = None  # after a restart: pids to keep
         self.log_seen = 0
-        self.f5_seen: set[str] = set()  # tasks seen in F5's state
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -784,7 +781,7 @@ class MeshMachine(RuleBasedStateMachine):
         for task_id, task in tasks.items():
             name = f"task {task['name']} ({task_id})"
             if task["pid"] is None:
-                if task["state"] == "running" and not self._known_f5(task):
+                if task["state"] == "running":
                     problems.append((task_id, f"{name} is running without a pid"))
                 continue
             expected[task["pid"]] = task
@@ -811,15 +808,6 @@ class MeshMachine(RuleBasedStateMachine):
                          and p.netns_inode == netns.inode(f"mesh-t-{tid}")), None)  # fmt: skip
             problems.append((held, f"process {pid} ({p.cmdline}) of this run belongs to no task"))
         return problems
-
-    def _known_f5(self, task: dict[str, Any]) -> bool:
-        """F5's mark: stopped for being unhealthy, its exit lost, `running` without a pid."""
-        if "F5" not in KNOWN or task["error"] != "unhealthy":
-            return False
-        if task["id"] not in self.f5_seen:
-            self.f5_seen.add(task["id"])
-            STATS.known[KNOWN["F5"]] = STATS.known.get(KNOWN["F5"], 0) + 1
-        return True
 
     def _namespace_problems(self, store: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         problems = []
