@@ -1071,7 +1071,8 @@ class MeshMachine(RuleBasedStateMachine):
 
     def _check_log(self) -> None:
         """A traceback in the controller's log is a failure, unless it is a known finding
-        (counted); warnings are collected."""
+        (counted), and so is a second diff that was not empty after an apply ("not converged
+        after apply"); warnings are collected."""
         with open(self.mesh.controller_log, errors="replace") as f:
             f.seek(self.log_seen)
             new = f.read()
@@ -1084,6 +1085,8 @@ class MeshMachine(RuleBasedStateMachine):
             else:
                 STATS.known[finding] = STATS.known.get(finding, 0) + 1
         assert not unknown, "the controller logged an exception:\n" + "\n".join(unknown)
+        unconverged = [line for line in new.splitlines() if "not converged after apply" in line]
+        assert not unconverged, "the controller did not converge:\n" + "\n".join(unconverged)
         STATS.warnings.update(
             line.split(" msg=", 1)[-1] for line in new.splitlines() if "level=warning" in line
         )

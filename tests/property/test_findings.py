@@ -76,12 +76,12 @@ def test_f2_rolling_update_short_of_addresses_stops_nothing_else(mesh: Mesh) -> 
     assert "Traceback" not in _log(mesh)
 
 
-@pytest.mark.xfail(strict=True, reason="F3: a removed task's veth outlives its namespace's delete")
 def test_f3_removing_a_task_converges_in_the_same_pass(mesh: Mesh) -> None:
-    """Unwiring a task deletes its namespace, and the kernel tears the namespace (and with it
-    the node end of its veth) down later, in a work queue: the pass's convergence check still
-    sees the veth, now belonging to no namespace, and logs `node not converged after apply:
-    delete_links=1` (and `meshctl diff` shows `- link meshv...` meanwhile) on every removal."""
+    """Unwiring a task used to delete only its namespace, and the kernel tears the namespace
+    (and with it the node end of its veth) down later, in a work queue, once nothing holds it:
+    the pass's convergence check still saw the veth, now belonging to no namespace, and logged
+    `node not converged after apply: delete_links=1` (and `meshctl diff` showed `- link
+    meshv...` meanwhile) on every removal. Now its legs are deleted first, by name."""
     mesh.cli("network", "create", "front", "--subnet", "10.78.3.0/24")
     mesh.cli("service", "create", "--name", "web", "--replicas", "4", "--network", "front",
              *SLEEPER)  # fmt: skip
