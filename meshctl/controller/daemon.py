@@ -239,16 +239,16 @@ class Controller:
         changed = False
         for _ in range(ORCHESTRATION_ROUNDS):
             made, problem = orchestrator.apply(self.store, view, orchestrator.plan(view))
-            if problem:
-                errors["tasks"] = problem
             if made:
                 view = self._view(wait=True)
             moved = scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
             if moved:
                 view = self._view(wait=True)
-            rolled = updater.roll(self.store, view)
+            rolled, stuck = updater.roll(self.store, view)
             if rolled:
                 view = self._view(wait=True)
+            if problem or stuck:
+                errors["tasks"] = "; ".join(p for p in (problem, stuck) if p)
             changed |= made or moved or rolled
             if not (made or moved or rolled):
                 break

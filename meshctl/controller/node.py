@@ -470,8 +470,11 @@ class NodePlan:
     # Tasks wired as desired but for their DNS redirect (a new DNS endpoint): the rules alone.
     task_rules: tuple[tuple[str, TableChange], ...] = ()  # (task netns, its nat change)
     task_dns: tuple[tuple[str, NftChange], ...] = ()  # (task netns, its nftables change)
-    unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete (their veths go with them)
-    delete_links: tuple[str, ...] = ()  # node-side links left over: stale veths, old bridges
+    # Node-side links to delete (before the namespaces): unwired tasks' legs, stale veths, old
+    # bridges. A task's legs go by name: the kernel frees a deleted namespace, and with it the
+    # node ends of its veths, only later (in a work queue, once no socket or process holds it).
+    delete_links: tuple[str, ...] = ()
+    unwire_tasks: tuple[str, ...] = ()  # task namespaces to delete
     tables: dict[str, TableChange] = field(default_factory=dict)
     # Names meshctl wants in the node namespace held by links without its mark, and their
     # aliases: left alone (and what would hang off them not made), reported, never converged.
@@ -520,9 +523,10 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
     """The smallest change from actual to desired; empty (falsy) when they agree.
 
     stray_links are node-side links of meshctl's (marked) that belong to nothing observed (a
-    veth whose task namespace is gone); they are deleted. A name that a desired link needs,
-    held by a link without the mark meshctl gives it (`clashes`), is left alone — neither
-    deleted nor taken over — and the bridge or task that needs it is not made: reported.
+    veth whose task namespace is gone); they are deleted, and so are the legs of the tasks
+    unwired. A name that a desired link needs, held by a link without the mark meshctl gives
+    it (`clashes`), is left alone — neither deleted nor taken over — and the bridge or task
+    that needs it is not made: reported.
     """
     taken = clashes(desired, actual)
     tables = {}
@@ -549,6 +553,13 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         d: o for d, o in desired.overlays.items() if d not in taken and o.bridge not in taken
     }
     ensure_overlays, peers, delete_overlays = plan_overlays(overlays, actual.overlays)
+    unwired = [
+        task
+        for task_id, task in sorted(actual.tasks.items())
+        if task_id not in desired.tasks and task.owns_netns
+    ]
+    legs = {leg.node_end for task in unwired for leg in task.links if leg.node_end}
+    old_bridges = {b for b in actual.bridges if b not in desired.bridges}
     return NodePlan(
         ensure_overlays=ensure_overlays,
         peers=peers,
@@ -561,17 +572,8 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         wire_tasks=tuple(wire),
         task_rules=tuple(rules),
         task_dns=tuple(dns),
-        unwire_tasks=tuple(
-            t.netns
-            for tid, t in sorted(actual.tasks.items())
-            if tid not in desired.tasks and t.owns_netns
-        ),
-        delete_links=tuple(
-            sorted(
-                {*stray_links, *(b for b in actual.bridges if b not in desired.bridges)}
-                - taken.keys()
-            )
-        ),
+        delete_links=tuple(sorted({*stray_links, *legs, *old_bridges} - taken.keys())),
+        unwire_tasks=tuple(task.netns for task in unwired),
         tables=tables,
         clashes=tuple(taken.items()),
     )

@@ -232,10 +232,10 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
             kernel.nftables.apply(ns, nft)
         except KernelError as err:
             failed[ns] = f"cannot set its DNS rewrite: {err}"
-    for ns in plan.unwire_tasks:
-        kernel.netns.delete(ns)
     for name in plan.delete_links:
         kernel.links.delete_link(NODE, name)
+    for ns in plan.unwire_tasks:
+        kernel.netns.delete(ns)
     for what, why in failed.items():
         log.warning("cannot set up %s: %s", what, why)
     return failed

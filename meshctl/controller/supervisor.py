@@ -3,7 +3,9 @@
 The supervisor keeps what only this process knows (the TaskProcess handles, back-off timers,
 stops in progress) and writes what users see (state, pid, exit code, error, history) back to
 the task records. Every decision is taken again on each pass from the store's view plus that
-local knowledge, so a missed wake-up costs one resync period, never correctness.
+local knowledge, so a missed wake-up costs one resync period, never correctness. Only the pass
+changes that knowledge: a stop runs in a thread of its own (it waits out a grace period), which
+ends the process and hands back its exit code, and the pass records the end.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
@@ -33,6 +36,14 @@ DRAIN_CHECK = 0.2  # seconds between looks at a draining task's open connections
 DEFAULT_GRACE = 10.0
 
 
+@dataclass(frozen=True)
+class Stop:
+    """A stop in flight: its thread ends the process and sets `code` (its exit code)."""
+
+    why: str
+    code: Future[int | None] = field(default_factory=Future)
+
+
 @dataclass
 class Local:
     """What this controller alone knows of one task."""
@@ -41,10 +52,14 @@ class Local:
     started_at: float = 0.0
     failures: int = 0  # restarts in a row without a stable run, for the back-off
     not_before: float = 0.0  # no (re)start before this time
-    stopping: threading.Thread | None = None
+    stopping: Stop | None = None  # while set, the stop's thread uses the process
     draining_since: float | None = None  # leaving: out of the LB spread, connections finishing
     health: Health = "none"
     last_exit: tuple[int | None, str] | None = None  # (code, message) not yet written
+
+    def stopped(self) -> bool:
+        """Whether a stop in flight has ended the process (the pass has yet to record it)."""
+        return self.stopping is not None and self.stopping.code.done()
 
 
 @dataclass
@@ -80,7 +95,11 @@ class Supervisor:
     def wired(self, view: ClusterView) -> set[str]:
         """Tasks whose namespace and links must exist: wanted running, or not yet stopped."""
         wanted = {t.id for t in view.tasks_on(self.node) if t.desired_state == "running"}
-        alive = {tid for tid, local in self.tasks.items() if local.process or local.stopping}
+        alive = {
+            tid
+            for tid, local in self.tasks.items()
+            if local.process is not None and not local.stopped()
+        }
         return wanted | alive
 
     def step(self, view: ClusterView, unwired: set[str]) -> float:
@@ -111,19 +130,27 @@ class Supervisor:
     # -- running -------------------------------------------------------------------------------
 
     def _notice_exit(self, task: Task, local: Local) -> None:
+        """Record the end of the task's process: a stop that has finished, or an exit by itself
+        (a process being stopped is left to its stop until that finishes)."""
         process = local.process
-        if process is None or local.stopping is not None or not process.exited():
-            return  # a stopping thread owns the process: it records the exit and closes it
-        code = process.exit_code()
+        if process is None:
+            return
+        if local.stopping is not None:
+            if not local.stopped():
+                return
+            code, message = local.stopping.code.result(), local.stopping.why
+            local.stopping = local.draining_since = None
+        elif process.exited():
+            code = _shell_code(process.exit_code())
+            message = "exit code unknown (adopted task)" if code is None else f"exit code {code}"
+            log.info("task=%s exited %s", task.name, message)
+        else:
+            return
         process.close()
         local.process = None
         if time.time() - local.started_at > STABLE_RUN:
             local.failures = 0  # it ran well for a while: the next restart waits only the delay
-        if code is not None and code < 0:
-            code = 128 - code  # killed by a signal: as a shell (and Docker) reports it
-        message = "exit code unknown (adopted task)" if code is None else f"exit code {code}"
         local.last_exit = (code, message)
-        log.info("task=%s exited %s", task.name, message)
 
     def _keep_running(
         self, view: ClusterView, task: Task, service: Service, local: Local, now: float
@@ -199,27 +226,23 @@ class Supervisor:
                 return now + DRAIN_CHECK
             self._begin_stop(task, local, grace, "stopped")
             return None
-        if local.process is None and local.stopping is None and task.id in unwired:
+        if local.process is None and task.id in unwired:
             self._forget(task)
         return None
 
     def _begin_stop(self, task: Task, local: Local, grace: float, why: str) -> None:
-        local.stopping = threading.Thread(
-            target=self._stop, args=(task, local, grace, why), name=f"stop:{task.name}", daemon=True
-        )
-        local.stopping.start()
+        assert local.process is not None
+        local.stopping = Stop(why)
+        threading.Thread(
+            target=self._stop,
+            args=(task, local.process, grace, local.stopping),
+            name=f"stop:{task.name}",
+            daemon=True,
+        ).start()
 
-    def _stop(self, task: Task, local: Local, grace: float, why: str) -> None:
-        process = local.process
-        assert process is not None
-        code = process.stop(grace)
-        process.close()
-        if code is not None and code < 0:
-            code = 128 - code
-        local.last_exit = (code, why)
-        local.draining_since = None
-        local.process = None
-        local.stopping = None
+    def _stop(self, task: Task, process: runtime.TaskProcess, grace: float, stop: Stop) -> None:
+        """The stop's thread: it touches nothing but the process and the stop's result."""
+        stop.code.set_result(_shell_code(process.stop(grace)))
         log.info("task=%s stopped", task.name)
         self.wake()
 
@@ -231,8 +254,12 @@ class Supervisor:
         log.info("task=%s removed", task.name)
 
     def _drop_local(self, task_id: str) -> None:
-        local = self.tasks.pop(task_id, None)
-        if local is not None and local.process is not None and local.stopping is None:
+        """Let go of a task; one whose stop is in flight is kept until the stop finishes."""
+        local = self.tasks.get(task_id)
+        if local is None or (local.stopping is not None and not local.stopped()):
+            return
+        del self.tasks[task_id]
+        if local.process is not None:
             local.process.close()
 
     def note_logs(self) -> None:
@@ -269,7 +296,7 @@ class Supervisor:
                 ).with_event(now, "running", f"started, pid {pid}")
             elif updated.state != "running":
                 updated = updated.with_event(now, "running")
-        elif updated.pid is not None and local.stopping is None:
+        elif updated.pid is not None:
             updated = dataclasses.replace(updated, pid=None, start_time=None)
         if updated.health != local.health:
             updated = dataclasses.replace(updated, health=local.health)
@@ -287,3 +314,8 @@ class Supervisor:
             self.wake()  # changed meanwhile: read again and redo this on the next pass
             return
         local.last_exit = None
+
+
+def _shell_code(code: int | None) -> int | None:
+    """An exit code as a shell (and Docker) reports it: 128 + n when killed by signal n."""
+    return 128 - code if code is not None and code < 0 else code

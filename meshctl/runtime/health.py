@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kernel import netns
+from kernel.errors import NotFound
 from meshctl.model import HealthCheck
 from meshctl.runtime.process import exec_argv
 
@@ -174,15 +175,21 @@ async def monitor(
     on_change: Callable[[HealthState, ProbeResult], Awaitable[None]],
     started_at: float | None = None,
 ) -> None:
-    """Probe one task on the check's schedule for ever, calling on_change at every new state.
+    """Probe one task process on the check's schedule, calling on_change at every new state,
+    until that process (or its namespace) is gone.
 
-    Run it as an asyncio task and cancel it when the task stops. on_change is where the caller
-    adds the task to its service's load balancer and DNS answers (healthy) or takes it out.
+    Run it as an asyncio task and cancel it when the task stops; it may find the process gone
+    first (the caller learns of an exit only on its next pass), and then ends: the process's
+    end is its supervisor's to handle, not a probe failure. on_change is where the caller adds
+    the task to its service's load balancer and DNS answers (healthy) or takes it out.
     """
     tracker = HealthTracker.for_check(check, time.monotonic() if started_at is None else started_at)
     while True:
         await asyncio.sleep(max(0.0, tracker.next_at - time.monotonic()))
         before = tracker.state
-        result = await run_probe(check, ns, pid, address)
+        try:
+            result = await run_probe(check, ns, pid, address)
+        except NotFound:
+            return
         if tracker.record(result.ok, time.monotonic()) != before:
             await on_change(tracker.state, result)

@@ -211,3 +211,21 @@ def test_monitor_reports_healthy_unhealthy_and_healthy_again(task: Task, tmp_pat
         return seen
 
     assert asyncio.run(scenario()) == ["healthy", "unhealthy", "healthy"]
+
+
+def test_monitor_ends_when_the_task_process_is_gone(task: Task) -> None:
+    """Its caller cancels a monitor only on its next pass after the process ended; a probe in
+    between found the process gone (reaped) and the monitor died with NotFound, an exception
+    nobody retrieved, logged as a traceback. It ends quietly now, reporting no change."""
+    check = HealthCheck(kind="cmd", command="true", interval=0.1, timeout=2)
+    task.proc.stop(0)  # ended and reaped, as the supervisor's stop does
+    changes: list[HealthState] = []
+
+    async def on_change(state: HealthState, result: ProbeResult) -> None:
+        changes.append(state)
+
+    async def watch() -> None:
+        await asyncio.wait_for(monitor(check, task.ns, task.proc.pid, ADDRESS, on_change), 10)
+
+    asyncio.run(watch())
+    assert changes == []

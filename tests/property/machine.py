@@ -70,18 +70,12 @@ READY = 20.0  # how long a task may take to serve, back-off not counted
 SICK_OUT = 10.0  # how long a sick task may keep serving (interval 0.5 s × 2 retries + slack)
 LEAVING = 20.0  # how long a task on its way out may stay in the store
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 60.0  # the supervisor's restart back-off (restart-delay 0)
+STABLE_RUN = 10.0  # a process that ran this long resets the back-off, however it ends (F4)
 HEALTH_ARGS = ("--health-interval", "500ms", "--health-retries", "2", "--health-timeout", "2s")
 # Exceptions the controller logs that are reported product bugs (tests/property/
 # test_findings.py): counted, not failed on, so a campaign goes on to find others. Each is the
 # exception's last line, with the traceback before it removed from the log text checked.
 KNOWN_TRACEBACKS: dict[str, str] = {}
-# Known product bugs whose marks the checks count instead of failing on (test_findings.py).
-KNOWN = {"F5": "F5: an unhealthy task's lost exit leaves it `running` without a pid"}
-# Known product bugs the actions steer clear of, so that a campaign finds others:
-# F2, a rolling update that finds no free address for a new task fails every controller pass
-# (so no rolling update on a network smaller than a /24). MESHCTL_PROPERTY_AVOID="" triggers
-# them again (to check a fix).
-AVOID = frozenset(os.environ.get("MESHCTL_PROPERTY_AVOID", "F2").split(",")) - {""}
 
 
 @dataclass
@@ -310,7 +304,6 @@ class MeshMachine(RuleBasedStateMachine):
         self.tasks: dict[str, dict[str, Any]] = {}  # the store's tasks at the last check
         self.expect_pids: dict[str, int] | None = None  # after a restart: pids to keep
         self.log_seen = 0
-        self.f5_seen: set[str] = set()  # tasks seen in F5's state
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -465,21 +458,10 @@ class MeshMachine(RuleBasedStateMachine):
             service.settle_by = time.monotonic() + READY
 
     def service_update(self, pick: int) -> None:
-        """A new env: a rolling update, one task at a time, new before old."""
+        """A new env: a rolling update, one task at a time, new before old (old first when no
+        address is free for the new one beside it)."""
         name = _pick(self.services, SERVICES, pick)
         service = self.services.get(name)
-        if (
-            service is not None
-            and "F2" in AVOID
-            and any(
-                ipaddress.IPv4Network(self.networks[n].subnet).prefixlen > 24
-                for n in service.networks
-            )
-        ):
-            # A /24 never fills here (3 services of at most 4 tasks); a smaller one may.
-            self._note("skipped: a rolling update on a small network could trigger F2")
-            STATS.outcomes["skipped for F2"] += 1
-            return
         rev = service.rev + 1 if service else 1
         args = ["service", "update", name, *self._env_args(rev), "--detach"]
         expect = "fail" if service is None else "ok"
@@ -599,6 +581,7 @@ class MeshMachine(RuleBasedStateMachine):
         STATS.settle_waits.append(time.monotonic() - began)
         self._check_restart_kept_pids()
         self._check_log()
+        self._note_stable_runs()
 
     def _read_store(self) -> dict[str, dict[str, dict[str, Any]]]:
         """The records the checks compare with: kind → name → value."""
@@ -785,7 +768,7 @@ class MeshMachine(RuleBasedStateMachine):
         for task_id, task in tasks.items():
             name = f"task {task['name']} ({task_id})"
             if task["pid"] is None:
-                if task["state"] == "running" and not self._known_f5(task):
+                if task["state"] == "running":
                     problems.append((task_id, f"{name} is running without a pid"))
                 continue
             expected[task["pid"]] = task
@@ -812,15 +795,6 @@ class MeshMachine(RuleBasedStateMachine):
                          and p.netns_inode == netns.inode(f"mesh-t-{tid}")), None)  # fmt: skip
             problems.append((held, f"process {pid} ({p.cmdline}) of this run belongs to no task"))
         return problems
-
-    def _known_f5(self, task: dict[str, Any]) -> bool:
-        """F5's mark: stopped for being unhealthy, its exit lost, `running` without a pid."""
-        if "F5" not in KNOWN or task["error"] != "unhealthy":
-            return False
-        if task["id"] not in self.f5_seen:
-            self.f5_seen.add(task["id"])
-            STATS.known[KNOWN["F5"]] = STATS.known.get(KNOWN["F5"], 0) + 1
-        return True
 
     def _namespace_problems(self, store: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         problems = []
@@ -1063,13 +1037,29 @@ class MeshMachine(RuleBasedStateMachine):
         }
         assert not changed, f"the controller restart replaced processes (old, new): {changed}"
 
+    def _note_stable_runs(self) -> None:
+        """A slot whose one live task serves with a process that has run longer than
+        STABLE_RUN (and runs still) restarts with no back-off left the next time it fails."""
+        now = time.time()
+        live = Counter(t["name"] for t in self.tasks.values() if t["desired_state"] == "running")
+        for task in self.tasks.values():
+            if not serving(task) or task["pid"] is None or live[task["name"]] != 1:
+                continue
+            started = [e["time"] for e in task["history"]
+                       if e["message"] == f"started, pid {task['pid']}"]  # fmt: skip
+            p = observe.proc(task["pid"])
+            alive = p is not None and p.start_time == task["start_time"]
+            if started and started[-1] < now - STABLE_RUN - 1 and alive:
+                self.failures.pop(task["name"], None)
+
     def _log_tail(self, lines: int = 30) -> str:
         with open(self.mesh.controller_log, errors="replace") as f:
             return "".join(f.readlines()[-lines:])
 
     def _check_log(self) -> None:
         """A traceback in the controller's log is a failure, unless it is a known finding
-        (counted); warnings are collected."""
+        (counted), and so is a second diff that was not empty after an apply ("not converged
+        after apply"); warnings are collected."""
         with open(self.mesh.controller_log, errors="replace") as f:
             f.seek(self.log_seen)
             new = f.read()
@@ -1082,6 +1072,8 @@ class MeshMachine(RuleBasedStateMachine):
             else:
                 STATS.known[finding] = STATS.known.get(finding, 0) + 1
         assert not unknown, "the controller logged an exception:\n" + "\n".join(unknown)
+        unconverged = [line for line in new.splitlines() if "not converged after apply" in line]
+        assert not unconverged, "the controller did not converge:\n" + "\n".join(unconverged)
         STATS.warnings.update(
             line.split(" msg=", 1)[-1] for line in new.splitlines() if "level=warning" in line
         )

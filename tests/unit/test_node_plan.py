@@ -89,6 +89,9 @@ def test_drift_is_planned_back_and_removed_tasks_are_unwired(tmp_path: Path) -> 
     gone = desired_node(view, "node1", set(view.tasks) - {task_id})
     plan = plan_node(gone, *observe_node(kernel))
     assert plan.unwire_tasks == (names.task_netns(task_id),)
+    # Its legs go by name, before the namespace: the kernel frees a deleted namespace (and the
+    # node ends of its veths with it) later, so the second diff would still see them.
+    assert plan.delete_links == (names.task_veth(task_id, 0), names.task_veth(task_id, 1))
     apply_node(kernel, plan)
     assert not kernel.netns.exists(names.task_netns(task_id))
     assert not plan_node(gone, *observe_node(kernel))

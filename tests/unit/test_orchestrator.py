@@ -113,16 +113,89 @@ def test_an_update_rolls_each_slot_onto_the_new_spec_and_networks(store: Store) 
         store, "web", {"networks": (NetworkAttachment("front"), NetworkAttachment("back"))}
     )
     assert updated.version == 2 and updated.vips()["front"] == created.vips()["front"]
-    assert updater.roll(store, read_view(store))
+    assert updater.roll(store, read_view(store)) == (True, "")
     new = [t for t in ops.list_tasks(store, created) if t.spec_version == 2]
     assert [(t.slot, set(t.addresses)) for t in new] == [(1, {"front", "back"})]
     place(store, new[0])
-    assert updater.roll(store, read_view(store))  # the new one runs: the old one goes
+    assert updater.roll(store, read_view(store)) == (True, "")  # the new one runs: the old goes
     slot1 = {t.spec_version: t.desired_state for t in ops.list_tasks(store, created)
              if t.slot == 1}  # fmt: skip
     assert slot1 == {1: "shutdown", 2: "running"}
     # No duplicate is trimmed while a replacement is under way.
     assert not any(isinstance(d, (Drop, Stop)) for d in orchestrator.plan(read_view(store)))
+
+
+def _slots(store: Store, service: Service) -> dict[tuple[int, int], str]:
+    """(slot, spec version) → desired state of each of the service's tasks."""
+    return {(t.slot, t.spec_version): t.desired_state for t in ops.list_tasks(store, service)}
+
+
+def _of_version(store: Store, service: Service, slot: int, version: int) -> Task:
+    (task,) = [t for t in ops.list_tasks(store, service)
+               if (t.slot, t.spec_version) == (slot, version)]  # fmt: skip
+    return task
+
+
+def test_an_update_short_of_addresses_waits_for_the_old_task_to_go(store: Store) -> None:
+    """A /29 holds the gateway, the LB's reserve, the VIP and two tasks: one address is free, for
+    the first new task. The second waits (no error: the pass goes on) until the first old task
+    is gone; then it is made beside the second old one, new first as before."""
+    ops.create_network(store, "small", subnet="10.20.1.0/29", driver="bridge")
+    created = ops.create_service(store, spec("web", "small", replicas=2))
+    settle(store)
+    for task in ops.list_tasks(store, created):
+        place(store, task)
+    ops.update_service(store, "web", {"env": {"RELEASE": "2"}})
+    assert updater.roll(store, read_view(store)) == (True, "")
+    place(store, _of_version(store, created, 1, 2))
+    assert updater.roll(store, read_view(store)) == (True, "")  # web.1's old task goes
+    assert updater.roll(store, read_view(store)) == (False, "")  # it used to raise
+    assert _slots(store, created) == {(1, 1): "shutdown", (1, 2): "running", (2, 1): "running"}
+    tasks.forget_task(store, _of_version(store, created, 1, 1).id)  # its node stopped it
+    assert updater.roll(store, read_view(store)) == (True, "")
+    assert _slots(store, created) == {(1, 2): "running", (2, 1): "running", (2, 2): "running"}
+
+
+def test_an_update_with_no_address_to_spare_stops_each_old_task_first(store: Store) -> None:
+    """With no address free at all (another service's VIP took the spare one), the old task
+    goes first, as swarm's stop-first order: the orchestrator fills its slot once its address
+    is free, and the next old task goes only when that new one is ready."""
+    ops.create_network(store, "small", subnet="10.20.1.0/29", driver="bridge")
+    created = ops.create_service(store, spec("web", "small", replicas=2))
+    settle(store)
+    for task in ops.list_tasks(store, created):
+        place(store, task)
+    ops.update_service(store, "web", {"env": {"RELEASE": "2"}})
+    ops.create_service(store, spec("api", "small", replicas=0))  # its VIP: the last address
+    assert updater.roll(store, read_view(store)) == (True, "")
+    assert _slots(store, created) == {(1, 1): "shutdown", (2, 1): "running"}
+    old = _of_version(store, created, 1, 1)
+    assert old.history[-1].message.startswith("replaced by an update, stopped first")
+    assert updater.roll(store, read_view(store)) == (False, "")  # web.1's old task leaving
+    tasks.forget_task(store, old.id)
+    settle(store)  # the orchestrator fills slot 1 on the new spec
+    assert updater.roll(store, read_view(store)) == (False, "")  # web.1's new task not ready
+    place(store, _of_version(store, created, 1, 2))
+    assert updater.roll(store, read_view(store)) == (True, "")
+    assert _slots(store, created) == {(1, 2): "running", (2, 1): "shutdown"}
+
+
+def test_an_update_onto_a_full_network_is_stuck_and_says_so(store: Store) -> None:
+    """The new spec adds a network that filled up after the update was accepted: stopping an
+    old task would free nothing there, so none is stopped, and the update says why it is stuck."""
+    ops.create_network(store, "front", driver="bridge")
+    ops.create_network(store, "small", subnet="10.20.1.0/29", driver="bridge")
+    created = ops.create_service(store, spec("web", "front"))
+    settle(store)
+    place(store, ops.list_tasks(store, created)[0])
+    ops.update_service(store, "web", {"networks": (NetworkAttachment("front"),
+                                                   NetworkAttachment("small"))})  # fmt: skip
+    for name in ("api", "db", "cache"):  # their VIPs take what is left
+        ops.create_service(store, spec(name, "small", replicas=0))
+    changed, stuck = updater.roll(store, read_view(store))
+    assert not changed and stuck.startswith("the rolling update of service web is stuck: ")
+    assert "network small" in stuck
+    assert _slots(store, created) == {(1, 1): "running"}
 
 
 def test_plan_tasks_fills_missing_slots_and_trims_extra_ones() -> None:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 
-from meshctl.controller.supervisor import Local, Supervisor
+from meshctl.controller.supervisor import Local, Stop, Supervisor
 from meshctl.model import Task
 from meshctl.store.sqlite import SqliteStore
 
@@ -25,24 +24,41 @@ class ExitedProcess:
     def exit_code(self) -> int:
         return -15
 
+    def stop(self, grace: float) -> int:
+        return -15
+
     def close(self) -> None:
         self.closed += 1
 
 
-def test_an_exit_during_a_stop_is_left_to_the_stopping_thread(tmp_path: Path) -> None:
+def test_a_stop_in_flight_owns_the_process_and_the_pass_records_its_end(tmp_path: Path) -> None:
     """The pass must not record and close a process that a stop thread is stopping: the thread
-    closed it a second time (EBADF), died, and the task was never forgotten."""
+    closed it a second time (EBADF), died, and the task was never forgotten. Nor may the thread
+    change what the pass reads: a stop that ended while the pass wrote the task's record was
+    lost, and the task shown `running` without a pid (F5). The thread hands back the exit code;
+    the pass records it once the stop is done."""
     with SqliteStore(str(tmp_path / "state.db")) as store:
         supervisor = Supervisor(store, "node1", str(tmp_path))
         task = Task(service="web", service_id="s1", slot=2, spec_version=1)
         process = ExitedProcess()
-        local = Local(process=cast(Any, process), stopping=threading.Thread(target=lambda: None))
-        supervisor._notice_exit(task, local)
+        local = Local(process=cast(Any, process))
+        supervisor._begin_stop(task, local, 1.0, "unhealthy")
+        stop = local.stopping
+        assert stop is not None
+        assert stop.code.result(timeout=10) == 143
         assert (process.closed, local.process, local.last_exit) == (0, process, None)
+
+        supervisor._notice_exit(task, local)
+        assert (process.closed, local.process, local.stopping) == (1, None, None)
+        assert local.last_exit == (143, "unhealthy")
+
+        local = Local(process=cast(Any, process), stopping=Stop("stopped"))  # not done yet
+        supervisor._notice_exit(task, local)
+        assert (process.closed, local.process, local.last_exit) == (1, process, None)
 
         local.stopping = None  # no stop in flight: the pass records the exit itself
         supervisor._notice_exit(task, local)
-        assert (process.closed, local.process, local.last_exit) == (1, None, (143, "exit code 143"))
+        assert (process.closed, local.process, local.last_exit) == (2, None, (143, "exit code 143"))
 
 
 def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
