@@ -42,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -81,6 +81,7 @@ SIM = "sim"  # the simulated node of --tasks simulated
 SIM_HOST = 200  # its underlay address: .200 of the harness's subnet, which no namespace holds
 SIM_TTL = 7 * 24 * 3600.0  # its lease: outlasts the bench, so nothing need renew it
 DIRECT, VIA_VIP, VIA_VIP3 = "direct to the task", "VIP of one", "VIP of three"
+SPACING = 3  # a namespace's readings are at least 3 times their duration apart
 DNAT_IPTABLES = re.compile(r"--to-destination (\d+\.\d+\.\d+\.\d+)")
 
 
@@ -175,7 +176,7 @@ class Kernels:
 
     backend: str
     namespaces: dict[str, str]  # node → its LB namespace
-    gap: float  # seconds between two readings of one namespace while following a change
+    gap: float  # the least seconds between two readings of one namespace, following a change
 
     def targets(self) -> dict[str, frozenset[str]]:
         with ThreadPoolExecutor(len(self.namespaces)) as pool:
@@ -192,7 +193,12 @@ class Kernels:
     ) -> tuple[dict[str, float | None], float]:
         """Per node, the start time of the first reading at or after since in which address
         is (present) or is not a DNAT target, None if give_up() came first; and the median
-        seconds a reading took (with the gap, the resolution)."""
+        seconds from one reading's start to the next's (the resolution).
+
+        Between two readings of a namespace the thread waits the gap or SPACING times what the
+        reading took, whichever is longer: the readings take at most 1 / (SPACING + 1) of a
+        core per node, not all the cores the controllers share with them (a large ruleset's
+        listing costs ~30 ms of CPU, more under load)."""
         took: list[float] = []
 
         def follow(ns: str) -> float | None:
@@ -202,16 +208,18 @@ class Kernels:
                     raise TimeoutError(f"{address} {'in' if present else 'out of'} {ns}")
                 stop = give_up()
                 seen = address in dnat_targets(self.backend, ns)
-                took.append(time.monotonic() - start)
                 if seen == present:
                     return start
                 if stop:
                     return None
-                time.sleep(self.gap)
+                reading = time.monotonic() - start
+                time.sleep(max(self.gap, SPACING * reading))
+                took.append(time.monotonic() - start)
 
         with ThreadPoolExecutor(len(self.namespaces)) as pool:
             seen = pool.map(follow, self.namespaces.values())
-            return dict(zip(self.namespaces, seen, strict=True)), statistics.median(took)
+            found = dict(zip(self.namespaces, seen, strict=True))
+            return found, statistics.median(took) if took else float("nan")
 
 
 def mesh_kernels(cluster: Cluster, gap: float) -> Kernels:
@@ -338,14 +346,18 @@ class Change:
     killed: float | None  # the kill → its node's write (None: simulated, the write is all)
     out: dict[str, float | None]  # the write → each node's kernel without it (None: not
     # before the restart was written; the node kept it as a backend all along)
-    back: float  # the restart's write → the last node's kernel with it
-    poll: float  # median seconds a reading of a ruleset took (the resolution, with the gap)
+    back: dict[str, float]  # the restart's write → each node's kernel with it
+    poll: float  # median seconds from a reading of a ruleset to the next (the resolution)
 
     @property
     def last_out(self) -> float | None:
         """The write → the last node's kernel without it; None if a node never dropped it."""
         times = list(self.out.values())
         return None if None in times else max(t for t in times if t is not None)
+
+    @property
+    def last_back(self) -> float:
+        return max(self.back.values())
 
 
 def stamp(watch: StoreWatch, since: float, task_id: str, test: Callable[[dict[str, Any]], bool]
@@ -376,7 +388,7 @@ def kill(kernels: Kernels, watch: StoreWatch, task: dict[str, Any], timeout: flo
     back, _ = kernels.first(address, True, up, timeout)
     return Change(
         task["node"], down - killed, {n: None if t is None else t - down for n, t in out.items()},
-        max(t for t in back.values() if t is not None) - up, poll,
+        {n: t - up for n, t in back.items() if t is not None}, poll,
     )  # fmt: skip
 
 
@@ -390,7 +402,7 @@ def flip(cluster: Cluster, kernels: Kernels, task: dict[str, Any], timeout: floa
     back, _ = kernels.first(address, True, up, timeout)
     return Change(
         SIM, None, {n: None if t is None else t - down for n, t in out.items()},
-        max(t for t in back.values() if t is not None) - up, poll,
+        {n: t - up for n, t in back.items() if t is not None}, poll,
     )  # fmt: skip
 
 
@@ -425,8 +437,8 @@ class Scale:
     changes: list[Change]
 
 
-def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale], str]:
-    """Changes at every S; the scales and the LB backend."""
+def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale], str, str]:
+    """Changes at every S; the scales, the LB backend and the leader."""
     cluster.cli("network", "create", "mesh", "--subnet", MESH_SUBNET)
     if args.tasks == "simulated":
         join_simulated(cluster)
@@ -459,15 +471,16 @@ def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale]
                       flush=True)  # fmt: skip
         load = f"{before} before, {loadavg()} after"
         scales.append(Scale(count, tasks, ran, programmed, rules, load, results))
-    return scales, kernels.backend if kernels else ""
+    leader = next(n for n in NODES if shown(cluster, "node", n)["leader"])
+    return scales, kernels.backend if kernels else "", leader
 
 
 def change_text(c: Change) -> str:
     out = ", ".join(f"{n} {'kept it' if t is None else f'{t * 1000:.0f} ms'}"
                     for n, t in c.out.items())  # fmt: skip
     killed = "" if c.killed is None else f"kill → written {c.killed * 1000:.0f} ms; "
-    return (f"{killed}written → out of {out}; restart written → back in every kernel "
-            f"{c.back * 1000:.0f} ms")  # fmt: skip
+    back = ", ".join(f"{n} {t * 1000:.0f} ms" for n, t in c.back.items())
+    return f"{killed}written → out of {out}; restart written → back in {back}"
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -507,7 +520,9 @@ def report_data(runs: list[Run], load: str, args: argparse.Namespace) -> None:
           "(goal ≥ 0.9)")  # fmt: skip
 
 
-def report_propagation(scales: list[Scale], backend: str, args: argparse.Namespace) -> None:
+def report_propagation(
+    scales: list[Scale], backend: str, leader: str, args: argparse.Namespace
+) -> None:
     real = args.tasks == "real"
     what = (
         f"{args.replicas} sleeper tasks (one a node), each change a task's process SIGKILLed"
@@ -517,11 +532,12 @@ def report_propagation(scales: list[Scale], backend: str, args: argparse.Namespa
     )
     print(f"\nEndpoint change propagation: S services x {what}, on one overlay network; LB "
           f"backend {backend}, --resync-period {args.resync_period}; each node's LB namespace "
-          f"read every {args.poll_ms:g} ms + a reading. p50 / p99 in ms, p99 by nearest rank "
+          f"read every {args.poll_ms:g} ms or {SPACING} times a reading's duration + the "
+          "reading (the resolution below). p50 / p99 in ms, p99 by nearest rank "
           "(of 20: the largest).\n")  # fmt: skip
     print("| S | tasks | changes | kill → store write | store write → last kernel without it "
           "| kill → last kernel without it | kept by a node until the restart "
-          "| restart written → last kernel with it | a reading (ms) | load average |")  # fmt: skip
+          "| restart written → last kernel with it | resolution (ms) | load average |")  # fmt: skip
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for s in scales:
         c = s.changes
@@ -530,20 +546,32 @@ def report_propagation(scales: list[Scale], backend: str, args: argparse.Namespa
         killed = [x.killed for x in c if x.killed is not None]
         from_kill = [x.killed + x.last_out for x in done if x.killed is not None
                      and x.last_out is not None]  # fmt: skip
-        poll = statistics.median(x.poll for x in c) * 1000
+        polls = [x.poll * 1000 for x in c if not math.isnan(x.poll)]
+        poll = f"{statistics.median(polls):.0f}" if polls else "—"
         print(f"| {s.services:,} | {s.tasks:,} | {len(c)} | {ms(killed)} | {ms(out)} "
-              f"| {ms(from_kill)} | {len(c) - len(done)} | {ms([x.back for x in c])} "
-              f"| {poll:.0f} | {s.load} |")  # fmt: skip
-    print("\n| S | tasks running after (s) | in every node's ruleset after (s) "
-          "| DNAT targets a ruleset | write → the victim's own node's kernel p50 (ms) "
-          "| write → another node's kernel p50 (ms) |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|")
+              f"| {ms(from_kill)} | {len(c) - len(done)} | {ms([x.last_back for x in c])} "
+              f"| {poll} | {s.load} |")  # fmt: skip
+    print(f"\n| S | tasks running after (s) | in every node's ruleset after (s) "
+          f"| DNAT targets a ruleset | write → out of each node's kernel p50, "
+          f"{' / '.join(NODES)} (ms) | restart written → back in each p50 (ms) "
+          "| the victim's own node: out p50 (ms) |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for s in scales:
         own = [t for x in s.changes if (t := x.out.get(x.victim)) is not None]
-        other = [t for x in s.changes for n, t in x.out.items() if n != x.victim and t is not None]
         own_p50 = f"{statistics.median(own) * 1000:,.0f}" if own else "—"
-        print(f"| {s.services:,} | {s.ran:.1f} | {s.programmed:.1f} | {s.rules:,} | {own_p50} "
-              f"| {statistics.median(other) * 1000:,.0f} |")  # fmt: skip
+        print(f"| {s.services:,} | {s.ran:.1f} | {s.programmed:.1f} | {s.rules:,} "
+              f"| {per_node([x.out for x in s.changes])} "
+              f"| {per_node([x.back for x in s.changes])} | {own_p50} |")  # fmt: skip
+    print(f"\nThe leader (it also places tasks in its passes): {leader}.")
+
+
+def per_node(times: list[Mapping[str, float | None]]) -> str:
+    """The p50 of each node's times (ms), the ones it has."""
+    cells = []
+    for node in NODES:
+        mine = [t for each in times if (t := each.get(node)) is not None]
+        cells.append(f"{statistics.median(mine) * 1000:,.0f}" if mine else "—")
+    return " / ".join(cells)
 
 
 def main() -> None:
@@ -561,7 +589,7 @@ def main() -> None:
     parser.add_argument(
         "--restart-delay",
         type=float,
-        default=10.0,
+        default=7.0,
         help="the services' (s): longer than a kill takes to leave every node",
     )
     parser.add_argument("--resync-period", default="10s", help="the controllers' (its default)")
@@ -594,11 +622,13 @@ def main() -> None:
         ).stdout.strip()  # fmt: skip
         print(f"commit {commit}; {machine()}", flush=True)
         data = data_path(cluster, args, Path(tmp)) if "data" in args.parts else None
-        scales, backend = propagation(cluster, args) if "propagation" in args.parts else ([], "")
+        scales, backend, leader = (
+            propagation(cluster, args) if "propagation" in args.parts else ([], "", "")
+        )
     if data:
         report_data(*data, args)
     if scales:
-        report_propagation(scales, backend, args)
+        report_propagation(scales, backend, leader, args)
     print(f"\nThe bench took {time.monotonic() - started:.0f} s.")
 
 
