@@ -60,7 +60,7 @@ from meshctl.model import (
     Task,
     from_record,
 )
-from meshctl.store import Put, Store
+from meshctl.store import Put, Store, StoreError
 
 # The harness, the other benches' helpers and isolation are reused as they are; they live
 # outside the installed packages, importable from the repository root.
@@ -81,6 +81,7 @@ SIM = "sim"  # the simulated node of --tasks simulated
 SIM_HOST = 200  # its underlay address: .200 of the harness's subnet, which no namespace holds
 SIM_TTL = 7 * 24 * 3600.0  # its lease: outlasts the bench, so nothing need renew it
 DIRECT, VIA_VIP, VIA_VIP3 = "direct to the task", "VIP of one", "VIP of three"
+CREATE_ATTEMPTS = 10  # of one service: each is ops' 20 compare-and-swaps
 SPACING = 3  # a namespace's readings are at least 3 times their duration apart
 DNAT_IPTABLES = re.compile(r"--to-destination (\d+\.\d+\.\d+\.\d+)")
 
@@ -242,13 +243,16 @@ def kernels_ready(cluster: Cluster, gap: float) -> Kernels | None:
     return kernels
 
 
-def add_services(cluster: Cluster, first: int, last: int, args: argparse.Namespace) -> None:
+def add_services(cluster: Cluster, first: int, last: int, args: argparse.Namespace) -> int:
     """Services svc<first>..svc<last - 1> of sleepers on the mesh network, straight through ops
     (a CLI process each would cost more than the service): real ones at most one task a node,
-    simulated ones all on the simulated node."""
+    simulated ones all on the simulated node. Returns how often a create gave up because the
+    store kept changing (it is tried again a second later, as a user would)."""
     real = args.tasks == "real"
+    gave_up = 0
 
     def create(store: Store) -> None:
+        nonlocal gave_up
         for i in range(first, last):
             spec = Service(
                 f"svc{i:04d}", SLEEPER, replicas=args.replicas,
@@ -257,9 +261,18 @@ def add_services(cluster: Cluster, first: int, last: int, args: argparse.Namespa
                 constraints=() if real else (f"node.name=={SIM}",),
                 max_replicas_per_node=1 if real else 0,
             )  # fmt: skip
-            ops.create_service(store, spec)
+            for attempt in range(CREATE_ATTEMPTS):
+                try:
+                    ops.create_service(store, spec)
+                    break
+                except StoreError:
+                    if attempt == CREATE_ATTEMPTS - 1:
+                        raise
+                    gave_up += 1
+                    time.sleep(1.0)
 
     cluster.call_store(create)
+    return gave_up
 
 
 def mesh_tasks(cluster: Cluster) -> list[dict[str, Any]]:
@@ -447,7 +460,7 @@ def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale]
     kernels: Kernels | None = None
     for count in args.services:
         added = time.monotonic()
-        add_services(cluster, made, count, args)
+        gave_up = add_services(cluster, made, count, args)
         made = count
         tasks = count * args.replicas
         if kernels is None:
@@ -457,7 +470,8 @@ def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale]
         assert kernels is not None
         ran, programmed = settle(cluster, kernels, tasks, added, args)
         print(f"S={count}: {tasks} tasks running after {ran:.1f} s, in every node's "
-              f"{kernels.backend} ruleset after {programmed:.1f} s", flush=True)  # fmt: skip
+              f"{kernels.backend} ruleset after {programmed:.1f} s; a service create gave up "
+              f"{gave_up} times (the store kept changing)", flush=True)  # fmt: skip
         rules = len(next(iter(kernels.targets().values())))
         before = loadavg()
         results: list[Change] = []
