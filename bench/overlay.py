@@ -15,18 +15,27 @@ and curl; everything it makes is removed in `finally` (also on Ctrl-C and SIGTER
     node1's bridge) and three's VIP; every round runs each path back to back, in alternating
     order; the ratio VIP / direct is taken per round, the median reported.
 
-(2) Endpoint change propagation, network `mesh` (a /16): S services of R sleeper tasks, at most
-    one per node, so every node takes part in the network and holds all S VIPs in its LB
-    namespace. Each change SIGKILLs one task's process (on node1, node2, node3 in turn, each task
-    once: a second kill would meet the restart back-off). One thread per node reads its LB
-    namespace's ruleset with the node's backend's own list tool (the `lb_backend` of `meshctl
-    node inspect`: `iptables-legacy-save -t nat` or `nft -j list table ip meshctl`) until the
-    task's address is no DNAT target any more, then until it is one again after the restart; a
-    store watcher stamps the task's records. Times: kill → the task's node writes it down; kill
-    and that write → the last node's kernel without it; the restart's write (running, new pid)
-    → the last node's kernel with it. S grows in one cluster (100, then 900 more services).
+(2) Endpoint change propagation, network `mesh` (a /16): S services of R tasks; every node takes
+    part in the network and holds all S VIPs and their endpoints in its LB namespace. Each change
+    takes one task's endpoint out and back, each time of another service. One thread per node
+    reads its LB namespace's ruleset with the node's backend's own list tool (the `lb_backend` of
+    `meshctl node inspect`: `iptables-legacy-save -t nat` or `nft -j list table ip meshctl`),
+    readings spaced by SPACING times their duration, until the task's address is no DNAT target
+    any more, then until it is one again.
+    --tasks real: R sleeper tasks, at most one a node; a change SIGKILLs one's process (on node1,
+    node2, node3 in turn, each task once: a second kill would meet the restart back-off) and its
+    node restarts it after --restart-delay. A store watcher stamps the task's records. Times: kill
+    → its node writes it down → the last node's kernel without it; the restart's write (running,
+    new pid) → the last node's kernel with it.
+    --tasks simulated: the tasks are placed on a 4th node, `sim`, registered by the bench (its
+    record and a status under a long lease, at an underlay address nobody holds), which writes
+    their records as that node's controller would: running once placed, failed (exit 137, no
+    pid) for a change, running again. Each real node runs one task on the network. Times run
+    from the bench's store writes. For S=1,000: 3,000 real tasks are more than 2 cores hold.
+    S grows in one cluster (100, then 900 more services).
 
-    /opt/meshvenv/bin/python bench/overlay.py [--services 100,1000] [--changes 20] [--rounds 5]
+    /opt/meshvenv/bin/python bench/overlay.py [--tasks real|simulated] [--services 100,1000]
+        [--parts data,propagation] [--rounds 5 --seconds 10] [--changes 20]
 """
 
 from __future__ import annotations
@@ -149,26 +158,32 @@ def data_path(cluster: Cluster, args: argparse.Namespace, tmp: Path) -> tuple[li
 # -- (2) endpoint change propagation -----------------------------------------------------------
 
 
-def dnat_targets(backend: str, ns: str) -> frozenset[str]:
-    """The addresses an LB namespace's ruleset DNATs to, read with the backend's own tool:
-    every backend keeps a DNAT rule for an active endpoint only (none for a draining one)."""
-    if backend == "iptables":
-        listing = run_in_netns(ns, "iptables-legacy-save", "-t", "nat")
-        if listing.returncode:
-            raise RuntimeError(f"iptables-legacy-save in {ns}: {listing.stderr.strip()}")
-        return frozenset(DNAT_IPTABLES.findall(listing.stdout))
-    if backend == "nftables":
-        listing = run_in_netns(ns, "nft", "-j", "list", "table", "ip", "meshctl")
-        if listing.returncode:
-            raise RuntimeError(f"nft list table in {ns}: {listing.stderr.strip()}")
-        return frozenset(
-            str(expr["dnat"]["addr"])
-            for item in json.loads(listing.stdout)["nftables"]
-            if "rule" in item
-            for expr in item["rule"]["expr"]
-            if "dnat" in expr
-        )
-    sys.exit(f"the nodes' LB backend is {backend}: this bench reads iptables and nftables only")
+def _iptables_targets(ns: str) -> frozenset[str]:
+    listing = run_in_netns(ns, "iptables-legacy-save", "-t", "nat")
+    if listing.returncode:
+        raise RuntimeError(f"iptables-legacy-save in {ns}: {listing.stderr.strip()}")
+    return frozenset(DNAT_IPTABLES.findall(listing.stdout))
+
+
+def _nftables_targets(ns: str) -> frozenset[str]:
+    listing = run_in_netns(ns, "nft", "-j", "list", "table", "ip", "meshctl")
+    if listing.returncode:
+        raise RuntimeError(f"nft list table in {ns}: {listing.stderr.strip()}")
+    return frozenset(
+        str(expr["dnat"]["addr"])
+        for item in json.loads(listing.stdout)["nftables"]
+        if "rule" in item
+        for expr in item["rule"]["expr"]
+        if "dnat" in expr
+    )
+
+
+# The addresses an LB namespace's ruleset DNATs to, read with each backend's own tool: every
+# backend keeps a DNAT rule for an active endpoint only (none for a draining one).
+DNAT_TARGETS: dict[str, Callable[[str], frozenset[str]]] = {
+    "iptables": _iptables_targets,
+    "nftables": _nftables_targets,
+}
 
 
 @dataclass(frozen=True)
@@ -181,7 +196,7 @@ class Kernels:
 
     def targets(self) -> dict[str, frozenset[str]]:
         with ThreadPoolExecutor(len(self.namespaces)) as pool:
-            found = pool.map(lambda ns: dnat_targets(self.backend, ns), self.namespaces.values())
+            found = pool.map(DNAT_TARGETS[self.backend], self.namespaces.values())
             return dict(zip(self.namespaces, found, strict=True))
 
     def first(
@@ -208,7 +223,7 @@ class Kernels:
                 if start > since + timeout:
                     raise TimeoutError(f"{address} {'in' if present else 'out of'} {ns}")
                 stop = give_up()
-                seen = address in dnat_targets(self.backend, ns)
+                seen = address in DNAT_TARGETS[self.backend](ns)
                 if seen == present:
                     return start
                 if stop:
@@ -227,8 +242,9 @@ def mesh_kernels(cluster: Cluster, gap: float) -> Kernels:
     network = shown(cluster, "network", "mesh")["id"]
     nodes = {n: shown(cluster, "node", n) for n in NODES}
     backends = {node["lb_backend"] for node in nodes.values()}
-    if len(backends) != 1:
-        sys.exit(f"the nodes record different LB backends: {sorted(backends)}")
+    if len(backends) != 1 or not backends <= set(DNAT_TARGETS):
+        sys.exit(f"the nodes record the LB backends {sorted(backends)}: this bench reads one of "
+                 f"{', '.join(DNAT_TARGETS)}")  # fmt: skip
     namespaces = {name: lb_netns(node["id"], network) for name, node in nodes.items()}
     return Kernels(backends.pop(), namespaces, gap)
 
@@ -419,7 +435,7 @@ def flip(cluster: Cluster, kernels: Kernels, task: dict[str, Any], timeout: floa
     )  # fmt: skip
 
 
-def victims(cluster: Cluster, changes: int) -> list[dict[str, Any]]:
+def victims(cluster: Cluster, changes: int, simulated: bool) -> list[dict[str, Any]]:
     """changes running tasks, each of another service (spread over all of them), on node1,
     node2, node3 in turn (simulated: slot 1, 2, 3... in turn)."""
     running = [t for t in mesh_tasks(cluster) if t["state"] == "running"]
@@ -429,7 +445,7 @@ def victims(cluster: Cluster, changes: int) -> list[dict[str, Any]]:
     picked = []
     for i in range(changes):
         service = services[(i * step) % len(services)]
-        if running[0]["node"] == SIM:
+        if simulated:
             slot = slots[i % len(slots)]
             found = (t for t in running if t["service"] == service and t["slot"] == slot)
         else:
@@ -476,7 +492,7 @@ def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale]
         before = loadavg()
         results: list[Change] = []
         with StoreWatch(cluster) as watch:
-            for i, task in enumerate(victims(cluster, args.changes)):
+            for i, task in enumerate(victims(cluster, args.changes, args.tasks == "simulated")):
                 if args.tasks == "real":
                     results.append(kill(kernels, watch, task, args.change_timeout))
                 else:
