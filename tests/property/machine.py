@@ -502,6 +502,8 @@ class MeshMachine(RuleBasedStateMachine):
                 continue  # gone meanwhile: never signal a reused PID
             os.kill(task["pid"], signal.SIGKILL)
             self._note(f"kill -9 {task['pid']} ({task_name}, task {task['id']})")
+            # Until it has died, a snapshot would still show it serving and pass as settled.
+            assert observe.wait_dead(task["pid"], p.start_time), f"{task_name} outlived kill -9"
             self.failures[task_name] = self.failures.get(task_name, 0) + 1
             self._set_ready(task_name)
             service = self.services.get(name)

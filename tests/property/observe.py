@@ -11,6 +11,7 @@ import json
 import os
 import shlex
 import subprocess
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,21 @@ def proc(pid: int) -> Proc | None:
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     return Proc(pid, int(fields[1]), int(fields[19]), inode, cmdline)
+
+
+def wait_dead(pid: int, start_time: int, timeout: float = 10.0) -> bool:
+    """Wait until the process is a zombie or gone (a SIGKILL takes effect when the process
+    next runs, which on a loaded host is after kill() returned); False if it never died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            fields = _stat_fields(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        if fields[0] in (b"Z", b"X") or int(fields[19]) != start_time:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def processes_with(marker: bytes) -> dict[int, Proc]:

@@ -20,7 +20,9 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return default_store_url(str(tmp_path / "state"))
     server: EtcdServer = request.getfixturevalue("etcd_server")
-    return server.url(f"/test-{uuid.uuid4().hex[:12]}")
+    prefix = f"/test-{uuid.uuid4().hex[:12]}"
+    request.addfinalizer(lambda: server.clear(prefix + "/"))
+    return server.url(prefix)
 
 
 @pytest.fixture
