@@ -115,6 +115,16 @@ class Route:
     table: int = MAIN_TABLE
 
 
+@dataclass(frozen=True)
+class NamespaceLinks:
+    """What read_namespace finds in one visit: the links, the IPv4 addresses and the static
+    routes of the main table (as list_links, list_addresses and list_routes give them)."""
+
+    links: list[Link]
+    addresses: list[Address]
+    routes: list[Route]
+
+
 class LinksAPI(Protocol):
     """What meshctl asks of the link layer; kernel.fake.links.FakeLinks implements it too."""
 
@@ -163,6 +173,7 @@ class LinksAPI(Protocol):
     def ensure_route(self, ns: Namespace, route: Route) -> None: ...
     def delete_route(self, ns: Namespace, route: Route) -> None: ...
     def list_routes(self, ns: Namespace, table: int = MAIN_TABLE) -> list[Route]: ...
+    def read_namespace(self, ns: Namespace) -> NamespaceLinks: ...
 
 
 def mac_for(ipv4: str) -> str:
@@ -490,13 +501,7 @@ class Links:
         return in_namespace(ns, body)
 
     def list_links(self, ns: Namespace) -> list[Link]:
-        def body(ipr: IPRoute) -> list[Link]:
-            with calling(f"list links in {where(ns)}"):
-                msgs = list(ipr.get_links())
-            names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
-            return sorted((_link(m, names) for m in msgs), key=lambda link: link.index)
-
-        return in_namespace(ns, body)
+        return in_namespace(ns, lambda ipr: _read_links(ipr, ns)[0])
 
     def set_up(self, ns: Namespace, name: str) -> None:
         in_namespace(ns, lambda ipr: self._set(ipr, ns, name, state="up"))
@@ -564,19 +569,7 @@ class Links:
     def list_addresses(self, ns: Namespace, ifname: str | None = None) -> list[Address]:
         """The IPv4 addresses in ns (of one interface if ifname is given)."""
 
-        def body(ipr: IPRoute) -> list[Address]:
-            names = link_names(ipr)
-            with calling(f"list addresses in {where(ns)}"):
-                msgs = list(ipr.get_addr(family=2))
-            out = []
-            for m in msgs:
-                name = names.get(m["index"], "")
-                ip = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
-                if ifname is None or name == ifname:
-                    out.append(Address(name, f"{ip}/{m['prefixlen']}"))
-            return out
-
-        return in_namespace(ns, body)
+        return in_namespace(ns, lambda ipr: _read_addresses(ipr, ns, link_names(ipr), ifname))
 
     # routes
 
@@ -604,20 +597,17 @@ class Links:
         """Static IPv4 unicast routes of one table; connected routes (proto kernel) left out,
         as they follow the addresses."""
 
-        def body(ipr: IPRoute) -> list[Route]:
-            names = link_names(ipr)
-            with calling(f"list routes in {where(ns)}"):
-                msgs = list(ipr.get_routes(family=2, table=table))
-            out = []
-            for m in msgs:
-                if m["proto"] == RTPROT_KERNEL or m["type"] != RTN_UNICAST:
-                    continue
-                if (m.get_attr("RTA_TABLE") or m["table"]) != table:
-                    continue
-                dst = route_name(m.get_attr("RTA_DST") or "0.0.0.0", m["dst_len"])
-                oif = m.get_attr("RTA_OIF")
-                out.append(Route(dst, m.get_attr("RTA_GATEWAY"), names.get(oif), table))
-            return out
+        return in_namespace(ns, lambda ipr: _read_routes(ipr, ns, link_names(ipr), table))
+
+    def read_namespace(self, ns: Namespace) -> NamespaceLinks:
+        """Links, addresses and routes in one visit of ns: one thread, one socket, one dump
+        of the links (a controller reads every task namespace so, once per resync period)."""
+
+        def body(ipr: IPRoute) -> NamespaceLinks:
+            links, names = _read_links(ipr, ns)
+            return NamespaceLinks(
+                links, _read_addresses(ipr, ns, names), _read_routes(ipr, ns, names, MAIN_TABLE)
+            )
 
         return in_namespace(ns, body)
 
@@ -670,6 +660,45 @@ class Links:
         if route.ifname is not None:
             spec["oif"] = link_index(ipr, ns, route.ifname)
         return spec
+
+
+def _read_links(ipr: IPRoute, ns: Namespace) -> tuple[list[Link], dict[int, str]]:
+    """The links of ipr's namespace by index, and the index → name map they give."""
+    with calling(f"list links in {where(ns)}"):
+        msgs = list(ipr.get_links())
+    names = {m["index"]: m.get_attr("IFLA_IFNAME") for m in msgs}
+    return sorted((_link(m, names) for m in msgs), key=lambda link: link.index), names
+
+
+def _read_addresses(
+    ipr: IPRoute, ns: Namespace, names: dict[int, str], ifname: str | None = None
+) -> list[Address]:
+    """The IPv4 addresses of ipr's namespace (of one interface if ifname is given)."""
+    with calling(f"list addresses in {where(ns)}"):
+        msgs = list(ipr.get_addr(family=2))
+    out = []
+    for m in msgs:
+        name = names.get(m["index"], "")
+        ip = m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS")
+        if ifname is None or name == ifname:
+            out.append(Address(name, f"{ip}/{m['prefixlen']}"))
+    return out
+
+
+def _read_routes(ipr: IPRoute, ns: Namespace, names: dict[int, str], table: int) -> list[Route]:
+    """Static IPv4 unicast routes of one table of ipr's namespace."""
+    with calling(f"list routes in {where(ns)}"):
+        msgs = list(ipr.get_routes(family=2, table=table))
+    out = []
+    for m in msgs:
+        if m["proto"] == RTPROT_KERNEL or m["type"] != RTN_UNICAST:
+            continue
+        if (m.get_attr("RTA_TABLE") or m["table"]) != table:
+            continue
+        dst = route_name(m.get_attr("RTA_DST") or "0.0.0.0", m["dst_len"])
+        oif = m.get_attr("RTA_OIF")
+        out.append(Route(dst, m.get_attr("RTA_GATEWAY"), names.get(oif), table))
+    return out
 
 
 def link_names(ipr: IPRoute) -> dict[int, str]:

@@ -26,6 +26,7 @@ from kernel.links import (
     VXLAN_PORT,
     Address,
     Link,
+    NamespaceLinks,
     Route,
     VxlanInfo,
     alias_clash,
@@ -335,6 +336,9 @@ class FakeLinks:
             return prefixlen, int(ipaddress.IPv4Address(prefix))
 
         return sorted(routes, key=order)
+
+    def read_namespace(self, ns: Namespace) -> NamespaceLinks:
+        return NamespaceLinks(self.list_links(ns), self.list_addresses(ns), self.list_routes(ns))
 
     # helpers
 

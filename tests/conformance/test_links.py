@@ -649,3 +649,17 @@ def test_packets_cross_a_bridge_between_two_veths(netns_factory: NetnsFactory) -
     links.set_master(node, "meshv2", None)  # off the bridge: t2 is cut off
     with pytest.raises(OSError):
         udp_round_trip(t1, t2, "10.50.0.2", timeout=1)
+
+
+def test_read_namespace_is_the_three_lists_in_one_visit(kernel: KernelUnderTest) -> None:
+    ns = kernel.new_ns("readns")
+    up_pair(kernel, ns, "10.21.0.1/24")
+    kernel.links.ensure_addresses(ns, "b", ["10.22.0.1/24"])
+    kernel.links.ensure_route(ns, Route("default", gateway="10.21.0.254"))
+    kernel.links.ensure_route(ns, Route("10.31.0.0/16", ifname="a"))
+    found = kernel.links.read_namespace(ns)
+    assert found.links == kernel.links.list_links(ns)
+    assert found.addresses == kernel.links.list_addresses(ns)
+    assert found.routes == kernel.links.list_routes(ns)
+    assert sorted(a.cidr for a in found.addresses) == ["10.21.0.1/24", "10.22.0.1/24"]
+    assert [r.dst for r in found.routes] == ["default", "10.31.0.0/16"]
