@@ -134,6 +134,21 @@ def _feed(tool: subprocess.Popen[str], lines: Iterable[str], sent: list[str]) ->
         pass
 
 
+def _made(ns: netns.Namespace, table: str) -> bool:
+    """Whether the kernel has made the legacy table in ns yet: it does on first use, so a
+    namespace nobody wrote iptables rules in (every task's, where nftables runs) answers
+    without starting iptables-legacy-save, which would make it."""
+
+    def read() -> bool:
+        try:
+            with open("/proc/thread-self/net/ip_tables_names") as names:
+                return table in names.read().split()
+        except FileNotFoundError:
+            return False  # no legacy iptables in this kernel: no table either
+
+    return netns.run_in(ns, read)
+
+
 def _save(ns: netns.Namespace, table: str) -> list[str]:
     """The lines of `iptables-legacy-save -t table` in ns."""
     return _run(ns, f"reading the iptables {table} table", [SAVE, "-t", table]).splitlines()
@@ -177,6 +192,8 @@ class Iptables:
     def list_owned(self, ns: netns.Namespace, table: str) -> OwnedTable:
         """meshctl's chains and jump rules in `table` of ns; nothing foreign."""
         check_table(table)
+        if not _made(ns, table):
+            return OwnedTable()  # nothing can be in it; reading it would make it
         lines = _save(ns, table)
         with gc_paused():
             return list_owned_lines(lines, table)

@@ -521,6 +521,29 @@ def test_namespaces_never_see_each_others_tables(
 
 
 @pytest.mark.root
+def test_reading_a_table_never_made_neither_runs_the_tool_nor_makes_it(
+    netns_factory: NetnsFactory, real: Iptables, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ns = netns_factory("iptnone")
+
+    def tables() -> list[str]:
+        names = subprocess.run(
+            ["ip", "netns", "exec", ns, "cat", "/proc/net/ip_tables_names"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return names.stdout.split()
+
+    saves: list[str] = []
+    original = iptables._save
+    monkeypatch.setattr(iptables, "_save", lambda n, t: saves.append(t) or original(n, t))
+    assert real.list_owned(ns, "nat") == OwnedTable()
+    assert (saves, tables()) == ([], [])  # a task namespace where nftables runs stays so
+    real.apply(ns, "nat", TableChange(replace={"MESH-A": (Rule("MESH-A", "RETURN", C),)}))
+    assert real.list_owned(ns, "nat").chains == {"MESH-A": (Rule("MESH-A", "RETURN", C),)}
+    assert "nat" in tables() and saves == ["nat"]
+
+
+@pytest.mark.root
 def test_rules_are_written_as_iptables_save_prints_them(
     netns_factory: NetnsFactory, real: Iptables
 ) -> None:
