@@ -30,7 +30,12 @@ from meshctl.controller.node import (
     ports_in_use,
     published_ports,
 )
-from meshctl.controller.overlay import apply_peers, ensure_overlay, observe_overlays
+from meshctl.controller.overlay import (
+    OverlaySpec,
+    apply_peers,
+    ensure_overlay,
+    observe_overlays,
+)
 from meshctl.controller.tables import table_change
 from meshctl.controller.view import ClusterView
 
@@ -48,6 +53,7 @@ def observe_node(
     mine: Collection[str] = (),
     known_tables: Mapping[str, OwnedTable] | None = None,
     stateless_dns: bool = False,
+    known_overlays: Mapping[str, OverlaySpec] | None = None,
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
@@ -58,8 +64,9 @@ def observe_node(
     other runtimes and cannot be listed, so the ones desired are looked at where they should be.
     A present task namespace listed in `known` is taken to hold what it says, unread, and so
     are the node's own rules when `known_tables` is given: the controller passes what it wired
-    or saw converged since its last full observe. stateless_dns: the tasks' nftables tables
-    are read too (see stateless_dns()).
+    or saw converged since its last full observe; so are the entries of the overlay devices in
+    known_overlays. stateless_dns: the tasks' nftables tables are read too (see
+    stateless_dns()).
     """
     known = known or {}
     listed = kernel.links.list_links(NODE)
@@ -73,8 +80,8 @@ def observe_node(
         for name, link in node_links.items()
         if link.kind == "bridge"
     }
-    vxlans = [name for name, link in node_links.items() if link.vxlan is not None]
-    overlays = observe_overlays(kernel, vxlans)
+    vxlans = [link for link in node_links.values() if link.vxlan is not None]
+    overlays = observe_overlays(kernel, vxlans, known_overlays)
     tasks: dict[str, TaskNetSpec] = {}
     for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
         task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
@@ -123,9 +130,10 @@ def _observe_task(
 ) -> TaskNetSpec:
     """A task's namespace as it is; node_links are the node's marked links; nft: read its
     nftables table too."""
-    inside = {link.name: link for link in kernel.links.list_links(ns)}
+    found = kernel.links.read_namespace(ns)
+    inside = {link.name: link for link in found.links}
     addresses: dict[str, list[str]] = {}
-    for address in kernel.links.list_addresses(ns):
+    for address in found.addresses:
         addresses.setdefault(address.ifname, []).append(address.cidr)
     links = []
     for index in LEG_INDEXES:
@@ -146,10 +154,7 @@ def _observe_task(
                 mtu=_mtu(node_link, inside.get(task_end)),
             )
         )
-    gateway = next(
-        (r.gateway for r in kernel.links.list_routes(ns) if r.dst == "default"),
-        None,
-    )
+    gateway = next((r.gateway for r in found.routes if r.dst == "default"), None)
     nat = kernel.iptables.list_owned(ns, "nat")
     dns = kernel.nftables.list_table(ns) if nft else NftTable()
     return TaskNetSpec(task_id, ns, tuple(links), gateway, nat=nat, dns=dns)

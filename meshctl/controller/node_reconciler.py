@@ -24,7 +24,7 @@ from meshctl.controller.node import (
     published_ports,
 )
 from meshctl.controller.node_kernel import apply_node, blocked_ports, observe_node, stateless_dns
-from meshctl.controller.overlay import NO_UNDERLAY, Underlay
+from meshctl.controller.overlay import NO_UNDERLAY, OverlaySpec, Underlay
 from meshctl.controller.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
@@ -44,6 +44,7 @@ class NodeReconciler:
         self._last_full = -float("inf")  # monotonic time of the last full observe
         self._wired: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
         self._tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
+        self._overlays: dict[str, OverlaySpec] = {}  # VXLAN devices and entries, likewise
         # service id → why one of its published ports is not published on this node
         self.port_errors: dict[str, str] = {}
 
@@ -63,11 +64,12 @@ class NodeReconciler:
         ]
         if time.monotonic() - self._last_full >= self.resync_period:
             self._last_full = time.monotonic()
-            self._wired, self._tables = {}, None
+            self._wired, self._tables, self._overlays = {}, None, {}
         mine = {task.id for task in view.tasks_on(self.node)}
         actual, stray = observe_node(
-            self.kernel, containers, self._wired, mine, self._tables, self.stateless_dns
-        )
+            self.kernel, containers, self._wired, mine, self._tables, self.stateless_dns,
+            self._overlays,
+        )  # fmt: skip
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
             view, self.node, wired, dns_ports, blocked, self.underlay, self.stateless_dns
@@ -82,8 +84,10 @@ class NodeReconciler:
             }
             known = {k: v for k, v in self._wired.items() if v.netns not in changed}
             tables = None if plan.tables else self._tables
+            touched = {o.device for o in plan.ensure_overlays} | {p.device for p in plan.peers}
+            overlays = {d: o for d, o in self._overlays.items() if d not in touched}
             actual, stray = observe_node(
-                self.kernel, containers, known, mine, tables, self.stateless_dns
+                self.kernel, containers, known, mine, tables, self.stateless_dns, overlays
             )
             residue = plan_node(desired, actual, stray)
             if residue and not failed:  # a second diff must be empty after applying
@@ -94,6 +98,11 @@ class NodeReconciler:
             if spec.owns_netns and actual.tasks.get(task_id) == spec
         }
         self._tables = desired.tables if actual.tables == desired.tables else None
+        self._overlays = {
+            device: overlay
+            for device, overlay in desired.overlays.items()
+            if actual.overlays.get(device) == overlay
+        }
         failures = _by_object(view, failed)
         if not self.underlay.address:
             for network in view.networks.values():

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 
-from kernel.links import mac_for
+from kernel.links import Link, mac_for
 from kernel.neighbours import FdbEntry, Neighbour
 from kernel.system import Kernel
 from meshctl.controller import names
@@ -177,18 +177,27 @@ def underlay_of(kernel: Kernel, address: str, port: int = VXLAN_PORT) -> Underla
     return Underlay(address, DEFAULT_MTU, port)
 
 
-def observe_overlays(kernel: Kernel, devices: Iterable[str]) -> dict[str, OverlaySpec]:
-    """The VXLAN devices named (meshctl's, by their mark) as they are, with their entries."""
+def observe_overlays(
+    kernel: Kernel, devices: Iterable[Link], known: Mapping[str, OverlaySpec] | None = None
+) -> dict[str, OverlaySpec]:
+    """The VXLAN devices given (meshctl's marked links of the node) as they are, with their
+    entries; a device listed in `known` is taken to hold the entries it says, unread (the
+    controller passes what it saw converged since its last full observe)."""
+    known = known or {}
     found: dict[str, OverlaySpec] = {}
-    for name in devices:
-        link = kernel.links.get_link(NODE, name)
-        if link is None or link.vxlan is None or link.alias is None:
+    for link in devices:
+        name = link.name
+        if link.vxlan is None or link.alias is None:
             continue
-        neighbours = {n.address: n.mac for n in kernel.neighbours.list_neighbours(NODE, name)}
-        fdb = {e.mac: e.dst for e in kernel.neighbours.list_fdb(NODE, name)}
-        peers = {Peer(a, mac, fdb.get(mac, "")) for a, mac in neighbours.items()}
-        known_macs = set(neighbours.values())
-        peers |= {Peer("", mac, dst) for mac, dst in fdb.items() if mac not in known_macs}
+        if name in known:
+            peers = known[name].peers
+        else:
+            neighbours = {n.address: n.mac for n in kernel.neighbours.list_neighbours(NODE, name)}
+            fdb = {e.mac: e.dst for e in kernel.neighbours.list_fdb(NODE, name)}
+            listed = {Peer(a, mac, fdb.get(mac, "")) for a, mac in neighbours.items()}
+            known_macs = set(neighbours.values())
+            listed |= {Peer("", mac, dst) for mac, dst in fdb.items() if mac not in known_macs}
+            peers = frozenset(listed)
         found[name] = OverlaySpec(
             device=name,
             vni=link.vxlan.vni,
@@ -198,7 +207,7 @@ def observe_overlays(kernel: Kernel, devices: Iterable[str]) -> dict[str, Overla
             bridge=link.master or "",
             mark=link.alias,
             up=link.up,
-            peers=frozenset(peers),
+            peers=peers,
         )
     return found
 
