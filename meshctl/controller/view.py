@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from meshctl import ipam
 from meshctl.model import (
@@ -36,7 +36,7 @@ from meshctl.model import (
     Task,
     from_record,
 )
-from meshctl.store import Snapshot, Store
+from meshctl.store import Record, Snapshot, Store
 
 M = TypeVar("M", Network, Service, Task, Node, NodeStatus, Container, Router, Certificate)
 
@@ -96,15 +96,41 @@ class ClusterView:
         return self.services.get(task.service_id)
 
 
-def view_of(snapshot: Snapshot) -> ClusterView:
-    """The typed view of one snapshot of the store."""
+class Decoded:
+    """The model objects of the last view, kept by record for the next one: a record whose
+    revision has not moved is not decoded again (the objects are frozen). A pass then builds
+    only what changed, and leaves the collector only that to scan."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str], tuple[int, object]] = {}
+        self._seen: set[tuple[str, str]] = set()
+
+    def decode(self, cls: type[M], record: Record) -> M:
+        key = (record.kind, record.name)
+        self._seen.add(key)
+        kept = self._objects.get(key)
+        if kept is not None and kept[0] == record.mod_revision and type(kept[1]) is cls:
+            return cast(M, kept[1])
+        obj = from_record(cls, record)
+        self._objects[key] = (record.mod_revision, obj)
+        return obj
+
+    def forget_unseen(self) -> None:
+        """Drop the objects of records the last view did not hold (deleted ones)."""
+        self._objects = {k: v for k, v in self._objects.items() if k in self._seen}
+        self._seen = set()
+
+
+def view_of(snapshot: Snapshot, decoded: Decoded | None = None) -> ClusterView:
+    """The typed view of one snapshot of the store (reusing decoded's unchanged objects)."""
     broken: dict[tuple[str, str], str] = {}
+    cache = decoded or Decoded()
 
     def decode(cls: type[M], kind: str, key: Callable[[M], str]) -> dict[str, M]:
         objects: dict[str, M] = {}
         for record in snapshot.of(kind):
             try:
-                obj = from_record(cls, record)
+                obj = cache.decode(cls, record)
             except CorruptRecordError as err:
                 broken[(record.kind, record.name)] = str(err)
                 continue
@@ -113,7 +139,7 @@ def view_of(snapshot: Snapshot) -> ClusterView:
 
     tasks = decode(Task, TASK, lambda t: t.id)
     revisions = {r.name: r.mod_revision for r in snapshot.of(TASK) if r.name in tasks}
-    return ClusterView(
+    view = ClusterView(
         revision=snapshot.revision,
         networks=decode(Network, NETWORK, lambda n: n.name),
         services=decode(Service, SERVICE, lambda s: s.id),
@@ -132,6 +158,8 @@ def view_of(snapshot: Snapshot) -> ClusterView:
         router_addresses=ipam.router_addresses(snapshot),
         certificates=decode(Certificate, CERTIFICATE, lambda c: c.host),
     )
+    cache.forget_unseen()
+    return view
 
 
 def read_view(store: Store) -> ClusterView:
