@@ -45,7 +45,7 @@ from meshctl.controller.node_reconciler import NodeReconciler
 from meshctl.controller.overlay import VXLAN_PORT, underlay_of
 from meshctl.controller.router_sync import RouterSync
 from meshctl.controller.supervisor import Local, Supervisor
-from meshctl.controller.view import ClusterView, view_of
+from meshctl.controller.view import ClusterView, Decoded, view_of
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
 from meshctl.lb.backends import backend_named, choose_backend
 from meshctl.lb.reconcile import LbReconciler
@@ -117,6 +117,7 @@ class Controller:
         self._adopted = False
         self._last_full_lb = -float("inf")  # monotonic time of the last full LB observe
         self._last_view: ClusterView | None = None
+        self._decoded = Decoded()  # the last view's objects, reused where records did not move
         self._errors: dict[str, str] = {}  # what failed in the last pass, by network or task
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._exit_fds: dict[int, int] = {}  # pid → our dup of its pidfd
@@ -143,7 +144,7 @@ class Controller:
         """The view from the informer's copy (after our own writes reached it, if wait)."""
         if wait:
             self.informer.sync(STORE_WAIT)
-        return view_of(self.informer.snapshot())
+        return view_of(self.informer.snapshot(), self._decoded)
 
     def _store_changed(self, events: list[Event]) -> None:
         """The informer applied a batch: it waits for a pass (/healthz), which it wakes."""
@@ -169,6 +170,12 @@ class Controller:
     def _pass(self, covered: int, timed: _Parts) -> float:
         view = self._view()
         errors: dict[str, str] = {}
+        with timed("tasks"):
+            # Ends and health changes first: every node (this one below, the others by the
+            # store) takes a task that died out of its load balancers without waiting for
+            # the rest of this pass.
+            if self.supervisor.record_changes(view):
+                view = self._view(wait=True)
         with timed("orchestrate") as part:
             if self._orchestrate(view, errors):
                 view = self._view(wait=True)

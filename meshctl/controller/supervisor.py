@@ -102,6 +102,20 @@ class Supervisor:
         }
         return wanted | alive
 
+    def record_changes(self, view: ClusterView) -> bool:
+        """Write the ends and health changes of this node's task processes, nothing else
+        (the pass runs this first: the load balancers of every node follow these records).
+        True if the store changed."""
+        changed = False
+        for task in view.tasks_on(self.node):
+            local = self.tasks.get(task.id)
+            if local is None:
+                continue
+            self._notice_exit(task, local)
+            if local.last_exit is not None or local.health != task.health:
+                changed |= self._write(view, task, local)
+        return changed
+
     def step(self, view: ClusterView, unwired: set[str]) -> float:
         """Start, restart, stop and forget tasks; write what changed. Returns the next deadline.
 
@@ -271,8 +285,9 @@ class Supervisor:
 
     # -- what users see ------------------------------------------------------------------------
 
-    def _write(self, view: ClusterView, task: Task, local: Local) -> None:
-        """Bring the task record's observed fields in line with what this controller knows."""
+    def _write(self, view: ClusterView, task: Task, local: Local) -> bool:
+        """Bring the task record's observed fields in line with what this controller knows;
+        True if it wrote."""
         now = time.time()
         updated = task
         if local.last_exit is not None:
@@ -307,13 +322,14 @@ class Supervisor:
         elif not port_error and updated.error.startswith("published port "):
             updated = dataclasses.replace(updated, error="")
         if updated == task:
-            return
+            return False
         try:
             self.store.put(TASK, task.id, updated.to_dict(), expect=view.task_revisions[task.id])
         except Conflict:
             self.wake()  # changed meanwhile: read again and redo this on the next pass
-            return
+            return False
         local.last_exit = None
+        return True
 
 
 def _shell_code(code: int | None) -> int | None:

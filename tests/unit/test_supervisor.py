@@ -88,3 +88,31 @@ def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
             "",
             "twenty-five bytes of log\n",
         )
+
+
+def test_an_exit_is_written_before_anything_else_of_the_pass(tmp_path: Path) -> None:
+    """record_changes (the first step of a pass) writes a task's end and nothing more: every
+    node's load balancer follows that record, so it must not wait for the rest of the pass;
+    the restart is step's (later in the same pass)."""
+    from meshctl import ops
+    from meshctl.controller.view import read_view
+    from meshctl.model import Service
+    from tests.unit.leader import settle
+
+    with SqliteStore(str(tmp_path / "state.db")) as store:
+        ops.create_service(store, Service("web", ("sleep", "1000")))
+        settle(store)
+        (record,) = store.list("task")
+        placed = {**record.value, "node": "node1", "state": "running", "pid": 4242}
+        store.put("task", record.name, {**placed, "start_time": 7})
+        supervisor = Supervisor(store, "node1", str(tmp_path))
+        process = ExitedProcess()
+        supervisor.tasks[record.name] = Local(process=cast(Any, process), started_at=1.0)
+
+        assert supervisor.record_changes(read_view(store))
+        task = read_view(store).tasks[record.name]
+        assert (task.state, task.exit_code, task.pid) == ("failed", 143, None)
+        assert process.closed == 1
+        local = supervisor.tasks[record.name]
+        assert (local.process, local.last_exit) == (None, None)  # written; no restart yet
+        assert not supervisor.record_changes(read_view(store))  # nothing new to say
