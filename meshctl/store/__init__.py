@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import builtins
 import os
+import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -226,6 +228,8 @@ class Store(Protocol):
 
 
 RETRY_ATTEMPTS = 20
+RETRY_PAUSE = 0.005  # seconds: the first retry's longest pause; it doubles up to the cap
+RETRY_PAUSE_CAP = 0.25
 T = TypeVar("T")
 
 
@@ -236,11 +240,16 @@ def retry_conflicts(attempt: Callable[[], T], what: str) -> T:
     validates and writes in one txn whose expects name what it read, so racing writers never
     half-apply and the loser decides again on fresh data.
     """
-    for _ in range(RETRY_ATTEMPTS):
+    for tries in range(RETRY_ATTEMPTS):
         try:
             return attempt()
         except Conflict:
-            continue
+            if tries == RETRY_ATTEMPTS - 1:
+                break
+            # A pause of random length, growing: a writer that keeps writing the same records
+            # (the leader placing tasks on the network whose addresses a create claims) would
+            # otherwise win every retry made at once, all in a few milliseconds.
+            time.sleep(random.uniform(0, min(RETRY_PAUSE_CAP, RETRY_PAUSE * 2**tries)))
     raise StoreError(f"{what}: the store kept changing meanwhile; try again")
 
 

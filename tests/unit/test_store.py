@@ -374,3 +374,35 @@ def test_open_store_urls(tmp_path: Path) -> None:
         open_store("sqlite://state.db")
     with pytest.raises(StoreError, match="use sqlite:///"):
         open_store("mysql://db/meshctl")
+
+
+def test_a_conflict_is_tried_again_after_a_growing_random_pause(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retries made at once all lose to a writer that keeps writing (the leader placing tasks
+    while a create claims addresses on the same network): each waits a random pause, growing."""
+    import meshctl.store as store_module
+    from meshctl.store import Conflict, retry_conflicts
+
+    pauses: list[float] = []
+    monkeypatch.setattr(store_module.time, "sleep", pauses.append)
+    outcomes = iter([Conflict("service", "web", 3, 4)] * 3 + [None])
+
+    def attempt() -> str:
+        failure = next(outcomes)
+        if failure is not None:
+            raise failure
+        return "done"
+
+    assert retry_conflicts(attempt, "creating web") == "done"
+    assert len(pauses) == 3
+    assert all(0 <= p <= store_module.RETRY_PAUSE * 2**i for i, p in enumerate(pauses))
+
+    def always_moved() -> str:
+        raise Conflict("service", "web", 3, 4)
+
+    pauses.clear()
+    with pytest.raises(StoreError, match="creating web: the store kept changing meanwhile"):
+        retry_conflicts(always_moved, "creating web")
+    assert len(pauses) == store_module.RETRY_ATTEMPTS - 1  # none after the last attempt
+    assert max(pauses) <= store_module.RETRY_PAUSE_CAP
