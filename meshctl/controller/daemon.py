@@ -248,14 +248,15 @@ class Controller:
             made, problem = orchestrator.apply(self.store, view, orchestrator.plan(view))
             if made:
                 view = self._view(wait=True)
-            moved = scheduler.apply(self.store, view, scheduler.plan(view, judge_down=settled))
+            decisions = scheduler.plan(view, judge_down=settled)
+            moved, unmade = scheduler.apply(self.store, view, decisions)
             if moved:
                 view = self._view(wait=True)
             rolled, stuck = updater.roll(self.store, view)
             if rolled:
                 view = self._view(wait=True)
-            if problem or stuck:
-                errors["tasks"] = "; ".join(p for p in (problem, stuck) if p)
+            if problem or unmade or stuck:
+                errors["tasks"] = "; ".join(p for p in (problem, unmade, stuck) if p)
             changed |= made or moved or rolled
             if not (made or moved or rolled):
                 break

@@ -149,11 +149,12 @@ def _pick(
     return best, ""
 
 
-def apply(store: Store, view: ClusterView, decisions: list[Decision]) -> bool:
-    """Write the decisions; True if the store changed. Task records are written in txns of
-    many compare-and-swaps (a placement of 1,000 tasks is a handful of requests, not 1,000);
-    a txn that lost a race is written again one record at a time, and a record that changed
-    meanwhile is dropped: the next pass decides again on fresh data."""
+def apply(store: Store, view: ClusterView, decisions: list[Decision]) -> tuple[bool, str]:
+    """Write the decisions; (whether the store changed, "" or why a replacement could not be
+    made: its network full, say; the task it would replace keeps running). Task records are
+    written in txns of many compare-and-swaps (a placement of 1,000 tasks is a handful of
+    requests, not 1,000); a txn that lost a race is written again one record at a time, and a
+    record that changed meanwhile is dropped: the next pass decides again on fresh data."""
     now = time.time()
     updated: list[Task] = []
     replacing: list[tuple[Service, int]] = []
@@ -177,9 +178,8 @@ def apply(store: Store, view: ClusterView, decisions: list[Decision]) -> bool:
             updated.append(dataclasses.replace(task, desired_state="shutdown").with_event(
                 now, task.state, decision.why))  # fmt: skip
             log.info("task=%s %s", task.name, decision.why)
-    if replacing:
-        tasks.create_tasks(store, replacing)
-    return _write(store, view, updated) or bool(replacing)
+    made, problem = tasks.create_or_report(store, replacing) if replacing else (0, "")
+    return _write(store, view, updated) or made > 0, problem
 
 
 def _write(store: Store, view: ClusterView, updated: list[Task]) -> bool:

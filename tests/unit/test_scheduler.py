@@ -11,11 +11,11 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from meshctl import ops
+from meshctl import ipam, nodes, ops
 from meshctl.controller import scheduler
 from meshctl.controller.scheduler import Assign, Pending, Reschedule, Retire
 from meshctl.controller.view import ClusterView, read_view
-from meshctl.model import NODE, NODE_STATUS, Node, NodeStatus, Service, Task
+from meshctl.model import NODE, NODE_STATUS, NetworkAttachment, Node, NodeStatus, Service, Task
 from meshctl.store import open_store
 from tests.unit.leader import settle
 
@@ -144,16 +144,16 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
         settle(store)
         before = read_view(store)
         decisions = scheduler.plan(before)
-        assert scheduler.apply(store, before, decisions)
+        assert scheduler.apply(store, before, decisions) == (True, "")
         after = read_view(store)
         assert sorted(t.node for t in after.tasks.values()) == UP
         assert all(t.state == "assigned" for t in after.tasks.values())
         # The same decisions again, on the stale view: every compare-and-swap loses.
-        assert not scheduler.apply(store, before, decisions)
+        assert scheduler.apply(store, before, decisions) == (False, "")
         # A down node: its task is replaced in one txn, the old one sent to shutdown.
         store.delete(NODE_STATUS, "node3")
         gone = read_view(store)
-        assert scheduler.apply(store, gone, scheduler.plan(gone))
+        assert scheduler.apply(store, gone, scheduler.plan(gone)) == (True, "")
         tasks = ops.list_tasks(store, web)
         old = [t for t in tasks if t.node == "node3"]
         assert [t.desired_state for t in old] == ["shutdown"]
@@ -165,3 +165,29 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
         assert sorted(t.node for t in live) == ["node1", "node1", "node2"] or sorted(
             t.node for t in live
         ) == ["node1", "node2", "node2"]
+
+
+def test_a_drain_on_a_full_network_reports_and_keeps_the_task(tmp_path: Path) -> None:
+    """The replacement of a draining node's task cannot get an address: the leader says so
+    (its node's error) and goes on; the old task keeps running. It raised, and the leader's
+    every pass failed, for every service."""
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        for node in NODES:
+            store.put(NODE, node.name, node.to_dict())
+            store.put(NODE_STATUS, node.name, NodeStatus(node.name).to_dict())
+        ops.create_network(store, "tiny", subnet="10.30.0.0/29")  # gateway + 5
+        web = ops.create_service(store, service(replicas=1, networks=(NetworkAttachment("tiny"),)))
+        settle(store)
+        first = read_view(store)
+        scheduler.apply(store, first, scheduler.plan(first))
+        # VIP + 1 task + 3 nodes' load balancers: the pool is full.
+        network = ops.get_network(store, "tiny")
+        for node in UP:
+            ipam.allocate_lb_address(store, network, node)
+        draining = next(t.node for t in ops.list_tasks(store, web))
+        nodes.update_node(store, draining, availability="drain")
+        drained = read_view(store)
+        changed, problem = scheduler.apply(store, drained, scheduler.plan(drained))
+        assert not changed
+        assert "network tiny (10.30.0.0/29) has no free address" in problem
+        assert [t.desired_state for t in ops.list_tasks(store, web)] == ["running"]
