@@ -9,12 +9,13 @@ ones continue; it is taken out when its process has stopped.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 
 from meshctl.controller.overlay import NO_UNDERLAY, Underlay
 from meshctl.controller.view import ClusterView
 from meshctl.dns import DnsPort, DnsService, DnsTask, DnsView
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
-from meshctl.model import INGRESS, Service, Task
+from meshctl.model import INGRESS, Task
 
 
 def serving(task: Task) -> bool:
@@ -46,10 +47,14 @@ def reachable(view: ClusterView, task: Task, network: str, node: str) -> bool:
     return net is not None and (net.driver != "bridge" or task.node == node)
 
 
-def _backends(view: ClusterView, service: Service, network: str, node: str) -> tuple[Backend, ...]:
+def _backends(
+    view: ClusterView, tasks: Iterable[Task], network: str, node: str
+) -> tuple[Backend, ...]:
+    """A VIP's backends on one network: the addresses of the service's tasks (`tasks`) that
+    node reaches, each with its weight."""
     backends: dict[str, int] = {}
-    for task in view.tasks.values():
-        if task.service_id != service.id or network not in task.addresses:
+    for task in tasks:
+        if network not in task.addresses:
             continue
         if not reachable(view, task, network, node):
             continue
@@ -83,13 +88,21 @@ def lb_specs(
     its services' VIPs."""
     specs = []
     taking_part = view.taking_part(node)
+    tasks_of: dict[str, list[Task]] = {}  # by service id: each VIP reads its own tasks only
+    for task in view.tasks.values():
+        tasks_of.setdefault(task.service_id, []).append(task)
     for network in sorted(view.networks.values(), key=lambda n: n.name):
         address = view.lb_addresses.get((network.name, node))
         if address is None or network.name not in taking_part:
             continue
         prefix = ipaddress.IPv4Network(network.subnet).prefixlen
         vips = tuple(
-            VirtualIp(service.id, service.name, vip, _backends(view, service, network.name, node))
+            VirtualIp(
+                service.id,
+                service.name,
+                vip,
+                _backends(view, tasks_of.get(service.id, []), network.name, node),
+            )
             for service in sorted(view.services.values(), key=lambda s: s.name)
             if (vip := service.vips().get(network.name)) is not None
         )
