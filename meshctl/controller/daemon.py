@@ -222,7 +222,10 @@ class Controller:
         for wait in self.liveness.end(covered, problem):
             self.metrics.programming.observe(wait)
         timed("pass").failed = problem
-        return min(deadline, router_deadline, time.time() + self.resync_period)
+        # A pass when the next task namespace is due to be read again (see NodeReconciler),
+        # at most a few times a resync period.
+        reread = max(self.node_sync.next_read() - time.monotonic(), self.resync_period / 4)
+        return min(deadline, router_deadline, time.time() + min(reread, self.resync_period))
 
     def _task_states(self) -> dict[str, int]:
         """This node's tasks by state, as the last pass saw them (for /metrics)."""

@@ -1,15 +1,17 @@
 """The node's own networking, reconciled: bridges, task legs and the node's rules.
 
 Desired objects are pure functions of the view (controller.node), the kernel is read and
-written by controller.node_kernel; this class keeps the small cache between passes: tasks known
-to be wired and the node's rules known to be right are not read back between full observes
-(once per resync period), so a pass costs what changed. One bridge or task that fails is
+written by controller.node_kernel; this class keeps the small cache between passes: the node's
+rules and overlay entries known to be right are not read back between full observes (once per
+resync period), and each task namespace known to be wired is read again once within each
+resync period, at its own time; so a pass costs what changed. One bridge or task that fails is
 reported by name and the others converge.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Collection, Mapping
 
@@ -42,9 +44,11 @@ class NodeReconciler:
         self.resync_period = resync_period
         self.stateless_dns = stateless_dns(kernel)  # 127.0.0.11 by nftables, without conntrack
         self._last_full = -float("inf")  # monotonic time of the last full observe
-        self._wired: dict[str, TaskNetSpec] = {}  # seen or made as desired since then
-        self._tables: dict[str, OwnedTable] | None = None  # the node's rules, likewise
-        self._overlays: dict[str, OverlaySpec] = {}  # VXLAN devices and entries, likewise
+        # Task namespaces seen or made as desired, and when each is due to be read again.
+        self._wired: dict[str, tuple[TaskNetSpec, float]] = {}
+        # The node's rules and overlays as last seen right, until the next full observe.
+        self._tables: dict[str, OwnedTable] | None = None
+        self._overlays: dict[str, OverlaySpec] = {}
         # service id → why one of its published ports is not published on this node
         self.port_errors: dict[str, str] = {}
 
@@ -62,14 +66,15 @@ class NodeReconciler:
             if c.node == self.node
             and (spec := container_spec(view, c, underlay=self.underlay)) is not None
         ]
-        if time.monotonic() - self._last_full >= self.resync_period:
-            self._last_full = time.monotonic()
-            self._wired, self._tables, self._overlays = {}, None, {}
+        now = time.monotonic()
+        if now - self._last_full >= self.resync_period:
+            self._last_full = now
+            self._tables, self._overlays = None, {}
+        known = {tid: spec for tid, (spec, due) in self._wired.items() if due > now}
         mine = {task.id for task in view.tasks_on(self.node)}
         actual, stray = observe_node(
-            self.kernel, containers, self._wired, mine, self._tables, self.stateless_dns,
-            self._overlays,
-        )  # fmt: skip
+            self.kernel, containers, known, mine, self._tables, self.stateless_dns, self._overlays
+        )
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
             view, self.node, wired, dns_ports, blocked, self.underlay, self.stateless_dns
@@ -82,7 +87,7 @@ class NodeReconciler:
             changed = {t.netns for t in plan.wire_tasks} | {
                 ns for ns, _ in (*plan.task_rules, *plan.task_dns)
             }
-            known = {k: v for k, v in self._wired.items() if v.netns not in changed}
+            known = {k: v for k, v in known.items() if v.netns not in changed}
             tables = None if plan.tables else self._tables
             touched = {o.device for o in plan.ensure_overlays} | {p.device for p in plan.peers}
             overlays = {d: o for d, o in self._overlays.items() if d not in touched}
@@ -93,7 +98,7 @@ class NodeReconciler:
             if residue and not failed:  # a second diff must be empty after applying
                 log.warning("node not converged after apply: %s", summary(residue))
         self._wired = {
-            task_id: spec
+            task_id: (spec, self._wired[task_id][1] if task_id in known else self._due(now))
             for task_id, spec in desired.tasks.items()
             if spec.owns_netns and actual.tasks.get(task_id) == spec
         }
@@ -112,6 +117,17 @@ class NodeReconciler:
                         "controller with --advertise-addr"
                     )
         return failures
+
+    def _due(self, now: float) -> float:
+        """When a task namespace read now is read again: within the resync period, at a
+        random point of its second half, so that the reads spread over the passes instead of
+        all falling in one (that pass took seconds at 300 tasks, and every change arriving
+        meanwhile waited for it)."""
+        return now + self.resync_period * random.uniform(0.5, 1.0)
+
+    def next_read(self) -> float:
+        """The monotonic time at which the first task namespace is due to be read again."""
+        return min((due for _, due in self._wired.values()), default=float("inf"))
 
     def _blocked_ports(self, view: ClusterView, nat: OwnedTable) -> set[tuple[int, str]]:
         """Published ports that another process of this node holds: left to it, and said on the

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from kernel.links import Link
 from kernel.system import Kernel, fake_kernel
 from meshctl import ops
@@ -338,3 +340,42 @@ def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
     early = [r for r in forward if r.matches or r.in_interface == r.out_interface is not None]
     assert len(early) == 3  # front's replies, front's and back's own traffic
     assert all(forward.index(r) < jump for r in early)
+
+
+def test_task_namespaces_are_read_again_each_at_its_own_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wired task namespace is read again within the resync period, at a random point of
+    its second half: never all in one pass (which took seconds at 300 tasks a node), never
+    later than a period (drift is still repaired within one)."""
+    from meshctl.controller import node_reconciler
+    from meshctl.controller.node_reconciler import NodeReconciler
+
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    kernel = fake_kernel()
+    for task_id in view.tasks:
+        kernel.netns.create(names.task_netns(task_id))
+    clock = [1000.0]
+    monkeypatch.setattr(node_reconciler.time, "monotonic", lambda: clock[0])
+    reads: list[str] = []
+    read_namespace = kernel.links.read_namespace
+    monkeypatch.setattr(
+        kernel.links, "read_namespace", lambda ns: reads.append(ns) or read_namespace(ns)
+    )
+    reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
+    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    dues = sorted(due for _, due in reconciler._wired.values())
+    assert len(dues) == 2 and all(1005.0 <= due <= 1010.0 for due in dues)
+    assert reconciler.next_read() == dues[0]
+
+    reads.clear()
+    clock[0] = dues[0] - 0.01
+    reconciler.sync(view, set(view.tasks), {})
+    assert reads == []  # none due yet: nothing read
+    clock[0] = dues[0] + 0.001
+    reconciler.sync(view, set(view.tasks), {})
+    assert len(reads) == 1  # the first one only, due again later
+    assert reconciler.next_read() == dues[1]
