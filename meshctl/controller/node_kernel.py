@@ -63,9 +63,9 @@ def observe_node(
     the same host (test nodes, benches) keep theirs. Attached containers' namespaces belong to
     other runtimes and cannot be listed, so the ones desired are looked at where they should be.
     A present task namespace listed in `known` is taken to hold what it says, unread, and so
-    are the node's own rules when `known_tables` is given: the controller passes what it wired
-    or saw converged since its last full observe; so are the entries of the overlay devices in
-    known_overlays. stateless_dns: the tasks' nftables tables are read too (see
+    are the node's own rules when `known_tables` is given, and the entries of the overlay
+    devices in known_overlays: the controller passes what it wired or saw converged and is not
+    yet due to be read again. stateless_dns: the tasks' nftables tables are read too (see
     stateless_dns()).
     """
     known = known or {}
