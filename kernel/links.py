@@ -118,7 +118,8 @@ class Route:
 @dataclass(frozen=True)
 class NamespaceLinks:
     """What read_namespace finds in one visit: the links, the IPv4 addresses and the static
-    routes of the main table (as list_links, list_addresses and list_routes give them)."""
+    routes of the main table (as list_links, list_addresses and list_routes give them; no
+    routes when not asked for)."""
 
     links: list[Link]
     addresses: list[Address]
@@ -173,7 +174,7 @@ class LinksAPI(Protocol):
     def ensure_route(self, ns: Namespace, route: Route) -> None: ...
     def delete_route(self, ns: Namespace, route: Route) -> None: ...
     def list_routes(self, ns: Namespace, table: int = MAIN_TABLE) -> list[Route]: ...
-    def read_namespace(self, ns: Namespace) -> NamespaceLinks: ...
+    def read_namespace(self, ns: Namespace, routes: bool = True) -> NamespaceLinks: ...
 
 
 def mac_for(ipv4: str) -> str:
@@ -599,15 +600,15 @@ class Links:
 
         return in_namespace(ns, lambda ipr: _read_routes(ipr, ns, link_names(ipr), table))
 
-    def read_namespace(self, ns: Namespace) -> NamespaceLinks:
-        """Links, addresses and routes in one visit of ns: one thread, one socket, one dump
-        of the links (a controller reads every task namespace so, once per resync period)."""
+    def read_namespace(self, ns: Namespace, routes: bool = True) -> NamespaceLinks:
+        """Links, addresses and (unless routes is False: a host's table may be large) routes
+        in one visit of ns: one thread, one socket, one dump of the links (a controller reads
+        its node and its task namespaces so)."""
 
         def body(ipr: IPRoute) -> NamespaceLinks:
             links, names = _read_links(ipr, ns)
-            return NamespaceLinks(
-                links, _read_addresses(ipr, ns, names), _read_routes(ipr, ns, names, MAIN_TABLE)
-            )
+            table = _read_routes(ipr, ns, names, MAIN_TABLE) if routes else []
+            return NamespaceLinks(links, _read_addresses(ipr, ns, names), table)
 
         return in_namespace(ns, body)
 

@@ -337,8 +337,9 @@ class FakeLinks:
 
         return sorted(routes, key=order)
 
-    def read_namespace(self, ns: Namespace) -> NamespaceLinks:
-        return NamespaceLinks(self.list_links(ns), self.list_addresses(ns), self.list_routes(ns))
+    def read_namespace(self, ns: Namespace, routes: bool = True) -> NamespaceLinks:
+        table = self.list_routes(ns) if routes else []
+        return NamespaceLinks(self.list_links(ns), self.list_addresses(ns), table)
 
     # helpers
 

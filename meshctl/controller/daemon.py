@@ -8,10 +8,10 @@ addresses, then the DNS records, the node's networking, the DNS endpoints, the l
 and the task processes follow the view. Each of these fails alone: a network that cannot be
 set up is reported (node status, `service ps`, `meshctl diff`, the log) and the others
 converge. The load balancers and the node's own rules are observed in full once per resync
-period, each task namespace once per period at a time of its own; passes in between apply
-only what changed. A pass writes its tasks' ends first: every node's load balancers follow. While the store is out of reach no pass runs: the
-kernel keeps its last state. SIGTERM ends the loop and leaves every task running; a restarted
-controller adopts them.
+period, each task namespace within a few periods at a time of its own; passes in between
+apply only what changed. A pass writes its tasks' ends first: every node's load balancers
+follow them. While the store is out of reach no pass runs: the kernel keeps its last state.
+SIGTERM ends the loop and leaves every task running; a restarted controller adopts them.
 
 Operating it: every part of a pass is timed and every kernel call counted (meshctl.metrics,
 served with /healthz and /readyz by controller.endpoints); the store changes the informer

@@ -69,11 +69,12 @@ def observe_node(
     stateless_dns()).
     """
     known = known or {}
-    listed = kernel.links.list_links(NODE)
+    node = kernel.links.read_namespace(NODE, routes=False)
+    listed = node.links
     link_aliases = {link.name: link.alias for link in listed if names.could_be_ours(link.name)}
     node_links = {link.name: link for link in listed if names.is_marked(link.alias)}
     addresses: dict[str, list[str]] = {}
-    for address in kernel.links.list_addresses(NODE):
+    for address in node.addresses:
         addresses.setdefault(address.ifname, []).append(address.cidr)
     bridges = {
         name: BridgeSpec(name, _only(addresses.get(name, [])), link.alias or "", link.up, link.mtu)

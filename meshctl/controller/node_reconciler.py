@@ -3,8 +3,8 @@
 Desired objects are pure functions of the view (controller.node), the kernel is read and
 written by controller.node_kernel; this class keeps the small cache between passes: the node's
 rules and overlay entries known to be right are not read back between full observes (once per
-resync period), and each task namespace known to be wired is read again once within each
-resync period, at its own time; so a pass costs what changed. One bridge or task that fails is
+resync period), and each task namespace known to be wired is read again within a few
+periods, at its own time; so a pass costs what changed. One bridge or task that fails is
 reported by name and the others converge.
 """
 
@@ -30,6 +30,11 @@ from meshctl.controller.overlay import NO_UNDERLAY, OverlaySpec, Underlay
 from meshctl.controller.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
+
+# A task namespace is read back within this many resync periods of its last read. Only
+# meshctl changes what is in it (a user in it would need to be root there); reading every one
+# each period cost a node with 300 tasks a third of a core (one thread, socket and dump each).
+TASK_REREAD = 6
 
 
 class NodeReconciler:
@@ -119,11 +124,11 @@ class NodeReconciler:
         return failures
 
     def _due(self, now: float) -> float:
-        """When a task namespace read now is read again: within the resync period, at a
-        random point of its second half, so that the reads spread over the passes instead of
+        """When a task namespace read now is read again: within TASK_REREAD resync periods, at
+        a random point of the second half, so that the reads spread over the passes instead of
         all falling in one (that pass took seconds at 300 tasks, and every change arriving
         meanwhile waited for it)."""
-        return now + self.resync_period * random.uniform(0.5, 1.0)
+        return now + self.resync_period * TASK_REREAD * random.uniform(0.5, 1.0)
 
     def next_read(self) -> float:
         """The monotonic time at which the first task namespace is due to be read again."""

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
@@ -663,3 +664,4 @@ def test_read_namespace_is_the_three_lists_in_one_visit(kernel: KernelUnderTest)
     assert found.routes == kernel.links.list_routes(ns)
     assert sorted(a.cidr for a in found.addresses) == ["10.21.0.1/24", "10.22.0.1/24"]
     assert [r.dst for r in found.routes] == ["default", "10.31.0.0/16"]
+    assert kernel.links.read_namespace(ns, routes=False) == replace(found, routes=[])
