@@ -179,7 +179,11 @@ class EtcdStore:
             if range_end is not None:
                 body["range_end"] = range_end
             result = self._post("/kv/range", body)
-            revision = int(result["header"]["revision"])
+            # The first page fixes the revision: a header always carries the store's current
+            # revision, also for a read at an older one, and the pages after it must not move
+            # (a snapshot claiming a later revision than some of its pages was read at hides
+            # the writes in between from a watch that starts after it).
+            revision = revision or int(result["header"]["revision"])
             page = result.get("kvs", [])
             kvs.extend(page)
             if not result.get("more") or not page:

@@ -16,6 +16,7 @@ import uuid
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,6 +230,43 @@ def test_etcd_compaction_is_reported_not_swallowed(etcd_server: EtcdServer) -> N
             store.watch(base + 5, timeout=2)
         assert caught.value.compacted == base + 7
         assert len(store.list("task")) == 10
+
+
+def test_etcd_snapshot_in_pages_is_one_revision_and_a_watch_after_it_misses_nothing(
+    etcd_server: EtcdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot larger than a page is read at the first page's revision. The pages after
+    the first were read at the revision each header carried (the store's current one), and
+    the snapshot claimed the last: a write to a key of the first page between two pages was
+    in neither the snapshot nor the watch that went on after it, and a controller kept that
+    task out of its load balancer for good."""
+    import meshctl.store.etcd as etcd_module
+
+    monkeypatch.setattr(etcd_module, "PAGE", 2)
+    with open_store(etcd_server.url(f"/test-{uuid.uuid4().hex[:12]}")) as store:
+        assert isinstance(store, EtcdStore)
+        for i in range(6):
+            store.put("task", f"t{i}", {"state": "assigned"})
+        post, pages = store._post, []
+
+        def post_and_write_between_pages(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            result = post(path, body)
+            if path == "/kv/range" and body.get("limit") == 2:
+                pages.append(body)
+                if len(pages) == 1:  # after the first page: t0, in it, changes
+                    key = etcd_module._b64(store._key("task", "t0"))
+                    post("/kv/put", {"key": key, "value": etcd_module._b64('{"state": "running"}')})
+            return result
+
+        monkeypatch.setattr(store, "_post", post_and_write_between_pages)
+        snapshot = store.snapshot()
+        monkeypatch.setattr(store, "_post", post)
+        assert len(pages) > 2
+        assert len({p["revision"] for p in pages[1:]}) == 1  # every page after the first: one
+        (t0,) = [r for r in snapshot.of("task") if r.name == "t0"]
+        assert t0.value == {"state": "assigned"}  # as it was at the snapshot's revision
+        events = store.watch(snapshot.revision, timeout=2)
+        assert [(e.name, e.value) for e in events] == [("t0", {"state": "running"})]
 
 
 def test_state_survives_reopen(db_path: str) -> None:
