@@ -12,6 +12,8 @@
 #   MESHCTL_VM_RESULTS   where the guest writes its results and logs (default: a new /tmp dir)
 #   MESHCTL_VM_KVM       1 or 0 to force KVM on or off (default: on when the CPU offers it)
 #   MESHCTL_VM_TIMEOUT   seconds for boot plus the command (default: 1500)
+#   MESHCTL_TIME_SCALE   how much slower than a host the tests run in the guest (default: 10
+#                        under TCG, 2 with KVM; see tests/vm/guest)
 #
 # The kernel version is pinned in tests/vm/kernel.env. A second run only boots.
 repo=$PWD
@@ -103,7 +105,11 @@ vm_boot() {
   local vng_args=(-v -r "$vmlinuz" --memory 2G --cpus 2 --cwd "$repo" --rwdir "$results")
   ((kvm)) || vng_args+=(--disable-kvm)
   local guest_cmd start
-  guest_cmd=$(printf '%q ' "$repo/tests/vm/guest" "$results" "$venv" "$@")
+  # The guest sees the host's files, not its environment: it learns KVM or TCG (and a time
+  # scale given here) from the command line.
+  guest_cmd=$(printf '%q ' env "MESHCTL_VM_KVM=$kvm" \
+    ${MESHCTL_TIME_SCALE:+"MESHCTL_TIME_SCALE=$MESHCTL_TIME_SCALE"} \
+    "$repo/tests/vm/guest" "$results" "$venv" "$@")
   start=$(date +%s)
   PATH=$vng_venv/bin:$PATH timeout --kill-after=30 "$timeout_s" \
     vng "${vng_args[@]}" -- "$guest_cmd" >"$results/console.log" 2>&1 || true
