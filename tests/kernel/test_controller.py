@@ -15,6 +15,7 @@ import time
 import pytest
 
 from kernel import netns
+from tests.conftest import scaled
 from tests.kernel.mesh import Mesh, wait_for
 
 pytestmark = pytest.mark.root
@@ -76,7 +77,7 @@ def test_killed_task_is_restarted_and_ps_shows_the_history(mesh: Mesh) -> None:
 
     again = wait_for(restarted, 10, "a new process for web.1")
     # Restart delay 0 s: the first restart waits only the minimal back-off.
-    assert time.monotonic() - killed_at < 1.5
+    assert time.monotonic() - killed_at < scaled(1.5)
     assert again["id"] == task["id"] and again["restarts"] == 1
     assert [e["state"] for e in again["history"]][-2:] == ["failed", "running"]
     assert again["history"][-2]["message"] == "exit code 137"
@@ -177,7 +178,10 @@ def test_attached_namespace_reaches_tasks_and_detach_removes_it(mesh: Mesh) -> N
 
         def in_ns(*argv: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
-                ["nsenter", f"--net={ns}", *argv], capture_output=True, text=True, timeout=10
+                ["nsenter", f"--net={ns}", *argv],
+                capture_output=True,
+                text=True,
+                timeout=scaled(10),
             )
 
         wait_for(
@@ -214,7 +218,7 @@ def test_update_rolls_one_task_at_a_time_new_before_old(mesh: Mesh) -> None:
     old = {t["id"] for t in mesh.wait_running("web", 2)}
     mesh.cli("service", "update", "web", "--env", "RELEASE=2", "--detach")
     fewest_running = 2
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while time.monotonic() < deadline:
         tasks = mesh.ps("web")
         running = [t for t in tasks if t["state"] == "running"]
