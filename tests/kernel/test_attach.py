@@ -13,7 +13,7 @@ from meshctl.runtime import read_start_time
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 
 def test_a_pid_that_names_another_process_now_is_never_wired(mesh: Mesh) -> None:

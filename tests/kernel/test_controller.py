@@ -18,7 +18,7 @@ from kernel import netns
 from tests.conftest import scaled
 from tests.kernel.mesh import Mesh, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # A task that answers every TCP connection on port 80 with its own host name (the task name).
 NAME_SERVER = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]

@@ -14,7 +14,7 @@ from meshctl.controller.names import task_netns
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, ask, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 
 def _store(mesh: Mesh) -> str:

@@ -18,7 +18,7 @@ from kernel import netns
 from tests.conftest import NetnsFactory, scaled, tcp_read
 from tests.kernel.mesh import Mesh, ask, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 NODE_IP, CLIENT_IP = "198.51.100.1", "198.51.100.2"
 # TCP and UDP 80 answer "<task name> <the client address it sees>". Over UDP the answer first

@@ -25,7 +25,7 @@ from meshctl.controller.names import lb_netns, task_netns
 from tests.conftest import NetnsFactory, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, ask, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # TCP 80 answers the task name; UDP 81 answers it per datagram; TCP 82 echoes (long-lived).
 BACKEND = [
