@@ -91,6 +91,13 @@ vm_prepare() {
     if [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then kvm=1; fi
   fi
   results=${MESHCTL_VM_RESULTS:-$(mktemp -d /tmp/meshctl-vm-results.XXXXXX)}
+
+  # The guest may not write bytecode to the host's filesystem: compile it here, or every Python
+  # process in the VM (pytest, each controller, each `meshctl exec`) compiles meshctl from
+  # source again, which takes most of a minute under TCG.
+  if [ -x "$venv/bin/python" ]; then
+    "$venv/bin/python" -m compileall -q meshctl kernel tests bench >/dev/null
+  fi
 }
 
 # Boots the kernel and runs `tests/vm/guest RESULTS VENV COMMAND...` in it, its console into
