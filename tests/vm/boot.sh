@@ -111,6 +111,9 @@ vm_boot() {
     "$results/console.log" "$results/output.log"
   local vng_args=(-v -r "$vmlinuz" --memory 2G --cpus 2 --cwd "$repo" --rwdir "$results")
   ((kvm)) || vng_args+=(--disable-kvm)
+  # The host's root once more, read-only, for tests/vm/guest to mount with caching: the root
+  # virtme-ng mounts caches nothing, so every stat and open in the guest is a round trip.
+  vng_args+=("--qemu-opts=-fsdev local,id=meshctl-host,path=/,security_model=none,readonly=on,multidevs=remap -device virtio-9p-pci,fsdev=meshctl-host,mount_tag=meshctl-host")
   local guest_cmd start
   # The guest sees the host's files, not its environment: it learns KVM or TCG (and a time
   # scale given here) from the command line.
