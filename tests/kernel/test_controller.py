@@ -31,7 +31,12 @@ def _create(mesh: Mesh, name: str, network: str, replicas: int, *extra: str) -> 
 
 
 def _tcp(mesh: Mesh, task_id: str, address: str) -> subprocess.CompletedProcess[str]:
-    return mesh.in_task(task_id, "socat", "-t5", "-T5", "-", f"TCP:{address}:80,connect-timeout=5")
+    # The handshake is the kernel's alone (fast on any machine); the answer comes from a process
+    # the server forks, so waiting for it (-t after stdin's end, -T idle) scales.
+    wait = scaled(5)
+    return mesh.in_task(
+        task_id, "socat", f"-t{wait:g}", f"-T{wait:g}", "-", f"TCP:{address}:80,connect-timeout=5"
+    )
 
 
 def _ping(mesh: Mesh, task_id: str, address: str) -> int:
@@ -189,7 +194,13 @@ def test_attached_namespace_reaches_tasks_and_detach_removes_it(mesh: Mesh) -> N
         )
         assert in_ns("ping", "-c1", "-W1", task["addresses"]["front"]).returncode == 0
         assert (
-            in_ns("socat", "-t2", "-T2", "-", f"TCP:{task['addresses']['front']}:80").stdout.strip()
+            in_ns(
+                "socat",
+                f"-t{scaled(2):g}",
+                f"-T{scaled(2):g}",
+                "-",
+                f"TCP:{task['addresses']['front']}:80",
+            ).stdout.strip()
             == "web.1"
         )
         assert _ping(mesh, task["id"], address) == 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
+from meshctl.controller.names import task_netns
 from tests.conftest import NetnsFactory, scaled, tcp_read
 from tests.kernel.mesh import Mesh, ask, wait_for
 
@@ -78,8 +79,7 @@ def test_routing_mesh_spreads_tcp_and_udp_and_refuses_when_scaled_to_zero(
     # From the node itself (OUTPUT) and from a task of the service (hairpin).
     assert _ask(mesh.node_ns, 8000).startswith("web.")
     (task, *_) = mesh.running("web")
-    hairpin = mesh.in_task(task["id"], "socat", "-t2", "-T2", "-", f"TCP:{NODE_IP}:8000")
-    assert hairpin.stdout.startswith("web.")
+    assert _ask(task_netns(task["id"]), 8000).startswith("web.")
     shown = mesh.cli("service", "ls").stdout
     assert "*:8000->80/tcp" in shown and "*:8000->80/udp" in shown
     # Scaled to 0: refused at once, not left hanging.
