@@ -23,10 +23,13 @@ pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 NODE_IP, CLIENT_IP = "198.51.100.1", "198.51.100.2"
 # TCP and UDP 80 answer "<task name> <the client address it sees>". Over UDP the answer first
-# reads the datagram: a child that exits before socat has written the datagram to it makes socat
-# fail on EPIPE and drop the answer. The TCP client (tests.kernel.mesh.ask) sends nothing.
+# reads the datagram (a child that exits before socat has written the datagram to it makes socat
+# fail on EPIPE and drop the answer), and socat waits for it as long as a client does (-t: by
+# default it gives up 0.5 s after the datagram, before a slow machine has forked the answer).
+# The TCP client (tests.kernel.mesh.ask) sends nothing.
 ANSWER = "echo $(hostname) $SOCAT_PEERADDR"
-BACKEND = ["sh", "-c", f"socat UDP-RECVFROM:80,fork 'SYSTEM:head -c1 >/dev/null; {ANSWER}' & "
+BACKEND = ["sh", "-c",
+           f"socat -t{scaled(5):g} UDP-RECVFROM:80,fork 'SYSTEM:head -c1 >/dev/null; {ANSWER}' & "
            f"exec socat TCP-LISTEN:80,reuseaddr,fork 'SYSTEM:{ANSWER}'"]  # fmt: skip
 
 

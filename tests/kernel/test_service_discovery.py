@@ -31,8 +31,9 @@ pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 BACKEND = [
     "sh", "-c",
     # The UDP answer reads the datagram first: a child that exits before socat wrote the
-    # datagram to it makes socat fail on EPIPE and drop the answer.
-    "socat UDP-RECVFROM:81,fork SYSTEM:'head -c1 >/dev/null; hostname' & "
+    # datagram to it makes socat fail on EPIPE and drop the answer. socat waits for the answer
+    # as long as a client does (-t: by default it gives up 0.5 s after the datagram).
+    f"socat -t{scaled(5):g} UDP-RECVFROM:81,fork SYSTEM:'head -c1 >/dev/null; hostname' & "
     "socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
     "exec socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname",
 ]  # fmt: skip
