@@ -23,6 +23,9 @@ source tests/vm/kernel.env
 venv=${MESHCTL_VENV:-$repo/.venv}
 cache=${MESHCTL_VM_CACHE:-/var/cache/meshctl-vm}
 timeout_s=${MESHCTL_VM_TIMEOUT:-1500}
+# More vng arguments for every boot, set after sourcing; later ones win (the cluster lane,
+# tests/vm/cluster/boot: each VM's name, NIC, size).
+vm_vng_args=()
 
 vm_prepare() {
   # The host tools: QEMU, busybox for the initramfs that loads the kernel's virtio and 9p
@@ -114,6 +117,7 @@ vm_boot() {
   # The host's root once more, read-only, for tests/vm/guest to mount with caching: the root
   # virtme-ng mounts caches nothing, so every stat and open in the guest is a round trip.
   vng_args+=("--qemu-opts=-fsdev local,id=meshctl-host,path=/,security_model=none,readonly=on,multidevs=remap -device virtio-9p-pci,fsdev=meshctl-host,mount_tag=meshctl-host")
+  vng_args+=("${vm_vng_args[@]}")
   local guest_cmd start
   # The guest sees the host's files, not its environment: it learns KVM or TCG (and a time
   # scale given here) from the command line.
