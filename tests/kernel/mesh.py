@@ -128,9 +128,11 @@ class Mesh:
         import urllib.error
         import urllib.request
 
+        url = f"http://127.0.0.1:{port}{path}"
+
         def get() -> tuple[int, str]:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=scaled(5)) as r:
                     return r.status, r.read().decode()
             except urllib.error.HTTPError as err:
                 return err.code, err.read().decode()
