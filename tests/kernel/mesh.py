@@ -55,7 +55,7 @@ class Mesh:
             result = subprocess.run([*MESHCTL, *args], env=self.env, capture_output=True,
                                     text=True, timeout=scaled(60))  # fmt: skip
         else:
-            result = _invoke(list(args), self.env)
+            result = invoke_cli(list(args), self.env)
         if check and result.returncode != 0:
             raise AssertionError(f"meshctl {' '.join(args)} failed: {result.stderr.strip()}")
         return result
@@ -106,7 +106,7 @@ class Mesh:
         """meshctl diff, run where the controller runs: in a thread inside the node namespace
         (setns moves one thread; what diff forks and the threads it starts follow it)."""
         argv = ["diff", "--node", self.node_name, "--lb-backend", LB_BACKEND]
-        return netns.run_in(self.node_ns, _invoke, argv, self.env)
+        return netns.run_in(self.node_ns, invoke_cli, argv, self.env)
 
     def wait_converged(self, timeout: float = 15, what: str = "meshctl diff to be empty") -> None:
         """Wait until `meshctl diff` is empty; on timeout, fail with what it still shows."""
@@ -233,7 +233,7 @@ def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:
     return tools, broken
 
 
-def _invoke(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def invoke_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """Run the CLI in this process with env as its environment; the result as a process's."""
     done = CliRunner().invoke(main, argv, env=env)
     stderr = done.stderr

@@ -28,7 +28,7 @@ from meshctl.controller.names import lb_netns, task_netns
 from meshctl.store import Store, open_store
 from tests.cluster.workloads import HTTP
 from tests.conftest import scaled
-from tests.kernel.mesh import wait_for
+from tests.kernel.mesh import invoke_cli, wait_for
 
 pytestmark = pytest.mark.root
 
@@ -60,8 +60,10 @@ def web(store: Store) -> None:
 
 
 def meshctl(*args: str) -> str:
-    """The CLI as a user runs it on this VM."""
-    done = subprocess.run(["meshctl", *args], capture_output=True, text=True, timeout=scaled(12))
+    """The CLI as a user runs it on this VM, on the store of its login shell: in this process
+    (click's runner), as tests/kernel/mesh.py runs it, since a Python start costs many seconds
+    under TCG."""
+    done = invoke_cli(list(args), dict(os.environ))
     if done.returncode != 0:
         raise AssertionError(f"meshctl {' '.join(args)}: {done.stderr.strip()}")
     return done.stdout
