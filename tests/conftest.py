@@ -11,6 +11,7 @@ import itertools
 import os
 import re
 import signal
+import socket
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -23,12 +24,65 @@ TEST_NETNS_PREFIX = f"mt{os.getpid()}-"
 _counter = itertools.count()
 
 
+def _time_scale() -> float:
+    text = os.environ.get("MESHCTL_TIME_SCALE", "1")
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = 0.0
+    if not 1 <= scale <= 1000:
+        raise ValueError(f"MESHCTL_TIME_SCALE={text!r}: give a factor from 1 to 1000, like 10")
+    return scale
+
+
+# How much slower than a native host this machine runs the tests: 1 natively; tests/vm/guest
+# sets it in the QEMU lane, whose emulated CPU (TCG) runs everything several times slower.
+TIME_SCALE = _time_scale()
+
+
+def scaled(seconds: float) -> float:
+    """A test's timing on this machine: health-check intervals and timeouts, the controller's
+    resync period, every wait and time bound. The one place timings follow the machine, so a
+    test is never loosened for a slow host and stays as strict as written on a native one."""
+    return seconds * TIME_SCALE
+
+
+def scaled_duration(seconds: float) -> str:
+    """scaled(seconds) as a meshctl duration option (`--health-interval 10s`)."""
+    return f"{scaled(seconds):g}s"
+
+
+def tcp_read(addr: str, port: int, timeout: float = 5.0) -> str:
+    """Connect, read until the server closes, return the text: what a client would see."""
+    with socket.create_connection((addr, port), timeout=scaled(timeout)) as sock:
+        chunks = []
+        while chunk := sock.recv(4096):
+            chunks.append(chunk)
+    return b"".join(chunks).decode().strip()
+
+
+def udp_read(addr: str, port: int, timeout: float = 2.0) -> str:
+    """Send one datagram from a fresh socket (a new flow), return the answer's text."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(scaled(timeout))
+        sock.sendto(b"x\n", (addr, port))
+        return sock.recv(4096).decode().strip()
+
+
+def pytest_report_header() -> str | None:
+    return f"time scale: {TIME_SCALE:g} (MESHCTL_TIME_SCALE)" if TIME_SCALE != 1 else None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip root tests without root (saying why) and run the root-namespace guard last."""
+    """Skip root tests without root (saying why), give each test its time limit on this
+    machine (pytest-timeout's, scaled) and run the root-namespace guard last."""
     skip_root = pytest.mark.skip(reason="needs root: real network namespaces and netfilter")
+    limit = pytest.mark.timeout(scaled(float(config.getini("timeout"))))
     for item in items:
         if "root" in item.keywords and not IS_ROOT:
             item.add_marker(skip_root)
+        if TIME_SCALE != 1:
+            item.add_marker(limit)
     items.sort(key=lambda item: "test_zz_root_unchanged" in item.nodeid)
 
 

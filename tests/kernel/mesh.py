@@ -3,6 +3,11 @@
 Every object it makes is removed in close(), also when the test failed: the controller is
 stopped, the tasks of its store are killed and their namespaces deleted, the node namespace
 (and with it every link and rule in it) goes.
+
+The CLI runs in this process (click's runner), `meshctl diff` in a thread inside the node
+namespace: a fresh interpreter per command costs most of a minute under the QEMU lane's
+emulated CPU. Only `meshctl exec`, which replaces its process, runs as a process of its own.
+Every timing goes through tests.conftest.scaled (MESHCTL_TIME_SCALE).
 """
 
 from __future__ import annotations
@@ -14,15 +19,22 @@ import stat
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from click.testing import CliRunner
+
 from kernel import netns
-from tests.conftest import kill_processes_in
+from meshctl.cli import main
+from meshctl.controller.membership import DEFAULT_TTL
+from meshctl.controller.names import task_netns
+from tests.conftest import kill_processes_in, scaled, scaled_duration, tcp_read, udp_read
 
 MESHCTL = [sys.executable, "-m", "meshctl"]
 LB_BACKEND = os.environ.get("MESHCTL_LB_BACKEND", "auto")
+RESYNC_PERIOD = 2.0  # seconds, before scaling: drift is repaired within this
 
 
 class Mesh:
@@ -36,12 +48,14 @@ class Mesh:
 
     # -- the CLI -------------------------------------------------------------------------------
 
-    def cli(
-        self, *args: str, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            [*MESHCTL, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """meshctl ARGS with this mesh's state dir, as a user runs it: its exit code, stdout
+        and stderr (with the traceback, should it crash)."""
+        if args[:1] == ("exec",):  # it replaces its process (execvp): one of its own
+            result = subprocess.run([*MESHCTL, *args], env=self.env, capture_output=True,
+                                    text=True, timeout=scaled(60))  # fmt: skip
+        else:
+            result = invoke_cli(list(args), self.env)
         if check and result.returncode != 0:
             raise AssertionError(f"meshctl {' '.join(args)} failed: {result.stderr.strip()}")
         return result
@@ -69,11 +83,12 @@ class Mesh:
         """The controller in the node namespace, with the backend the lane asks for (the QEMU
         lane sets MESHCTL_LB_BACKEND=ipvs; here auto picks nftables)."""
         assert self.controller is None or self.controller.poll() is not None
-        extra = ("--lb-backend", LB_BACKEND, *extra)
+        extra = ("--lb-backend", LB_BACKEND, "--resync-period", scaled_duration(RESYNC_PERIOD),
+                 "--node-ttl", scaled_duration(DEFAULT_TTL), *extra)  # fmt: skip
         log = open(self.controller_log, "ab")  # noqa: SIM115 - the controller holds it open
         self.controller = subprocess.Popen(
             ["nsenter", f"--net={netns.path(self.node_ns)}", "--", *MESHCTL,
-             "controller", "run", "--node", self.node_name, "--resync-period", "2s", *extra],
+             "controller", "run", "--node", self.node_name, *extra],
             env=self.env, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
@@ -82,18 +97,16 @@ class Mesh:
         if self.controller is not None and self.controller.poll() is None:
             self.controller.send_signal(sig)
             try:
-                self.controller.wait(timeout=15)
+                self.controller.wait(timeout=scaled(15))
             except subprocess.TimeoutExpired:
                 self.controller.kill()
                 self.controller.wait()
 
     def diff(self) -> subprocess.CompletedProcess[str]:
-        """meshctl diff, run where the controller runs."""
-        return subprocess.run(
-            ["nsenter", f"--net={netns.path(self.node_ns)}", "--", *MESHCTL, "diff",
-             "--node", self.node_name, "--lb-backend", LB_BACKEND],
-            env=self.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+        """meshctl diff, run where the controller runs: in a thread inside the node namespace
+        (setns moves one thread; what diff forks and the threads it starts follow it)."""
+        argv = ["diff", "--node", self.node_name, "--lb-backend", LB_BACKEND]
+        return netns.run_in(self.node_ns, invoke_cli, argv, self.env)
 
     def wait_converged(self, timeout: float = 15, what: str = "meshctl diff to be empty") -> None:
         """Wait until `meshctl diff` is empty; on timeout, fail with what it still shows."""
@@ -115,9 +128,11 @@ class Mesh:
         import urllib.error
         import urllib.request
 
+        url = f"http://127.0.0.1:{port}{path}"
+
         def get() -> tuple[int, str]:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                with urllib.request.urlopen(url, timeout=scaled(5)) as r:
                     return r.status, r.read().decode()
             except urllib.error.HTTPError as err:
                 return err.code, err.read().decode()
@@ -139,6 +154,11 @@ class Mesh:
             if sample.name == name and labels.items() <= sample.labels.items()
         )
 
+    def lb_backend(self) -> str:
+        """The load-balancer backend the node's controller runs, as it recorded it."""
+        node = json.loads(self.cli("node", "inspect", self.node_name, "--format", "json").stdout)
+        return str(node["lb_backend"])
+
     def node_id(self) -> str | None:
         from meshctl.store import open_store
 
@@ -157,8 +177,17 @@ class Mesh:
         self, task_id: str, *argv: str, timeout: float = 10
     ) -> subprocess.CompletedProcess[str]:
         """Run a command in a task's network namespace (not its mount namespace)."""
-        return subprocess.run(["nsenter", f"--net={netns.path('mesh-t-' + task_id)}", "--", *argv],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(["nsenter", f"--net={netns.path(task_netns(task_id))}", "--", *argv],
+                              capture_output=True, text=True, timeout=scaled(timeout))  # fmt: skip
+
+    def dig(self, task: dict[str, Any], *query: str) -> list[str]:
+        """dig +short inside a running task's network and mount namespaces, so through its own
+        resolv.conf (127.0.0.11, redirected to the embedded DNS server) as `meshctl exec` would,
+        without starting a Python process for it; the answers sorted."""
+        argv = ["dig", "+short", "+tries=1", f"+time={round(scaled(2))}", *query]
+        done = subprocess.run(["nsenter", "-t", str(task["pid"]), "--net", "--mount", "--", *argv],
+                              capture_output=True, text=True, timeout=scaled(10))  # fmt: skip
+        return sorted(done.stdout.split())
 
     def task_ids(self) -> list[str]:
         """Every task this mesh's store knows, read straight from the store file."""
@@ -174,9 +203,8 @@ class Mesh:
         self.stop_controller(signal.SIGKILL)
         if os.path.exists(os.path.join(self.state_dir, "state.db")):
             for task_id in self.task_ids():
-                path = netns.path("mesh-t-" + task_id)
-                kill_processes_in(path)
-                netns.delete("mesh-t-" + task_id)
+                kill_processes_in(netns.path(task_netns(task_id)))
+                netns.delete(task_netns(task_id))
             node_id = self.node_id()
             if node_id is not None:
                 from meshctl.controller.names import lb_netns_prefix, router_netns
@@ -205,8 +233,28 @@ def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:
     return tools, broken
 
 
+def invoke_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process with env as its environment; the result as a process's."""
+    done = CliRunner().invoke(main, argv, env=env)
+    stderr = done.stderr
+    if done.exc_info is not None and not isinstance(done.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*done.exc_info))
+    return subprocess.CompletedProcess(["meshctl", *argv], done.exit_code, done.stdout, stderr)
+
+
+def ask(ns: str, address: str, port: int, udp: bool = False) -> str:
+    """What a client in namespace ns (a task's: task_netns) hears from address:port over a new
+    TCP connection or UDP flow; "" when nothing answers."""
+    try:
+        return netns.run_in(ns, udp_read if udp else tcp_read, address, port)
+    except OSError:
+        return ""
+
+
 def wait_for(probe: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll probe until it returns something truthy; fail naming what never happened."""
+    """Poll probe until it returns something truthy, for timeout seconds (scaled); fail naming
+    what never happened."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:

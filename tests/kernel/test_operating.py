@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import scaled, scaled_duration
 from tests.kernel.mesh import MESHCTL, Mesh, breakable_iptables, wait_for
 
-pytestmark = pytest.mark.root
+# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
+# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
+pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
 
 WEB = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]
 
@@ -29,8 +32,8 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
     try:
         mesh.cli("network", "create", "front", "--subnet", "10.94.0.0/24")
         mesh.cli("service", "create", "--name", "web", "--network", "front", "-d",
-                 "--health-cmd", "true", "--health-interval", "1s", "--restart-delay", "0.1s",
-                 "--", *WEB)  # fmt: skip
+                 "--health-cmd", "true", "--health-interval", scaled_duration(1),
+                 "--restart-delay", "0.1s", "--", *WEB)  # fmt: skip
         # Nothing listens on the upstream: a forwarded name fails there, and is counted.
         mesh.start_controller("--upstream-dns", "127.0.0.1:5399")
         wait_for(lambda: mesh.endpoint("/readyz") == (200, "ok\n"), 30, "/readyz to say ok")
@@ -41,8 +44,8 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
         writes = mesh.metric("meshctl_kernel_operations_total", op="write", result="ok")
         assert passes > 0 and programmed > 0 and writes > 0
 
-        scaled = mesh.cli("service", "scale", "web=3", "--timeout", "60s")  # waits, converged
-        assert "web: converged" in scaled.stderr
+        scaling = mesh.cli("service", "scale", "web=3", "--timeout", scaled_duration(60))
+        assert "web: converged" in scaling.stderr  # it waited until then
         assert mesh.metric("meshctl_tasks", state="running") == 3
         assert mesh.metric("meshctl_reconcile_duration_seconds_count", kind="pass") > passes
         assert mesh.metric("meshctl_network_programming_duration_seconds_count") > programmed
@@ -52,14 +55,15 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
 
         # Real traffic: names and a VIP from inside a task, one name forwarded upstream.
         client = mesh.running("web")[0]
-        dig = ["dig", "@127.0.0.11", "+time=3", "+tries=1"]
+        dig = ["dig", "@127.0.0.11", f"+time={round(scaled(3))}", "+tries=1"]
         for name in ("web", "tasks.web", "web.2"):
             answer = mesh.in_task(client["id"], *dig, "+short", name)
             assert answer.stdout.strip().startswith("10.94.0."), answer
         forwarded = mesh.in_task(client["id"], *dig, "example.invalid")
         assert "status: SERVFAIL" in forwarded.stdout, forwarded
         vip = mesh.in_task(client["id"], *dig, "+short", "web").stdout.strip()
-        served = mesh.in_task(client["id"], "socat", "-t5", "-T5", "-", f"TCP:{vip}:80")
+        wait = f"{scaled(5):g}"
+        served = mesh.in_task(client["id"], "socat", f"-t{wait}", f"-T{wait}", "-", f"TCP:{vip}:80")
         assert served.stdout.startswith("web."), served
         assert mesh.metric("meshctl_dns_requests_total", proto="udp", type="A") >= 5
         assert mesh.metric("meshctl_dns_responses_total", rcode="NOERROR", source="local") >= 3
@@ -89,7 +93,9 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
         assert asked.returncode == 1 and asked.stderr.startswith("Error: unhealthy: "), asked
         assert mesh.metric("meshctl_reconcile_duration_seconds_count", result="error") >= 1
         broken.unlink()
-        ready = mesh.in_node(*MESHCTL, "controller", "health", "--wait", "30s", env=mesh.env)
+        ready = mesh.in_node(
+            *MESHCTL, "controller", "health", "--wait", scaled_duration(30), env=mesh.env
+        )
         assert ready.returncode == 0 and ready.stdout == "ok\n", ready
         assert mesh.metric("meshctl_controller_healthy") == 1
         mesh.wait_converged()
@@ -121,7 +127,7 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
         env=mesh.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        mesh.cli("service", "scale", "web=2")
+        mesh.cli("service", "scale", "web=2", "--timeout", scaled_duration(60))
         os.kill(first["pid"], signal.SIGKILL)
         wait_for(lambda: any(t["pid"] not in (None, first["pid"]) and t["name"] == "web.1"
                              for t in mesh.running("web")), 30, "web.1 to run again")  # fmt: skip
@@ -135,7 +141,7 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
         wait_for(follower_saw_the_restart, 30, "the restart in the event log")
     finally:
         follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=15)
+        out, err = follower.communicate(timeout=scaled(15))
     followed = events_of(out.splitlines())
     assert followed, err
     # In order: the scale, the new task's way to running; the kill, then the restart.
@@ -159,8 +165,8 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
     assert actions.index("failed") < len(actions) - 1 - actions[::-1].index("running")
     # (web was created before the controller started: that is not in the log.)
     table = mesh.cli("events", "--since", "5m", "--until", "0s", "--filter", "type=service")
-    scaled = f" service scale web (id={followed[scale]['id']}, replicas=2, was=1)"
-    assert table.stdout.splitlines()[0].endswith(scaled)
+    scale_line = f" service scale web (id={followed[scale]['id']}, replicas=2, was=1)"
+    assert table.stdout.splitlines()[0].endswith(scale_line)
 
 
 def test_a_waiting_scale_or_create_fails_with_the_reason_a_task_cannot_start(mesh: Mesh) -> None:
@@ -169,11 +175,12 @@ def test_a_waiting_scale_or_create_fails_with_the_reason_a_task_cannot_start(mes
     wait_for(lambda: mesh.endpoint("/readyz")[0] == 200, 30, "the controller to be ready")
     mesh.cli("service", "create", "--name", "api", "--constraint", "node.labels.zone==b", "-d",
              "--", "sleep", "3600")  # fmt: skip
-    scaled = mesh.cli("service", "scale", "api=2", "--timeout", "3s", check=False)
-    assert scaled.returncode == 1
-    assert "api.1: pending: no suitable node: 0 of 1 match node.labels.zone==b" in scaled.stderr
-    assert scaled.stderr.rstrip().endswith(
-        "Error: api did not converge within 3s; see: meshctl service ps api"
+    wait = scaled(3)
+    scaling = mesh.cli("service", "scale", "api=2", "--timeout", f"{wait:g}s", check=False)
+    assert scaling.returncode == 1
+    assert "api.1: pending: no suitable node: 0 of 1 match node.labels.zone==b" in scaling.stderr
+    assert scaling.stderr.rstrip().endswith(
+        f"Error: api did not converge within {wait:g}s; see: meshctl service ps api"
     )
     created = mesh.cli("service", "create", "--name", "crash", "--restart-condition", "none",
                        "--", "sh", "-c", "exit 3", check=False)  # fmt: skip
@@ -182,5 +189,6 @@ def test_a_waiting_scale_or_create_fails_with_the_reason_a_task_cannot_start(mes
     assert "Error: crash cannot converge: a task ended for good; see: meshctl service ps crash" in (
         created.stderr
     )
-    good = mesh.cli("service", "create", "--name", "fine", "--", "sleep", "3600")
+    good = mesh.cli("service", "create", "--name", "fine", "--timeout", scaled_duration(60),
+                    "--", "sleep", "3600")  # fmt: skip
     assert good.returncode == 0 and "fine: converged" in good.stderr

@@ -21,18 +21,19 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
-from meshctl.controller.names import lb_netns
-from tests.conftest import NetnsFactory
-from tests.kernel.mesh import Mesh, wait_for
+from meshctl.controller.names import lb_netns, task_netns
+from tests.conftest import NetnsFactory, scaled, scaled_duration
+from tests.kernel.mesh import Mesh, ask, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # TCP 80 answers the task name; UDP 81 answers it per datagram; TCP 82 echoes (long-lived).
 BACKEND = [
     "sh", "-c",
     # The UDP answer reads the datagram first: a child that exits before socat wrote the
-    # datagram to it makes socat fail on EPIPE and drop the answer.
-    "socat UDP-RECVFROM:81,fork SYSTEM:'head -c1 >/dev/null; hostname' & "
+    # datagram to it makes socat fail on EPIPE and drop the answer. socat waits for the answer
+    # as long as a client does (-t: by default it gives up 0.5 s after the datagram).
+    f"socat -t{scaled(5):g} UDP-RECVFROM:81,fork SYSTEM:'head -c1 >/dev/null; hostname' & "
     "socat TCP-LISTEN:82,reuseaddr,fork EXEC:cat & "
     "exec socat TCP-LISTEN:80,reuseaddr,fork SYSTEM:hostname",
 ]  # fmt: skip
@@ -58,20 +59,12 @@ def _converged(mesh: Mesh) -> None:
     assert mesh.diff().stdout == ""
 
 
-def _get(mesh: Mesh, client: dict, address: str, port: int = 80) -> str:  # type: ignore[type-arg]
-    return mesh.in_task(
-        client["id"], "socat", "-t5", "-T5", "-", f"TCP:{address}:{port},connect-timeout=5"
-    ).stdout.strip()
+def _get(client: dict, address: str, port: int = 80, udp: bool = False) -> str:  # type: ignore[type-arg]
+    return ask(task_netns(client["id"]), address, port, udp)
 
 
 def _spread(mesh: Mesh, client: dict, vip: str, count: int) -> collections.Counter[str]:  # type: ignore[type-arg]
-    return collections.Counter(_get(mesh, client, vip) for _ in range(count))
-
-
-def _dig(mesh: Mesh, *query: str) -> list[str]:
-    """Ask through the client task's own resolv.conf (127.0.0.11:53, redirected)."""
-    out = mesh.cli("exec", "client.1", "--", "dig", "+short", "+tries=1", "+time=2", *query).stdout
-    return sorted(out.split())
+    return collections.Counter(_get(client, vip) for _ in range(count))
 
 
 def test_vip_spreads_over_replicas_and_dns_answers(mesh: Mesh) -> None:
@@ -81,20 +74,17 @@ def test_vip_spreads_over_replicas_and_dns_answers(mesh: Mesh) -> None:
     counts = _spread(mesh, client, vip, 60)
     assert set(counts) == {"web.1", "web.2", "web.3"}, counts
     assert all(10 <= n <= 30 for n in counts.values()), counts
-    udp = collections.Counter(
-        mesh.in_task(client["id"], "sh", "-c", f"echo x | socat -T2 - UDP:{vip}:81").stdout.strip()
-        for _ in range(30)
-    )
+    udp = collections.Counter(_get(client, vip, 81, udp=True) for _ in range(30))
     assert set(udp) == {"web.1", "web.2", "web.3"}, udp
     # DNS through the task's resolv.conf: service, alias, mixed case, tasks.*, a task, PTR.
-    assert _dig(mesh, "web") == [vip]
-    assert _dig(mesh, "www") == [vip]
-    assert _dig(mesh, "WeB") == [vip]
-    assert _dig(mesh, "tasks.web") == sorted(tasks.values())
-    assert _dig(mesh, "web.2") == [tasks["web.2"]]
-    assert _dig(mesh, "-x", vip)[0].startswith("web")
-    assert _dig(mesh, "-x", tasks["web.1"])[0].startswith("web.1")
-    assert _dig(mesh, "web", "AAAA") == []
+    assert mesh.dig(client, "web") == [vip]
+    assert mesh.dig(client, "www") == [vip]
+    assert mesh.dig(client, "WeB") == [vip]
+    assert mesh.dig(client, "tasks.web") == sorted(tasks.values())
+    assert mesh.dig(client, "web.2") == [tasks["web.2"]]
+    assert mesh.dig(client, "-x", vip)[0].startswith("web")
+    assert mesh.dig(client, "-x", tasks["web.1"])[0].startswith("web.1")
+    assert mesh.dig(client, "web", "AAAA") == []
     assert mesh.diff().returncode == 0
 
 
@@ -103,7 +93,7 @@ def test_unhealthy_task_leaves_the_vip_and_dns_and_comes_back(mesh: Mesh, tmp_pa
     sick.mkdir()
     vip, client = _web(
         mesh, "10.72.0.0/24", 3,
-        "--health-cmd", f"test ! -e {sick}/$HOSTNAME", "--health-interval", "1s",
+        "--health-cmd", f"test ! -e {sick}/$HOSTNAME", "--health-interval", scaled_duration(1),
         "--health-retries", "2", "--restart-condition", "none",
     )  # fmt: skip
     wait_for(
@@ -116,11 +106,11 @@ def test_unhealthy_task_leaves_the_vip_and_dns_and_comes_back(mesh: Mesh, tmp_pa
     became_sick = time.monotonic()
     wait_for(lambda: "web.2" not in _spread(mesh, client, vip, 30), 10, "web.2 out of the VIP")
     # interval × retries + 1 s, with the time one spread takes as slack for the observation.
-    assert time.monotonic() - became_sick < 1 * 2 + 1 + 3
+    assert time.monotonic() - became_sick < scaled(1 * 2 + 1 + 3)
     assert "web.2" not in _spread(mesh, client, vip, 30)
     web2 = next(t for t in mesh.ps("web") if t["name"] == "web.2")
     assert web2["health"] == "unhealthy"
-    assert web2["addresses"]["front"] not in _dig(mesh, "tasks.web")
+    assert web2["addresses"]["front"] not in mesh.dig(client, "tasks.web")
     (sick / "web.2").unlink()
     wait_for(lambda: "web.2" in _spread(mesh, client, vip, 12), 15, "web.2 back in the VIP")
     _converged(mesh)
@@ -135,15 +125,15 @@ def test_scale_down_during_requests_loses_none(mesh: Mesh) -> None:
 
     def requests() -> None:
         while not stop.is_set():
-            answers.append(_get(mesh, client, vip))
+            answers.append(_get(client, vip))
 
     worker = threading.Thread(target=requests)
     worker.start()
     try:
-        time.sleep(1)
+        time.sleep(scaled(1))
         mesh.cli("service", "scale", "web=1", "--detach")
         wait_for(lambda: len(mesh.ps("web")) == 1, 20, "scaled to 1")
-        time.sleep(1)
+        time.sleep(scaled(1))
     finally:
         stop.set()
         worker.join()
@@ -257,27 +247,34 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
     node_id = mesh.node_id()
     (lb_ns,) = [n for n in netns.list_namespaces("mesh-lb-") if node_id and node_id[:8] in n]
 
-    # Drift: the VIP address and a balancing chain's rules deleted by hand come back. The
-    # controller holds still until diff has seen them: on a loaded machine its resync could
-    # repair them before diff runs.
+    # Drift: the VIP address and a service's balancing deleted by hand come back. Made and seen
+    # while the controller is stopped: a pass running meanwhile would repair it before diff saw it.
+    backend = mesh.lb_backend()
     assert mesh.controller is not None
     mesh.controller.send_signal(signal.SIGSTOP)
-    subprocess.run(["ip", "-n", lb_ns, "addr", "del", f"{vip}/32", "dev", "eth0"], check=True)
-    node = json.loads(mesh.cli("node", "inspect", mesh.node_name, "--format", "json").stdout)
-    if node["lb_backend"] == "nftables":
-        listing = ["nft", "list", "table", "ip", "meshctl"]
-        flush, prefix = ["nft", "flush", "chain", "ip", "meshctl"], "service-"
-    else:
-        listing = ["iptables-legacy-save", "-t", "nat"]
-        flush, prefix = ["iptables-legacy", "-t", "nat", "-F"], "MESH-SVC-"
-    chains = subprocess.run(["ip", "netns", "exec", lb_ns, *listing],
-                            capture_output=True, text=True).stdout  # fmt: skip
-    svc_chain = next(w.rstrip(",") for w in chains.split() if w.startswith(prefix))
-    subprocess.run(["ip", "netns", "exec", lb_ns, *flush, svc_chain], check=True)
-    drifted = mesh.diff()
-    mesh.controller.send_signal(signal.SIGCONT)
-    assert drifted.returncode == 1, drifted.stdout
-    _converged(mesh)  # within the resync period (2 s in these tests)
+    try:
+        subprocess.run(["ip", "-n", lb_ns, "addr", "del", f"{vip}/32", "dev", "eth0"], check=True)
+        if backend == "ipvs":  # an IPVS virtual service (by its fwmark), backends and all
+            saved = subprocess.run(["ip", "netns", "exec", lb_ns, "ipvsadm-save", "-n"],
+                                   capture_output=True, text=True).stdout  # fmt: skip
+            mark = next(ln.split()[2] for ln in saved.splitlines() if ln.startswith("-A -f "))
+            drop = ["ipvsadm", "-D", "-f", mark]
+        else:  # a balancing chain's rules
+            if backend == "nftables":
+                listing = ["nft", "list", "table", "ip", "meshctl"]
+                flush, prefix = ["nft", "flush", "chain", "ip", "meshctl"], "service-"
+            else:
+                listing = ["iptables-legacy-save", "-t", "nat"]
+                flush, prefix = ["iptables-legacy", "-t", "nat", "-F"], "MESH-SVC-"
+            chains = subprocess.run(["ip", "netns", "exec", lb_ns, *listing],
+                                    capture_output=True, text=True).stdout  # fmt: skip
+            drop = [*flush, next(w.rstrip(",") for w in chains.split() if w.startswith(prefix))]
+        subprocess.run(["ip", "netns", "exec", lb_ns, *drop], check=True)
+        drifted = mesh.diff()
+        assert drifted.returncode == 1, drifted.stdout
+    finally:
+        mesh.controller.send_signal(signal.SIGCONT)
+    _converged(mesh)  # within the resync period (mesh.RESYNC_PERIOD, scaled)
     # 30 new connections: all 3 backends answer (a miss by chance is about 1 in 70,000).
     assert set(_spread(mesh, client, vip, 30)) == {"web.1", "web.2", "web.3"}
 
@@ -298,7 +295,9 @@ def test_drift_restart_and_foreign_rules_and_links(mesh: Mesh, netns_factory: Ne
     mesh.cli("service", "scale", "web=1", "--detach")
     wait_for(lambda: len(mesh.ps("web")) == 1, 20, "scaled to 1")
     mesh.cli("service", "update", "web", "--env", "RELEASE=2", "--detach")
-    wait_for(lambda: [t["spec_version"] for t in mesh.running("web")] == [2], 30, "updated")
+    # Updated once the old task is gone too: until then the node is still changing.
+    wait_for(lambda: [(t["spec_version"], t["state"]) for t in mesh.ps("web")] == [(2, "running")],
+             30, "updated")  # fmt: skip
     _converged(mesh)
     foreign_path_works()
     assert _foreign_state(mesh) == links_before
@@ -340,7 +339,7 @@ def test_a_bridge_name_held_by_another_link_is_reported_and_left_alone(mesh: Mes
     clash = f"! link {bridge} in the node namespace does not carry meshctl's mark for it (no alias)"
     wait_for(lambda: clash in mesh.diff().stdout, 20, "the clash in meshctl diff")
     wait_for(lambda: clash[2:] in Path(mesh.controller_log).read_text(), 10, "a warning")
-    time.sleep(3)  # more than a resync period: still left alone
+    time.sleep(scaled(3))  # more than a resync period: still left alone
     diff = mesh.diff()
     assert diff.returncode == 1
     rest = (
@@ -368,10 +367,12 @@ class _connect:
     """A TCP connection made from inside a task's namespace (the socket keeps the namespace)."""
 
     def __init__(self, task_id: str, address: str, port: int) -> None:
-        self.sock = netns.run_in(f"mesh-t-{task_id}", socket.create_connection, (address, port), 5)
+        self.sock = netns.run_in(
+            task_netns(task_id), socket.create_connection, (address, port), scaled(5)
+        )
 
     def __enter__(self) -> socket.socket:
-        self.sock.settimeout(10)
+        self.sock.settimeout(scaled(10))
         return self.sock
 
     def __exit__(self, *exc: object) -> None:
@@ -408,17 +409,13 @@ def test_task_keeps_its_own_dns_server_and_other_names_go_upstream_from_the_node
         mesh.start_controller("--upstream-dns", "198.51.100.53")
         (task,) = mesh.wait_running("dnsd", 1)
         own = task["addresses"]["front"]
-
-        def ask(*query: str) -> list[str]:
-            dig = ["dig", "+short", "+tries=1", "+time=2", *query]
-            return mesh.cli("exec", "dnsd.1", "--", *dig).stdout.split()
-
         vip = json.loads(mesh.cli("service", "inspect", "dnsd", "--format", "json").stdout)
-        assert wait_for(lambda: ask("dnsd"), 10, "an answer for dnsd") == [
+        assert wait_for(lambda: mesh.dig(task, "dnsd"), 10, "an answer for dnsd") == [
             vip["networks"][0]["vip"]
         ]
-        assert ask(f"@{own}", "own.test") == ["192.0.2.77"]  # its own server, on its address
-        assert ask("outside.test") == ["203.0.113.9"]  # forwarded from the node side
+        # Its own server, on its address.
+        assert mesh.dig(task, f"@{own}", "own.test") == ["192.0.2.77"]
+        assert mesh.dig(task, "outside.test") == ["203.0.113.9"]  # forwarded from the node side
     finally:
         dnsmasq.kill()
         dnsmasq.wait()

@@ -12,6 +12,8 @@
 #   MESHCTL_VM_RESULTS   where the guest writes its results and logs (default: a new /tmp dir)
 #   MESHCTL_VM_KVM       1 or 0 to force KVM on or off (default: on when the CPU offers it)
 #   MESHCTL_VM_TIMEOUT   seconds for boot plus the command (default: 1500)
+#   MESHCTL_TIME_SCALE   how much slower than a host the tests run in the guest (default: 10
+#                        under TCG, 2 with KVM; see tests/vm/guest)
 #
 # The kernel version is pinned in tests/vm/kernel.env. A second run only boots.
 repo=$PWD
@@ -21,6 +23,9 @@ source tests/vm/kernel.env
 venv=${MESHCTL_VENV:-$repo/.venv}
 cache=${MESHCTL_VM_CACHE:-/var/cache/meshctl-vm}
 timeout_s=${MESHCTL_VM_TIMEOUT:-1500}
+# More vng arguments for every boot, set after sourcing; later ones win (the cluster lane,
+# tests/vm/cluster/boot: each VM's name, NIC, size).
+vm_vng_args=()
 
 vm_prepare() {
   # The host tools: QEMU, busybox for the initramfs that loads the kernel's virtio and 9p
@@ -89,6 +94,13 @@ vm_prepare() {
     if [ -w /dev/kvm ] && grep -qwE 'vmx|svm' /proc/cpuinfo; then kvm=1; fi
   fi
   results=${MESHCTL_VM_RESULTS:-$(mktemp -d /tmp/meshctl-vm-results.XXXXXX)}
+
+  # The guest may not write bytecode to the host's filesystem: compile it here, or every Python
+  # process in the VM (pytest, each controller, each `meshctl exec`) compiles meshctl from
+  # source again, which takes most of a minute under TCG.
+  if [ -x "$venv/bin/python" ]; then
+    "$venv/bin/python" -m compileall -q meshctl kernel tests bench >/dev/null
+  fi
 }
 
 # Boots the kernel and runs `tests/vm/guest RESULTS VENV COMMAND...` in it, its console into
@@ -102,8 +114,16 @@ vm_boot() {
     "$results/console.log" "$results/output.log"
   local vng_args=(-v -r "$vmlinuz" --memory 2G --cpus 2 --cwd "$repo" --rwdir "$results")
   ((kvm)) || vng_args+=(--disable-kvm)
+  # The host's root once more, read-only, for tests/vm/guest to mount with caching: the root
+  # virtme-ng mounts caches nothing, so every stat and open in the guest is a round trip.
+  vng_args+=("--qemu-opts=-fsdev local,id=meshctl-host,path=/,security_model=none,readonly=on,multidevs=remap -device virtio-9p-pci,fsdev=meshctl-host,mount_tag=meshctl-host")
+  vng_args+=("${vm_vng_args[@]}")
   local guest_cmd start
-  guest_cmd=$(printf '%q ' "$repo/tests/vm/guest" "$results" "$venv" "$@")
+  # The guest sees the host's files, not its environment: it learns KVM or TCG (and a time
+  # scale given here) from the command line.
+  guest_cmd=$(printf '%q ' env "MESHCTL_VM_KVM=$kvm" \
+    ${MESHCTL_TIME_SCALE:+"MESHCTL_TIME_SCALE=$MESHCTL_TIME_SCALE"} \
+    "$repo/tests/vm/guest" "$results" "$venv" "$@")
   start=$(date +%s)
   PATH=$vng_venv/bin:$PATH timeout --kill-after=30 "$timeout_s" \
     vng "${vng_args[@]}" -- "$guest_cmd" >"$results/console.log" 2>&1 || true

@@ -6,7 +6,6 @@ its own name over TCP, wired by veth pairs made inside those namespaces (never i
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 
 from kernel import netns
 from kernel.ipvs import Ipvs
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, tcp_read
 
 VIP = "10.98.0.100"
 VIP_PORT = 80
@@ -42,15 +41,6 @@ def ip(*args: str) -> None:
     done = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise AssertionError(f"ip {' '.join(args)}: {done.stderr.strip()}")
-
-
-def tcp_read(addr: str, port: int, timeout: float = 5.0) -> str:
-    """Connect, read until the server closes, return the text: what a client would see."""
-    with socket.create_connection((addr, port), timeout=timeout) as sock:
-        chunks = []
-        while chunk := sock.recv(4096):
-            chunks.append(chunk)
-    return b"".join(chunks).decode().strip()
 
 
 @pytest.fixture

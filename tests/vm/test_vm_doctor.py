@@ -42,4 +42,7 @@ def test_doctor_table_names_ipvs(ipvs_kernel: None) -> None:
     # The CHECK table, up to the blank line before the SYSCTL table.
     rows = {line.split()[0]: line.split()[1] for line in lines[1 : lines.index("")]}
     assert rows["ipvs"] == "ok"
-    assert lines[-2:] == ["lb_backend: ipvs", "verdict: ok, the mesh can run here"]
+    assert lines[-2:] == [
+        "lb_backend: ipvs (ipvs is the first choice and works here)",
+        "verdict: ok, the mesh can run here",
+    ]

@@ -14,7 +14,8 @@ import pytest
 
 from kernel import netns
 from kernel.ipvs import Destination, Ipvs, VirtualService
-from tests.vm.conftest import BACKEND_PORT, VIP, VIP_PORT, IpvsWorld, tcp_read
+from tests.conftest import tcp_read
+from tests.vm.conftest import BACKEND_PORT, VIP, VIP_PORT, IpvsWorld
 
 pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
