@@ -136,16 +136,22 @@ def _of_version(store: Store, service: Service, slot: int, version: int) -> Task
     return task
 
 
-def test_an_update_short_of_addresses_waits_for_the_old_task_to_go(store: Store) -> None:
-    """A /29 holds the gateway, the LB's reserve, the VIP and two tasks: one address is free, for
-    the first new task. The second waits (no error: the pass goes on) until the first old task
-    is gone; then it is made beside the second old one, new first as before."""
+def _two_placed_on_a_29_then_updated(store: Store) -> Service:
+    """Service web, 2 tasks placed on a /29, then updated: its rolling update starts."""
     ops.create_network(store, "small", subnet="10.20.1.0/29", driver="bridge")
     created = ops.create_service(store, spec("web", "small", replicas=2))
     settle(store)
     for task in ops.list_tasks(store, created):
         place(store, task)
     ops.update_service(store, "web", {"env": {"RELEASE": "2"}})
+    return created
+
+
+def test_an_update_short_of_addresses_waits_for_the_old_task_to_go(store: Store) -> None:
+    """A /29 holds the gateway, the LB's reserve, the VIP and two tasks: one address is free, for
+    the first new task. The second waits (no error: the pass goes on) until the first old task
+    is gone; then it is made beside the second old one, new first as before."""
+    created = _two_placed_on_a_29_then_updated(store)
     assert updater.roll(store, read_view(store)) == (True, "")
     place(store, _of_version(store, created, 1, 2))
     assert updater.roll(store, read_view(store)) == (True, "")  # web.1's old task goes
@@ -160,12 +166,7 @@ def test_an_update_with_no_address_to_spare_stops_each_old_task_first(store: Sto
     """With no address free at all (another service's VIP took the spare one), the old task
     goes first, as swarm's stop-first order: the orchestrator fills its slot once its address
     is free, and the next old task goes only when that new one is ready."""
-    ops.create_network(store, "small", subnet="10.20.1.0/29", driver="bridge")
-    created = ops.create_service(store, spec("web", "small", replicas=2))
-    settle(store)
-    for task in ops.list_tasks(store, created):
-        place(store, task)
-    ops.update_service(store, "web", {"env": {"RELEASE": "2"}})
+    created = _two_placed_on_a_29_then_updated(store)
     ops.create_service(store, spec("api", "small", replicas=0))  # its VIP: the last address
     assert updater.roll(store, read_view(store)) == (True, "")
     assert _slots(store, created) == {(1, 1): "shutdown", (2, 1): "running"}

@@ -79,6 +79,12 @@ def problems(outcome: Outcome) -> list[str]:
     return found
 
 
+def counts_line(lane: str, outcome: Outcome) -> str:
+    """The plain closing line CI reads for a lane's counts."""
+    failed = outcome.failures + outcome.errors
+    return f"{lane}: {outcome.passed} passed, {failed} failed, {outcome.skipped} skipped"
+
+
 def main(argv: list[str]) -> int:
     """Print the counts and wall time; exit non-zero when the lane failed."""
     results, wall = Path(argv[0]), int(argv[1])
@@ -96,11 +102,7 @@ def main(argv: list[str]) -> int:
     for line in found:
         print(f"vm lane: {line}")
     print(f"vm lane {'FAILED' if found else 'ok'}: {outcome.tests} tests in {wall}s")
-    # The plain closing line CI reads for counts.
-    print(
-        f"vm-lane: {outcome.passed} passed, {outcome.failures + outcome.errors} failed, "
-        f"{outcome.skipped} skipped"
-    )
+    print(counts_line("vm-lane", outcome))
     return 1 if found else 0
 
 

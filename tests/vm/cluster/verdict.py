@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tests.vm.report import MissingResult, Outcome, problems, read_outcome
+from tests.vm.report import MissingResult, Outcome, counts_line, problems, read_outcome
 
 
 def vm_names(lane: Path) -> list[str]:
@@ -71,11 +71,7 @@ def main(argv: list[str]) -> int:
     print(f"vm cluster lane {'FAILED' if found else 'ok'}: {tests} tests in {wall}s; "
           f"results in {lane}")  # fmt: skip
     if outcome:
-        # The plain closing line CI reads for counts.
-        print(
-            f"vm-cluster-lane: {outcome.passed} passed, {outcome.failures + outcome.errors} "
-            f"failed, {outcome.skipped} skipped"
-        )
+        print(counts_line("vm-cluster-lane", outcome))
     return 1 if found else 0
 
 
