@@ -15,7 +15,7 @@ from collections.abc import Collection, Iterable, Mapping
 
 from kernel.errors import KernelError
 from kernel.iptables_rules import OwnedTable
-from kernel.links import Link, Route
+from kernel.links import Link, NamespaceLinks, Route
 from kernel.nftables_rules import NftTable
 from kernel.nftables_rules import table_change as nft_change
 from kernel.system import Kernel
@@ -54,6 +54,7 @@ def observe_node(
     known_tables: Mapping[str, OwnedTable] | None = None,
     stateless_dns: bool = False,
     known_overlays: Mapping[str, OverlaySpec] | None = None,
+    node: NamespaceLinks | None = None,
 ) -> tuple[NodeSpec, list[str]]:
     """What the node has now, and the meshctl links on it that belong to nothing.
 
@@ -65,11 +66,12 @@ def observe_node(
     A present task namespace listed in `known` is taken to hold what it says, unread, and so
     are the node's own rules when `known_tables` is given, and the entries of the overlay
     devices in known_overlays: the controller passes what it wired or saw converged and is not
-    yet due to be read again. stateless_dns: the tasks' nftables tables are read too (see
-    stateless_dns()).
+    yet due to be read again; `node` is the node's own links and addresses when the controller
+    read them since anything changed (read_node). stateless_dns: the tasks' nftables tables are
+    read too (see stateless_dns()).
     """
     known = known or {}
-    node = kernel.links.read_namespace(NODE, routes=False)
+    node = read_node(kernel) if node is None else node
     listed = node.links
     link_aliases = {link.name: link.alias for link in listed if names.could_be_ours(link.name)}
     node_links = {link.name: link for link in listed if names.is_marked(link.alias)}
@@ -109,6 +111,11 @@ def observe_node(
         bridges=bridges, tasks=tasks, tables=tables, link_aliases=link_aliases, overlays=overlays
     )
     return spec, stray
+
+
+def read_node(kernel: Kernel) -> NamespaceLinks:
+    """The node's own links and addresses, without its routes (a host's table may be large)."""
+    return kernel.links.read_namespace(NODE, routes=False)
 
 
 def _has_leg_here(task_id: str, node_links: Mapping[str, Link]) -> bool:

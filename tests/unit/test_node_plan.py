@@ -342,14 +342,12 @@ def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
     assert all(forward.index(r) < jump for r in early)
 
 
-def test_task_namespaces_are_read_again_each_at_its_own_time(
+def _counted_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Each wired task namespace is read again within TASK_REREAD resync periods, at a random
-    point of the second half: never all in one pass (which took seconds at 300 tasks a node),
-    never later (drift in it is still repaired)."""
+) -> tuple[ClusterView, Kernel, list[float], list[str | None]]:
+    """A view of two tasks placed on node1, a fake kernel with their namespaces, a clock the
+    node reconciler reads (set it), and the namespaces read_namespace visits (None: the node)."""
     from meshctl.controller import node_reconciler
-    from meshctl.controller.node_reconciler import NodeReconciler
 
     store = _store(tmp_path)
     for record in store.list("task"):
@@ -360,15 +358,27 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
         kernel.netns.create(names.task_netns(task_id))
     clock = [1000.0]
     monkeypatch.setattr(node_reconciler.time, "monotonic", lambda: clock[0])
-    reads: list[str] = []
+    reads: list[str | None] = []
     read_namespace = kernel.links.read_namespace
 
     def counted(ns: str | None, routes: bool = True) -> NamespaceLinks:
-        if ns is not None:  # the node's own is read each pass
-            reads.append(ns)
+        reads.append(ns)
         return read_namespace(ns, routes)
 
     monkeypatch.setattr(kernel.links, "read_namespace", counted)
+    return view, kernel, clock, reads
+
+
+def test_task_namespaces_are_read_again_each_at_its_own_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each wired task namespace is read again within TASK_REREAD resync periods, at a random
+    point of the second half: never all in one pass (which took seconds at 300 tasks a node),
+    never later (drift in it is still repaired)."""
+    from meshctl.controller import node_reconciler
+    from meshctl.controller.node_reconciler import NodeReconciler
+
+    view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
     reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
     assert reconciler.sync(view, set(view.tasks), {}) == {}
     dues = sorted(due for _, due in reconciler._wired.values())
@@ -379,8 +389,45 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
     reads.clear()
     clock[0] = dues[0] - 0.01
     reconciler.sync(view, set(view.tasks), {})
-    assert reads == []  # none due yet: nothing read
+    assert [ns for ns in reads if ns is not None] == []  # none due yet: nothing read
     clock[0] = dues[0] + 0.001
     reconciler.sync(view, set(view.tasks), {})
-    assert len(reads) == 1  # the first one only, due again later
+    assert len([ns for ns in reads if ns is not None]) == 1  # the first one, due again later
     assert reconciler.next_read() == dues[1]
+
+
+def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node's own links and addresses (300-odd at 300 tasks) are dumped again only when this
+    controller changed them, a task namespace came or went, or a resync period passed; drift
+    by another is repaired at that full observe, as a rule's is."""
+    from meshctl.controller.node_reconciler import NodeReconciler
+
+    view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
+    reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
+    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    assert reads.count(None) == 2  # before and after wiring
+    bridge = next(iter(desired_node(view, "node1", set(view.tasks)).bridges))
+
+    reads.clear()
+    clock[0] += 1
+    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    assert None not in reads  # nothing changed: the node is not read
+
+    kernel.links.delete_link(None, bridge)  # another's drift
+    kernel.netns.create(names.task_netns("t-new"))  # a namespace came: read again, not ours
+    reads.clear()
+    clock[0] += 1
+    reconciler.sync(view, set(view.tasks), {})
+    assert reads.count(None) == 2  # the drift was seen: read, repaired, read again
+    assert kernel.links.get_link(None, bridge) is not None
+
+    kernel.links.delete_link(None, bridge)
+    reads.clear()
+    clock[0] += 1
+    reconciler.sync(view, set(view.tasks), {})
+    assert None not in reads and kernel.links.get_link(None, bridge) is None  # not yet seen
+    clock[0] += 10  # a resync period: the full observe reads the node and repairs it
+    reconciler.sync(view, set(view.tasks), {})
+    assert kernel.links.get_link(None, bridge) is not None
