@@ -13,9 +13,7 @@ from meshctl.runtime import read_start_time
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, wait_for
 
-# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
-# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
-pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 
 def test_a_pid_that_names_another_process_now_is_never_wired(mesh: Mesh) -> None:

@@ -18,9 +18,7 @@ from kernel import netns
 from tests.conftest import scaled
 from tests.kernel.mesh import Mesh, wait_for
 
-# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
-# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
-pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # A task that answers every TCP connection on port 80 with its own host name (the task name).
 NAME_SERVER = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]

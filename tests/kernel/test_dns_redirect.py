@@ -12,9 +12,7 @@ from kernel.nftables import Nftables
 from tests.conftest import scaled
 from tests.kernel.mesh import Mesh
 
-# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
-# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
-pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # The task's own DNS-port server: answers any datagram to port 53 with "own".
 OWN_SERVER = ["socat", "UDP-RECVFROM:53,fork", "SYSTEM:echo own"]

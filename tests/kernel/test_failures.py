@@ -14,9 +14,7 @@ from meshctl.controller.names import task_netns
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, ask, wait_for
 
-# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
-# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
-pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 
 def _store(mesh: Mesh) -> str:

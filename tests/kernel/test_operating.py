@@ -16,9 +16,7 @@ import pytest
 from tests.conftest import scaled, scaled_duration
 from tests.kernel.mesh import MESHCTL, Mesh, breakable_iptables, wait_for
 
-# ipvs_extra, not ipvs: these pass on IPVS in the QEMU lane, but under TCG they do not fit the
-# lane's share of CI's 45 minutes (`tests/vm/run -m ipvs_extra tests/kernel` runs them there).
-pytestmark = [pytest.mark.root, pytest.mark.ipvs_extra]
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 WEB = ["socat", "TCP-LISTEN:80,reuseaddr,fork", "SYSTEM:hostname"]
 

@@ -26,7 +26,7 @@ from meshctl.model import NetworkAttachment, Service
 from tests.conftest import NetnsFactory, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, wait_for
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 NODE_IP, CLIENT_IP = "198.51.100.1", "198.51.100.2"
 ECHO = str(Path(__file__).with_name("echo_server.py"))
@@ -98,11 +98,6 @@ def health(mesh: Mesh, task: str) -> set[Any]:
     return {h for h, _ in found} | set(found)
 
 
-# Passes on IPVS in the QEMU lane (`tests/vm/run -m ipvs_extra tests/kernel`): the router
-# published through the routing mesh, a VIP IPVS balances over the router. Not in the lane's CI
-# run (ipvs), as the other router tests: under TCG each takes minutes (a Python server per
-# task, a router per test) and they test HAProxy's side, the same on every LB backend.
-@pytest.mark.ipvs_extra
 def test_routes_by_host_wildcard_and_path_and_refuses_unknown_hosts(
     world: tuple[Mesh, str],
 ) -> None:

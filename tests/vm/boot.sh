@@ -11,7 +11,7 @@
 #   MESHCTL_VM_CACHE     downloaded kernel and virtme-ng (default: /var/cache/meshctl-vm)
 #   MESHCTL_VM_RESULTS   where the guest writes its results and logs (default: a new /tmp dir)
 #   MESHCTL_VM_KVM       1 or 0 to force KVM on or off (default: on when the CPU offers it)
-#   MESHCTL_VM_TIMEOUT   seconds for boot plus the command (default: 1500)
+#   MESHCTL_VM_TIMEOUT   seconds for boot plus the command (default: 2700)
 #   MESHCTL_TIME_SCALE   how much slower than a host the tests run in the guest (default: 10
 #                        under TCG, 2 with KVM; see tests/vm/guest)
 #
@@ -22,7 +22,7 @@ source tests/vm/kernel.env
 
 venv=${MESHCTL_VENV:-$repo/.venv}
 cache=${MESHCTL_VM_CACHE:-/var/cache/meshctl-vm}
-timeout_s=${MESHCTL_VM_TIMEOUT:-1500}
+timeout_s=${MESHCTL_VM_TIMEOUT:-2700}
 # More vng arguments for every boot, set after sourcing; later ones win (the cluster lane,
 # tests/vm/cluster/boot: each VM's name, NIC, size).
 vm_vng_args=()
