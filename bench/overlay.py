@@ -19,9 +19,9 @@ and curl; everything it makes is removed in `finally` (also on Ctrl-C and SIGTER
     part in the network and holds all S VIPs and their endpoints in its LB namespace. Each change
     takes one task's endpoint out and back, each time of another service. One thread per node
     reads its LB namespace's ruleset with the node's backend's own list tool (the `lb_backend` of
-    `meshctl node inspect`: `iptables-legacy-save -t nat` or `nft -j list table ip meshctl`),
-    readings spaced by SPACING times their duration, until the task's address is no DNAT target
-    any more, then until it is one again.
+    `meshctl node inspect`: `iptables-legacy-save -t nat`, or `nft -j list chain ip meshctl` of
+    the task's endpoint chain), readings spaced by SPACING times their duration, until the
+    task's address is no DNAT target any more, then until it is one again.
     --tasks real: R sleeper tasks, at most one a node; a change SIGKILLs one's process (on node1,
     node2, node3 in turn, each task once: a second kill would meet the restart back-off) and its
     node restarts it after --restart-delay. A store watcher stamps the task's records. Times: kill
@@ -60,6 +60,8 @@ from typing import Any
 from meshctl import ops
 from meshctl.controller.membership import Membership
 from meshctl.controller.names import lb_netns, task_netns
+from meshctl.lb.nftables import endpoint_chain
+from meshctl.lb.spec import Backend, VirtualIp
 from meshctl.model import (
     TASK,
     NetworkAttachment,
@@ -169,9 +171,25 @@ def _nftables_targets(ns: str) -> frozenset[str]:
     listing = run_in_netns(ns, "nft", "-j", "list", "table", "ip", "meshctl")
     if listing.returncode:
         raise RuntimeError(f"nft list table in {ns}: {listing.stderr.strip()}")
+    return _dnat_addresses(listing.stdout)
+
+
+def _nftables_chain_targets(ns: str, chain: str) -> frozenset[str]:
+    """The DNAT targets of one endpoint chain; none when the chain is not there (the nftables
+    backend adds and deletes an endpoint's chain in the transaction that adds it to or takes it
+    from its service's spread)."""
+    listing = run_in_netns(ns, "nft", "-j", "list", "chain", "ip", "meshctl", chain)
+    if listing.returncode:
+        if "No such file or directory" in listing.stderr:
+            return frozenset()
+        raise RuntimeError(f"nft list chain {chain} in {ns}: {listing.stderr.strip()}")
+    return _dnat_addresses(listing.stdout)
+
+
+def _dnat_addresses(listing: str) -> frozenset[str]:
     return frozenset(
         str(expr["dnat"]["addr"])
-        for item in json.loads(listing.stdout)["nftables"]
+        for item in json.loads(listing)["nftables"]
         if "rule" in item
         for expr in item["rule"]["expr"]
         if "dnat" in expr
@@ -180,7 +198,8 @@ def _nftables_targets(ns: str) -> frozenset[str]:
 
 # The addresses an LB namespace's ruleset DNATs to, read with each backend's own tool: every
 # backend keeps a DNAT rule for an active endpoint only (none for a draining one).
-DNAT_TARGETS: dict[str, Callable[[str], frozenset[str]]] = {
+Reading = Callable[[str], frozenset[str]]
+DNAT_TARGETS: dict[str, Reading] = {
     "iptables": _iptables_targets,
     "nftables": _nftables_targets,
 }
@@ -194,6 +213,20 @@ class Kernels:
     namespaces: dict[str, str]  # node → its LB namespace
     gap: float  # the least seconds between two readings of one namespace, following a change
 
+    def endpoint_reading(self, cluster: Cluster, task: dict[str, Any]) -> Reading:
+        """How to read whether a task of the mesh network is a DNAT target in a namespace: with
+        nftables, its own endpoint chain (at S=1,000 a listing of the whole table took ~600 ms
+        and every node was read every 2.4 s: that, not the controllers, bounded the figure);
+        with iptables, the nat table (iptables-legacy-save cannot list less)."""
+        if self.backend != "nftables":
+            return DNAT_TARGETS[self.backend]
+        backend = Backend(task["addresses"]["mesh"])
+        service = VirtualIp(
+            task["service_id"], task["service"], vip(cluster, task["service"], "mesh")
+        )
+        chain = endpoint_chain(service, backend)
+        return lambda ns: _nftables_chain_targets(ns, chain)
+
     def targets(self) -> dict[str, frozenset[str]]:
         with ThreadPoolExecutor(len(self.namespaces)) as pool:
             found = pool.map(DNAT_TARGETS[self.backend], self.namespaces.values())
@@ -201,15 +234,16 @@ class Kernels:
 
     def first(
         self,
+        read: Reading,
         address: str,
         present: bool,
         since: float,
         timeout: float,
         give_up: Callable[[], bool] = lambda: False,
     ) -> tuple[dict[str, float | None], float]:
-        """Per node, the start time of the first reading at or after since in which address
-        is (present) or is not a DNAT target, None if give_up() came first; and the median
-        seconds from one reading's start to the next's (the resolution).
+        """Per node, the start time of the first reading (`read`) at or after since in which
+        address is (present) or is not a DNAT target, None if give_up() came first; and the
+        median seconds from one reading's start to the next's (the resolution).
 
         Between two readings of a namespace the thread waits the gap or SPACING times what the
         reading took, whichever is longer: the readings take at most 1 / (SPACING + 1) of a
@@ -223,7 +257,7 @@ class Kernels:
                 if start > since + timeout:
                     raise TimeoutError(f"{address} {'in' if present else 'out of'} {ns}")
                 stop = give_up()
-                seen = address in DNAT_TARGETS[self.backend](ns)
+                seen = address in read(ns)
                 if seen == present:
                     return start
                 if stop:
@@ -400,9 +434,12 @@ def stamp(watch: StoreWatch, since: float, task_id: str, test: Callable[[dict[st
     )  # fmt: skip
 
 
-def kill(kernels: Kernels, watch: StoreWatch, task: dict[str, Any], timeout: float) -> Change:
+def kill(
+    cluster: Cluster, kernels: Kernels, watch: StoreWatch, task: dict[str, Any], timeout: float
+) -> Change:
     """SIGKILL a real task's process; follow it out of every node's kernel and back in."""
     address, pid = task["addresses"]["mesh"], task["pid"]
+    read = kernels.endpoint_reading(cluster, task)
     killed = time.monotonic()
     os.kill(pid, signal.SIGKILL)
 
@@ -410,11 +447,12 @@ def kill(kernels: Kernels, watch: StoreWatch, task: dict[str, Any], timeout: flo
         new = lambda t: t["state"] == "running" and t["pid"] not in (None, pid)  # noqa: E731
         return stamp(watch, killed, task["id"], new)
 
-    out, poll = kernels.first(address, False, killed, timeout, lambda: restarted() is not None)
+    out, poll = kernels.first(read, address, False, killed, timeout,
+                              lambda: restarted() is not None)  # fmt: skip
     down = wait_for(lambda: stamp(watch, killed, task["id"], lambda t: t["pid"] != pid),
                     timeout, f"{task['name']}'s kill in the store", 0.05)  # fmt: skip
     up = wait_for(restarted, timeout, f"{task['name']} restarted", 0.05)
-    back, _ = kernels.first(address, True, up, timeout)
+    back, _ = kernels.first(read, address, True, up, timeout)
     return Change(
         task["node"], down - killed, {n: None if t is None else t - down for n, t in out.items()},
         {n: t - up for n, t in back.items() if t is not None}, poll,
@@ -425,10 +463,11 @@ def flip(cluster: Cluster, kernels: Kernels, task: dict[str, Any], timeout: floa
     """Write a simulated task failed, follow it out of every node's kernel, write it running
     again and follow it back in."""
     address = task["addresses"]["mesh"]
+    read = kernels.endpoint_reading(cluster, task)
     down = cluster.call_store(lambda store: write_simulated(store, task["id"], False))
-    out, poll = kernels.first(address, False, down, timeout)
+    out, poll = kernels.first(read, address, False, down, timeout)
     up = cluster.call_store(lambda store: write_simulated(store, task["id"], True))
-    back, _ = kernels.first(address, True, up, timeout)
+    back, _ = kernels.first(read, address, True, up, timeout)
     return Change(
         SIM, None, {n: None if t is None else t - down for n, t in out.items()},
         {n: t - up for n, t in back.items() if t is not None}, poll,
@@ -494,7 +533,7 @@ def propagation(cluster: Cluster, args: argparse.Namespace) -> tuple[list[Scale]
         with StoreWatch(cluster) as watch:
             for i, task in enumerate(victims(cluster, args.changes, args.tasks == "simulated")):
                 if args.tasks == "real":
-                    results.append(kill(kernels, watch, task, args.change_timeout))
+                    results.append(kill(cluster, kernels, watch, task, args.change_timeout))
                 else:
                     results.append(flip(cluster, kernels, task, args.change_timeout))
                 print(f"S={count} change {i + 1}/{args.changes}: {change_text(results[-1])}",
@@ -562,9 +601,10 @@ def report_propagation(
     )
     print(f"\nEndpoint change propagation: S services x {what}, on one overlay network; LB "
           f"backend {backend}, --resync-period {args.resync_period}; each node's LB namespace "
+          "(nftables: the task's endpoint chain) "
           f"read every {args.poll_ms:g} ms or {SPACING} times a reading's duration + the "
           "reading (the resolution below). p50 / p99 in ms, p99 by nearest rank "
-          "(of 20: the largest).\n")  # fmt: skip
+          f"(of {args.changes}: the largest).\n")  # fmt: skip
     print("| S | tasks | changes | kill → store write | store write → last kernel without it "
           "| kill → last kernel without it | kept by a node until the restart "
           "| restart written → last kernel with it | resolution (ms) | load average |")  # fmt: skip
