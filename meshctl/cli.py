@@ -1073,6 +1073,9 @@ def node_update(
 def node_rm(name: str) -> None:
     """Remove node NAME, which must be down: its tasks already run elsewhere.
 
+    Its record goes, with its tasks' and attached containers' records and every address it
+    held (tasks, containers, its load balancers and router on each network).
+
     \b
     Example:
       meshctl node rm node3

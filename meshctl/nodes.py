@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from meshctl import ipam
 from meshctl.changeset import Changes
 from meshctl.model import (
+    CONTAINER,
     LEADER,
     LEADER_KEY,
     NETWORK,
@@ -22,6 +23,7 @@ from meshctl.model import (
     NODE_STATUS,
     TASK,
     Availability,
+    Container,
     Network,
     Node,
     NodeState,
@@ -121,8 +123,9 @@ def update_node(
 
 
 def remove_node(store: Store, name: str) -> Node:
-    """Forget a node that is down: its record, its load-balancer addresses and the records of
-    the tasks it had (the leader has started their replacements elsewhere)."""
+    """Forget a node that is down: its record, the addresses its load balancers and its router
+    held on every network, the records of the tasks it had (the leader has started their
+    replacements elsewhere) and of the containers attached on it, with their addresses."""
 
     def attempt() -> Node:
         record = store.get(NODE, check_name(name, "node name"))
@@ -137,11 +140,18 @@ def remove_node(store: Store, name: str) -> Node:
         changes = Changes(store)
         networks = {r.name: from_record(Network, r) for r in store.list(NETWORK)}
         for network in networks.values():
-            changes.release(network, [ipam.lb_owner(name)])
+            changes.release(network, [ipam.lb_owner(name), ipam.router_owner(name)])
         for task_record in store.list(TASK):
             task = from_record(Task, task_record)
             if task.node == name:
                 drop_task(changes, task, task_record.mod_revision, networks)
+        for container_record in store.list(CONTAINER):
+            container = from_record(Container, container_record)
+            if container.node == name:
+                changes.ops.append(Delete(CONTAINER, container.name, container_record.mod_revision))
+                if container.network in networks:
+                    owner = ipam.container_owner(container.id)
+                    changes.release(networks[container.network], [owner])
         changes.ops.append(Delete(NODE, name, expect=record.mod_revision))
         changes.commit()
         return node

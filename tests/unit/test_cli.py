@@ -284,6 +284,39 @@ def test_doctor_is_registered_and_loaded_only_when_run() -> None:
     assert "--format" in CliRunner().invoke(main, ["doctor", "--help"]).stdout
 
 
+def test_node_rm_forgets_a_down_node_and_every_address_it_held(run: Any, tmp_path: Path) -> None:
+    from meshctl import ipam, ops
+    from meshctl.model import NETWORK, Network, from_record
+
+    run("network", "create", "front")
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put(NODE, "node1", Node("node1").to_dict())
+        store.put(NODE_STATUS, "node1", NodeStatus("node1").to_dict(), lease=store.grant_lease(60))
+        store.put(NODE, "node2", Node("node2").to_dict())  # down: no status under a lease
+        front = from_record(Network, store.get(NETWORK, "front"))
+        for node in ("node1", "node2"):
+            ipam.allocate_lb_address(store, front, node)
+            ipam.allocate_node_address(store, front, ipam.router_owner(node), f"router {node}")
+        ops.attach_container(store, "legacy", "/proc/self/ns/net", "front", "node2")
+
+    def owners() -> set[str]:
+        with open_store(f"sqlite://{tmp_path}/state.db") as store:
+            return {str(r.value["owner"]) for r in store.list(ipam.ADDRESS)}
+
+    held = owners()
+    assert {"lb:node1", "lb:node2", "router:node1", "router:node2"} <= held
+    one_line_error(run("node", "rm", "node1", code=1), "node node1 is not down")
+    one_line_error(run("node", "rm", "ghost", code=1), "node ghost not found")
+    assert owners() == held  # a refused rm changed nothing
+
+    assert run("node", "rm", "node2").stdout == "node2\n"
+    names = [n["name"] for n in json.loads(run("node", "ls", "--format", "json").stdout)]
+    assert names == ["node1"]
+    assert json.loads(run("container", "ls", "--format", "json").stdout) == []
+    gone = {"lb:node2", "router:node2"} | {o for o in held if o.startswith("container:")}
+    assert owners() == held - gone
+
+
 def test_json_keys_are_the_documented_ones(run: Any, tmp_path: Path, leader: Any) -> None:
     """docs/cli-json.md is the contract: its examples have exactly the keys meshctl prints."""
     doc = (Path(__file__).parents[2] / "docs" / "cli-json.md").read_text()
