@@ -1,7 +1,7 @@
 """A long campaign of the stateful property test (tests/property/machine.py): batches of
 random examples, each with a new random seed, until the time is up.
 
-Each batch is one pytest run of tests/property/test_mesh_machine.py with
+Each batch is one pytest run of tests/property/test_mesh_machine.py (both backends) with
 `--hypothesis-seed SEED` and MESHCTL_PROPERTY_EXAMPLES / MESHCTL_PROPERTY_STEPS set, so a
 failing batch is reproduced by the command the report prints (a timing-dependent failure may
 need a few tries); hypothesis also prints a @reproduce_failure blob for the exact example.
@@ -29,7 +29,7 @@ from failover import isolate  # bench/failover.py: bench/ is this script's sys.p
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = "tests/property/test_mesh_machine.py"
-SUMMARY = re.compile(r"property run, (\d+)s: (\d+) examples, (\d+) steps")
+SUMMARY = re.compile(r"property run \(\w+\), (\d+)s: (\d+) examples, (\d+) steps")  # a backend
 
 
 @dataclass
@@ -60,8 +60,8 @@ def run_batch(seed: int, examples: int, steps: int, logs: Path) -> Batch:
     seconds = time.monotonic() - began
     log = logs / f"seed-{seed}.log"
     log.write_text(result.stdout + result.stderr)
-    found = SUMMARY.search(result.stdout)
-    ran_examples, ran_steps = (int(found[2]), int(found[3])) if found else (0, 0)
+    runs = SUMMARY.findall(result.stdout)  # one for each backend the test runs
+    ran_examples, ran_steps = sum(int(r[1]) for r in runs), sum(int(r[2]) for r in runs)
     return Batch(seed, result.returncode == 0, seconds, ran_examples, ran_steps, str(log), command)
 
 

@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 from hypothesis import note
@@ -60,10 +60,10 @@ SUBNETS = (None, "10.77.0.0/24", "10.77.1.0/24", "10.77.0.0/28", "10.77.0.16/29"
 SMALLEST_PREFIX = 29  # `network create` refuses anything smaller (documented in its error)
 MAX_REPLICAS = 4
 NODE = "node1"
-# The checks read the load balancers through iptables-legacy-save (observe.py), so the controller
-# runs the iptables backend; auto would pick nftables on this kernel. Nothing listens on the
+# The controller runs the backend the machine names (MeshMachine.backend), and the checks read
+# its LB namespaces with that backend's own tool (observe.lb_reading). Nothing listens on the
 # upstream: a quick SERVFAIL.
-CONTROLLER_ARGS = ("--lb-backend", "iptables", "--upstream-dns", "127.0.0.1")
+UPSTREAM_ARGS = ("--upstream-dns", "127.0.0.1")
 
 SETTLE = 20.0  # how long the node may take to settle after a step
 READY = 20.0  # how long a task may take to serve, back-off not counted
@@ -91,6 +91,12 @@ class Stats:
     example_times: list[float] = field(default_factory=list)
     actions: Counter[str] = field(default_factory=Counter)  # action → runs
     outcomes: Counter[str] = field(default_factory=Counter)  # "refused: ..." / "skipped: ..."
+
+    def reset(self) -> None:
+        """Count afresh: each backend's run prints its own."""
+        fresh = Stats()
+        for f in fields(self):
+            setattr(self, f.name, getattr(fresh, f.name))
 
     def summary(self) -> str:
         waits = sorted(self.settle_waits) or [0.0]
@@ -271,6 +277,11 @@ def serving(task: dict[str, Any]) -> bool:
 
 
 class MeshMachine(RuleBasedStateMachine):
+    backend = "iptables"  # the controller's --lb-backend; test_mesh_machine runs each
+
+    def controller_args(self) -> tuple[str, ...]:
+        return ("--lb-backend", self.backend, *UPSTREAM_ARGS)
+
     def __init__(self) -> None:
         super().__init__()
         STATS.examples += 1
@@ -288,7 +299,7 @@ class MeshMachine(RuleBasedStateMachine):
         self.mesh = Mesh(self.node_ns, os.path.join(self.workdir, "state"), NODE)
         try:
             subprocess.run(["ip", "-n", self.node_ns, "link", "set", "lo", "up"], check=True)
-            self.mesh.start_controller(*CONTROLLER_ARGS)
+            self.mesh.start_controller(*self.controller_args())
             self.node_id: str = wait_for(self.mesh.node_id, 15, "the controller's node record")
         except BaseException:
             self._force_cleanup()
@@ -542,7 +553,7 @@ class MeshMachine(RuleBasedStateMachine):
         }
         self._note(f"controller restart ({'SIGKILL' if kill else 'SIGTERM'})")
         self.mesh.stop_controller(signal.SIGKILL if kill else signal.SIGTERM)
-        self.mesh.start_controller(*CONTROLLER_ARGS)
+        self.mesh.start_controller(*self.controller_args())
         self.failures.clear()  # a new controller starts every back-off afresh
 
     @rule(action=ACTION)
@@ -679,8 +690,9 @@ class MeshMachine(RuleBasedStateMachine):
         for network in store["network"].values():
             ns = self._lb_ns(network["id"])
             if netns.exists(ns):
-                tables[ns] = observe.iptables_save(ns)
-                lb[network["id"]] = (tables[ns], observe.addresses(ns, "eth0"))
+                tables[ns] = observe.iptables_save(ns)  # for the marks, whatever the backend
+                reading = observe.lb_reading(self.backend, ns)
+                lb[network["id"]] = (reading, observe.addresses(ns, "eth0"))
         return {"links": observe.links(self.node_ns), "lb": lb, "tables": tables}
 
     def _askers(self, tasks: dict[str, dict[str, Any]]) -> dict[frozenset[str], str]:
@@ -866,7 +878,7 @@ class MeshMachine(RuleBasedStateMachine):
         for network in store["network"].values():
             if network["id"] not in lb:
                 continue  # its namespace is missing: _namespace_problems says so
-            tables, addresses = lb[network["id"]]
+            reading, addresses = lb[network["id"]]
             prefix = ipaddress.IPv4Network(network["subnet"]).prefixlen
             want_addresses = {f"{a}/{prefix}" for n, a in lb_addresses if n == network["name"]}
             vips = {}
@@ -886,18 +898,14 @@ class MeshMachine(RuleBasedStateMachine):
                     and network["name"] in t["addresses"]
                     and serving(t)
                 )
-                path = observe.vip_path(tables, vip)
+                path = reading.vip_path(vip)
                 where = f"VIP {vip} of {service['name']} on {network['name']}"
                 if list(path.dnat) != want:
                     problems.append(f"{where} balances over {list(path.dnat)}, want {want}")
                 if path.refused != (not want):
                     problems.append(f"{where}: refused={path.refused} with backends {want}")
                 problems += [f"{where}: {p}" for p in path.problems]
-            for rules in tables.get("nat", {}).values():
-                for r in rules:
-                    dispatch = r.target.startswith("MESH-SVC-") and r.destination
-                    if dispatch and r.destination.removesuffix("/32") not in vips:
-                        problems.append(f"LB of {network['name']}: {r} for no VIP")
+            problems += [f"LB of {network['name']}: {p}" for p in reading.stray(vips)]
         return problems
 
     def _mark_problems(

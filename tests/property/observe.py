@@ -141,6 +141,134 @@ def vip_path(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> VipPath
     return VipPath(dnat, refused, tuple(problems))
 
 
+# -- nftables (the LB namespace's table of the nftables backend) ---------------------------------
+
+NFT_TABLE = "meshctl"
+
+
+def nft_table(ns: str) -> dict[str, Any]:
+    """`nft -j list table ip meshctl` in namespace ns, as chains (name → rules' exprs), maps and
+    sets (name → elements); empty if the table is missing."""
+    argv = ["nsenter", f"--net={netns.path(ns)}", "--", "nft", "-j", "list", "table", "ip",
+            NFT_TABLE]  # fmt: skip
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    table: dict[str, Any] = {"chains": {}, "sets": {}}
+    if result.returncode != 0:
+        return table
+    for item in json.loads(result.stdout)["nftables"]:
+        if "chain" in item:
+            table["chains"].setdefault(item["chain"]["name"], [])
+        elif "rule" in item:
+            table["chains"].setdefault(item["rule"]["chain"], []).append(item["rule"]["expr"])
+        for kind in ("map", "set"):
+            if kind in item:
+                table["sets"][item[kind]["name"]] = item[kind].get("elem", [])
+    return table
+
+
+def _goto(verdict: Any) -> str | None:
+    return verdict.get("goto", {}).get("target") if isinstance(verdict, dict) else None
+
+
+def nft_vip_path(table: dict[str, Any], vip: str) -> VipPath:
+    """Follow a new connection to vip as the nftables backend's table sends it: the nat
+    prerouting's vmap @services to the VIP's service chain, a goto or a `numgen inc mod N` vmap
+    over endpoint chains (each of 0..N-1 once, so they take turns), each one DNAT; refused if
+    vip is in @no-endpoints, which filter input rejects."""
+    chains, sets = table["chains"], table["sets"]
+    problems: list[str] = []
+    dispatch = [e for rule in chains.get("prerouting", []) for e in rule if "vmap" in e]
+    if [e["vmap"]["data"] for e in dispatch] != ["@services"]:
+        problems.append(f"prerouting dispatches by {dispatch}, want one vmap @services")
+    services = {key: _goto(verdict) for key, verdict in sets.get("services", [])}
+    rejecting = [r for r in chains.get("input", []) if any("reject" in e for e in r)]
+    rejects_the_set = len(rejecting) == 2 and all(
+        r[0].get("match", {}).get("right") == "@no-endpoints" for r in rejecting
+    )
+    refused = rejects_the_set and vip in sets.get("no-endpoints", [])
+    service = services.get(vip)
+    if service is None:
+        return VipPath((), refused, tuple(problems))
+    endpoints: list[str] = []
+    for rule in chains.get(service, []):
+        for expr in rule:
+            if _goto(expr):
+                endpoints.append(_goto(expr) or "")
+            elif "vmap" in expr and "numgen" in expr["vmap"]["key"]:
+                numgen = expr["vmap"]["key"]["numgen"]
+                choices = dict(expr["vmap"]["data"]["set"])
+                if numgen["mode"] != "inc" or sorted(choices) != list(range(numgen["mod"])):
+                    problems.append(f"{service}: numgen {numgen} over {sorted(choices)}")
+                endpoints += [_goto(choices[k]) or "" for k in sorted(choices)]
+            else:
+                problems.append(f"{service}: unexpected {expr}")
+    dnat = []
+    for chain in endpoints:
+        targets = [e["dnat"]["addr"] for rule in chains.get(chain, []) for e in rule if "dnat" in e]
+        if len(targets) != 1:
+            problems.append(f"endpoint chain {chain!r} DNATs to {targets}")
+        dnat += targets
+    return VipPath(tuple(sorted(dnat)), refused, tuple(problems))
+
+
+def nft_stray_vips(table: dict[str, Any], vips: Iterable[str]) -> list[str]:
+    """Entries of @services and @no-endpoints for no VIP of vips, and chains nothing reaches."""
+    known = set(vips)
+    sets = table["sets"]
+    stray = [f"@services element {k}" for k, _ in sets.get("services", []) if k not in known]
+    stray += [f"@no-endpoints element {k}" for k in sets.get("no-endpoints", []) if k not in known]
+    reached = {_goto(v) for _, v in sets.get("services", [])}
+    for rules in table["chains"].values():
+        for rule in rules:
+            for expr in rule:
+                if "vmap" in expr and isinstance(expr["vmap"]["data"], dict):
+                    reached |= {_goto(v) for _, v in expr["vmap"]["data"]["set"]}
+                reached.add(_goto(expr))
+    base = {"prerouting", "postrouting", "input"}
+    stray += [f"chain {name}" for name in table["chains"] if name not in reached | base]
+    return stray
+
+
+@dataclass(frozen=True)
+class IptablesLb:
+    """An LB namespace of the iptables backend, as iptables-legacy-save shows it."""
+
+    tables: dict[str, dict[str, list[SavedRule]]]
+
+    def vip_path(self, vip: str) -> VipPath:
+        return vip_path(self.tables, vip)
+
+    def stray(self, vips: Iterable[str]) -> list[str]:
+        """Dispatch rules for no VIP of vips."""
+        known = set(vips)
+        return [
+            f"{r} for no VIP"
+            for rules in self.tables.get("nat", {}).values()
+            for r in rules
+            if r.target.startswith("MESH-SVC-")
+            and r.destination
+            and r.destination.removesuffix("/32") not in known
+        ]
+
+
+@dataclass(frozen=True)
+class NftablesLb:
+    """An LB namespace of the nftables backend, as `nft -j` shows it."""
+
+    table: dict[str, Any]
+
+    def vip_path(self, vip: str) -> VipPath:
+        return nft_vip_path(self.table, vip)
+
+    def stray(self, vips: Iterable[str]) -> list[str]:
+        return nft_stray_vips(self.table, vips)
+
+
+def lb_reading(backend: str, ns: str) -> IptablesLb | NftablesLb:
+    """What the LB namespace ns holds, read with the tool of the backend the controller runs."""
+    return NftablesLb(nft_table(ns)) if backend == "nftables" else IptablesLb(iptables_save(ns))
+
+
 def marks(tables: dict[str, dict[str, list[SavedRule]]]) -> set[str]:
     """What meshctl's rule comments name (`meshctl:<what>`), without the prefix."""
     found = set()
@@ -260,7 +388,11 @@ class DnsAnswer:
 
 
 def ask(ns: str, names: Iterable[str], timeout: float = 2.0) -> dict[str, DnsAnswer]:
-    """A queries for names, asked from inside namespace ns at the task's resolver address."""
+    """A queries for names, asked from inside namespace ns at the task's resolver address.
+
+    After one timeout the rest are not asked (they time out too: nothing answers in ns yet,
+    as in a task the controller has not wired); one name at 2 s each made one look at a
+    snapshot take 18 s."""
     wanted = list(names)
 
     def body() -> dict[str, DnsAnswer]:
@@ -270,8 +402,9 @@ def ask(ns: str, names: Iterable[str], timeout: float = 2.0) -> dict[str, DnsAns
             try:
                 reply = dns.query.udp(query, DNS_ADDRESS, timeout=timeout)
             except dns.exception.Timeout:
-                answers[name] = DnsAnswer("timeout", frozenset())
-                continue
+                timed_out = DnsAnswer("timeout", frozenset())
+                answers |= {rest: timed_out for rest in wanted if rest not in answers}
+                break
             found = frozenset(
                 item.address
                 for rrset in reply.answer
