@@ -159,8 +159,8 @@ def build(stack: ExitStack, tmp: Path, bridge_nf: str) -> tuple[str, dict[str, s
     ip(lb, "addr", "add", f"{VIP_LEG}/32", "dev", "eth0")
     nft(lb, DNAT_AND_MASQUERADE.format(vip=VIP_LEG, task=TASK))
     if BRIDGE in paths:
-        forwarding = ("net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.br0.send_redirects=0")
-        in_ns(node1, "sysctl", "-qw", "net.ipv4.ip_forward=1", *forwarding)
+        no_redirects = ("net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.br0.send_redirects=0")
+        in_ns(node1, "sysctl", "-qw", "net.ipv4.ip_forward=1", *no_redirects)
         ip(node1, "addr", "add", f"{VIP_BRIDGE}/32", "dev", "br0")
         nft(node1, DNAT_AND_MASQUERADE.format(vip=VIP_BRIDGE, task=TASK))
     # The client's own: its output hook DNATs; the VIP is routed on eth0 (the DNAT has already
