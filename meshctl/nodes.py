@@ -13,18 +13,16 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshctl import ipam
-from meshctl.changeset import Changes
+from meshctl.changeset import Changes, networks_by_name
 from meshctl.model import (
     CONTAINER,
     LEADER,
     LEADER_KEY,
-    NETWORK,
     NODE,
     NODE_STATUS,
     TASK,
     Availability,
     Container,
-    Network,
     Node,
     NodeState,
     NodeStatus,
@@ -35,6 +33,7 @@ from meshctl.model import (
     check_name,
     from_record,
 )
+from meshctl.ops import drop_container
 from meshctl.store import Delete, Op, Put, Store, retry_conflicts
 from meshctl.tasks import drop_task
 
@@ -138,7 +137,7 @@ def remove_node(store: Store, name: str) -> Node:
             )
         node = from_record(Node, record)
         changes = Changes(store)
-        networks = {r.name: from_record(Network, r) for r in store.list(NETWORK)}
+        networks = networks_by_name(store)
         for network in networks.values():
             changes.release(network, [ipam.lb_owner(name), ipam.router_owner(name)])
         for task_record in store.list(TASK):
@@ -148,10 +147,7 @@ def remove_node(store: Store, name: str) -> Node:
         for container_record in store.list(CONTAINER):
             container = from_record(Container, container_record)
             if container.node == name:
-                changes.ops.append(Delete(CONTAINER, container.name, container_record.mod_revision))
-                if container.network in networks:
-                    owner = ipam.container_owner(container.id)
-                    changes.release(networks[container.network], [owner])
+                drop_container(changes, container, container_record.mod_revision, networks)
         changes.ops.append(Delete(NODE, name, expect=record.mod_revision))
         changes.commit()
         return node

@@ -585,14 +585,20 @@ def detach_container(store: Store, name: str) -> Container:
             raise NotFoundError(f"container {name} is not attached; see meshctl container ls")
         container = from_record(Container, record)
         changes = Changes(store)
-        changes.ops.append(Delete(CONTAINER, name, expect=record.mod_revision))
-        networks = _networks(store)
-        if container.network in networks:
-            changes.release(networks[container.network], [ipam.container_owner(container.id)])
+        drop_container(changes, container, record.mod_revision, _networks(store))
         changes.commit()
         return container
 
     return retry_conflicts(attempt, f"detaching container {name}")
+
+
+def drop_container(
+    changes: Changes, container: Container, revision: int, networks: Mapping[str, Network]
+) -> None:
+    """Delete an attachment's record, releasing its address (into `changes`)."""
+    changes.ops.append(Delete(CONTAINER, container.name, expect=revision))
+    if container.network in networks:
+        changes.release(networks[container.network], [ipam.container_owner(container.id)])
 
 
 def list_containers(store: Store) -> list[Container]:

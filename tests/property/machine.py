@@ -61,7 +61,7 @@ SMALLEST_PREFIX = 29  # `network create` refuses anything smaller (documented in
 MAX_REPLICAS = 4
 NODE = "node1"
 # The controller runs the backend the machine names (MeshMachine.backend), and the checks read
-# its LB namespaces with that backend's own tool (observe.lb_reading). Nothing listens on the
+# its LB namespaces with that backend's own tool (observe.LB_READERS). Nothing listens on the
 # upstream: a quick SERVFAIL.
 UPSTREAM_ARGS = ("--upstream-dns", "127.0.0.1")
 
@@ -691,7 +691,7 @@ class MeshMachine(RuleBasedStateMachine):
             ns = self._lb_ns(network["id"])
             if netns.exists(ns):
                 tables[ns] = observe.iptables_save(ns)  # for the marks, whatever the backend
-                reading = observe.lb_reading(self.backend, ns)
+                reading = observe.LB_READERS[self.backend](ns)
                 lb[network["id"]] = (reading, observe.addresses(ns, "eth0"))
         return {"links": observe.links(self.node_ns), "lb": lb, "tables": tables}
 

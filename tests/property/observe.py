@@ -12,7 +12,7 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,8 +192,8 @@ def nft_vip_path(table: dict[str, Any], vip: str) -> VipPath:
     endpoints: list[str] = []
     for rule in chains.get(service, []):
         for expr in rule:
-            if _goto(expr):
-                endpoints.append(_goto(expr) or "")
+            if target := _goto(expr):
+                endpoints.append(target)
             elif "vmap" in expr and "numgen" in expr["vmap"]["key"]:
                 numgen = expr["vmap"]["key"]["numgen"]
                 choices = dict(expr["vmap"]["data"]["set"])
@@ -224,7 +224,7 @@ def nft_stray_vips(table: dict[str, Any], vips: Iterable[str]) -> list[str]:
                 if "vmap" in expr and isinstance(expr["vmap"]["data"], dict):
                     reached |= {_goto(v) for _, v in expr["vmap"]["data"]["set"]}
                 reached.add(_goto(expr))
-    base = {"prerouting", "postrouting", "input"}
+    base = {"prerouting", "postrouting", "input"}  # hooked, reached by no goto
     stray += [f"chain {name}" for name in table["chains"] if name not in reached | base]
     return stray
 
@@ -264,9 +264,11 @@ class NftablesLb:
         return nft_stray_vips(self.table, vips)
 
 
-def lb_reading(backend: str, ns: str) -> IptablesLb | NftablesLb:
-    """What the LB namespace ns holds, read with the tool of the backend the controller runs."""
-    return NftablesLb(nft_table(ns)) if backend == "nftables" else IptablesLb(iptables_save(ns))
+# What an LB namespace holds, read with the tool of the backend the controller runs.
+LB_READERS: dict[str, Callable[[str], IptablesLb | NftablesLb]] = {
+    "iptables": lambda ns: IptablesLb(iptables_save(ns)),
+    "nftables": lambda ns: NftablesLb(nft_table(ns)),
+}
 
 
 def marks(tables: dict[str, dict[str, list[SavedRule]]]) -> set[str]:
