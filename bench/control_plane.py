@@ -52,7 +52,6 @@ from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.nftables_rules import table_change, transaction_lines
 from kernel.system import Kernel, real_kernel
-from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
 from meshctl.lb.iptables import SEP_CHAIN_PREFIX, SVC_CHAIN_PREFIX, iptables_tables
 from meshctl.lb.ipvs import fwmark
@@ -60,6 +59,7 @@ from meshctl.lb.nftables import NftablesBackend
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
+from meshctl.naming import lb_netns_prefix, lb_node_end
 from meshctl.store import Put, Store, Value
 from meshctl.store.sqlite import SqliteStore
 

@@ -42,10 +42,10 @@ from kernel import netns
 from kernel.links import Links, Route
 from kernel.neighbours import Neighbours
 from kernel.system import real_kernel
-from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
+from meshctl.naming import lb_netns_prefix, lb_node_end
 
 # The root tests' mesh is reused as is; it lives under tests/, importable from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -53,7 +53,7 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 from kernel import netns
 from kernel.ipvs import Ipvs
 from meshctl import ops
-from meshctl.controller.names import lb_netns_prefix, task_netns
+from meshctl.naming import lb_netns_prefix, task_netns
 from meshctl.store import open_store
 
 # The root tests' mesh is reused as is; it lives under tests/, which is importable only from

@@ -39,8 +39,8 @@ from pathlib import Path
 from types import TracebackType
 
 from kernel import netns
+from meshctl.cluster.nodes import leader
 from meshctl.model import NODE_STATUS, TASK
-from meshctl.nodes import leader
 from meshctl.store import Event
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
 

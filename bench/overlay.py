@@ -58,8 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from meshctl import ops
-from meshctl.controller.membership import Membership
-from meshctl.controller.names import lb_netns, task_netns
+from meshctl.cluster.membership import Membership
 from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.spec import Backend, VirtualIp
 from meshctl.model import (
@@ -71,6 +70,7 @@ from meshctl.model import (
     Task,
     from_record,
 )
+from meshctl.naming import lb_netns, task_netns
 from meshctl.store import Put, Store, StoreError
 
 # The harness, the other benches' helpers and isolation are reused as they are; they live

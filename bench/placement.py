@@ -49,13 +49,13 @@ import requests
 
 from kernel.gcpause import gc_paused
 from meshctl import ops
-from meshctl.controller import orchestrator, scheduler
-from meshctl.controller.membership import Membership
-from meshctl.controller.view import read_view
+from meshctl.cluster import orchestrator, scheduler
+from meshctl.cluster.membership import Membership
 from meshctl.model import TASK, Node, Service
 from meshctl.store import Put, Store
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
 from meshctl.store.sqlite import SqliteStore
+from meshctl.view import read_view
 
 # The bench reuses the tests' etcd and the control-plane bench's timing wrapper; both live
 # outside the installed packages, importable from the repository root.

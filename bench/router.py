@@ -48,7 +48,7 @@ from pathlib import Path
 from kernel import netns
 from kernel.links import Links, Route
 from meshctl import ops
-from meshctl.controller.names import router_netns
+from meshctl.naming import router_netns
 from meshctl.router.config import RouterFiles
 from meshctl.store import open_store
 

@@ -34,10 +34,10 @@ from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.neighbours import Neighbours
 from kernel.system import real_kernel
-from meshctl.controller.names import lb_netns_prefix, lb_node_end
 from meshctl.lb.backends import backend_named
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
+from meshctl.naming import lb_netns_prefix, lb_node_end
 
 # bench/ is not a package of the product: its modules import each other from the repo root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

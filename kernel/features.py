@@ -2,7 +2,7 @@
 
 Every probe that creates something does it inside a throwaway namespace (mesh-doctor-PID), deleted
 in a finally, so asking never changes the host. Results are plain Check records and sysctl values;
-the verdict, which sysctls matter and the rendering live in meshctl.doctor.
+the verdict, which sysctls matter and the rendering live in meshctl.controller.doctor.
 """
 
 from __future__ import annotations

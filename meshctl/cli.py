@@ -17,7 +17,8 @@ from typing import Any, Literal, TypeVar, cast
 import click
 from click.shell_completion import CompletionItem, get_completion_class
 
-from meshctl import formats, nodes, ops, output
+from meshctl import formats, ops, output
+from meshctl.cluster import nodes
 from meshctl.model import (
     CONTAINER,
     NETWORK,
@@ -1226,7 +1227,7 @@ def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
       meshctl doctor --format json
       meshctl doctor --node node1
     """
-    from meshctl.doctor import run_doctor
+    from meshctl.controller.doctor import run_doctor
 
     env = _env()
     store_url = env.store_url if node is not None else None
@@ -1415,7 +1416,7 @@ def exec_(task: str, command: tuple[str, ...]) -> None:
     """
     import os
 
-    from meshctl.controller import names
+    from meshctl import naming
     from meshctl.runtime import exec_argv
 
     if command[:1] == ("--",):  # click keeps the separator once parsing stopped at TASK
@@ -1427,7 +1428,7 @@ def exec_(task: str, command: tuple[str, ...]) -> None:
         raise MeshctlError(
             f"task {found.name} is not running ({found.state}); see meshctl service ps"
         )
-    argv = exec_argv(names.task_netns(found.id), found.pid, list(command))
+    argv = exec_argv(naming.task_netns(found.id), found.pid, list(command))
     os.execvp(argv[0], argv)
 
 
@@ -1757,10 +1758,10 @@ def diff(node: str | None, lb_backend: str) -> None:
     from kernel.system import real_kernel
     from meshctl.controller.diff import describe, node_differences, router_differences
     from meshctl.controller.main import default_node_name
-    from meshctl.controller.overlay import VXLAN_PORT, underlay_of
-    from meshctl.controller.view import read_view
     from meshctl.lb.backends import choose_backend
     from meshctl.lb.reconcile import LbReconciler
+    from meshctl.overlay.vxlan import VXLAN_PORT, underlay_of
+    from meshctl.view import read_view
 
     store = _store()
     name = check_name(node or default_node_name(), "--node")

@@ -5,7 +5,7 @@ Events are derived from the store's own history: every controller follows the st
 informer) and turns each change into the transitions it records (`derive`, a pure function of
 the record before and after: a task's new history entries, a service scaled, a node's status
 gone...). Only the leader writes them, as records of kind `event`, in txns of at most
-changeset.MAX_TXN_OPS puts. An event's name is its change's revision, key and index, so the
+store.changes.MAX_TXN_OPS puts. An event's name is its change's revision, key and index, so the
 log is in the store's order, and a controller that takes the leadership over writes what it
 saw in the last moments without doubling what its predecessor wrote. The leader prunes the log
 to a window (default 1 hour) and a count (default 10,000). Controllers do not follow this
@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from meshctl.changeset import MAX_TXN_OPS
 from meshctl.model import (
     NETWORK,
     NODE,
@@ -38,6 +37,7 @@ from meshctl.model import (
     ValidationError,
 )
 from meshctl.store import Delete, Event, Put, Record, Store, StoreError
+from meshctl.store.changes import MAX_TXN_OPS
 
 log = logging.getLogger("meshctl.events")
 

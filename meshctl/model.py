@@ -991,7 +991,7 @@ class Container:
     created_at: float = 0.0
     # For a netns of the form /proc/PID/ns/net: that process's start time when it was attached.
     # A PID is reused once its process ends; the controller wires nothing into a namespace
-    # whose PID no longer names that process (see controller.node.container_spec).
+    # whose PID no longer names that process (see meshctl.node.desired.container_spec).
     start_time: int | None = None
 
     def __post_init__(self) -> None:

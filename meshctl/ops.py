@@ -32,7 +32,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from meshctl import ipam
-from meshctl.changeset import Changes, networks_by_name
 from meshctl.ipam import IpamState
 from meshctl.model import (
     CONTAINER,
@@ -58,6 +57,7 @@ from meshctl.model import (
     from_record,
 )
 from meshctl.store import Delete, Put, Store, retry_conflicts
+from meshctl.store.changes import Changes, networks_by_name
 
 PORT = "port"
 VNI = "vni"  # an overlay network's VXLAN identifier, claimed by a key of its own

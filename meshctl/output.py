@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from meshctl.cluster.nodes import NodeView
 from meshctl.durations import format_duration, format_time
 from meshctl.events import MeshEvent
 from meshctl.ipam import IpamState
@@ -24,7 +25,6 @@ from meshctl.model import (
     Service,
     Task,
 )
-from meshctl.nodes import NodeView
 
 
 def table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

@@ -1,7 +1,7 @@
 """Plain counters for hot paths and for parts that must not depend on the metrics library.
 
 The DNS server counts every query and the informer every re-list here, with nothing more than
-an integer add or a bisect per observation; meshctl.metrics turns them into Prometheus
+an integer add or a bisect per observation; meshctl.controller.metrics turns them into Prometheus
 families when /metrics is scraped. Writers are one thread each; a scrape copies what it reads
 (a dict copy is atomic under the GIL), so a count is at worst one observation behind.
 """

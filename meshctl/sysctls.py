@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from meshctl.controller.names import LB_INTERFACE
+from meshctl.naming import LB_INTERFACE
 
 Place = Literal["node", "lb", "task"]
 

@@ -3,7 +3,7 @@
 Builds a node namespace (running the embedded server) and a task namespace in which dnsmasq
 serves the same names from a hosts file on 127.0.0.12:53, and the embedded server listens on
 127.0.0.11:53 (a direct socket) and on a random port of 127.0.0.11, which the task reaches at
-127.0.0.11:53 as users do: by nftables' stateless port rewrite (meshctl.controller.node's
+127.0.0.11:53 as users do: by nftables' stateless port rewrite (meshctl.node.desired's
 dns_rewrite, where nft runs) or by the nat redirect. Each round runs dnsperf inside the task
 against dnsmasq, the direct socket, the rewrite and the nat redirect in turn (only one redirect
 is in place at a time). Prints a markdown table and the ratios to dnsmasq in the same round.
@@ -29,9 +29,9 @@ from pathlib import Path
 from kernel import netns
 from kernel.nftables import Nftables
 from kernel.nftables_rules import NftTable, table_change
-from meshctl.controller.node import dns_rewrite
 from meshctl.dns import DnsServer, DnsService, DnsTask, DnsView
 from meshctl.dns.thread import ServerThread
+from meshctl.node.desired import dns_rewrite
 
 PREFIX = f"mbench{os.getpid()}-"
 EMBEDDED, DNSMASQ = "127.0.0.11", "127.0.0.12"

@@ -13,9 +13,10 @@ apply only what changed. A pass writes its tasks' ends first: every node's load 
 follow them. While the store is out of reach no pass runs: the kernel keeps its last state.
 SIGTERM ends the loop and leaves every task running; a restarted controller adopts them.
 
-Operating it: every part of a pass is timed and every kernel call counted (meshctl.metrics,
-served with /healthz and /readyz by controller.endpoints); the store changes the informer
-brings are turned into the event log (meshctl.events), which the leader writes and prunes.
+Operating it: every part of a pass is timed and every kernel call counted
+(controller.metrics, served with /healthz and /readyz by controller.endpoints); the store
+changes the informer brings are turned into the event log (meshctl.events), which the leader
+writes and prunes.
 """
 
 from __future__ import annotations
@@ -33,27 +34,27 @@ from prometheus_client import Histogram
 from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
 from kernel.system import Kernel
-from meshctl import ipam, runtime
-from meshctl.controller import names, orchestrator, scheduler, updater
+from meshctl import ipam, naming, runtime
+from meshctl.cluster import orchestrator, scheduler, updater
+from meshctl.cluster.membership import Membership
 from meshctl.controller.counted import counted
-from meshctl.controller.discovery import lb_specs
-from meshctl.controller.dns_sync import DnsSync
 from meshctl.controller.endpoints import Endpoints
 from meshctl.controller.liveness import Liveness
-from meshctl.controller.membership import Membership
-from meshctl.controller.node_kernel import set_node_sysctls
-from meshctl.controller.node_reconciler import NodeReconciler
-from meshctl.controller.overlay import VXLAN_PORT, underlay_of
-from meshctl.controller.router_sync import RouterSync
+from meshctl.controller.metrics import Metrics, Sources
 from meshctl.controller.supervisor import Local, Supervisor
-from meshctl.controller.view import ClusterView, Decoded, view_of
+from meshctl.dns.sync import DnsSync
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
 from meshctl.lb.backends import backend_named, choose_backend
+from meshctl.lb.desired import lb_specs
 from meshctl.lb.reconcile import LbReconciler
-from meshctl.metrics import Metrics, Sources
 from meshctl.model import HealthCheck, MeshctlError, Node, Task
+from meshctl.node.kernel import set_node_sysctls
+from meshctl.node.reconciler import NodeReconciler
+from meshctl.overlay.vxlan import VXLAN_PORT, underlay_of
+from meshctl.router.sync import RouterSync
 from meshctl.store import Event, Store, StoreError
 from meshctl.store.informer import Informer
+from meshctl.view import ClusterView, Decoded, view_of
 
 log = logging.getLogger("meshctl.controller")
 
@@ -198,7 +199,7 @@ class Controller:
             errors |= part.failed
         self.supervisor.port_errors = self.node_sync.port_errors
         # Task namespaces after wiring; adding DNS endpoints below creates or removes none.
-        present = set(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+        present = set(self.kernel.netns.list_namespaces(naming.TASK_NETNS_PREFIX))
         task_dirs = {tid: self.supervisor.task_dir(tid) for tid in wired}
         with timed("dns"):
             added = self.dns.sync_endpoints(view, wired, present, task_dirs)
@@ -214,7 +215,7 @@ class Controller:
                 router_errors, router_deadline = self.router.sync(view, self.node_sync.port_errors)
         timed("router").failed = router_errors
         errors |= router_errors
-        unwired = {tid for tid in view.tasks if names.task_netns(tid) not in present}
+        unwired = {tid for tid in view.tasks if naming.task_netns(tid) not in present}
         with timed("tasks"):
             deadline = self.supervisor.step(view, unwired)
         self._report(errors, "")
@@ -291,7 +292,7 @@ class Controller:
         checks convergence); in between, only the services whose spec changed. Returns the
         networks whose load balancer failed, and why."""
         specs = lb_specs(view, self.node, self.node_id, self.underlay)
-        prefix = names.lb_netns_prefix(self.node_id)
+        prefix = naming.lb_netns_prefix(self.node_id)
         now = time.monotonic()
         if now - self._last_full_lb < self.resync_period:
             plan = self.lb.sync_changed(specs, prefix)
@@ -305,7 +306,7 @@ class Controller:
                 self.lb.apply(plan)
                 if not self.lb.failures and not self.lb.plan(specs, prefix).empty:
                     log.warning("load balancer not converged after apply")
-        networks = {names.lb_netns(self.node_id, n.id): n.name for n in view.networks.values()}
+        networks = {naming.lb_netns(self.node_id, n.id): n.name for n in view.networks.values()}
         return {networks.get(ns, ns): why for ns, why in self.lb.failures.items()}
 
     def _report(self, errors: dict[str, str], message: str) -> None:
@@ -328,7 +329,7 @@ class Controller:
                 continue
             try:
                 total += self.kernel.conntrack.count_tcp_connections(
-                    names.lb_netns(self.node_id, net.id), address
+                    naming.lb_netns(self.node_id, net.id), address
                 )
             except KernelError:
                 continue  # no LB namespace (yet): nothing goes through it
@@ -445,7 +446,7 @@ class Controller:
                 wake()
 
             self._monitors[task_id] = asyncio.ensure_future(
-                runtime.monitor(check, names.task_netns(task_id), pid, address, on_change)
+                runtime.monitor(check, naming.task_netns(task_id), pid, address, on_change)
             )
 
     def _health_target(self, task_id: str) -> tuple[HealthCheck, str] | None:

@@ -12,24 +12,23 @@ import json
 import os
 from collections.abc import Iterator
 
-from kernel.iptables_rules import OwnedTable
+from kernel.iptables_rules import OwnedTable, table_lines
 from kernel.system import Kernel
-from meshctl.controller import names
-from meshctl.controller.discovery import lb_specs
-from meshctl.controller.node import NodePlan, container_spec, desired_node, plan_node
-from meshctl.controller.node_kernel import blocked_ports, observe_node, stateless_dns
-from meshctl.controller.overlay import NO_UNDERLAY, Underlay
-from meshctl.controller.router_net import describe_net, plan_router_net, router_net_spec
-from meshctl.controller.router_sync import router_files
-from meshctl.controller.routes import router_spec
-from meshctl.controller.tables import table_lines
-from meshctl.controller.view import ClusterView
+from meshctl import naming
+from meshctl.lb.desired import lb_specs
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
+from meshctl.node.desired import NodePlan, container_spec, desired_node, plan_node
+from meshctl.node.kernel import blocked_ports, observe_node, stateless_dns
+from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
 from meshctl.router import haproxy
 from meshctl.router.config import fingerprint_of
+from meshctl.router.desired import router_spec
+from meshctl.router.net import describe_net, plan_router_net, router_net_spec
 from meshctl.router.slots import plan_runtime
+from meshctl.router.sync import router_files
 from meshctl.runtime import read_start_time
+from meshctl.view import ClusterView
 
 DNS_PORTS_FILE = "dns-ports"
 
@@ -84,7 +83,7 @@ def node_differences(
     dns_ports = read_dns_ports(state_dir, sorted(wired))
     desired = desired_node(view, node, wired, dns_ports, blocked, underlay, nft_dns)
     node_plan = plan_node(desired, actual, stray)
-    lb_plan = lb.plan(lb_specs(view, node, node_id, underlay), names.lb_netns_prefix(node_id))
+    lb_plan = lb.plan(lb_specs(view, node, node_id, underlay), naming.lb_netns_prefix(node_id))
     return node_plan, lb_plan
 
 
@@ -92,7 +91,7 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
     """One line per difference: `+` to add, `-` to remove, `~` to change, `!` what meshctl
     will not change because it is not its own (a link of the name it wants, without its mark)."""
     for name, alias in node_plan.clashes:
-        yield f"! {names.clash_text(name, alias)}"
+        yield f"! {naming.clash_text(name, alias)}"
     for bridge in node_plan.ensure_bridges:
         yield f"~ bridge {bridge.name} {bridge.address} mtu {bridge.mtu}"
     for device in node_plan.delete_overlays:
@@ -122,7 +121,7 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
     for ns_change in lb_plan.changes:
         ns = ns_change.spec.netns
         for name, alias in ns_change.clashes:
-            yield f"! {ns}: {names.clash_text(name, alias)}"
+            yield f"! {ns}: {naming.clash_text(name, alias)}"
         if ns_change.create_netns:
             yield f"+ load-balancer namespace {ns}"
         if ns_change.ensure_leg:

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from meshctl.controller.liveness import Liveness
-from meshctl.metrics import Metrics
+from meshctl.controller.metrics import Metrics
 from meshctl.model import MeshctlError, ValidationError
 
 DEFAULT_ADDRESS = "127.0.0.1:9323"

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kernel.system import Kernel
-from meshctl.controller.membership import DEFAULT_TTL
-from meshctl.controller.overlay import VXLAN_PORT
+from meshctl.cluster.membership import DEFAULT_TTL
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW
 from meshctl.model import Node, ValidationError, check_address, check_name, check_port
+from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.store import Store
 
 

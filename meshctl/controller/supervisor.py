@@ -21,11 +21,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
-from meshctl import ops, runtime, tasks
-from meshctl.controller import names
-from meshctl.controller.view import ClusterView
+from meshctl import naming, ops, runtime
+from meshctl.cluster import tasks
 from meshctl.model import TASK, Health, Service, Task, TaskState
 from meshctl.store import Conflict, Store
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.supervisor")
 
@@ -204,7 +204,7 @@ class Supervisor:
         task_dir = self.task_dir(task.id)
         spec = runtime.TaskProcessSpec(
             task_name=task.name,
-            netns=names.task_netns(task.id),
+            netns=naming.task_netns(task.id),
             command=service.command,
             log_path=ops.task_log_path(self.state_dir, task),
             files_dir=task_dir,

@@ -14,9 +14,16 @@ import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts
+from kernel.iptables_rules import (
+    Match,
+    OwnedTable,
+    Rule,
+    TableChange,
+    opts,
+    table_change,
+    table_lines,
+)
 from kernel.system import Kernel
-from meshctl.controller.tables import table_change, table_lines
 from meshctl.lb.spec import LbSpec, VirtualIp, as_int
 
 TABLES = ("mangle", "nat", "filter")  # mangle first: nat's SNAT matches the mark set there

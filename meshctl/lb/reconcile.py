@@ -4,7 +4,7 @@ Per network an `LbSpec` says what its LB namespace should hold; `observe` reads 
 (leg, addresses, sysctls, the backend's objects, UDP flows), `meshctl.lb.plan` computes the
 smallest change, `apply` makes it. `sync` does it for every network of the node and deletes the
 node's LB namespaces that are no longer desired, and nothing else: a namespace is known to be
-meshctl's by its leg, whose node end carries the network's mark (names.mark) as its alias; one
+meshctl's by its leg, whose node end carries the network's mark (naming.mark) as its alias; one
 without a marked leg is reported and kept. A leg name or bridge held by another's link is
 reported and left alone. `sync_changed` is the fast path between full syncs: it reads nothing
 back and changes only the VIPs whose spec differs from the one it last applied.
@@ -22,11 +22,11 @@ from functools import partial
 from kernel.errors import KernelError, NotFound
 from kernel.netns import Namespace
 from kernel.system import Kernel
-from meshctl.controller import names
-from meshctl.controller.names import LB_INTERFACE
+from meshctl import naming
 from meshctl.lb.backend import LbBackend
 from meshctl.lb.plan import LbObserved, LbPlan, NsChange, diff, vip_change
 from meshctl.lb.spec import LbSpec, lb_node_end
+from meshctl.naming import LB_INTERFACE
 
 log = logging.getLogger("meshctl.lb")
 
@@ -147,7 +147,7 @@ class LbReconciler:
             end is not None
             and end.kind == "veth"
             and end.alias is not None
-            and end.alias.startswith(names.mark(network_part))
+            and end.alias.startswith(naming.mark(network_part))
         )
 
     def apply(self, plan: LbPlan) -> None:
@@ -155,7 +155,7 @@ class LbReconciler:
         for change in plan.changes:
             self._applied.pop(change.spec.netns, None)
             if change.clashes:
-                texts = [names.clash_text(name, alias) for name, alias in change.clashes]
+                texts = [naming.clash_text(name, alias) for name, alias in change.clashes]
                 for text in texts:
                     log.warning("%s: %s", change.spec.netns, text)
                 self.failures[change.spec.netns] = "; ".join(texts)
@@ -251,7 +251,7 @@ def _beside(work: Callable[[], None]) -> Iterator[None]:
 
 def _check_prefix(owned_prefix: str, desired: Sequence[LbSpec]) -> None:
     """Refuse a prefix that could reach beyond this node's LB namespaces."""
-    node_part = owned_prefix.removeprefix(names.LB_NETNS_PREFIX)
+    node_part = owned_prefix.removeprefix(naming.LB_NETNS_PREFIX)
     if node_part == owned_prefix or len(node_part) < 2 or not node_part.endswith("-"):
         raise ValueError(
             f"owned prefix {owned_prefix!r} is not a node's LB namespace prefix; "

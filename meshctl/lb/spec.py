@@ -14,8 +14,8 @@ import ipaddress
 from dataclasses import dataclass
 
 from kernel.links import mac_for
-from meshctl.controller import names
-from meshctl.controller.names import lb_netns, lb_node_end
+from meshctl import naming
+from meshctl.naming import lb_netns, lb_node_end
 
 
 @functools.lru_cache(maxsize=1 << 18)  # every pass names every chain again: hash each name once
@@ -107,8 +107,10 @@ class LbSpec:
     mtu: int = 1500  # of the leg: an overlay's is the underlay's less the VXLAN headers
 
     def __post_init__(self) -> None:
-        if not self.netns.startswith(names.LB_NETNS_PREFIX):
-            raise ValueError(f"LB namespace {self.netns!r} must start with {names.LB_NETNS_PREFIX}")
+        if not self.netns.startswith(naming.LB_NETNS_PREFIX):
+            raise ValueError(
+                f"LB namespace {self.netns!r} must start with {naming.LB_NETNS_PREFIX}"
+            )
         subnet = self.subnet
         if subnet.prefixlen < 8 or subnet.prefixlen > 30:
             raise ValueError(f"network {self.network_id} subnet {subnet}: use a /8 to /30")
@@ -147,7 +149,7 @@ class LbSpec:
     @property
     def mark(self) -> str:
         """The alias of the leg's node end (and the bridge's): the network's mark."""
-        return names.mark(self.network_id)
+        return naming.mark(self.network_id)
 
 
 def lb_spec(
@@ -161,7 +163,7 @@ def lb_spec(
     return LbSpec(
         netns=lb_netns(node_id, network_id),
         network_id=network_id,
-        bridge=names.bridge(network_id),
+        bridge=naming.bridge(network_id),
         node_end=lb_node_end(network_id),
         lb_address_cidr=str(ipaddress.IPv4Interface(lb_address_cidr)),
         vips=vips,

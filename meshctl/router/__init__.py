@@ -7,5 +7,5 @@ the tasks of the services that have routes.
 - `haproxy`: the HAProxy process and its sockets (the edge: files, processes, sockets);
 - `ops`: `meshctl router ...` commands and the route checks of `service create/update`.
 
-The controller side (claims, wiring, supervision) is meshctl.controller.router_sync.
+The controller side (claims, wiring, supervision) is meshctl.router.sync.
 """

@@ -17,7 +17,6 @@ import tempfile
 import time
 
 from meshctl import ipam, ops
-from meshctl.changeset import Changes, networks_by_name
 from meshctl.model import (
     CERTIFICATE,
     INGRESS,
@@ -35,6 +34,7 @@ from meshctl.model import (
 from meshctl.router import haproxy
 from meshctl.router.config import RouterFiles, crt_list, render
 from meshctl.store import Delete, Op, Put, Store, retry_conflicts
+from meshctl.store.changes import Changes, networks_by_name
 
 
 def get_router(store: Store) -> Router | None:
@@ -165,8 +165,8 @@ def check_with_haproxy(store: Store, service: Service) -> None:
     """Refuse a service whose routes would make a configuration HAProxy refuses: the router's
     configuration with the service as it would be stored is checked with `haproxy -c` (where
     HAProxy is installed; every controller checks again before it loads one)."""
-    from meshctl.controller.routes import router_spec
-    from meshctl.controller.view import read_view
+    from meshctl.router.desired import router_spec
+    from meshctl.view import read_view
 
     if not service.hostnames or shutil.which(haproxy.HAPROXY) is None:
         return

@@ -1,6 +1,6 @@
 """What one node's router does, as plain values: its routes, backends and servers.
 
-Built from the cluster view by meshctl.controller.routes; rendered into haproxy.cfg by
+Built from the cluster view by meshctl.router.desired; rendered into haproxy.cfg by
 meshctl.router.config. Each service with routes gets a backend per target port: HTTP
 (`web.80`), or TCP for TLS passthrough (`web.443.passthrough`). Routes are kept in the order
 HAProxy must try them, first match wins (route_order).

@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 
 from kernel import netns
 from kernel.errors import NotFound
-from meshctl.controller.names import (
+from meshctl.naming import (
     LB_NETNS_PREFIX,
     ROUTER_NETNS_PREFIX,
     TASK_NETNS_PREFIX,

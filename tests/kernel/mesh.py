@@ -28,8 +28,8 @@ from click.testing import CliRunner
 
 from kernel import netns
 from meshctl.cli import main
-from meshctl.controller.membership import DEFAULT_TTL
-from meshctl.controller.names import task_netns
+from meshctl.cluster.membership import DEFAULT_TTL
+from meshctl.naming import task_netns
 from tests.conftest import kill_processes_in, scaled, scaled_duration, tcp_read, udp_read
 
 MESHCTL = [sys.executable, "-m", "meshctl"]
@@ -207,7 +207,7 @@ class Mesh:
                 netns.delete(task_netns(task_id))
             node_id = self.node_id()
             if node_id is not None:
-                from meshctl.controller.names import lb_netns_prefix, router_netns
+                from meshctl.naming import lb_netns_prefix, router_netns
 
                 for name in netns.list_namespaces(lb_netns_prefix(node_id)):
                     netns.delete(name)

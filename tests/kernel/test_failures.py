@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.controller.names import task_netns
+from meshctl.naming import task_netns
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, ask, wait_for
 

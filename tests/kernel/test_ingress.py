@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
-from meshctl.controller.names import task_netns
+from meshctl.naming import task_netns
 from tests.conftest import NetnsFactory, scaled, tcp_read
 from tests.kernel.mesh import Mesh, ask, wait_for
 

@@ -24,13 +24,13 @@ from kernel import netns
 from kernel.ipvs import Ipvs
 from kernel.links import Links
 from kernel.system import real_kernel
-from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.backends import backend_named
 from meshctl.lb.iptables import sep_chain, svc_chain
 from meshctl.lb.ipvs import fwmark
 from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
+from meshctl.naming import lb_netns_prefix
 from tests.conftest import NetnsFactory
 
 pytestmark = pytest.mark.root

@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from kernel import netns
-from meshctl import ops
-from meshctl.controller import names
+from meshctl import naming, ops
 from meshctl.model import NetworkAttachment, Service
 from tests.conftest import NetnsFactory, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, wait_for
@@ -418,7 +417,7 @@ def test_the_router_is_adopted_restarted_and_removed(world: tuple[Mesh, str]) ->
     wait_for(lambda: not Path(f"/proc/{new_pid}").exists(), 20, "haproxy stopped")
     node_id = mesh.node_id()
     assert node_id is not None
-    wait_for(lambda: not netns.exists(names.router_netns(node_id)), 20, "the namespace gone")
+    wait_for(lambda: not netns.exists(naming.router_netns(node_id)), 20, "the namespace gone")
     assert get(client, "a.test")[0] == 0  # refused
     mesh.wait_converged(15, "converged after disabling")
     service(mesh, "b", 1, "--publish", "80:80")

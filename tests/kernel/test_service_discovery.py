@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kernel import netns
-from meshctl.controller.names import lb_netns, task_netns
+from meshctl.naming import lb_netns, task_netns
 from tests.conftest import NetnsFactory, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, ask, wait_for
 

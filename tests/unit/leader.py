@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from meshctl.controller import orchestrator
-from meshctl.controller.view import read_view
+from meshctl.cluster import orchestrator
 from meshctl.model import TASK, Task
 from meshctl.store import Store
+from meshctl.view import read_view
 
 
 def settle(store: Store, rounds: int = 3) -> None:

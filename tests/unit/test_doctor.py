@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from kernel import features
 from kernel.features import Check, privileged
 from meshctl.cli import main
-from meshctl.doctor import (
+from meshctl.controller.doctor import (
     Reading,
     lb_backend,
     lb_backend_why,

@@ -21,13 +21,13 @@ from kernel.iptables_rules import Match, OwnedTable, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
 from kernel.nftables_rules import Chain, NftChange
 from kernel.system import Kernel
-from meshctl.controller.names import lb_netns_prefix
 from meshctl.lb.backends import backend_named, choose_backend
 from meshctl.lb.iptables import SERVICES_CHAIN, iptables_tables, sep_chain, svc_chain
 from meshctl.lb.ipvs import FWMARK_BASE, FWMARK_MASK, fwmark, ipvs_state, ipvs_tables
 from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
+from meshctl.naming import lb_netns_prefix
 from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"

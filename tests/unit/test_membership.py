@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from meshctl import nodes
-from meshctl.controller.membership import Membership, NodeBusy, boot_id
+from meshctl.cluster import nodes
+from meshctl.cluster.membership import Membership, NodeBusy, boot_id
 from meshctl.model import LEADER, LEADER_KEY, NODE_STATUS, Node, NodeStatus
 from meshctl.runtime import read_start_time
 from meshctl.store import Store

@@ -15,10 +15,10 @@ from kernel.system import fake_kernel
 from meshctl.controller.counted import counted
 from meshctl.controller.endpoints import Endpoints, parse_address
 from meshctl.controller.liveness import Liveness
+from meshctl.controller.metrics import Metrics, Sources
 from meshctl.dns.forwarder import Forwarder
 from meshctl.dns.server import DnsStats
 from meshctl.dns.wire import query_type, rcode_name
-from meshctl.metrics import Metrics, Sources
 from meshctl.model import ValidationError
 from meshctl.stats import Histogram
 

@@ -8,9 +8,9 @@ import pytest
 
 from kernel.links import Link, NamespaceLinks
 from kernel.system import Kernel, fake_kernel
-from meshctl import ops
-from meshctl.controller import names
-from meshctl.controller.node import (
+from meshctl import naming, ops
+from meshctl.model import NetworkAttachment, Service
+from meshctl.node.desired import (
     FORWARD_CHAIN,
     ISOLATION_CHAIN,
     ISOLATION_DROP_CHAIN,
@@ -19,10 +19,9 @@ from meshctl.controller.node import (
     dns_rewrite,
     plan_node,
 )
-from meshctl.controller.node_kernel import apply_node, observe_node
-from meshctl.controller.view import ClusterView, read_view
-from meshctl.model import NetworkAttachment, Service
+from meshctl.node.kernel import apply_node, observe_node
 from meshctl.store.sqlite import SqliteStore
+from meshctl.view import ClusterView, read_view
 from tests.unit.leader import settle
 
 
@@ -83,19 +82,19 @@ def test_apply_converges_and_a_second_plan_is_empty(tmp_path: Path) -> None:
 def test_drift_is_planned_back_and_removed_tasks_are_unwired(tmp_path: Path) -> None:
     view, kernel, desired = _wired_node(tmp_path)
     task_id = next(iter(view.tasks))
-    kernel.links.delete_link(None, names.task_veth(task_id, 0))  # drift: a leg deleted by hand
+    kernel.links.delete_link(None, naming.task_veth(task_id, 0))  # drift: a leg deleted by hand
     plan = plan_node(desired, *observe_node(kernel))
     assert [t.task_id for t in plan.wire_tasks] == [task_id]
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
     gone = desired_node(view, "node1", set(view.tasks) - {task_id})
     plan = plan_node(gone, *observe_node(kernel))
-    assert plan.unwire_tasks == (names.task_netns(task_id),)
+    assert plan.unwire_tasks == (naming.task_netns(task_id),)
     # Its legs go by name, before the namespace: the kernel frees a deleted namespace (and the
     # node ends of its veths with it) later, so the second diff would still see them.
-    assert plan.delete_links == (names.task_veth(task_id, 0), names.task_veth(task_id, 1))
+    assert plan.delete_links == (naming.task_veth(task_id, 0), naming.task_veth(task_id, 1))
     apply_node(kernel, plan)
-    assert not kernel.netns.exists(names.task_netns(task_id))
+    assert not kernel.netns.exists(naming.task_netns(task_id))
     assert not plan_node(gone, *observe_node(kernel))
 
 
@@ -116,8 +115,8 @@ def test_no_networks_means_no_rules(tmp_path: Path) -> None:
 def test_known_tasks_and_rules_are_not_read_back_until_a_full_observe(tmp_path: Path) -> None:
     _, kernel, desired = _wired_node(tmp_path)
     task_id = next(iter(desired.tasks))
-    kernel.netns.delete(names.task_netns(task_id))
-    kernel.netns.create(names.task_netns(task_id))  # drift: the namespace is back, empty
+    kernel.netns.delete(naming.task_netns(task_id))
+    kernel.netns.create(naming.task_netns(task_id))  # drift: the namespace is back, empty
     kernel.iptables.flush_owned(None, "nat")  # and the node's nat rules are gone
 
     trusting = plan_node(
@@ -135,7 +134,7 @@ def test_another_nodes_task_namespaces_are_not_this_nodes(tmp_path: Path) -> Non
     store = _store(tmp_path)
     tasks = [record.name for record in store.list("task")]
     kernel = fake_kernel()
-    foreign = names.task_netns("f0f0f0f0f0f0")  # another node's task on the same host
+    foreign = naming.task_netns("f0f0f0f0f0f0")  # another node's task on the same host
     kernel.netns.create(foreign)
     for task_id, node in zip(tasks, ("node1", "node2"), strict=True):
         record = store.get("task", task_id)
@@ -144,7 +143,7 @@ def test_another_nodes_task_namespaces_are_not_this_nodes(tmp_path: Path) -> Non
     view = read_view(store)
     desired = desired_node(view, "node1", set(tasks))
     apply_node(kernel, plan_node(desired, *observe_node(kernel, mine={tasks[0]})))
-    kernel.netns.create(names.task_netns(tasks[1]))  # node2's, made in its own node
+    kernel.netns.create(naming.task_netns(tasks[1]))  # node2's, made in its own node
 
     observed, _ = observe_node(kernel, mine={tasks[0]})
     plan = plan_node(desired, observed)
@@ -169,7 +168,7 @@ def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None
 
     assert not plan.wire_tasks
     ((ns, change),) = plan.task_rules
-    assert ns == names.task_netns(task_id) and change.replace
+    assert ns == naming.task_netns(task_id) and change.replace
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
 
@@ -181,7 +180,7 @@ def test_with_nftables_the_dns_redirect_is_a_stateless_rewrite_replacing_the_nat
     own nftables table and drops the nat rule; a second plan is empty."""
     view, kernel, _ = _wired_node(tmp_path)
     task_id = sorted(view.tasks)[0]
-    ns = names.task_netns(task_id)
+    ns = naming.task_netns(task_id)
     ports = {task_id: (40001, 40002)}
     apply_node(
         kernel,
@@ -206,8 +205,8 @@ def test_with_nftables_the_dns_redirect_is_a_stateless_rewrite_replacing_the_nat
 def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: Path) -> None:
     """A PID reused after the attached process ended names a stranger's namespace (perhaps
     the node's own): the controller wires nothing there, and unwires a leg it made before."""
-    from meshctl.controller.node import container_spec
     from meshctl.model import Container
+    from meshctl.node.desired import container_spec
 
     view = read_view(_store(tmp_path))
     attached = Container(
@@ -259,13 +258,15 @@ def test_unmarked_links_are_never_in_a_delete_plan(tmp_path: Path) -> None:
 def test_marked_links_left_over_are_deleted(tmp_path: Path) -> None:
     _, kernel, desired = _wired_node(tmp_path)
     kernel.netns.create("other")
-    kernel.links.ensure_bridge(None, names.bridge("0ld0ld0ld0ld"), alias=names.mark("0ld0ld0ld0ld"))
-    stray = names.task_veth("0ld0ld0ld0ld", 0)
-    kernel.links.ensure_veth(None, stray, "eth0", "other", alias=names.mark("0ld0ld0ld0ld"))
+    kernel.links.ensure_bridge(
+        None, naming.bridge("0ld0ld0ld0ld"), alias=naming.mark("0ld0ld0ld0ld")
+    )
+    stray = naming.task_veth("0ld0ld0ld0ld", 0)
+    kernel.links.ensure_veth(None, stray, "eth0", "other", alias=naming.mark("0ld0ld0ld0ld"))
 
     plan = plan_node(desired, *observe_node(kernel, mine=desired.tasks))
 
-    assert plan.delete_links == (names.bridge("0ld0ld0ld0ld"), stray)
+    assert plan.delete_links == (naming.bridge("0ld0ld0ld0ld"), stray)
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel, mine=desired.tasks))
 
@@ -277,7 +278,7 @@ def test_a_name_held_by_another_link_is_a_clash_left_alone(tmp_path: Path) -> No
     view = read_view(store)
     front, back = view.networks["front"], view.networks["back"]
     kernel = fake_kernel()
-    taken = names.bridge(back.id)
+    taken = naming.bridge(back.id)
     kernel.links.ensure_bridge(None, taken)  # another tool's, with the name back's bridge needs
     (before,) = [link for link in kernel.links.list_links(None) if link.name == taken]
     desired = desired_node(view, "node1", set(view.tasks))
@@ -286,7 +287,7 @@ def test_a_name_held_by_another_link_is_a_clash_left_alone(tmp_path: Path) -> No
     apply_node(kernel, plan)
 
     assert plan.clashes == ((taken, None),)
-    assert [b.name for b in plan.ensure_bridges] == [names.bridge(front.id)]
+    assert [b.name for b in plan.ensure_bridges] == [naming.bridge(front.id)]
     assert plan.wire_tasks == ()  # both tasks need a leg on back
     assert kernel.links.list_links(None)[1:2] == [before]
     assert kernel.links.list_addresses(None, taken) == []
@@ -296,7 +297,7 @@ def test_a_name_held_by_another_link_is_a_clash_left_alone(tmp_path: Path) -> No
     kernel.links.delete_link(None, taken)
     apply_node(kernel, plan_node(desired, *observe_node(kernel)))
     assert not plan_node(desired, *observe_node(kernel))
-    assert kernel.links.get_link(None, taken).alias == names.mark(back.id)
+    assert kernel.links.get_link(None, taken).alias == naming.mark(back.id)
 
 
 def test_a_task_leg_name_held_by_another_link_stops_only_that_task(tmp_path: Path) -> None:
@@ -307,7 +308,7 @@ def test_a_task_leg_name_held_by_another_link_stops_only_that_task(tmp_path: Pat
     kernel = fake_kernel()
     blocked, free = sorted(view.tasks)
     kernel.netns.create("other")
-    leg = names.task_veth(blocked, 1)
+    leg = naming.task_veth(blocked, 1)
     kernel.links.ensure_veth(None, leg, "eth0", "other", alias="meshctl:someone-else")
     desired = desired_node(view, "node1", set(view.tasks))
 
@@ -316,14 +317,14 @@ def test_a_task_leg_name_held_by_another_link_stops_only_that_task(tmp_path: Pat
 
     assert plan.clashes == ((leg, "meshctl:someone-else"),)
     assert [t.task_id for t in plan.wire_tasks] == [free]
-    assert not kernel.netns.exists(names.task_netns(blocked))
+    assert not kernel.netns.exists(naming.task_netns(blocked))
     assert kernel.links.get_link(None, leg).alias == "meshctl:someone-else"
     assert leg not in plan_node(desired, *observe_node(kernel, mine=view.tasks)).delete_links
 
 
 def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
     view = read_view(_store(tmp_path))
-    bridges = sorted(names.bridge(n.id) for n in view.networks.values())
+    bridges = sorted(naming.bridge(n.id) for n in view.networks.values())
     filter_table = desired_node(view, "node1", ()).tables["filter"]
     rules = [rule for chain in filter_table.chains.values() for rule in chain]
     assert not [r for r in rules if "+" in f"{r.in_interface}{r.out_interface}"]
@@ -347,7 +348,7 @@ def _counted_reads(
 ) -> tuple[ClusterView, Kernel, list[float], list[str | None]]:
     """A view of two tasks placed on node1, a fake kernel with their namespaces, a clock the
     node reconciler reads (set it), and the namespaces read_namespace visits (None: the node)."""
-    from meshctl.controller import node_reconciler
+    from meshctl.node import reconciler as node_reconciler
 
     store = _store(tmp_path)
     for record in store.list("task"):
@@ -355,7 +356,7 @@ def _counted_reads(
     view = read_view(store)
     kernel = fake_kernel()
     for task_id in view.tasks:
-        kernel.netns.create(names.task_netns(task_id))
+        kernel.netns.create(naming.task_netns(task_id))
     clock = [1000.0]
     monkeypatch.setattr(node_reconciler.time, "monotonic", lambda: clock[0])
     reads: list[str | None] = []
@@ -375,8 +376,8 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
     """Each wired task namespace is read again within TASK_REREAD resync periods, at a random
     point of the second half: never all in one pass (which took seconds at 300 tasks a node),
     never later (drift in it is still repaired)."""
-    from meshctl.controller import node_reconciler
-    from meshctl.controller.node_reconciler import NodeReconciler
+    from meshctl.node import reconciler as node_reconciler
+    from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
     reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
@@ -402,7 +403,7 @@ def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
     """The node's own links and addresses (300-odd at 300 tasks) are dumped again only when this
     controller changed them, a task namespace came or went, or a resync period passed; drift
     by another is repaired at that full observe, as a rule's is."""
-    from meshctl.controller.node_reconciler import NodeReconciler
+    from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
     reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
@@ -416,7 +417,7 @@ def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
     assert None not in reads  # nothing changed: the node is not read
 
     kernel.links.delete_link(None, bridge)  # another's drift
-    kernel.netns.create(names.task_netns("t-new"))  # a namespace came: read again, not ours
+    kernel.netns.create(naming.task_netns("t-new"))  # a namespace came: read again, not ours
     reads.clear()
     clock[0] += 1
     reconciler.sync(view, set(view.tasks), {})

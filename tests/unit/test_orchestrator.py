@@ -7,12 +7,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from meshctl import ops, tasks
-from meshctl.controller import orchestrator, updater
-from meshctl.controller.orchestrator import Create, Drop, Stop, plan_tasks
-from meshctl.controller.view import read_view
+from meshctl import ops
+from meshctl.cluster import orchestrator, tasks, updater
+from meshctl.cluster.orchestrator import Create, Drop, Stop, plan_tasks
 from meshctl.model import NetworkAttachment, Service, Task
 from meshctl.store import Store
+from meshctl.view import read_view
 from tests.unit.leader import place, settle
 
 

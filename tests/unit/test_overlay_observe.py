@@ -7,7 +7,7 @@ from dataclasses import replace
 from kernel.links import mac_for
 from kernel.neighbours import FdbEntry, Neighbour
 from kernel.system import fake_kernel
-from meshctl.controller.overlay import Peer, observe_overlays
+from meshctl.overlay.vxlan import Peer, observe_overlays
 
 MARK = "meshctl:overlay"
 

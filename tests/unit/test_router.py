@@ -12,13 +12,8 @@ from pathlib import Path
 import pytest
 
 from kernel.system import fake_kernel
-from meshctl import ipam, ops
-from meshctl.controller import names
-from meshctl.controller.discovery import lb_specs
-from meshctl.controller.node import ingress_rules, published_ports
-from meshctl.controller.router_net import apply_router_net, plan_router_net, router_net_spec
-from meshctl.controller.routes import router_spec
-from meshctl.controller.view import ClusterView, read_view
+from meshctl import ipam, naming, ops
+from meshctl.lb.desired import lb_specs
 from meshctl.model import (
     INGRESS,
     NetworkAttachment,
@@ -28,13 +23,17 @@ from meshctl.model import (
     Service,
     ValidationError,
 )
+from meshctl.node.desired import ingress_rules, published_ports
 from meshctl.router import haproxy
 from meshctl.router import ops as router_ops
 from meshctl.router.config import RouterFiles, render, slot_count
+from meshctl.router.desired import router_spec
+from meshctl.router.net import apply_router_net, plan_router_net, router_net_spec
 from meshctl.router.slots import Slot, plan_runtime, plan_servers
 from meshctl.router.spec import Backend, HttpRoute, RouterSpec, Server, SniRoute
 from meshctl.store import Store
 from meshctl.store.sqlite import SqliteStore
+from meshctl.view import ClusterView, read_view
 from tests.unit.leader import place, settle
 
 # -- the model ---------------------------------------------------------------------------------
@@ -402,12 +401,12 @@ def test_the_namespace_gets_a_leg_per_network_and_loses_only_the_one_it_leaves(
     desired = router_net_spec(view, "node1", node_id)
     assert desired is not None
     assert [leg.task_end for leg in desired.links] == [
-        names.container_interface(view.networks[INGRESS].id),  # first: the default route's
-        names.container_interface(view.networks["front"].id),
+        naming.container_interface(view.networks[INGRESS].id),  # first: the default route's
+        naming.container_interface(view.networks["front"].id),
     ]
     assert desired.gateway == view.gateways[INGRESS]
     for network in ("front", INGRESS):  # the bridges, as the node's reconciler makes them
-        kernel.links.ensure_bridge(None, names.bridge(view.networks[network].id))
+        kernel.links.ensure_bridge(None, naming.bridge(view.networks[network].id))
     plan = plan_router_net(kernel, desired, node_id)
     assert plan.create_netns and len(plan.wire) == 2
     apply_router_net(kernel, plan, desired)
@@ -420,11 +419,11 @@ def test_the_namespace_gets_a_leg_per_network_and_loses_only_the_one_it_leaves(
     smaller = router_net_spec(read_view(store), "node1", node_id)
     assert smaller is not None and len(smaller.links) == 1
     plan = plan_router_net(kernel, smaller, node_id)
-    assert plan.delete_legs == (names.router_veth(view.networks["front"].id),) and not plan.wire
+    assert plan.delete_legs == (naming.router_veth(view.networks["front"].id),) and not plan.wire
     apply_router_net(kernel, plan, smaller)
     assert not plan_router_net(kernel, smaller, node_id)
     # Disabled: the namespace goes.
     plan = plan_router_net(kernel, None, node_id)
     assert plan.delete_netns
     apply_router_net(kernel, plan, None)
-    assert not kernel.netns.exists(names.router_netns(node_id))
+    assert not kernel.netns.exists(naming.router_netns(node_id))

@@ -11,12 +11,12 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from meshctl import ipam, nodes, ops
-from meshctl.controller import scheduler
-from meshctl.controller.scheduler import Assign, Pending, Reschedule, Retire
-from meshctl.controller.view import ClusterView, read_view
+from meshctl import ipam, ops
+from meshctl.cluster import nodes, scheduler
+from meshctl.cluster.scheduler import Assign, Pending, Reschedule, Retire
 from meshctl.model import NODE, NODE_STATUS, NetworkAttachment, Node, NodeStatus, Service, Task
 from meshctl.store import open_store
+from meshctl.view import ClusterView, read_view
 from tests.unit.leader import settle
 
 

@@ -67,8 +67,8 @@ def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
     """Tasks outlive the controller and write their logs themselves: the pass keeps them
     bounded (here the task cannot start, with no namespace: its log is rotated all the same)."""
     from meshctl import ops, runtime
-    from meshctl.controller.view import read_view
     from meshctl.model import Service
+    from meshctl.view import read_view
     from tests.unit.leader import settle
 
     monkeypatch.setattr(runtime, "LOG_MAX_BYTES", 20)
@@ -95,8 +95,8 @@ def test_an_exit_is_written_before_anything_else_of_the_pass(tmp_path: Path) -> 
     node's load balancer follows that record, so it must not wait for the rest of the pass;
     the restart is step's (later in the same pass)."""
     from meshctl import ops
-    from meshctl.controller.view import read_view
     from meshctl.model import Service
+    from meshctl.view import read_view
     from tests.unit.leader import settle
 
     with SqliteStore(str(tmp_path / "state.db")) as store:

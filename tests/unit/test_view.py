@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from meshctl import ops
-from meshctl.controller.view import Decoded, view_of
 from meshctl.model import Service
 from meshctl.store.sqlite import SqliteStore
+from meshctl.view import Decoded, view_of
 
 
 def test_a_record_that_did_not_move_is_not_decoded_again(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from kernel import netns
-from meshctl import nodes, ops, output
-from meshctl.controller.names import lb_netns, task_netns
+from meshctl import ops, output
+from meshctl.cluster import nodes
+from meshctl.naming import lb_netns, task_netns
 from meshctl.store import Store, open_store
 from tests.cluster.workloads import HTTP
 from tests.conftest import scaled

@@ -8,12 +8,12 @@ import logging
 from collections.abc import Collection, Mapping
 
 from kernel.errors import KernelError
-from meshctl.controller import names
+from meshctl import naming
 from meshctl.controller.diff import write_dns_ports
-from meshctl.controller.discovery import dns_view
-from meshctl.controller.view import ClusterView
 from meshctl.dns import DnsServer, DnsView
+from meshctl.dns.desired import dns_view
 from meshctl.dns.thread import ServerThread
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.dns")
 
@@ -50,7 +50,7 @@ class DnsSync:
         wanted = {
             tid: frozenset(view.tasks[tid].addresses)
             for tid in wired
-            if tid in view.tasks and names.task_netns(tid) in present
+            if tid in view.tasks and naming.task_netns(tid) in present
         }
         for task_id in set(self.ports) - set(wanted):
             self.server.remove_endpoint(task_id)
@@ -60,7 +60,7 @@ class DnsSync:
             if task_id in self.ports and self._networks.get(task_id) == networks:
                 continue
             try:
-                ports = self.server.add_endpoint(task_id, names.task_netns(task_id), networks)
+                ports = self.server.add_endpoint(task_id, naming.task_netns(task_id), networks)
             except KernelError as err:
                 log.warning("no DNS for task %s yet: %s", task_id, err)
                 continue

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from meshctl import ipam
-from meshctl.changeset import Changes, networks_by_name
+from meshctl.cluster.tasks import drop_task
 from meshctl.model import (
     CONTAINER,
     LEADER,
@@ -35,7 +35,7 @@ from meshctl.model import (
 )
 from meshctl.ops import drop_container
 from meshctl.store import Delete, Op, Put, Store, retry_conflicts
-from meshctl.tasks import drop_task
+from meshctl.store.changes import Changes, networks_by_name
 
 
 @dataclass(frozen=True)

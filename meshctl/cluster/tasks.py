@@ -5,7 +5,7 @@ service's current spec (claimed in the same txn); the leader places it on a node
 must go is dropped at once if no node has it (its record deleted, its addresses released), or
 else sent to `shutdown` (or `removed`, its service gone): its node's controller stops it and
 then forgets it (forget_task). Steps that grow with a service's replicas are cut into txns of
-at most changeset.MAX_TXN_OPS operations, each whole on its own.
+at most store.changes.MAX_TXN_OPS operations, each whole on its own.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from functools import partial
 from typing import TypeVar
 
 from meshctl import ipam
-from meshctl.changeset import MAX_TXN_OPS, Changes, networks_by_name
 from meshctl.model import TASK, DesiredState, MeshctlError, Network, Service, Task, from_record
 from meshctl.store import Conflict, Delete, Put, Store, retry_conflicts
+from meshctl.store.changes import MAX_TXN_OPS, Changes, networks_by_name
 
-log = logging.getLogger("meshctl.tasks")
+log = logging.getLogger("meshctl.cluster.tasks")
 T = TypeVar("T")
 
 

@@ -1,6 +1,6 @@
 """The node's own networking, reconciled: bridges, task legs and the node's rules.
 
-Desired objects are pure functions of the view (controller.node), the kernel is read and
+Desired objects are pure functions of the view (node.desired), the kernel is read and
 written by controller.node_kernel; this class keeps the small cache between passes: the node's
 rules, overlay entries, links and addresses are not read back between full observes (once per
 resync period) unless this controller changed them, and each task namespace known to be wired
@@ -18,23 +18,23 @@ from collections.abc import Collection, Mapping
 from kernel.iptables_rules import OwnedTable
 from kernel.links import NamespaceLinks
 from kernel.system import Kernel
-from meshctl.controller import names
-from meshctl.controller.node import (
+from meshctl import naming
+from meshctl.node.desired import (
     TaskNetSpec,
     container_spec,
     desired_node,
     plan_node,
     published_ports,
 )
-from meshctl.controller.node_kernel import (
+from meshctl.node.kernel import (
     apply_node,
     blocked_ports,
     observe_node,
     read_node,
     stateless_dns,
 )
-from meshctl.controller.overlay import NO_UNDERLAY, OverlaySpec, Underlay
-from meshctl.controller.view import ClusterView
+from meshctl.overlay.vxlan import NO_UNDERLAY, OverlaySpec, Underlay
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
 
@@ -152,7 +152,7 @@ class NodeReconciler:
         and this controller changed nothing (a node of 300 tasks has 300-odd links: a dump of 600
         took 0.2 s here, and collecting its cyclic garbage more); else read now.
         Another's change to them is seen at the next full observe, as one to the rules is."""
-        namespaces = tuple(self.kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX))
+        namespaces = tuple(self.kernel.netns.list_namespaces(naming.TASK_NETNS_PREFIX))
         if self._node is None or self._node[0] != namespaces:
             self._node = (namespaces, read_node(self.kernel))
         return self._node[1]
@@ -186,9 +186,9 @@ class NodeReconciler:
 
 def _by_object(view: ClusterView, failed: Mapping[str, str]) -> dict[str, str]:
     """Failures keyed by what users know: a bridge's network name, a task namespace's task id."""
-    bridges = {names.bridge(n.id): n.name for n in view.networks.values()}
+    bridges = {naming.bridge(n.id): n.name for n in view.networks.values()}
     return {
-        bridges.get(what) or what.removeprefix(names.TASK_NETNS_PREFIX): why
+        bridges.get(what) or what.removeprefix(naming.TASK_NETNS_PREFIX): why
         for what, why in failed.items()
     }
 

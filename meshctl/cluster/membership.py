@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from meshctl.cluster.nodes import register_ops
 from meshctl.model import (
     LEADER,
     LEADER_KEY,
@@ -30,7 +31,6 @@ from meshctl.model import (
     NodeStatus,
     from_record,
 )
-from meshctl.nodes import register_ops
 from meshctl.runtime import read_start_time
 from meshctl.store import Conflict, LeaseExpired, Record, Store, StoreError
 

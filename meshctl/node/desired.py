@@ -3,7 +3,7 @@
 Per network a bridge (`mesh` + id) holding the gateway address; per task on this node a
 namespace with one veth per network (node end on the bridge, `ethN` inside with the task's
 address) and a default route via its first network's gateway. Each link's node end carries
-meshctl's mark (names.mark) as its alias. In the node namespace, filter and nat rules: egress
+meshctl's mark (naming.mark) as its alias. In the node namespace, filter and nat rules: egress
 by masquerade unless the network is internal, and no forwarding between different networks'
 bridges.
 
@@ -17,13 +17,15 @@ import ipaddress
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
-from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts
+from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts, table_change
 from kernel.links import mac_for
 from kernel.nftables_rules import Chain, Hook, NftChange, NftTable
 from kernel.nftables_rules import table_change as nft_change
-from meshctl.controller import names
-from meshctl.controller.discovery import serving
-from meshctl.controller.overlay import (
+from meshctl import naming
+from meshctl.lb.endpoints import serving
+from meshctl.lb.netfilter import take_turns
+from meshctl.model import INGRESS, Container, Network, PublishedPort, Task
+from meshctl.overlay.vxlan import (
     DEFAULT_MTU,
     NO_UNDERLAY,
     OverlaySpec,
@@ -32,11 +34,8 @@ from meshctl.controller.overlay import (
     desired_overlays,
     plan_overlays,
 )
-from meshctl.controller.tables import table_change
-from meshctl.controller.view import ClusterView
-from meshctl.lb.netfilter import take_turns
-from meshctl.model import INGRESS, Container, Network, PublishedPort, Task
 from meshctl.runtime.process import read_start_time
+from meshctl.view import ClusterView
 
 FORWARD_CHAIN = "MESH-FORWARD"
 ISOLATION_CHAIN = "MESH-ISOLATION-1"  # per network: from its bridge elsewhere → stage 2
@@ -54,7 +53,7 @@ class BridgeSpec:
 
     name: str
     address: str  # gateway in CIDR form, e.g. 10.10.1.1/24
-    mark: str  # the alias: names.mark(network id)
+    mark: str  # the alias: naming.mark(network id)
     up: bool = True
     mtu: int = DEFAULT_MTU  # an overlay's is the underlay's less the VXLAN headers
 
@@ -112,9 +111,9 @@ def _cidr(address: str, network: Network) -> str:
 
 def bridge_spec(view: ClusterView, network: Network, underlay: Underlay) -> BridgeSpec:
     return BridgeSpec(
-        name=names.bridge(network.id),
+        name=naming.bridge(network.id),
         address=_cidr(view.gateways[network.name], network),
-        mark=names.mark(network.id),
+        mark=naming.mark(network.id),
         mtu=underlay.mtu_of(network),
     )
 
@@ -125,7 +124,7 @@ def leg(
     """A leg onto the network's bridge for an endpoint with `address`."""
     return TaskLinkSpec(
         node_end=node_end,
-        bridge=names.bridge(network.id),
+        bridge=naming.bridge(network.id),
         task_end=task_end,
         address=_cidr(address, network),
         mac=mac_for(address),
@@ -202,7 +201,7 @@ def task_spec(
         if gateway is None:
             gateway = view.gateways.get(network_name)
         links.append(
-            leg(names.task_veth(task.id, index), network, names.task_interface(index), address,
+            leg(naming.task_veth(task.id, index), network, naming.task_interface(index), address,
                 underlay)
         )  # fmt: skip
     nat, dns = OwnedTable(), NftTable()
@@ -210,7 +209,7 @@ def task_spec(
         dns = dns_rewrite(*dns_ports)
     elif dns_ports:
         nat = dns_redirect(task.id, *dns_ports)
-    netns = names.task_netns(task.id)
+    netns = naming.task_netns(task.id)
     return TaskNetSpec(task.id, netns, tuple(links), gateway, nat=nat, dns=dns)
 
 
@@ -236,7 +235,7 @@ def container_spec(
     if network is None:
         return None
     link = leg(
-        names.container_veth(container.id), network, names.container_interface(network.id),
+        naming.container_veth(container.id), network, naming.container_interface(network.id),
         container.address, underlay,
     )  # fmt: skip
     return TaskNetSpec(container.id, container.netns, (link,), None, owns_netns=False)
@@ -255,7 +254,7 @@ def node_tables(
     stage 1 (Docker's `! -o <bridge>` there, which kernel.iptables.Rule does not express).
     """
     ordered = sorted(networks, key=lambda n: n.name)
-    bridges = [(names.bridge(n.id), f"meshctl:net-{n.id}", n) for n in ordered]
+    bridges = [(naming.bridge(n.id), f"meshctl:net-{n.id}", n) for n in ordered]
     # Replies, and new connections a published port sent (DNAT), go into any bridge that is
     # not internal — before the isolation rules, so the routing mesh crosses networks.
     replies = Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT"))
@@ -506,7 +505,7 @@ def wanted_marks(desired: NodeSpec) -> dict[str, str]:
     marks = {bridge.name: bridge.mark for bridge in desired.bridges.values()}
     marks.update((device, spec.mark) for device, spec in desired.overlays.items())
     for task in desired.tasks.values():
-        marks.update((leg.node_end, names.mark(task.task_id)) for leg in task.links)
+        marks.update((leg.node_end, naming.mark(task.task_id)) for leg in task.links)
     return marks
 
 

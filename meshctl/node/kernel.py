@@ -14,14 +14,13 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 
 from kernel.errors import KernelError
-from kernel.iptables_rules import OwnedTable
+from kernel.iptables_rules import OwnedTable, table_change
 from kernel.links import Link, NamespaceLinks, Route
 from kernel.nftables_rules import NftTable
 from kernel.nftables_rules import table_change as nft_change
 from kernel.system import Kernel
-from meshctl import sysctls
-from meshctl.controller import names
-from meshctl.controller.node import (
+from meshctl import naming, sysctls
+from meshctl.node.desired import (
     BridgeSpec,
     NodePlan,
     NodeSpec,
@@ -30,14 +29,13 @@ from meshctl.controller.node import (
     ports_in_use,
     published_ports,
 )
-from meshctl.controller.overlay import (
+from meshctl.overlay.vxlan import (
     OverlaySpec,
     apply_peers,
     ensure_overlay,
     observe_overlays,
 )
-from meshctl.controller.tables import table_change
-from meshctl.controller.view import ClusterView
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.node")
 
@@ -73,8 +71,8 @@ def observe_node(
     known = known or {}
     node = read_node(kernel) if node is None else node
     listed = node.links
-    link_aliases = {link.name: link.alias for link in listed if names.could_be_ours(link.name)}
-    node_links = {link.name: link for link in listed if names.is_marked(link.alias)}
+    link_aliases = {link.name: link.alias for link in listed if naming.could_be_ours(link.name)}
+    node_links = {link.name: link for link in listed if naming.is_marked(link.alias)}
     addresses: dict[str, list[str]] = {}
     for address in node.addresses:
         addresses.setdefault(address.ifname, []).append(address.cidr)
@@ -86,8 +84,8 @@ def observe_node(
     vxlans = [link for link in node_links.values() if link.vxlan is not None]
     overlays = observe_overlays(kernel, vxlans, known_overlays)
     tasks: dict[str, TaskNetSpec] = {}
-    for ns in kernel.netns.list_namespaces(names.TASK_NETNS_PREFIX):
-        task_id = ns.removeprefix(names.TASK_NETNS_PREFIX)
+    for ns in kernel.netns.list_namespaces(naming.TASK_NETNS_PREFIX):
+        task_id = ns.removeprefix(naming.TASK_NETNS_PREFIX)
         if task_id not in mine and not _has_leg_here(task_id, node_links):
             continue
         trusted = known.get(task_id)
@@ -97,7 +95,7 @@ def observe_node(
             tasks[container.task_id] = _observe_container(kernel, container, node_links)
     claimed = {link.node_end for t in tasks.values() for link in t.links}
     # Marked task and container veths; the LB legs (also marked veths) are the LB's.
-    legs = (names.TASK_VETH_PREFIX, names.CONTAINER_VETH_PREFIX)
+    legs = (naming.TASK_VETH_PREFIX, naming.CONTAINER_VETH_PREFIX)
     stray = [
         name
         for name, link in node_links.items()
@@ -119,7 +117,7 @@ def read_node(kernel: Kernel) -> NamespaceLinks:
 
 
 def _has_leg_here(task_id: str, node_links: Mapping[str, Link]) -> bool:
-    return any(names.task_veth(task_id, index) in node_links for index in LEG_INDEXES)
+    return any(naming.task_veth(task_id, index) in node_links for index in LEG_INDEXES)
 
 
 def _only(cidrs: list[str]) -> str:
@@ -145,8 +143,8 @@ def _observe_task(
         addresses.setdefault(address.ifname, []).append(address.cidr)
     links = []
     for index in LEG_INDEXES:
-        task_end = names.task_interface(index)
-        node_end = names.task_veth(task_id, index)
+        task_end = naming.task_interface(index)
+        node_end = naming.task_veth(task_id, index)
         node_link = node_links.get(node_end)
         if task_end not in inside and node_link is None:
             continue
@@ -208,7 +206,7 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
     and the next pass tries again."""
     failed: dict[str, str] = {}
     for name, alias in plan.clashes:
-        log.warning("%s", names.clash_text(name, alias))
+        log.warning("%s", naming.clash_text(name, alias))
     for device in plan.delete_overlays:
         kernel.links.delete_link(NODE, device)
     for bridge in plan.ensure_bridges:
@@ -225,7 +223,7 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
         try:
             apply_peers(kernel, peers)
         except KernelError as err:
-            failed[names.bridge(peers.device.removeprefix(names.VXLAN_PREFIX))] = (
+            failed[naming.bridge(peers.device.removeprefix(naming.VXLAN_PREFIX))] = (
                 f"the peers of its VXLAN device {peers.device}: {err}"
             )
     if plan.tables:
@@ -277,7 +275,7 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
         kernel.links.set_up(task.netns, "lo")
     for link in task.links:
         kernel.links.ensure_veth(
-            NODE, link.node_end, link.task_end, task.netns, alias=names.mark(task.task_id),
+            NODE, link.node_end, link.task_end, task.netns, alias=naming.mark(task.task_id),
             peer_mac=link.mac or None, mtu=link.mtu,
         )  # fmt: skip
         kernel.links.set_master(NODE, link.node_end, link.bridge)

@@ -19,9 +19,9 @@ import click
 from kernel import features
 from kernel.errors import KernelError
 from kernel.features import Check
-from meshctl.controller.overlay import PeerProbe
 from meshctl.lb.backends import NAMES
 from meshctl.output import dumps, table
+from meshctl.overlay.vxlan import PeerProbe
 from meshctl.router.haproxy import HAPROXY
 from meshctl.sysctls import SETTINGS, Setting
 
@@ -174,9 +174,9 @@ def overlay_checks(store_url: str | None, node: str | None) -> list[Check]:
     if store_url is None or node is None:
         return []
     from kernel.system import real_kernel
-    from meshctl.controller.overlay import VXLAN_PORT, peer_probes, underlay_of
-    from meshctl.controller.view import read_view
+    from meshctl.overlay.vxlan import VXLAN_PORT, peer_probes, underlay_of
     from meshctl.store import open_store
+    from meshctl.view import read_view
 
     with open_store(store_url) as store:
         view = read_view(store)

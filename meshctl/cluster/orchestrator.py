@@ -15,10 +15,10 @@ import logging
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from meshctl import tasks
-from meshctl.controller.view import ClusterView
+from meshctl.cluster import tasks
 from meshctl.model import DesiredState, Service, Task
 from meshctl.store import Store
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.orchestrator")
 

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 from kernel.links import Link
 from kernel.system import Kernel
-from meshctl.controller import names
-from meshctl.controller.node import TaskLinkSpec, TaskNetSpec, leg
-from meshctl.controller.node_kernel import NODE, wire_task
-from meshctl.controller.overlay import NO_UNDERLAY, Underlay
-from meshctl.controller.view import ClusterView
+from meshctl import naming
 from meshctl.model import INGRESS
+from meshctl.node.desired import TaskLinkSpec, TaskNetSpec, leg
+from meshctl.node.kernel import NODE, wire_task
+from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
+from meshctl.view import ClusterView
 
 
 def router_net_spec(
@@ -39,11 +39,13 @@ def router_net_spec(
     for name in joined:
         network = view.networks[name]
         links.append(
-            leg(names.router_veth(network.id), network, names.container_interface(network.id),
+            leg(naming.router_veth(network.id), network, naming.container_interface(network.id),
                 view.router_addresses[(name, node)], underlay)
         )  # fmt: skip
     gateway = view.gateways.get(INGRESS) if INGRESS in joined else None
-    return TaskNetSpec(names.router_id(node_id), names.router_netns(node_id), tuple(links), gateway)
+    return TaskNetSpec(
+        naming.router_id(node_id), naming.router_netns(node_id), tuple(links), gateway
+    )
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,13 @@ class RouterNetPlan:
 
 def plan_router_net(kernel: Kernel, desired: TaskNetSpec | None, node_id: str) -> RouterNetPlan:
     """Compare the router's namespace in the kernel with `desired` (None: none wanted)."""
-    netns = names.router_netns(node_id)
-    mark = names.mark(names.router_id(node_id))
+    netns = naming.router_netns(node_id)
+    mark = naming.mark(naming.router_id(node_id))
     exists = kernel.netns.exists(netns)
     ours = {
         link.name: link
         for link in kernel.links.list_links(NODE)
-        if link.name.startswith(names.ROUTER_VETH_PREFIX)
+        if link.name.startswith(naming.ROUTER_VETH_PREFIX)
     }
     clashes = tuple(
         (leg.node_end, ours[leg.node_end].alias)
@@ -152,7 +154,7 @@ def apply_router_net(kernel: Kernel, plan: RouterNetPlan, desired: TaskNetSpec |
 
 def describe_net(plan: RouterNetPlan) -> list[str]:
     """One line per difference, as `meshctl diff` prints them."""
-    lines = [f"! {names.clash_text(name, alias)}" for name, alias in plan.clashes]
+    lines = [f"! {naming.clash_text(name, alias)}" for name, alias in plan.clashes]
     if plan.create_netns:
         lines.append(f"+ router namespace {plan.netns}")
     lines += [

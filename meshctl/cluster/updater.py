@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 
-from meshctl import tasks
-from meshctl.controller.view import ClusterView
+from meshctl.cluster import tasks
 from meshctl.ipam import AddressExhausted
 from meshctl.model import Service, Task
 from meshctl.store import Store
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.updater")
 

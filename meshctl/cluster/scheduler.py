@@ -17,11 +17,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from meshctl import tasks
-from meshctl.changeset import MAX_TXN_OPS
-from meshctl.controller.view import ClusterView
+from meshctl.cluster import tasks
 from meshctl.model import TASK, Node, Service, Task
 from meshctl.store import Conflict, Put, Store
+from meshctl.store.changes import MAX_TXN_OPS
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.scheduler")
 

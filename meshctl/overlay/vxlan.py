@@ -7,7 +7,7 @@ up (or another node's load-balancer address, or an attached container) with an a
 network; its MAC is derived from that address (kernel.links.mac_for, as every interface meshctl
 makes on a network gets it), and its node's underlay address is in the node's record. The
 device answers ARP for remote addresses from its neighbour table (proxy on) and sends each
-frame to the node its FDB entry names.
+frame to the node its FDB entry naming.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from kernel.links import Link, mac_for
 from kernel.neighbours import FdbEntry, Neighbour
 from kernel.system import Kernel
-from meshctl.controller import names
-from meshctl.controller.view import ClusterView
+from meshctl import naming
 from meshctl.model import Network
+from meshctl.view import ClusterView
 
 NODE = None  # the controller's own namespace
 VXLAN_PORT = 4789
@@ -113,13 +113,13 @@ def desired_overlays(
         return {}
     specs = [
         OverlaySpec(
-            device=names.vxlan(network.id),
+            device=naming.vxlan(network.id),
             vni=network.vni,
             local=underlay.address,
             port=underlay.port,
             mtu=underlay.mtu_of(network),
-            bridge=names.bridge(network.id),
-            mark=names.mark(network.id),
+            bridge=naming.bridge(network.id),
+            mark=naming.mark(network.id),
             peers=remote_peers(view, network, node),
         )
         for network in networks
@@ -271,7 +271,7 @@ def peer_probes(view: ClusterView, node: str, node_id: str, underlay: Underlay) 
             if net != network.name or peer == node or other is None or not view.up(peer):
                 continue
             probes.append(
-                PeerProbe(network.name, peer, names.lb_netns(node_id, network.id), address,
+                PeerProbe(network.name, peer, naming.lb_netns(node_id, network.id), address,
                           underlay.address, other.address, underlay.port)
             )  # fmt: skip
     return probes

@@ -20,24 +20,23 @@ from collections.abc import Mapping
 
 from kernel.errors import KernelError
 from kernel.system import Kernel
-from meshctl import ipam, runtime
-from meshctl.controller import names
-from meshctl.controller.node import TaskNetSpec
-from meshctl.controller.overlay import NO_UNDERLAY, Underlay
-from meshctl.controller.router_net import (
+from meshctl import ipam, naming, runtime
+from meshctl.model import MeshctlError, Task
+from meshctl.node.desired import TaskNetSpec
+from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
+from meshctl.router import haproxy
+from meshctl.router.config import RouterFiles, crt_list, fingerprint_of, render
+from meshctl.router.desired import router_spec
+from meshctl.router.net import (
     apply_router_net,
     describe_net,
     plan_router_net,
     router_net_spec,
 )
-from meshctl.controller.routes import router_spec
-from meshctl.controller.view import ClusterView
-from meshctl.model import MeshctlError, Task
-from meshctl.router import haproxy
-from meshctl.router.config import RouterFiles, crt_list, fingerprint_of, render
 from meshctl.router.slots import plan_runtime
 from meshctl.router.spec import RouterSpec
 from meshctl.store import Store
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.router")
 
@@ -170,7 +169,7 @@ class RouterSync:
         if plan.clashes:
             self._wired = UNSEEN
             name, alias = plan.clashes[0]
-            return {ROUTER: names.clash_text(name, alias)}
+            return {ROUTER: naming.clash_text(name, alias)}
         self._wired = desired
         return {}
 
@@ -193,7 +192,7 @@ class RouterSync:
             if now < self._not_before:
                 return self._not_before
             self._install(spec)
-            self.process = haproxy.start(self.files, names.router_netns(self.node_id))
+            self.process = haproxy.start(self.files, naming.router_netns(self.node_id))
             self._started_at = now
             self._loaded, self._applied = spec.fingerprint(), spec
             log.info("router: haproxy started pid=%d", self.process.pid)

@@ -1,7 +1,7 @@
 """What each node's router should do: a pure function of the cluster view.
 
 A backend's servers are the tasks' addresses on the network the router reaches the service on
-(its first), chosen as the load balancers choose backends (meshctl.controller.discovery): a
+(its first), chosen as the load balancers choose backends (meshctl.lb.endpoints): a
 serving task is ready; a running task that is leaving or unhealthy is drained (no new
 requests, those in flight finish); any other is left out. So health gating and draining
 follow the service, as they do for its VIP.
@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from meshctl.controller.discovery import backend_weight, reachable
-from meshctl.controller.view import ClusterView
+from meshctl.lb.endpoints import backend_weight, reachable
 from meshctl.model import Service
 from meshctl.router.spec import (
     Backend,
@@ -24,6 +23,7 @@ from meshctl.router.spec import (
     backend_name,
     route_order,
 )
+from meshctl.view import ClusterView
 
 
 def _servers(view: ClusterView, service: Service, node: str) -> tuple[Server, ...]:
