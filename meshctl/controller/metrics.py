@@ -122,6 +122,11 @@ class _Collector:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._dns()
+        yield from self._store()
+        yield from self._controller()
+
+    def _dns(self) -> Iterator[Metric]:
         s = self.metrics.sources
         dns = s.dns
         yield _counter(
@@ -156,7 +161,9 @@ class _Collector:
             ["to", "reason"],
             forwarder.failures if forwarder else None,
         )
-        informer = s.informer
+
+    def _store(self) -> Iterator[Metric]:
+        informer = self.metrics.sources.informer
         yield _counter(
             "meshctl_store_watch_relists",
             "Times the controller listed the store again: its watch fell behind the store's "
@@ -177,6 +184,9 @@ class _Collector:
             reachable.add_metric([], 1.0 if informer.connected else 0.0)
         yield lag
         yield reachable
+
+    def _controller(self) -> Iterator[Metric]:
+        s = self.metrics.sources
         tasks = GaugeMetricFamily(
             "meshctl_tasks", "Tasks assigned to this node, by state.", labels=["state"]
         )

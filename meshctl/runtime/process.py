@@ -167,37 +167,12 @@ def start(spec: TaskProcessSpec) -> TaskProcess:
     if not os.path.exists(nspath):
         raise NotFound(f"task {spec.task_name}: network namespace {spec.netns} does not exist")
     hostname = spec.hostname or spec.task_name
-    os.makedirs(spec.files_dir, exist_ok=True)
-    resolv_path = os.path.join(spec.files_dir, "resolv.conf")
-    hosts_path = os.path.join(spec.files_dir, "hosts")
-    with open(resolv_path, "w") as f:
-        f.write(spec.resolv_conf)
-    with open(hosts_path, "w") as f:
-        f.write(spec.hosts or hosts_text(hostname))
+    argv = _argv(spec, nspath, hostname)
     # A clean environment, as a container gets: nothing of the controller's leaks in.
     env = {"PATH": TASK_PATH, "HOSTNAME": hostname, "HOME": "/root", **dict(spec.env)}
     os.makedirs(os.path.dirname(spec.log_path) or ".", exist_ok=True)
     log_fd = os.open(spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     ready_r, ready_w = os.pipe()
-    argv = [
-        _tool("nsenter"),
-        f"--net={nspath}",
-        "--",
-        _tool("unshare"),
-        "--mount",
-        "--uts",
-        "--propagation",
-        "private",
-        "--",
-        "/bin/sh",
-        "-c",
-        _SETUP_SCRIPT,
-        "sh",
-        resolv_path,
-        hosts_path,
-        hostname,
-        *spec.command,
-    ]
     try:
         popen = subprocess.Popen(
             argv,
@@ -229,6 +204,37 @@ def start(spec: TaskProcessSpec) -> TaskProcess:
             f"see {spec.log_path}"
         )
     return proc
+
+
+def _argv(spec: TaskProcessSpec, nspath: str, hostname: str) -> list[str]:
+    """The task's command behind nsenter, unshare and the setup script, which bind-mounts the
+    resolv.conf and hosts written here (the task's files) and sets the hostname."""
+    os.makedirs(spec.files_dir, exist_ok=True)
+    resolv_path = os.path.join(spec.files_dir, "resolv.conf")
+    hosts_path = os.path.join(spec.files_dir, "hosts")
+    with open(resolv_path, "w") as f:
+        f.write(spec.resolv_conf)
+    with open(hosts_path, "w") as f:
+        f.write(spec.hosts or hosts_text(hostname))
+    return [
+        _tool("nsenter"),
+        f"--net={nspath}",
+        "--",
+        _tool("unshare"),
+        "--mount",
+        "--uts",
+        "--propagation",
+        "private",
+        "--",
+        "/bin/sh",
+        "-c",
+        _SETUP_SCRIPT,
+        "sh",
+        resolv_path,
+        hosts_path,
+        hostname,
+        *spec.command,
+    ]
 
 
 def _read_ready(fd: int) -> bool:
