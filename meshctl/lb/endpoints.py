@@ -44,12 +44,10 @@ def reachable(view: ClusterView, task: Task, network: str, node: str) -> bool:
     return net is not None and (net.driver != "bridge" or task.node == node)
 
 
-def backends_of(
-    view: ClusterView, tasks: Iterable[Task], network: str, node: str
-) -> tuple[Backend, ...]:
-    """A VIP's backends on one network: the addresses of the service's tasks (`tasks`) that
-    node reaches, each with its weight."""
-    backends: dict[str, int] = {}
+def weights(view: ClusterView, tasks: Iterable[Task], network: str, node: str) -> dict[str, int]:
+    """The endpoints of a service on one network that node reaches: each address of its tasks
+    (`tasks`) that is a backend, with its weight (1 serving, 0 draining)."""
+    found: dict[str, int] = {}
     for task in tasks:
         if network not in task.addresses:
             continue
@@ -59,6 +57,14 @@ def backends_of(
         if weight is None:
             continue
         address = task.addresses[network]
-        # A slot being replaced may briefly have two tasks; an address is one backend.
-        backends[address] = max(weight, backends.get(address, 0))
-    return tuple(Backend(address, weight) for address, weight in sorted(backends.items()))
+        # A slot being replaced may briefly have two tasks; an address is one endpoint.
+        found[address] = max(weight, found.get(address, 0))
+    return found
+
+
+def backends_of(
+    view: ClusterView, tasks: Iterable[Task], network: str, node: str
+) -> tuple[Backend, ...]:
+    """A VIP's backends on one network, each with its weight."""
+    found = weights(view, tasks, network, node)
+    return tuple(Backend(address, weight) for address, weight in sorted(found.items()))

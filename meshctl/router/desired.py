@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 
-from meshctl.lb.endpoints import backend_weight, reachable
+from meshctl.lb.endpoints import weights
 from meshctl.model import Service
 from meshctl.router.spec import (
     Backend,
@@ -28,19 +28,9 @@ from meshctl.view import ClusterView
 
 def _servers(view: ClusterView, service: Service, node: str) -> tuple[Server, ...]:
     network = service.networks[0].network
-    servers: dict[str, bool] = {}
-    for task in view.tasks.values():
-        if task.service_id != service.id or network not in task.addresses:
-            continue
-        if not reachable(view, task, network, node):
-            continue
-        weight = backend_weight(task)
-        if weight is None:
-            continue
-        address = task.addresses[network]
-        # A slot being replaced may briefly have two tasks; an address is one server.
-        servers[address] = servers.get(address, False) or weight > 0
-    return tuple(sorted(Server(a, ready) for a, ready in servers.items()))
+    tasks = (task for task in view.tasks.values() if task.service_id == service.id)
+    found = weights(view, tasks, network, node)
+    return tuple(sorted(Server(address, weight > 0) for address, weight in found.items()))
 
 
 def router_spec(view: ClusterView, node: str) -> RouterSpec | None:

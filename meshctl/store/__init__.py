@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 DEFAULT_STATE_DIR = "/var/lib/meshctl"
 STATE_DIR_ENV = "MESHCTL_STATE_DIR"
@@ -148,6 +148,19 @@ class LeaseExpired(StoreError):
     def __init__(self, lease: int) -> None:
         self.lease = lease
         super().__init__(f"lease {lease:x} has expired; its keys are gone")
+
+
+class ClosedOnExit:
+    """`with store:` closes the store at the end of the block."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Store(Protocol):

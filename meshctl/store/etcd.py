@@ -21,7 +21,6 @@ import socket
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,6 +31,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 
 from meshctl.store import (
+    ClosedOnExit,
     Compacted,
     Conflict,
     Delete,
@@ -101,7 +101,7 @@ def _encode(value: Value) -> str:
     return base64.b64encode(json.dumps(value, sort_keys=True).encode()).decode()
 
 
-class EtcdStore:
+class EtcdStore(ClosedOnExit):
     """The Store protocol on an etcd cluster (3.4 and later: the gateway's /v3/ path)."""
 
     distributed = True  # the nodes of a cluster share it
@@ -353,17 +353,6 @@ class EtcdStore:
         for client in self._clients:
             client.session.close()
         self._watching.close()
-
-    def __enter__(self) -> EtcdStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class _LivelyAdapter(HTTPAdapter):

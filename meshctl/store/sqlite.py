@@ -18,9 +18,9 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from types import TracebackType
 
 from meshctl.store import (
+    ClosedOnExit,
     Compacted,
     Conflict,
     Delete,
@@ -66,7 +66,7 @@ _SCHEMA = (
 _KV_LEASE = "ALTER TABLE kv ADD COLUMN lease INTEGER NOT NULL DEFAULT 0"
 
 
-class SqliteStore:
+class SqliteStore(ClosedOnExit):
     """The Store protocol on one SQLite file; one connection per instance, shared by its threads.
 
     history is how many revisions of events stay watchable; busy_timeout how long a write waits
@@ -366,17 +366,6 @@ class SqliteStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> SqliteStore:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:
