@@ -36,14 +36,12 @@ C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl
 
 
 def api(kernel: Any) -> IptablesAPI:
-    backend: IptablesAPI | None = getattr(kernel, "iptables", None)
-    if backend is None:
-        pytest.skip("the conformance kernel fixture provides no iptables backend")
+    backend: IptablesAPI = kernel.iptables
     return backend
 
 
 def is_fake(kernel: Any) -> bool:
-    return isinstance(getattr(kernel, "iptables", None), FakeIptables)
+    return isinstance(kernel.iptables, FakeIptables)
 
 
 def in_ns(ns: str, *cmd: str, stdin: str | None = None) -> str:
