@@ -294,7 +294,10 @@ def test_foreign_rules_and_chains_survive_a_full_lifecycle(kernel: Any, ns: str)
     assert ipt.list_owned(ns, "nat").chains["MESH-SVC-WEB"] == svc
     ipt.apply(ns, "nat", TableChange(replace={"MESH-SVC-WEB": svc[:1]}, delete=()))
     # Foreign rules are never listed as meshctl's.
-    assert all(j.comment.startswith("meshctl:") for j in ipt.list_owned(ns, "nat").jumps)
+    jumps = ipt.list_owned(ns, "nat").jumps
+    assert [(j.chain, j.target, j.comment) for j in jumps] == [
+        ("PREROUTING", "MESH-PREROUTING", "meshctl:node")
+    ]
     assert "DOCKER" not in ipt.list_owned(ns, "nat").chains
 
     for table in ("nat", "filter"):
