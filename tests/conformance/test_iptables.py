@@ -30,7 +30,7 @@ from kernel.iptables_rules import (
 )
 from meshctl.lb.iptables import iptables_tables
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, scaled
 
 C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl
 
@@ -651,7 +651,7 @@ def veth_pair(client: str, server: str) -> None:
 
 def fetch(host: str, port: int) -> str:
     """Open a TCP connection and read what the server says until it closes."""
-    with socket.create_connection((host, port), timeout=3) as conn:
+    with socket.create_connection((host, port), timeout=scaled(3)) as conn:
         chunks = []
         while data := conn.recv(100):
             chunks.append(data)
@@ -681,7 +681,7 @@ def two_hosts(netns_factory: NetnsFactory) -> Iterator[tuple[str, str]]:
     ]
     try:
         for port in (8081, 8082):
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + scaled(5)
             while True:
                 try:
                     assert netns.run_in(server, fetch, "127.0.0.1", port) == str(port)
