@@ -87,7 +87,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def root_namespace_snapshot() -> dict[str, str]:
-    """What the root namespace holds that no test may change: links, routes, rules, netns list."""
+    """What the root namespace holds that no test may change: links, routes, firewall rules
+    (iptables legacy and nft, nftables), the netns list, ip_forward."""
 
     def run(*cmd: str) -> str:
         try:
@@ -104,6 +105,8 @@ def root_namespace_snapshot() -> dict[str, str]:
         "routes": run("ip", "route", "show", "table", "all"),
         "iptables-legacy": run("iptables-legacy-save"),
         "iptables-nft": run("iptables-nft-save"),
+        # nftables is the default LB backend: every table, chain, set and rule (-s: no counters).
+        "nftables": run("nft", "-s", "list", "ruleset"),
         "netns": "\n".join(n for n in _list_netns() if not n.startswith(TEST_NETNS_PREFIX)),
         # New namespaces inherit it: a controller run in the root namespace by mistake shows here.
         "ip_forward": run("sysctl", "-n", "net.ipv4.ip_forward"),

@@ -1,13 +1,13 @@
 """The conformance fixture: one `kernel` per test, the fake and the real one, same verbs.
 
 Every conformance test takes `kernel` and runs twice, so the fake cannot drift from the truth.
-Subsystems that are not written yet (or cannot be imported) are None; their tests skip.
+Every subsystem is imported outright: one that fails to import fails the tests, never skips them.
+The fake models a kernel with IPVS (FakeIpvs answers), so its sysctl has net.ipv4.vs.* too.
 Real-kernel tests never act in the node's namespace (ns=None): they make theirs with new_ns().
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +26,9 @@ class KernelUnderTest:
     links: Any  # kernel.links.LinksAPI
     neighbours: Any  # kernel.neighbours.NeighboursAPI
     sysctl: Any  # kernel.sysctl.SysctlAPI
-    iptables: Any | None  # kernel.iptables.IptablesAPI, None until it exists
-    ipvs: Any | None  # kernel.ipvs.IpvsAPI, None until it exists
-    nftables: Any | None  # kernel.nftables.NftablesAPI
+    iptables: Any  # kernel.iptables.IptablesAPI
+    ipvs: Any  # kernel.ipvs.IpvsAPI
+    nftables: Any  # kernel.nftables.NftablesAPI
     world: Any | None  # kernel.fake.world.FakeWorld for the fake, None for the real kernel
     new_ns: Callable[[str], str]  # a fresh namespace in this kernel, removed after the test
 
@@ -37,20 +37,12 @@ class KernelUnderTest:
         return self.world is not None
 
 
-def _optional(module: str, cls: str, *args: Any) -> Any | None:
-    """An instance of module.cls, or None while that module does not exist yet."""
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module:  # the module exists but is broken: say so
-            raise
-        return None
-    return getattr(found, cls)(*args)
-
-
 def _fake_kernel() -> KernelUnderTest:
+    from kernel.fake.iptables import FakeIptables
+    from kernel.fake.ipvs import FakeIpvs
     from kernel.fake.links import FakeLinks
     from kernel.fake.neighbours import FakeNeighbours
+    from kernel.fake.nftables import FakeNftables
     from kernel.fake.sysctl import FakeSysctl
     from kernel.fake.world import FakeNetns, FakeWorld
 
@@ -68,19 +60,22 @@ def _fake_kernel() -> KernelUnderTest:
         netns=fake_netns,
         links=FakeLinks(world),
         neighbours=FakeNeighbours(world),
-        sysctl=FakeSysctl(world),
-        iptables=_optional("kernel.fake.iptables", "FakeIptables", world),
-        ipvs=_optional("kernel.fake.ipvs", "FakeIpvs", world),
-        nftables=_optional("kernel.fake.nftables", "FakeNftables", world),
+        sysctl=FakeSysctl(world, ipvs=True),
+        iptables=FakeIptables(world),
+        ipvs=FakeIpvs(world),
+        nftables=FakeNftables(world),
         world=world,
         new_ns=new_ns,
     )
 
 
 def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
+    from kernel.iptables import Iptables
+    from kernel.ipvs import Ipvs
     from kernel.links import Links
     from kernel.neighbours import Neighbours
     from kernel.netns import Netns
+    from kernel.nftables import Nftables
     from kernel.sysctl import Sysctl
 
     return KernelUnderTest(
@@ -89,9 +84,9 @@ def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
         links=Links(),
         neighbours=Neighbours(),
         sysctl=Sysctl(),
-        iptables=_optional("kernel.iptables", "Iptables"),
-        ipvs=_optional("kernel.ipvs", "Ipvs"),
-        nftables=_optional("kernel.nftables", "Nftables"),
+        iptables=Iptables(),
+        ipvs=Ipvs(),
+        nftables=Nftables(),
         world=None,
         new_ns=netns_factory,
     )

@@ -30,20 +30,18 @@ from kernel.iptables_rules import (
 )
 from meshctl.lb.iptables import iptables_tables
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, scaled
 
 C = "meshctl:svc-web"  # the comment of every rule these tests write as meshctl
 
 
 def api(kernel: Any) -> IptablesAPI:
-    backend: IptablesAPI | None = getattr(kernel, "iptables", None)
-    if backend is None:
-        pytest.skip("the conformance kernel fixture provides no iptables backend")
+    backend: IptablesAPI = kernel.iptables
     return backend
 
 
 def is_fake(kernel: Any) -> bool:
-    return isinstance(getattr(kernel, "iptables", None), FakeIptables)
+    return isinstance(kernel.iptables, FakeIptables)
 
 
 def in_ns(ns: str, *cmd: str, stdin: str | None = None) -> str:
@@ -296,7 +294,10 @@ def test_foreign_rules_and_chains_survive_a_full_lifecycle(kernel: Any, ns: str)
     assert ipt.list_owned(ns, "nat").chains["MESH-SVC-WEB"] == svc
     ipt.apply(ns, "nat", TableChange(replace={"MESH-SVC-WEB": svc[:1]}, delete=()))
     # Foreign rules are never listed as meshctl's.
-    assert all(j.comment.startswith("meshctl:") for j in ipt.list_owned(ns, "nat").jumps)
+    jumps = ipt.list_owned(ns, "nat").jumps
+    assert [(j.chain, j.target, j.comment) for j in jumps] == [
+        ("PREROUTING", "MESH-PREROUTING", "meshctl:node")
+    ]
     assert "DOCKER" not in ipt.list_owned(ns, "nat").chains
 
     for table in ("nat", "filter"):
@@ -650,7 +651,7 @@ def veth_pair(client: str, server: str) -> None:
 
 def fetch(host: str, port: int) -> str:
     """Open a TCP connection and read what the server says until it closes."""
-    with socket.create_connection((host, port), timeout=3) as conn:
+    with socket.create_connection((host, port), timeout=scaled(3)) as conn:
         chunks = []
         while data := conn.recv(100):
             chunks.append(data)
@@ -680,7 +681,7 @@ def two_hosts(netns_factory: NetnsFactory) -> Iterator[tuple[str, str]]:
     ]
     try:
         for port in (8081, 8082):
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + scaled(5)
             while True:
                 try:
                     assert netns.run_in(server, fetch, "127.0.0.1", port) == str(port)

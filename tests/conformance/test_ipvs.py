@@ -20,7 +20,7 @@ import pytest
 from kernel import netns
 from kernel.errors import KernelError, NotFound
 from kernel.ipvs import NO_IPVS, Destination, Ipvs, IpvsAPI, IpvsChange, VirtualService
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, scaled
 
 # The conformance kernel fixture, with only its real-kernel case marked as needing IPVS so the
 # fake runs everywhere and the QEMU lane (-m ipvs) picks the real one.
@@ -45,9 +45,7 @@ def ns(kernel: Any) -> str:
 @pytest.fixture
 def ipvs(kernel: Any, ns: str) -> IpvsAPI:
     """The backend under test; the real one skips, saying why, where the kernel has no IPVS."""
-    backend: IpvsAPI | None = getattr(kernel, "ipvs", None)
-    if backend is None:
-        pytest.skip("the conformance kernel fixture provides no ipvs backend")
+    backend: IpvsAPI = kernel.ipvs
     reason = backend.available(ns)
     if reason is not None:
         pytest.skip(f"IPVS unavailable: {reason}")
@@ -272,7 +270,7 @@ def link(
 
 
 def fetch(host: str, port: int) -> str:
-    with socket.create_connection((host, port), timeout=3) as conn:
+    with socket.create_connection((host, port), timeout=scaled(3)) as conn:
         chunks = []
         while data := conn.recv(100):
             chunks.append(data)
@@ -313,7 +311,7 @@ def lb_world(netns_factory: NetnsFactory) -> Iterator[tuple[str, str]]:
     ]
     try:
         for ns in (b1, b2):
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + scaled(5)
             while True:
                 try:
                     assert netns.run_in(ns, fetch, "127.0.0.1", 8080) == ns

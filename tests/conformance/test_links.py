@@ -21,7 +21,7 @@ from kernel.fake.links import FakeLinks
 from kernel.fake.world import FakeNetns, FakeWorld
 from kernel.links import Address, Link, Route, VxlanInfo, mac_for
 from tests.conformance.conftest import KernelUnderTest
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, scaled
 
 
 def names(links: list[Link]) -> list[str]:
@@ -30,7 +30,7 @@ def names(links: list[Link]) -> list[str]:
 
 def eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
     """Poll check until it holds or timeout seconds pass; whether it held."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while not check():
         if time.monotonic() > deadline:
             return False
@@ -605,8 +605,8 @@ def udp_round_trip(src_ns: str, dst_ns: str, dst_ip: str, timeout: float = 5.0) 
     client = netns.run_in(src_ns, socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
     with server, client:
         server.bind((dst_ip, 9999))
-        server.settimeout(timeout)
-        client.settimeout(timeout)
+        server.settimeout(scaled(timeout))
+        client.settimeout(scaled(timeout))
         client.sendto(b"ping", (dst_ip, 9999))
         data, peer = server.recvfrom(64)
         server.sendto(b"pong:" + data, peer)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kernel.errors import KernelError, NotFound
-from kernel.fake.sysctl import FakeSysctl
+from kernel.fake.sysctl import IPVS_DEFAULTS, FakeSysctl
 from kernel.fake.world import FakeWorld
 from tests.conformance.conftest import KernelUnderTest
 
@@ -66,15 +66,31 @@ def test_unknown_keys_and_bad_values(kernel: KernelUnderTest) -> None:
     assert kernel.sysctl.get(ns, FORWARD) == "0"
 
 
+@pytest.mark.parametrize(
+    "kernel",
+    [pytest.param("fake"), pytest.param("real", marks=[pytest.mark.root, pytest.mark.ipvs])],
+    indirect=True,
+)
 def test_ipvs_keys_exist_only_with_ipvs(kernel: KernelUnderTest) -> None:
+    """net.ipv4.vs.* exist exactly where IPVS answers, with a fresh namespace's values: the
+    fake's IPVS_DEFAULTS, so the fake's IPVS kernel is this one. The real case runs on the host
+    (no IPVS: every key NotFound) and, marked ipvs, in the QEMU lane's kernel (every key there)."""
     ns = kernel.new_ns("vs")
-    try:
-        value = kernel.sysctl.get(ns, "net.ipv4.vs.conntrack")
-    except NotFound:
-        if kernel.is_fake:
-            return  # the default fake models this kernel: no IPVS
-        pytest.skip("this kernel has no IPVS: net.ipv4.vs.* does not exist")
-    assert value == "0"
+    has_ipvs = kernel.ipvs.available(ns) is None  # the first IPVS request loads its module
+    found = {}
+    for key in IPVS_DEFAULTS:
+        try:
+            found[key] = kernel.sysctl.get(ns, key)
+        except NotFound:
+            continue
+    assert found == (IPVS_DEFAULTS if has_ipvs else {}), f"IPVS available: {has_ipvs}"
+
+
+def test_fake_without_ipvs_has_no_vs_keys() -> None:
+    sysctl = FakeSysctl(FakeWorld())
+    for key in IPVS_DEFAULTS:
+        with pytest.raises(NotFound, match=key):
+            sysctl.get(None, key)
 
 
 def test_fake_with_ipvs_has_its_keys() -> None:

@@ -89,9 +89,20 @@ def test_a_controller_whose_passes_fail_says_degraded_until_they_succeed(
                            "the node to say it is degraded")  # fmt: skip
         assert "broken for the test" in message
         assert "degraded: " in mesh.cli("node", "ls").stdout
-        tasks = json.loads(mesh.cli("service", "ps", "web", "--format", "json").stdout)
-        if tasks and tasks[0]["node"]:
-            assert tasks[0]["problem"].startswith("node node1 is degraded: ")
+
+        def web_problem() -> str:
+            """The web task's problem once it is placed ("" before), as service ps says it."""
+            tasks = json.loads(mesh.cli("service", "ps", "web", "--format", "json").stdout)
+            return str(tasks[0]["problem"]) if tasks and tasks[0]["node"] else ""
+
+        # The leader places the task before the failing step of a pass, so it is placed while
+        # its node is degraded, and service ps names the node's state as what keeps it back.
+        problem = wait_for(
+            lambda: web_problem().startswith("node node1 is degraded: ") and web_problem(),
+            30,
+            "service ps to say node1 is degraded",
+        )
+        assert "broken for the test" in problem
         broken.unlink()
         wait_for(lambda: degraded() == "", 30, "the degraded message to go")
         mesh.wait_running("web", 1)

@@ -29,6 +29,8 @@ from meshctl.runtime import (
     run_probe,
     start,
 )
+from tests.conftest import scaled
+from tests.kernel.mesh import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -45,14 +47,6 @@ CLOSED_PORT = 8081
 class Task:
     ns: str
     proc: TaskProcess
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
 
 
 def run(probe: Coroutine[Any, Any, ProbeResult]) -> ProbeResult:
@@ -88,8 +82,8 @@ def task(netns_factory: Callable[[str], str], tmp_path: Path) -> Iterator[Task]:
         )
     )
     try:
-        wait_until(lambda: run(probe_tcp(ns, ADDRESS, HTTP_PORT, 1)).ok)
-        wait_until(lambda: run(probe_tcp(ns, ADDRESS, SILENT_PORT, 1)).ok)
+        wait_for(lambda: run(probe_tcp(ns, ADDRESS, HTTP_PORT, scaled(1))).ok, 10, "HTTP up")
+        wait_for(lambda: run(probe_tcp(ns, ADDRESS, SILENT_PORT, scaled(1))).ok, 10, "socat up")
         yield Task(ns, proc)
     finally:
         proc.stop(0)
@@ -97,43 +91,43 @@ def task(netns_factory: Callable[[str], str], tmp_path: Path) -> Iterator[Task]:
 
 
 def test_http_2xx_and_3xx_are_healthy(task: Task) -> None:
-    ok = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/", 2))
+    ok = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/", scaled(2)))
     assert ok.ok and " 200 " in ok.output
-    redirect = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/sub", 2))
+    redirect = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/sub", scaled(2)))
     assert redirect.ok and " 301 " in redirect.output
 
 
 def test_http_404_is_unhealthy(task: Task) -> None:
-    result = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/missing", 2))
+    result = run(probe_http(task.ns, ADDRESS, HTTP_PORT, "/missing", scaled(2)))
     assert not result.ok
     assert " 404 " in result.output
 
 
 def test_http_without_an_answer_times_out(task: Task) -> None:
     began = time.monotonic()
-    result = run(probe_http(task.ns, ADDRESS, SILENT_PORT, "/", 0.5))
+    result = run(probe_http(task.ns, ADDRESS, SILENT_PORT, "/", scaled(0.5)))
     assert not result.ok and "timed out" in result.output
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < scaled(2)
 
 
 def test_http_to_a_closed_port_is_unhealthy(task: Task) -> None:
-    result = run(probe_http(task.ns, ADDRESS, CLOSED_PORT, "/", 2))
+    result = run(probe_http(task.ns, ADDRESS, CLOSED_PORT, "/", scaled(2)))
     assert not result.ok and "refused" in result.output.lower()
 
 
 def test_tcp_connect_ok_refused_and_timeout(task: Task) -> None:
-    assert run(probe_tcp(task.ns, ADDRESS, HTTP_PORT, 2)).ok
-    refused = run(probe_tcp(task.ns, ADDRESS, CLOSED_PORT, 2))
+    assert run(probe_tcp(task.ns, ADDRESS, HTTP_PORT, scaled(2))).ok
+    refused = run(probe_tcp(task.ns, ADDRESS, CLOSED_PORT, scaled(2)))
     assert not refused.ok and "refused" in refused.output.lower()
     began = time.monotonic()
-    silent = run(probe_tcp(task.ns, BLACKHOLE, HTTP_PORT, 0.5))
+    silent = run(probe_tcp(task.ns, BLACKHOLE, HTTP_PORT, scaled(0.5)))
     assert not silent.ok and "timed out" in silent.output
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < scaled(2)
 
 
 def test_tcp_probe_runs_in_the_task_namespace_not_ours(task: Task, node_ns: str) -> None:
     # The same address from another namespace has no route: the probe's namespace matters.
-    result = run(probe_tcp(node_ns, ADDRESS, HTTP_PORT, 1))
+    result = run(probe_tcp(node_ns, ADDRESS, HTTP_PORT, scaled(1)))
     assert not result.ok
 
 
@@ -143,7 +137,7 @@ def test_cmd_runs_inside_the_task(task: Task) -> None:
             task.ns,
             task.proc.pid,
             'test "$(hostname)" = web.1 && grep 127.0.0.11 /etc/resolv.conf',
-            5,
+            scaled(5),
         )
     )
     assert result.ok, result.output
@@ -151,16 +145,16 @@ def test_cmd_runs_inside_the_task(task: Task) -> None:
 
 
 def test_cmd_failure_keeps_its_output(task: Task) -> None:
-    result = run(probe_cmd(task.ns, task.proc.pid, "echo database down; exit 1", 5))
+    result = run(probe_cmd(task.ns, task.proc.pid, "echo database down; exit 1", scaled(5)))
     assert not result.ok
     assert result.output == "database down\n"
 
 
 def test_cmd_timeout_kills_the_probe(task: Task) -> None:
     began = time.monotonic()
-    result = run(probe_cmd(task.ns, task.proc.pid, "sleep 30; echo late", 0.5))
+    result = run(probe_cmd(task.ns, task.proc.pid, "sleep 30; echo late", scaled(0.5)))
     assert not result.ok and "timed out" in result.output
-    assert time.monotonic() - began < 3
+    assert time.monotonic() - began < scaled(3)
 
     def probe_sleeps_left() -> bool:
         target = netns.inode(task.ns)
@@ -174,16 +168,16 @@ def test_cmd_timeout_kills_the_probe(task: Task) -> None:
                 return True
         return False
 
-    wait_until(lambda: not probe_sleeps_left(), timeout=3)
+    wait_for(lambda: not probe_sleeps_left(), 3, "the probe's sleep to be killed")
 
 
 def test_run_probe_follows_the_check(task: Task) -> None:
     checks = {
-        HealthCheck(kind="http", port=HTTP_PORT, path="/", timeout=2): True,
-        HealthCheck(kind="http", port=HTTP_PORT, path="/nope", timeout=2): False,
-        HealthCheck(kind="tcp", port=HTTP_PORT, timeout=2): True,
-        HealthCheck(kind="tcp", port=CLOSED_PORT, timeout=2): False,
-        HealthCheck(kind="cmd", command="hostname | grep -qx web.1", timeout=5): True,
+        HealthCheck(kind="http", port=HTTP_PORT, path="/", timeout=scaled(2)): True,
+        HealthCheck(kind="http", port=HTTP_PORT, path="/nope", timeout=scaled(2)): False,
+        HealthCheck(kind="tcp", port=HTTP_PORT, timeout=scaled(2)): True,
+        HealthCheck(kind="tcp", port=CLOSED_PORT, timeout=scaled(2)): False,
+        HealthCheck(kind="cmd", command="hostname | grep -qx web.1", timeout=scaled(5)): True,
     }
     for check, healthy in checks.items():
         result = run(run_probe(check, task.ns, task.proc.pid, ADDRESS))
@@ -192,7 +186,9 @@ def test_run_probe_follows_the_check(task: Task) -> None:
 
 def test_monitor_reports_healthy_unhealthy_and_healthy_again(task: Task, tmp_path: Path) -> None:
     flag = tmp_path / "ready"
-    check = HealthCheck(kind="cmd", command=f"test -e {flag}", interval=0.1, timeout=2, retries=2)
+    check = HealthCheck(
+        kind="cmd", command=f"test -e {flag}", interval=scaled(0.1), timeout=scaled(2), retries=2
+    )
 
     async def scenario() -> list[HealthState]:
         changes: asyncio.Queue[HealthState] = asyncio.Queue()
@@ -205,7 +201,7 @@ def test_monitor_reports_healthy_unhealthy_and_healthy_again(task: Task, tmp_pat
         try:
             for toggle in (flag.touch, flag.unlink, flag.touch):
                 toggle()
-                seen.append(await asyncio.wait_for(changes.get(), 10))
+                seen.append(await asyncio.wait_for(changes.get(), scaled(10)))
         finally:
             watcher.cancel()
         return seen
@@ -217,7 +213,7 @@ def test_monitor_ends_when_the_task_process_is_gone(task: Task) -> None:
     """Its caller cancels a monitor only on its next pass after the process ended; a probe in
     between found the process gone (reaped) and the monitor died with NotFound, an exception
     nobody retrieved, logged as a traceback. It ends quietly now, reporting no change."""
-    check = HealthCheck(kind="cmd", command="true", interval=0.1, timeout=2)
+    check = HealthCheck(kind="cmd", command="true", interval=scaled(0.1), timeout=scaled(2))
     task.proc.stop(0)  # ended and reaped, as the supervisor's stop does
     changes: list[HealthState] = []
 
@@ -225,7 +221,9 @@ def test_monitor_ends_when_the_task_process_is_gone(task: Task) -> None:
         changes.append(state)
 
     async def watch() -> None:
-        await asyncio.wait_for(monitor(check, task.ns, task.proc.pid, ADDRESS, on_change), 10)
+        await asyncio.wait_for(
+            monitor(check, task.ns, task.proc.pid, ADDRESS, on_change), scaled(10)
+        )
 
     asyncio.run(watch())
     assert changes == []

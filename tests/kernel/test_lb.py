@@ -31,7 +31,8 @@ from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.naming import lb_netns_prefix
-from tests.conftest import NetnsFactory
+from tests.conftest import NetnsFactory, scaled
+from tests.kernel.mesh import wait_for
 
 pytestmark = pytest.mark.root
 T = TypeVar("T")
@@ -68,7 +69,7 @@ Server(("0.0.0.0", tcp_port), Handler).serve_forever()
 
 def ask_tcp(address: str = VIP, timeout: float = 2.0) -> tuple[str, str]:
     """One new TCP connection: (backend name, the client address the backend saw)."""
-    with socket.create_connection((address, TCP_PORT), timeout=timeout) as conn:
+    with socket.create_connection((address, TCP_PORT), timeout=scaled(timeout)) as conn:
         conn.sendall(b"who\n")
         name, peer = conn.makefile().readline().split()
     return name, peer
@@ -79,7 +80,7 @@ def ask_udp(sock: socket.socket | None = None, address: str = VIP) -> str:
     own = sock is None
     sock = sock or socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        sock.settimeout(2.0)
+        sock.settimeout(scaled(2.0))
         sock.sendto(b"who", (address, UDP_PORT))
         return sock.recvfrom(2048)[0].decode().split()[0]
     finally:
@@ -91,7 +92,7 @@ class Conversation:
     """A TCP connection kept open through the VIP, asked again and again."""
 
     def __init__(self) -> None:
-        self.conn = socket.create_connection((VIP, TCP_PORT), timeout=2.0)
+        self.conn = socket.create_connection((VIP, TCP_PORT), timeout=scaled(2.0))
         self.lines = self.conn.makefile()
 
     def ask(self) -> str:
@@ -153,16 +154,8 @@ def _attach(links: Links, node: str, bridge: str, ns: str, index: int, address: 
     links.set_up(ns, "eth0")
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    """Poll until condition holds (slow machines, emulated VMs) or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.05)
-
-
 def _wait_serving(client: str, address: str) -> None:
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while True:
         try:
             netns.run_in(client, ask_tcp, address, 0.5)
@@ -298,14 +291,14 @@ def test_scaling_three_to_one_during_steady_requests_loses_none(mesh: Mesh) -> N
     loop = threading.Thread(target=mesh.in_client, args=(steady,))
     loop.start()
     try:
-        wait_for(lambda: len(answers) >= 20)
+        wait_for(lambda: len(answers) >= 20, 20, "20 answers through the VIP")
         # As the controller scales down: drain first, remove when connections have ended.
         mesh.sync(mesh.with_backends({"web.1": 1, "web.2": 0, "web.3": 0}))
         scaled_at = len(answers)
-        time.sleep(0.3)
+        wait_for(lambda: len(answers) >= scaled_at + 20, 20, "20 answers while two drain")
         mesh.sync(mesh.with_backends({"web.1": 1}))
         removed_at = len(answers)
-        wait_for(lambda: len(answers) >= removed_at + 20)
+        wait_for(lambda: len(answers) >= removed_at + 20, 20, "20 answers after the removal")
     finally:
         stop.set()
         loop.join()
@@ -376,11 +369,22 @@ def test_lb_namespaces_no_longer_desired_are_deleted_and_no_other(
         netns.delete(other_node)
 
 
+def tcp_counters(ns: str) -> dict[str, int]:
+    """The namespace's TCP counters (/proc/net/snmp's Tcp: lines), by name."""
+    snmp = subprocess.run(["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+                          capture_output=True, text=True, check=True).stdout  # fmt: skip
+    names, values = (line.split()[1:] for line in snmp.splitlines() if line.startswith("Tcp:"))
+    return dict(zip(names, map(int, values), strict=True))
+
+
 def test_a_vip_with_no_backend_refuses_at_once(mesh: Mesh) -> None:
-    """Scaled to 0 (or all draining): a new connection is refused, never left hanging."""
+    """Scaled to 0 (or all draining): a new connection is refused at its first SYN, never left
+    hanging: the client sends no SYN again (its first retry would come after a second)."""
     mesh.spec = mesh.with_backends(dict.fromkeys(TASKS, 0))
     mesh.sync()
-    started = time.monotonic()
+    before = tcp_counters(mesh.client)
     with pytest.raises(ConnectionRefusedError):
         mesh.in_client(ask_tcp, VIP, 5.0)
-    assert time.monotonic() - started < 1
+    after = tcp_counters(mesh.client)
+    assert after["ActiveOpens"] - before["ActiveOpens"] == 1
+    assert after["RetransSegs"] == before["RetransSegs"]

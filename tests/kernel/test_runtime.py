@@ -26,6 +26,8 @@ from meshctl.runtime import (
     rotated_paths,
     start,
 )
+from tests.conftest import scaled
+from tests.kernel.mesh import wait_for
 
 pytestmark = pytest.mark.root
 
@@ -72,14 +74,6 @@ def log_of(tmp_path: Path) -> str:
     return (tmp_path / "logs" / "web.1.log").read_text()
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(0.05)
-
-
 def processes_in(ns: str) -> list[int]:
     """PIDs whose network namespace is ns (zombies included: they have no ns link, skipped)."""
     target = netns.inode(ns)
@@ -105,7 +99,7 @@ def test_task_runs_with_its_name_resolv_conf_hosts_netns_and_clean_env(
     )
     proc = run_task("/bin/sh", "-c", script, env=(("GREETING", "hello world"),))
 
-    assert proc.wait(5), "the task should have finished"
+    assert proc.wait(scaled(5)), "the task should have finished"
     assert proc.exit_code() == 0
     log = log_of(tmp_path)
     head, _, rest = log.partition("---resolv\n")
@@ -135,7 +129,7 @@ def test_hosts_lists_the_given_addresses(task_ns: str, tmp_path: Path) -> None:
     )
     proc = start(spec)
     try:
-        assert proc.wait(5)
+        assert proc.wait(scaled(5))
     finally:
         proc.stop(0)
         proc.close()
@@ -143,7 +137,7 @@ def test_hosts_lists_the_given_addresses(task_ns: str, tmp_path: Path) -> None:
 
 
 def test_exit_code_is_reported_and_wait_fd_wakes_an_event_loop(run_task: TaskRunner) -> None:
-    proc = run_task("/bin/sh", "-c", "sleep 0.3; exit 3")
+    proc = run_task("/bin/sh", "-c", f"sleep {scaled(0.3)}; exit 3")
     assert not proc.exited()
     assert proc.exit_code() is None
 
@@ -152,7 +146,7 @@ def test_exit_code_is_reported_and_wait_fd_wakes_an_event_loop(run_task: TaskRun
         done = loop.create_future()
         loop.add_reader(proc.wait_fd(), done.set_result, None)
         try:
-            await asyncio.wait_for(done, 5)
+            await asyncio.wait_for(done, scaled(5))
         finally:
             loop.remove_reader(proc.wait_fd())
 
@@ -162,8 +156,8 @@ def test_exit_code_is_reported_and_wait_fd_wakes_an_event_loop(run_task: TaskRun
 
 
 def test_stdout_and_stderr_are_appended_to_the_log(run_task: TaskRunner, tmp_path: Path) -> None:
-    run_task("/bin/sh", "-c", "echo first").wait(5)
-    run_task("/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2").wait(5)
+    run_task("/bin/sh", "-c", "echo first").wait(scaled(5))
+    run_task("/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2").wait(scaled(5))
     assert log_of(tmp_path).splitlines() == ["first", "to-stdout", "to-stderr"]
 
 
@@ -171,7 +165,7 @@ def test_missing_command_ends_the_task_with_a_message_in_the_log(
     run_task: TaskRunner, tmp_path: Path
 ) -> None:
     proc = run_task("/no/such/program")
-    assert proc.wait(5)
+    assert proc.wait(scaled(5))
     assert proc.exit_code() == 127
     assert "/no/such/program" in log_of(tmp_path)
 
@@ -179,8 +173,8 @@ def test_missing_command_ends_the_task_with_a_message_in_the_log(
 def test_stop_sends_sigterm_first(run_task: TaskRunner) -> None:
     proc = run_task("sleep", "60")
     began = time.monotonic()
-    assert proc.stop(grace=10) == -signal.SIGTERM
-    assert time.monotonic() - began < 5
+    assert proc.stop(grace=scaled(10)) == -signal.SIGTERM
+    assert time.monotonic() - began < scaled(5)  # well before the grace period ends
 
 
 def test_stop_kills_a_task_that_ignores_sigterm_after_the_grace_period(
@@ -188,13 +182,13 @@ def test_stop_kills_a_task_that_ignores_sigterm_after_the_grace_period(
 ) -> None:
     # The ignored TERM is inherited by the sleep children too: the whole group must be killed.
     proc = run_task("/bin/sh", "-c", 'trap "" TERM; echo ready; while :; do sleep 0.1; done')
-    wait_until(lambda: "ready" in log_of(tmp_path))
+    wait_for(lambda: "ready" in log_of(tmp_path), 5, "the task to trap TERM")
     began = time.monotonic()
-    code = proc.stop(grace=1.0)
+    code = proc.stop(grace=scaled(1.0))
     took = time.monotonic() - began
     assert code == -signal.SIGKILL
-    assert 1.0 <= took < 4.0
-    wait_until(lambda: processes_in(task_ns) == [])
+    assert scaled(1.0) <= took < scaled(4.0)
+    wait_for(lambda: processes_in(task_ns) == [], 5, "no process left in the task")
 
 
 def test_failed_setup_raises_and_leaves_no_process(task_ns: str, tmp_path: Path) -> None:
@@ -249,12 +243,12 @@ def test_task_outlives_its_starter_and_is_adopted_with_the_same_pid(
         pid_text, start_text = starter.stdout.readline().split()
         pid, start_time = int(pid_text), int(start_text)
         starter.send_signal(signal.SIGKILL)  # the controller dies hard
-        starter.wait(5)
+        starter.wait(scaled(5))
 
         # The task keeps running and writing, under the same PID.
         assert read_start_time(pid) == start_time
         size = log.stat().st_size
-        wait_until(lambda: log.stat().st_size > size)
+        wait_for(lambda: log.stat().st_size > size, 5, "the task to write on")
 
         assert adopt(pid, start_time + 1) is None, "a different start time is another process"
         proc = adopt(pid, start_time)
@@ -264,12 +258,12 @@ def test_task_outlives_its_starter_and_is_adopted_with_the_same_pid(
             assert not proc.exited()
             began = time.monotonic()
             # Not our child: the exit is seen through the pidfd, the code is unknown.
-            assert proc.stop(grace=5) is None
-            assert time.monotonic() - began < 4
+            assert proc.stop(grace=scaled(5)) is None
+            assert time.monotonic() - began < scaled(4)  # before the grace period ends
             assert proc.exited()
         finally:
             proc.close()
-        wait_until(lambda: processes_in(task_ns) == [])
+        wait_for(lambda: processes_in(task_ns) == [], 5, "no process left in the task")
     finally:
         starter.kill()
         starter.wait()
@@ -277,7 +271,7 @@ def test_task_outlives_its_starter_and_is_adopted_with_the_same_pid(
 
 def test_adopt_of_a_finished_process_is_none(run_task: TaskRunner) -> None:
     proc = run_task("true")
-    proc.wait(5)
+    proc.wait(scaled(5))
     start_time = proc.start_time
     proc.exit_code()  # reaps it
     assert adopt(proc.pid, start_time) is None
@@ -294,7 +288,7 @@ def test_exec_runs_inside_the_task_with_its_files_env_and_exit_code(
             input=stdin,
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=scaled(10),
         )
 
     assert run("hostname").stdout == "web.1\n"
@@ -310,7 +304,7 @@ def test_exec_into_a_gone_task_says_so(run_task: TaskRunner, task_ns: str) -> No
     from kernel.errors import NotFound
 
     proc = run_task("true")
-    proc.wait(5)
+    proc.wait(scaled(5))
     proc.exit_code()
     with pytest.raises(NotFound, match="not running"):
         exec_argv(task_ns, proc.pid, ["hostname"])
@@ -331,7 +325,7 @@ def test_the_log_of_a_writing_task_is_rotated_without_loss_of_order_or_holes(
     )  # fmt: skip
     log = tmp_path / "logs" / "web.1.log"
     rotations = 0
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while "done" not in (log.read_text() if log.exists() else ""):
         assert time.monotonic() < deadline, "the task did not finish writing"
         rotations += rotate_log(str(log), 2000, 3)

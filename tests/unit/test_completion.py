@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from meshctl.cli import main
 from meshctl.model import NODE, Node
 from meshctl.store import open_store
+from tests.conftest import scaled
 
 BIN = Path(sys.executable).parent  # where the venv put the meshctl entry point
 
@@ -30,7 +31,7 @@ def complete(state_dir: Path, *words: str) -> list[str]:
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",
            "MESHCTL_STATE_DIR": str(state_dir), "HOME": str(state_dir)}  # fmt: skip
     result = subprocess.run(["bash", "-ic", script], env=env, capture_output=True, text=True,
-                            timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+                            timeout=scaled(60), stdin=subprocess.DEVNULL)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return [line for line in result.stdout.splitlines() if line]

@@ -18,6 +18,7 @@ from meshctl.dns.records import DROP, DnsService, DnsTask, DnsView, ScopeTable, 
 from meshctl.dns.server import DnsServer
 from meshctl.dns.thread import ServerThread
 from meshctl.dns.wire import QR, question_end
+from tests.conftest import scaled
 
 PACKETS = 100_000
 VIEW = DnsView(
@@ -108,10 +109,10 @@ def test_server_survives_a_flood_of_bad_packets_over_udp_and_tcp() -> None:
                 except OSError:  # an ICMP error from an earlier datagram: keep sending
                     continue
         for data in packets(2_000, seed=3):
-            with socket.create_connection(("127.0.0.1", tcp_port), timeout=5) as conn:
+            with socket.create_connection(("127.0.0.1", tcp_port), timeout=scaled(5)) as conn:
                 conn.sendall(len(data).to_bytes(2, "big") + data)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
-            client.settimeout(5)
+            client.settimeout(scaled(5))
             client.connect(("127.0.0.1", udp_port))
             query = DNSRecord.question("web")
             client.send(bytes(query.pack()))

@@ -15,6 +15,7 @@ from meshctl.store import Event, Store, open_store
 from meshctl.store.etcd import EtcdStore
 from meshctl.store.informer import Informer, sweep
 from meshctl.store.sqlite import SqliteStore
+from tests.conftest import scaled
 from tests.etcd import EtcdServer
 
 
@@ -56,7 +57,7 @@ def test_the_copy_follows_writes_and_reads_as_one_snapshot(store: Store) -> None
     store.put("service", "web", {"replicas": 1})
     informer = Informer(store).start()
     try:
-        assert informer.sync(5)
+        assert informer.sync(scaled(5))
         assert [r.value for r in informer.snapshot().of("service")] == [{"replicas": 1}]
         record = store.put("service", "web", {"replicas": 2})
         store.put("task", "t1", {"slot": 1})
@@ -66,7 +67,7 @@ def test_the_copy_follows_writes_and_reads_as_one_snapshot(store: Store) -> None
         (web,) = snap.of("service")
         assert (web.value, web.mod_revision) == ({"replicas": 2}, record.mod_revision)
         store.delete("task", "t1")
-        assert informer.sync(5)
+        assert informer.sync(scaled(5))
         assert informer.snapshot().of("task") == []
     finally:
         informer.stop()
@@ -78,7 +79,7 @@ def test_a_relist_after_compaction_emits_the_deletions_it_missed(store: Store) -
     seen = Recorder()
     informer = Informer(store, seen).start()
     try:
-        assert informer.sync(5)
+        assert informer.sync(scaled(5))
     finally:
         informer.stop()  # the watch falls behind: nobody follows while this happens
     store.delete("task", "t0")
@@ -88,7 +89,7 @@ def test_a_relist_after_compaction_emits_the_deletions_it_missed(store: Store) -
     assert informer.revision < store.revision()
     informer.start()
     try:
-        assert informer.sync(10)
+        assert informer.sync(scaled(10))
         assert seen.deletes() == [("task", "t0")]
         tasks = {r.name: r.value for r in informer.snapshot().of("task")}
         assert tasks == {"t1": {"slot": 10}, "t2": {"slot": 2}, "t9": {"slot": 9}}
@@ -121,20 +122,20 @@ def test_an_unreachable_store_keeps_the_copy_and_resyncs() -> None:
             store.put("service", "web", {"replicas": 1})
             informer = Informer(store).start()
             try:
-                assert informer.sync(5)
+                assert informer.sync(scaled(5))
                 own.stop()
-                deadline = time.monotonic() + 10
+                deadline = time.monotonic() + scaled(10)
                 while informer.connected and time.monotonic() < deadline:
                     time.sleep(0.1)
                 assert not informer.connected
                 assert [r.name for r in informer.snapshot().of("service")] == ["web"]
                 own.start()
-                deadline = time.monotonic() + 15
+                deadline = time.monotonic() + scaled(15)
                 while not informer.connected and time.monotonic() < deadline:
                     time.sleep(0.1)
                 assert informer.connected
                 store.put("service", "api", {"replicas": 1})
-                assert informer.sync(5)
+                assert informer.sync(scaled(5))
                 assert [r.name for r in informer.snapshot().of("service")] == ["api", "web"]
             finally:
                 informer.stop()

@@ -14,10 +14,11 @@ from meshctl.cluster.membership import Membership, NodeBusy, boot_id
 from meshctl.model import LEADER, LEADER_KEY, NODE_STATUS, Node, NodeStatus
 from meshctl.runtime import read_start_time
 from meshctl.store import Store
+from tests.conftest import scaled
 
 
 def wait_until(probe: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if probe():  # type: ignore[operator]
             return True

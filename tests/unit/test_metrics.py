@@ -21,6 +21,7 @@ from meshctl.dns.server import DnsStats
 from meshctl.dns.wire import query_type, rcode_name
 from meshctl.model import ValidationError
 from meshctl.stats import Histogram
+from tests.conftest import scaled
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"
 
@@ -163,7 +164,7 @@ def test_metrics_addresses_are_checked() -> None:
 
 def get(url: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=scaled(5)) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.read().decode()

@@ -37,6 +37,7 @@ from meshctl.store import (
 )
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
 from meshctl.store.sqlite import SqliteStore
+from tests.conftest import scaled
 from tests.etcd import EtcdServer
 
 
@@ -115,7 +116,7 @@ def _events(store: Store, after: int) -> list[Event]:
     events: list[Event] = []
     now = store.revision()
     while after < now:
-        batch = store.watch(after, timeout=2)
+        batch = store.watch(after, timeout=scaled(2))
         assert batch, f"no events between {after} and {now}"
         events += batch
         after = batch[-1].revision
@@ -177,11 +178,11 @@ def test_watch_returns_history_then_times_out(store: Store) -> None:
     ]
     started = time.monotonic()
     assert store.watch(base + 2, timeout=0.3) == []
-    assert 0.3 <= time.monotonic() - started < 1.3
+    assert 0.3 <= time.monotonic() - started < 0.3 + scaled(1)
 
 
 def _watch_once(store: Store, revision: int, seen: list[tuple[float, list[Event]]]) -> None:
-    events = store.watch(revision, timeout=5)
+    events = store.watch(revision, timeout=scaled(5))
     seen.append((time.monotonic(), events))
 
 
@@ -196,10 +197,11 @@ def test_watcher_sees_another_connections_write_within_100ms(store_url: str) -> 
             time.sleep(0.02 + 0.037 * i)
             writer.put("service", f"web{i}", {"n": i})
             committed = time.monotonic()
-            thread.join(timeout=5)
+            thread.join(timeout=scaled(5))
             ((when, events),) = seen
             assert [e.name for e in events] == [f"web{i}"]
-            assert when - committed < 0.1, f"watcher saw the change after {when - committed:.3f}s"
+            late = when - committed
+            assert late < scaled(0.1), f"watcher saw the change after {late:.3f}s"
 
 
 def test_compacted_history_asks_for_a_relist(db_path: str) -> None:
@@ -265,7 +267,7 @@ def test_etcd_snapshot_in_pages_is_one_revision_and_a_watch_after_it_misses_noth
         assert len({p["revision"] for p in pages[1:]}) == 1  # every page after the first: one
         (t0,) = [r for r in snapshot.of("task") if r.name == "t0"]
         assert t0.value == {"state": "assigned"}  # as it was at the snapshot's revision
-        events = store.watch(snapshot.revision, timeout=2)
+        events = store.watch(snapshot.revision, timeout=scaled(2))
         assert [(e.name, e.value) for e in events] == [("t0", {"state": "running"})]
 
 
@@ -296,7 +298,7 @@ def test_leased_keys_go_when_the_lease_expires_and_stay_while_kept_alive(store: 
     with pytest.raises(Conflict):  # a live key blocks a second owner
         store.put("node-alive", "n2", {"up": True}, expect=0)
     base = store.revision()
-    deadline = time.monotonic() + 4
+    deadline = time.monotonic() + scaled(4)
     while time.monotonic() < deadline and store.get("node-alive", "n2") is not None:
         assert store.keep_alive(kept)
         time.sleep(0.3)
@@ -355,10 +357,10 @@ def _race(url: str, names: list[str]) -> list[Outcome]:
     for proc in procs:
         proc.start()
     try:
-        outcomes = [results.get(timeout=60) for _ in procs]
+        outcomes = [results.get(timeout=scaled(60)) for _ in procs]
     finally:
         for proc in procs:
-            proc.join(timeout=10)
+            proc.join(timeout=scaled(10))
             if proc.is_alive():
                 proc.kill()
     return outcomes

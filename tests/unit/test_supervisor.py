@@ -10,6 +10,7 @@ import pytest
 from meshctl.controller.supervisor import Local, Stop, Supervisor
 from meshctl.model import Task
 from meshctl.store.sqlite import SqliteStore
+from tests.conftest import scaled
 
 
 class ExitedProcess:
@@ -45,7 +46,7 @@ def test_a_stop_in_flight_owns_the_process_and_the_pass_records_its_end(tmp_path
         supervisor._begin_stop(task, local, 1.0, "unhealthy")
         stop = local.stopping
         assert stop is not None
-        assert stop.code.result(timeout=10) == 143
+        assert stop.code.result(timeout=scaled(10)) == 143
         assert (process.closed, local.process, local.last_exit) == (0, process, None)
 
         supervisor._notice_exit(task, local)
