@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import itertools
 import re
-import subprocess
 import threading
 from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from kernel import netns
-from kernel.errors import KernelError, PermissionDenied, Unsupported
+from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
 from kernel.iptables_rules import (
     OwnedTable,
@@ -32,6 +31,7 @@ from kernel.iptables_rules import (
     table_batch,
     validate_frame,
 )
+from kernel.tool import Tool
 
 
 class IptablesAPI(Protocol):
@@ -55,7 +55,6 @@ _LOCK = threading.Lock()
 SAVE = "iptables-legacy-save"
 RESTORE = "iptables-legacy-restore"
 WAIT_SECONDS = "10"  # for the xtables lock, held by any other iptables command running
-_FAILED_LINE = re.compile(r"line:? (\d+)")
 _READ_HINT = "check that legacy iptables works here (`meshctl doctor`)"
 _WRITE_HINT = (
     f"{_READ_HINT}, that no rule still jumps to a "
@@ -64,74 +63,19 @@ _WRITE_HINT = (
 )
 
 
+IPTABLES = Tool(
+    package="Debian's iptables package (apt-get install iptables: iptables-legacy-save/-restore)",
+    denied=("ermission denied", "must be root"),
+    lines="iptables rules and chain names",
+    failed_line=re.compile(r"line:? (\d+)"),
+)
+
+
 def _run(
     ns: netns.Namespace, what: str, command: list[str], stdin: Iterable[str] | None = None
 ) -> str:
-    """Run an iptables tool inside ns, writing it the lines of stdin, and return its stdout; a
-    failure raises a KernelError naming the tool's complaint (and the input line it refused)
-    and what to do.
-
-    The lines are written as they come, a chunk at a time, so the tool parses a batch while the
-    caller is still rendering it (both cores work: a 210,000-rule batch renders in 0.6 s). A
-    line with a line break in it kills the tool before its COMMIT: nothing is changed.
-    """
-    hint = _WRITE_HINT if stdin is not None else _READ_HINT
-    where = f"{what} in netns {ns or '(node)'}"
-
-    def start() -> subprocess.Popen[str]:
-        # A process started from a thread that entered ns is born in ns.
-        pipe, given = subprocess.PIPE, subprocess.PIPE if stdin is not None else subprocess.DEVNULL
-        return subprocess.Popen(command, stdin=given, stdout=pipe, stderr=pipe, text=True)
-
-    try:
-        tool = netns.run_in(ns, start)
-    except FileNotFoundError as err:
-        raise Unsupported(
-            f"{where}: {command[0]} not found; install Debian's iptables package "
-            "(apt-get install iptables: iptables-legacy-save/-restore)"
-        ) from err
-    sent: list[str] = []
-    try:
-        if stdin is not None:
-            _feed(tool, stdin, sent)
-    except BaseException:
-        tool.kill()
-        tool.communicate()
-        raise
-    stdout, stderr = tool.communicate()
-    if tool.returncode == 0:
-        return stdout
-    complaints = [line.strip() for line in stderr.splitlines() if line.strip()]
-    reason = complaints[0] if complaints else f"{command[0]} exited with {tool.returncode}"
-    failed = _FAILED_LINE.search(stderr)
-    if failed and 0 < int(failed.group(1)) <= len(sent):
-        number = int(failed.group(1))
-        reason += f" (input line {number}: {sent[number - 1]})"
-    if "ermission denied" in stderr or "must be root" in stderr:
-        raise PermissionDenied(f"{where}: {reason}; run as root (CAP_NET_ADMIN)")
-    raise KernelError(f"{where}: {reason}; {hint}")
-
-
-_CHUNK = 2048  # lines per write to a tool's stdin
-
-
-def _feed(tool: subprocess.Popen[str], lines: Iterable[str], sent: list[str]) -> None:
-    """Write lines to the tool's stdin, keeping them in sent; stop quietly if it has exited (its
-    complaint says why). communicate() closes its stdin afterwards."""
-    assert tool.stdin is not None
-    it = iter(lines)
-    try:
-        while chunk := list(itertools.islice(it, _CHUNK)):
-            for line in chunk:
-                if "\n" in line or "\r" in line:
-                    raise ValueError(
-                        f"{line!r}: iptables rules and chain names cannot hold line breaks"
-                    )
-            sent += chunk
-            tool.stdin.write("\n".join(chunk) + "\n")
-            tool.stdin.flush()
-    except BrokenPipeError:
-        pass
+    """Run an iptables tool inside ns (kernel.tool), with the hint for a read or a write."""
+    return IPTABLES.run(ns, what, command, stdin, _WRITE_HINT if stdin is not None else _READ_HINT)
 
 
 def _made(ns: netns.Namespace, table: str) -> bool:

@@ -7,13 +7,12 @@ changes nothing. The rules, their checks and their text are kernel.nftables_rule
 
 from __future__ import annotations
 
-import subprocess
 import threading
 from collections.abc import Iterable
 from typing import Protocol
 
 from kernel import netns
-from kernel.errors import KernelError, PermissionDenied, Unsupported
+from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
 from kernel.nftables_rules import (
     FAMILY,
@@ -25,6 +24,7 @@ from kernel.nftables_rules import (
     transaction_lines,
     validate,
 )
+from kernel.tool import Tool
 
 NFT = "nft"
 _LOCK = threading.Lock()  # meshctl's read-then-write transactions never interleave
@@ -43,46 +43,18 @@ class NftablesAPI(Protocol):
     def delete_table(self, ns: netns.Namespace) -> None: ...
 
 
+NFT_TOOL = Tool(
+    package="Debian's nftables package (apt-get install nftables)",
+    denied=("Operation not permitted",),
+    lines="nftables rules and elements",
+)
+
+
 def _run(
     ns: netns.Namespace, what: str, args: list[str], stdin: Iterable[str] | None = None
 ) -> str:
-    """Run nft inside ns (its input written as it is rendered) and return its stdout; a failure
-    raises a KernelError with nft's complaint."""
-    where = f"{what} in netns {ns or '(node)'}"
-
-    def start() -> subprocess.Popen[str]:
-        given = subprocess.PIPE if stdin is not None else subprocess.DEVNULL
-        return subprocess.Popen(
-            [NFT, *args], stdin=given, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-    try:
-        tool = netns.run_in(ns, start)
-    except FileNotFoundError as err:
-        raise Unsupported(
-            f"{where}: {NFT} not found; install Debian's nftables package "
-            "(apt-get install nftables)"
-        ) from err
-    try:
-        if stdin is not None:
-            assert tool.stdin is not None
-            try:
-                for line in stdin:
-                    tool.stdin.write(line + "\n")
-            except BrokenPipeError:
-                pass  # nft stopped: its complaint says why
-    except BaseException:
-        tool.kill()
-        tool.communicate()
-        raise
-    stdout, stderr = tool.communicate()
-    if tool.returncode == 0:
-        return stdout
-    complaints = [line.strip() for line in stderr.splitlines() if line.strip()]
-    reason = complaints[0] if complaints else f"{NFT} exited with {tool.returncode}"
-    if "Operation not permitted" in stderr:
-        raise PermissionDenied(f"{where}: {reason}; run as root (CAP_NET_ADMIN)")
-    raise KernelError(f"{where}: {reason}; {_HINT}")
+    """Run nft inside ns (kernel.tool) and return its stdout."""
+    return NFT_TOOL.run(ns, what, [NFT, *args], stdin, _HINT)
 
 
 def _write(ns: netns.Namespace, lines: Iterable[str]) -> None:
