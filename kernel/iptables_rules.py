@@ -238,6 +238,12 @@ class TableChange:
     ensure_jumps: tuple[Rule, ...] = ()
     delete_jumps: tuple[Rule, ...] = ()
 
+    @property
+    def empty(self) -> bool:
+        return not (
+            self.create or self.replace or self.delete or self.ensure_jumps or self.delete_jumps
+        )
+
 
 def check_table(table: str) -> None:
     if table not in BUILTIN_CHAINS:
@@ -508,8 +514,9 @@ def flush_lines(table: str, saved: list[str]) -> list[str]:
     return lines
 
 
-def table_change(desired: OwnedTable, actual: OwnedTable) -> TableChange | None:
-    """The smallest change that makes actual equal desired, or None when they are equal.
+def table_change(desired: OwnedTable, actual: OwnedTable) -> TableChange:
+    """The smallest change that makes actual equal desired (`empty` when they are equal, as
+    kernel.nftables_rules.table_change's).
 
     A chain whose rules differ is replaced whole (iptables has no cheaper edit that keeps
     order); chains that are equal are not touched, so a change to one service rebuilds only
@@ -523,8 +530,6 @@ def table_change(desired: OwnedTable, actual: OwnedTable) -> TableChange | None:
     present_jumps = set(actual.jumps)
     ensure_jumps = tuple(j for j in desired.jumps if j not in present_jumps)
     delete_jumps = tuple(j for j in actual.jumps if j not in wanted_jumps)
-    if not (replace or delete or ensure_jumps or delete_jumps):
-        return None
     return TableChange(
         replace=replace, delete=delete, ensure_jumps=ensure_jumps, delete_jumps=delete_jumps
     )

@@ -121,7 +121,7 @@ def tables_change(desired: Tables, held: Tables) -> TablesChange:
     for table in TABLES:
         if table in desired:
             change = table_change(desired[table], held.get(table, OwnedTable()))
-            if change is not None:
+            if not change.empty:
                 changes[table] = change
     return TablesChange(changes)
 

@@ -533,7 +533,7 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         change = table_change(
             desired.tables.get(table, OwnedTable()), actual.tables.get(table, OwnedTable())
         )
-        if change is not None:
+        if not change.empty:
             tables[table] = change
     wire, rules, dns = [], [], []
     for task_id, want in sorted(desired.tasks.items()):
@@ -542,7 +542,7 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             continue
         if have is not None and replace(have, nat=want.nat, dns=want.dns) == want:
             nat = table_change(want.nat, have.nat)
-            if nat is not None:
+            if not nat.empty:
                 rules.append((want.netns, nat))
             if want.dns != have.dns:
                 dns.append((want.netns, nft_change(want.dns, have.dns)))

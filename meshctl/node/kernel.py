@@ -292,7 +292,7 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
     if task.gateway is not None:
         kernel.links.ensure_route(task.netns, Route("default", gateway=task.gateway))
     change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
-    if change is not None:
+    if not change.empty:
         kernel.iptables.apply(task.netns, "nat", change)
     if task.dns != NftTable():
         kernel.nftables.apply(

@@ -27,6 +27,7 @@ from kernel.iptables_rules import (
     TableChange,
     opts,
     parse_rule,
+    table_change,
 )
 from meshctl.lb.iptables import iptables_tables
 from meshctl.lb.spec import Backend, VirtualIp, lb_spec
@@ -386,6 +387,22 @@ def test_every_lb_rule_reads_back_equal(kernel: Any, ns: str) -> None:
     for table, owned in iptables_tables(lb_spec("n1", "net1", "10.0.0.2/24", vips)).items():
         ipt.apply(ns, table, TableChange(replace=owned.chains, ensure_jumps=owned.jumps))
         assert ipt.list_owned(ns, table) == owned, table
+
+
+def test_the_diff_of_what_was_applied_is_empty(kernel: Any, ns: str) -> None:
+    """table_change to a table, applied, reads back with nothing left to change (`empty`, the
+    convention kernel.nftables_rules.table_change keeps too)."""
+    ipt = api(kernel)
+    vips = (VirtualIp("svc-a", "a", "10.0.0.10", (Backend("10.0.0.20"),)),)
+    owned = iptables_tables(lb_spec("n1", "net1", "10.0.0.2/24", vips))["nat"]
+    assert table_change(owned, owned).empty
+    change = table_change(owned, ipt.list_owned(ns, "nat"))
+    assert not change.empty
+
+    ipt.apply(ns, "nat", change)
+
+    assert table_change(owned, ipt.list_owned(ns, "nat")).empty
+    assert table_change(OwnedTable(), ipt.list_owned(ns, "nat")).delete
 
 
 def node_rules() -> dict[str, tuple[Rule, ...]]:
