@@ -1756,9 +1756,9 @@ def diff(node: str | None, lb_backend: str) -> None:
       nsenter --net=/run/netns/node1 meshctl diff --node node1
     """
     from kernel.system import real_kernel
+    from meshctl.controller.dataplane import choose_lb
     from meshctl.controller.diff import describe, node_differences, router_differences
     from meshctl.controller.main import default_node_name
-    from meshctl.lb.backends import choose_backend
     from meshctl.lb.reconcile import LbReconciler
     from meshctl.overlay.vxlan import VXLAN_PORT, underlay_of
     from meshctl.view import read_view
@@ -1773,7 +1773,7 @@ def diff(node: str | None, lb_backend: str) -> None:
     if lb_backend == "auto" and node_record.lb_backend:
         lb_backend = node_record.lb_backend  # the one recorded when its controller started
     kernel = real_kernel()
-    lb = LbReconciler(kernel, choose_backend(kernel, lb_backend))
+    lb = LbReconciler(kernel, choose_lb(kernel, lb_backend))
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     underlay = underlay_of(kernel, node_record.address, port)
     view = read_view(store)

@@ -31,7 +31,7 @@ from kernel.nftables import Nftables
 from kernel.nftables_rules import NftTable, table_change
 from meshctl.dns import DnsServer, DnsService, DnsTask, DnsView
 from meshctl.dns.thread import ServerThread
-from meshctl.node.desired import dns_rewrite
+from meshctl.node.task_dns import dns_rewrite
 
 PREFIX = f"mbench{os.getpid()}-"
 EMBEDDED, DNSMASQ = "127.0.0.11", "127.0.0.12"

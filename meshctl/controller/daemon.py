@@ -38,13 +38,14 @@ from meshctl import ipam, naming, runtime
 from meshctl.cluster import orchestrator, scheduler, updater
 from meshctl.cluster.membership import Membership
 from meshctl.controller.counted import counted
+from meshctl.controller.dataplane import choose_dataplane
 from meshctl.controller.endpoints import Endpoints
 from meshctl.controller.liveness import Liveness
 from meshctl.controller.metrics import Metrics, Sources
 from meshctl.controller.supervisor import Local, Supervisor
 from meshctl.dns.sync import DnsSync
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
-from meshctl.lb.backends import backend_named, choose_backend
+from meshctl.lb.backends import backend_named
 from meshctl.lb.desired import lb_specs
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.model import HealthCheck, MeshctlError, Node, Task
@@ -86,7 +87,8 @@ class Controller:
         self.metrics = Metrics()
         self.liveness = Liveness(2 * resync_period)
         self.kernel = kernel = counted(kernel, self.metrics.kernel_operation)
-        backend = choose_backend(kernel, lb_backend)
+        dataplane = choose_dataplane(kernel, lb_backend)
+        backend = dataplane.lb
         self.membership = Membership(store, node, ttl=node_ttl)
         self.node = self.membership.join(lb_backend=backend.name, vxlan_port=vxlan_port).name
         self.endpoints = None
@@ -108,7 +110,9 @@ class Controller:
         retired = self.membership.retired_lb_backend  # its objects go from the LB namespaces
         self.lb = LbReconciler(kernel, backend, retired=backend_named(retired) if retired else None)
         self.underlay = underlay_of(kernel, self.membership.node.address, vxlan_port)
-        self.node_sync = NodeReconciler(kernel, self.node, resync_period, self.underlay)
+        self.node_sync = NodeReconciler(
+            kernel, self.node, resync_period, self.underlay, task_dns=dataplane.task_dns
+        )
         self.dns = DnsSync(upstreams or [])
         self.router = RouterSync(
             store, kernel, self.node, self.node_id, state_dir, resync_period, self.underlay

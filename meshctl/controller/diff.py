@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from kernel.iptables_rules import OwnedTable, table_lines
 from kernel.system import Kernel
 from meshctl import naming
+from meshctl.controller.dataplane import choose_task_dns
 from meshctl.lb.desired import lb_specs
 from meshctl.lb.plan import LbPlan
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.node.desired import NodePlan, container_spec, desired_node, plan_node
-from meshctl.node.kernel import blocked_ports, observe_node, stateless_dns
+from meshctl.node.kernel import blocked_ports, observe_node
 from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
 from meshctl.router import haproxy
 from meshctl.router.config import fingerprint_of
@@ -77,11 +78,11 @@ def node_differences(
         if c.node == node and (spec := container_spec(view, c, underlay=underlay)) is not None
     ]
     mine = {task.id for task in view.tasks_on(node)}
-    nft_dns = stateless_dns(kernel)
-    actual, stray = observe_node(kernel, containers, mine=mine, stateless_dns=nft_dns)
+    task_dns = choose_task_dns(kernel)
+    actual, stray = observe_node(kernel, containers, mine=mine, task_dns=task_dns)
     blocked = blocked_ports(kernel, view, actual.tables.get("nat", OwnedTable()))
     dns_ports = read_dns_ports(state_dir, sorted(wired))
-    desired = desired_node(view, node, wired, dns_ports, blocked, underlay, nft_dns)
+    desired = desired_node(view, node, wired, dns_ports, blocked, underlay, task_dns)
     node_plan = plan_node(desired, actual, stray)
     lb_plan = lb.plan(lb_specs(view, node, node_id, underlay), naming.lb_netns_prefix(node_id))
     return node_plan, lb_plan
@@ -107,11 +108,8 @@ def describe(node_plan: NodePlan, lb_plan: LbPlan) -> Iterator[str]:
             yield f"- fdb {entry.mac} via {entry.dst} on {peers.device}"
     for task in node_plan.wire_tasks:
         yield f"~ task namespace {task.netns} ({len(task.links)} legs)"
-    for ns, change in node_plan.task_rules:
-        yield from table_lines(ns, "nat", change)
-    for ns, nft in node_plan.task_dns:
-        yield from (f"~ {ns}: nftables chain {name}" for name in nft.replace)
-        yield from (f"- {ns}: nftables chain {name}" for name in nft.delete)
+    for ns, redirect in node_plan.task_dns:
+        yield from redirect.lines(ns)
     for ns in node_plan.unwire_tasks:
         yield f"- task namespace {ns}"
     for link in node_plan.delete_links:

@@ -19,12 +19,11 @@ from dataclasses import dataclass, field, replace
 
 from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts, table_change
 from kernel.links import mac_for
-from kernel.nftables_rules import Chain, Hook, NftChange, NftTable
-from kernel.nftables_rules import table_change as nft_change
 from meshctl import naming
 from meshctl.lb.endpoints import serving
 from meshctl.lb.netfilter import take_turns
 from meshctl.model import INGRESS, Container, Network, PublishedPort, Task
+from meshctl.node.task_dns import NAT_REDIRECT, DnsRules, DnsRulesChange, TaskDns, desired_dns
 from meshctl.overlay.vxlan import (
     DEFAULT_MTU,
     NO_UNDERLAY,
@@ -43,8 +42,6 @@ ISOLATION_DROP_CHAIN = "MESH-ISOLATION-2"  # per network: into its bridge → dr
 POSTROUTING_CHAIN = "MESH-POSTROUTING"
 INGRESS_CHAIN = "MESH-INGRESS"
 NODE_COMMENT = "meshctl:node"
-DNS_CHAIN = "MESH-DNS"
-DNS_ADDRESS = "127.0.0.11"
 
 
 @dataclass(frozen=True)
@@ -83,10 +80,8 @@ class TaskNetSpec:
     # False for an attached container: its namespace is another runtime's; meshctl adds only
     # its veth and address there (no lo, no route, no rules) and never deletes the namespace.
     owns_netns: bool = True
-    # 127.0.0.11:53 sent to the embedded DNS server's ports: by the task's own nat table, or
-    # (where nftables runs) by its own nftables table, statelessly (dns_rewrite).
-    nat: OwnedTable = field(default_factory=OwnedTable)
-    dns: NftTable = field(default_factory=NftTable)
+    # 127.0.0.11:53 sent to the embedded DNS server's ports, by the node's redirect (task_dns).
+    dns: DnsRules = DnsRules()
 
 
 @dataclass(frozen=True)
@@ -132,58 +127,15 @@ def leg(
     )
 
 
-def dns_redirect(task_id: str, udp_port: int, tcp_port: int) -> OwnedTable:
-    """Inside a task, 127.0.0.11:53 goes to the DNS server's sockets on their random ports (as
-    Docker does), so the task's own server on port 53 still works; replies are un-NATed by
-    conntrack."""
-    comment = f"meshctl:dns-{task_id}"
-    rules = tuple(
-        Rule(
-            DNS_CHAIN,
-            "DNAT",
-            comment,
-            target_args=opts(to_destination=f"{DNS_ADDRESS}:{port}"),
-            destination=f"{DNS_ADDRESS}/32",
-            protocol=proto,
-            matches=(Match(proto, opts(dport="53")),),
-        )
-        for proto, port in (("udp", udp_port), ("tcp", tcp_port))
-    )
-    return OwnedTable(chains={DNS_CHAIN: rules}, jumps=(Rule("OUTPUT", DNS_CHAIN, comment),))
-
-
-DNS_NFT_CHAIN = "dns"
-# Raw priority: before conntrack, which a notrack'd packet then skips.
-DNS_NFT_HOOK = Hook("filter", "output", -300)
-
-
-def dns_rewrite(udp_port: int, tcp_port: int) -> NftTable:
-    """Inside a task, 127.0.0.11:53 goes to the DNS server's sockets (bound on 127.0.0.11) by a
-    stateless port rewrite both ways, the queries' destination port and the answers' source
-    port, with conntrack skipped: a query costs no conntrack entry (a nat rule costs one per
-    query, which the table's limit and its garbage collection then pay for). The task's own
-    server on port 53 still works: only 127.0.0.11's port 53 is rewritten, and only answers
-    from the DNS server's ports."""
-    rules = tuple(
-        rule
-        for proto, port in (("udp", udp_port), ("tcp", tcp_port))
-        for rule in (
-            f"ip daddr {DNS_ADDRESS} {proto} dport 53 notrack {proto} dport set {port}",
-            f"ip saddr {DNS_ADDRESS} {proto} sport {port} notrack {proto} sport set 53",
-        )
-    )
-    return NftTable(chains={DNS_NFT_CHAIN: Chain(rules, DNS_NFT_HOOK)})
-
-
 def task_spec(
     view: ClusterView,
     task: Task,
     dns_ports: tuple[int, int] | None = None,
     underlay: Underlay = NO_UNDERLAY,
-    stateless_dns: bool = False,
+    task_dns: TaskDns = NAT_REDIRECT,
 ) -> TaskNetSpec:
     """The wiring of one task: a leg per network in the order the service lists them; its
-    DNS redirect by nftables (stateless_dns) or by a nat rule."""
+    DNS redirect by the node's task_dns."""
     links = []
     gateway = None
     service = view.service_of(task)
@@ -204,13 +156,9 @@ def task_spec(
             leg(naming.task_veth(task.id, index), network, naming.task_interface(index), address,
                 underlay)
         )  # fmt: skip
-    nat, dns = OwnedTable(), NftTable()
-    if dns_ports and stateless_dns:
-        dns = dns_rewrite(*dns_ports)
-    elif dns_ports:
-        nat = dns_redirect(task.id, *dns_ports)
     netns = naming.task_netns(task.id)
-    return TaskNetSpec(task.id, netns, tuple(links), gateway, nat=nat, dns=dns)
+    dns = desired_dns(task_dns, task.id, dns_ports)
+    return TaskNetSpec(task.id, netns, tuple(links), gateway, dns=dns)
 
 
 def container_process_current(container: Container, start_time: int | None) -> bool:
@@ -427,12 +375,12 @@ def desired_node(
     dns_ports: Mapping[str, tuple[int, int]] | None = None,
     blocked_ports: Collection[tuple[int, str]] = (),
     underlay: Underlay = NO_UNDERLAY,
-    stateless_dns: bool = False,
+    task_dns: TaskDns = NAT_REDIRECT,
 ) -> NodeSpec:
     """The node's networking for the tasks in wired_tasks (those the supervisor runs or stops);
     dns_ports: the DNS server's (udp, tcp) ports in each task namespace that has them;
     blocked_ports: published ports another process of the node holds (not taken over);
-    stateless_dns: nftables rewrites 127.0.0.11:53 (dns_rewrite) instead of a nat rule.
+    task_dns: how the tasks reach 127.0.0.11:53 (node.task_dns).
 
     A network's bridge (and rules) exists on the node while it takes part in the network
     (ClusterView.taking_part: a bridge network always, an overlay while it is in use here).
@@ -445,7 +393,7 @@ def desired_node(
     }
     tasks = {
         task_id: task_spec(
-            view, view.tasks[task_id], (dns_ports or {}).get(task_id), underlay, stateless_dns
+            view, view.tasks[task_id], (dns_ports or {}).get(task_id), underlay, task_dns
         )
         for task_id in wired_tasks
         if task_id in view.tasks and view.tasks[task_id].node == node
@@ -467,8 +415,7 @@ class NodePlan:
     ensure_bridges: tuple[BridgeSpec, ...] = ()
     wire_tasks: tuple[TaskNetSpec, ...] = ()
     # Tasks wired as desired but for their DNS redirect (a new DNS endpoint): the rules alone.
-    task_rules: tuple[tuple[str, TableChange], ...] = ()  # (task netns, its nat change)
-    task_dns: tuple[tuple[str, NftChange], ...] = ()  # (task netns, its nftables change)
+    task_dns: tuple[tuple[str, DnsRulesChange], ...] = ()  # (task netns, its DNS change)
     # Node-side links to delete (before the namespaces): unwired tasks' legs, stale veths, old
     # bridges. A task's legs go by name: the kernel frees a deleted namespace, and with it the
     # node ends of its veths, only later (in a work queue, once no socket or process holds it).
@@ -491,7 +438,6 @@ class NodePlan:
             or self.delete_overlays
             or self.ensure_bridges
             or self.wire_tasks
-            or self.task_rules
             or self.task_dns
             or self.unwire_tasks
             or self.delete_links
@@ -535,17 +481,15 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
         )
         if not change.empty:
             tables[table] = change
-    wire, rules, dns = [], [], []
+    wire, dns = [], []
     for task_id, want in sorted(desired.tasks.items()):
         have = actual.tasks.get(task_id)
         if have == want or any({leg.node_end, leg.bridge} & taken.keys() for leg in want.links):
             continue
-        if have is not None and replace(have, nat=want.nat, dns=want.dns) == want:
-            nat = table_change(want.nat, have.nat)
-            if not nat.empty:
-                rules.append((want.netns, nat))
-            if want.dns != have.dns:
-                dns.append((want.netns, nft_change(want.dns, have.dns)))
+        if have is not None and replace(have, dns=want.dns) == want:
+            redirect = want.dns.change_from(have.dns)
+            if not redirect.empty:
+                dns.append((want.netns, redirect))
         else:
             wire.append(want)
     overlays = {
@@ -569,7 +513,6 @@ def plan_node(desired: NodeSpec, actual: NodeSpec, stray_links: Collection[str] 
             if actual.bridges.get(name) != b and name not in taken
         ),
         wire_tasks=tuple(wire),
-        task_rules=tuple(rules),
         task_dns=tuple(dns),
         delete_links=tuple(sorted({*stray_links, *legs, *old_bridges} - taken.keys())),
         unwire_tasks=tuple(task.netns for task in unwired),

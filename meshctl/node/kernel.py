@@ -14,10 +14,8 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 
 from kernel.errors import KernelError
-from kernel.iptables_rules import OwnedTable, table_change
+from kernel.iptables_rules import OwnedTable
 from kernel.links import Link, NamespaceLinks, Route
-from kernel.nftables_rules import NftTable
-from kernel.nftables_rules import table_change as nft_change
 from kernel.system import Kernel
 from meshctl import naming, sysctls
 from meshctl.node.desired import (
@@ -29,6 +27,7 @@ from meshctl.node.desired import (
     ports_in_use,
     published_ports,
 )
+from meshctl.node.task_dns import NAT_REDIRECT, TaskDns, observe_dns
 from meshctl.overlay.vxlan import (
     OverlaySpec,
     apply_peers,
@@ -50,7 +49,7 @@ def observe_node(
     known: Mapping[str, TaskNetSpec] | None = None,
     mine: Collection[str] = (),
     known_tables: Mapping[str, OwnedTable] | None = None,
-    stateless_dns: bool = False,
+    task_dns: TaskDns = NAT_REDIRECT,
     known_overlays: Mapping[str, OverlaySpec] | None = None,
     node: NamespaceLinks | None = None,
 ) -> tuple[NodeSpec, list[str]]:
@@ -65,8 +64,8 @@ def observe_node(
     are the node's own rules when `known_tables` is given, and the entries of the overlay
     devices in known_overlays: the controller passes what it wired or saw converged and is not
     yet due to be read again; `node` is the node's own links and addresses when the controller
-    read them since anything changed (read_node). stateless_dns: the tasks' nftables tables are
-    read too (see stateless_dns()).
+    read them since anything changed (read_node). task_dns: the node's DNS redirect, whose
+    rules (and those of the redirects it replaces) are read in each task namespace.
     """
     known = known or {}
     node = read_node(kernel) if node is None else node
@@ -89,7 +88,7 @@ def observe_node(
         if task_id not in mine and not _has_leg_here(task_id, node_links):
             continue
         trusted = known.get(task_id)
-        tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links, stateless_dns)
+        tasks[task_id] = trusted or _observe_task(kernel, task_id, ns, node_links, task_dns)
     for container in containers:
         if os.path.exists(container.netns):
             tasks[container.task_id] = _observe_container(kernel, container, node_links)
@@ -125,17 +124,11 @@ def _only(cidrs: list[str]) -> str:
     return cidrs[0] if len(cidrs) == 1 else ",".join(sorted(cidrs))
 
 
-def stateless_dns(kernel: Kernel) -> bool:
-    """Whether tasks reach 127.0.0.11 by nftables' stateless rewrite (where nftables runs),
-    rather than by a nat rule."""
-    return kernel.nftables.available(NODE) is None
-
-
 def _observe_task(
-    kernel: Kernel, task_id: str, ns: str, node_links: Mapping[str, Link], nft: bool = False
+    kernel: Kernel, task_id: str, ns: str, node_links: Mapping[str, Link], task_dns: TaskDns
 ) -> TaskNetSpec:
-    """A task's namespace as it is; node_links are the node's marked links; nft: read its
-    nftables table too."""
+    """A task's namespace as it is; node_links are the node's marked links; task_dns: the
+    node's DNS redirect."""
     found = kernel.links.read_namespace(ns)
     inside = {link.name: link for link in found.links}
     addresses: dict[str, list[str]] = {}
@@ -161,9 +154,8 @@ def _observe_task(
             )
         )
     gateway = next((r.gateway for r in found.routes if r.dst == "default"), None)
-    nat = kernel.iptables.list_owned(ns, "nat")
-    dns = kernel.nftables.list_table(ns) if nft else NftTable()
-    return TaskNetSpec(task_id, ns, tuple(links), gateway, nat=nat, dns=dns)
+    dns = observe_dns(task_dns, kernel, ns)
+    return TaskNetSpec(task_id, ns, tuple(links), gateway, dns=dns)
 
 
 def _observe_container(
@@ -233,16 +225,11 @@ def apply_node(kernel: Kernel, plan: NodePlan) -> dict[str, str]:
             wire_task(kernel, task)
         except KernelError as err:
             failed[task.netns] = str(err)
-    for ns, change in plan.task_rules:
+    for ns, change in plan.task_dns:
         try:
-            kernel.iptables.apply(ns, "nat", change)
+            change.apply(kernel, ns)
         except KernelError as err:
-            failed[ns] = f"cannot set its rules: {err}"
-    for ns, nft in plan.task_dns:
-        try:
-            kernel.nftables.apply(ns, nft)
-        except KernelError as err:
-            failed[ns] = f"cannot set its DNS rewrite: {err}"
+            failed[ns] = f"cannot set its DNS redirect: {err}"
     for name in plan.delete_links:
         kernel.links.delete_link(NODE, name)
     for ns in plan.unwire_tasks:
@@ -291,13 +278,9 @@ def wire_task(kernel: Kernel, task: TaskNetSpec) -> None:
             kernel.links.delete_route(task.netns, route)
     if task.gateway is not None:
         kernel.links.ensure_route(task.netns, Route("default", gateway=task.gateway))
-    change = table_change(task.nat, kernel.iptables.list_owned(task.netns, "nat"))
-    if not change.empty:
-        kernel.iptables.apply(task.netns, "nat", change)
-    if task.dns != NftTable():
-        kernel.nftables.apply(
-            task.netns, nft_change(task.dns, kernel.nftables.list_table(task.netns))
-        )
+    for setting in task.dns.settings:
+        kernel.sysctl.set(task.netns, setting.key, setting.value)
+    task.dns.make(kernel, task.netns)
 
 
 def set_node_sysctls(kernel: Kernel) -> None:

@@ -31,8 +31,8 @@ from meshctl.node.kernel import (
     blocked_ports,
     observe_node,
     read_node,
-    stateless_dns,
 )
+from meshctl.node.task_dns import TaskDns
 from meshctl.overlay.vxlan import NO_UNDERLAY, OverlaySpec, Underlay
 from meshctl.view import ClusterView
 
@@ -48,13 +48,19 @@ class NodeReconciler:
     """Drives the node's networking for one controller (node: the node's name)."""
 
     def __init__(
-        self, kernel: Kernel, node: str, resync_period: float, underlay: Underlay = NO_UNDERLAY
+        self,
+        kernel: Kernel,
+        node: str,
+        resync_period: float,
+        underlay: Underlay = NO_UNDERLAY,
+        *,
+        task_dns: TaskDns,
     ) -> None:
         self.kernel = kernel
         self.node = node
         self.underlay = underlay
         self.resync_period = resync_period
-        self.stateless_dns = stateless_dns(kernel)  # 127.0.0.11 by nftables, without conntrack
+        self.task_dns = task_dns  # how tasks reach 127.0.0.11 (the node's dataplane)
         self._last_full = -float("inf")  # monotonic time of the last full observe
         # Task namespaces seen or made as desired, and when each is due to be read again.
         self._wired: dict[str, tuple[TaskNetSpec, float]] = {}
@@ -92,22 +98,20 @@ class NodeReconciler:
             known,
             mine,
             self._tables,
-            self.stateless_dns,
+            self.task_dns,
             self._overlays,
             self._read_node(),
         )
         blocked = self._blocked_ports(view, actual.tables.get("nat", OwnedTable()))
         desired = desired_node(
-            view, self.node, wired, dns_ports, blocked, self.underlay, self.stateless_dns
+            view, self.node, wired, dns_ports, blocked, self.underlay, self.task_dns
         )
         plan = plan_node(desired, actual, stray)
         failed: dict[str, str] = {}
         if plan:
             log.info("applying node plan %s", summary(plan))
             failed = apply_node(self.kernel, plan)
-            changed = {t.netns for t in plan.wire_tasks} | {
-                ns for ns, _ in (*plan.task_rules, *plan.task_dns)
-            }
+            changed = {t.netns for t in plan.wire_tasks} | {ns for ns, _ in plan.task_dns}
             known = {k: v for k, v in known.items() if v.netns not in changed}
             tables = None if plan.tables else self._tables
             touched = {o.device for o in plan.ensure_overlays} | {p.device for p in plan.peers}
@@ -119,7 +123,7 @@ class NodeReconciler:
                 known,
                 mine,
                 tables,
-                self.stateless_dns,
+                self.task_dns,
                 overlays,
                 self._read_node(),
             )

@@ -21,13 +21,15 @@ from kernel.iptables_rules import Match, OwnedTable, TableChange, opts, validate
 from kernel.ipvs import Destination, VirtualService
 from kernel.nftables_rules import Chain, NftChange
 from kernel.system import Kernel
-from meshctl.lb.backends import backend_named, choose_backend
+from meshctl.controller.dataplane import choose_dataplane, choose_lb
+from meshctl.lb.backends import backend_named
 from meshctl.lb.iptables import SERVICES_CHAIN, iptables_tables, sep_chain, svc_chain
 from meshctl.lb.ipvs import FWMARK_BASE, FWMARK_MASK, fwmark, ipvs_state, ipvs_tables
 from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.naming import lb_netns_prefix
+from meshctl.node.task_dns import NAT_REDIRECT, NFT_REWRITE
 from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"
@@ -253,14 +255,27 @@ def test_a_deleted_lb_namespace_is_rebuilt(fake: Fake) -> None:
 def test_auto_picks_ipvs_where_the_kernel_has_it() -> None:
     fake = Fake("iptables")
     kernel = fake.reconciler.kernel
-    assert choose_backend(kernel, "auto").name == "ipvs"
+    assert choose_lb(kernel, "auto").name == "ipvs"
     fake.ipvs.unavailable = "no IPVS here"
-    assert choose_backend(kernel, "auto").name == "nftables"
+    assert choose_lb(kernel, "auto").name == "nftables"
     fake.nftables.unavailable = "no nft here"
-    assert choose_backend(kernel, "auto").name == "iptables"
-    assert choose_backend(kernel, "iptables").name == "iptables"
+    assert choose_lb(kernel, "auto").name == "iptables"
+    assert choose_lb(kernel, "iptables").name == "iptables"
     with pytest.raises(Unsupported, match="no IPVS here; choose .*iptables or auto"):
-        choose_backend(kernel, "ipvs")
+        choose_lb(kernel, "ipvs")
+
+
+def test_the_dataplane_is_chosen_once_the_task_dns_redirect_by_nftables_where_it_runs() -> None:
+    """The LB backend and the task DNS redirect, chosen together: nftables' stateless rewrite
+    where nftables runs in the node namespace (whatever the LB backend), else the nat redirect."""
+    fake = Fake("iptables")
+    kernel = fake.reconciler.kernel
+    both = choose_dataplane(kernel)
+    assert (both.lb.name, both.task_dns) == ("ipvs", NFT_REWRITE)
+    assert choose_dataplane(kernel, "iptables").task_dns == NFT_REWRITE
+    fake.nftables.unavailable = "no nft here"
+    assert choose_dataplane(kernel, "iptables").task_dns == NAT_REDIRECT
+    assert choose_dataplane(kernel).lb.name == "ipvs"
 
 
 def test_removed_backends_lose_their_udp_flows_draining_ones_keep_them(fake: Fake) -> None:

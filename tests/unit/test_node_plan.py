@@ -16,10 +16,10 @@ from meshctl.node.desired import (
     ISOLATION_DROP_CHAIN,
     NodeSpec,
     desired_node,
-    dns_rewrite,
     plan_node,
 )
 from meshctl.node.kernel import apply_node, observe_node
+from meshctl.node.task_dns import NAT_REDIRECT, NFT_REWRITE, dns_redirect, dns_rewrite
 from meshctl.store.sqlite import SqliteStore
 from meshctl.view import ClusterView, read_view
 from tests.unit.leader import settle
@@ -167,8 +167,11 @@ def test_a_new_dns_endpoint_changes_only_the_tasks_rules(tmp_path: Path) -> None
     plan = plan_node(desired, *observe_node(kernel))
 
     assert not plan.wire_tasks
-    ((ns, change),) = plan.task_rules
-    assert ns == naming.task_netns(task_id) and change.replace
+    ((ns, change),) = plan.task_dns
+    assert ns == naming.task_netns(task_id)
+    ((redirect, nat),) = change.parts  # the nat redirect: nothing it replaces
+    assert redirect == NAT_REDIRECT
+    assert nat.change.replace == dns_redirect(task_id, 40001, 40002).chains
     apply_node(kernel, plan)
     assert not plan_node(desired, *observe_node(kernel))
 
@@ -187,19 +190,23 @@ def test_with_nftables_the_dns_redirect_is_a_stateless_rewrite_replacing_the_nat
         plan_node(desired_node(view, "node1", set(view.tasks), ports), *observe_node(kernel)),
     )
     assert kernel.iptables.list_owned(ns, "nat").chains  # the nat redirect, as without nftables
-    desired = desired_node(view, "node1", set(view.tasks), ports, stateless_dns=True)
+    desired = desired_node(view, "node1", set(view.tasks), ports, task_dns=NFT_REWRITE)
 
-    plan = plan_node(desired, *observe_node(kernel, stateless_dns=True))
+    plan = plan_node(desired, *observe_node(kernel, task_dns=NFT_REWRITE))
 
     assert not plan.wire_tasks
-    ((nat_ns, nat),) = plan.task_rules
-    assert nat_ns == ns and nat.delete == ("MESH-DNS",)
-    ((dns_ns, dns),) = plan.task_dns
-    assert dns_ns == ns and dns.replace == desired.tasks[task_id].dns.chains
-    assert desired.tasks[task_id].dns == dns_rewrite(40001, 40002)
+    ((dns_ns, change),) = plan.task_dns
+    assert dns_ns == ns
+    (replaced, nat), (in_use, dns) = change.parts  # the nat rule goes first
+    assert (replaced, in_use) == (NAT_REDIRECT, NFT_REWRITE)
+    assert nat.change.delete == ("MESH-DNS",)
+    assert dns.change.replace == dns_rewrite(40001, 40002).chains
+    assert dict(desired.tasks[task_id].dns.parts)[NFT_REWRITE] == dns_rewrite(40001, 40002)
+    assert f"- {ns}: nat chain MESH-DNS" in change.lines(ns)
+    assert f"~ {ns}: nftables chain dns" in change.lines(ns)
     apply_node(kernel, plan)
     assert not kernel.iptables.list_owned(ns, "nat").chains
-    assert not plan_node(desired, *observe_node(kernel, stateless_dns=True))
+    assert not plan_node(desired, *observe_node(kernel, task_dns=NFT_REWRITE))
 
 
 def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: Path) -> None:
@@ -376,11 +383,12 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
     """Each wired task namespace is read again within TASK_REREAD resync periods, at a random
     point of the second half: never all in one pass (which took seconds at 300 tasks a node),
     never later (drift in it is still repaired)."""
+    from meshctl.controller.dataplane import choose_task_dns
     from meshctl.node import reconciler as node_reconciler
     from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
-    reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
+    reconciler = NodeReconciler(kernel, "node1", 10.0, task_dns=choose_task_dns(kernel))
     assert reconciler.sync(view, set(view.tasks), {}) == {}
     dues = sorted(due for _, due in reconciler._wired.values())
     longest = 10.0 * node_reconciler.TASK_REREAD
@@ -403,10 +411,11 @@ def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
     """The node's own links and addresses (300-odd at 300 tasks) are dumped again only when this
     controller changed them, a task namespace came or went, or a resync period passed; drift
     by another is repaired at that full observe, as a rule's is."""
+    from meshctl.controller.dataplane import choose_task_dns
     from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
-    reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
+    reconciler = NodeReconciler(kernel, "node1", 10.0, task_dns=choose_task_dns(kernel))
     assert reconciler.sync(view, set(view.tasks), {}) == {}
     assert reads.count(None) == 2  # before and after wiring
     bridge = next(iter(desired_node(view, "node1", set(view.tasks)).bridges))
