@@ -15,6 +15,7 @@ from kernel.system import Kernel
 from meshctl.lb.backend import LbBackend
 from meshctl.lb.backends import BACKENDS, NAMES, backend_named
 from meshctl.node.task_dns import TASK_DNS, TaskDns
+from meshctl.sysctls import LB, NODE, Setting
 
 T = TypeVar("T")
 
@@ -64,3 +65,14 @@ def choose_task_dns(kernel: Kernel) -> TaskDns:
 def choose_dataplane(kernel: Kernel, lb_backend: str = "auto") -> Dataplane:
     """The node's dataplane, both parts chosen in the namespace the controller runs in."""
     return Dataplane(choose_lb(kernel, lb_backend), choose_task_dns(kernel))
+
+
+def every_setting() -> list[tuple[Setting, str | None]]:
+    """Every sysctl a controller may set, with the name of the dataplane object that lists it
+    (None: set whatever the dataplane): the node's, every LB namespace's, then each backend's
+    and each task DNS redirect's own, in the order `auto` prefers them."""
+    return [
+        *((setting, None) for setting in (*NODE, *LB)),
+        *((setting, backend.name) for backend in BACKENDS for setting in backend.settings),
+        *((setting, redirect.name) for redirect in TASK_DNS for setting in redirect.settings),
+    ]

@@ -1,9 +1,11 @@
 """`meshctl doctor`: probe the kernel (kernel.features), decide whether the mesh can run, print it.
 
-It also lists every sysctl the controller sets (meshctl.sysctls) with its value now: in this
-namespace for the node's, in a new namespace for the load balancers'. The verdict and both
-renderings are pure functions of the checks and readings, so they are unit-tested with made-up
-results; only run_doctor touches the kernel, through kernel.features.
+The backend `auto` would pick is decided as `controller run` decides it
+(meshctl.controller.dataplane), over the same backend objects, each judged by the checks of the
+kernel features it needs. Every sysctl the dataplane objects set is listed with its value now:
+in this namespace for the node's, in a new namespace for the load balancers'. The verdict and
+both renderings are pure functions of the checks and readings, so they are unit-tested with
+made-up results; only run_doctor touches the kernel, through kernel.features.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import click
 from kernel import features
 from kernel.errors import KernelError
 from kernel.features import Check
-from meshctl.lb.backends import NAMES
+from meshctl.controller.dataplane import every_setting, first_available
+from meshctl.lb.backend import LbBackend
+from meshctl.lb.backends import BACKENDS
 from meshctl.output import dumps, table
 from meshctl.overlay.vxlan import PeerProbe
 from meshctl.router.haproxy import HAPROXY
-from meshctl.sysctls import SETTINGS, Setting
+from meshctl.sysctls import Setting
 
 Status = Literal["ok", "missing", "info"]
 
@@ -31,28 +35,33 @@ Status = Literal["ok", "missing", "info"]
 @dataclass(frozen=True)
 class Reading:
     """A sysctl the controller sets and its value now (None: the kernel has no such key there,
-    or it could not be read)."""
+    or it could not be read); by: the dataplane object that lists it (None: every node's)."""
 
     setting: Setting
     now: str | None
+    by: str | None = None
 
 
 def read_sysctls() -> list[Reading]:
-    """Every sysctl of meshctl.sysctls, read where it will be set: the node's in this
-    namespace, the load balancers' in a new one (what a new LB namespace starts with)."""
-    elsewhere = [s.key for s in SETTINGS if s.place != "node"]
+    """Every sysctl of the dataplane objects, read where it will be set: the node's in this
+    namespace, the others in a new one (what a new LB namespace starts with)."""
+    settings = every_setting()
+    elsewhere = [s.key for s, _ in settings if s.place != "node"]
     try:
         fresh = features.new_namespace_sysctls(elsewhere)
     except KernelError:  # no namespace to read them in: the netns check says why
         fresh = {}
     return [
-        Reading(s, features.sysctl_value(None, s.key) if s.place == "node" else fresh.get(s.key))
-        for s in SETTINGS
+        Reading(
+            s, features.sysctl_value(None, s.key) if s.place == "node" else fresh.get(s.key), by
+        )
+        for s, by in settings
     ]
 
 
-def _where(setting: Setting) -> str:
-    return setting.place if setting.backend is None else f"{setting.place} ({setting.backend})"
+def _where(reading: Reading) -> str:
+    place = reading.setting.place
+    return place if reading.by is None else f"{place} ({reading.by})"
 
 
 def status(check: Check) -> Status:
@@ -68,29 +77,35 @@ def missing_required(checks: Sequence[Check]) -> list[Check]:
 
 
 def lb_backend(checks: Sequence[Check]) -> str:
-    """The backend `auto` would pick: the first whose check passed (absent: not there)."""
-    return _pick(checks)[0]
+    """The backend `auto` would pick: the first whose needed features' checks passed."""
+    return _auto(checks)[0].name
 
 
 def lb_backend_why(checks: Sequence[Check]) -> str:
     """Why `auto` picks it: what the backends before it lack."""
-    name, passed_over = _pick(checks)
+    backend, passed_over = _auto(checks)
     if not passed_over:
-        return f"{name} is the first choice and works here"
-    return f"{name}, as " + "; ".join(passed_over)
+        return f"{backend.name} is the first choice and works here"
+    return f"{backend.name}, as " + "; ".join(f"{b.name}: {why}" for b, why in passed_over)
 
 
-def _pick(checks: Sequence[Check]) -> tuple[str, list[str]]:
-    """meshctl.lb.backends' order, each backend probed by the check of its name; the last is
-    the fallback (required anyway)."""
+def _auto(checks: Sequence[Check]) -> tuple[LbBackend, list[tuple[LbBackend, str]]]:
+    """`auto`'s choice among the controller's backends, each judged by the checks of the
+    features it needs."""
+    return first_available(BACKENDS, lambda backend: unmet(backend.needs, checks))
+
+
+def unmet(needs: Sequence[str], checks: Sequence[Check]) -> str | None:
+    """None if every needed feature's check passed, else the first one's detail ("not probed"
+    when there is no check of it)."""
     found = {c.name: c for c in checks}
-    passed_over: list[str] = []
-    for name in NAMES[:-1]:
-        check = found.get(name)
-        if check is not None and check.ok:
-            return name, passed_over
-        passed_over.append(f"{name}: {check.detail if check else 'not probed'}")
-    return NAMES[-1], passed_over
+    for feature in needs:
+        check = found.get(feature)
+        if check is None:
+            return "not probed"
+        if not check.ok:
+            return check.detail
+    return None
 
 
 def report_json(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> dict[str, Any]:
@@ -113,7 +128,7 @@ def report_json(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> dic
                 "key": r.setting.key,
                 "value": r.now,
                 "sets": r.setting.value,
-                "backend": r.setting.backend,
+                "backend": r.by,
                 "why": r.setting.why,
             }
             for r in sysctls
@@ -138,7 +153,7 @@ def report_table(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> st
     parts = [table(["CHECK", "STATUS", "DETAIL"], rows)]
     if sysctls:
         settings = (
-            [r.setting.key, _where(r.setting), r.now or "-", r.setting.value, r.setting.why]
+            [r.setting.key, _where(r), r.now or "-", r.setting.value, r.setting.why]
             for r in sysctls
         )
         parts += ["", table(["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"], settings)]

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl.lb.spec import LbSpec, VirtualIp
+from meshctl.sysctls import Setting
 
 
 class ObjectsChange(Protocol):
@@ -46,8 +47,19 @@ class LbBackend(Protocol):
         leg, sysctls and addresses can be made meanwhile; else they are made first."""
         ...
 
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The kernel features it runs on, as kernel.features names its checks (`meshctl
+        doctor` reads those checks for it)."""
+        ...
+
+    @property
+    def settings(self) -> tuple[Setting, ...]:
+        """The sysctls it needs in an LB namespace beyond every LB namespace's (meshctl.sysctls)."""
+        ...
+
     def sysctls(self) -> dict[str, str]:
-        """What every LB namespace holds with this backend (meshctl.sysctls)."""
+        """What every LB namespace holds with this backend: meshctl.sysctls.LB and its own."""
         ...
 
     def available(self, kernel: Kernel, ns: Namespace = None) -> str | None:

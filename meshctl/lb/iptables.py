@@ -25,7 +25,7 @@ from meshctl.lb.netfilter import (
     take_turns,
 )
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, short_id
-from meshctl.sysctls import lb_sysctls
+from meshctl.sysctls import Setting, lb_sysctls
 
 SERVICES_CHAIN = "MESH-SERVICES"
 SERVICES_BLOCK_PREFIX = "MESH-VIPS-"
@@ -90,10 +90,12 @@ def iptables_tables(spec: LbSpec) -> Tables:
 @dataclass(frozen=True)
 class IptablesBackend:
     name: str = "iptables"
+    needs: tuple[str, ...] = ("iptables",)
+    settings: tuple[Setting, ...] = ()
     parallel: bool = True  # iptables-legacy-restore parses in its own process
 
     def sysctls(self) -> dict[str, str]:
-        return lb_sysctls(self.name)
+        return lb_sysctls(self.settings)
 
     def available(self, kernel: Kernel, ns: Namespace = None) -> str | None:
         return None  # legacy iptables is required anyway (meshctl doctor checks it)

@@ -25,7 +25,7 @@ from meshctl.lb.netfilter import (
     tables_change,
 )
 from meshctl.lb.spec import LbSpec, VirtualIp, as_int
-from meshctl.sysctls import lb_sysctls
+from meshctl.sysctls import IPVS, Setting, lb_sysctls
 
 # meshctl's fwmark range: 'M' in the top byte, the VIP's offset in its subnet below.
 FWMARK_BASE = 0x4D000000
@@ -139,11 +139,13 @@ class IpvsObjectsChange:
 @dataclass(frozen=True)
 class IpvsBackend:
     name: str = "ipvs"
+    needs: tuple[str, ...] = ("ipvs",)
+    settings: tuple[Setting, ...] = IPVS
     # IPVS destinations need the LB address's subnet route: the leg and addresses come first.
     parallel: bool = False
 
     def sysctls(self) -> dict[str, str]:
-        return lb_sysctls(self.name)
+        return lb_sysctls(self.settings)
 
     def available(self, kernel: Kernel, ns: Namespace = None) -> str | None:
         return kernel.ipvs.available(ns)

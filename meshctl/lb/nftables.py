@@ -24,7 +24,7 @@ from kernel.netns import Namespace
 from kernel.nftables_rules import Chain, Hook, NftChange, NftSet, NftTable, table_change
 from kernel.system import Kernel
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, short_id
-from meshctl.sysctls import lb_sysctls
+from meshctl.sysctls import Setting, lb_sysctls
 
 SERVICES_MAP = "services"
 REFUSED_SET = "no-endpoints"
@@ -117,10 +117,12 @@ class NftObjectsChange:
 @dataclass(frozen=True)
 class NftablesBackend:
     name: str = "nftables"
+    needs: tuple[str, ...] = ("nftables",)
+    settings: tuple[Setting, ...] = ()
     parallel: bool = True  # nft parses and commits in its own process
 
     def sysctls(self) -> dict[str, str]:
-        return lb_sysctls(self.name)
+        return lb_sysctls(self.settings)
 
     def available(self, kernel: Kernel, ns: Namespace = None) -> str | None:
         return kernel.nftables.available(ns)

@@ -15,7 +15,7 @@ import pytest
 from kernel import features, netns
 from kernel.ipvs import Ipvs
 from kernel.sysctl import Sysctl
-from meshctl.sysctls import SETTINGS
+from meshctl.controller.dataplane import every_setting
 from tests.conftest import NetnsFactory, root_namespace_snapshot
 
 pytestmark = pytest.mark.root
@@ -88,7 +88,7 @@ def test_sysctls_report_this_namespace_for_the_node_and_a_new_one_for_the_lb(
 
     assert done.returncode == 0, done.stderr
     listed = {(s["namespace"], s["key"]): s for s in doc["sysctls"]}
-    assert set(listed) == {(s.place, s.key) for s in SETTINGS}
+    assert set(listed) == {(s.place, s.key) for s, _ in every_setting()}
     assert listed[("node", "net.ipv4.ip_forward")]["value"] == here
     assert listed[("lb", "net.ipv4.ip_forward")]["value"] == fresh
     assert listed[("lb", "net.ipv4.conf.eth0.send_redirects")]["value"] is None  # no eth0 yet

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kernel import features
 from kernel.features import Check, privileged
 from meshctl.cli import main
+from meshctl.controller.dataplane import every_setting
 from meshctl.controller.doctor import (
     Reading,
     lb_backend,
@@ -21,7 +22,8 @@ from meshctl.controller.doctor import (
     report_table,
     status,
 )
-from meshctl.sysctls import SETTINGS, lb_sysctls, node_sysctls
+from meshctl.lb.backends import BACKENDS
+from meshctl.sysctls import node_sysctls
 
 NO_IPVS = "the kernel has no IPVS; not required: the iptables backend balances instead"
 
@@ -48,7 +50,7 @@ def host_like(**broken: str) -> list[Check]:
 def readings() -> list[Reading]:
     """Every sysctl meshctl sets, as read on a host without IPVS."""
     fresh = {"net.ipv4.ip_forward": "0", "net.ipv4.conf.all.send_redirects": "1"}
-    return [Reading(s, fresh.get(s.key)) for s in SETTINGS]
+    return [Reading(s, fresh.get(s.key), by) for s, by in every_setting()]
 
 
 def with_ipvs(checks: list[Check]) -> list[Check]:
@@ -94,15 +96,15 @@ def test_every_sysctl_the_controller_sets_is_listed_with_its_value_now() -> None
     }
     assert listed[("lb", "net.ipv4.vs.conntrack")]["value"] is None  # no IPVS here
     assert listed[("lb", "net.ipv4.vs.conntrack")]["backend"] == "ipvs"
-    # What doctor lists is what the controller sets, and all of it.
+    # What doctor lists is what the controller sets, and all of it: each backend object's.
     assert {k for (place, k) in listed if place == "node"} == set(node_sysctls())
-    for backend in ("ipvs", "iptables"):
+    for backend in BACKENDS:
         wanted = {
             k
             for (place, k), s in listed.items()
-            if place == "lb" and s["backend"] in (None, backend)
+            if place == "lb" and s["backend"] in (None, backend.name)
         }
-        assert wanted == set(lb_sysctls(backend))
+        assert wanted == set(backend.sysctls())
 
 
 def test_ipvs_present_picks_ipvs() -> None:
@@ -171,7 +173,9 @@ def test_table_is_aligned_and_ends_with_backend_and_verdict() -> None:
     # Then one row per sysctl: where, the value now ("-": not there) and what it is set to.
     sysctl_header, *sysctl_rows = lines[blank + 1 : -2]
     assert sysctl_header.split() == ["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"]
-    assert [row.split()[:2] for row in sysctl_rows] == [[s.key, s.place] for s in SETTINGS]
+    assert [row.split()[:2] for row in sysctl_rows] == [
+        [s.key, s.place] for s, _ in every_setting()
+    ]
     assert sysctl_rows[0].split()[2:4] == ["0", "1"]
     conntrack = next(row for row in sysctl_rows if row.startswith("net.ipv4.vs.conntrack "))
     assert conntrack.split()[1:5] == ["lb", "(ipvs)", "-", "1"]
@@ -205,7 +209,9 @@ def test_cli_prints_report_and_reasons(
     assert result.exit_code == code
     doc = json.loads(result.stdout)
     assert doc["ok"] is (code == 0)
-    assert [(s["key"], s["value"]) for s in doc["sysctls"]] == [(s.key, "0") for s in SETTINGS]
+    assert [(s["key"], s["value"]) for s in doc["sysctls"]] == [
+        (s.key, "0") for s, _ in every_setting()
+    ]
     assert result.stderr == ("meshctl doctor: bridge missing: no bridge\n" if broken else "")
 
 

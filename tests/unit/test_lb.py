@@ -30,7 +30,6 @@ from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.naming import lb_netns_prefix
 from meshctl.node.task_dns import NAT_REDIRECT, NFT_REWRITE
-from meshctl.sysctls import lb_sysctls
 
 NODE_ID = "node0001"
 PREFIX = lb_netns_prefix(NODE_ID)
@@ -137,9 +136,10 @@ def test_ipvs_state_is_one_fwmark_service_per_vip_keeping_draining_destinations(
 
 
 def test_ipvs_sysctls_only_for_the_ipvs_backend() -> None:
-    assert lb_sysctls("iptables")["net.ipv4.ip_forward"] == "1"
-    assert not any(k.startswith("net.ipv4.vs.") for k in lb_sysctls("iptables"))
-    assert lb_sysctls("ipvs")["net.ipv4.vs.conntrack"] == "1"
+    iptables, ipvs = backend_named("iptables").sysctls(), backend_named("ipvs").sysctls()
+    assert iptables["net.ipv4.ip_forward"] == "1"
+    assert not any(k.startswith("net.ipv4.vs.") for k in iptables)
+    assert ipvs["net.ipv4.vs.conntrack"] == "1"
 
 
 @pytest.mark.parametrize(
