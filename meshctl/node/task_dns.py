@@ -107,7 +107,7 @@ class NatChange:
 class NatRedirect:
     """127.0.0.11:53 DNATed to the DNS server's ports by the task's own nat table."""
 
-    name: str = "nat"
+    name: str = "nat-redirect"
     needs: tuple[str, ...] = ("iptables", "conntrack")
     settings: tuple[Setting, ...] = ()
 
@@ -164,7 +164,7 @@ class NftRewriteChange:
 class NftRewrite:
     """127.0.0.11:53 rewritten statelessly by the task's own nftables table (dns_rewrite)."""
 
-    name: str = "nftables"
+    name: str = "nftables-rewrite"
     needs: tuple[str, ...] = ("nftables",)
     settings: tuple[Setting, ...] = ()
 
@@ -251,8 +251,9 @@ class DnsRules:
         for index, (redirect, want) in enumerate(self.parts):
             in_use = index == len(self.parts) - 1
             if not in_use or want != redirect.render("", None):
-                held = redirect.observe(kernel, ns)
-                DnsRulesChange(((redirect, redirect.change(want, held)),)).apply(kernel, ns)
+                change = redirect.change(want, redirect.observe(kernel, ns))
+                if not change.empty:
+                    redirect.apply(kernel, ns, change)
 
     @property
     def settings(self) -> tuple[Setting, ...]:
