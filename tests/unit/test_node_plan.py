@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -207,6 +209,44 @@ def test_with_nftables_the_dns_redirect_is_a_stateless_rewrite_replacing_the_nat
     apply_node(kernel, plan)
     assert not kernel.iptables.list_owned(ns, "nat").chains
     assert not plan_node(desired, *observe_node(kernel, task_dns=NFT_REWRITE))
+
+
+class _CountedNft:
+    """The fake's nftables, counting the namespaces whose table is read (each an `nft` run on
+    the real kernel)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.read = inner, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def list_table(self, ns: str) -> Any:
+        self.read.append(ns)
+        return self.inner.list_table(ns)
+
+
+def test_a_tasks_first_wiring_runs_no_nft_and_the_nat_redirect_never_does(tmp_path: Path) -> None:
+    """Wiring a task before its DNS server has ports there reads no nftables table (300 tasks
+    would cost 300 nft runs), and a node on the nat redirect reads none at all."""
+    store = _store(tmp_path)
+    for record in store.list("task"):
+        store.put("task", record.name, {**record.value, "node": "node1"})
+    view = read_view(store)
+    for task_dns in (NFT_REWRITE, NAT_REDIRECT):
+        kernel = fake_kernel()
+        nft = _CountedNft(kernel.nftables)
+        kernel = dataclasses.replace(kernel, nftables=nft)
+        desired = desired_node(view, "node1", set(view.tasks), task_dns=task_dns)
+        plan = plan_node(desired, *observe_node(kernel, task_dns=task_dns))
+        assert len(plan.wire_tasks) == 2
+        nft.read.clear()
+
+        apply_node(kernel, plan)
+
+        assert nft.read == []
+        assert not plan_node(desired, *observe_node(kernel, task_dns=task_dns))
+    assert nft.read == []  # on the nat redirect, not even to observe
 
 
 def test_a_container_whose_pid_names_another_process_now_is_not_wired(tmp_path: Path) -> None:
