@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from kernel.links import Link, NamespaceLinks
 from kernel.system import Kernel, fake_kernel
 from meshctl import naming, ops
+from meshctl.controller.passes import reconcile
 from meshctl.model import NetworkAttachment, Service
 from meshctl.node.desired import (
     FORWARD_CHAIN,
@@ -20,6 +22,8 @@ from meshctl.node.desired import (
     plan_node,
 )
 from meshctl.node.kernel import apply_node, observe_node
+from meshctl.node.reconciler import NodeReconciler
+from meshctl.reconcile import PassContext, ResyncClock
 from meshctl.store.sqlite import SqliteStore
 from meshctl.view import ClusterView, read_view
 from tests.unit.leader import settle
@@ -343,6 +347,19 @@ def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
     assert all(forward.index(r) < jump for r in early)
 
 
+def _passes(
+    reconciler: NodeReconciler, view: ClusterView, clock: list[float]
+) -> Callable[[], dict[str, str]]:
+    """A pass of the node reconciler alone, on the view, full when a resync period passed."""
+    resync = ResyncClock(10.0, clock=lambda: clock[0])
+
+    def sync() -> dict[str, str]:
+        ctx = PassContext("node1", "n1", resync.full(), wired=frozenset(view.tasks))
+        return reconcile(reconciler, view, ctx)
+
+    return sync
+
+
 def _counted_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[ClusterView, Kernel, list[float], list[str | None]]:
@@ -377,11 +394,11 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
     point of the second half: never all in one pass (which took seconds at 300 tasks a node),
     never later (drift in it is still repaired)."""
     from meshctl.node import reconciler as node_reconciler
-    from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
     reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    sync = _passes(reconciler, view, clock)
+    assert sync() == {}
     dues = sorted(due for _, due in reconciler._wired.values())
     longest = 10.0 * node_reconciler.TASK_REREAD
     assert len(dues) == 2 and all(1000 + longest / 2 <= due <= 1000 + longest for due in dues)
@@ -389,10 +406,10 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
 
     reads.clear()
     clock[0] = dues[0] - 0.01
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert [ns for ns in reads if ns is not None] == []  # none due yet: nothing read
     clock[0] = dues[0] + 0.001
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert len([ns for ns in reads if ns is not None]) == 1  # the first one, due again later
     assert reconciler.next_read() == dues[1]
 
@@ -403,32 +420,31 @@ def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
     """The node's own links and addresses (300-odd at 300 tasks) are dumped again only when this
     controller changed them, a task namespace came or went, or a resync period passed; drift
     by another is repaired at that full observe, as a rule's is."""
-    from meshctl.node.reconciler import NodeReconciler
-
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
     reconciler = NodeReconciler(kernel, "node1", resync_period=10.0)
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    sync = _passes(reconciler, view, clock)
+    assert sync() == {}
     assert reads.count(None) == 2  # before and after wiring
     bridge = next(iter(desired_node(view, "node1", set(view.tasks)).bridges))
 
     reads.clear()
     clock[0] += 1
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    assert sync() == {}
     assert None not in reads  # nothing changed: the node is not read
 
     kernel.links.delete_link(None, bridge)  # another's drift
     kernel.netns.create(naming.task_netns("t-new"))  # a namespace came: read again, not ours
     reads.clear()
     clock[0] += 1
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert reads.count(None) == 2  # the drift was seen: read, repaired, read again
     assert kernel.links.get_link(None, bridge) is not None
 
     kernel.links.delete_link(None, bridge)
     reads.clear()
     clock[0] += 1
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert None not in reads and kernel.links.get_link(None, bridge) is None  # not yet seen
     clock[0] += 10  # a resync period: the full observe reads the node and repairs it
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert kernel.links.get_link(None, bridge) is not None
