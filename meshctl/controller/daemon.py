@@ -48,7 +48,7 @@ from meshctl.model import Node
 from meshctl.node.kernel import set_node_sysctls
 from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.reconcile import PassContext, ResyncClock
-from meshctl.store import Event, Store, StoreError
+from meshctl.store import Event, Store
 from meshctl.store.informer import Informer
 from meshctl.view import ClusterView, Decoded, view_of
 
@@ -131,7 +131,6 @@ class Controller:
             self.parts, self.dns, self.supervision.supervisor, self.leader,
             AddressClaims(store, name), ResyncClock(resync_period), self.metrics.reconcile,
         )  # fmt: skip
-        self._errors: dict[str, str] = {}  # what failed in the last pass, by network or task
         supervisor = self.supervision.supervisor
         self.metrics.sources = Sources(
             dns=self.dns.server.server.stats,
@@ -155,7 +154,7 @@ class Controller:
 
             def finish(result: PassResult) -> str:
                 self.views.last = result.view
-                self._report(result.failures, "")
+                self.membership.report_pass(result.failures)
                 self.leader.flush_events()
                 problem = _problem(result.failures)
                 for wait in self.liveness.end(covered, problem):
@@ -189,16 +188,6 @@ class Controller:
         for task in view.tasks_on(self.membership.node.name) if view is not None else []:
             counts[task.state] = counts.get(task.state, 0) + 1
         return counts
-
-    def _report(self, errors: dict[str, str], message: str) -> None:
-        """Tell the cluster how this node does; log each failure once, when it starts."""
-        for what in sorted(set(errors) - set(self._errors)):
-            log.warning("%s fails on this node: %s", what, errors[what])
-        self._errors = errors
-        try:
-            self.membership.report(message, errors)
-        except StoreError as err:
-            log.warning("cannot report the node's status: %s", err)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -237,7 +226,10 @@ class Controller:
                     log.exception("reconcile pass failed; retrying")
                     self.liveness.failed(_one_line(err))
                     await loop.run_in_executor(
-                        worker, self._report, self._errors, f"degraded: {_one_line(err)}"
+                        worker,
+                        self.membership.report_pass,
+                        self.membership.failures,
+                        f"degraded: {_one_line(err)}",
                     )
                     deadline = time.time() + 1.0
                 self.supervision.watch(loop, wake)

@@ -61,7 +61,7 @@ def diff_lines(
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     parts = node_parts(
         kernel, backend, node=name, node_id=node.id, address=node.address, vxlan_port=port,
-        state_dir=state_dir, resync_period=1.0,
+        state_dir=state_dir, resync_period=1.0,  # it spreads rereads over passes: diff plans once
     )  # fmt: skip
     view = read_view(store)
     lines = describe_plans(parts, view, diff_context(view, node, state_dir))

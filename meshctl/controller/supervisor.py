@@ -73,9 +73,10 @@ class TaskStep:
 
 @dataclass
 class Supervisor:
-    """The last reconciler of a pass: it starts, restarts, stops and forgets the tasks of the
-    node, each decision taken again every pass (not checked by a second plan: processes
-    start and stop in their own time)."""
+    """The node's task processes in a pass: its first store writer (their ends and health
+    changes, `write`) and its last reconciler (start, restart, stop, forget: `plan`/`apply`),
+    each decision taken again every pass (not checked by a second plan: processes start and
+    stop in their own time)."""
 
     name = "tasks"
     converges = False
