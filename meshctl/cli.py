@@ -31,7 +31,6 @@ from meshctl.model import (
     HealthKind,
     MeshctlError,
     NetworkAttachment,
-    Node,
     PublishedPort,
     PublishMode,
     RestartPolicy,
@@ -43,7 +42,6 @@ from meshctl.model import (
     check_name,
     check_text,
     duration,
-    from_record,
     proc_pid,
 )
 from meshctl.store import (
@@ -1756,33 +1754,11 @@ def diff(node: str | None, lb_backend: str) -> None:
       nsenter --net=/run/netns/node1 meshctl diff --node node1
     """
     from kernel.system import real_kernel
-    from meshctl.controller.dataplane import choose_lb
-    from meshctl.controller.diff import describe, node_differences, router_differences
+    from meshctl.controller.diff import diff_lines
     from meshctl.controller.main import default_node_name
-    from meshctl.lb.reconcile import LbReconciler
-    from meshctl.overlay.vxlan import VXLAN_PORT, underlay_of
-    from meshctl.view import read_view
 
-    store = _store()
     name = check_name(node or default_node_name(), "--node")
-    record = store.get(NODE, name)
-    if record is None:
-        raise MeshctlError(f"no controller has run as node {name}; give its name with --node")
-    status = nodes.statuses(store).get(name)
-    node_record = from_record(Node, record)
-    if lb_backend == "auto" and node_record.lb_backend:
-        lb_backend = node_record.lb_backend  # the one recorded when its controller started
-    kernel = real_kernel()
-    lb = LbReconciler(kernel, choose_lb(kernel, lb_backend))
-    port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
-    underlay = underlay_of(kernel, node_record.address, port)
-    view = read_view(store)
-    plans = node_differences(kernel, view, name, node_record.id, _env().state_dir, lb, underlay)
-    lines = list(describe(*plans))
-    lines += router_differences(kernel, view, name, node_record.id, _env().state_dir, underlay)
-    if status is not None:
-        lines += [f"! {'' if net == 'router' else 'network '}{net} fails on node {name}: {why}"
-                  for net, why in sorted(status.errors.items())]  # fmt: skip
+    lines = diff_lines(_store(), real_kernel(), name, lb_backend, _env().state_dir)
     for line in lines:
         click.echo(line)
     sys.exit(1 if lines else 0)

@@ -77,6 +77,7 @@ class Membership:
         self._thread: threading.Thread | None = None
         self._unreachable = False
         self.retired_lb_backend = ""  # the backend the node ran before, if it ran another
+        self.failures: dict[str, str] = {}  # what failed in the last pass, by network or task
 
     # -- joining -------------------------------------------------------------------------------
 
@@ -188,6 +189,18 @@ class Membership:
             return  # the keep-alive thread joins again and writes the status then
         with self._lock:
             self._status, self._written = status, status
+
+    def report_pass(self, failures: dict[str, str], message: str = "") -> None:
+        """Tell the cluster how this node does after a pass (message: why the pass itself
+        failed, if it did); log each failure once, when it starts. A store out of reach is
+        logged: the next pass says it again."""
+        for what in sorted(set(failures) - set(self.failures)):
+            log.warning("%s fails on this node: %s", what, failures[what])
+        self.failures = failures
+        try:
+            self.report(message, failures)
+        except StoreError as err:
+            log.warning("cannot report the node's status: %s", err)
 
     def lead(self, leader: str | None) -> bool:
         """Whether this node places tasks now: it holds the leader key (leader: who holds it in

@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -24,6 +24,7 @@ from kernel.errors import KernelError
 from meshctl import naming, ops, runtime
 from meshctl.cluster import tasks
 from meshctl.model import TASK, Health, Service, Task, TaskState
+from meshctl.reconcile import PassContext
 from meshctl.store import Conflict, Store
 from meshctl.view import ClusterView
 
@@ -62,8 +63,24 @@ class Local:
         return self.stopping is not None and self.stopping.code.done()
 
 
+@dataclass(frozen=True)
+class TaskStep:
+    """The supervisor's step over a view; unwired: task ids whose namespace is gone."""
+
+    view: ClusterView
+    unwired: frozenset[str]
+
+
 @dataclass
 class Supervisor:
+    """The node's task processes in a pass: its first store writer (their ends and health
+    changes, `write`) and its last reconciler (start, restart, stop, forget: `plan`/`apply`),
+    each decision taken again every pass (not checked by a second plan: processes start and
+    stop in their own time)."""
+
+    name = "tasks"
+    converges = False
+
     store: Store
     node: str
     state_dir: str
@@ -71,12 +88,29 @@ class Supervisor:
     open_connections: Callable[[Task], int] = lambda task: 0
     wake: Callable[[], None] = lambda: None
     tasks: dict[str, Local] = field(default_factory=dict)
-    # service id → why one of its published ports is not published on this node
+    # service id → why one of its published ports is not published on this node, as the
+    # node's reconciler last found (PassContext.port_errors); written on the tasks' records
     port_errors: dict[str, str] = field(default_factory=dict)
     restarts: int = 0  # processes started again after an exit (for /metrics)
     log_clock: runtime.LogClock = field(default_factory=runtime.LogClock)
 
     # -- the pass ------------------------------------------------------------------------------
+
+    def write(self, view: ClusterView) -> tuple[bool, dict[str, str]]:
+        """The pass's first store write (see record_changes); nothing fails by name."""
+        return self.record_changes(view), {}
+
+    def plan(self, view: ClusterView, ctx: PassContext) -> TaskStep:
+        gone = {tid for tid in view.tasks if naming.task_netns(tid) not in ctx.present}
+        return TaskStep(view, frozenset(gone))
+
+    def apply(self, plan: TaskStep, ctx: PassContext) -> dict[str, str]:
+        self.port_errors = ctx.port_errors
+        ctx.due(self.step(plan.view, set(plan.unwired)))
+        return {}
+
+    def describe(self, plan: TaskStep) -> Iterator[str]:
+        return iter(())  # processes are not kernel state: `meshctl diff` shows none
 
     def adopt(self, view: ClusterView) -> None:
         """After a restart: take over the processes an earlier controller started."""

@@ -1,31 +1,61 @@
 """The embedded DNS kept in line with the view: its record table, and its sockets in every
-wired task namespace (UDP and TCP on random ports, which the task's nat rules reach from
-127.0.0.11:53)."""
+wired task namespace (UDP and TCP on random ports, which the task's redirect rules reach from
+127.0.0.11:53). Two reconcilers of the pass share the node's one server thread: the records
+first (answers follow the store at once), the endpoints after the node's wiring (a socket is
+opened inside its task's namespace). Each task's ports are also written to its directory,
+where `meshctl diff` reads them."""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Collection, Mapping
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from kernel.errors import KernelError
 from meshctl import naming
-from meshctl.controller.diff import write_dns_ports
 from meshctl.dns import DnsServer, DnsView
 from meshctl.dns.desired import dns_view
 from meshctl.dns.thread import ServerThread
+from meshctl.reconcile import PassContext, Ports
 from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.dns")
 
+DNS_PORTS_FILE = "dns-ports"
+
+
+def task_dir(state_dir: str, task_id: str) -> str:
+    return os.path.join(state_dir, "tasks", task_id)
+
+
+def write_dns_ports(task_dir: str, ports: Ports) -> None:
+    os.makedirs(task_dir, exist_ok=True)
+    with open(os.path.join(task_dir, DNS_PORTS_FILE), "w") as f:
+        json.dump(list(ports), f)
+
+
+def read_dns_ports(state_dir: str, task_ids: list[str]) -> dict[str, Ports]:
+    """The ports a controller left in each task's directory (for `meshctl diff`)."""
+    ports = {}
+    for task_id in task_ids:
+        try:
+            with open(os.path.join(task_dir(state_dir, task_id), DNS_PORTS_FILE)) as f:
+                udp, tcp = json.load(f)
+        except (FileNotFoundError, ValueError):
+            continue
+        ports[task_id] = (int(udp), int(tcp))
+    return ports
+
 
 class DnsSync:
-    """One DNS server thread for the node, its records and endpoints."""
+    """One DNS server thread for the node, and the reconcilers of its records and endpoints."""
 
-    def __init__(self, upstreams: list[str]) -> None:
+    def __init__(self, upstreams: list[str], node: str, state_dir: str) -> None:
         self.server = ServerThread(DnsServer(upstreams))
-        self._view: DnsView | None = None
-        self.ports: dict[str, tuple[int, int]] = {}  # task id → (udp, tcp) in its namespace
-        self._networks: dict[str, frozenset[str]] = {}
+        self.records = DnsRecords(self.server, node)
+        self.endpoints = DnsEndpoints(self.server, state_dir)
 
     def start(self) -> None:
         self.server.__enter__()
@@ -33,39 +63,86 @@ class DnsSync:
     def stop(self) -> None:
         self.server.__exit__(None, None, None)
 
-    def sync_records(self, view: ClusterView, node: str) -> None:
-        """The record table, rebuilt when what it says changed."""
-        records = dns_view(view, node)
-        if records != self._view:
+
+class DnsRecords:
+    """The record table, rebuilt when what it says changed (a plan of None: it did not)."""
+
+    name = "dns"
+    converges = True
+
+    def __init__(self, server: ServerThread, node: str) -> None:
+        self.server = server
+        self.node = node
+        self._view: DnsView | None = None
+
+    def plan(self, view: ClusterView, ctx: PassContext) -> DnsView | None:
+        records = dns_view(view, self.node)
+        return records if records != self._view else None
+
+    def apply(self, records: DnsView | None, ctx: PassContext) -> dict[str, str]:
+        if records is not None:
             self.server.update(records)
             self._view = records
+        return {}
 
-    def sync_endpoints(
-        self, view: ClusterView, wired: Collection[str], present: Collection[str],
-        task_dirs: Mapping[str, str],
-    ) -> bool:  # fmt: skip
-        """Sockets in every wired task namespace that is present, none in the others; True if
-        any was added (its redirect rules are then due). task_dirs: where `meshctl diff` reads
-        each task's ports."""
+    def describe(self, records: DnsView | None) -> Iterator[str]:
+        return iter(())  # the table lives in the controller's process: nothing to compare
+
+
+@dataclass(frozen=True)
+class EndpointPlan:
+    """Endpoints to close (task ids) and to open (task id → the networks it answers for)."""
+
+    remove: tuple[str, ...] = ()
+    add: tuple[tuple[str, frozenset[str]], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.remove or self.add)
+
+
+class DnsEndpoints:
+    """Sockets in every wired task namespace that is present (ctx.present), none in the others.
+    Not checked by a second plan: an endpoint that cannot open yet is logged and retried."""
+
+    name = "dns"
+    converges = False
+
+    def __init__(self, server: ServerThread, state_dir: str) -> None:
+        self.server = server
+        self.state_dir = state_dir
+        self.ports: dict[str, Ports] = {}  # task id → (udp, tcp) in its namespace
+        self._networks: dict[str, frozenset[str]] = {}
+
+    def plan(self, view: ClusterView, ctx: PassContext) -> EndpointPlan:
         wanted = {
             tid: frozenset(view.tasks[tid].addresses)
-            for tid in wired
-            if tid in view.tasks and naming.task_netns(tid) in present
+            for tid in sorted(ctx.wired)
+            if tid in view.tasks and naming.task_netns(tid) in ctx.present
         }
-        for task_id in set(self.ports) - set(wanted):
+        return EndpointPlan(
+            tuple(sorted(set(self.ports) - set(wanted))),
+            tuple(
+                (tid, networks)
+                for tid, networks in wanted.items()
+                if tid not in self.ports or self._networks.get(tid) != networks
+            ),
+        )
+
+    def apply(self, plan: EndpointPlan, ctx: PassContext) -> dict[str, str]:
+        """Close and open; the ports opened go to ctx.dns_added (their redirects follow)."""
+        for task_id in plan.remove:
             self.server.remove_endpoint(task_id)
             del self.ports[task_id]
-        added = False
-        for task_id, networks in wanted.items():
-            if task_id in self.ports and self._networks.get(task_id) == networks:
-                continue
+        for task_id, networks in plan.add:
             try:
                 ports = self.server.add_endpoint(task_id, naming.task_netns(task_id), networks)
             except KernelError as err:
                 log.warning("no DNS for task %s yet: %s", task_id, err)
                 continue
-            self.ports[task_id] = ports
+            self.ports[task_id] = ctx.dns_added[task_id] = ports
             self._networks[task_id] = networks
-            write_dns_ports(task_dirs[task_id], ports)
-            added = True
-        return added
+            write_dns_ports(task_dir(self.state_dir, task_id), ports)
+        return {}
+
+    def describe(self, plan: EndpointPlan) -> Iterator[str]:
+        return iter(())  # sockets of the controller's process: nothing `meshctl diff` can see

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 from kernel.errors import KernelError, NotFound
@@ -24,9 +25,13 @@ from kernel.netns import Namespace
 from kernel.system import Kernel
 from meshctl import naming
 from meshctl.lb.backend import LbBackend
+from meshctl.lb.desired import lb_specs
 from meshctl.lb.plan import LbObserved, LbPlan, NsChange, diff, vip_change
 from meshctl.lb.spec import LbSpec, lb_node_end
 from meshctl.naming import LB_INTERFACE
+from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
+from meshctl.reconcile import PassContext
+from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.lb")
 
@@ -234,6 +239,83 @@ class LbReconciler:
             k.sysctl.set(ns, key, value)
         if change.add_addresses:
             k.links.ensure_addresses(ns, LB_INTERFACE, change.add_addresses)
+
+
+@dataclass(frozen=True)
+class LbWork:
+    """A plan for the node's LB namespaces; full: made from a full observe; names: LB
+    namespace → network name, for the failures."""
+
+    plan: LbPlan
+    full: bool
+    names: dict[str, str]
+
+    def __bool__(self) -> bool:
+        return not self.plan.empty
+
+
+class LoadBalancers:
+    """The node's load balancers as one reconciler of the pass: a full observe when the pass
+    is a full one (it repairs drift); in between, only the services whose spec changed."""
+
+    name = "lb"
+    converges = True
+
+    def __init__(
+        self, lb: LbReconciler, node: str, node_id: str, underlay: Underlay = NO_UNDERLAY
+    ) -> None:
+        self.lb = lb
+        self.node = node
+        self.node_id = node_id
+        self.underlay = underlay
+        self._specs: tuple[ClusterView, list[LbSpec]] | None = None  # of the last view planned
+
+    def plan(self, view: ClusterView, ctx: PassContext) -> LbWork:
+        if self._specs is None or self._specs[0] is not view:
+            self._specs = (view, lb_specs(view, self.node, self.node_id, self.underlay))
+        specs, prefix = self._specs[1], naming.lb_netns_prefix(self.node_id)
+        plan = self.lb.plan(specs, prefix) if ctx.full else self.lb.plan_changes(specs, prefix)
+        names = {naming.lb_netns(self.node_id, n.id): n.name for n in view.networks.values()}
+        return LbWork(plan, ctx.full, names)
+
+    def apply(self, work: LbWork, ctx: PassContext) -> dict[str, str]:
+        """Make the plan; returns the networks whose load balancer fails, and why."""
+        if not work.plan.empty:
+            if work.full:
+                log.info("applying load-balancer plan")
+            self.lb.apply(work.plan)
+            if not work.full:
+                log.info("applied load-balancer changes to %d namespace(s)", len(work.plan.changes))
+        return {work.names.get(ns, ns): why for ns, why in self.lb.failures.items()}
+
+    def describe(self, work: LbWork) -> Iterator[str]:
+        return describe_lb(work.plan)
+
+
+def describe_lb(plan: LbPlan) -> Iterator[str]:
+    """One line per difference in the LB namespaces, as `meshctl diff` prints them."""
+    for ns_change in plan.changes:
+        ns = ns_change.spec.netns
+        for name, alias in ns_change.clashes:
+            yield f"! {ns}: {naming.clash_text(name, alias)}"
+        if ns_change.create_netns:
+            yield f"+ load-balancer namespace {ns}"
+        if ns_change.ensure_leg:
+            yield f"~ {ns}: leg {ns_change.spec.node_end} on {ns_change.spec.bridge}"
+        for key, value in ns_change.sysctls.items():
+            yield f"~ {ns}: sysctl {key}={value}"
+        for address in ns_change.add_addresses:
+            yield f"+ {ns}: address {address}"
+        for address in ns_change.delete_addresses:
+            yield f"- {ns}: address {address}"
+        if ns_change.objects is not None:
+            yield from ns_change.objects.lines(ns)
+        for flow in ns_change.stale_udp:
+            yield f"- {ns}: udp conntrack {flow.vip} -> {flow.backend}"
+    for ns in plan.delete_netns:
+        yield f"- load-balancer namespace {ns}"
+    for ns in plan.unmarked_netns:
+        yield f"! load-balancer namespace {ns} has no leg with meshctl's mark: left alone"
 
 
 @contextmanager

@@ -1,33 +1,35 @@
-"""The node's HTTP router, kept in line with the view: its addresses, namespace and HAProxy.
+"""The node's HTTP router, kept in line with the view: its namespace and HAProxy.
 
-Each pass: claim (or release) the router's address on each network it joins (with the LB
-addresses); then, right after the DNS records (a route change is a reload away from
-serving), wire its namespace (controller.router_net) and run HAProxy: started on a checked
-configuration if it does not run (restarted with back-off after it exits, adopted after a
-controller restart), reloaded when what only a reload changes (routes, backends,
-certificates, ports) differs from what it loaded, and otherwise given its servers' changes
-through the runtime API. When the namespace needs a bridge the node's networking has not
-made yet, the controller runs it again after that. A configuration `haproxy -c` refuses is
-reported and never loaded: the router keeps serving the last good one. The namespace and
-the runtime state are observed in full once per resync period and trusted in between."""
+Each pass, after the node's networking (its namespace joins the bridges the node makes), wire
+its namespace (router.net) and run HAProxy: started on a checked configuration if it does not
+run (restarted with back-off after it exits, adopted after a controller restart), reloaded
+when what only a reload changes (routes, backends, certificates, ports) differs from what it
+loaded, and otherwise given its servers' changes through the runtime API. A configuration
+`haproxy -c` refuses is reported and never loaded: the router keeps serving the last good one.
+The namespace and the runtime state are observed in full on a full pass (ResyncClock) and
+trusted in between. Its addresses on the networks it joins are claimed by the cluster
+(cluster.claims) before the pass reaches it."""
 
 from __future__ import annotations
 
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 from kernel.errors import KernelError
 from kernel.system import Kernel
-from meshctl import ipam, naming, runtime
+from meshctl import naming, runtime
 from meshctl.model import MeshctlError, Task
 from meshctl.node.desired import TaskNetSpec
 from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
+from meshctl.reconcile import PassContext
 from meshctl.router import haproxy
 from meshctl.router.config import RouterFiles, crt_list, fingerprint_of, render
 from meshctl.router.desired import router_spec
 from meshctl.router.net import (
+    RouterNetPlan,
     apply_router_net,
     describe_net,
     plan_router_net,
@@ -35,7 +37,6 @@ from meshctl.router.net import (
 )
 from meshctl.router.slots import plan_runtime
 from meshctl.router.spec import RouterSpec
-from meshctl.store import Store
 from meshctl.view import ClusterView
 
 log = logging.getLogger("meshctl.router")
@@ -58,25 +59,42 @@ def router_files(state_dir: str) -> RouterFiles:
     return RouterFiles(os.path.join(state_dir, "router"))
 
 
+@dataclass(frozen=True)
+class RouterPlan:
+    """The router's configuration (None: no router on this node), its namespace as desired,
+    and the change to make to it (None: as last seen or made; or why it cannot be planned).
+    held: why the node does not publish the router's ports (another process holds one);
+    pems: each host's certificate and key, as HAProxy reads them."""
+
+    spec: RouterSpec | None
+    net: TaskNetSpec | None
+    change: RouterNetPlan | None = None
+    unplanned: str = ""
+    held: str = ""
+    pems: dict[str, str] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.change)
+
+
 class RouterSync:
-    """One node's router: claims, wiring, the HAProxy process and its configuration."""
+    """One node's router: wiring, the HAProxy process and its configuration."""
+
+    name = "router"
+    converges = True
 
     def __init__(
         self,
-        store: Store,
         kernel: Kernel,
         node: str,
         node_id: str,
         state_dir: str,
-        resync_period: float,
         underlay: Underlay = NO_UNDERLAY,
     ) -> None:
-        self.store = store
         self.kernel = kernel
         self.node = node
         self.node_id = node_id
         self.files = router_files(state_dir)
-        self.resync_period = resync_period
         self.underlay = underlay
         self.process: runtime.TaskProcess | None = None
         self._adopted = False
@@ -84,93 +102,85 @@ class RouterSync:
         self._applied: RouterSpec | None = None  # the spec whose servers HAProxy has
         # The namespace as last seen or made (None: none), if seen since the last full resync.
         self._wired: TaskNetSpec | None | _Unseen = UNSEEN
-        self._last_full = -float("inf")
         self._started_at = 0.0
         self._failures = 0
         self._not_before = 0.0
         self._pems: dict[str, str] = {}  # host → certificate and key, as HAProxy reads them
-        # The namespace could not be wired (a bridge it joins is not made yet, say): the
-        # controller runs this again after the node's networking.
-        self.needs_node = False
-
-    # -- addresses -----------------------------------------------------------------------------
-
-    def claim_addresses(self, view: ClusterView, errors: dict[str, str]) -> bool:
-        """An address on every network the router joins, none on the others; True if the
-        store changed."""
-        wanted = view.router_networks()
-        have = {net for (net, owner) in view.router_addresses if owner == self.node}
-        owner = ipam.router_owner(self.node)
-        changed = False
-        for name in sorted(wanted ^ have):
-            network = view.networks.get(name)
-            if network is None:
-                continue
-            try:
-                if name in wanted:
-                    ipam.allocate_node_address(
-                        self.store, network, owner, f"the router of node {self.node}"
-                    )
-                else:
-                    ipam.release_node_address(self.store, network, owner)
-                changed = True
-            except MeshctlError as err:
-                errors[ROUTER] = f"network {name}: {err}"
-        return changed
 
     # -- the pass ------------------------------------------------------------------------------
 
-    def sync(
-        self, view: ClusterView, port_errors: Mapping[str, str] | None = None
-    ) -> tuple[dict[str, str], float]:
-        """Bring the router in line with the view: (what failed, the next deadline).
-        port_errors: why the node does not publish a port, by publisher (the node's
-        reconciler finds ports another process holds)."""
-        now = time.time()
-        held = (port_errors or {}).get(view.router.id) if view.router else None
-        if not self._adopted:
-            self._adopt()
-        full = time.monotonic() - self._last_full >= self.resync_period
-        if full:
-            self._last_full = time.monotonic()
+    def plan(self, view: ClusterView, ctx: PassContext) -> RouterPlan:
+        """The router's configuration and the change its namespace needs (read from the
+        kernel unless it is as last seen or made, and the pass is not a full one)."""
+        if ctx.full:
             self._wired, self._applied = UNSEEN, None
         spec = router_spec(view, self.node)
-        if spec is None:
-            self._stop()
-            return self._wire(None), now + 3600
-        self._pems = {
+        held = (ctx.port_errors.get(view.router.id) or "") if view.router else ""
+        pems = {
             c.host: f"{c.cert.rstrip()}\n{c.key.rstrip()}\n" for c in view.certificates.values()
         }
-        errors = self._wire(router_net_spec(view, self.node, self.node_id, self.underlay))
+        desired = router_net_spec(view, self.node, self.node_id, self.underlay) if spec else None
+        plan = RouterPlan(spec, desired, held=held, pems=pems if spec else {})
+        if desired == self._wired:
+            return plan
+        try:
+            return replace(plan, change=plan_router_net(self.kernel, desired, self.node_id))
+        except KernelError as err:
+            return replace(plan, unplanned=str(err))
+
+    def apply(self, plan: RouterPlan, ctx: PassContext) -> dict[str, str]:
+        """Wire the namespace, run HAProxy as the plan's configuration says; returns what
+        failed and tells the pass when it is next due."""
+        now = time.time()
+        if not self._adopted:
+            self._adopt()
+        if plan.spec is None:
+            self._stop()
+            ctx.due(now + 3600)
+            return self._wire(plan)
+        self._pems = plan.pems
+        errors = self._wire(plan)
         if errors:
-            return errors, now + 1.0
+            ctx.due(now + 1.0)
+            return errors
         # HAProxy's alerts and server changes, kept bounded as a task's output is.
         runtime.rotate_log(self.files.log, runtime.LOG_MAX_BYTES, runtime.LOG_KEEP)
         try:
-            deadline = self._run(spec, now)
+            ctx.due(self._run(plan.spec, now))
         except (MeshctlError, KernelError, OSError) as err:
             log.warning("router: %s", err)
-            return {ROUTER: str(err)}, now + 1.0
-        return ({ROUTER: held} if held else {}), deadline
+            ctx.due(now + 1.0)
+            return {ROUTER: str(err)}
+        return {ROUTER: plan.held} if plan.held else {}
 
-    def _wire(self, desired: TaskNetSpec | None) -> dict[str, str]:
-        self.needs_node = False
-        if desired == self._wired:
-            return {}
+    def describe(self, plan: RouterPlan) -> Iterator[str]:
+        """The namespace's differences, then whether HAProxy runs the configuration the store
+        asks for (read from its files: a reload is due if not) and the server changes the
+        runtime API would make."""
+        if plan.unplanned:
+            yield f"! router: cannot read its namespace: {plan.unplanned}"
+        if plan.change is not None:
+            yield from describe_net(plan.change)
+        yield from describe_haproxy(self.files, plan.spec)
+
+    def _wire(self, plan: RouterPlan) -> dict[str, str]:
+        if plan.change is None and not plan.unplanned:
+            return {}  # as last seen or made
         try:
-            plan = plan_router_net(self.kernel, desired, self.node_id)
-            if plan:
-                log.info("router namespace: %s", "; ".join(describe_net(plan)))
-                apply_router_net(self.kernel, plan, desired)
+            if plan.unplanned:
+                raise KernelError(plan.unplanned)
+            assert plan.change is not None
+            if plan.change:
+                log.info("router namespace: %s", "; ".join(describe_net(plan.change)))
+                apply_router_net(self.kernel, plan.change, plan.net)
         except KernelError as err:
             self._wired = UNSEEN
-            self.needs_node = True
             return {ROUTER: f"cannot set up the router's namespace: {err}"}
-        if plan.clashes:
+        if plan.change.clashes:
             self._wired = UNSEEN
-            name, alias = plan.clashes[0]
+            name, alias = plan.change.clashes[0]
             return {ROUTER: naming.clash_text(name, alias)}
-        self._wired = desired
+        self._wired = plan.net
         return {}
 
     def _run(self, spec: RouterSpec, now: float) -> float:
@@ -270,3 +280,31 @@ class RouterSync:
         except haproxy.RouterError:
             return 0
         return sum(sessions.get(address, 0) for address in set(task.addresses.values()))
+
+
+def describe_haproxy(files: RouterFiles, spec: RouterSpec | None) -> Iterator[str]:
+    """Whether HAProxy runs (adopted from its files), and whether it runs the configuration
+    spec asks for: a reload is due if not; otherwise the server changes the runtime API would
+    make."""
+    process = haproxy.adopt(files)
+    if process is not None:
+        process.close()
+    if spec is None:
+        if process is not None:
+            yield f"- router haproxy pid {process.pid}"
+        return
+    if process is None:
+        yield "+ router haproxy (not running)"
+        return
+    if fingerprint_of(haproxy.read_config(files) or "") != spec.fingerprint():
+        yield "~ router configuration: routes, certificates or ports changed (reload due)"
+        return
+    try:
+        commands = plan_runtime(spec, haproxy.servers(files))
+    except haproxy.RouterError as err:
+        yield f"! router: {err}"
+        return
+    if commands is None:
+        yield "~ router servers: more than the slots hold (reload due)"
+        return
+    yield from (f"~ router: {command}" for command in commands)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from kernel.links import Link, NamespaceLinks
 from kernel.system import Kernel, fake_kernel
 from meshctl import naming, ops
+from meshctl.controller.passes import reconcile
 from meshctl.model import NetworkAttachment, Service
 from meshctl.node.desired import (
     FORWARD_CHAIN,
@@ -21,7 +23,9 @@ from meshctl.node.desired import (
     plan_node,
 )
 from meshctl.node.kernel import apply_node, observe_node
+from meshctl.node.reconciler import NodeReconciler
 from meshctl.node.task_dns import NAT_REDIRECT, NFT_REWRITE, dns_redirect, dns_rewrite
+from meshctl.reconcile import PassContext, ResyncClock
 from meshctl.store.sqlite import SqliteStore
 from meshctl.view import ClusterView, read_view
 from tests.unit.leader import settle
@@ -390,6 +394,19 @@ def test_isolation_names_every_bridge_and_no_pattern(tmp_path: Path) -> None:
     assert all(forward.index(r) < jump for r in early)
 
 
+def _passes(
+    reconciler: NodeReconciler, view: ClusterView, clock: list[float]
+) -> Callable[[], dict[str, str]]:
+    """A pass of the node reconciler alone, on the view, full when a resync period passed."""
+    resync = ResyncClock(10.0, clock=lambda: clock[0])
+
+    def sync() -> dict[str, str]:
+        ctx = PassContext("node1", "n1", resync.full(), wired=frozenset(view.tasks))
+        return reconcile(reconciler, view, ctx)
+
+    return sync
+
+
 def _counted_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[ClusterView, Kernel, list[float], list[str | None]]:
@@ -425,11 +442,13 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
     never later (drift in it is still repaired)."""
     from meshctl.controller.dataplane import choose_task_dns
     from meshctl.node import reconciler as node_reconciler
-    from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
-    reconciler = NodeReconciler(kernel, "node1", 10.0, task_dns=choose_task_dns(kernel))
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    reconciler = NodeReconciler(
+        kernel, "node1", resync_period=10.0, task_dns=choose_task_dns(kernel)
+    )
+    sync = _passes(reconciler, view, clock)
+    assert sync() == {}
     dues = sorted(due for _, due in reconciler._wired.values())
     longest = 10.0 * node_reconciler.TASK_REREAD
     assert len(dues) == 2 and all(1000 + longest / 2 <= due <= 1000 + longest for due in dues)
@@ -437,10 +456,10 @@ def test_task_namespaces_are_read_again_each_at_its_own_time(
 
     reads.clear()
     clock[0] = dues[0] - 0.01
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert [ns for ns in reads if ns is not None] == []  # none due yet: nothing read
     clock[0] = dues[0] + 0.001
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert len([ns for ns in reads if ns is not None]) == 1  # the first one, due again later
     assert reconciler.next_read() == dues[1]
 
@@ -452,32 +471,34 @@ def test_the_node_is_read_again_only_after_a_change_or_a_resync_period(
     controller changed them, a task namespace came or went, or a resync period passed; drift
     by another is repaired at that full observe, as a rule's is."""
     from meshctl.controller.dataplane import choose_task_dns
-    from meshctl.node.reconciler import NodeReconciler
 
     view, kernel, clock, reads = _counted_reads(tmp_path, monkeypatch)
-    reconciler = NodeReconciler(kernel, "node1", 10.0, task_dns=choose_task_dns(kernel))
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    reconciler = NodeReconciler(
+        kernel, "node1", resync_period=10.0, task_dns=choose_task_dns(kernel)
+    )
+    sync = _passes(reconciler, view, clock)
+    assert sync() == {}
     assert reads.count(None) == 2  # before and after wiring
     bridge = next(iter(desired_node(view, "node1", set(view.tasks)).bridges))
 
     reads.clear()
     clock[0] += 1
-    assert reconciler.sync(view, set(view.tasks), {}) == {}
+    assert sync() == {}
     assert None not in reads  # nothing changed: the node is not read
 
     kernel.links.delete_link(None, bridge)  # another's drift
     kernel.netns.create(naming.task_netns("t-new"))  # a namespace came: read again, not ours
     reads.clear()
     clock[0] += 1
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert reads.count(None) == 2  # the drift was seen: read, repaired, read again
     assert kernel.links.get_link(None, bridge) is not None
 
     kernel.links.delete_link(None, bridge)
     reads.clear()
     clock[0] += 1
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert None not in reads and kernel.links.get_link(None, bridge) is None  # not yet seen
     clock[0] += 10  # a resync period: the full observe reads the node and repairs it
-    reconciler.sync(view, set(view.tasks), {})
+    sync()
     assert kernel.links.get_link(None, bridge) is not None
