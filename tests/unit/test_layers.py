@@ -58,8 +58,6 @@ LAYER_OF = {
 KNOWN = {
     # doctor's report prints with output.dumps/table: the printing moves to the CLI's side.
     "meshctl.controller.doctor -> meshctl.output",
-    # write_dns_ports lives in controller/diff.py: it belongs to dns/ (or to the node's wiring).
-    "meshctl.dns.sync -> meshctl.controller.diff",
 }
 
 
