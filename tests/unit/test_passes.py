@@ -15,6 +15,7 @@ import pytest
 from kernel.system import Kernel, fake_kernel
 from meshctl import naming, ops
 from meshctl.controller.build import node_parts
+from meshctl.controller.dataplane import Dataplane, choose_task_dns
 from meshctl.controller.metrics import Metrics
 from meshctl.controller.passes import PassResult, PassRunner
 from meshctl.lb.backends import backend_named
@@ -187,7 +188,8 @@ def _node_pass(
 ) -> tuple[ClusterView, PassRunner, Endpoints]:
     view = read_view(_store(tmp_path))
     parts = node_parts(
-        kernel, backend_named("iptables"), node="node1", node_id="n1", address="",
+        kernel, Dataplane(backend_named("iptables"), choose_task_dns(kernel)),
+        node="node1", node_id="n1", address="",
         vxlan_port=4789, state_dir=str(tmp_path), resync_period=10.0,
     )  # fmt: skip
     endpoints = Endpoints()
@@ -221,7 +223,8 @@ def test_one_pass_wires_a_task_and_its_dns_redirect(
     (task_id,) = view.tasks
     assert endpoints.ports == {task_id: (40000, 40001)}
     fresh = node_parts(
-        kernel, backend_named("iptables"), node="node1", node_id="n1", address="",
+        kernel, Dataplane(backend_named("iptables"), choose_task_dns(kernel)),
+        node="node1", node_id="n1", address="",
         vxlan_port=4789, state_dir=str(tmp_path), resync_period=10.0,
     )  # fmt: skip
     ctx = PassContext("node1", "n1", True, frozenset(view.tasks), dict(endpoints.ports))
