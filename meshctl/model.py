@@ -3,7 +3,7 @@
 Each class validates itself in __post_init__ (one-line errors naming the field and the fix), so
 no invalid object exists, and round-trips through to_dict()/from_dict() as the store's JSON.
 Rules that need other objects (unique names, overlapping subnets, unknown networks, ports in
-use) live in meshctl.ops, which sees the whole store. Durations are float seconds.
+use) live in meshctl.commands, which sees the whole store. Durations are float seconds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ NODE_STATUS = "node-status"
 LEADER = "leader"
 LEADER_KEY = "scheduler"
 CONTAINER = "container"
-# The routing mesh's network: services publishing through it join it (see meshctl.ops).
+# The routing mesh's network: services publishing through it join it (see meshctl.commands.network).
 INGRESS = "ingress"
 # The HTTP routing mesh: one record (name ROUTER_KEY) while it is enabled, and its certificates.
 ROUTER = "router"

@@ -19,8 +19,8 @@ import click
 from kernel import features
 from kernel.errors import KernelError
 from kernel.features import Check
+from meshctl.cli.output import dumps, table
 from meshctl.lb.backends import NAMES
-from meshctl.output import dumps, table
 from meshctl.overlay.vxlan import PeerProbe
 from meshctl.router.haproxy import HAPROXY
 from meshctl.sysctls import SETTINGS, Setting
