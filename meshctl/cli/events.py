@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
 
 import click
 
@@ -11,7 +16,6 @@ from meshctl.cli import common, formats, output
 from meshctl.cli.common import Format, format_option
 from meshctl.cli.root import main
 from meshctl.model import ValidationError
-from meshctl.store import Compacted, Record
 
 
 @main.command("events")
@@ -75,31 +79,28 @@ def events(since: str | None, until: str | None, filters: tuple[str, ...], fmt: 
             click.echo(output.event_line(event))
 
     store = common.store()
-    try:
-        revision = store.revision()  # first: what is written while listing comes by the watch
-        listed = log.read_events(store)
-        for event in listed:
+    with _stopped_by_signals():
+        for event in log.follow_events(store, end):
             show(event)
-        seen = {e.key for e in listed}
-        while end is None or time.time() < end:
-            wait = 1.0 if end is None else max(0.0, min(1.0, end - time.time()))
-            try:
-                changes = store.watch(revision, timeout=wait)
-            except Compacted:
-                revision = store.revision()
-                changes = []
-                for event in log.read_events(store):
-                    if event.key not in seen:
-                        seen.add(event.key)
-                        show(event)
-            for change in changes:
-                revision = max(revision, change.revision)
-                if change.kind != log.EVENT or change.type != "put" or change.name in seen:
-                    continue
-                record = Record(change.kind, change.name, change.value or {}, 0, change.revision)
-                try:
-                    show(log.MeshEvent.from_record(record))
-                except (KeyError, TypeError, ValueError):
-                    continue
-    except KeyboardInterrupt:
+
+
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """SIGINT (Ctrl-C) and SIGTERM end what runs inside cleanly (exit code 0), whatever this
+    process inherited: one started in the background by a shell (`nohup ... &`) gets SIGINT
+    ignored, and would otherwise follow on after a SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach the main thread only; the caller's own handlers stay
         return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, stop) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

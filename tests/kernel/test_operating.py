@@ -119,10 +119,13 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
     mesh.start_controller()
     (first,) = mesh.wait_running("web", 1)
     # Following from now on, as docker events; --since: from before it started listening.
+    # Started with SIGINT ignored, as any runner started in the background (`nohup ... &`)
+    # starts its children, so the test is the same however it was started: Ctrl-C still stops it.
     follower = subprocess.Popen(
         [*MESHCTL, "events", "--format", "json", "--filter", "service=web",
          "--since", f"{time.time():.3f}"],
         env=mesh.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         mesh.cli("service", "scale", "web=2", "--timeout", scaled_duration(60))
@@ -139,7 +142,11 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
         wait_for(follower_saw_the_restart, 30, "the restart in the event log")
     finally:
         follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=scaled(15))
+        try:
+            out, err = follower.communicate(timeout=scaled(15))
+        finally:
+            follower.kill()  # a follower that did not stop must not outlive the test
+    assert follower.returncode == 0, err
     followed = events_of(out.splitlines())
     assert followed, err
     # In order: the scale, the new task's way to running; the kill, then the restart.
