@@ -34,7 +34,8 @@ class Group(click.Group):
         try:
             return super().invoke(ctx)
         except ValidationError as err:
-            raise click.ClickException(flag_error(err)) from None
+            command = (ctx.info_name or "", ctx.invoked_subcommand or "")
+            raise click.ClickException(flag_error(err, command)) from None
         except (MeshctlError, StoreError) as err:
             raise click.ClickException(str(err)) from None
         except Exception as err:

@@ -83,17 +83,7 @@ def create_network(
         # subnet (or overlapping ones, or the last one the limit allows) cannot both win.
         registry = ipam.load_registry(store)
         existing = list(registry.entries.values())
-        if limit is not None:
-            check_network_count(name, len(existing), limit)
-        if name == INGRESS and not _reserved_ok:
-            raise ValidationError(
-                f"network name {INGRESS} is reserved for the routing mesh (made when a service "
-                "publishes a port); choose another name"
-            )
-        if store.get(NETWORK, name) is not None:
-            raise ValidationError(
-                f"network {name} already exists; choose another name or remove it first"
-            )
+        _refuse_new(store, name, len(existing), limit, _reserved_ok)
         if subnet is None:
             chosen = ipam.pick_subnet(*ipam.configured_pool(pool, prefix), existing)
         else:
@@ -121,6 +111,22 @@ def create_network(
         return network
 
     return retry_conflicts(attempt, f"creating network {name}")
+
+
+def _refuse_new(store: Store, name: str, count: int, limit: int | None, reserved_ok: bool) -> None:
+    """Refuse network `name` past the limit (None: not counted) of `count` networks, with the
+    routing mesh's reserved name, or when it exists."""
+    if limit is not None:
+        check_network_count(name, count, limit)
+    if name == INGRESS and not reserved_ok:
+        raise ValidationError(
+            f"network name {INGRESS} is reserved for the routing mesh (made when a service "
+            "publishes a port); choose another name"
+        )
+    if store.get(NETWORK, name) is not None:
+        raise ValidationError(
+            f"network {name} already exists; choose another name or remove it first"
+        )
 
 
 def _free_vni(store: Store) -> int:

@@ -38,7 +38,7 @@ def update_node(
 ) -> Node:
     """Change a node's availability and labels (the leader moves tasks as they require)."""
     for key, value in (labels_add or {}).items():
-        check_label(key, value, "--label-add")
+        check_label(key, value)
 
     def attempt() -> Node:
         record = store.get(NODE, check_name(name, "node name"))

@@ -742,3 +742,16 @@ def test_controller_logs_as_json_lines() -> None:
 def test_controller_health_says_why_when_no_controller_answers(run: Any) -> None:
     result = run("controller", "health", "--metrics-addr", "127.0.0.1:1", code=None)
     one_line_error(result, "unhealthy: no controller answers on http://127.0.0.1:1/healthz")
+
+
+def test_a_bad_field_is_told_as_the_flag_that_set_it(run: Any, tmp_path: Path) -> None:
+    """The model names fields (health.retries, labels); each command says its own flag."""
+    refused(run("service", "create", "--name", "web", "--health-cmd", "true",
+                "--health-retries", "-1", "--", "true", code=None),
+            "invalid --health-retries -1: use a whole number, 0 or more")  # fmt: skip
+    refused(run("network", "create", "front", "--label", "bad key=x", code=None),
+            "invalid --label key 'bad key'")  # fmt: skip
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put(NODE, "node1", Node("node1").to_dict())
+    refused(run("node", "update", "node1", "--label-add", "bad key=x", code=None),
+            "invalid --label-add key 'bad key'")  # fmt: skip

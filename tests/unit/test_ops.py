@@ -284,7 +284,7 @@ def test_scale_of_several_services_is_all_or_nothing(store: Store) -> None:
     with pytest.raises(NotFoundError, match="service nope not found"):
         scale_services(store, {"web": 3, "nope": 1})
     assert get_service(store, "web").replicas == 1
-    with pytest.raises(ValidationError, match="invalid --replicas -2"):
+    with pytest.raises(ValidationError, match="invalid replicas -2"):
         scale_services(store, {"web": -2})
 
 
