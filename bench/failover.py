@@ -52,7 +52,7 @@ from dnslib import EDNS0, QTYPE, DNSRecord
 
 from kernel import netns
 from kernel.ipvs import Ipvs
-from meshctl import ops
+from meshctl.commands.read import get_service, list_tasks
 from meshctl.naming import lb_netns_prefix, task_netns
 from meshctl.store import open_store
 
@@ -501,7 +501,7 @@ def running_tasks(mesh: Mesh, service: str) -> Observe:
     store = open_store(f"sqlite:///{mesh.state_dir}/state.db")
 
     def observe() -> frozenset[str]:
-        tasks = ops.list_tasks(store, ops.get_service(store, service))
+        tasks = list_tasks(store, get_service(store, service))
         return frozenset(t.name for t in tasks if t.state == t.desired_state == "running")
 
     return observe

@@ -57,8 +57,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from meshctl import ops
 from meshctl.cluster.membership import Membership
+from meshctl.commands.service import create_service
 from meshctl.lb.nftables import endpoint_chain
 from meshctl.lb.spec import Backend, VirtualIp
 from meshctl.model import (
@@ -313,7 +313,7 @@ def add_services(cluster: Cluster, first: int, last: int, args: argparse.Namespa
             )  # fmt: skip
             for attempt in range(CREATE_ATTEMPTS):
                 try:
-                    ops.create_service(store, spec)
+                    create_service(store, spec)
                     break
                 except StoreError:
                     if attempt == CREATE_ATTEMPTS - 1:

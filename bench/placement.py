@@ -4,7 +4,7 @@ against etcd's own client writing the same keys.
 Each round, in an etcd of the bench's own on a loopback port (tests/etcd.py), under a key
 prefix of its own: 10 simulated nodes (each a node record and a live status under a lease, put
 by `Membership.join` as a controller does; the lease outlives the round, so no keep-alive runs),
-and services whose replicas add up to 1,000 pending tasks (`ops.create_service`, untimed).
+and services whose replicas add up to 1,000 pending tasks (`create_service`, untimed).
 Timed, as the leader's pass runs it (cyclic GC paused): `scheduler.plan` on one view, then
 `scheduler.apply`, until every task is assigned; the bench checks the spread (100 per node).
 The writes are 1,000 compare-and-swap puts in txns of up to 120 (etcd's cap is 128), one HTTP
@@ -48,9 +48,9 @@ from typing import Any, cast
 import requests
 
 from kernel.gcpause import gc_paused
-from meshctl import ops
 from meshctl.cluster import orchestrator, scheduler
 from meshctl.cluster.membership import Membership
+from meshctl.commands.service import create_service
 from meshctl.model import TASK, Node, Service
 from meshctl.store import Put, Store
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
@@ -100,7 +100,7 @@ def simulated_cluster(store: Store, nodes: int, services: int, tasks: int) -> li
         member.join()
     replicas = [tasks // services + (i < tasks % services) for i in range(services)]
     for i, count in enumerate(replicas):
-        ops.create_service(store, Service(f"svc{i:02d}", ("sleep", "infinity"), replicas=count))
+        create_service(store, Service(f"svc{i:02d}", ("sleep", "infinity"), replicas=count))
     view = read_view(store)  # the leader makes the tasks (untimed): pending, to be placed
     orchestrator.apply(store, view, orchestrator.plan(view))
     return members

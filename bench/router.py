@@ -47,7 +47,7 @@ from pathlib import Path
 
 from kernel import netns
 from kernel.links import Links, Route
-from meshctl import ops
+from meshctl.commands.service import scale_services, update_service
 from meshctl.naming import router_netns
 from meshctl.router.config import RouterFiles
 from meshctl.store import open_store
@@ -198,16 +198,16 @@ def latencies(mesh: Mesh, client: str, rounds: int) -> dict[str, list[float]]:
     for index in range(rounds):
         new = f"r{index}.test"
         time.sleep(SETTLE)
-        t0 = store_call(mesh, ops.update_service, "a", {"hostnames": (*hosts, new)})
+        t0 = store_call(mesh, update_service, "a", {"hostnames": (*hosts, new)})
         found["route added"].append(until(client, new, lambda a: a[0] == 200) - t0)
         time.sleep(SETTLE)
-        t0 = store_call(mesh, ops.update_service, "a", {"hostnames": hosts})
+        t0 = store_call(mesh, update_service, "a", {"hostnames": hosts})
         found["route removed"].append(until(client, new, lambda a: a[0] == 503) - t0)
         # Server drained: b from 2 tasks to 1; the probes find when the last one left.
         mesh.wait_running("b", 2)
         wait_for(lambda: len({t for _, _, t in answers(client, "b.test", 0.3)}) == 2, 20, "b's 2")
         time.sleep(SETTLE)
-        t0 = store_call(mesh, ops.scale_services, {"b": 1})
+        t0 = store_call(mesh, scale_services, {"b": 1})
         seen = answers(client, "b.test", 2.0)
         (survivor,) = {t for _, s, t in seen[-50:] if s == 200}
         leaving = [at for at, status, task in seen if task and task != survivor]
@@ -215,7 +215,7 @@ def latencies(mesh: Mesh, client: str, rounds: int) -> dict[str, list[float]]:
         if failed:
             sys.exit(f"{len(failed)} probe(s) for b.test failed while it was scaled down")
         found["server drained"].append((max(leaving) if leaving else t0) - t0)
-        store_call(mesh, ops.scale_services, {"b": 2})
+        store_call(mesh, scale_services, {"b": 2})
     return found
 
 

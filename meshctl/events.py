@@ -15,10 +15,11 @@ kind (their informers ignore it): writing an event wakes no pass.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,7 @@ from meshctl.model import (
 )
 from meshctl.store import Delete, Event, Put, Record, Store, StoreError
 from meshctl.store.changes import MAX_TXN_OPS
+from meshctl.store.informer import Informer
 
 log = logging.getLogger("meshctl.events")
 
@@ -384,10 +386,47 @@ def matches(event: MeshEvent, filters: Mapping[str, set[str]]) -> bool:
 
 def read_events(store: Store) -> list[MeshEvent]:
     """Every event in the log, oldest first (unreadable records are skipped)."""
-    out = []
-    for record in store.list(EVENT):
+    return list(_decoded(store.list(EVENT)))
+
+
+def follow_events(store: Store, until: float | None = None) -> Iterator[MeshEvent]:
+    """The events in the log, oldest first, then each new one as it is written, until the
+    clock passes `until` (None: for ever; a past time: only those in the log).
+
+    New ones come through an Informer, which also re-lists when the store compacted the
+    history it needed: an event written meanwhile is still given, once."""
+    if until is not None and time.time() >= until:
+        yield from read_events(store)
+        return
+    store.revision()  # an unreachable store fails here, at once, as a read would
+    arrived: queue.Queue[list[Event]] = queue.Queue()
+    informer = Informer(store, arrived.put).start()
+    try:
+        while not informer.wait_for(0, timeout=1.0):  # its first list
+            if until is not None and time.time() >= until:
+                return
+        listed = informer.snapshot().of(EVENT)
+        seen = {record.name for record in listed}
+        yield from _decoded(listed)
+        while until is None or time.time() < until:
+            wait = 1.0 if until is None else max(0.0, min(1.0, until - time.time()))
+            try:
+                batch = arrived.get(timeout=wait)
+            except queue.Empty:
+                continue
+            fresh = [e for e in batch if e.kind == EVENT and e.type == "put" and e.name not in seen]
+            seen.update(e.name for e in fresh)
+            yield from _decoded(
+                Record(e.kind, e.name, e.value or {}, e.revision, e.revision) for e in fresh
+            )
+    finally:
+        informer.stop()
+
+
+def _decoded(records: Iterable[Record]) -> Iterator[MeshEvent]:
+    """The events of records, unreadable ones skipped."""
+    for record in records:
         try:
-            out.append(MeshEvent.from_record(record))
+            yield MeshEvent.from_record(record)
         except (KeyError, TypeError, ValueError):
             continue
-    return out

@@ -19,7 +19,8 @@ The arithmetic is pure functions of an IpamState; the store-bound helpers load a
 state (StoredIpam) and turn a changed state into txn ops (commit_ops).
 
 The default pool for networks without --subnet is 10.10.0.0/16 carved into /24s; set
-MESHCTL_ADDRESS_POOL and MESHCTL_POOL_PREFIX (or pass pool/prefix to meshctl.ops) to change it.
+MESHCTL_ADDRESS_POOL and MESHCTL_POOL_PREFIX (or pass pool/prefix to
+meshctl.commands.network.create_network) to change it.
 """
 
 from __future__ import annotations

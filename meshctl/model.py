@@ -3,7 +3,7 @@
 Each class validates itself in __post_init__ (one-line errors naming the field and the fix), so
 no invalid object exists, and round-trips through to_dict()/from_dict() as the store's JSON.
 Rules that need other objects (unique names, overlapping subnets, unknown networks, ports in
-use) live in meshctl.ops, which sees the whole store. Durations are float seconds.
+use) live in meshctl.commands, which sees the whole store. Durations are float seconds.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ NODE_STATUS = "node-status"
 LEADER = "leader"
 LEADER_KEY = "scheduler"
 CONTAINER = "container"
-# The routing mesh's network: services publishing through it join it (see meshctl.ops).
+# The routing mesh's network: services publishing through it join it (see meshctl.commands.network).
 INGRESS = "ingress"
 # The HTTP routing mesh: one record (name ROUTER_KEY) while it is enabled, and its certificates.
 ROUTER = "router"
@@ -97,7 +97,16 @@ class MeshctlError(Exception):
 
 
 class ValidationError(MeshctlError, ValueError):
-    """Input that breaks a rule; the message names the field and how to fix it."""
+    """Input that breaks a rule; the message names the field and how to fix it.
+
+    field: the field the message is about, as it reads `invalid FIELD ...` (a stored
+    record's name for it, like `replicas` or `health.interval`): the CLI says the flag that
+    set it instead (meshctl.cli.flags), so a corrupt stored record is not told as a bad flag.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class NotFoundError(MeshctlError):
@@ -129,29 +138,33 @@ def parse_int(text: str, what: str) -> int:
     value = ascii_int(text)
     if value is None:
         raise ValidationError(
-            f"invalid {what} {text!r}: write a whole number in digits 0-9 (at most 18), like 3"
+            f"invalid {what} {text!r}: write a whole number in digits 0-9 (at most 18), like 3",
+            what,
         )
     return value
 
 
-def check_text(text: str, what: str) -> str:
-    """Return `text` if a process and the store can take it: no NUL byte, valid UTF-8."""
+def check_text(text: str, what: str, field: str | None = None) -> str:
+    """Return `text` if a process and the store can take it: no NUL byte, valid UTF-8.
+    field: what the error is about, when `what` says more (default: what)."""
+    field = field or what
     if "\0" in text:
-        raise ValidationError(f"invalid {what} {text!r}: it contains a NUL byte; remove it")
+        raise ValidationError(f"invalid {what} {text!r}: it contains a NUL byte; remove it", field)
     try:
         text.encode()
     except UnicodeEncodeError:
-        raise ValidationError(f"invalid {what} {text!r}: it is not valid UTF-8") from None
+        raise ValidationError(f"invalid {what} {text!r}: it is not valid UTF-8", field) from None
     return text
 
 
-def check_one_line(text: str, what: str) -> str:
+def check_one_line(text: str, what: str, field: str | None = None) -> str:
     """Return `text` if it prints on one line: no newline, control or unencodable character."""
     if not text.isprintable():
         raise ValidationError(
-            f"invalid {what} {text!r}: use printable characters only (no newline or tab)"
+            f"invalid {what} {text!r}: use printable characters only (no newline or tab)",
+            field or what,
         )
-    return check_text(text, what)
+    return check_text(text, what, field)
 
 
 def proc_pid(netns: str) -> int | None:
@@ -160,14 +173,15 @@ def proc_pid(netns: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def check_label(key: str, value: str, what: str = "--label") -> None:
+def check_label(key: str, value: str, what: str = "labels") -> None:
     """A label as Docker's: a reverse-DNS-like key and a one-line value."""
     if not isinstance(key, str) or not _LABEL_KEY.fullmatch(key):
         raise ValidationError(
             f"invalid {what} key {key!r}: use letters, digits, '.', '_', '/' and '-', "
-            "starting and ending with a letter or digit, like com.example.team"
+            "starting and ending with a letter or digit, like com.example.team",
+            what,
         )
-    check_one_line(value, f"{what} {key} value")
+    check_one_line(value, f"{what} {key} value", what)
 
 
 def check_address(text: str, what: str) -> str:
@@ -176,20 +190,23 @@ def check_address(text: str, what: str) -> str:
         address = ipaddress.IPv4Address(text)
     except ValueError:
         raise ValidationError(
-            f"invalid {what} {text!r}: write an IPv4 address like 10.0.0.5"
+            f"invalid {what} {text!r}: write an IPv4 address like 10.0.0.5", what
         ) from None
     if address.is_unspecified or address.is_multicast or address.is_loopback:
         raise ValidationError(
             f"invalid {what} {text}: use the address other nodes reach this one on, not a "
-            "loopback, multicast or unspecified one"
+            "loopback, multicast or unspecified one",
+            what,
         )
     return text
 
 
-def check_port(port: int, what: str) -> int:
+def check_port(port: int, what: str, field: str | None = None) -> int:
     """Return `port` if it is a port number 1-65535."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValidationError(f"invalid {what} {port!r}: use a port number from 1 to 65535")
+        raise ValidationError(
+            f"invalid {what} {port!r}: use a port number from 1 to 65535", field or what
+        )
     return port
 
 
@@ -197,17 +214,19 @@ def _check_choice(value: str, allowed: Any, what: str) -> None:
     """Raise unless value is one of the Literal type's options."""
     options = get_args(allowed)
     if value not in options:
-        raise ValidationError(f"invalid {what} {value!r}: use one of {', '.join(options)}")
+        raise ValidationError(f"invalid {what} {value!r}: use one of {', '.join(options)}", what)
 
 
 def _check_seconds(value: float, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValidationError(f"invalid {what} {value!r}: use a duration like 500ms, 5s or 1m30s")
+        raise ValidationError(
+            f"invalid {what} {value!r}: use a duration like 500ms, 5s or 1m30s", what
+        )
 
 
 def _check_count(value: int, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(f"invalid {what} {value!r}: use a whole number, 0 or more")
+        raise ValidationError(f"invalid {what} {value!r}: use a whole number, 0 or more", what)
 
 
 def duration(text: str, what: str) -> float:
@@ -360,7 +379,7 @@ class PublishedPort:
         _check_choice(self.traffic, Traffic, "publish traffic")
         if self.traffic == "local" and self.mode != "ingress":
             raise ValidationError(
-                f"invalid --publish {self}: traffic=local needs mode=ingress; drop one of them"
+                f"invalid ports {self}: traffic=local needs mode=ingress; drop one of them", "ports"
             )
 
     def __str__(self) -> str:
@@ -400,8 +419,9 @@ class PublishedPort:
             key, eq, value = setting.partition("=")
             if not eq or key not in ("mode", "traffic"):
                 raise ValidationError(
-                    f"invalid --publish {text!r}: unknown setting {setting!r}; "
-                    "use mode=ingress|host or traffic=cluster|local"
+                    f"invalid ports {text!r}: unknown setting {setting!r}; "
+                    "use mode=ingress|host or traffic=cluster|local",
+                    "ports",
                 )
             options[key] = value
         spec, _, protocol = ports.partition("/")
@@ -409,7 +429,7 @@ class PublishedPort:
         published_port, target_port = ascii_int(published), ascii_int(target)
         if not colon or published_port is None or target_port is None:
             raise ValidationError(
-                f"invalid --publish {text!r}: write PUBLISHED:TARGET[/tcp|/udp], like 8000:80"
+                f"invalid ports {text!r}: write PUBLISHED:TARGET[/tcp|/udp], like 8000:80", "ports"
             )
         return cls(
             published_port,
@@ -437,23 +457,27 @@ class HealthCheck:
     def __post_init__(self) -> None:
         _check_choice(self.kind, HealthKind, "health check kind")
         if self.kind == "cmd" and not self.command.strip():
-            raise ValidationError("invalid --health-cmd: the command is empty; give a command")
+            raise ValidationError(
+                "invalid health.command: the command is empty; give a command", "health.command"
+            )
         if self.kind in ("tcp", "http"):
-            check_port(self.port, f"--health-{self.kind} port")
+            check_port(self.port, f"health.{self.kind}.port")
         if self.kind == "http" and not _HTTP_PATH.fullmatch(self.path):
             raise ValidationError(
-                f"invalid --health-http path {self.path!r}: write PORT/PATH, like 8080/healthz "
-                "(no spaces or control characters in PATH)"
+                f"invalid health.path {self.path!r}: write PORT/PATH, like 8080/healthz "
+                "(no spaces or control characters in PATH)",
+                "health.path",
             )
-        check_text(self.command, "--health-cmd")
-        _check_seconds(self.interval, "--health-interval")
-        _check_seconds(self.timeout, "--health-timeout")
-        _check_seconds(self.start_period, "--health-start-period")
+        check_text(self.command, "health.command")
+        _check_seconds(self.interval, "health.interval")
+        _check_seconds(self.timeout, "health.timeout")
+        _check_seconds(self.start_period, "health.start_period")
         if self.interval == 0 or self.timeout == 0:
             raise ValidationError(
-                "invalid --health-interval/--health-timeout 0: use a duration above 0, like 5s"
+                "invalid health.interval/health.timeout 0: use a duration above 0, like 5s",
+                "health.interval/health.timeout",
             )
-        _check_count(self.retries, "--health-retries")
+        _check_count(self.retries, "health.retries")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -478,7 +502,7 @@ class HealthCheck:
         number = ascii_int(port)
         if number is None:
             raise ValidationError(
-                f"invalid --health-http {text!r}: write PORT/PATH, like 8080/healthz"
+                f"invalid health.http {text!r}: write PORT/PATH, like 8080/healthz", "health.http"
             )
         return number, "/" + path if slash else "/"
 
@@ -501,9 +525,9 @@ class RestartPolicy:
     max_attempts: int = 0  # 0 = unlimited, as in Docker
 
     def __post_init__(self) -> None:
-        _check_choice(self.condition, RestartCondition, "--restart-condition")
-        _check_seconds(self.delay, "--restart-delay")
-        _check_count(self.max_attempts, "--restart-max-attempts")
+        _check_choice(self.condition, RestartCondition, "restart.condition")
+        _check_seconds(self.delay, "restart.delay")
+        _check_count(self.max_attempts, "restart.max_attempts")
 
     def to_dict(self) -> dict[str, Any]:
         return {"condition": self.condition, "delay": self.delay, "max_attempts": self.max_attempts}
@@ -521,16 +545,17 @@ TLS_TARGET_PORT = 443
 def parse_route_host(text: str) -> tuple[str, int | None]:
     """Read --hostname HOST[:PORT]: the host (a DNS name or `*.` before one) and the tasks'
     port, if given. Hosts are matched case-insensitively: write them in lowercase."""
-    check_one_line(text, "--hostname")
+    check_one_line(text, "hostnames")
     host, colon, port = text.partition(":")
     number = ascii_int(port) if colon else None
     if not _ROUTE_HOST.fullmatch(host) or (colon and number is None):
         raise ValidationError(
-            f"invalid --hostname {text!r}: write a lowercase DNS name, optionally `*.` before "
-            "it and :PORT after it (the tasks' port), like app.example.com or *.example.com:8080"
+            f"invalid hostnames {text!r}: write a lowercase DNS name, optionally `*.` before "
+            "it and :PORT after it (the tasks' port), like app.example.com or *.example.com:8080",
+            "hostnames",
         )
     if number is not None:
-        check_port(number, f"--hostname {text} port")
+        check_port(number, f"hostnames {text} port", "hostnames")
     return host, number
 
 
@@ -603,89 +628,100 @@ class Service:
             )
         for arg in self.command:
             check_text(arg, "command argument")
-        _check_count(self.replicas, "--replicas")
+        _check_count(self.replicas, "replicas")
         if self.replicas > REPLICAS_CEILING:
             raise ValidationError(
-                f"invalid --replicas {self.replicas}: a service has at most "
-                f"{REPLICAS_CEILING:,} tasks"
+                f"invalid replicas {self.replicas}: a service has at most "
+                f"{REPLICAS_CEILING:,} tasks",
+                "replicas",
             )
         for key, value in self.env.items():
             if not _ENV_KEY.fullmatch(key):
                 raise ValidationError(
-                    f"invalid --env key {key!r}: use letters, digits and '_', not starting "
-                    "with a digit (KEY=VALUE)"
+                    f"invalid env key {key!r}: use letters, digits and '_', not starting "
+                    "with a digit (KEY=VALUE)",
+                    "env",
                 )
-            check_text(value, f"--env {key} value")
-        _check_choice(self.endpoint_mode, EndpointMode, "--endpoint-mode")
+            check_text(value, f"env {key} value", "env")
+        _check_choice(self.endpoint_mode, EndpointMode, "endpoint_mode")
         routed = any(port.routed for port in self.ports)
         joined = {a.network for a in self.networks} | ({INGRESS} if routed else set())
         if len(joined) > MAX_SERVICE_NETWORKS:
             raise ValidationError(
-                f"invalid --network: service {self.name} is on {len(joined)} networks, "
+                f"invalid networks: service {self.name} is on {len(joined)} networks, "
                 f"at most {MAX_SERVICE_NETWORKS} are possible (a routing-mesh port adds the "
-                f"{INGRESS} network); drop some"
+                f"{INGRESS} network); drop some",
+                "networks",
             )
         seen_networks: set[str] = set()
         for attachment in self.networks:
             if attachment.network in seen_networks:
                 raise ValidationError(
-                    f"invalid --network {attachment.network}: given twice; give each network once"
+                    f"invalid networks {attachment.network}: given twice; give each network once",
+                    "networks",
                 )
             seen_networks.add(attachment.network)
         seen_ports: set[tuple[int, str]] = set()
         for port in self.ports:
             if (port.published, port.protocol) in seen_ports:
                 raise ValidationError(
-                    f"invalid --publish: port {port.published}/{port.protocol} is published "
-                    "twice; publish each port/protocol once"
+                    f"invalid ports: port {port.published}/{port.protocol} is published "
+                    "twice; publish each port/protocol once",
+                    "ports",
                 )
             seen_ports.add((port.published, port.protocol))
             if self.endpoint_mode == "dnsrr" and port.mode == "ingress":
                 raise ValidationError(
-                    f"invalid --publish {port.published}:{port.target}: endpoint mode dnsrr has "
-                    "no VIP for the ingress routing mesh; use mode=host or --endpoint-mode vip"
+                    f"invalid ports {port.published}:{port.target}: endpoint mode dnsrr has "
+                    "no VIP for the ingress routing mesh; use mode=host or --endpoint-mode vip",
+                    "ports",
                 )
             if not port.routed and not any(a.network != INGRESS for a in self.networks):
                 # ingress_rules sends such a port to the tasks' address on the first network.
                 raise ValidationError(
-                    f"invalid --publish {port}: mode=host and traffic=local send the port to "
-                    "the tasks' address on the service's first network; add --network NAME"
+                    f"invalid ports {port}: mode=host and traffic=local send the port to "
+                    "the tasks' address on the service's first network; add --network NAME",
+                    "ports",
                 )
-        _check_seconds(self.stop_grace_period, "--stop-grace-period")
+        _check_seconds(self.stop_grace_period, "stop_grace_period")
         self._check_routes()
         for constraint in self.constraints:
             Constraint.parse(constraint)
-        _check_count(self.max_replicas_per_node, "--replicas-max-per-node")
+        _check_count(self.max_replicas_per_node, "max_replicas_per_node")
 
     def _check_routes(self) -> None:
-        _check_choice(self.hostname_tls, RouteTls, "--hostname-tls")
+        _check_choice(self.hostname_tls, RouteTls, "hostname_tls")
         hosts = [parse_route_host(text)[0] for text in self.hostnames]
         if len(set(hosts)) != len(hosts):
             raise ValidationError(
-                f"invalid --hostname: a host is given twice in {', '.join(self.hostnames)}; "
-                "give each host once"
+                f"invalid hostnames: a host is given twice in {', '.join(self.hostnames)}; "
+                "give each host once",
+                "hostnames",
             )
         given = [
             option
             for option, value in (
-                ("--hostname-path", self.hostname_path),
-                ("--hostname-sticky", self.hostname_sticky),
-                ("--hostname-tls passthrough", self.hostname_tls == "passthrough"),
+                ("hostname_path", self.hostname_path),
+                ("hostname_sticky", self.hostname_sticky),
+                ("hostname_tls passthrough", self.hostname_tls == "passthrough"),
             )
             if value
         ]
         if given and not hosts:
-            raise ValidationError(f"invalid {given[0]}: it needs --hostname HOST")
+            field = given[0].partition(" ")[0]
+            raise ValidationError(f"invalid {given[0]}: it needs --hostname HOST", field)
         if self.hostname_path and not _ROUTE_PATH.fullmatch(self.hostname_path):
             raise ValidationError(
-                f"invalid --hostname-path {self.hostname_path!r}: write a path starting with /, "
-                "like /api (letters, digits and -._~!$&*+,;=:@%/ only)"
+                f"invalid hostname_path {self.hostname_path!r}: write a path starting with /, "
+                "like /api (letters, digits and -._~!$&*+,;=:@%/ only)",
+                "hostname_path",
             )
         if self.hostname_tls == "passthrough" and (self.hostname_path or self.hostname_sticky):
             raise ValidationError(
-                "invalid --hostname-tls passthrough: the router sees only the TLS server name "
+                "invalid hostname_tls passthrough: the router sees only the TLS server name "
                 "of such a route, neither path nor cookie; drop --hostname-path and "
-                "--hostname-sticky"
+                "--hostname-sticky",
+                "hostname_tls",
             )
 
     def routes(self) -> tuple[Route, ...]:
@@ -870,9 +906,9 @@ class Node:
 
     def __post_init__(self) -> None:
         check_name(self.name, "node name")
-        _check_choice(self.availability, Availability, "--availability")
+        _check_choice(self.availability, Availability, "availability")
         if self.address:
-            check_address(self.address, "--advertise-addr")
+            check_address(self.address, "address")
         for key, value in self.labels.items():
             check_label(key, value)
 
@@ -952,12 +988,13 @@ class Constraint:
 
     @classmethod
     def parse(cls, text: str) -> Constraint:
-        check_one_line(text, "--constraint")
+        check_one_line(text, "constraints")
         match = _CONSTRAINT.fullmatch(text.strip(" ")) if isinstance(text, str) else None
         if match is None or not match.group(4).strip():
             raise ValidationError(
-                f"invalid --constraint {text!r}: write node.labels.KEY==VALUE, "
-                "node.labels.KEY!=VALUE, node.name==NAME or node.id==ID"
+                f"invalid constraints {text!r}: write node.labels.KEY==VALUE, "
+                "node.labels.KEY!=VALUE, node.name==NAME or node.id==ID",
+                "constraints",
             )
         return cls(match.group(1), match.group(3) == "==", match.group(4).strip())
 
@@ -1000,9 +1037,9 @@ class Container:
         check_name(self.node, "node name")
         if not self.netns.startswith("/"):
             raise ValidationError(
-                f"invalid --netns {self.netns!r}: give an absolute path like /run/netns/NAME"
+                f"invalid netns {self.netns!r}: give an absolute path like /run/netns/NAME", "netns"
             )
-        check_one_line(self.netns, "--netns")
+        check_one_line(self.netns, "netns")
 
     @property
     def pid(self) -> int | None:
@@ -1043,13 +1080,14 @@ class Router:
     created_at: float = 0.0
 
     def __post_init__(self) -> None:
-        check_port(self.http_port, "--http-port")
-        check_port(self.https_port, "--https-port")
-        _check_choice(self.mode, PublishMode, "--publish-mode")
+        check_port(self.http_port, "http_port")
+        check_port(self.https_port, "https_port")
+        _check_choice(self.mode, PublishMode, "mode")
         if self.http_port == self.https_port:
             raise ValidationError(
-                f"invalid --https-port {self.https_port}: it is the --http-port too; give two "
-                "different ports"
+                f"invalid https_port {self.https_port}: it is the --http-port too; give two "
+                "different ports",
+                "https_port",
             )
 
     def ports(self) -> tuple[PublishedPort, ...]:
@@ -1091,8 +1129,8 @@ class Certificate:
                 f"invalid certificate host {self.host!r}: write a lowercase DNS name, "
                 "optionally with `*.` before it, like app.example.com or *.example.com"
             )
-        check_text(self.cert, "--cert")
-        check_text(self.key, "--key")
+        check_text(self.cert, "cert")
+        check_text(self.key, "key")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""The cluster's nodes as users see them: records, liveness, and the `meshctl node` commands.
+"""The cluster's nodes as users see them: records, liveness, what keeps a task from serving,
+and the write that registers a starting controller's node (meshctl.commands.node: the others).
 
 A node's record (kind node) is what the cluster knows of it for good: its id, the address other
 nodes reach it on, labels, availability. Whether it is up is a separate key, its NodeStatus
@@ -9,33 +10,24 @@ The leader (the controller holding the `leader/scheduler` key) places tasks.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from meshctl import ipam
-from meshctl.cluster.tasks import drop_task
 from meshctl.model import (
-    CONTAINER,
     LEADER,
     LEADER_KEY,
     NODE,
     NODE_STATUS,
     TASK,
-    Availability,
-    Container,
     Node,
     NodeState,
     NodeStatus,
     NotFoundError,
     Task,
-    ValidationError,
-    check_label,
     check_name,
     from_record,
 )
-from meshctl.ops import drop_container
-from meshctl.store import Delete, Op, Put, Store, retry_conflicts
-from meshctl.store.changes import Changes, networks_by_name
+from meshctl.store import Op, Put, Store
 
 
 @dataclass(frozen=True)
@@ -90,69 +82,23 @@ def controller_running(store: Store) -> bool:
     return bool(store.list(NODE_STATUS))
 
 
-def update_node(
-    store: Store,
-    name: str,
-    *,
-    availability: Availability | None = None,
-    labels_add: Mapping[str, str] | None = None,
-    labels_rm: Iterable[str] = (),
-) -> Node:
-    """Change a node's availability and labels (the leader moves tasks as they require)."""
-    for key, value in (labels_add or {}).items():
-        check_label(key, value, "--label-add")
-
-    def attempt() -> Node:
-        record = store.get(NODE, check_name(name, "node name"))
-        if record is None:
-            raise NotFoundError(f"node {name} not found; list nodes with: meshctl node ls")
-        node = from_record(Node, record)
-        labels = {**node.labels, **(labels_add or {})}
-        for key in labels_rm:
-            if key not in labels:
-                raise ValidationError(f"node {name} has no label {key!r}; see meshctl node inspect")
-            del labels[key]
-        changed = dataclasses.replace(
-            node, labels=labels, availability=availability or node.availability
-        )
-        store.put(NODE, name, changed.to_dict(), expect=record.mod_revision)
-        return changed
-
-    return retry_conflicts(attempt, f"updating node {name}")
-
-
-def remove_node(store: Store, name: str) -> Node:
-    """Forget a node that is down: its record, the addresses its load balancers and its router
-    held on every network, the records of the tasks it had (the leader has started their
-    replacements elsewhere) and of the containers attached on it, with their addresses."""
-
-    def attempt() -> Node:
-        record = store.get(NODE, check_name(name, "node name"))
-        if record is None:
-            raise NotFoundError(f"node {name} not found; list nodes with: meshctl node ls")
-        if store.get(NODE_STATUS, name) is not None:
-            raise ValidationError(
-                f"node {name} is not down and cannot be removed; stop its controller first "
-                f"(or drain it: meshctl node update --availability drain {name})"
-            )
-        node = from_record(Node, record)
-        changes = Changes(store)
-        networks = networks_by_name(store)
-        for network in networks.values():
-            changes.release(network, [ipam.lb_owner(name), ipam.router_owner(name)])
-        for task_record in store.list(TASK):
-            task = from_record(Task, task_record)
-            if task.node == name:
-                drop_task(changes, task, task_record.mod_revision, networks)
-        for container_record in store.list(CONTAINER):
-            container = from_record(Container, container_record)
-            if container.node == name:
-                drop_container(changes, container, container_record.mod_revision, networks)
-        changes.ops.append(Delete(NODE, name, expect=record.mod_revision))
-        changes.commit()
-        return node
-
-    return retry_conflicts(attempt, f"removing node {name}")
+def task_problem(task: Task, statuses: Mapping[str, NodeStatus]) -> str:
+    """What keeps a task from serving, in one line: its own error (why it is pending, how it
+    failed), else its node being down, degraded, or failing one of the task's networks."""
+    if task.error:
+        return task.error
+    if not task.node or task.state in ("complete", "failed", "shutdown", "rejected"):
+        return ""
+    status = statuses.get(task.node)
+    if status is None:
+        return f"node {task.node} is down"  # what it last said of the task may be stale
+    if task.desired_state != "running":
+        return ""
+    failing = [f"network {n} fails on node {task.node}: {status.errors[n]}"
+               for n in sorted(task.addresses) if n in status.errors]  # fmt: skip
+    if failing:
+        return "; ".join(failing)
+    return f"node {task.node} is {status.message}" if status.message else ""
 
 
 def register_ops(node: Node, existing: Node | None, revision: int) -> list[Op]:

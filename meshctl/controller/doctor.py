@@ -16,15 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import click
-
 from kernel import features
 from kernel.errors import KernelError
 from kernel.features import Check
 from meshctl.controller.dataplane import every_setting, first_available
 from meshctl.lb.backend import LbBackend
 from meshctl.lb.backends import BACKENDS
-from meshctl.output import dumps, table
 from meshctl.overlay.vxlan import PeerProbe
 from meshctl.router.haproxy import HAPROXY
 from meshctl.sysctls import Setting
@@ -59,7 +56,7 @@ def read_sysctls() -> list[Reading]:
     ]
 
 
-def _where(reading: Reading) -> str:
+def where(reading: Reading) -> str:
     place = reading.setting.place
     return place if reading.by is None else f"{place} ({reading.by})"
 
@@ -146,30 +143,6 @@ def verdict_line(checks: Sequence[Check]) -> str:
     return f"verdict: the mesh cannot run here: {', '.join(c.name for c in missing)} missing"
 
 
-def report_table(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> str:
-    """Aligned CHECK / STATUS / DETAIL rows; the sysctls the controller sets (NOW: `-` where
-    the key is not there); then the auto backend and the verdict."""
-    rows = ([c.name, status(c), c.detail] for c in checks)
-    parts = [table(["CHECK", "STATUS", "DETAIL"], rows)]
-    if sysctls:
-        settings = (
-            [r.setting.key, _where(r), r.now or "-", r.setting.value, r.setting.why]
-            for r in sysctls
-        )
-        parts += ["", table(["SYSCTL", "NAMESPACE", "NOW", "SETS", "WHY"], settings)]
-    backend = f"lb_backend: {lb_backend(checks)} ({lb_backend_why(checks)})"
-    return "\n".join([*parts, backend, verdict_line(checks)])
-
-
-def render(
-    checks: Sequence[Check], fmt: Literal["table", "json"], sysctls: Sequence[Reading] = ()
-) -> tuple[str, list[str], int]:
-    """(stdout text, stderr lines, exit code): one stderr line per missing required piece."""
-    out = dumps(report_json(checks, sysctls)) if fmt == "json" else report_table(checks, sysctls)
-    reasons = [f"meshctl doctor: {c.name} missing: {c.detail}" for c in missing_required(checks)]
-    return out, reasons, 1 if reasons else 0
-
-
 def overlay_check(probe: PeerProbe, answered: bool) -> Check:
     """One overlay path as a check: not required to run a node, but traffic to that peer's
     tasks on the network fails without it."""
@@ -219,19 +192,3 @@ def router_check() -> Check:
         return Check("haproxy", False, False, f"{found} -v fails: {err}")
     version = shown.split("\n", 1)[0].split(" - ", 1)[0]
     return Check("haproxy", True, False, f"{version}: the HTTP router can run here")
-
-
-def run_doctor(
-    fmt: Literal["table", "json"], store_url: str | None = None, node: str | None = None
-) -> int:
-    """Probe, print the report (stdout) and the reasons (stderr); 0 iff the mesh can run.
-    With a store and a node of its cluster, also every overlay path to the node's peers."""
-    if not features.privileged():
-        click.echo(features.NOT_PRIVILEGED, err=True)
-        return 1
-    checks = [*features.probe(), router_check(), *overlay_checks(store_url, node)]
-    out, reasons, code = render(checks, fmt, read_sysctls())
-    click.echo(out)
-    for reason in reasons:
-        click.echo(reason, err=True)
-    return code

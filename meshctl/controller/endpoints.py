@@ -10,6 +10,9 @@ from __future__ import annotations
 import ipaddress
 import socket
 import threading
+import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,6 +22,7 @@ from meshctl.controller.metrics import Metrics
 from meshctl.model import MeshctlError, ValidationError
 
 DEFAULT_ADDRESS = "127.0.0.1:9323"
+ASK_INTERVAL = 0.5  # seconds between two questions of ask_health
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -103,3 +107,24 @@ class Endpoints:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def ask_health(address: str, ready: bool, wait: float) -> str:
+    """Ask the controller serving on address whether it is healthy (/healthz) or ready
+    (/readyz), again until wait seconds passed: its answer when it says so, else MeshctlError
+    with the reason (`meshctl controller health`)."""
+    host, port = parse_address(address)
+    host = f"[{host}]" if ":" in host else host or "127.0.0.1"
+    url = f"http://{host}:{port}/{'readyz' if ready else 'healthz'}"
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return str(response.read().decode().strip())
+        except urllib.error.HTTPError as err:
+            why = err.read().decode().strip() or f"HTTP {err.code}"
+        except OSError as err:
+            why = f"no controller answers on {url}: {getattr(err, 'reason', err)}"
+        if time.monotonic() >= deadline:
+            raise MeshctlError(f"{'not ready' if ready else 'unhealthy'}: {why}")
+        time.sleep(ASK_INTERVAL)

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from kernel.errors import KernelError
-from meshctl import naming, ops, runtime
+from meshctl import naming, runtime
 from meshctl.cluster import tasks
 from meshctl.model import TASK, Health, Service, Task, TaskState
 from meshctl.reconcile import PassContext
@@ -169,7 +169,9 @@ class Supervisor:
                 deadline = min(deadline, when)
             self._write(view, task, local)
             self.log_clock.rotate(
-                ops.task_log_path(self.state_dir, task), runtime.LOG_MAX_BYTES, runtime.LOG_KEEP
+                runtime.task_log_path(self.state_dir, task.id),
+                runtime.LOG_MAX_BYTES,
+                runtime.LOG_KEEP,
             )
         for task_id in set(self.tasks) - set(view.tasks):
             self._drop_local(task_id)
@@ -240,7 +242,7 @@ class Supervisor:
             task_name=task.name,
             netns=naming.task_netns(task.id),
             command=service.command,
-            log_path=ops.task_log_path(self.state_dir, task),
+            log_path=runtime.task_log_path(self.state_dir, task.id),
             files_dir=task_dir,
             env=tuple(sorted(service.env.items())),
             hosts=runtime.hosts_text(task.name, tuple(task.addresses.values())),

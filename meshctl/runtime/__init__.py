@@ -19,9 +19,12 @@ from meshctl.runtime.logs import (
     LOG_MAX_BYTES,
     LogClock,
     line_time,
+    read_log,
     read_times,
     rotate_log,
     rotated_paths,
+    task_log_lines,
+    task_log_path,
 )
 from meshctl.runtime.process import (
     RESOLV_CONF,
@@ -39,6 +42,7 @@ __all__ = [
     "LOG_MAX_BYTES",
     "LogClock",
     "line_time",
+    "read_log",
     "read_times",
     "RESOLV_CONF",
     "HealthState",
@@ -58,4 +62,6 @@ __all__ = [
     "rotated_paths",
     "run_probe",
     "start",
+    "task_log_lines",
+    "task_log_path",
 ]

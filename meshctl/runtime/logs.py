@@ -13,6 +13,9 @@ its modification time in `log.times` (`SIZE MTIME` lines, rotated along with the
 ending at or before a noted size was written at or before that time: its stamp is the time of
 the first such note, so it is at most one look late (the last line of a burst is exact).
 Lines written while no controller ran get the time it came back and saw them.
+
+`service logs` reads them with read_log: whole lines only (a partial last line waits for its
+end), across a rotation that happened between two reads.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import bisect
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 log = logging.getLogger("meshctl.runtime")
@@ -181,3 +186,102 @@ class LogClock:
             if rotated:
                 self._sizes[path] = 0
             return rotated
+
+
+def task_log_path(state_dir: str, task_id: str) -> str:
+    """Where the runtime writes a task's output: <state-dir>/tasks/<task-id>/log."""
+    return os.path.join(state_dir, "tasks", task_id, "log")
+
+
+Line = tuple[str, float]  # a log line's text and when it was written (0.0: not asked)
+FOLLOW_INTERVAL = 0.5  # seconds between two reads of a followed log
+
+
+def task_log_lines(
+    state_dir: str,
+    tasks: Callable[[], list[tuple[str, str]]],
+    *,
+    follow: bool = False,
+    tail: int | None = None,
+    since: float | None = None,
+    timed: bool = False,
+) -> Iterator[tuple[str, str, float]]:
+    """(label, line, when written) for the lines of the tasks' logs (`service logs`): all of
+    each (its last `tail`), then, following, the lines written after, read again every
+    FOLLOW_INTERVAL. tasks() gives the (task id, label) pairs to read, asked before each read,
+    so tasks that come while following are read from their start."""
+    offsets: dict[str, int] = {}
+    first = True
+    while first or follow:
+        if not first:
+            time.sleep(FOLLOW_INTERVAL)
+        for task_id, label in tasks():
+            offset = None if first else offsets.get(task_id, 0)
+            lines, offsets[task_id] = read_log(
+                task_log_path(state_dir, task_id),
+                offset,
+                tail=tail if first else None,
+                since=since,
+                timed=timed,
+            )
+            for line, when in lines:
+                yield label, line, when
+        first = False
+
+
+def read_log(
+    path: str,
+    offset: int | None,
+    *,
+    tail: int | None = None,
+    since: float | None = None,
+    timed: bool = False,
+) -> tuple[list[Line], int]:
+    """The complete lines of the log at path from byte offset on (None: all of it, its rotated
+    files first), each with when it was written if timed (or since is given); only those
+    written since `since`, the last `tail` of them. Also the offset to read on from."""
+    timed = timed or since is not None
+    earlier: list[tuple[str, int, bytes]] = []  # (file, offset, bytes): lines of rotated files
+    if offset is None:
+        earlier = [(p, 0, _read_from(p, 0) or b"") for p in rotated_paths(path)]
+        offset = 0
+    elif os.path.exists(path) and os.path.getsize(path) < offset:
+        # Rotated (copied to log.1 and emptied) since the last read: log.1's rest comes first.
+        rotated = rotated_paths(path)[-1]
+        earlier = [(rotated, offset, _read_from(rotated, offset) or b"")]
+        offset = 0
+    data = _read_from(path, offset)
+    if data is None:
+        return [], offset
+    complete = data[: data.rfind(b"\n") + 1]  # a partial last line waits for its end
+    lines: list[Line] = []
+    for file, start, chunk in [*earlier, (path, offset, complete)]:
+        lines += _timed_lines(file, start, chunk, timed)
+    if since is not None:
+        lines = [(line, when) for line, when in lines if when >= since]
+    if tail is not None:
+        lines = lines[-tail:] if tail else []
+    return lines, offset + len(complete)
+
+
+def _timed_lines(file: str, start: int, chunk: bytes, timed: bool) -> list[Line]:
+    """The lines of chunk (read from file at offset start), each with when it was written
+    (0.0 unless timed); a last line without its newline (a rotated file's cut) counts."""
+    notes = read_times(file) if timed else []
+    fallback = os.path.getmtime(file) if timed and os.path.exists(file) else 0.0
+    out, end = [], start
+    for raw in chunk.split(b"\n")[: -1 if chunk.endswith(b"\n") else None]:
+        end += len(raw) + 1
+        text = raw.decode(errors="replace").removesuffix("\r")
+        out.append((text, line_time(notes, end - 1, fallback) if timed else 0.0))
+    return out if chunk else []
+
+
+def _read_from(path: str, offset: int) -> bytes | None:
+    """The bytes of a log file from offset on; None if it does not exist (yet)."""
+    try:
+        with open(path, "rb") as log:
+            log.seek(offset)
+            return log.read()
+    except FileNotFoundError:
+        return None

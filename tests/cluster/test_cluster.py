@@ -210,10 +210,10 @@ def test_a_controller_away_during_compaction_converges_with_no_stale_task(
 
     def churn(store: Any) -> int:
         """2,000 scale changes while node2 is away, ending at 2 replicas."""
-        from meshctl import ops
+        from meshctl.commands.service import scale_services
 
         for i in range(2000):
-            ops.scale_services(store, {"web": 4 + i % 3 if i < 1999 else 2})
+            scale_services(store, {"web": 4 + i % 3 if i < 1999 else 2})
         return int(store.revision())
 
     end = cluster.call_store(churn)

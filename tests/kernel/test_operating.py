@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import time
@@ -112,6 +113,13 @@ def position(events: list[dict[str, object]], type_: str, action: str, name: str
     raise AssertionError(f"no event {type_} {action} {name} in {events}")
 
 
+def first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    """The first line the process prints, or "" if none comes within timeout."""
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    return process.stdout.readline() if ready else ""
+
+
 def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
     mesh.cli("network", "create", "front", "--subnet", "10.95.0.0/24")
     mesh.cli("service", "create", "--name", "web", "--network", "front", "-d",
@@ -119,10 +127,13 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
     mesh.start_controller()
     (first,) = mesh.wait_running("web", 1)
     # Following from now on, as docker events; --since: from before it started listening.
+    # Started with SIGINT ignored, as any runner started in the background (`nohup ... &`)
+    # starts its children, so the test is the same however it was started: Ctrl-C still stops it.
     follower = subprocess.Popen(
         [*MESHCTL, "events", "--format", "json", "--filter", "service=web",
          "--since", f"{time.time():.3f}"],
         env=mesh.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
     try:
         mesh.cli("service", "scale", "web=2", "--timeout", scaled_duration(60))
@@ -138,8 +149,16 @@ def test_events_show_a_scale_and_a_kill_in_order(mesh: Mesh) -> None:
 
         wait_for(follower_saw_the_restart, 30, "the restart in the event log")
     finally:
+        # It has set its handlers once it prints: a signal before that would be ignored.
+        head = first_line(follower, scaled(30))
         follower.send_signal(signal.SIGINT)
-        out, err = follower.communicate(timeout=scaled(15))
+        try:
+            follower.wait(timeout=scaled(15))
+        finally:
+            follower.kill()  # a follower that did not stop must not outlive the test
+        assert follower.stdout is not None and follower.stderr is not None
+        out, err = head + follower.stdout.read(), follower.stderr.read()
+    assert follower.returncode == 0, err
     followed = events_of(out.splitlines())
     assert followed, err
     # In order: the scale, the new task's way to running; the kill, then the restart.

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from kernel import netns
-from meshctl import naming, ops
+from meshctl import naming
+from meshctl.commands.service import create_service
 from meshctl.model import NetworkAttachment, Service
 from tests.conftest import NetnsFactory, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, wait_for
@@ -370,7 +371,7 @@ def test_a_bad_route_is_refused_and_never_takes_the_router_down(
     from meshctl.store import open_store
 
     with open_store(f"sqlite:///{mesh.state_dir}/state.db") as store:
-        ops.create_service(store, Service("x", ("true",), networks=(NetworkAttachment("front"),),
+        create_service(store, Service("x", ("true",), networks=(NetworkAttachment("front"),),
                                           hostnames=("refused.test",)))  # fmt: skip
 
     def reported() -> str:

@@ -12,8 +12,8 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from meshctl import cli
 from meshctl.cli import main
+from meshctl.commands import progress
 from meshctl.controller.main import JsonFormatter
 from meshctl.model import NODE, NODE_STATUS, Certificate, Container, Node, NodeStatus
 from meshctl.store import open_store
@@ -261,7 +261,7 @@ def test_without_detach_it_waits_for_a_live_controller(
         live = store.grant_lease(60)  # what a running controller keeps: its status, leased
         store.put(NODE, "node1", Node("node1").to_dict())
         store.put(NODE_STATUS, "node1", NodeStatus("node1").to_dict(), lease=live)
-    monkeypatch.setattr(cli, "POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(progress, "POLL_INTERVAL", 0.05)
     started = time.monotonic()
     create = ("service", "create", "--name", "web", "--replicas", "2", "--timeout", "0.3s")
     result = run(*create, "--", "true", code=1)
@@ -285,7 +285,8 @@ def test_doctor_is_registered_and_loaded_only_when_run() -> None:
 
 
 def test_node_rm_forgets_a_down_node_and_every_address_it_held(run: Any, tmp_path: Path) -> None:
-    from meshctl import ipam, ops
+    from meshctl import ipam
+    from meshctl.commands.container import attach_container
     from meshctl.model import NETWORK, Network, from_record
 
     run("network", "create", "front")
@@ -297,7 +298,7 @@ def test_node_rm_forgets_a_down_node_and_every_address_it_held(run: Any, tmp_pat
         for node in ("node1", "node2"):
             ipam.allocate_lb_address(store, front, node)
             ipam.allocate_node_address(store, front, ipam.router_owner(node), f"router {node}")
-        ops.attach_container(store, "legacy", "/proc/self/ns/net", "front", "node2")
+        attach_container(store, "legacy", "/proc/self/ns/net", "front", "node2")
 
     def owners() -> set[str]:
         with open_store(f"sqlite://{tmp_path}/state.db") as store:
@@ -701,37 +702,6 @@ def test_logs_read_the_rotated_files_oldest_first(run: Any, tmp_path: Path, lead
     assert run("service", "logs", "web.1", "--tail", "3").stdout == "5\n6\n7\n"
 
 
-def test_following_a_log_goes_on_across_a_rotation(tmp_path: Path) -> None:
-    from meshctl import ops, runtime
-    from meshctl.model import Task
-
-    task = Task("web", "s1", 1, 1)
-    log = Path(ops.task_log_path(str(tmp_path), task))
-    log.parent.mkdir(parents=True)
-    log.write_text("a\nb\n")
-    runner = CliRunner()
-
-    def follow(offset: int | None) -> tuple[str, int]:
-        printed: list[int] = []
-
-        @click.command()
-        def once() -> None:
-            printed.append(cli._print_log(str(tmp_path), task, False, offset, None))
-
-        result = runner.invoke(once)
-        return result.stdout, printed[0]
-
-    out, offset = follow(None)
-    assert (out, offset) == ("a\nb\n", 4)
-    with open(log, "a") as f:
-        f.write("c\nd\n")
-    assert runtime.rotate_log(str(log), 4, 3)  # c and d are in log.1 now, unread
-    with open(log, "a") as f:
-        f.write("e\n")
-    out, offset = follow(offset)
-    assert (out, offset) == ("c\nd\ne\n", 2)
-
-
 def test_logs_since_and_timestamps_follow_the_controllers_notes(
     run: Any, tmp_path: Path, leader: Any
 ) -> None:
@@ -772,3 +742,16 @@ def test_controller_logs_as_json_lines() -> None:
 def test_controller_health_says_why_when_no_controller_answers(run: Any) -> None:
     result = run("controller", "health", "--metrics-addr", "127.0.0.1:1", code=None)
     one_line_error(result, "unhealthy: no controller answers on http://127.0.0.1:1/healthz")
+
+
+def test_a_bad_field_is_told_as_the_flag_that_set_it(run: Any, tmp_path: Path) -> None:
+    """The model names fields (health.retries, labels); each command says its own flag."""
+    refused(run("service", "create", "--name", "web", "--health-cmd", "true",
+                "--health-retries", "-1", "--", "true", code=None),
+            "invalid --health-retries -1: use a whole number, 0 or more")  # fmt: skip
+    refused(run("network", "create", "front", "--label", "bad key=x", code=None),
+            "invalid --label key 'bad key'")  # fmt: skip
+    with open_store(f"sqlite://{tmp_path}/state.db") as store:
+        store.put(NODE, "node1", Node("node1").to_dict())
+    refused(run("node", "update", "node1", "--label-add", "bad key=x", code=None),
+            "invalid --label-add key 'bad key'")  # fmt: skip

@@ -12,14 +12,13 @@ from click.testing import CliRunner
 from kernel import features
 from kernel.features import Check, privileged
 from meshctl.cli import main
+from meshctl.cli.doctor import render, report_table
 from meshctl.controller.dataplane import every_setting
 from meshctl.controller.doctor import (
     Reading,
     lb_backend,
     lb_backend_why,
-    render,
     report_json,
-    report_table,
     status,
 )
 from meshctl.lb.backends import BACKENDS

@@ -4,6 +4,12 @@ taken over without doubles, pruned by age and count; the CLI's filters."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +34,7 @@ from meshctl.model import (
 )
 from meshctl.store import Event, Record, Store
 from meshctl.store.sqlite import SqliteStore
+from tests.conftest import scaled
 
 
 def change(kind: str, name: str, before: dict | None, after: dict | None, revision: int = 7):
@@ -183,3 +190,56 @@ def test_filters_match_as_docker_events_does() -> None:
     for bad in ("type", "colour=red", "type=container", "service="):
         with pytest.raises(ValidationError, match="invalid --filter"):
             parse_filters([bad])
+
+
+def test_follow_gives_the_log_then_new_events_and_stops_at_until(tmp_path: Path) -> None:
+    from meshctl.events import follow_events
+
+    with SqliteStore(str(tmp_path / "state.db")) as store:
+        store.put(EVENT, "a", MeshEvent(1, 1.0, "service", "create", "web").to_dict())
+        followed = follow_events(store, until=time.time() + scaled(30))
+        assert next(followed).name == "web"
+        store.put(EVENT, "b", MeshEvent(2, 2.0, "service", "scale", "web").to_dict())
+        store.put(SERVICE, "web", {"name": "web"})  # another kind: not an event
+        assert next(followed).action == "scale"
+        followed.close()  # the informer stops with it
+        assert [e.action for e in follow_events(store, until=0.0)] == ["create", "scale"]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_follower_stops_on_sigint_and_sigterm_even_when_started_with_them_ignored(
+    tmp_path: Path, stop: signal.Signals
+) -> None:
+    """As a runner started with `nohup ... &` starts it: SIGINT (and here SIGTERM) ignored."""
+    env = {**os.environ, "MESHCTL_STATE_DIR": str(tmp_path)}
+    with SqliteStore(str(tmp_path / "state.db")):
+        pass  # the store exists before the follower opens it
+
+    def ignore_both() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "meshctl", "events", "--format", "{{.Name}}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=ignore_both,
+    )  # fmt: skip
+    try:
+        with SqliteStore(str(tmp_path / "state.db")) as store:
+            deadline = time.monotonic() + scaled(30)
+            assert follower.stdout is not None
+            # Written until the follower shows one: then it is following, its handlers set.
+            while time.monotonic() < deadline:
+                event = MeshEvent(1, time.time() + 1, "service", "create", "web")
+                store.put(EVENT, f"e{time.monotonic_ns()}", event.to_dict())
+                ready, _, _ = select.select([follower.stdout], [], [], 0.2)
+                if ready:
+                    break
+            assert follower.stdout.readline() == "web\n"
+        follower.send_signal(stop)
+        follower.wait(timeout=scaled(10))
+    finally:
+        follower.kill()
+        _, err = follower.communicate()
+    assert follower.returncode == 0, err
+    assert "Traceback" not in err, err

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from meshctl import ipam, ops
+from meshctl import ipam
+from meshctl.commands.network import create_network
+from meshctl.commands.read import network_ipam
 from meshctl.ipam import AddressExhausted, IpamState
-from meshctl.model import Network, ValidationError
+from meshctl.model import Network, NotFoundError, ValidationError
 from meshctl.store import Store, open_store
 
 
@@ -102,22 +104,22 @@ def test_pool_comes_from_arguments_then_environment(monkeypatch: pytest.MonkeyPa
 
 
 def test_load_balancer_addresses_are_stored_once_per_node(store: Store) -> None:
-    network = ops.create_network(store, "front", subnet="10.20.0.0/24")
+    network = create_network(store, "front", subnet="10.20.0.0/24")
     a = ipam.allocate_lb_address(store, network, "node1")
     assert ipam.allocate_lb_address(store, network, "node1") == a
     b = ipam.allocate_lb_address(store, network, "node2")
     assert a != b
-    assert ops.network_ipam(store, network).allocations == {a: "lb:node1", b: "lb:node2"}
+    assert network_ipam(store, network).allocations == {a: "lb:node1", b: "lb:node2"}
     claims = {r.name: r.value["owner"] for r in store.list(ipam.ADDRESS)}
     assert claims == {f"{network.id}/{a}": "lb:node1", f"{network.id}/{b}": "lb:node2"}
     ipam.release_lb_address(store, network, "node1")
-    assert ops.network_ipam(store, network).allocations == {b: "lb:node2"}
+    assert network_ipam(store, network).allocations == {b: "lb:node2"}
 
 
 def test_concurrent_allocations_never_hand_out_an_address_twice(tmp_path: Path) -> None:
     url = f"sqlite://{tmp_path}/state.db"
     with open_store(url) as setup:
-        network = ops.create_network(setup, "front", subnet="10.20.0.0/24")
+        network = create_network(setup, "front", subnet="10.20.0.0/24")
     results: dict[str, str] = {}
 
     def join(node: str) -> None:
@@ -134,5 +136,5 @@ def test_concurrent_allocations_never_hand_out_an_address_twice(tmp_path: Path) 
 
 
 def test_lb_address_on_a_missing_network_says_how_to_list(store: Store) -> None:
-    with pytest.raises(ops.NotFoundError, match="network nope not found; list networks with"):
+    with pytest.raises(NotFoundError, match="network nope not found; list networks with"):
         ipam.allocate_lb_address(store, Network("nope", "10.99.0.0/24"), "node1")

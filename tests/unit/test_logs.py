@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from meshctl.runtime import rotate_log, rotated_paths
+from meshctl.runtime import read_log, rotate_log, rotated_paths, task_log_path
 
 
 def files(directory: Path) -> dict[str, str]:
@@ -73,3 +73,18 @@ def test_the_clock_notes_when_lines_were_written_and_rotation_keeps_the_notes(
     assert clock.rotate(str(log), 10, 3)  # notes what it holds first, then moves the notes
     assert read_times(str(log) + ".1")[:2] == notes and read_times(str(log)) == []
     assert not (tmp_path / "log.times").exists()
+
+
+def test_following_a_log_goes_on_across_a_rotation(tmp_path: Path) -> None:
+    log = Path(task_log_path(str(tmp_path), "t1"))
+    log.parent.mkdir(parents=True)
+    log.write_text("a\nb\n")
+    lines, offset = read_log(str(log), None)
+    assert ([text for text, _ in lines], offset) == (["a", "b"], 4)
+    with open(log, "a") as f:
+        f.write("c\nd\n")
+    assert rotate_log(str(log), 4, 3)  # c and d are in log.1 now, unread
+    with open(log, "a") as f:
+        f.write("e\n")
+    lines, offset = read_log(str(log), offset)
+    assert ([text for text, _ in lines], offset) == (["c", "d", "e"], 2)

@@ -11,6 +11,7 @@ import pytest
 
 from meshctl.cluster import nodes
 from meshctl.cluster.membership import Membership, NodeBusy, boot_id
+from meshctl.commands.node import update_node
 from meshctl.model import LEADER, LEADER_KEY, NODE_STATUS, Node, NodeStatus
 from meshctl.runtime import read_start_time
 from meshctl.store import Store
@@ -37,7 +38,7 @@ def test_join_records_the_node_and_its_status_and_keeps_id_labels_availability(
         "10.0.0.1",
         "iptables",
     )
-    nodes.update_node(store, "node1", availability="pause", labels_add={"zone": "a"})
+    update_node(store, "node1", availability="pause", labels_add={"zone": "a"})
     store.revoke_lease(first.lease)  # as if it had stopped long ago
     assert nodes.node_views(store)[0].state == "down"
     assert nodes.node_views(store)[0].node.lb_backend == "iptables"  # recorded, also when down

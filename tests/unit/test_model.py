@@ -11,6 +11,7 @@ from meshctl.durations import DurationError, format_duration, parse_duration
 from meshctl.model import (
     Constraint,
     Container,
+    CorruptRecordError,
     HealthCheck,
     Network,
     NetworkAttachment,
@@ -21,6 +22,7 @@ from meshctl.model import (
     Service,
     Task,
     ValidationError,
+    from_record,
     new_id,
 )
 
@@ -84,7 +86,7 @@ def test_the_same_published_port_and_protocol_twice_is_rejected() -> None:
 
 def test_replicas_must_not_be_negative() -> None:
     with pytest.raises(
-        ValidationError, match=r"invalid --replicas -1: use a whole number, 0 or more"
+        ValidationError, match=r"invalid replicas -1: use a whole number, 0 or more"
     ):
         svc(replicas=-1)
     assert svc(replicas=0).replicas == 0
@@ -107,28 +109,26 @@ def test_a_service_needs_a_command() -> None:
 
 
 def test_a_network_given_twice_is_rejected() -> None:
-    with pytest.raises(ValidationError, match="invalid --network front: given twice"):
+    with pytest.raises(ValidationError, match="invalid networks front: given twice"):
         svc(networks=(NetworkAttachment("front"), NetworkAttachment("front", ("x",))))
 
 
 def test_bad_aliases_env_keys_and_hostnames_are_named() -> None:
     with pytest.raises(ValidationError, match="invalid alias on network front 'WWW'"):
         NetworkAttachment.parse("front:WWW")
-    with pytest.raises(ValidationError, match="invalid --env key '1A'"):
+    with pytest.raises(ValidationError, match="invalid env key '1A'"):
         svc(env={"1A": "x"})
-    with pytest.raises(ValidationError, match="invalid --hostname 'Bad_Host'"):
+    with pytest.raises(ValidationError, match="invalid hostnames 'Bad_Host'"):
         svc(hostnames=("Bad_Host",))
     assert svc(hostnames=("www.example.com",)).hostnames == ("www.example.com",)
 
 
 def test_enumerations_list_their_choices() -> None:
-    with pytest.raises(
-        ValidationError, match="invalid --endpoint-mode 'rr': use one of vip, dnsrr"
-    ):
+    with pytest.raises(ValidationError, match="invalid endpoint_mode 'rr': use one of vip, dnsrr"):
         svc(endpoint_mode="rr")
     with pytest.raises(ValidationError, match="invalid protocol 'sctp': use one of tcp, udp"):
         PublishedPort(1, 1, "sctp")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="invalid --restart-condition 'always'"):
+    with pytest.raises(ValidationError, match="invalid restart.condition 'always'"):
         RestartPolicy("always")  # type: ignore[arg-type]
     with pytest.raises(
         ValidationError, match="invalid driver 'macvlan': use one of bridge, overlay"
@@ -191,13 +191,13 @@ def test_network_argument_with_aliases() -> None:
 def test_health_checks() -> None:
     assert HealthCheck.parse_http("8080/healthz") == (8080, "/healthz")
     assert HealthCheck.parse_http("8080") == (8080, "/")
-    with pytest.raises(ValidationError, match="invalid --health-http 'x/y': write PORT/PATH"):
+    with pytest.raises(ValidationError, match="invalid health.http 'x/y': write PORT/PATH"):
         HealthCheck.parse_http("x/y")
-    with pytest.raises(ValidationError, match="invalid --health-tcp port 0"):
+    with pytest.raises(ValidationError, match="invalid health.tcp.port 0"):
         HealthCheck("tcp", port=0)
-    with pytest.raises(ValidationError, match="invalid --health-cmd: the command is empty"):
+    with pytest.raises(ValidationError, match="invalid health.command: the command is empty"):
         HealthCheck("cmd", command=" ")
-    with pytest.raises(ValidationError, match="invalid --health-retries -1"):
+    with pytest.raises(ValidationError, match="invalid health.retries -1"):
         HealthCheck("tcp", port=80, retries=-1)
     with pytest.raises(ValidationError, match="use a duration above 0"):
         HealthCheck("tcp", port=80, interval=0)
@@ -245,15 +245,15 @@ def test_ids_are_12_hex_characters_and_differ() -> None:
     [
         (lambda: Network("web\n", "10.1.0.0/24"), "invalid network name"),
         (lambda: svc(name="web\n"), "invalid service name"),
-        (lambda: svc(env={"A\n": "1"}), "invalid --env key"),
-        (lambda: svc(hostnames=("a.com\n",)), "invalid --hostname"),
+        (lambda: svc(env={"A\n": "1"}), "invalid env key"),
+        (lambda: svc(hostnames=("a.com\n",)), "invalid hostnames"),
         (lambda: Node("node1\n"), "invalid node name"),
         (lambda: NetworkAttachment("front", ("www\n",)), "invalid alias"),
         (lambda: Container("c\n", "/run/netns/x", "front", "n1"), "invalid container name"),
         (lambda: Container("c", "/run/netns/x", "front", "n1\n"), "invalid node name"),
-        (lambda: Container("c", "/run/netns/x\n", "front", "n1"), "invalid --netns"),
-        (lambda: Network("n", "10.1.0.0/24", labels={"team\n": "a"}), "invalid --label key"),
-        (lambda: Network("n", "10.1.0.0/24", labels={"team": "a\nb"}), "--label team value"),
+        (lambda: Container("c", "/run/netns/x\n", "front", "n1"), "invalid netns"),
+        (lambda: Network("n", "10.1.0.0/24", labels={"team\n": "a"}), "invalid labels key"),
+        (lambda: Network("n", "10.1.0.0/24", labels={"team": "a\nb"}), "labels team value"),
     ],
 )
 def test_a_trailing_newline_is_refused_everywhere(make: Any, message: str) -> None:
@@ -348,11 +348,11 @@ def test_host_mode_and_local_traffic_need_a_network_of_the_service() -> None:
 def test_text_a_process_cannot_take_is_refused() -> None:
     with pytest.raises(ValidationError, match="command argument .* NUL byte"):
         svc(command=("echo", "a\0b"))
-    with pytest.raises(ValidationError, match="--env A value .* NUL byte"):
+    with pytest.raises(ValidationError, match="env A value .* NUL byte"):
         svc(env={"A": "a\0b"})
     with pytest.raises(ValidationError, match="not valid UTF-8"):
         svc(command=("echo", "\udcff"))
-    with pytest.raises(ValidationError, match="invalid --health-http path"):
+    with pytest.raises(ValidationError, match="invalid health.path"):
         HealthCheck("http", port=80, path="/x HTTP/1.0\r\nHost: y")
 
 
@@ -405,18 +405,51 @@ def test_constraints_read_as_docker_writes_them_and_match_nodes() -> None:
     assert str(Constraint.parse("node.labels.zone == b")) == "node.labels.zone==b"
     for bad in ("zone==b", "node.labels.zone=b", "node.labels.zone==", "node.role==manager",
                 "node.labels.zone==b\n"[:-1] + "\n"):  # fmt: skip
-        with pytest.raises(ValidationError, match="invalid --constraint"):
+        with pytest.raises(ValidationError, match="invalid constraints"):
             svc(constraints=(bad,))
-    with pytest.raises(ValidationError, match="--replicas-max-per-node"):
+    with pytest.raises(ValidationError, match="invalid max_replicas_per_node"):
         svc(max_replicas_per_node=-1)
 
 
 def test_a_node_refuses_bad_labels_availability_and_addresses() -> None:
-    with pytest.raises(ValidationError, match="--availability"):
+    with pytest.raises(ValidationError, match="invalid availability"):
         Node("n1", availability="gone")  # type: ignore[arg-type]
-    with pytest.raises(ValidationError, match="--advertise-addr"):
+    with pytest.raises(ValidationError, match="invalid address"):
         Node("n1", address="127.0.0.1")
-    with pytest.raises(ValidationError, match="--advertise-addr"):
+    with pytest.raises(ValidationError, match="invalid address"):
         Node("n1", address="10.0.0.300")
-    with pytest.raises(ValidationError, match="--label key"):
+    with pytest.raises(ValidationError, match="invalid labels key"):
         Node("n1", labels={"bad key": "x"})
+
+
+def test_errors_name_the_field_not_a_flag_and_a_stored_record_is_told_as_one() -> None:
+    """The model knows fields, not the CLI's flags (meshctl.cli.flags maps them back)."""
+    with pytest.raises(ValidationError) as raised:
+        svc(replicas=-1)
+    assert raised.value.field == "replicas" and "--" not in str(raised.value)
+    with pytest.raises(ValidationError) as raised:
+        HealthCheck("http", port=80, path="/ x")
+    assert raised.value.field == "health.path"
+    stored = {**svc().to_dict(), "replicas": -1}
+    record = type("Record", (), {"kind": "service", "name": "web", "value": stored})()
+    with pytest.raises(CorruptRecordError) as corrupt:
+        from_record(Service, record)
+    assert "invalid replicas -1" in str(corrupt.value), corrupt.value
+    assert "--replicas" not in str(corrupt.value)
+
+
+def test_the_cli_says_the_flag_of_the_field() -> None:
+    from meshctl.cli.flags import flag_error
+
+    with pytest.raises(ValidationError) as raised:
+        svc(replicas=-1)
+    assert flag_error(raised.value).startswith("invalid --replicas -1: use a whole number")
+    with pytest.raises(ValidationError) as raised:
+        HealthCheck("tcp", port=0)
+    assert flag_error(raised.value).startswith("invalid --health-tcp port 0:")
+    with pytest.raises(ValidationError) as raised:
+        Node("n1", labels={"bad key": "x"})
+    assert flag_error(raised.value).startswith("invalid --label key 'bad key'")
+    assert flag_error(raised.value, ("node", "update")).startswith("invalid --label-add key")
+    unnamed = ValidationError("invalid --format '{{': unclosed")  # a flag already: kept
+    assert flag_error(unnamed) == str(unnamed)

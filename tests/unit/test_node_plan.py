@@ -11,7 +11,9 @@ import pytest
 
 from kernel.links import Link, NamespaceLinks
 from kernel.system import Kernel, fake_kernel
-from meshctl import naming, ops
+from meshctl import naming
+from meshctl.commands.network import create_network, remove_network
+from meshctl.commands.service import create_service
 from meshctl.controller.passes import reconcile
 from meshctl.model import NetworkAttachment, Service
 from meshctl.node.desired import (
@@ -33,9 +35,9 @@ from tests.unit.leader import settle
 
 def _store(tmp_path: Path) -> SqliteStore:
     store = SqliteStore(str(tmp_path / "state.db"))
-    ops.create_network(store, "front", subnet="10.60.0.0/24")
-    ops.create_network(store, "back", subnet="10.61.0.0/24", internal=True)
-    ops.create_service(
+    create_network(store, "front", subnet="10.60.0.0/24")
+    create_network(store, "back", subnet="10.61.0.0/24", internal=True)
+    create_service(
         store,
         Service(
             "web",
@@ -107,10 +109,10 @@ def test_drift_is_planned_back_and_removed_tasks_are_unwired(tmp_path: Path) -> 
 def test_no_networks_means_no_rules(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "state.db"))
     kernel = fake_kernel()
-    ops.create_network(store, "front", subnet="10.62.0.0/24")
+    create_network(store, "front", subnet="10.62.0.0/24")
     desired = desired_node(read_view(store), "node1", ())
     apply_node(kernel, plan_node(desired, *observe_node(kernel)))
-    ops.remove_network(store, "front")
+    remove_network(store, "front")
     empty = desired_node(read_view(store), "node1", ())
     apply_node(kernel, plan_node(empty, *observe_node(kernel)))
     observed, stray = observe_node(kernel)

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from kernel.system import Kernel, fake_kernel
-from meshctl import naming, ops
+from meshctl import naming
+from meshctl.commands.network import create_network
+from meshctl.commands.service import create_service
 from meshctl.controller.build import node_parts
 from meshctl.controller.dataplane import Dataplane, choose_task_dns
 from meshctl.controller.metrics import Metrics
@@ -152,8 +154,8 @@ def test_a_plan_left_after_a_clean_apply_is_reported_once_per_pass(
 
 def _store(tmp_path: Path) -> SqliteStore:
     store = SqliteStore(str(tmp_path / "state.db"))
-    ops.create_network(store, "front", subnet="10.60.0.0/24")
-    ops.create_service(
+    create_network(store, "front", subnet="10.60.0.0/24")
+    create_service(
         store, Service("web", ("true",), replicas=1, networks=(NetworkAttachment("front"),))
     )
     settle(store)

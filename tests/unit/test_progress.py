@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from meshctl.commands.progress import STABLE, bars, progress, stuck, summary
 from meshctl.model import HealthCheck, NodeStatus, Service, Task
-from meshctl.progress import STABLE, bars, progress, stuck, summary
 
 WEB = Service("web", ("sleep", "1"), replicas=3, id="s1")
 LIVE = {"n1": NodeStatus("n1")}

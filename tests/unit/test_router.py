@@ -12,7 +12,22 @@ from pathlib import Path
 import pytest
 
 from kernel.system import fake_kernel
-from meshctl import ipam, naming, ops
+from meshctl import ipam, naming
+from meshctl.commands.network import create_network
+from meshctl.commands.read import (
+    get_network,
+    get_router,
+    list_certificates,
+    list_services,
+    network_ipam,
+)
+from meshctl.commands.router import (
+    add_certificate,
+    disable_router,
+    enable_router,
+    remove_certificate,
+)
+from meshctl.commands.service import create_service, remove_service, update_service
 from meshctl.lb.desired import lb_specs
 from meshctl.model import (
     INGRESS,
@@ -25,7 +40,6 @@ from meshctl.model import (
 )
 from meshctl.node.desired import ingress_rules, published_ports
 from meshctl.router import haproxy
-from meshctl.router import ops as router_ops
 from meshctl.router.config import RouterFiles, render, slot_count
 from meshctl.router.desired import router_spec
 from meshctl.router.net import apply_router_net, plan_router_net, router_net_spec
@@ -88,66 +102,66 @@ def test_bad_routes_are_one_line_errors(fields: dict[str, object], says: str) ->
 
 
 def _front(store: Store) -> None:
-    ops.create_network(store, "front", subnet="10.70.0.0/24")
+    create_network(store, "front", subnet="10.70.0.0/24")
 
 
 def test_a_route_another_service_has_or_without_a_network_is_refused(store: Store) -> None:
     _front(store)
-    ops.create_service(store, _service(hostnames=("a.test",)))
+    create_service(store, _service(hostnames=("a.test",)))
     with pytest.raises(ValidationError, match="service web already routes a.test; choose"):
-        ops.create_service(store, dataclasses.replace(_service(hostnames=("a.test",)), name="x"))
+        create_service(store, dataclasses.replace(_service(hostnames=("a.test",)), name="x"))
     # Another path, or TLS passthrough of the same host, is another route.
-    ops.create_service(store, Service("api", ("true",), networks=(NetworkAttachment("front"),),
+    create_service(store, Service("api", ("true",), networks=(NetworkAttachment("front"),),
                                       hostnames=("a.test",), hostname_path="/api"))  # fmt: skip
     tls = Service("tls", ("true",), networks=(NetworkAttachment("front"),),
                   hostnames=("a.test",), hostname_tls="passthrough")  # fmt: skip
-    ops.create_service(store, tls)
+    create_service(store, tls)
     with pytest.raises(ValidationError, match="no network the router could reach"):
-        ops.create_service(store, Service("lone", ("true",), hostnames=("l.test",)))
-    assert {s.name for s in ops.list_services(store)} == {"web", "api", "tls"}
+        create_service(store, Service("lone", ("true",), hostnames=("l.test",)))
+    assert {s.name for s in list_services(store)} == {"web", "api", "tls"}
 
 
 def test_changing_only_routes_replaces_no_task(store: Store) -> None:
     _front(store)
-    ops.create_service(store, _service(hostnames=("a.test",)))
-    assert ops.update_service(store, "web", {"hostnames": ("a.test", "b.test")}).version == 1
-    assert ops.update_service(store, "web", {"hostname_sticky": True}).version == 1
-    assert ops.update_service(store, "web", {"replicas": 2}).version == 2
+    create_service(store, _service(hostnames=("a.test",)))
+    assert update_service(store, "web", {"hostnames": ("a.test", "b.test")}).version == 1
+    assert update_service(store, "web", {"hostname_sticky": True}).version == 1
+    assert update_service(store, "web", {"replicas": 2}).version == 2
 
 
 def test_router_ports_and_service_ports_never_clash(store: Store) -> None:
     _front(store)
-    ops.create_service(store, _service(ports=(PublishedPort(8080, 80),)))
+    create_service(store, _service(ports=(PublishedPort(8080, 80),)))
     with pytest.raises(ValidationError, match="port 8080/tcp is published by service web"):
-        router_ops.enable_router(store, http_port=8080)
-    router = router_ops.enable_router(store)
-    assert router.vip is not None and router_ops.get_router(store) == router
+        enable_router(store, http_port=8080)
+    router = enable_router(store)
+    assert router.vip is not None and get_router(store) == router
     with pytest.raises(ValidationError, match="port 443/tcp is the HTTP router's"):
-        ops.create_service(store, Service("x", ("true",), ports=(PublishedPort(443, 443),)))
+        create_service(store, Service("x", ("true",), ports=(PublishedPort(443, 443),)))
     # Moved: its old port is free again, its id, VIP and cookie key stay.
-    moved = router_ops.enable_router(store, http_port=8000, mode="ingress")
+    moved = enable_router(store, http_port=8000, mode="ingress")
     assert (moved.id, moved.vip, moved.cookie_key) == (router.id, router.vip, router.cookie_key)
-    ops.create_service(store, Service("x", ("true",), ports=(PublishedPort(80, 80),)))
-    host = router_ops.enable_router(store, http_port=8000, mode="host")
+    create_service(store, Service("x", ("true",), ports=(PublishedPort(80, 80),)))
+    host = enable_router(store, http_port=8000, mode="host")
     assert host.vip is None
-    router_ops.disable_router(store)
-    assert router_ops.get_router(store) is None
-    ops.create_service(store, Service("y", ("true",), ports=(PublishedPort(443, 443),)))
+    disable_router(store)
+    assert get_router(store) is None
+    create_service(store, Service("y", ("true",), ports=(PublishedPort(443, 443),)))
     with pytest.raises(NotFoundError, match="not enabled"):
-        router_ops.disable_router(store)
+        disable_router(store)
 
 
 def test_disabling_releases_the_vip_and_every_node_router_address(tmp_path: Path) -> None:
     store = SqliteStore(str(tmp_path / "state.db"))
     _front(store)
-    router_ops.enable_router(store)
-    network = ops.get_network(store, "front")
+    enable_router(store)
+    network = get_network(store, "front")
     ipam.allocate_node_address(store, network, ipam.router_owner("node1"), "the router")
     assert read_view(store).router_addresses == {("front", "node1"): "10.70.0.2"}
-    router_ops.disable_router(store)
+    disable_router(store)
     view = read_view(store)
     assert view.router_addresses == {}
-    owners = ops.network_ipam(store, ops.get_network(store, INGRESS)).allocations.values()
+    owners = network_ipam(store, get_network(store, INGRESS)).allocations.values()
     assert not any(o.startswith("vip:") for o in owners)
 
 
@@ -165,16 +179,16 @@ def test_a_certificate_is_stored_only_with_its_own_key(store: Store, tmp_path: P
     cert, key = _pair(tmp_path, "a.test")
     _, other_key = _pair(tmp_path, "b.test")
     with pytest.raises(ValidationError, match="give a PEM certificate and the PEM key"):
-        router_ops.add_certificate(store, "a.test", str(cert), str(other_key))
+        add_certificate(store, "a.test", str(cert), str(other_key))
     with pytest.raises(ValidationError, match="cannot read"):
-        router_ops.add_certificate(store, "a.test", str(tmp_path / "missing"), str(key))
+        add_certificate(store, "a.test", str(tmp_path / "missing"), str(key))
     with pytest.raises(ValidationError, match="invalid certificate host"):
-        router_ops.add_certificate(store, "A b", str(cert), str(key))
-    stored = router_ops.add_certificate(store, "a.test", str(cert), str(key))
+        add_certificate(store, "A b", str(cert), str(key))
+    stored = add_certificate(store, "a.test", str(cert), str(key))
     assert "PRIVATE KEY" in stored.key
-    assert [c.host for c in router_ops.list_certificates(store)] == ["a.test"]
-    router_ops.remove_certificate(store, "a.test")
-    assert router_ops.list_certificates(store) == []
+    assert [c.host for c in list_certificates(store)] == ["a.test"]
+    remove_certificate(store, "a.test")
+    assert list_certificates(store) == []
 
 
 # -- the spec from the view --------------------------------------------------------------------
@@ -185,13 +199,13 @@ def _routed(tmp_path: Path) -> SqliteStore:
     *.w.test, api behind a.test/api, tls passed through for p.test; the router enabled."""
     store = SqliteStore(str(tmp_path / "state.db"))
     _front(store)
-    router_ops.enable_router(store)
+    enable_router(store)
     front = (NetworkAttachment("front"),)
-    ops.create_service(store, Service("web", ("true",), replicas=3, networks=front,
+    create_service(store, Service("web", ("true",), replicas=3, networks=front,
                                       hostnames=("a.test", "*.w.test:8080")))  # fmt: skip
-    ops.create_service(store, Service("api", ("true",), networks=front, hostnames=("a.test",),
+    create_service(store, Service("api", ("true",), networks=front, hostnames=("a.test",),
                                       hostname_path="/api", hostname_sticky=True))  # fmt: skip
-    ops.create_service(store, Service("tls", ("true",), networks=front, hostnames=("p.test",),
+    create_service(store, Service("tls", ("true",), networks=front, hostnames=("p.test",),
                                       hostname_tls="passthrough"))  # fmt: skip
     settle(store)
     view = read_view(store)
@@ -209,7 +223,7 @@ def _routed(tmp_path: Path) -> SqliteStore:
                   expect=record.mod_revision)  # fmt: skip
     for network in ("front", INGRESS):
         ipam.allocate_node_address(
-            store, ops.get_network(store, network), ipam.router_owner("node1"), "the router"
+            store, get_network(store, network), ipam.router_owner("node1"), "the router"
         )
     return store
 
@@ -249,7 +263,7 @@ def test_the_router_takes_part_in_ingress_and_its_services_first_networks(tmp_pa
 
 def test_published_through_its_vip_or_to_this_nodes_router(tmp_path: Path) -> None:
     store = _routed(tmp_path)
-    ipam.allocate_lb_address(store, ops.get_network(store, INGRESS), "node1")
+    ipam.allocate_lb_address(store, get_network(store, INGRESS), "node1")
     view = read_view(store)
     assert view.router is not None and view.router.vip is not None
     here = view.router_addresses[(INGRESS, "node1")]
@@ -263,7 +277,7 @@ def test_published_through_its_vip_or_to_this_nodes_router(tmp_path: Path) -> No
     )
     (vip,) = [v for v in ingress.vips if v.service_id == view.router.id]
     assert [b.address for b in vip.backends] == [here]
-    router_ops.enable_router(store, mode="host")
+    enable_router(store, mode="host")
     view = read_view(store)
     catch, masquerade = ingress_rules(view, "node1")
     assert (("to-destination", f"{here}:443"),) in {r.target_args for r in catch}
@@ -413,7 +427,7 @@ def test_the_namespace_gets_a_leg_per_network_and_loses_only_the_one_it_leaves(
     assert not plan_router_net(kernel, desired, node_id)
     # The services leave: the router leaves front; its ingress leg is left as it was.
     for name in ("web", "api", "tls"):
-        ops.remove_service(store, name)
+        remove_service(store, name)
     view = read_view(store)
     ipam.release_node_address(store, view.networks["front"], ipam.router_owner("node1"))
     smaller = router_net_spec(read_view(store), "node1", node_id)

@@ -11,9 +11,13 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-from meshctl import ipam, ops
-from meshctl.cluster import nodes, scheduler
+from meshctl import ipam
+from meshctl.cluster import scheduler
 from meshctl.cluster.scheduler import Assign, Pending, Reschedule, Retire
+from meshctl.commands.network import create_network
+from meshctl.commands.node import update_node
+from meshctl.commands.read import get_network, list_tasks
+from meshctl.commands.service import create_service
 from meshctl.model import NODE, NODE_STATUS, NetworkAttachment, Node, NodeStatus, Service, Task
 from meshctl.store import open_store
 from meshctl.view import ClusterView, read_view
@@ -140,7 +144,7 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
         for node in NODES:
             store.put(NODE, node.name, node.to_dict())
             store.put(NODE_STATUS, node.name, NodeStatus(node.name).to_dict())
-        web = ops.create_service(store, service(replicas=3))
+        web = create_service(store, service(replicas=3))
         settle(store)
         before = read_view(store)
         decisions = scheduler.plan(before)
@@ -154,14 +158,14 @@ def test_apply_writes_decisions_and_drops_stale_ones(tmp_path: Path) -> None:
         store.delete(NODE_STATUS, "node3")
         gone = read_view(store)
         assert scheduler.apply(store, gone, scheduler.plan(gone)) == (True, "")
-        tasks = ops.list_tasks(store, web)
+        tasks = list_tasks(store, web)
         old = [t for t in tasks if t.node == "node3"]
         assert [t.desired_state for t in old] == ["shutdown"]
         assert old[0].history[-1].message == "node node3 is down: rescheduled"
         settle(store)  # the orchestrator fills the slot the down node's task left
         fresh = read_view(store)
         scheduler.apply(store, fresh, scheduler.plan(fresh))
-        live = [t for t in ops.list_tasks(store, web) if t.desired_state == "running"]
+        live = [t for t in list_tasks(store, web) if t.desired_state == "running"]
         assert sorted(t.node for t in live) == ["node1", "node1", "node2"] or sorted(
             t.node for t in live
         ) == ["node1", "node2", "node2"]
@@ -175,19 +179,19 @@ def test_a_drain_on_a_full_network_reports_and_keeps_the_task(tmp_path: Path) ->
         for node in NODES:
             store.put(NODE, node.name, node.to_dict())
             store.put(NODE_STATUS, node.name, NodeStatus(node.name).to_dict())
-        ops.create_network(store, "tiny", subnet="10.30.0.0/29")  # gateway + 5
-        web = ops.create_service(store, service(replicas=1, networks=(NetworkAttachment("tiny"),)))
+        create_network(store, "tiny", subnet="10.30.0.0/29")  # gateway + 5
+        web = create_service(store, service(replicas=1, networks=(NetworkAttachment("tiny"),)))
         settle(store)
         first = read_view(store)
         scheduler.apply(store, first, scheduler.plan(first))
         # VIP + 1 task + 3 nodes' load balancers: the pool is full.
-        network = ops.get_network(store, "tiny")
+        network = get_network(store, "tiny")
         for node in UP:
             ipam.allocate_lb_address(store, network, node)
-        draining = next(t.node for t in ops.list_tasks(store, web))
-        nodes.update_node(store, draining, availability="drain")
+        draining = next(t.node for t in list_tasks(store, web))
+        update_node(store, draining, availability="drain")
         drained = read_view(store)
         changed, problem = scheduler.apply(store, drained, scheduler.plan(drained))
         assert not changed
         assert "network tiny (10.30.0.0/29) has no free address" in problem
-        assert [t.desired_state for t in ops.list_tasks(store, web)] == ["running"]
+        assert [t.desired_state for t in list_tasks(store, web)] == ["running"]

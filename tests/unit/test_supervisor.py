@@ -67,21 +67,23 @@ def test_each_pass_rotates_the_logs_of_the_nodes_tasks(
 ) -> None:
     """Tasks outlive the controller and write their logs themselves: the pass keeps them
     bounded (here the task cannot start, with no namespace: its log is rotated all the same)."""
-    from meshctl import ops, runtime
+    from meshctl import runtime
+    from meshctl.commands.service import create_service
     from meshctl.model import Service
+    from meshctl.runtime import task_log_path
     from meshctl.view import read_view
     from tests.unit.leader import settle
 
     monkeypatch.setattr(runtime, "LOG_MAX_BYTES", 20)
     with SqliteStore(str(tmp_path / "state.db")) as store:
-        ops.create_service(store, Service("web", ("true",)))
+        create_service(store, Service("web", ("true",)))
         settle(store)
         supervisor = Supervisor(store, "node1", str(tmp_path))
         (record,) = store.list("task")
         store.put("task", record.name, {**record.value, "node": "node1"})  # the leader placed it
         view = read_view(store)
         (task,) = view.tasks.values()
-        log = Path(ops.task_log_path(str(tmp_path), task))
+        log = Path(task_log_path(str(tmp_path), task.id))
         log.parent.mkdir(parents=True)
         log.write_text("twenty-five bytes of log\n")
         supervisor.step(view, set())
@@ -95,13 +97,13 @@ def test_an_exit_is_written_before_anything_else_of_the_pass(tmp_path: Path) -> 
     """record_changes (the first step of a pass) writes a task's end and nothing more: every
     node's load balancer follows that record, so it must not wait for the rest of the pass;
     the restart is step's (later in the same pass)."""
-    from meshctl import ops
+    from meshctl.commands.service import create_service
     from meshctl.model import Service
     from meshctl.view import read_view
     from tests.unit.leader import settle
 
     with SqliteStore(str(tmp_path / "state.db")) as store:
-        ops.create_service(store, Service("web", ("sleep", "1000")))
+        create_service(store, Service("web", ("sleep", "1000")))
         settle(store)
         (record,) = store.list("task")
         placed = {**record.value, "node": "node1", "state": "running", "pid": 4242}

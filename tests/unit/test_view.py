@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from meshctl import ops
+from meshctl.commands.read import get_service
+from meshctl.commands.service import create_service, remove_service, scale_services
 from meshctl.model import Service
 from meshctl.store.sqlite import SqliteStore
 from meshctl.view import Decoded, view_of
@@ -14,12 +15,12 @@ def test_a_record_that_did_not_move_is_not_decoded_again(tmp_path: Path) -> None
     """A pass decodes only the records that changed since the last one; the others are the
     same (frozen) objects, which leaves the collector nothing new to scan."""
     with SqliteStore(str(tmp_path / "state.db")) as store:
-        ops.create_service(store, Service("web", ("true",)))
-        ops.create_service(store, Service("api", ("true",)))
+        create_service(store, Service("web", ("true",)))
+        create_service(store, Service("api", ("true",)))
         decoded = Decoded()
         first = view_of(store.snapshot(), decoded)
-        web, api = (ops.get_service(store, n).id for n in ("web", "api"))
-        ops.scale_services(store, {"web": 3})
+        web, api = (get_service(store, n).id for n in ("web", "api"))
+        scale_services(store, {"web": 3})
         store.put("service", "broken", {"name": 1})
         second = view_of(store.snapshot(), decoded)
         assert second.services[api] is first.services[api]
@@ -27,7 +28,7 @@ def test_a_record_that_did_not_move_is_not_decoded_again(tmp_path: Path) -> None
         assert second.services[web].replicas == 3
         assert ("service", "broken") in second.broken  # a bad record is still named each time
         assert view_of(store.snapshot(), decoded).broken == second.broken
-        ops.remove_service(store, "api")
+        remove_service(store, "api")
         third = view_of(store.snapshot(), decoded)
         assert api not in third.services
         assert ("service", api) not in decoded._objects  # a deleted record's object goes

@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 
 from kernel import netns
-from meshctl import ops, output
+from meshctl.cli import output
 from meshctl.cluster import nodes
+from meshctl.commands.read import get_network, get_service, list_tasks
 from meshctl.naming import lb_netns, task_netns
 from meshctl.store import Store, open_store
 from tests.cluster.workloads import HTTP
@@ -79,7 +80,7 @@ def node_list(store: Store) -> dict[str, dict[str, Any]]:
 def live(store: Store, service: str) -> list[dict[str, Any]]:
     """The tasks of service that should run and do."""
     statuses = nodes.statuses(store)
-    tasks = ops.list_tasks(store, ops.get_service(store, service))
+    tasks = list_tasks(store, get_service(store, service))
     return [
         output.task_json(t, statuses)
         for t in tasks
@@ -160,7 +161,7 @@ def client_task(store: Store) -> dict[str, Any]:
 
 def vip(store: Store, service: str) -> str:
     """The service's VIP on `front` (a published port adds one on `ingress`)."""
-    (address,) = [a.vip for a in ops.get_service(store, service).networks if a.network == "front"]
+    (address,) = [a.vip for a in get_service(store, service).networks if a.network == "front"]
     assert address is not None
     return address
 
@@ -196,7 +197,7 @@ def test_a_vip_from_vm1_reaches_tasks_on_all_three_vms_through_ipvs(
     # IPVS did it: one virtual service of this node's load balancer of `front` has exactly the
     # six tasks as destinations (`client`, also on `front`, has a virtual service of its own).
     node_id = node_list(store)[HERE]["id"]
-    network_id = ops.get_network(store, "front").id
+    network_id = get_network(store, "front").id
     lb = lb_netns(node_id, network_id)
     table = subprocess.run(["ip", "netns", "exec", lb, "ipvsadm", "-Ln"], capture_output=True,
                            text=True, check=True).stdout  # fmt: skip

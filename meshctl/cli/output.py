@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from meshctl.cluster.nodes import NodeView
+from meshctl.cluster.nodes import NodeView, task_problem
 from meshctl.durations import format_duration, format_time
 from meshctl.events import MeshEvent
 from meshctl.ipam import IpamState
@@ -232,25 +232,6 @@ def certificate_table(certificates: Iterable[Certificate]) -> str:
 
 
 # -- tasks -----------------------------------------------------------------------------------
-
-
-def task_problem(task: Task, statuses: Mapping[str, NodeStatus]) -> str:
-    """What keeps a task from serving, in one line: its own error (why it is pending, how it
-    failed), else its node being down, degraded, or failing one of the task's networks."""
-    if task.error:
-        return task.error
-    if not task.node or task.state in ("complete", "failed", "shutdown", "rejected"):
-        return ""
-    status = statuses.get(task.node)
-    if status is None:
-        return f"node {task.node} is down"  # what it last said of the task may be stale
-    if task.desired_state != "running":
-        return ""
-    failing = [f"network {n} fails on node {task.node}: {status.errors[n]}"
-               for n in sorted(task.addresses) if n in status.errors]  # fmt: skip
-    if failing:
-        return "; ".join(failing)
-    return f"node {task.node} is {status.message}" if status.message else ""
 
 
 def task_json(task: Task, statuses: Mapping[str, NodeStatus] | None = None) -> dict[str, Any]:

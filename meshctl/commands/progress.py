@@ -1,8 +1,10 @@
 """What `service create/update/scale/rm` show while they wait (no --detach): each slot's task
 on its way to running, as docker's `1/3: running [=====>   ]`, and why it is stuck.
 
-Pure functions of the store's records: `progress` says where each slot stands, `bars` draws
-docker's lines, `stuck` gives each unconverged slot's reason. A slot has converged when its
+`watch` reads the store every POLL_INTERVAL and yields where the services stand until they
+converged, one cannot, or the time is up. The rest are pure functions of the store's records:
+`progress` says where each slot stands, `bars` draws docker's lines, `stuck` gives each
+unconverged slot's reason. A slot has converged when its
 task of the service's current version runs (healthy, if the service has a check) and has
 stayed running, with the same process, for `STABLE` seconds of the CLI's own clock; tasks
 being stopped (scaled away, replaced, their service removed) must have stopped.
@@ -10,12 +12,17 @@ being stopped (scaled away, replaced, their service removed) must have stopped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from meshctl.model import NodeStatus, Service, Task
-from meshctl.output import task_problem
+from meshctl.cluster.nodes import statuses as node_statuses
+from meshctl.cluster.nodes import task_problem
+from meshctl.commands.read import get_service, list_tasks
+from meshctl.model import MeshctlError, NodeStatus, Service, Task
+from meshctl.store import Store
 
+POLL_INTERVAL = 0.5  # seconds between two looks at the store
 STABLE = 1.0  # seconds a task must keep running (docker's monitor period is 5 s)
 STAGES = ("pending", "assigned", "starting", "running")
 BAR = 50
@@ -52,6 +59,36 @@ class Progress:
     def hopeless(self) -> bool:
         """A slot's task has ended for good: waiting longer cannot converge."""
         return any(s.final for s in self.slots)
+
+
+def watch(
+    store: Store, names: Sequence[str], ids: Mapping[str, str], timeout: float
+) -> Iterator[list[Progress]]:
+    """Where the services stand, every POLL_INTERVAL, until all converged, one has a task that
+    ended for good, or timeout seconds passed: the last list yielded says which. ids: service
+    name → id (a removed one's, to find its tasks)."""
+    deadline = time.monotonic() + timeout
+    seen: dict[tuple[str, int | None], float] = {}  # (task, pid) → when first seen running
+    while True:
+        now = time.monotonic()
+        statuses = node_statuses(store)
+        tasks = list_tasks(store)
+        for task in tasks:
+            if task.state == "running":
+                seen.setdefault((task.id, task.pid), now)
+        views = []
+        for name in names:
+            try:
+                service: Service | None = get_service(store, name)
+            except MeshctlError:
+                service = None  # removed (rm, or meanwhile)
+            sid = service.id if service is not None else ids[name]
+            mine = [t for t in tasks if t.service_id == sid]
+            views.append(progress(name, service, mine, statuses, seen, now))
+        yield views
+        if now > deadline or all(v.converged for v in views) or any(v.hopeless for v in views):
+            return
+        time.sleep(POLL_INTERVAL)
 
 
 def _running(task: Task) -> bool:

@@ -1,6 +1,7 @@
-"""`meshctl router ...`: enable, disable and inspect the HTTP routing mesh; its certificates.
+"""`router enable/disable` and `router cert add/rm`: the HTTP routing mesh's record and its
+certificates; and the `haproxy -c` check of a service's routes before it is stored.
 
-Each command is one store transaction, as meshctl.ops's are: the router record, its VIP on
+Each command is one store transaction, as meshctl.commands' are: the router record, its VIP on
 the ingress network (mode ingress) and its ports' claims (kind `port`, as a service's
 published ports are claimed, so the two can never take the same port) go in together.
 Certificates are stored under kind `router-cert` by host; every node's controller writes
@@ -15,8 +16,13 @@ import shutil
 import ssl
 import tempfile
 import time
+from collections.abc import Mapping
+from typing import Any
 
-from meshctl import ipam, ops
+from meshctl import ipam
+from meshctl.commands.network import ensure_ingress_network
+from meshctl.commands.read import get_router
+from meshctl.commands.service import PORT, ROUTE_FIELDS, refuse_ports_in_use
 from meshctl.model import (
     CERTIFICATE,
     INGRESS,
@@ -37,9 +43,12 @@ from meshctl.store import Delete, Op, Put, Store, retry_conflicts
 from meshctl.store.changes import Changes, networks_by_name
 
 
-def get_router(store: Store) -> Router | None:
-    record = store.get(ROUTER, ROUTER_KEY)
-    return from_record(Router, record) if record else None
+def refuse_router_ports_in_use(store: Store, wanted: Router) -> None:
+    """Refuse ports a process of this host holds that the router would take anew (those it
+    has already are its own)."""
+    current = get_router(store)
+    held = {p.published for p in current.ports()} if current else set()
+    refuse_ports_in_use([p for p in wanted.ports() if p.published not in held])
 
 
 def _port_key(port: int) -> str:
@@ -65,16 +74,16 @@ def enable_router(
         old_ports = {_port_key(p.published) for p in old.ports()} if old else set()
         new_ports = {_port_key(p.published) for p in new.ports()}
         for key in sorted(new_ports - old_ports):
-            claim = store.get(ops.PORT, key)
+            claim = store.get(PORT, key)
             if claim is not None:
                 holder = claim.value.get("service", "another service")
                 raise ValidationError(
                     f"port {key} is published by service {holder}; give the router another "
                     "port with --http-port/--https-port"
                 )
-            changes.ops.append(Put(ops.PORT, key, {"router": new.id}, expect=0))
+            changes.ops.append(Put(PORT, key, {"router": new.id}, expect=0))
         changes.ops += _release_ports(store, old_ports - new_ports)
-        ingress = ops.ensure_ingress_network(store)
+        ingress = ensure_ingress_network(store)
         owner = ipam.vip_owner(new.id)
         if mode == "ingress":
             vip = new.vip or changes.allocate(ingress, owner, "the router's VIP")
@@ -92,8 +101,8 @@ def enable_router(
 
 
 def _release_ports(store: Store, keys: set[str]) -> list[Op]:
-    found = [(key, store.get(ops.PORT, key)) for key in sorted(keys)]
-    return [Delete(ops.PORT, key, expect=r.mod_revision) for key, r in found if r is not None]
+    found = [(key, store.get(PORT, key)) for key in sorted(keys)]
+    return [Delete(PORT, key, expect=r.mod_revision) for key, r in found if r is not None]
 
 
 def disable_router(store: Store) -> Router:
@@ -149,16 +158,28 @@ def add_certificate(store: Store, host: str, cert_path: str, key_path: str) -> C
     return certificate
 
 
-def list_certificates(store: Store) -> list[Certificate]:
-    return [from_record(Certificate, r) for r in store.list(CERTIFICATE)]
-
-
 def remove_certificate(store: Store, host: str) -> None:
     if not store.delete(CERTIFICATE, host):
         raise NotFoundError(f"no certificate for {host}; list them with: meshctl router cert ls")
 
 
 # -- a route checked by HAProxy ----------------------------------------------------------------
+
+
+def check_routes_with_haproxy(
+    store: Store, service: Service, changes: Mapping[str, Any] | None = None
+) -> None:
+    """check_with_haproxy for a new service, or for `service` with an update's changes when
+    they touch its routes (changes that do not make a valid service are left to
+    update_service, which says what is wrong in its order)."""
+    if changes is not None:
+        if not set(changes) & ROUTE_FIELDS:
+            return
+        try:
+            service = dataclasses.replace(service, **changes)
+        except ValidationError:
+            return
+    check_with_haproxy(store, service)
 
 
 def check_with_haproxy(store: Store, service: Service) -> None:
