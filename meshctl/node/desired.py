@@ -14,7 +14,7 @@ plan reports it as a clash and leaves it, and what would hang off it, alone.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from kernel.iptables_rules import Match, OwnedTable, Rule, TableChange, opts, table_change
@@ -201,8 +201,19 @@ def node_tables(
     and other tools' interfaces are left alone. Traffic within one bridge is accepted before
     stage 1 (Docker's `! -o <bridge>` there, which kernel.iptables.Rule does not express).
     """
+    if not networks:
+        return {"filter": OwnedTable(), "nat": OwnedTable()}
     ordered = sorted(networks, key=lambda n: n.name)
     bridges = [(naming.bridge(n.id), f"meshctl:net-{n.id}", n) for n in ordered]
+    return {"filter": _filter_table(bridges), "nat": _nat_table(bridges, *ingress)}
+
+
+_Bridge = tuple[str, str, Network]  # the bridge's name, its rules' comment, its network
+
+
+def _filter_table(bridges: Sequence[_Bridge]) -> OwnedTable:
+    """FORWARD: replies and intra-bridge traffic first, then the two isolation stages, then
+    each bridge's own verdict (internal networks drop what leaves or enters them)."""
     # Replies, and new connections a published port sent (DNAT), go into any bridge that is
     # not internal — before the isolation rules, so the routing mesh crosses networks.
     replies = Match("conntrack", opts(ctstate="RELATED,ESTABLISHED,DNAT"))
@@ -216,6 +227,12 @@ def node_tables(
         for bridge, comment, _ in bridges
     ]
     forward.append(Rule(FORWARD_CHAIN, ISOLATION_CHAIN, NODE_COMMENT))
+    for bridge, comment, network in bridges:
+        if network.internal:
+            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, in_interface=bridge))
+            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
+        else:
+            forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
     stage1 = tuple(
         Rule(ISOLATION_CHAIN, ISOLATION_DROP_CHAIN, comment, in_interface=bridge)
         for bridge, comment, _ in bridges
@@ -224,42 +241,41 @@ def node_tables(
         Rule(ISOLATION_DROP_CHAIN, "DROP", comment, out_interface=bridge)
         for bridge, comment, _ in bridges
     )
-    catch, masquerade = ingress
+    return OwnedTable(
+        chains={
+            FORWARD_CHAIN: tuple(forward),
+            ISOLATION_CHAIN: stage1,
+            ISOLATION_DROP_CHAIN: stage2,
+        },
+        jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
+    )
+
+
+def _nat_table(
+    bridges: Sequence[_Bridge], catch: tuple[Rule, ...], masquerade: tuple[Rule, ...]
+) -> OwnedTable:
+    """POSTROUTING: the published ports' masquerades, then each non-internal network's; and
+    the published ports caught on every local address."""
     postrouting: list[Rule] = list(masquerade)
     for bridge, comment, network in bridges:
         if network.internal:
-            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, in_interface=bridge))
-            forward.append(Rule(FORWARD_CHAIN, "DROP", comment, out_interface=bridge))
             continue
-        forward.append(Rule(FORWARD_CHAIN, "ACCEPT", comment, in_interface=bridge))
         postrouting.append(
             Rule(POSTROUTING_CHAIN, "RETURN", comment, source=network.subnet, out_interface=bridge)
         )
         postrouting.append(Rule(POSTROUTING_CHAIN, "MASQUERADE", comment, source=network.subnet))
-    if not networks:
-        return {"filter": OwnedTable(), "nat": OwnedTable()}
-    nat_chains = {POSTROUTING_CHAIN: tuple(postrouting)}
-    nat_jumps = [Rule("POSTROUTING", POSTROUTING_CHAIN, NODE_COMMENT)]
+    chains = {POSTROUTING_CHAIN: tuple(postrouting)}
+    jumps = [Rule("POSTROUTING", POSTROUTING_CHAIN, NODE_COMMENT)]
     if catch:
         # Published ports are caught on every local address, from outside (PREROUTING) and
         # from the node itself (OUTPUT), as swarm's DOCKER-INGRESS does.
-        nat_chains[INGRESS_CHAIN] = catch
+        chains[INGRESS_CHAIN] = catch
         local = (Match("addrtype", opts(dst_type="LOCAL")),)
-        nat_jumps += [
+        jumps += [
             Rule(hook, INGRESS_CHAIN, NODE_COMMENT, matches=local)
             for hook in ("PREROUTING", "OUTPUT")
         ]
-    return {
-        "filter": OwnedTable(
-            chains={
-                FORWARD_CHAIN: tuple(forward),
-                ISOLATION_CHAIN: stage1,
-                ISOLATION_DROP_CHAIN: stage2,
-            },
-            jumps=(Rule("FORWARD", FORWARD_CHAIN, NODE_COMMENT),),
-        ),
-        "nat": OwnedTable(chains=nat_chains, jumps=tuple(nat_jumps)),
-    }
+    return OwnedTable(chains=chains, jumps=tuple(jumps))
 
 
 def published_ports(view: ClusterView) -> dict[tuple[int, str], str]:
