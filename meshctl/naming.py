@@ -9,6 +9,8 @@ made carries its mark, `meshctl:<object-id>` — the comment of each rule, the a
 
 from __future__ import annotations
 
+import os
+
 LINK_PREFIX = "mesh"
 TASK_NETNS_PREFIX = "mesh-t-"
 LB_NETNS_PREFIX = "mesh-lb-"
@@ -120,3 +122,8 @@ def router_veth(network_id: str) -> str:
     """The node end of the router's leg on a network: `meshr` + 8 network id characters
     (inside, the leg is named as an attached container's: container_interface)."""
     return f"{ROUTER_VETH_PREFIX}{network_id[:8]}"
+
+
+def task_dir(state_dir: str, task_id: str) -> str:
+    """Where a node keeps one task's files: its log, resolv.conf and hosts, its DNS ports."""
+    return os.path.join(state_dir, "tasks", task_id)

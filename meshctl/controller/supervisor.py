@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import shutil
 import threading
 import time
@@ -314,10 +313,12 @@ class Supervisor:
 
     def note_logs(self) -> None:
         """Note when the logs of this node's tasks grew (service logs --timestamps)."""
-        self.log_clock.note([os.path.join(self.task_dir(tid), "log") for tid in list(self.tasks)])
+        self.log_clock.note(
+            [runtime.task_log_path(self.state_dir, tid) for tid in list(self.tasks)]
+        )
 
     def task_dir(self, task_id: str) -> str:
-        return os.path.join(self.state_dir, "tasks", task_id)
+        return naming.task_dir(self.state_dir, task_id)
 
     # -- what users see ------------------------------------------------------------------------
 

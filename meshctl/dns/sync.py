@@ -26,10 +26,6 @@ log = logging.getLogger("meshctl.dns")
 DNS_PORTS_FILE = "dns-ports"
 
 
-def task_dir(state_dir: str, task_id: str) -> str:
-    return os.path.join(state_dir, "tasks", task_id)
-
-
 def write_dns_ports(task_dir: str, ports: Ports) -> None:
     os.makedirs(task_dir, exist_ok=True)
     with open(os.path.join(task_dir, DNS_PORTS_FILE), "w") as f:
@@ -41,7 +37,7 @@ def read_dns_ports(state_dir: str, task_ids: list[str]) -> dict[str, Ports]:
     ports = {}
     for task_id in task_ids:
         try:
-            with open(os.path.join(task_dir(state_dir, task_id), DNS_PORTS_FILE)) as f:
+            with open(os.path.join(naming.task_dir(state_dir, task_id), DNS_PORTS_FILE)) as f:
                 udp, tcp = json.load(f)
         except (FileNotFoundError, ValueError):
             continue
@@ -141,7 +137,7 @@ class DnsEndpoints:
                 continue
             self.ports[task_id] = ctx.dns_added[task_id] = ports
             self._networks[task_id] = networks
-            write_dns_ports(task_dir(self.state_dir, task_id), ports)
+            write_dns_ports(naming.task_dir(self.state_dir, task_id), ports)
         return {}
 
     def describe(self, plan: EndpointPlan) -> Iterator[str]:

@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from meshctl import naming
+
 log = logging.getLogger("meshctl.runtime")
 
 LOG_MAX_BYTES = 10 * 1024 * 1024  # a log past this size is rotated
@@ -190,7 +192,7 @@ class LogClock:
 
 def task_log_path(state_dir: str, task_id: str) -> str:
     """Where the runtime writes a task's output: <state-dir>/tasks/<task-id>/log."""
-    return os.path.join(state_dir, "tasks", task_id, "log")
+    return os.path.join(naming.task_dir(state_dir, task_id), "log")
 
 
 Line = tuple[str, float]  # a log line's text and when it was written (0.0: not asked)
