@@ -184,11 +184,11 @@ def test_an_etcd_outage_fails_no_request_and_is_logged_once(cluster: Cluster) ->
     worker = threading.Thread(target=loop)
     worker.start()
     try:
-        time.sleep(2)
+        time.sleep(2)  # requests before it too: the count below (> 100) is over all three
         cluster.stop_etcd()
-        time.sleep(30)
+        time.sleep(30)  # the outage under test: past a lease, the store's retries at their cap
         cluster.start_etcd()
-        time.sleep(3)
+        time.sleep(3)  # requests go on while the controllers find the store back
     finally:
         stop.set()
         worker.join()
