@@ -157,21 +157,24 @@ def test_the_routing_mesh_answers_on_every_node_and_loses_no_request(short: Clus
     # Scaling 6 → 2 during a request loop through each node's published port: none fails.
     wait_live(cluster, "web", 6)
     failures: list[str] = []
+    answered: set[str] = set()
     stop = threading.Event()
 
     def loop(node: str) -> None:
         while not stop.is_set():
             if ask(node) is None:
                 failures.append(node)
+            else:
+                answered.add(node)
 
     workers = [threading.Thread(target=loop, args=(n,)) for n in cluster.nodes]
     for worker in workers:
         worker.start()
     try:
-        time.sleep(1)
+        wait_for(lambda: answered == set(cluster.nodes), 10, "every node's loop answered")
         cluster.cli("service", "scale", "web=2", "-d")
         wait_for(lambda: len(cluster.ps("web")) == 2, 60, "scaled to 2")
-        time.sleep(2)
+        time.sleep(2)  # requests go on while every node's load balancer lets the four go
     finally:
         stop.set()
         for worker in workers:
@@ -188,6 +191,8 @@ def test_a_partitioned_node_converges_within_one_resync_of_healing(short: Cluste
     cluster.cut("node3")
     try:
         cluster.cli("service", "scale", "web=5", "-d")
+        # The partition under test: node3's lease (4 s) long gone, its store retries at their
+        # cap (5 s) when it heals.
         time.sleep(30)
     finally:
         cluster.heal("node3")

@@ -691,7 +691,7 @@ class MeshMachine(RuleBasedStateMachine):
             ns = self._lb_ns(network["id"])
             if netns.exists(ns):
                 tables[ns] = observe.iptables_save(ns)  # for the marks, whatever the backend
-                reading = observe.LB_READERS[self.backend](ns)
+                reading = observe.LB_READERS[self.backend](ns, tables[ns])
                 lb[network["id"]] = (reading, observe.addresses(ns, "eth0"))
         return {"links": observe.links(self.node_ns), "lb": lb, "tables": tables}
 

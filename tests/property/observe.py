@@ -264,10 +264,13 @@ class NftablesLb:
         return nft_stray_vips(self.table, vips)
 
 
-# What an LB namespace holds, read with the tool of the backend the controller runs.
-LB_READERS: dict[str, Callable[[str], IptablesLb | NftablesLb]] = {
-    "iptables": lambda ns: IptablesLb(iptables_save(ns)),
-    "nftables": lambda ns: NftablesLb(nft_table(ns)),
+# What an LB namespace holds, read with the tool of the backend the controller runs: from its
+# name and its iptables-save (read for the marks whatever the backend; the iptables backend's
+# reading is that same snapshot, not a second one).
+SavedTables = dict[str, dict[str, list[SavedRule]]]
+LB_READERS: dict[str, Callable[[str, SavedTables], IptablesLb | NftablesLb]] = {
+    "iptables": lambda ns, saved: IptablesLb(saved),
+    "nftables": lambda ns, saved: NftablesLb(nft_table(ns)),
 }
 
 

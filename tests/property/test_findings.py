@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from tests.kernel.mesh import Mesh, wait_for
+from tests.property.machine import STABLE_RUN
 
 pytestmark = pytest.mark.root
 
@@ -128,13 +129,21 @@ def test_f4_a_stable_run_resets_the_back_off_after_an_unhealthy_restart(
     wait_for(lambda: len(_events(mesh, "task=web.1 started")) >= 7, 60, "six restarts")
     sick.unlink()
     wait_for(healthy, 30, "web.1 healthy again")
-    time.sleep(15)  # well past STABLE_RUN
+    # The run under test: past STABLE_RUN by a second, counted from the start the controller
+    # logged (just after it took its own start time); the stop below comes later still.
+    ran_since = _events(mesh, "task=web.1 started")[-1]
+    time.sleep(max(0.0, ran_since + STABLE_RUN + 1 - time.time()))
     starts = len(_events(mesh, "task=web.1 started"))
     sick.touch()
     wait_for(lambda: len(_events(mesh, "task=web.1 started")) > starts, 30, "the next start")
     stopped = _events(mesh, "task=web.1 stopped")[-1]
     started = _events(mesh, "task=web.1 started")[-1]
     assert started - stopped < 1.0, f"restarted {started - stopped:.1f}s after it stopped"
+
+
+# The stops of a task sick from its start that 20 s hold on a native host: after each the
+# back-off doubles from 0.1 s, so the 8th comes about 17 s in and the 9th 13 s after that.
+STOPS = 8
 
 
 def test_f5_a_task_in_back_off_is_not_shown_running(mesh: Mesh, tmp_path: Path) -> None:
@@ -153,11 +162,15 @@ def test_f5_a_task_in_back_off_is_not_shown_running(mesh: Mesh, tmp_path: Path) 
     mesh.wait_running("web", 1)
     sick.touch()
     seen: list[dict[str, Any]] = []
+    # Watched for 20 s, or until the back-off after the STOPS-th stop has been seen for a second.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         (task,) = mesh.ps("web")
         if task["state"] == "running" and task["pid"] is None:
             seen.append(task)
+        stops = _events(mesh, "task=web.1 stopped")
+        if len(stops) >= STOPS and time.time() > stops[-1] + 1:
+            break
         time.sleep(0.05)
     assert not seen, f"shown running without a process: {seen[0]}"
     starts = len(_events(mesh, "task=web.1 started"))
