@@ -129,8 +129,10 @@ def test_the_routing_mesh_answers_on_every_node_and_loses_no_request(short: Clus
     cluster = short
     cluster.cli("network", "create", "front")
     # No task on node3: it answers all the same, through the ingress overlay.
+    # A restart delay longer than the kill's check below: the killed task's slot answers
+    # again under the same name only after it.
     create(cluster, "web", 6, "--network", "front", "--publish", "8000:80",
-           "--constraint", "node.name!=node3")  # fmt: skip
+           "--constraint", "node.name!=node3", "--restart-delay", "10s")  # fmt: skip
     tasks = wait_live(cluster, "web", 6)
     assert {t["node"] for t in tasks} == {"node1", "node2"}
     names = {t["name"] for t in tasks}
@@ -147,12 +149,13 @@ def test_the_routing_mesh_answers_on_every_node_and_loses_no_request(short: Clus
                     30, "every node answering from every task")  # fmt: skip
     assert all(None not in c for c in seen.values()), seen
 
-    # A task killed on node2: after 1 s no new connection reaches it, from any node.
+    # A task killed on node2: every node's load balancer takes it out, so no request fails
+    # (how fast is #16's figure, measured by bench/overlay.py, not timed here).
     victim = next(t for t in tasks if t["node"] == "node2")
     cluster.in_node("node2", "kill", "-9", str(victim["pid"]))
-    time.sleep(1)
-    after = spread()
-    assert all(victim["name"] not in c for c in after.values()), after
+    wait_for(lambda: (s := spread()) and all(None not in c and victim["name"] not in c
+                                             for c in s.values()) and s,
+             8, "every node answering every request without the killed task")  # fmt: skip
 
     # Scaling 6 → 2 during a request loop through each node's published port: none fails.
     wait_live(cluster, "web", 6)
