@@ -45,7 +45,10 @@ def test_queries_through_127_0_0_11_cost_no_conntrack_entry_and_the_tasks_own_53
     assert mesh.dig(task, "+tcp", "@127.0.0.11", "web") == [vip]
     assert conntrack_count(mesh, task["id"]) == before  # no entry per query, UDP or TCP
     # The task's own server on :53 answers what is not sent to 127.0.0.11.
-    own = mesh.in_task(task["id"], "sh", "-c", f"echo x | socat -T{scaled(2):g} - UDP:127.0.0.1:53")
+    # socat -t: how long it waits for the answer once its input ended (0.5 s by default, less
+    # than a forked answer can take on a loaded machine).
+    wait = f"-t{scaled(5):g} -T{scaled(5):g}"
+    own = mesh.in_task(task["id"], "sh", "-c", f"echo x | socat {wait} - UDP:127.0.0.1:53")
     assert own.stdout.strip() == "own"
     # Its rewrite is the task's own nftables table, and no nat rule is left for DNS.
     listed = mesh.in_task(task["id"], "nft", "list", "table", "ip", "meshctl").stdout
