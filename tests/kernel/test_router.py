@@ -281,10 +281,13 @@ def test_no_request_fails_while_tasks_scale_fail_health_and_routes_change(
     sick.mkdir()
     mesh.cli("network", "create", "front", "--subnet", "10.94.0.0/24")
     mesh.cli("router", "enable")
-    # Healthy while it listens and no file names it sick.
+    # Healthy while it listens and no file names it sick. The start period covers a fresh
+    # process's start before it listens: without it one failed probe (retries 1) replaces a
+    # process still starting, which under TCG takes longer than an interval, again and again.
     service(mesh, "a", 4, "--hostname", "a.test", "--health-cmd",
             f'test ! -e {sick}/$(hostname) && nc -z 127.0.0.1 80',
-            "--health-interval", scaled_duration(0.3), "--health-retries", "1")  # fmt: skip
+            "--health-interval", scaled_duration(0.3), "--health-retries", "1",
+            "--health-start-period", scaled_duration(10))  # fmt: skip
     mesh.start_controller()
     mesh.wait_running("a", 4)
     wait_for(lambda: behind(client, "a.test", 16) == 4, 30, "4 tasks serving")
