@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -201,6 +203,7 @@ class Mesh:
 
     def close(self) -> None:
         self.stop_controller(signal.SIGKILL)
+        keep_log(self.controller_log)
         if os.path.exists(os.path.join(self.state_dir, "state.db")):
             for task_id in self.task_ids():
                 kill_processes_in(netns.path(task_netns(task_id)))
@@ -231,6 +234,19 @@ def breakable_iptables(tmp_path: Path) -> tuple[Path, Path]:
     )
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     return tools, broken
+
+
+def keep_log(path: str) -> None:
+    """Copy a controller's log into $MESHCTL_TEST_LOGS (the QEMU lane's results: the guest's
+    /tmp goes with the VM), named after the test that ran it."""
+    keep = os.environ.get("MESHCTL_TEST_LOGS")
+    if not keep or not os.path.exists(path):
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "unknown").split(" ")[0]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", test.removeprefix("tests/"))
+    os.makedirs(keep, exist_ok=True)
+    with open(path, "rb") as src, open(os.path.join(keep, f"{name}.log"), "ab") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def invoke_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:

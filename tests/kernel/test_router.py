@@ -282,10 +282,14 @@ def test_no_request_fails_while_tasks_scale_fail_health_and_routes_change(
     sick.mkdir()
     mesh.cli("network", "create", "front", "--subnet", "10.94.0.0/24")
     mesh.cli("router", "enable")
-    # Healthy while it listens and no file names it sick.
+    # Healthy while it listens and no file names it sick. The start period covers a fresh
+    # process's start before it listens (and a.2's below, while still named sick): without it
+    # one failed probe (retries 1) replaces a process still starting, which under TCG takes
+    # longer than an interval, again and again.
     service(mesh, "a", 4, "--hostname", "a.test", "--health-cmd",
             f'test ! -e {sick}/$(hostname) && nc -z 127.0.0.1 80',
-            "--health-interval", scaled_duration(0.3), "--health-retries", "1")  # fmt: skip
+            "--health-interval", scaled_duration(0.3), "--health-retries", "1",
+            "--health-start-period", scaled_duration(10))  # fmt: skip
     mesh.start_controller()
     mesh.wait_running("a", 4)
     wait_for(lambda: behind(client, "a.test", 16) == 4, 30, "4 tasks serving")
@@ -306,10 +310,18 @@ def test_no_request_fails_while_tasks_scale_fail_health_and_routes_change(
                  "4 healthy tasks")  # fmt: skip
         mark = loop.codes().total()
         wait_for(lambda: served(mark + 100), 30, "requests after scaling up")
-        # A task's health fails: it leaves the backend, is restarted, comes back.
+        # A task's health fails: it leaves the backend, is restarted, comes back. It stays sick
+        # until its process is replaced: cured as soon as it shows unhealthy, it may pass a
+        # probe before the controller's next pass acts on it, and stay in its old process.
         (victim,) = [t for t in mesh.running("a") if t["name"] == "a.2"]
         (sick / "a.2").touch()
         wait_for(lambda: "unhealthy" in health(mesh, "a.2"), 30, "a.2 unhealthy")
+
+        def restarted() -> bool:
+            pids = {t["pid"] for t in mesh.ps("a") if t["name"] == "a.2"}
+            return bool(pids - {None, victim["pid"]})
+
+        wait_for(restarted, 30, "a.2 in a new process")
         (sick / "a.2").unlink()
 
         def recovered() -> bool:
