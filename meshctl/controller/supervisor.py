@@ -112,11 +112,21 @@ class Supervisor:
         return iter(())  # processes are not kernel state: `meshctl diff` shows none
 
     def adopt(self, view: ClusterView) -> None:
-        """After a restart: take over the processes an earlier controller started."""
+        """After a restart: take over the processes an earlier controller started: the one its
+        task directory names (written as it started, so a controller killed before it wrote
+        the task's record leaves no process behind), else the one the record names."""
         for task in view.tasks_on(self.node):
-            if task.id in self.tasks or task.pid is None or task.start_time is None:
+            if task.id in self.tasks:
                 continue
-            process = runtime.adopt(task.pid, task.start_time)
+            known = [runtime.read_process_file(self.task_dir(task.id))]
+            if task.pid is not None and task.start_time is not None:
+                known.append((task.pid, task.start_time))
+            candidates = [pid_and_start for pid_and_start in known if pid_and_start is not None]
+            if not candidates:
+                continue
+            process = next(
+                (p for p in (runtime.adopt(*c) for c in candidates) if p is not None), None
+            )
             local = self.tasks.setdefault(task.id, Local())
             if process is None:
                 local.last_exit = (None, "the process ended while the controller was away")
@@ -248,6 +258,7 @@ class Supervisor:
         )
         try:
             local.process = runtime.start(spec)
+            runtime.write_process_file(task_dir, local.process)
         except (KernelError, OSError) as err:
             local.last_exit = (None, f"start failed: {err}")
             local.not_before = 0.0

@@ -33,8 +33,10 @@ from meshctl.runtime.process import (
     adopt,
     exec_argv,
     hosts_text,
+    read_process_file,
     read_start_time,
     start,
+    write_process_file,
 )
 
 __all__ = [
@@ -45,6 +47,8 @@ __all__ = [
     "read_log",
     "read_times",
     "RESOLV_CONF",
+    "read_process_file",
+    "write_process_file",
     "HealthState",
     "HealthTracker",
     "ProbeResult",

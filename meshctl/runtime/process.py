@@ -10,6 +10,7 @@ controller spawns is the PID of the task. A pidfd names the process without PID-
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import shutil
@@ -244,6 +245,28 @@ def _read_ready(fd: int) -> bool:
     if not poller.poll(int(SETUP_TIMEOUT * 1000)):
         return False
     return os.read(fd, 1) == b"x"
+
+
+PROCESS_FILE = "process"  # in a task's directory: the pid and start time of its process
+
+
+def write_process_file(task_dir: str, process: TaskProcess) -> None:
+    """Name the task's process in its directory at once (atomically), before any store write,
+    so that a controller killed right after starting it does not lose it."""
+    path = os.path.join(task_dir, PROCESS_FILE)
+    with open(f"{path}.new", "w") as f:
+        json.dump([process.pid, process.start_time], f)
+    os.replace(f"{path}.new", path)
+
+
+def read_process_file(task_dir: str) -> tuple[int, int] | None:
+    """The (pid, start time) a task's directory names, or None."""
+    try:
+        with open(os.path.join(task_dir, PROCESS_FILE)) as f:
+            pid, start_time = json.load(f)
+    except (FileNotFoundError, ValueError, TypeError):
+        return None
+    return int(pid), int(start_time)
 
 
 def adopt(pid: int, start_time: int) -> TaskProcess | None:

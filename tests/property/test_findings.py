@@ -44,8 +44,9 @@ def _log(mesh: Mesh) -> str:
 
 def test_f2_rolling_update_short_of_addresses_stops_nothing_else(mesh: Mesh) -> None:
     """A /29 holds gateway, LB address, VIP and two tasks, and one address is free, so
-    `service update` is accepted (commands.service checks it has room for one). The first new task takes it; the
-    old one is then told to stop, but the next pass made the second new task first
+    `service update` is accepted (commands.service checks it has room for one). The first
+    new task takes it; the old one is then told to stop, but the next pass made the second
+    new task first
     (updater._step → tasks.create_tasks, before the supervisor stops anything), got
     AddressExhausted, and so did every pass after it ("reconcile pass failed; retrying"):
     the old task never stopped, its address never freed, and nothing else on the node was

@@ -119,3 +119,39 @@ def test_an_exit_is_written_before_anything_else_of_the_pass(tmp_path: Path) -> 
         local = supervisor.tasks[record.name]
         assert (local.process, local.last_exit) == (None, None)  # written; no restart yet
         assert not supervisor.record_changes(read_view(store))  # nothing new to say
+
+
+def test_a_restarted_controller_adopts_the_process_its_task_directory_names(
+    tmp_path: Path,
+) -> None:
+    """A controller killed after starting a task's process but before writing its record: the
+    record names no process (or an older one), the task's directory names the new one, and
+    the next controller adopts that one instead of starting another beside it."""
+    import subprocess
+
+    from meshctl import runtime
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        start_time = runtime.read_start_time(child.pid)
+        assert start_time is not None
+        with SqliteStore(str(tmp_path / "store.db")) as store:
+            supervisor = Supervisor(store, "node1", str(tmp_path))
+            task = Task(service="web", service_id="s1", slot=1, spec_version=1, node="node1")
+            process = runtime.adopt(child.pid, start_time)
+            assert process is not None
+            (tmp_path / "tasks" / task.id).mkdir(parents=True)
+            runtime.write_process_file(supervisor.task_dir(task.id), process)
+            process.close()
+
+            class View:
+                def tasks_on(self, node: str) -> list[Task]:
+                    return [task] if node == "node1" else []
+
+            supervisor.adopt(cast(Any, View()))
+            adopted = supervisor.tasks[task.id].process
+            assert adopted is not None and adopted.pid == child.pid
+            adopted.close()
+    finally:
+        child.kill()
+        child.wait()
