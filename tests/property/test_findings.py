@@ -46,11 +46,10 @@ def test_f2_rolling_update_short_of_addresses_stops_nothing_else(mesh: Mesh) -> 
     """A /29 holds gateway, LB address, VIP and two tasks, and one address is free, so
     `service update` is accepted (commands.service checks it has room for one). The first
     new task takes it; the old one is then told to stop, but the next pass made the second
-    new task first
-    (updater._step → tasks.create_tasks, before the supervisor stops anything), got
-    AddressExhausted, and so did every pass after it ("reconcile pass failed; retrying"):
-    the old task never stopped, its address never freed, and nothing else on the node was
-    done any more. Now the update waits (reported) and the pass goes on."""
+    new task first (updater._step → tasks.create_tasks, before the supervisor stops
+    anything), got AddressExhausted, and so did every pass after it ("reconcile pass failed;
+    retrying"): the old task never stopped, its address never freed, and nothing else on the
+    node was done any more. Now the update waits (reported) and the pass goes on."""
     mesh.cli("network", "create", "small", "--subnet", "10.78.1.0/29")
     mesh.cli("network", "create", "other", "--subnet", "10.78.2.0/24")
     mesh.cli("service", "create", "--name", "web", "--replicas", "2", "--network", "small",
