@@ -38,6 +38,10 @@ def test_metrics_and_health_follow_a_scale_a_kill_traffic_and_a_broken_kernel(
         wait_for(lambda: mesh.endpoint("/readyz") == (200, "ok\n"), 30, "/readyz to say ok")
         assert mesh.endpoint("/healthz") == (200, "ok\n")
         assert mesh.metric("meshctl_controller_ready") == 1
+        # Ready after the first pass that converged; the store changes it made are applied,
+        # and their programming observed, by the next (a pass may take seconds under TCG).
+        wait_for(lambda: mesh.metric("meshctl_network_programming_duration_seconds_count") > 0,
+                 30, "a store change's programming observed")  # fmt: skip
         passes = mesh.metric("meshctl_reconcile_duration_seconds_count", kind="pass")
         programmed = mesh.metric("meshctl_network_programming_duration_seconds_count")
         writes = mesh.metric("meshctl_kernel_operations_total", op="write", result="ok")
