@@ -59,21 +59,27 @@ def _create_network(url: str, name: str, start: Any, results: Any) -> None:
         results.put((name, repr(err)))
 
 
-def test_concurrent_network_creates_never_share_a_subnet(store_url: str) -> None:
-    """12 `network create` at once once stored two pairs of networks on one subnet (#14)."""
+def _create_at_once(store_url: str, count: int) -> dict[str, str]:
+    """`count` network creates (n0, n1, ...) from as many processes at once: name → subnet
+    or the error."""
     ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(12), ctx.Queue()
+    start, results = ctx.Barrier(count), ctx.Queue()
     procs = [
         ctx.Process(target=_create_network, args=(store_url, f"n{i}", start, results))
-        for i in range(12)
+        for i in range(count)
     ]
     for proc in procs:
         proc.start()
     try:
-        outcomes = dict(results.get(timeout=60) for _ in procs)
+        return dict(results.get(timeout=60) for _ in procs)
     finally:
         for proc in procs:
             proc.join(timeout=10)
+
+
+def test_concurrent_network_creates_never_share_a_subnet(store_url: str) -> None:
+    """12 `network create` at once once stored two pairs of networks on one subnet (#14)."""
+    outcomes = _create_at_once(store_url, 12)
     assert all(subnet.startswith("10.10.") for subnet in outcomes.values()), outcomes
     assert len(set(outcomes.values())) == 12, outcomes
     with open_store(store_url) as check:
@@ -93,19 +99,7 @@ def test_racing_creates_never_pass_the_network_limit(
     """$MESHCTL_MAX_NETWORKS is checked in create_network's transaction: 12 creates at once
     with room for 5 leave exactly 5 networks, whoever writes them."""
     monkeypatch.setenv("MESHCTL_MAX_NETWORKS", "5")  # the spawned writers inherit it
-    ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Barrier(12), ctx.Queue()
-    procs = [
-        ctx.Process(target=_create_network, args=(store_url, f"n{i}", start, results))
-        for i in range(12)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        outcomes = dict(results.get(timeout=60) for _ in procs)
-    finally:
-        for proc in procs:
-            proc.join(timeout=10)
+    outcomes = _create_at_once(store_url, 12)
     refused = {name for name, result in outcomes.items() if "the limit is 5" in result}
     assert len(refused) == 7, outcomes
     with open_store(store_url) as check:
