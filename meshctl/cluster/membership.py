@@ -4,11 +4,13 @@ join() records the node (its id, labels and availability kept from earlier start
 its status under a new lease. Another live controller's status for the same node name refuses
 the start; one left behind by a controller of this host that has died (its pid gone, or reused
 by another process) is taken over at once, so a restart after a crash need not wait for the
-lease to run out. A thread renews the lease every ttl/3. When it lapsed anyway (the store was
-out of reach longer than the ttl, and the leader has meanwhile rescheduled this node's tasks),
-a new lease is taken and the status put again. report() writes the status only when what it
-says changed; lead() takes the leader key when it is free. A stopping controller leaves its
-lease to expire: a restart within the ttl takes over without the node ever looking down.
+lease to run out. The takeover moves the status (and the leadership, if the dead controller
+held it) to the new lease in one transaction: the leader never sees the node down, so a
+restart replaces none of its tasks. A stopping controller leaves its lease to expire for the
+same reason. A thread renews the lease every ttl/3. When it lapsed anyway (the store was out
+of reach longer than the ttl, and the leader has meanwhile rescheduled this node's tasks), a
+new lease is taken and the status put again. report() writes the status only when what it
+says changed; lead() takes the leader key when it is free.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from meshctl.model import (
     from_record,
 )
 from meshctl.runtime import read_start_time
-from meshctl.store import Conflict, LeaseExpired, Record, Store, StoreError
+from meshctl.store import Conflict, LeaseExpired, Op, Put, Record, Store, StoreError
 
 log = logging.getLogger("meshctl.membership")
 
@@ -107,39 +109,57 @@ class Membership:
 
     def _take_status(self) -> None:
         """A new lease and the node's status under it, over a dead predecessor's if need be."""
-        current = self.store.get(NODE_STATUS, self.node.name)
-        if current is not None:
-            self._take_over(current)
-        lease = self.store.grant_lease(self.ttl)
-        status = self._status
-        try:
-            self.store.put(
-                NODE_STATUS, self.node.name, self._value(status, lease), expect=0, lease=lease
-            )
-        except Conflict:
-            self.store.revoke_lease(lease)
-            raise NodeBusy(
-                f"node {self.node.name}: another controller started for it just now; "
-                "run one controller per node"
-            ) from None
-        with self._lock:
-            self.lease = lease
-            self._written = status
+        for _ in range(3):  # the predecessor's lease may run out between reading and writing
+            current = self.store.get(NODE_STATUS, self.node.name)
+            if current is not None:
+                self._refuse_live(current)
+            lease = self.store.grant_lease(self.ttl)
+            try:
+                self.store.txn(self._takeover_ops(current, lease))
+            except Conflict:
+                self.store.revoke_lease(lease)
+                continue
+            if current is not None:  # it holds none of this node's keys any more
+                self.store.revoke_lease(int(current.value.get("lease", 0)))
+            with self._lock:
+                self.lease = lease
+                self._written = self._status
+            return
+        raise NodeBusy(
+            f"node {self.node.name}: another controller started for it just now; "
+            "run one controller per node"
+        )
 
-    def _take_over(self, current: Record) -> None:
-        """Take the status of a controller of this host that died; refuse a live one."""
+    def _refuse_live(self, current: Record) -> None:
+        """NodeBusy unless the status is a controller's of this host that has died."""
         other = from_record(NodeStatus, current)
-        value = current.value
         here = other.boot_id == self._status.boot_id and other.boot_id != ""
         if here and not _process_alive(other.pid, other.pid_start):
             log.info("node=%s taking over from pid %d, which ended", other.node, other.pid)
-            self.store.revoke_lease(int(value.get("lease", 0)))  # its status goes with it
             return
         where = f"pid {other.pid} on this host" if here else "on another host"
         raise NodeBusy(
             f"node {self.node.name} already has a live controller ({where}); stop it first, "
             f"or give this one another --node"
         )
+
+    def _takeover_ops(self, current: Record | None, lease: int) -> list[Op]:
+        """The status under the new lease, replacing the predecessor's in place, and the
+        leadership if the predecessor held it: one transaction, so the node never looks down
+        to the leader (which would reschedule its running tasks) and the cluster never
+        leaderless while a controller restarts."""
+        value = self._value(self._status, lease)
+        if current is None:
+            return [Put(NODE_STATUS, self.node.name, value, expect=0, lease=lease)]
+        ops: list[Op] = [
+            Put(NODE_STATUS, self.node.name, value, expect=current.mod_revision, lease=lease)
+        ]
+        leader = self.store.get(LEADER, LEADER_KEY)
+        if leader is not None and leader.value.get("node") == self.node.name:
+            ops.append(
+                Put(LEADER, LEADER_KEY, leader.value, expect=leader.mod_revision, lease=lease)
+            )
+        return ops
 
     def _value(self, status: NodeStatus, lease: int) -> dict[str, object]:
         return {**status.to_dict(), "lease": lease}

@@ -71,11 +71,21 @@ def test_a_dead_controllers_status_on_this_host_is_taken_over_at_once(store: Sto
     lease = store.grant_lease(30)
     dead = NodeStatus("node1", pid=ended.pid, pid_start=start or 1, boot_id=boot_id())
     store.put(NODE_STATUS, "node1", {**dead.to_dict(), "lease": lease}, lease=lease)
+    store.put(LEADER, LEADER_KEY, {"node": "node1"}, lease=lease)  # the dead one led
+    before = store.revision()
     member = Membership(store, Node("node1"), ttl=5)
     member.join()
     assert member.lease != lease
     assert nodes.statuses(store)["node1"].pid != ended.pid
     assert not store.keep_alive(lease)  # the dead one's lease was revoked
+    # The status and the leadership moved to the new lease in place: neither key was ever
+    # deleted, so the leader never saw the node down (which reschedules its tasks).
+    events = store.watch(before, timeout=1)
+    assert [(e.kind, e.type) for e in events if e.type != "put"] == []
+    assert {(NODE_STATUS, "node1"), (LEADER, LEADER_KEY)} <= {(e.kind, e.name) for e in events}
+    assert store.get(LEADER, LEADER_KEY).value == {"node": "node1"}  # type: ignore[union-attr]
+    store.revoke_lease(member.lease)
+    assert store.get(LEADER, LEADER_KEY) is None  # it is under the new lease now
 
 
 def test_the_lease_keeps_the_node_up_until_it_stops_being_renewed(store: Store) -> None:
