@@ -117,6 +117,7 @@ class DnsServer:
         self._tables: dict[frozenset[str], ScopeTable] = {}
         self._endpoints: dict[str, _Endpoint] = {}
         self._pending: set[asyncio.Task[Any]] = set()
+        self._waiting: set[str] = set()  # adopted endpoints not read until the next update
 
     def _table(self, scope: frozenset[str]) -> ScopeTable:
         table = self._tables.get(scope)
@@ -125,11 +126,15 @@ class DnsServer:
         return table
 
     def update(self, view: DnsView) -> None:
-        """Rebuild the records from view and swap every endpoint to the new tables at once."""
+        """Rebuild the records from view and swap every endpoint to the new tables at once;
+        serve the adopted endpoints that waited for records."""
         self._zones = build_zones(view)
         self._tables = {}
         for endpoint in self._endpoints.values():
             endpoint.table = self._table(endpoint.networks)
+        waiting, self._waiting = self._waiting, set()
+        for endpoint_id in sorted(waiting & set(self._endpoints)):
+            self._serve(self._endpoints[endpoint_id])
 
     async def add_endpoint(
         self,
@@ -146,11 +151,39 @@ class DnsServer:
         """
         self.remove_endpoint(endpoint_id)
         udp, tcp = netns.run_in(namespace, _open_sockets, address, port)
+        return self.adopt_endpoint(endpoint_id, networks, udp, tcp)
+
+    def adopt_endpoint(
+        self,
+        endpoint_id: str,
+        networks: frozenset[str],
+        udp: socket.socket,
+        tcp: socket.socket,
+        *,
+        waiting: bool = False,
+    ) -> tuple[int, int]:
+        """Serve sockets opened earlier; returns their (UDP, TCP) ports. Those of a controller
+        before this one (waiting: True) are read from the next update() on: what they queued
+        meanwhile is then answered from the records, not from an empty table."""
+        self.remove_endpoint(endpoint_id)
+        udp.setblocking(False)
+        tcp.setblocking(False)
         endpoint = _Endpoint(endpoint_id, networks, udp, tcp, self._table(networks))
-        asyncio.get_running_loop().add_reader(udp.fileno(), self._on_udp, endpoint)
-        self._start(endpoint, self._accept(endpoint))
         self._endpoints[endpoint_id] = endpoint
+        if waiting:
+            self._waiting.add(endpoint_id)
+        else:
+            self._serve(endpoint)
         return udp.getsockname()[1], tcp.getsockname()[1]
+
+    def _serve(self, endpoint: _Endpoint) -> None:
+        asyncio.get_running_loop().add_reader(endpoint.udp.fileno(), self._on_udp, endpoint)
+        self._start(endpoint, self._accept(endpoint))
+
+    def sockets(self, endpoint_id: str) -> tuple[socket.socket, socket.socket]:
+        """An endpoint's (UDP, TCP) sockets, to hand to the socket keeper."""
+        endpoint = self._endpoints[endpoint_id]
+        return endpoint.udp, endpoint.tcp
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         """Stop serving an endpoint and close its sockets; a missing one is a no-op."""
@@ -159,6 +192,9 @@ class DnsServer:
             return
         asyncio.get_running_loop().remove_reader(endpoint.udp.fileno())
         endpoint.udp.close()
+        if endpoint_id in self._waiting:  # never served: no task holds its TCP socket
+            self._waiting.discard(endpoint_id)
+            endpoint.tcp.close()
         # Each task closes its socket as it ends, after the loop stopped watching it.
         for task in endpoint.tasks:
             task.cancel()

@@ -7,6 +7,7 @@ bench can start the server "on a node" (a namespace it made) and drive it synchr
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
@@ -47,6 +48,30 @@ class ServerThread:
     ) -> tuple[int, int]:
         """DnsServer.add_endpoint, from this thread."""
         return self.run(self.server.add_endpoint(endpoint_id, namespace, networks, **kw))
+
+    def adopt_endpoint(
+        self,
+        endpoint_id: str,
+        networks: frozenset[str],
+        udp: socket.socket,
+        tcp: socket.socket,
+        *,
+        waiting: bool = False,
+    ) -> tuple[int, int]:
+        """DnsServer.adopt_endpoint, from this thread."""
+
+        async def adopt() -> tuple[int, int]:
+            return self.server.adopt_endpoint(endpoint_id, networks, udp, tcp, waiting=waiting)
+
+        return self.run(adopt())
+
+    def sockets(self, endpoint_id: str) -> tuple[socket.socket, socket.socket]:
+        """DnsServer.sockets, from this thread."""
+
+        async def get() -> tuple[socket.socket, socket.socket]:
+            return self.server.sockets(endpoint_id)
+
+        return self.run(get())
 
     def remove_endpoint(self, endpoint_id: str) -> None:
         """DnsServer.remove_endpoint, from this thread."""

@@ -35,6 +35,7 @@ LAYER_OF = {
     "meshctl.events": "base",
     "meshctl.sysctls": "base",
     "meshctl.reconcile": "base",
+    "meshctl.keeper": "base",
     "meshctl.node": "features",
     "meshctl.overlay": "features",
     "meshctl.lb": "features",
