@@ -22,7 +22,10 @@ from meshctl.store import open_store
 from meshctl.view import read_view
 from tests.kernel.mesh import LB_BACKEND, Mesh
 
-pytestmark = [pytest.mark.root, pytest.mark.ipvs]
+# Not in the QEMU lane: its drift (a bridge's address, a task's leg, a VIP's address in the LB
+# namespace) and the plan lines it compares are the same whatever the LB backend; drift of the
+# backend's own objects (an IPVS service) is test_service_discovery's drift test's.
+pytestmark = pytest.mark.root
 
 
 def _controllers_next_plan(mesh: Mesh) -> list[str]:

@@ -12,6 +12,8 @@ from kernel.nftables import Nftables
 from tests.conftest import scaled
 from tests.kernel.mesh import Mesh
 
+# In the QEMU lane too: the task DNS redirect is the other half of the node's Dataplane, chosen
+# beside the LB backend (meshctl.controller.dataplane).
 pytestmark = [pytest.mark.root, pytest.mark.ipvs]
 
 # The task's own DNS-port server: answers any datagram to port 53 with "own".

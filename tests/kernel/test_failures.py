@@ -14,7 +14,9 @@ from meshctl.naming import task_netns
 from meshctl.store import open_store
 from tests.kernel.mesh import Mesh, ask, wait_for
 
-pytestmark = [pytest.mark.root, pytest.mark.ipvs]
+# Not in the QEMU lane: a network with no LB address fails before any backend is asked, and a
+# failing pass is the iptables tool's; VIPs on IPVS are test_service_discovery's.
+pytestmark = pytest.mark.root
 
 
 def _store(mesh: Mesh) -> str:
