@@ -7,8 +7,10 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import shutil
 import ssl
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -67,6 +69,39 @@ def test_issued_cert_verifies_against_its_ca_only(
     assert not pki.verify(cert, other_ca[0])
     foreign, _ = pki.make_node_cert(*other_ca, node="n1", role="worker")
     assert not pki.verify(foreign, ca[0])
+
+
+def test_same_named_ca_with_another_key_does_not_verify(ca: tuple[bytes, bytes]) -> None:
+    impostor = pki.make_ca()
+    assert load(impostor[0]).subject == load(ca[0]).subject
+    cert, _ = pki.make_node_cert(*ca, node="n1", role="worker")
+    assert not pki.verify(cert, impostor[0])
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_openssl_accepts_the_certificates_strictly(tmp_path: Path, ca: tuple[bytes, bytes]) -> None:
+    """Another implementation's opinion: RFC 5280 strict checks (an empty subject needs a
+    critical SAN, the AKI...) and the TLS server and client purposes."""
+    pki.write_public(str(tmp_path / "ca.crt"), ca[0])
+    for role, purpose in (("manager", "sslserver"), ("worker", "sslclient")):
+        cert, _ = pki.make_node_cert(*ca, node="n1", role=role)
+        pki.write_public(str(tmp_path / "node.crt"), cert)
+        result = subprocess.run(
+            [
+                "openssl",
+                "verify",
+                "-x509_strict",
+                "-purpose",
+                purpose,
+                "-CAfile",
+                str(tmp_path / "ca.crt"),
+                str(tmp_path / "node.crt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_node_cert_names(ca: tuple[bytes, bytes]) -> None:
