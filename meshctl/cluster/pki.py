@@ -4,8 +4,8 @@ signs for the nodes that join. Keys are EC P-256: small and fast to make.
 A node certificate's subject is EMPTY: etcd's JSON gateway, which meshctl talks to, refuses a
 client certificate with a CommonName (etcd PR #10392). The node's identity is in SAN URIs
 instead, `meshctl://node/<node>` and `meshctl://role/<role>`; etcd users and passwords
-authenticate on top of mutual TLS. Every function takes and returns PEM bytes, without side effects
-but write_private and write_public, which write files.
+authenticate on top of mutual TLS. Every function takes and returns PEM bytes and has no side
+effects, except write_private and write_public, which write files.
 """
 
 from __future__ import annotations
