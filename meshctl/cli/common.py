@@ -21,6 +21,7 @@ from meshctl.model import (
     check_name,
 )
 from meshctl.store import Store, StoreError, default_store_url, open_store, resolve_state_dir
+from meshctl.store.etcd_access import EtcdAccess
 
 Format = str  # table, json or a template (meshctl.cli.formats)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -47,18 +48,34 @@ class Group(click.Group):
             raise
 
 
+def store_access(
+    cacert: str | None,
+    cert: str | None,
+    key: str | None,
+    user: str | None,
+    password_file: str | None,
+) -> EtcdAccess | None:
+    """The TLS and login options of an https:// store; None when none is given."""
+    if not any((cacert, cert, key, user, password_file)):
+        return None
+    return EtcdAccess(cacert or "", cert or "", key or "", user or None, password_file or None)
+
+
 class Env:
     """The state dir and store of this invocation; the store is opened on first use."""
 
-    def __init__(self, state_dir: str | None, store_url: str | None) -> None:
+    def __init__(
+        self, state_dir: str | None, store_url: str | None, access: EtcdAccess | None = None
+    ) -> None:
         self.state_dir = resolve_state_dir(state_dir)
         self.store_url = store_url or default_store_url(self.state_dir)
+        self.access = access
         self._store: Store | None = None
 
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.store_url)
+            self._store = open_store(self.store_url, self.access)
         return self._store
 
     def close(self) -> None:
@@ -137,7 +154,10 @@ def names(
         if url.startswith("sqlite://") and not os.path.exists("/" + url[9:].lstrip("/")):
             return []
         try:
-            with open_store(url) as opened:
+            access = store_access(
+                *(root.get(o) for o in ("cacert", "cert", "key", "user", "password_file"))
+            )
+            with open_store(url, access) as opened:
                 found = {
                     str(r.value.get("name", r.name)) if kind == TASK else r.name
                     for kind in kinds

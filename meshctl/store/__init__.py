@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
+
+if TYPE_CHECKING:
+    from meshctl.store.etcd_access import EtcdAccess
 
 DEFAULT_STATE_DIR = "/var/lib/meshctl"
 STATE_DIR_ENV = "MESHCTL_STATE_DIR"
@@ -277,9 +280,15 @@ def default_store_url(state_dir: str) -> str:
     return "sqlite://" + os.path.join(os.path.abspath(state_dir), STATE_DB)
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, access: EtcdAccess | None = None) -> Store:
     """Open the store a --store URL names: sqlite:///abs/path/state.db, or
-    etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (keys under PREFIX, default /meshctl)."""
+    etcd://HOST:PORT[,HOST:PORT...][/PREFIX] (keys under PREFIX, default /meshctl; http:// is
+    the same), or https://… for etcd over TLS with the certificates and login of access."""
+    if access is not None and not url.startswith("https://"):
+        raise StoreError(
+            f"--cacert, --cert, --key, --user and --password-file are for an https:// store, "
+            f"not {url!r}"
+        )
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://")
         if not path.startswith("/"):
@@ -290,12 +299,14 @@ def open_store(url: str) -> Store:
 
         # sqlite:////abs (SQLAlchemy's spelling) names the same file as sqlite:///abs.
         return SqliteStore("/" + path.lstrip("/"))
-    if url.startswith("etcd://"):
+    if url.startswith(("etcd://", "http://", "https://")):
         from meshctl.store.etcd import EtcdStore, parse_etcd_url
 
+        if url.startswith("https://") and access is None:
+            raise StoreError(f"store URL {url!r} is TLS: give --cacert, --cert and --key")
         endpoints, prefix = parse_etcd_url(url)
-        return EtcdStore(endpoints, prefix)
+        return EtcdStore(endpoints, prefix, access=access)
     raise StoreError(
-        f"store URL {url!r} is not understood; use sqlite:///<absolute path to state.db> or "
-        "etcd://HOST:PORT[,HOST:PORT...]"
+        f"store URL {url!r} is not understood; use sqlite:///<absolute path to state.db>, "
+        "etcd://HOST:PORT[,HOST:PORT...] or https://HOST:PORT[,HOST:PORT...] (TLS)"
     )

@@ -7,6 +7,10 @@ endpoints may be given: a request that cannot reach one tries the next. A watch 
 streaming request read by a thread of its own; etcd reports a compacted start revision by
 cancelling the watch with `compact_revision`, which etcd3gw drops, so it is read here and
 raised as Compacted.
+
+With an EtcdAccess (an https:// store, #26) every request, the watch included, goes over TLS
+verified against the cluster CA with this node's client certificate, and carries the token of
+an etcd login; a refused token (expired, or dropped by an etcd restart) is renewed once.
 """
 
 from __future__ import annotations
@@ -14,19 +18,19 @@ from __future__ import annotations
 import base64
 import builtins
 import contextlib
+import itertools
 import json
 import math
 import queue
 import socket
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import requests
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 
@@ -45,6 +49,9 @@ from meshctl.store import (
     Unavailable,
     Value,
 )
+from meshctl.store.etcd_access import EtcdAccess, TokenRefused, refusal, tls_failure
+
+__all__ = ["EtcdAccess", "EtcdStore", "parse_etcd_url"]
 
 # Keep-alive probes after 2 s of silence, every second, 3 unanswered: a dead peer ends the
 # watch's read within about 5 s; unacknowledged data gives up after 5 s as well.
@@ -60,11 +67,16 @@ DEFAULT_PREFIX = "/meshctl"
 DEFAULT_PORT = 2379
 PAGE = 1000  # keys per range request when listing
 REQUEST_TIMEOUT = 5.0
+SCHEMES = ("etcd://", "http://", "https://")  # https:// is TLS (with an EtcdAccess)
+# Answers that say this member cannot serve now: another endpoint may.
+_BUSY = (503, 408, 504)
+T = TypeVar("T")
 
 
 def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
-    """etcd://HOST[:PORT][,HOST[:PORT]...][/PREFIX] → endpoints and the key prefix."""
-    rest = url.removeprefix("etcd://")
+    """etcd://HOST[:PORT][,HOST[:PORT]...][/PREFIX] → endpoints and the key prefix (also for
+    http://, its synonym, and https://, the same over TLS)."""
+    rest = next((url.removeprefix(s) for s in SCHEMES if url.startswith(s)), url)
     hosts, slash, path = rest.partition("/")
     prefix = "/" + path.strip("/") if slash and path.strip("/") else DEFAULT_PREFIX
     endpoints = []
@@ -77,7 +89,7 @@ def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
         if not host or not item:
             raise StoreError(
                 f"store URL {url!r}: {item!r} is not HOST:PORT; write "
-                "etcd://HOST:PORT[,HOST:PORT...], like etcd://10.0.0.1:2379"
+                "etcd://HOST:PORT[,HOST:PORT...] (https:// for TLS), like etcd://10.0.0.1:2379"
             )
         endpoints.append((host, port))
     return endpoints, prefix
@@ -112,25 +124,38 @@ class EtcdStore(ClosedOnExit):
         prefix: str = DEFAULT_PREFIX,
         *,
         timeout: float = REQUEST_TIMEOUT,
+        access: EtcdAccess | None = None,
     ) -> None:
         if not endpoints:
             raise StoreError("an etcd store needs at least one endpoint HOST:PORT")
         self.endpoints = list(endpoints)
         self.prefix = prefix.rstrip("/")
+        self.access = access
+        self._timeout = timeout
+        scheme = "https" if access else "http"
+        self._session = requests.Session()
+        # The watch is one long read: a peer cut off without a word (a partition) must be
+        # noticed by TCP itself, so its connections probe an idle peer and give up quickly.
+        self._watching = requests.Session()
+        self._watching.mount(f"{scheme}://", _LivelyAdapter())
+        for session in (self._session, self._watching):
+            session.trust_env = False  # no proxy or CA bundle from the environment
+            if access:
+                session.verify = access.cacert
+                session.cert = (access.cert, access.key)
         self._clients = [
-            Etcd3Client(host, port, timeout=timeout, api_path="/v3/") for host, port in endpoints
+            Etcd3Client(host, port, scheme, api_path="/v3/", session=self._session)
+            for host, port in endpoints
         ]
         self._current = 0  # the endpoint that answered last
         self._lock = threading.Lock()
         self._stream: _WatchStream | None = None
-        # The watch is one long read: a peer cut off without a word (a partition) must be
-        # noticed by TCP itself, so its connections probe an idle peer and give up quickly.
-        self._watching = requests.Session()
-        self._watching.mount("http://", _LivelyAdapter())
+        self._login_lock = threading.Lock()
+        self._token: str | None = None  # the login's token; None before the first login
 
     def __repr__(self) -> str:
         hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
-        return f"etcd://{hosts}{self.prefix}"
+        return f"{'https' if self.access else 'etcd'}://{hosts}{self.prefix}"
 
     # -- keys ----------------------------------------------------------------------------------
 
@@ -149,24 +174,77 @@ class EtcdStore(ClosedOnExit):
     # -- requests ------------------------------------------------------------------------------
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST to the first endpoint that answers, logged in."""
+        return self._logged_in(lambda: self._post_once(path, body))
+
+    def _post_once(
+        self, path: str, body: dict[str, Any], headers: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         """POST to the first endpoint that answers, starting with the one that answered last."""
-        errors = []
+        errors, tls = [], []
         for step in range(len(self._clients)):
             index = (self._current + step) % len(self._clients)
             client = self._clients[index]
+            endpoint = f"{client.host}:{client.port}"
             try:
-                result: dict[str, Any] = client.post(client.get_url(path), json=body)
-            except (ConnectionFailedError, ConnectionTimeoutError) as err:
-                reason = (
-                    "timed out" if isinstance(err, ConnectionTimeoutError) else "connection failed"
+                response = self._session.post(
+                    client.get_url(path), json=body, timeout=self._timeout, headers=headers
                 )
-                errors.append(f"{client.host}:{client.port} {reason}")
+            except requests.exceptions.SSLError as err:
+                tls.append(tls_failure(endpoint, self.access, str(err)))
                 continue
-            except Etcd3Exception as err:
-                raise _etcd_error(self, err) from None
+            except requests.RequestException as err:
+                reason = "timed out" if isinstance(err, requests.Timeout) else "connection failed"
+                errors.append(f"{endpoint} {reason}")
+                continue
+            if response.status_code in _BUSY:
+                errors.append(f"{endpoint} answered {response.status_code}")
+                continue
+            if response.status_code != 200:
+                raise self._refusal(path, _message(response))
             self._current = index
+            result: dict[str, Any] = response.json()
             return result
+        if tls:
+            raise StoreError(f"etcd {self}: {'; '.join(tls)}")
         raise Unavailable(f"etcd {self} cannot be reached ({'; '.join(errors)}); is it running?")
+
+    def _refusal(self, path: str, message: str) -> StoreError:
+        if "lease not found" in message:
+            return LeaseExpired(0)
+        return refusal(self, self.access, path, message)
+
+    # -- login ---------------------------------------------------------------------------------
+
+    def _logged_in(self, request: Callable[[], T]) -> T:
+        """Run request with the login's token; when etcd refuses the token (expired, or
+        forgotten by a restart), log in again and run it once more."""
+        if self.access is None or not self.access.user:
+            return request()
+        token = self._token
+        if token is None:
+            token = self._log_in(None)
+        try:
+            return request()
+        except TokenRefused:
+            self._log_in(token)
+            return request()
+
+    def _log_in(self, stale: str | None) -> str:
+        """Authenticate as the access's user unless another thread has replaced the stale
+        token meanwhile; set the new token on every request. Returns the current token."""
+        assert self.access is not None and self.access.user
+        with self._login_lock:
+            if self._token is not None and self._token != stale:
+                return self._token
+            body = {"name": self.access.user, "password": self.access.password()}
+            # No token on the login itself: a stale one must not be judged first.
+            result = self._post_once("/auth/authenticate", body, {"Authorization": None})
+            token = str(result.get("token", ""))
+            for session in (self._session, self._watching):
+                session.headers["Authorization"] = token
+            self._token = token
+            return token
 
     def _range(
         self, key: str, range_end: str | None = None, revision: int = 0
@@ -312,10 +390,16 @@ class EtcdStore(ClosedOnExit):
         return stream.next_events(timeout)
 
     def _open_stream(self, start: int) -> _WatchStream:
+        return self._logged_in(lambda: self._open_stream_once(start))
+
+    def _open_stream_once(self, start: int) -> _WatchStream:
+        """Open the watch at the first endpoint that answers and read etcd's first answer
+        here: a watch it refuses (a token, a permission) is cancelled in that answer."""
         errors = []
         for step in range(len(self._clients)):
             index = (self._current + step) % len(self._clients)
             client = self._clients[index]
+            endpoint = f"{client.host}:{client.port}"
             start_key = self.prefix + "/"
             body: dict[str, Any] = {
                 "create_request": {
@@ -328,11 +412,23 @@ class EtcdStore(ClosedOnExit):
                 response = self._watching.post(
                     client.get_url("/watch"), json=body, stream=True, timeout=(2.0, None)
                 )
-            except requests.RequestException as err:
-                errors.append(f"{client.host}:{client.port}: {_first_line(err)}")
+                if response.status_code != 200:
+                    response.close()
+                    raise self._refusal("/watch", _message(response))
+                lines = _lines(response)
+                first = next(lines, b"{}")
+            except requests.exceptions.SSLError as err:
+                why = tls_failure(endpoint, self.access, str(err))
+                raise StoreError(f"etcd {self}: {why}") from None
+            except (requests.RequestException, OSError) as err:
+                errors.append(f"{endpoint}: {_first_line(err)}")
                 continue
+            result = _json(first).get("result", {})
+            if result.get("canceled") and not result.get("compact_revision"):
+                response.close()
+                raise self._refusal("/watch", str(result.get("cancel_reason", "cancelled")))
             self._current = index
-            return _WatchStream(self, response, start)
+            return _WatchStream(self, response, itertools.chain([first], lines), start)
         raise Unavailable(f"etcd {self} cannot be reached ({'; '.join(errors)}); is it running?")
 
     def _event(self, raw: dict[str, Any]) -> Event:
@@ -350,8 +446,7 @@ class EtcdStore(ClosedOnExit):
             if self._stream is not None:
                 self._stream.close()
                 self._stream = None
-        for client in self._clients:
-            client.session.close()
+        self._session.close()
         self._watching.close()
 
 
@@ -370,9 +465,12 @@ class _Failure:
 class _WatchStream:
     """One streaming watch request, read line by line by a thread into a queue."""
 
-    def __init__(self, store: EtcdStore, response: requests.Response, start: int) -> None:
+    def __init__(
+        self, store: EtcdStore, response: requests.Response, lines: Iterator[bytes], start: int
+    ) -> None:
         self._store = store
         self._response = response
+        self._lines = lines
         self._queue: queue.Queue[builtins.list[Event] | _Failure] = queue.Queue()
         self.next_revision = start  # the first revision the next events may carry
         self.failed = False
@@ -381,7 +479,7 @@ class _WatchStream:
 
     def _read(self) -> None:
         try:
-            for line in _lines(self._response):
+            for line in self._lines:
                 result = json.loads(line).get("result", {})
                 compacted = int(result.get("compact_revision", 0))
                 if compacted:
@@ -432,13 +530,18 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _etcd_error(store: EtcdStore, err: Etcd3Exception) -> StoreError:
-    """A StoreError for an error etcd answered with (its JSON body is err.detail_text)."""
-    detail = err.detail_text or ""
+def _json(line: bytes) -> dict[str, Any]:
     try:
-        message = str(json.loads(detail).get("message", detail))
-    except (ValueError, AttributeError):
-        message = detail or _first_line(err)
-    if "lease not found" in message:
-        return LeaseExpired(0)
-    return StoreError(f"etcd {store}: {message}")
+        found = json.loads(line)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _message(response: requests.Response) -> str:
+    """The message of an error etcd answered with (its JSON body), else the body's first line."""
+    found = _json(response.content).get("message")
+    if found:
+        return str(found)
+    text = response.text.strip().splitlines()
+    return text[0] if text else f"HTTP {response.status_code}"

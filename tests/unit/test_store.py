@@ -1,7 +1,8 @@
 """The desired-state store: compare-and-swap, txn, watch, compaction, leases, concurrency.
 
-Every protocol test runs on both stores: the SQLite file and a real etcd (one server for the
-run, a key prefix per test). Revisions are compared relative to where a test started, since
+Every protocol test runs on each store: the SQLite file, a real etcd (one server for the run, a
+key prefix per test) and the same over TLS with an etcd login whose role allows only its prefix
+(#26). Revisions are compared relative to where a test started, since
 etcd's revision is the server's. The concurrency tests use real OS processes, as several CLIs
 and a controller do.
 """
@@ -13,6 +14,7 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -35,10 +37,36 @@ from meshctl.store import (
     open_store,
     resolve_state_dir,
 )
-from meshctl.store.etcd import EtcdStore, parse_etcd_url
+from meshctl.store.etcd import EtcdAccess, EtcdStore, parse_etcd_url
 from meshctl.store.sqlite import SqliteStore
 from tests.conftest import scaled
 from tests.etcd import EtcdServer
+from tests.unit.conftest import TlsEtcd
+
+Target = tuple[str, EtcdAccess | None]  # what open_store takes: a URL and its TLS and login
+
+
+@pytest.fixture(params=["sqlite", "etcd", "etcd-tls"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Target:
+    """An empty store: a new SQLite file, a new key prefix on the run's etcd, or one on the
+    run's etcd over TLS with a login."""
+    if request.param == "sqlite":
+        return default_store_url(str(tmp_path / "state")), None
+    if request.param == "etcd":
+        server: EtcdServer = request.getfixturevalue("etcd_server")
+        prefix = f"/test-{uuid.uuid4().hex[:12]}"
+        request.addfinalizer(lambda: server.clear(prefix + "/"))
+        return server.url(prefix), None
+    tls: TlsEtcd = request.getfixturevalue("etcd_tls")
+    url = tls.url()
+    request.addfinalizer(lambda: tls.server.clear(parse_etcd_url(url)[1] + "/"))
+    return url, tls.access
+
+
+@pytest.fixture
+def store(target: Target) -> Iterator[Store]:
+    with open_store(*target) as opened:
+        yield opened
 
 
 @pytest.fixture
@@ -186,9 +214,9 @@ def _watch_once(store: Store, revision: int, seen: list[tuple[float, list[Event]
     seen.append((time.monotonic(), events))
 
 
-def test_watcher_sees_another_connections_write_within_100ms(store_url: str) -> None:
+def test_watcher_sees_another_connections_write_within_100ms(target: Target) -> None:
     """The controller's connection sees a CLI's commit within 100 ms of it."""
-    with open_store(store_url) as watcher, open_store(store_url) as writer:
+    with open_store(*target) as watcher, open_store(*target) as writer:
         for i in range(6):
             seen: list[tuple[float, list[Event]]] = []
             thread = threading.Thread(target=_watch_once, args=(watcher, watcher.revision(), seen))
@@ -331,12 +359,12 @@ Outcome = tuple[str, int, object]
 
 
 def _create_service(
-    url: str, name: str, owner: int, start: Barrier, results: Queue[Outcome]
+    target: Target, name: str, owner: int, start: Barrier, results: Queue[Outcome]
 ) -> None:
     """One 'meshctl service create' in its own process: open the store, then create at once."""
     start.wait()
     try:
-        with open_store(url) as store:
+        with open_store(*target) as store:
             record = store.put("service", name, {"owner": owner}, expect=0)
         results.put(("ok", owner, record.mod_revision))
     except Conflict as err:
@@ -345,13 +373,13 @@ def _create_service(
         results.put(("error", owner, repr(err)))
 
 
-def _race(url: str, names: list[str]) -> list[Outcome]:
+def _race(target: Target, names: list[str]) -> list[Outcome]:
     """Start one process per name on a fresh store, all released together."""
     ctx = multiprocessing.get_context("spawn")
     start = ctx.Barrier(len(names))
     results: Queue[Outcome] = ctx.Queue()
     procs = [
-        ctx.Process(target=_create_service, args=(url, name, i, start, results))
+        ctx.Process(target=_create_service, args=(target, name, i, start, results))
         for i, name in enumerate(names)
     ]
     for proc in procs:
@@ -366,26 +394,26 @@ def _race(url: str, names: list[str]) -> list[Outcome]:
     return outcomes
 
 
-def test_20_processes_create_distinct_services_all_stored(store_url: str) -> None:
-    with open_store(store_url) as store:
+def test_20_processes_create_distinct_services_all_stored(target: Target) -> None:
+    with open_store(*target) as store:
         base = store.revision()
-    outcomes = _race(store_url, [f"svc{i}" for i in range(20)])
+    outcomes = _race(target, [f"svc{i}" for i in range(20)])
     assert [o for o in outcomes if o[0] != "ok"] == []
-    with open_store(store_url) as store:
+    with open_store(*target) as store:
         assert sorted(r.name for r in store.list("service")) == sorted(f"svc{i}" for i in range(20))
         revisions = sorted(r.mod_revision for r in store.list("service"))
         assert revisions == list(range(base + 1, base + 21))
 
 
-def test_20_processes_create_the_same_service_exactly_one_wins(store_url: str) -> None:
-    with open_store(store_url) as store:
+def test_20_processes_create_the_same_service_exactly_one_wins(target: Target) -> None:
+    with open_store(*target) as store:
         base = store.revision()
-    outcomes = _race(store_url, ["web"] * 20)
+    outcomes = _race(target, ["web"] * 20)
     winners = [o for o in outcomes if o[0] == "ok"]
     losers = [o for o in outcomes if o[0] == "conflict"]
     assert len(winners) == 1 and len(losers) == 19, outcomes
     assert all("service web already exists" in str(o[2]) for o in losers)
-    with open_store(store_url) as store:
+    with open_store(*target) as store:
         (web,) = store.list("service")
         assert web.value == {"owner": winners[0][1]}
         assert store.revision() == base + 1
