@@ -134,6 +134,9 @@ def test_member_refuses_plain_http_no_certificate_and_a_foreign_ca(
             f"{config.local_url}/health", verify=config.tls.ca,
             cert=(stranger.cert, stranger.key), timeout=5,
         )  # fmt: skip
+    foreign = TlsFiles(config.tls.ca, stranger.cert, stranger.key)
+    with pytest.raises(EtcdMemberError, match="TLS failed"):
+        etcd_member.authenticate(config.local_url, foreign, Credentials("root", "pw-0"))
     assert member.healthy()
 
 
