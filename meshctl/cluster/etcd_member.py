@@ -184,7 +184,8 @@ class EtcdMember:
     def start(self, timeout: float = START_TIMEOUT) -> runtime.TaskProcess:
         """The running member: adopted if one runs, else started; returns once it is healthy.
 
-        EtcdMemberError (naming the log) if it exits or stays unhealthy for timeout seconds.
+        EtcdMemberError (naming the log) if it exits, or stays unhealthy for timeout seconds:
+        then it goes on running (a member without quorum is unhealthy until its peers return).
         """
         process = self.adopt() or self._spawn()
         deadline = time.monotonic() + timeout
