@@ -44,13 +44,14 @@ RECONFIG_TIMEOUT = 30.0
 # a member connected for less than etcd's 5 s health interval ("unhealthy cluster").
 PASSING = ("in sync", "unhealthy cluster")
 
-# What each role may touch: key prefixes it reads and writes. For now a worker writes the same
+# What each role may touch: key prefixes it reads and writes. The store's own prefix, without
+# its "/": EtcdStore.revision() reads the bare key "/meshctl". For now a worker writes the same
 # prefix as a manager: the store keeps a task's desired and actual state in one record, so a
 # worker's controller must write where its tasks are. The worker role is narrowed to its lease,
 # status and task states once the task model splits desired from actual state (#26).
 ROLE_PREFIXES: Mapping[str, Sequence[str]] = {
-    "manager": (f"{DEFAULT_PREFIX}/",),
-    "worker": (f"{DEFAULT_PREFIX}/",),
+    "manager": (DEFAULT_PREFIX,),
+    "worker": (DEFAULT_PREFIX,),
 }
 ROOT = "root"  # etcd's built-in superuser and role: auth enable requires both
 

@@ -157,6 +157,7 @@ def test_auth_roles_and_a_removed_user_locked_out_at_once(new_member: MemberFact
     worker = Credentials("node2", "worker-secret")
     token = etcd_member.authenticate(endpoint, tls, worker)
     assert put_get(member, token, "/meshctl/task/t1", "running") == "running"
+    assert put_get(member, token, "/meshctl", "the store's revision key") is not None
     # Outside the roles' prefix the worker has no rights.
     assert put_get(member, token, "/elsewhere", "x") is None
 
