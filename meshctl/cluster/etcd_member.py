@@ -20,13 +20,14 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import requests
 
 from meshctl import runtime
 from meshctl.model import MeshctlError
 from meshctl.runtime.process import PROCESS_FILE
+from meshctl.store.etcd import DEFAULT_PREFIX
 
 ETCD = shutil.which("etcd") or "/usr/bin/etcd"
 CLUSTER_TOKEN = "meshctl"
@@ -43,13 +44,14 @@ RECONFIG_TIMEOUT = 30.0
 # a member connected for less than etcd's 5 s health interval ("unhealthy cluster").
 PASSING = ("in sync", "unhealthy cluster")
 
-# What each role may touch: key prefixes it reads and writes. For now a worker writes the same
+# What each role may touch: key prefixes it reads and writes. The store's own prefix, without
+# its "/": EtcdStore.revision() reads the bare key "/meshctl". For now a worker writes the same
 # prefix as a manager: the store keeps a task's desired and actual state in one record, so a
 # worker's controller must write where its tasks are. The worker role is narrowed to its lease,
 # status and task states once the task model splits desired from actual state (#26).
 ROLE_PREFIXES: Mapping[str, Sequence[str]] = {
-    "manager": ("/meshctl/",),
-    "worker": ("/meshctl/",),
+    "manager": (DEFAULT_PREFIX,),
+    "worker": (DEFAULT_PREFIX,),
 }
 ROOT = "root"  # etcd's built-in superuser and role: auth enable requires both
 
@@ -93,7 +95,7 @@ class MemberConfig:
     client_port: int = 2379
     peer_port: int = 2380
     initial_cluster: Mapping[str, str] = field(default_factory=dict)
-    cluster_state: str = "new"
+    cluster_state: Literal["new", "existing"] = "new"
     cluster_token: str = CLUSTER_TOKEN
     heartbeat_ms: int = HEARTBEAT_MS
     election_ms: int = ELECTION_MS
@@ -183,7 +185,8 @@ class EtcdMember:
     def start(self, timeout: float = START_TIMEOUT) -> runtime.TaskProcess:
         """The running member: adopted if one runs, else started; returns once it is healthy.
 
-        EtcdMemberError (naming the log) if it exits or stays unhealthy for timeout seconds.
+        EtcdMemberError (naming the log) if it exits, or stays unhealthy for timeout seconds:
+        then it goes on running (a member without quorum is unhealthy until its peers return).
         """
         process = self.adopt() or self._spawn()
         deadline = time.monotonic() + timeout
@@ -424,9 +427,7 @@ def _post(
             endpoint + path, json=body, headers=headers, timeout=REQUEST_TIMEOUT, **_tls(tls)
         )
     except requests.RequestException as err:
-        raise EtcdMemberError(
-            f"cannot reach etcd at {endpoint} ({type(err).__name__}); is the member running?"
-        ) from None
+        raise EtcdMemberError(f"cannot reach etcd at {endpoint}: {_unreachable(err)}") from None
     try:
         result = answer.json()
     except ValueError:
@@ -434,6 +435,15 @@ def _post(
     if not answer.ok or not isinstance(result, dict):
         raise EtcdMemberError(f"etcd refused {path}: {_reason(answer.status_code, result)}")
     return result
+
+
+def _unreachable(err: requests.RequestException) -> str:
+    """Why a request got no answer, in words a user acts on (never the request itself)."""
+    if isinstance(err, requests.exceptions.SSLError):
+        return "TLS failed; check the node's certificate and the cluster CA"
+    if isinstance(err, requests.exceptions.Timeout):
+        return f"no answer within {REQUEST_TIMEOUT:g}s; is the member running?"
+    return "connection refused or closed; is the member running?"
 
 
 def _reason(status: int, result: object) -> str:

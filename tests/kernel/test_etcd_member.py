@@ -134,6 +134,9 @@ def test_member_refuses_plain_http_no_certificate_and_a_foreign_ca(
             f"{config.local_url}/health", verify=config.tls.ca,
             cert=(stranger.cert, stranger.key), timeout=5,
         )  # fmt: skip
+    foreign = TlsFiles(config.tls.ca, stranger.cert, stranger.key)
+    with pytest.raises(EtcdMemberError, match="TLS failed"):
+        etcd_member.authenticate(config.local_url, foreign, Credentials("root", "pw-0"))
     assert member.healthy()
 
 
@@ -154,6 +157,7 @@ def test_auth_roles_and_a_removed_user_locked_out_at_once(new_member: MemberFact
     worker = Credentials("node2", "worker-secret")
     token = etcd_member.authenticate(endpoint, tls, worker)
     assert put_get(member, token, "/meshctl/task/t1", "running") == "running"
+    assert put_get(member, token, "/meshctl", "the store's revision key") is not None
     # Outside the roles' prefix the worker has no rights.
     assert put_get(member, token, "/elsewhere", "x") is None
 
