@@ -6,6 +6,7 @@ Imports no kernel module at import time, so `meshctl --help` works without root.
 """
 
 from meshctl.cli import (  # noqa: F401  each registers its commands on main
+    cluster,
     completion,
     container,
     controller,

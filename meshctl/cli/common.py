@@ -13,6 +13,8 @@ from click.shell_completion import CompletionItem
 
 from meshctl.cli import formats, output
 from meshctl.cli.flags import flag_error
+from meshctl.cluster import config as cluster_config
+from meshctl.cluster.config import ClusterConfig
 from meshctl.model import (
     TASK,
     MeshctlError,
@@ -68,14 +70,26 @@ class Env:
         self, state_dir: str | None, store_url: str | None, access: EtcdAccess | None = None
     ) -> None:
         self.state_dir = resolve_state_dir(state_dir)
+        self.explicit_store = store_url is not None
         self.store_url = store_url or default_store_url(self.state_dir)
         self.access = access
         self._store: Store | None = None
 
     @property
+    def cluster(self) -> ClusterConfig | None:
+        """The cluster this node joined (`cluster init` or `join`), unless --store names
+        another store."""
+        return None if self.explicit_store else cluster_config.load(self.state_dir)
+
+    @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.store_url, self.access)
+            if self.cluster is not None:  # its store, with this node's certificate and login
+                from meshctl.commands.cluster import open_cluster_store
+
+                self._store = open_cluster_store(self.state_dir)
+            else:
+                self._store = open_store(self.store_url, self.access)
         return self._store
 
     def close(self) -> None:

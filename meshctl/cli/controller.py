@@ -143,6 +143,11 @@ def controller_run(
     """
     from meshctl.controller.main import controller_settings, run_controller
 
+    env = common.env()
+    cluster = env.cluster  # a cluster this node joined names the node and its address
+    if cluster is not None:
+        node = node or cluster.node
+        advertise_addr = advertise_addr or cluster.address
     # Every option is checked before the store is opened (the node registers in it).
     settings = controller_settings(
         node,
@@ -157,8 +162,13 @@ def controller_run(
         duration(events_window, "--events-window"),
         events_max,
     )
-    env = common.env()
-    sys.exit(run_controller(env.store, env.state_dir, settings))
+    duties = None
+    if cluster is not None and cluster.role == "manager":
+        from meshctl.commands.cluster import ManagerDuties
+
+        duties = ManagerDuties(env.state_dir, cluster)
+        duties.start_member()  # the store this controller opens is (partly) this node's
+    sys.exit(run_controller(env.store, env.state_dir, settings, duties))
 
 
 @controller.command("health")

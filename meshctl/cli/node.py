@@ -94,11 +94,18 @@ def node_rm(name: str) -> None:
     """Remove node NAME, which must be down: its tasks already run elsewhere.
 
     Its record goes, with its tasks' and attached containers' records and every address it
-    held (tasks, containers, its load balancers and router on each network).
+    held (tasks, containers, its load balancers and router on each network). In a cluster
+    made by `meshctl cluster init`, its store user goes too (run it on a manager): its
+    certificate and password open nothing from that moment.
 
     \b
     Example:
       meshctl node rm node3
     """
-    remove_node(common.store(), name)
+    env = common.env()
+    remove_node(env.store, name)
+    if env.cluster is not None:
+        from meshctl.commands.cluster import revoke
+
+        revoke(env.state_dir, name)
     click.echo(name)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from kernel.system import Kernel
 from meshctl.cluster.membership import DEFAULT_TTL
@@ -18,6 +19,9 @@ from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW
 from meshctl.model import Node, ValidationError, check_address, check_name, check_port
 from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.store import Store
+
+if TYPE_CHECKING:
+    from meshctl.commands.cluster import ManagerDuties
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -140,8 +144,11 @@ def default_address(kernel: Kernel) -> str:
     return ""
 
 
-def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -> int:
-    """Run until SIGTERM/SIGINT; returns the exit code."""
+def run_controller(
+    store: Store, state_dir: str, settings: ControllerSettings, duties: ManagerDuties | None = None
+) -> int:
+    """Run until SIGTERM/SIGINT (with a manager's duties beside: the join endpoint); returns
+    the exit code."""
     from kernel.system import real_kernel
     from meshctl.controller.daemon import Controller
     from meshctl.dns import read_resolv_conf
@@ -171,5 +178,11 @@ def run_controller(store: Store, state_dir: str, settings: ControllerSettings) -
         events_window=settings.events_window,
         events_limit=settings.events_limit,
     )
-    asyncio.run(controller.run())
+    if duties is not None:
+        duties.serve_joins(store)
+    try:
+        asyncio.run(controller.run())
+    finally:
+        if duties is not None:
+            duties.stop()
     return 0

@@ -111,6 +111,7 @@ class Cluster:
         base_dir: str | None = None,
         controller_args: Sequence[str] = (),
         state_file: str | None = None,
+        trust: bool = False,
     ) -> None:
         self.prefix = prefix if prefix is not None else f"{TEST_NETNS_PREFIX}c{next(_clusters)}-"
         self.subnet = ipaddress.IPv4Network(subnet)
@@ -137,6 +138,9 @@ class Cluster:
             netns=self.etcd_host.netns, name="cluster",
             data_dir=os.path.join(self.base_dir, "etcd"),
         )  # fmt: skip
+        # trust: the cluster forms itself (#26): node1 runs `cluster init` (its etcd member, TLS
+        # and users), the others `cluster join`; nobody passes --store. Else one plain etcd.
+        self.trust = trust
         self.etcd_pid: int | None = None
         self._record: str | None = None  # state_file once it is this cluster's, kept up to date
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -176,13 +180,33 @@ class Cluster:
         _ip("netns", "exec", self.underlay, "sysctl", "-qw", "net.ipv4.ip_forward=1")
         for host in (self.etcd_host, self.client, *self.nodes.values()):
             self._attach(host)
+        for node in self.nodes.values():
+            self._mkdir(node.state_dir)
+        if self.trust:
+            self._form()
+            return
         self._mkdir(self.etcd.data_dir)
         self.etcd.start()
         assert self.etcd.process is not None
         self.etcd_pid = self.etcd.process.pid
         self._save()
         for node in self.nodes.values():
-            self._mkdir(node.state_dir)
+            self.start_controller(node.name)
+        self.wait_registered()
+
+    def _form(self) -> None:
+        """node1 founds the cluster and takes joins once its controller runs; the others join
+        it as workers."""
+        first = self.nodes["node1"]
+        self.cli("cluster", "init", "--advertise-addr", first.address, "--node", "node1")
+        self.start_controller("node1")
+        self.wait_registered()
+        token = self.cli("cluster", "join-token", "worker", "--quiet").stdout.strip()
+        for node in list(self.nodes.values())[1:]:
+            join = ("cluster", "join", "--token", token, "--advertise-addr", node.address,
+                    "--node", node.name, first.address)  # fmt: skip
+            wait_for(lambda n=node, j=join: self.cli(*j, node=n.name, check=False).returncode == 0,
+                     30, f"{node.name} to join")  # fmt: skip
             self.start_controller(node.name)
         self.wait_registered()
 
@@ -215,7 +239,7 @@ class Cluster:
         <state dir>/controller.log, in a session of its own so it outlives `up`."""
         n = self.nodes[node]
         assert n.pid is None, f"the controller of {node} runs already"
-        argv = [*MESHCTL, "--store", self.store_url, "controller", "run", "--node", node,
+        argv = [*MESHCTL, *self._store_args(), "controller", "run", "--node", node,
                 "--advertise-addr", n.address, "--resync-period", "2s", "--lb-backend", LB_BACKEND,
                 *self.controller_args, *extra]  # fmt: skip
         with open(n.log_path, "ab") as log:
@@ -306,7 +330,7 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         """The meshctl CLI on the cluster's store, run inside node's namespace."""
         n = self.nodes[node]
-        result = n.run(*MESHCTL, "--store", self.store_url, *args, env=n.env, timeout=timeout)
+        result = n.run(*MESHCTL, *self._store_args(), *args, env=n.env, timeout=timeout)
         if check and result.returncode != 0:
             raise AssertionError(f"meshctl {' '.join(args)} on {node}: {result.stderr.strip()}")
         return result
@@ -332,11 +356,23 @@ class Cluster:
         """A command in a task's network namespace (not its mount namespace)."""
         return run_in_netns(task_netns(task_id), *argv, timeout=timeout)
 
-    def call_store(self, fn: Callable[[EtcdStore], T]) -> T:
+    def _store_args(self) -> tuple[str, ...]:
+        """A node's CLI finds a trusted cluster's store in its state dir; else --store."""
+        return () if self.trust else ("--store", self.store_url)
+
+    def call_store(
+        self, fn: Callable[[EtcdStore], T], identity: str = "node1", prefix: str | None = None
+    ) -> T:
         """fn(store) on the cluster's etcd, from a thread in the client namespace (the root
-        namespace has no route to the underlay)."""
+        namespace has no route to the underlay); in a trusted cluster with the certificate
+        and login that the node `identity` keeps in its state dir."""
 
         def call() -> T:
+            if self.trust:
+                from meshctl.commands.cluster import open_cluster_store
+
+                with open_cluster_store(self.nodes[identity].state_dir, prefix) as store:
+                    return fn(store)
             with EtcdStore(*parse_etcd_url(self.store_url), timeout=3) as store:
                 return fn(store)
 

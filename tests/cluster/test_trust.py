@@ -1,0 +1,106 @@
+"""A cluster that forms itself and lets no one in (#26): node1 runs `cluster init`, the others
+`cluster join` with a token; the store is node1's etcd member, over mutual TLS with a user per
+node. Tried from the client namespace, a host on the underlay that is no node."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from meshctl.cluster import pki
+from meshctl.cluster.config import ClusterPaths
+from meshctl.commands.cluster import JOIN_TOKEN, SECRETS_PREFIX
+from meshctl.store import StoreError
+from tests.cluster.harness import Cluster
+from tests.cluster.workloads import nodes, wait_live, web
+from tests.kernel.mesh import MESHCTL, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.cluster]
+
+TTL = 4.0
+
+
+@pytest.fixture
+def trusted() -> Iterator[Cluster]:
+    with Cluster(nodes=3, trust=True, controller_args=("--node-ttl", f"{TTL:g}s")) as made:
+        yield made
+
+
+def _curl(cluster: Cluster, *argv: str) -> subprocess.CompletedProcess[str]:
+    return cluster.in_client("curl", "-sS", "-m", "5", *argv)
+
+
+def test_members_work_and_an_outsider_reaches_nothing(trusted: Cluster, tmp_path: str) -> None:
+    shown = nodes(trusted, node="node2")  # a worker reads the cluster with its own credentials
+    assert {n: v["state"] for n, v in shown.items()} == dict.fromkeys(trusted.nodes, "ready")
+    web(trusted, 3)
+    assert {t["node"] for t in wait_live(trusted, "web", 3, 60)} == set(trusted.nodes)
+
+    store = f"{trusted.nodes['node1'].address}:2379"
+    node1 = ClusterPaths(trusted.nodes["node1"].state_dir)
+    # Plain HTTP, as the store was before: refused.
+    assert _curl(trusted, f"http://{store}/version").returncode != 0
+    attack = trusted.client.run(*MESHCTL, "--store", f"etcd://{store}", "service", "create",
+                                "--name", "pwn", "--", "true")  # fmt: skip
+    assert attack.returncode != 0 and len(attack.stderr.strip().splitlines()) == 1
+    # TLS without a client certificate, and with one of another CA: the handshake fails.
+    assert _curl(trusted, "--cacert", node1.ca_cert, f"https://{store}/version").returncode != 0
+    other_ca, other_key = pki.make_ca()
+    cert, key = pki.make_node_cert(other_ca, other_key, node="mallory", role="manager")
+    for name, data in (("m.crt", cert), ("m.key", key)):
+        with open(os.path.join(tmp_path, name), "wb") as f:
+            f.write(data)
+    mine = (os.path.join(tmp_path, "m.crt"), os.path.join(tmp_path, "m.key"))
+    forged = _curl(trusted, "--cacert", node1.ca_cert, "--cert", mine[0], "--key", mine[1],
+                   f"https://{store}/version")  # fmt: skip
+    assert forged.returncode != 0
+    # A member's certificate without its password reads nothing.
+    node2 = ClusterPaths(trusted.nodes["node2"].state_dir)
+    anonymous = _curl(trusted, "--cacert", node1.ca_cert, "--cert", node2.cert, "--key", node2.key,
+                      "-X", "POST", "-d", json.dumps({"key": "L21lc2hjdGw="}),  # /meshctl
+                      f"https://{store}/v3/kv/range")  # fmt: skip
+    assert '"kvs"' not in anonymous.stdout
+    assert "pwn" not in trusted.cli("service", "ls").stdout
+    # A worker's login cannot read the join tokens (a manager token would make it a manager).
+    with pytest.raises(StoreError, match="not allowed|permission"):
+        trusted.call_store(lambda s: s.get(JOIN_TOKEN, "manager"), "node2", SECRETS_PREFIX)
+    assert trusted.call_store(lambda s: s.get(JOIN_TOKEN, "manager"), "node1", SECRETS_PREFIX)
+    # Key files are the owner's alone.
+    for path in (node1.key, node1.ca_key, node1.password, node1.root_password, node2.key):
+        assert os.stat(path).st_mode & 0o077 == 0, path
+
+
+def test_a_wrong_or_rotated_token_admits_no_one(trusted: Cluster, tmp_path: str) -> None:
+    old = trusted.cli("cluster", "join-token", "worker", "-q").stdout.strip()
+    rotated = trusted.cli("cluster", "join-token", "worker", "--rotate", "-q").stdout.strip()
+    assert rotated != old
+    node1 = trusted.nodes["node1"]
+    state = os.path.join(tmp_path, "newcomer")
+    for token in (old, old[:-4] + "aaaa", "MESHCTL-1-nonsense"):
+        tried = trusted.client.run(
+            *MESHCTL, "--state-dir", state, "cluster", "join", "--token", token,
+            "--advertise-addr", trusted.client.address, "--node", "newcomer", node1.address,
+        )  # fmt: skip
+        assert tried.returncode == 1, tried
+        assert len(tried.stderr.strip().splitlines()) == 1, tried.stderr
+        assert token.rsplit("-", 1)[-1] not in tried.stderr  # the secret is never echoed
+        assert not os.path.exists(ClusterPaths(state).config)
+    assert "newcomer" not in trusted.cli("node", "ls").stdout
+
+
+def test_a_removed_nodes_credentials_open_nothing(trusted: Cluster) -> None:
+    assert trusted.call_store(lambda store: store.get("node", "node3"), "node3") is not None
+    trusted.stop_controller("node3", signal.SIGKILL)
+    wait_for(lambda: nodes(trusted)["node3"]["state"] == "down", 3 * TTL, "node3 down")
+    trusted.cli("node", "rm", "node3")
+    # node3's state dir, copied by whoever took the machine: its certificate still passes
+    # TLS, its login is gone.
+    with pytest.raises(StoreError, match="cannot log in") as refused:
+        trusted.call_store(lambda store: store.list("node"), "node3")
+    assert "\n" not in str(refused.value)
+    assert "node3" not in trusted.cli("node", "ls").stdout
