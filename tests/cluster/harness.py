@@ -473,7 +473,7 @@ class Cluster:
             "nodes": len(self.nodes), "prefix": self.prefix, "subnet": str(self.subnet),
             "base_dir": self.base_dir, "made_dirs": self.made_dirs, "netns": self.made,
             "controllers": {n.name: n.pid for n in self.nodes.values()},
-            "etcd_pid": self.etcd_pid, "store": self.store_url,
+            "etcd_pid": self.etcd_pid, "store": self.store_url, "trust": self.trust,
         }  # fmt: skip
         tmp = self._record + ".tmp"
         with open(tmp, "w") as out:
@@ -486,7 +486,8 @@ class Cluster:
         with open(state_file) as f:
             record = json.load(f)
         cluster = cls(record["nodes"], prefix=record["prefix"], subnet=record["subnet"],
-                      base_dir=record["base_dir"], state_file=state_file)  # fmt: skip
+                      base_dir=record["base_dir"], state_file=state_file,
+                      trust=record.get("trust", False))  # fmt: skip
         cluster.made, cluster.made_dirs = record["netns"], record["made_dirs"]
         for name, pid in record["controllers"].items():
             cluster.nodes[name].pid = pid
@@ -539,12 +540,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--prefix", default="meshcl-", help="of every namespace name")
     parser.add_argument("--subnet", default="10.99.0.0/24", help="the underlay's")
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="form it with `cluster init` and `join` (TLS, a user per node)",
+    )
     args = parser.parse_args(argv)
     state_file = os.path.join(args.dir, STATE_FILE)
     try:
         if args.command == "up":
             cluster = Cluster(args.nodes, prefix=args.prefix, subnet=args.subnet,
-                              base_dir=args.dir, state_file=state_file).start()  # fmt: skip
+                              base_dir=args.dir, state_file=state_file,
+                              trust=args.trust).start()  # fmt: skip
         elif os.path.exists(state_file):
             Cluster.load(state_file).close()
             print(f"cluster of {state_file} removed")
@@ -556,8 +563,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"harness {args.command}: {err}")
     for node in cluster.nodes.values():
         print(f"{node.name}  netns {node.netns}  {node.address}  state {node.state_dir}")
-    print(f"store {cluster.store_url} (netns {cluster.etcd_host.netns}); "
-          f"client netns {cluster.client.netns} {cluster.client.address}")  # fmt: skip
+    store = "node1's etcd member (TLS)" if cluster.trust else cluster.store_url
+    print(f"store {store}; client netns {cluster.client.netns} {cluster.client.address}")
 
 
 if __name__ == "__main__":
