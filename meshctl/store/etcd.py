@@ -194,8 +194,7 @@ class EtcdStore(ClosedOnExit):
                 tls.append(tls_failure(endpoint, self.access, str(err)))
                 continue
             except requests.RequestException as err:
-                reason = "timed out" if isinstance(err, requests.Timeout) else "connection failed"
-                errors.append(f"{endpoint} {reason}")
+                errors.append(f"{endpoint} {self._unreachable(err)}")
                 continue
             if response.status_code in _BUSY:
                 errors.append(f"{endpoint} answered {response.status_code}")
@@ -208,6 +207,14 @@ class EtcdStore(ClosedOnExit):
         if tls:
             raise StoreError(f"etcd {self}: {'; '.join(tls)}")
         raise Unavailable(f"etcd {self} cannot be reached ({'; '.join(errors)}); is it running?")
+
+    def _unreachable(self, err: requests.RequestException) -> str:
+        if isinstance(err, requests.Timeout):
+            return "timed out"
+        if self.access is None and "without response" in str(err):
+            # What etcd does to plain HTTP on a port that serves TLS only.
+            return "closed the connection unanswered, as etcd over TLS does: use https://"
+        return "connection failed"
 
     def _refusal(self, path: str, message: str) -> StoreError:
         if "lease not found" in message:
@@ -289,7 +296,8 @@ class EtcdStore(ClosedOnExit):
         return Snapshot(revision, records)
 
     def revision(self) -> int:
-        result = self._post("/kv/range", {"key": _b64(self.prefix), "count_only": True})
+        # A key under the prefix: a role that grants the prefix's keys grants this read.
+        result = self._post("/kv/range", {"key": _b64(self.prefix + "/"), "count_only": True})
         return int(result["header"]["revision"])
 
     # -- writes --------------------------------------------------------------------------------
