@@ -51,7 +51,7 @@ from meshctl.store import (
 )
 from meshctl.store.etcd_access import EtcdAccess, TokenRefused, refusal, tls_failure
 
-__all__ = ["EtcdAccess", "EtcdStore", "parse_etcd_url"]
+__all__ = ["EtcdAccess", "EtcdStore", "parse_etcd_url", "unprotected_warning"]
 
 # Keep-alive probes after 2 s of silence, every second, 3 unanswered: a dead peer ends the
 # watch's read within about 5 s; unacknowledged data gives up after 5 s as well.
@@ -456,6 +456,16 @@ class EtcdStore(ClosedOnExit):
                 self._stream = None
         self._session.close()
         self._watching.close()
+
+
+def unprotected_warning(store: object) -> str | None:
+    """The warning for a plain etcd:// store, which anyone who reaches it can write; else None."""
+    if isinstance(store, EtcdStore) and store.access is None:
+        return (
+            f"the store {store} is unauthenticated: anyone who reaches it controls every node; "
+            "use https:// with --cacert, --cert, --key, --user and --password-file"
+        )
+    return None
 
 
 class _LivelyAdapter(HTTPAdapter):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from meshctl.cli.root import main
 from meshctl.store import Event, StoreError, Unavailable, open_store
-from meshctl.store.etcd import EtcdAccess, EtcdStore
+from meshctl.store.etcd import EtcdAccess, EtcdStore, unprotected_warning
 from tests.conftest import scaled
 from tests.etcd import EtcdServer, TestCa
 from tests.unit.conftest import TLS_PREFIX, TlsEtcd, password_file
@@ -146,6 +146,19 @@ def test_the_cli_reaches_a_tls_store_with_its_options(etcd_tls: TlsEtcd) -> None
     assert result.exit_code == 0, result.output
     with open_store(url, access) as store:
         assert store.get("network", "front") is not None
+
+
+def test_a_plain_etcd_store_is_called_unprotected(
+    etcd_tls: TlsEtcd, etcd_server: EtcdServer, tmp_path: os.PathLike[str]
+) -> None:
+    with open_store(etcd_server.url()) as plain:
+        warning = unprotected_warning(plain)
+    assert warning is not None
+    assert "is unauthenticated: anyone who reaches it controls every node" in warning
+    with open_store(etcd_tls.url(), etcd_tls.access) as protected:
+        assert unprotected_warning(protected) is None
+    with open_store(f"sqlite://{tmp_path}/state.db") as local:
+        assert unprotected_warning(local) is None
 
 
 @pytest.fixture
