@@ -161,6 +161,18 @@ def test_a_plain_etcd_store_is_called_unprotected(
         assert unprotected_warning(local) is None
 
 
+def test_doctor_reports_a_plain_etcd_store(etcd_tls: TlsEtcd, etcd_server: EtcdServer) -> None:
+    from kernel.features import Check
+    from meshctl.controller.doctor import overlay_checks
+
+    with open_store(etcd_server.url(f"/test-{uuid.uuid4().hex[:12]}")) as plain:
+        assert overlay_checks(plain, "node1") == [
+            Check("store", False, False, str(unprotected_warning(plain)))
+        ]
+    with open_store(etcd_tls.url(), etcd_tls.access) as protected:
+        assert overlay_checks(protected, "node1") == []
+
+
 @pytest.fixture
 def short_tokens(tmp_path: os.PathLike[str]) -> Iterator[tuple[EtcdServer, EtcdAccess]]:
     """An etcd of this test's own over TLS whose login tokens live 2 seconds."""
