@@ -40,8 +40,8 @@ def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
     from meshctl.cli.doctor import run_doctor
 
     env = common.env()
-    store_url = env.store_url if node is not None else None
-    sys.exit(run_doctor(fmt, store_url, check_name(node, "--node") if node else None))
+    store = env.store if node is not None else None
+    sys.exit(run_doctor(fmt, store, check_name(node, "--node") if node else None))
 
 
 @main.group(cls=Group)

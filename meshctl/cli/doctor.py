@@ -23,6 +23,7 @@ from meshctl.controller.doctor import (
     verdict_line,
     where,
 )
+from meshctl.store import Store
 
 
 def report_table(checks: Sequence[Check], sysctls: Sequence[Reading] = ()) -> str:
@@ -49,14 +50,14 @@ def render(
 
 
 def run_doctor(
-    fmt: Literal["table", "json"], store_url: str | None = None, node: str | None = None
+    fmt: Literal["table", "json"], store: Store | None = None, node: str | None = None
 ) -> int:
     """Probe, print the report (stdout) and the reasons (stderr); 0 iff the mesh can run.
     With a store and a node of its cluster, also every overlay path to the node's peers."""
     if not features.privileged():
         click.echo(features.NOT_PRIVILEGED, err=True)
         return 1
-    checks = [*features.probe(), router_check(), *overlay_checks(store_url, node)]
+    checks = [*features.probe(), router_check(), *overlay_checks(store, node)]
     out, reasons, code = render(checks, fmt, read_sysctls())
     click.echo(out)
     for reason in reasons:

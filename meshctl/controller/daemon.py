@@ -50,6 +50,7 @@ from meshctl.node.kernel import set_node_sysctls
 from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.reconcile import PassContext, ResyncClock
 from meshctl.store import Event, Store
+from meshctl.store.etcd import unprotected_warning
 from meshctl.store.informer import Informer
 from meshctl.view import ClusterView, Decoded, view_of
 
@@ -143,6 +144,8 @@ class Controller:
             leader=lambda: self.leader.leading,
         )
         log.info("node=%s id=%s lb_backend=%s", name, node_id, dataplane.lb.name)
+        if (warning := unprotected_warning(store)) is not None:
+            log.warning("%s", warning)
 
     # -- one pass (runs in the worker thread) --------------------------------------------------
 

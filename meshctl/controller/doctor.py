@@ -24,6 +24,7 @@ from meshctl.lb.backend import LbBackend
 from meshctl.lb.backends import BACKENDS
 from meshctl.overlay.vxlan import PeerProbe
 from meshctl.router.haproxy import HAPROXY
+from meshctl.store import Store
 from meshctl.sysctls import Setting
 
 Status = Literal["ok", "missing", "info"]
@@ -157,25 +158,27 @@ def overlay_check(probe: PeerProbe, answered: bool) -> Check:
     )  # fmt: skip
 
 
-def overlay_checks(store_url: str | None, node: str | None) -> list[Check]:
-    """The overlay paths from this node (when it is a node of the store's cluster)."""
-    if store_url is None or node is None:
+def overlay_checks(store: Store | None, node: str | None) -> list[Check]:
+    """The store's protection, and the overlay paths from this node (when it is a node of the
+    store's cluster)."""
+    if store is None or node is None:
         return []
     from kernel.system import real_kernel
     from meshctl.overlay.vxlan import VXLAN_PORT, peer_probes, underlay_of
-    from meshctl.store import open_store
+    from meshctl.store.etcd import unprotected_warning
     from meshctl.view import read_view
 
-    with open_store(store_url) as store:
-        view = read_view(store)
+    warning = unprotected_warning(store)
+    protection = [Check("store", False, False, warning)] if warning else []
+    view = read_view(store)
     me = view.nodes.get(node)
     if me is None:
-        return []
+        return protection
     status = view.statuses.get(node)
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     kernel = real_kernel()
     probes = peer_probes(view, node, me.id, underlay_of(kernel, me.address, port))
-    return [overlay_check(p, features.pings(p.netns, p.address)) for p in probes]
+    return [*protection, *(overlay_check(p, features.pings(p.netns, p.address)) for p in probes)]
 
 
 def router_check() -> Check:

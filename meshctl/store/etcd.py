@@ -51,7 +51,7 @@ from meshctl.store import (
 )
 from meshctl.store.etcd_access import EtcdAccess, TokenRefused, refusal, tls_failure
 
-__all__ = ["EtcdAccess", "EtcdStore", "parse_etcd_url"]
+__all__ = ["EtcdAccess", "EtcdStore", "parse_etcd_url", "unprotected_warning"]
 
 # Keep-alive probes after 2 s of silence, every second, 3 unanswered: a dead peer ends the
 # watch's read within about 5 s; unacknowledged data gives up after 5 s as well.
@@ -194,8 +194,7 @@ class EtcdStore(ClosedOnExit):
                 tls.append(tls_failure(endpoint, self.access, str(err)))
                 continue
             except requests.RequestException as err:
-                reason = "timed out" if isinstance(err, requests.Timeout) else "connection failed"
-                errors.append(f"{endpoint} {reason}")
+                errors.append(f"{endpoint} {self._unreachable(err)}")
                 continue
             if response.status_code in _BUSY:
                 errors.append(f"{endpoint} answered {response.status_code}")
@@ -208,6 +207,14 @@ class EtcdStore(ClosedOnExit):
         if tls:
             raise StoreError(f"etcd {self}: {'; '.join(tls)}")
         raise Unavailable(f"etcd {self} cannot be reached ({'; '.join(errors)}); is it running?")
+
+    def _unreachable(self, err: requests.RequestException) -> str:
+        if isinstance(err, requests.Timeout):
+            return "timed out"
+        if self.access is None and "without response" in str(err):
+            # What etcd does to plain HTTP on a port that serves TLS only.
+            return "closed the connection unanswered, as etcd over TLS does: use https://"
+        return "connection failed"
 
     def _refusal(self, path: str, message: str) -> StoreError:
         if "lease not found" in message:
@@ -289,7 +296,8 @@ class EtcdStore(ClosedOnExit):
         return Snapshot(revision, records)
 
     def revision(self) -> int:
-        result = self._post("/kv/range", {"key": _b64(self.prefix), "count_only": True})
+        # A key under the prefix: a role that grants the prefix's keys grants this read.
+        result = self._post("/kv/range", {"key": _b64(self.prefix + "/"), "count_only": True})
         return int(result["header"]["revision"])
 
     # -- writes --------------------------------------------------------------------------------
@@ -448,6 +456,16 @@ class EtcdStore(ClosedOnExit):
                 self._stream = None
         self._session.close()
         self._watching.close()
+
+
+def unprotected_warning(store: object) -> str | None:
+    """The warning for a plain etcd:// store, which anyone who reaches it can write; else None."""
+    if isinstance(store, EtcdStore) and store.access is None:
+        return (
+            f"the store {store} is unauthenticated: anyone who reaches it controls every node; "
+            "use https:// with --cacert, --cert, --key, --user and --password-file"
+        )
+    return None
 
 
 class _LivelyAdapter(HTTPAdapter):

@@ -70,10 +70,6 @@ def refusal(store: object, access: EtcdAccess | None, path: str, message: str) -
         verb = "read" if path in _READS else "write"
         who = f"etcd user {user!r}" if user else "this client"
         return StoreError(f"{who} is not allowed to {verb} {store}: its etcd roles forbid it")
-    if "HTTP request to an HTTPS server" in message:
-        return StoreError(
-            f"etcd {store} speaks TLS only: use an https:// store URL with --cacert, --cert, --key"
-        )
     return StoreError(f"etcd {store}: {message}")
 
 

@@ -435,12 +435,14 @@ def test_open_store_urls(tmp_path: Path) -> None:
         assert store.get("node", "n1") is not None
     assert parse_etcd_url("etcd://10.0.0.1:2379") == ([("10.0.0.1", 2379)], "/meshctl")
     assert parse_etcd_url("etcd://a,b:4001/x/y/") == ([("a", 2379), ("b", 4001)], "/x/y")
+    assert parse_etcd_url("http://a:1/p") == ([("a", 1)], "/p")  # etcd://'s synonym
+    assert parse_etcd_url("https://a,[::1]:2/") == ([("a", 2379), ("::1", 2)], "/meshctl")
     for bad in ("etcd://", "etcd://a:notaport", "etcd://a,,b"):
         with pytest.raises(StoreError, match="HOST:PORT"):
             parse_etcd_url(bad)
     with pytest.raises(StoreError, match="absolute path"):
         open_store("sqlite://state.db")
-    with pytest.raises(StoreError, match="use sqlite:///"):
+    with pytest.raises(StoreError, match="use sqlite:///.*https://HOST:PORT"):
         open_store("mysql://db/meshctl")
 
 
