@@ -83,11 +83,13 @@ def cluster_join(manager: str, token: str, address: str, node: str | None) -> No
     Examples:
       meshctl cluster join --token MESHCTL-1-... --advertise-addr 10.0.0.2 10.0.0.1
     """
-    from meshctl.cluster.join import join
+    from meshctl.commands.cluster import join_cluster
 
     name = _node_name(node)
-    admitted = join(manager, token, name, address, common.env().state_dir)
+    admitted = join_cluster(common.env().state_dir, manager, token, name, address)
     click.echo(f"This node ({name}) joined the cluster as a {admitted.role}.")
+    if admitted.role == "manager":
+        click.echo("Its etcd member runs and votes. " + ODD_MANAGERS)
     click.echo("Start its controller:  meshctl controller run")
 
 

@@ -10,11 +10,15 @@ against the current one of its role (a rotated token is refused), refuses a name
 knows, signs the request (the identity is the manager's to decide: name and role in the
 certificate's SAN) and creates the node's store user, with a fresh password and the role's
 permissions. The answer carries the certificate, the CA, the store's endpoints and the
-password; the node keeps them 0600 in its state directory (config.py).
+password; the node keeps them 0600 in its state directory (config.py). A manager also gets
+what managers share, the CA's key and the store's root password (swarm's managers share the
+root CA through Raft), and a seat in the store: it is added as a learner, and is given the
+members' peer URLs to start its own member with.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import http.server
 import json
@@ -25,7 +29,7 @@ import ssl
 import tempfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import requests
@@ -52,7 +56,9 @@ class JoinRefused(MeshctlError):
 
 @dataclass(frozen=True)
 class Admission:
-    """What a node is given when it is admitted."""
+    """What a node is given when it is admitted. A manager is also given what managers share
+    (the CA's key, the store's root password) and its place among the store's members: their
+    peer URLs by name, itself included (added as a learner), and its member id."""
 
     role: str
     cert: bytes
@@ -60,6 +66,20 @@ class Admission:
     store: tuple[str, ...]
     prefix: str
     password: str
+    ca_key: bytes = b""
+    root_password: str = ""
+    members: dict[str, str] = field(default_factory=dict)
+    member_id: int = 0
+
+
+@dataclass(frozen=True)
+class StoreSeat:
+    """A new manager's seat in the store: its member id, the members' peer URLs by name (its
+    own included) and every member's client endpoint (HOST:PORT)."""
+
+    member_id: int
+    members: dict[str, str]
+    clients: tuple[str, ...]
 
 
 @dataclass
@@ -70,11 +90,14 @@ class Authority:
 
     ca_cert: bytes
     ca_key: bytes
-    store: tuple[str, ...]
+    store: Callable[[], tuple[str, ...]]  # the members' client endpoints now
     prefix: str
     current_token: Callable[[str], str | None]
     known: Callable[[str], bool]
     add_user: Callable[[str, str, str], None]
+    # A manager's extras: the root password, and a seat in the store (node, address).
+    root_password: Callable[[], str] = lambda: ""
+    add_member: Callable[[str, str], StoreSeat] | None = None
 
     def admit(self, request: dict[str, Any]) -> Admission:
         """Check a join request and admit its node, or raise JoinRefused with one line."""
@@ -102,7 +125,14 @@ class Authority:
         password = secrets.token_urlsafe(24)
         self.add_user(node, password, token.role)
         log.info("node %s joined as a %s from %s", node, token.role, address)
-        return Admission(token.role, cert, self.ca_cert, self.store, self.prefix, password)
+        admitted = Admission(token.role, cert, self.ca_cert, self.store(), self.prefix, password)
+        if token.role != "manager" or self.add_member is None:
+            return admitted
+        seat = self.add_member(node, address)
+        return dataclasses.replace(
+            admitted, store=seat.clients, ca_key=self.ca_key, root_password=self.root_password(),
+            members=seat.members, member_id=seat.member_id,
+        )  # fmt: skip
 
 
 def _same_secret(token: Token, current: str | None) -> bool:
@@ -149,6 +179,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "store": list(admitted.store),
             "prefix": admitted.prefix,
             "password": admitted.password,
+            "ca_key": admitted.ca_key.decode(),
+            "root_password": admitted.root_password,
+            "members": admitted.members,
+            "member_id": admitted.member_id,
         }
         self._send(200, json.dumps(body).encode(), "application/json")
 
@@ -214,17 +248,25 @@ def join(manager: str, token_text: str, node: str, address: str, state_dir: str)
     admitted = Admission(
         answer["role"], answer["cert"].encode(), answer["ca"].encode(),
         tuple(answer["store"]), answer["prefix"], answer["password"],
+        answer.get("ca_key", "").encode(), answer.get("root_password", ""),
+        dict(answer.get("members", {})), int(answer.get("member_id", 0)),
     )  # fmt: skip
     paths.make_dir()
     pki.write_public(paths.ca_cert, admitted.ca)
     pki.write_public(paths.cert, admitted.cert)
     pki.write_private(paths.key, key)
     pki.write_private(paths.password, admitted.password.encode())
-    managers = (host,)
+    if admitted.role == "manager":
+        pki.write_private(paths.ca_key, admitted.ca_key)
+        pki.write_private(paths.root_password, admitted.root_password.encode())
+    store = admitted.store
+    if admitted.role == "manager":  # its own member first: it answers when others are away
+        own = f"{address}:{cluster_config.CLIENT_PORT}"
+        store = (own, *(e for e in store if e != own))
     cluster_config.save(
         state_dir,
         cluster_config.ClusterConfig(
-            node, admitted.role, address, admitted.store, admitted.prefix, managers=managers
+            node, admitted.role, address, store, admitted.prefix, managers=(host,)
         ),
     )
     return admitted
@@ -262,7 +304,8 @@ def _post(url: str, body: dict[str, Any], ca_file: str) -> dict[str, Any]:
 def remove_membership(state_dir: str) -> None:
     """Forget the cluster on this node (after `cluster leave` or a failed join)."""
     paths = cluster_config.ClusterPaths(state_dir)
-    for name in ("cluster.json", "node.crt", "node.key", "password", "ca.crt"):
+    for name in ("cluster.json", "node.crt", "node.key", "password", "ca.crt", "ca.key",
+                 "root-password"):  # fmt: skip
         try:
             os.unlink(paths.file(name))
         except FileNotFoundError:

@@ -14,7 +14,14 @@ from meshctl.cluster import config as cluster_config
 from meshctl.cluster import etcd_member, pki
 from meshctl.cluster.config import ClusterConfig, ClusterPaths, read_secret
 from meshctl.cluster.etcd_member import Credentials, EtcdMember, MemberConfig, TlsFiles
-from meshctl.cluster.join import Authority, JoinServer
+from meshctl.cluster.join import (
+    Admission,
+    Authority,
+    JoinServer,
+    StoreSeat,
+    join,
+    remove_membership,
+)
 from meshctl.cluster.tokens import make_token
 from meshctl.model import NODE, MeshctlError
 from meshctl.store import Store, StoreError
@@ -33,6 +40,7 @@ ROLE_PREFIXES = {
     "worker": tuple(etcd_member.ROLE_PREFIXES["worker"]),
 }
 START_TIMEOUT = 30.0
+RECONFIG_WAIT = 15.0
 
 
 @dataclass(frozen=True)
@@ -54,10 +62,12 @@ def tls_files(paths: ClusterPaths) -> TlsFiles:
 
 
 def member_config(paths: ClusterPaths, config: ClusterConfig, client_port: int, peer_port: int,
-                  state: Literal["new", "existing"] = "new") -> MemberConfig:  # fmt: skip
+                  state: Literal["new", "existing"] = "new",
+                  members: dict[str, str] | None = None) -> MemberConfig:  # fmt: skip
     return MemberConfig(
         name=config.node, data_dir=paths.etcd_dir, address=config.address, tls=tls_files(paths),
         client_port=client_port, peer_port=peer_port, cluster_state=state,
+        initial_cluster=members or {},
     )  # fmt: skip
 
 
@@ -80,6 +90,11 @@ def open_cluster_store(state_dir: str, prefix: str | None = None) -> EtcdStore:
 def _read(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def _endpoint(url: str) -> str:
+    """HOST:PORT of an https://HOST:PORT client URL."""
+    return url.split("://", 1)[-1].rstrip("/")
 
 
 def _host_port(endpoint: str) -> tuple[str, int]:
@@ -137,6 +152,38 @@ def _forget(paths: ClusterPaths) -> None:
     shutil.rmtree(paths.dir, ignore_errors=True)
 
 
+def join_cluster(state_dir: str, manager: str, token: str, node: str, address: str) -> Admission:
+    """Join through manager; a manager then starts its etcd member (added as a learner by the
+    manager that admitted it) and has it promoted to a voter once it has caught up."""
+    admitted = join(manager, token, node, address, state_dir)
+    if admitted.role != "manager":
+        return admitted
+    config = cluster_config.load(state_dir)
+    assert config is not None
+    paths = ClusterPaths(state_dir)
+    member = EtcdMember(
+        member_config(
+            paths,
+            config,
+            cluster_config.CLIENT_PORT,
+            cluster_config.PEER_PORT,
+            "existing",
+            admitted.members,
+        )  # fmt: skip
+    )
+    root = Credentials(etcd_member.ROOT, admitted.root_password)
+    # A learner serves no client request: its promotion is asked of the manager that admitted it.
+    voter = f"https://{manager.partition(':')[0]}:{cluster_config.CLIENT_PORT}"
+    try:
+        member.start(timeout=START_TIMEOUT)
+        etcd_member.promote(voter, tls_files(paths), root, admitted.member_id)
+    except BaseException:
+        member.stop()
+        remove_membership(state_dir)
+        raise
+    return admitted
+
+
 def join_token(state_dir: str, role: str, *, rotate: bool = False) -> JoinTokens:
     """The current join token of role (a new one first if rotate), read by a manager."""
     config = cluster_config.load(state_dir)
@@ -171,11 +218,16 @@ class ManagerDuties:
         self.join_server: JoinServer | None = None
 
     def start_member(self) -> None:
-        if self.member.adopt() is not None:
-            log.info("adopted the node's etcd member")
-        else:
+        """The node's member, adopted or started. One that runs but is not healthy (its peers
+        are away: no quorum) is left to come round; the controller waits for the store."""
+        adopted = self.member.adopt() is not None
+        try:
             self.member.start(timeout=START_TIMEOUT)
-            log.info("started the node's etcd member")
+        except etcd_member.EtcdMemberError as err:
+            if self.member.adopt() is None:
+                raise
+            log.warning("%s", err)
+        log.info("%s the node's etcd member", "adopted" if adopted else "started")
 
     def serve_joins(self, store: Store) -> None:
         root = Credentials(etcd_member.ROOT, read_secret(self.paths.root_password))
@@ -187,14 +239,40 @@ class ManagerDuties:
             record = secrets_store.get(JOIN_TOKEN, role)
             return str(record.value["token"]) if record else None
 
+        def clients() -> tuple[str, ...]:
+            """Every started member's client endpoint: a joining node reaches any of them."""
+            listed = etcd_member.members(local, tls, root)
+            found = [_endpoint(url) for m in listed for url in m.client_urls]
+            return tuple(dict.fromkeys(found)) or self.config.store
+
+        def add_member(node: str, address: str) -> StoreSeat:
+            peer = f"https://{address}:{cluster_config.PEER_PORT}"
+            # etcd adds no member in the first seconds after another one connected
+            # ("unhealthy cluster"): managers joining one after another wait for that.
+            deadline = time.monotonic() + RECONFIG_WAIT
+            while True:
+                try:
+                    member_id = etcd_member.add_learner(local, tls, root, peer)
+                    break
+                except etcd_member.EtcdMemberError as err:
+                    if "unhealthy cluster" not in str(err) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            listed = etcd_member.members(local, tls, root)
+            seats = {m.name or node: m.peer_urls[0] for m in listed if m.peer_urls}
+            own = f"{address}:{cluster_config.CLIENT_PORT}"
+            return StoreSeat(member_id, seats, tuple(dict.fromkeys([*clients(), own])))
+
         authority = Authority(
             ca_cert=_read(self.paths.ca_cert),
             ca_key=_read(self.paths.ca_key),
-            store=self.config.store, prefix=self.config.prefix,
+            store=clients, prefix=self.config.prefix,
             current_token=current_token,
             known=lambda node: store.get(NODE, node) is not None,
             add_user=lambda node, password, role: etcd_member.add_user(
                 local, tls, root, node, password, role),
+            root_password=lambda: root.password,
+            add_member=add_member,
         )  # fmt: skip
         self.join_server = JoinServer(
             (self.config.address, self.config.join_port), authority, self.paths.cert,

@@ -67,6 +67,9 @@ DEFAULT_PREFIX = "/meshctl"
 DEFAULT_PORT = 2379
 PAGE = 1000  # keys per range request when listing
 REQUEST_TIMEOUT = 5.0
+# A member that does not take the connection within this is down or cut off: the next is
+# tried at once (a lost manager must not cost every request its whole timeout).
+CONNECT_TIMEOUT = 1.0
 SCHEMES = ("etcd://", "http://", "https://")  # https:// is TLS (with an EtcdAccess)
 # Answers that say this member cannot serve now: another endpoint may.
 _BUSY = (503, 408, 504)
@@ -188,8 +191,9 @@ class EtcdStore(ClosedOnExit):
             endpoint = f"{client.host}:{client.port}"
             try:
                 response = self._session.post(
-                    client.get_url(path), json=body, timeout=self._timeout, headers=headers
-                )
+                    client.get_url(path), json=body, headers=headers,
+                    timeout=(min(CONNECT_TIMEOUT, self._timeout), self._timeout),
+                )  # fmt: skip
             except requests.exceptions.SSLError as err:
                 tls.append(tls_failure(endpoint, self.access, str(err)))
                 continue

@@ -112,6 +112,7 @@ class Cluster:
         controller_args: Sequence[str] = (),
         state_file: str | None = None,
         trust: bool = False,
+        managers: int = 1,
     ) -> None:
         self.prefix = prefix if prefix is not None else f"{TEST_NETNS_PREFIX}c{next(_clusters)}-"
         self.subnet = ipaddress.IPv4Network(subnet)
@@ -141,6 +142,8 @@ class Cluster:
         # trust: the cluster forms itself (#26): node1 runs `cluster init` (its etcd member, TLS
         # and users), the others `cluster join`; nobody passes --store. Else one plain etcd.
         self.trust = trust
+        self.managers = managers  # with trust: node1 to node<managers> are managers
+        self.joined_in: dict[str, float] = {}  # seconds from `cluster join` to the node up
         self.etcd_pid: int | None = None
         self._record: str | None = None  # state_file once it is this cluster's, kept up to date
         self._children: dict[int, subprocess.Popen[bytes]] = {}
@@ -196,19 +199,25 @@ class Cluster:
 
     def _form(self) -> None:
         """node1 founds the cluster and takes joins once its controller runs; the others join
-        it as workers."""
+        it, as managers up to `managers`, then as workers."""
         first = self.nodes["node1"]
         self.cli("cluster", "init", "--advertise-addr", first.address, "--node", "node1")
         self.start_controller("node1")
         self.wait_registered()
-        token = self.cli("cluster", "join-token", "worker", "--quiet").stdout.strip()
-        for node in list(self.nodes.values())[1:]:
+        tokens = {
+            role: self.cli("cluster", "join-token", role, "--quiet").stdout.strip()
+            for role in ("manager", "worker")
+        }
+        for index, node in enumerate(list(self.nodes.values())[1:], start=2):
+            token = tokens["manager" if index <= self.managers else "worker"]
             join = ("cluster", "join", "--token", token, "--advertise-addr", node.address,
                     "--node", node.name, first.address)  # fmt: skip
+            began = time.monotonic()
             wait_for(lambda n=node, j=join: self.cli(*j, node=n.name, check=False).returncode == 0,
-                     30, f"{node.name} to join")  # fmt: skip
+                     60, f"{node.name} to join")  # fmt: skip
             self.start_controller(node.name)
-        self.wait_registered()
+            self.wait_registered()
+            self.joined_in[node.name] = time.monotonic() - began
 
     def _add_netns(self, name: str) -> None:
         _ip("netns", "add", name)  # fails if the name is taken: never adopt another's namespace

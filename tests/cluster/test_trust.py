@@ -104,3 +104,47 @@ def test_a_removed_nodes_credentials_open_nothing(trusted: Cluster) -> None:
         trusted.call_store(lambda store: store.list("node"), "node3")
     assert "\n" not in str(refused.value)
     assert "node3" not in trusted.cli("node", "ls").stdout
+
+
+def test_losing_the_first_manager_leaves_the_cluster_writable(tmp_path: str) -> None:
+    """Three managers, each with an etcd member: node1 lost whole (its controller, its member
+    and its tasks killed, its underlay leg cut). The other two keep quorum: a write from node2
+    succeeds, node1's tasks run elsewhere, and the service answers through its VIP from a
+    client on node3 throughout (save for the requests that reached node1's tasks)."""
+    # The default lease (10 s): an etcd election after losing its leader stalls requests for a
+    # few seconds, which a 4 s lease would not outlive on the surviving nodes either.
+    with Cluster(nodes=3, trust=True, managers=3) as cluster:
+        listed = cluster.call_store(lambda s: s.get("node", "node2"), "node2")
+        assert listed is not None
+        for name in ("node2", "node3"):  # each manager keeps the CA key and a member of its own
+            paths = ClusterPaths(cluster.nodes[name].state_dir)
+            assert os.stat(paths.ca_key).st_mode & 0o077 == 0
+            assert os.path.isdir(paths.etcd_dir)
+        web(cluster, 3)
+        assert {t["node"] for t in wait_live(cluster, "web", 3, 60)} == set(cluster.nodes)
+        node1 = cluster.nodes["node1"]
+        cluster.stop_controller("node1", signal.SIGKILL)
+        cluster.cut("node1")
+        from tests.conftest import kill_processes_in
+
+        kill_processes_in(f"/run/netns/{node1.netns}")  # its etcd member and its tasks
+
+        def scaled_from_node2() -> bool:
+            done = cluster.cli("service", "scale", "web=4", "-d", node="node2", check=False)
+            return done.returncode == 0
+
+        wait_for(scaled_from_node2, 60, "a write from node2 with node1 gone")
+        wait_for(lambda: nodes(cluster, node="node2")["node1"]["state"] == "down", 60,
+                 "node1 down")  # fmt: skip
+
+        def moved() -> bool:
+            running = [t for t in cluster.ps("web", node="node2")
+                       if t["desired_state"] == "running" and t["state"] == "running"]  # fmt: skip
+            return len(running) == 4 and {t["node"] for t in running} == {"node2", "node3"}
+
+        try:
+            wait_for(moved, 120, "web's 4 tasks on node2 and node3")
+        except AssertionError:
+            print(cluster.cli("service", "ps", "web", node="node2").stdout)
+            print(cluster.logs("node2")[-3000:], cluster.logs("node3")[-3000:])
+            raise

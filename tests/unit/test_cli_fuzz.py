@@ -32,6 +32,7 @@ from meshctl.cli import main
 
 # Every leaf command that is fuzzed, by its path.
 FUZZED = [
+    ("cluster", "join-token"),
     ("completion",),
     ("container", "attach"), ("container", "detach"), ("container", "ls"),
     ("controller", "health"),
@@ -46,6 +47,8 @@ FUZZED = [
 ]  # fmt: skip
 # Left out, each for a reason of its own:
 SKIPPED = {
+    ("cluster", "init"): "starts an etcd member that outlives the command, on fixed ports",
+    ("cluster", "join"): "asks a manager over the network (random addresses: long timeouts)",
     ("controller", "run"): "runs until SIGTERM and programs the kernel (needs root)",
     ("exec",): "replaces the test process (os.execvp) with the command",
     ("diff",): "reads the kernel of a node (needs root)",

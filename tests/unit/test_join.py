@@ -44,7 +44,7 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
         made.known.add(node)
 
     authority = Authority(
-        ca_cert, ca_key, ("127.0.0.1:2379",), "/meshctl", made.tokens.get,
+        ca_cert, ca_key, lambda: ("127.0.0.1:2379",), "/meshctl", made.tokens.get,
         made.known.__contains__, add_user,
     )  # fmt: skip
     made.port = free_port()
@@ -105,7 +105,7 @@ def test_wrong_rotated_foreign_tokens_and_known_names_are_refused(
 
 def test_admit_refuses_a_malformed_request(manager: Manager) -> None:
     ca_cert, ca_key = pki.make_ca()
-    authority = Authority(ca_cert, ca_key, (), "/meshctl", lambda r: None, lambda n: False,
+    authority = Authority(ca_cert, ca_key, tuple, "/meshctl", lambda r: None, lambda n: False,
                           lambda *a: None)  # fmt: skip
     with pytest.raises(JoinRefused) as refused:
         authority.admit({"token": "nonsense"})
