@@ -163,11 +163,11 @@ def controller_run(
         events_max,
     )
     duties = None
-    if cluster is not None and cluster.role == "manager":
-        from meshctl.commands.cluster import ManagerDuties
+    if cluster is not None:
+        from meshctl.commands.cluster import ClusterDuties
 
-        duties = ManagerDuties(env.state_dir, cluster)
-        duties.start_member()  # the store this controller opens is (partly) this node's
+        duties = ClusterDuties(env.state_dir, cluster)
+        duties.start_member()  # on a manager: the store this controller opens is (partly) its
     sys.exit(run_controller(env.store, env.state_dir, settings, duties))
 
 

@@ -4,8 +4,10 @@ member and the join endpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -40,6 +42,7 @@ ROLE_PREFIXES = {
     "worker": tuple(etcd_member.ROLE_PREFIXES["worker"]),
 }
 START_TIMEOUT = 30.0
+MEMBERS_FIRST, MEMBERS_REFRESH = 2.0, 10.0  # seconds to the first look at the members, between
 RECONFIG_WAIT = 15.0
 
 
@@ -203,23 +206,64 @@ def join_token(state_dir: str, role: str, *, rotate: bool = False) -> JoinTokens
 # -- a manager's controller ---------------------------------------------------------------------
 
 
-class ManagerDuties:
-    """What a manager runs beside its controller's passes: its etcd member (adopted if it runs,
-    else started: it outlives the controller as tasks do) and the join endpoint."""
+class ClusterDuties:
+    """What a cluster's node runs beside its controller's passes: every node keeps its list of
+    the store's members up to date (managers that joined after it); a manager also runs its
+    etcd member (adopted if it runs, else started: it outlives the controller as tasks do) and
+    the join endpoint."""
 
     def __init__(self, state_dir: str, config: ClusterConfig) -> None:
         self.state_dir = state_dir
         self.config = config
         self.paths = ClusterPaths(state_dir)
-        client_port = _host_port(config.store[0])[1] if config.store else cluster_config.CLIENT_PORT
+        self.manager = config.role == "manager"
+        own = f"{config.address}:{cluster_config.CLIENT_PORT}"
+        client_port = _host_port(own if own in config.store else config.store[0])[1]
         self.member = EtcdMember(
             member_config(self.paths, config, client_port, cluster_config.PEER_PORT)
         )
         self.join_server: JoinServer | None = None
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def serve(self, store: Store) -> None:
+        if self.manager:
+            self.serve_joins(store)
+        if isinstance(store, EtcdStore):
+            self._refresher = threading.Thread(
+                target=self._refresh_members, args=(store,), name="members", daemon=True
+            )
+            self._refresher.start()
+
+    def _refresh_members(self, store: EtcdStore) -> None:
+        wait = MEMBERS_FIRST
+        while not self._stop.wait(wait):
+            wait = MEMBERS_REFRESH
+            try:
+                self.refresh_members(store)
+            except (MeshctlError, StoreError, OSError) as err:
+                log.debug("store members not refreshed: %s", err)
+
+    def refresh_members(self, store: EtcdStore) -> None:
+        """Ask the store for its members and use every one's client endpoint from now on (in
+        the open store and in cluster.json, for the CLI and the next controller)."""
+        found = [f"{host}:{port}" for host, port in store.member_endpoints()]
+        own = f"{self.config.address}:{cluster_config.CLIENT_PORT}"
+        if self.manager and own in found:  # its own member first
+            found = [own, *(e for e in found if e != own)]
+        if not found or tuple(found) == self.config.store:
+            return
+        self.config = dataclasses.replace(self.config, store=tuple(found))
+        cluster_config.save(self.state_dir, self.config)
+        store.use_endpoints([_host_port(e) for e in found])
+        log.info("store members: %s", ", ".join(found))
 
     def start_member(self) -> None:
-        """The node's member, adopted or started. One that runs but is not healthy (its peers
-        are away: no quorum) is left to come round; the controller waits for the store."""
+        """The node's member, adopted or started (managers only). One that runs but is not
+        healthy (its peers are away: no quorum) is left to come round; the controller waits
+        for the store."""
+        if not self.manager:
+            return
         adopted = self.member.adopt() is not None
         try:
             self.member.start(timeout=START_TIMEOUT)
@@ -283,6 +327,7 @@ class ManagerDuties:
 
     def stop(self) -> None:
         """Stop taking joins; the member keeps running for the next controller."""
+        self._stop.set()
         if self.join_server is not None:
             self.join_server.stop()
 

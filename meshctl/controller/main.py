@@ -21,7 +21,7 @@ from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.store import Store
 
 if TYPE_CHECKING:
-    from meshctl.commands.cluster import ManagerDuties
+    from meshctl.commands.cluster import ClusterDuties
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -145,10 +145,10 @@ def default_address(kernel: Kernel) -> str:
 
 
 def run_controller(
-    store: Store, state_dir: str, settings: ControllerSettings, duties: ManagerDuties | None = None
+    store: Store, state_dir: str, settings: ControllerSettings, duties: ClusterDuties | None = None
 ) -> int:
-    """Run until SIGTERM/SIGINT (with a manager's duties beside: the join endpoint); returns
-    the exit code."""
+    """Run until SIGTERM/SIGINT (with a cluster node's duties beside: the store's member list,
+    and on a manager the join endpoint); returns the exit code."""
     from kernel.system import real_kernel
     from meshctl.controller.daemon import Controller
     from meshctl.dns import read_resolv_conf
@@ -179,7 +179,7 @@ def run_controller(
         events_limit=settings.events_limit,
     )
     if duties is not None:
-        duties.serve_joins(store)
+        duties.serve(store)
     try:
         asyncio.run(controller.run())
     finally:

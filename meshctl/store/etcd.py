@@ -146,15 +146,38 @@ class EtcdStore(ClosedOnExit):
             if access:
                 session.verify = access.cacert
                 session.cert = (access.cert, access.key)
-        self._clients = [
-            Etcd3Client(host, port, scheme, api_path="/v3/", session=self._session)
-            for host, port in endpoints
-        ]
+        self._scheme = scheme
+        self._clients = self._make_clients(endpoints)
         self._current = 0  # the endpoint that answered last
         self._lock = threading.Lock()
         self._stream: _WatchStream | None = None
         self._login_lock = threading.Lock()
         self._token: str | None = None  # the login's token; None before the first login
+
+    def _make_clients(self, endpoints: Sequence[tuple[str, int]]) -> list[Etcd3Client]:
+        return [
+            Etcd3Client(host, port, self._scheme, api_path="/v3/", session=self._session)
+            for host, port in endpoints
+        ]
+
+    def use_endpoints(self, endpoints: Sequence[tuple[str, int]]) -> None:
+        """Ask these endpoints from now on (the cluster's members changed); the watch moves
+        when it next reconnects."""
+        if not endpoints or list(endpoints) == self.endpoints:
+            return
+        clients = self._make_clients(endpoints)
+        self.endpoints, self._clients, self._current = list(endpoints), clients, 0
+
+    def member_endpoints(self) -> list[tuple[str, int]]:
+        """The client endpoints the etcd cluster's members advertise (started members only)."""
+        result = self._post("/cluster/member/list", {})
+        found = []
+        for member in result.get("members", []):
+            for url in member.get("clientURLs", []):
+                parts = urlsplit(url)
+                if parts.hostname:
+                    found.append((parts.hostname, parts.port or DEFAULT_PORT))
+        return list(dict.fromkeys(found))
 
     def __repr__(self) -> str:
         hosts = ",".join(f"{h}:{p}" for h, p in self.endpoints)
@@ -185,9 +208,10 @@ class EtcdStore(ClosedOnExit):
     ) -> dict[str, Any]:
         """POST to the first endpoint that answers, starting with the one that answered last."""
         errors, tls = [], []
-        for step in range(len(self._clients)):
-            index = (self._current + step) % len(self._clients)
-            client = self._clients[index]
+        clients = self._clients  # one list throughout, even if use_endpoints replaces it
+        for step in range(len(clients)):
+            index = (self._current + step) % len(clients)
+            client = clients[index]
             endpoint = f"{client.host}:{client.port}"
             try:
                 response = self._session.post(
@@ -408,9 +432,10 @@ class EtcdStore(ClosedOnExit):
         """Open the watch at the first endpoint that answers and read etcd's first answer
         here: a watch it refuses (a token, a permission) is cancelled in that answer."""
         errors = []
-        for step in range(len(self._clients)):
-            index = (self._current + step) % len(self._clients)
-            client = self._clients[index]
+        clients = self._clients  # one list throughout, even if use_endpoints replaces it
+        for step in range(len(clients)):
+            index = (self._current + step) % len(clients)
+            client = clients[index]
             endpoint = f"{client.host}:{client.port}"
             start_key = self.prefix + "/"
             body: dict[str, Any] = {

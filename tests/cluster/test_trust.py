@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from meshctl.cluster import config as cluster_config
 from meshctl.cluster import pki
 from meshctl.cluster.config import ClusterPaths
 from meshctl.commands.cluster import JOIN_TOKEN, SECRETS_PREFIX
@@ -120,6 +121,9 @@ def test_losing_the_first_manager_leaves_the_cluster_writable(tmp_path: str) -> 
             paths = ClusterPaths(cluster.nodes[name].state_dir)
             assert os.stat(paths.ca_key).st_mode & 0o077 == 0
             assert os.path.isdir(paths.etcd_dir)
+        # node1 founded the store alone; its controller learns of the members added since.
+        wait_for(lambda: len(cluster_config.load(cluster.nodes["node1"].state_dir).store) == 3,
+                 30, "node1 to list the three members")  # type: ignore[union-attr]  # fmt: skip
         web(cluster, 3)
         assert {t["node"] for t in wait_live(cluster, "web", 3, 60)} == set(cluster.nodes)
         node1 = cluster.nodes["node1"]
