@@ -10,7 +10,7 @@ from meshctl.cli import common
 from meshctl.cli.common import Group
 from meshctl.cli.root import main
 from meshctl.cluster.config import CLIENT_PORT, JOIN_PORT, PEER_PORT
-from meshctl.model import check_name
+from meshctl.model import check_name, duration
 
 ODD_MANAGERS = (
     "Managers hold the cluster's store: run an odd number of them (3 or 5) to survive the "
@@ -45,9 +45,13 @@ def _node_name(node: str | None) -> str:
               help="The store's peer port on this manager.")  # fmt: skip
 @click.option("--join-port", type=common.Int(1, 65535), default=JOIN_PORT, show_default=True,
               help="Where this manager takes joining nodes.")  # fmt: skip
+@click.option("--cert-expiry", default="2160h", show_default=True, metavar="DURATION",
+              help="How long node certificates are valid (90 days); each node renews its "
+              "own at half.")  # fmt: skip
 def cluster_init(
-    address: str, node: str | None, client_port: int, peer_port: int, join_port: int
-) -> None:
+    address: str, node: str | None, client_port: int, peer_port: int, join_port: int,
+    cert_expiry: str,
+) -> None:  # fmt: skip
     """Make a cluster with this node as its first manager: its CA, its store (an etcd member
     on this node, TLS with client certificates and a user per node), and its join tokens.
 
@@ -59,7 +63,8 @@ def cluster_init(
     from meshctl.commands.cluster import init
 
     name = _node_name(node)
-    made = init(common.env().state_dir, name, address, client_port, peer_port, join_port)
+    days = duration(cert_expiry, "--cert-expiry") / 86400
+    made = init(common.env().state_dir, name, address, client_port, peer_port, join_port, days)
     click.echo(f"Cluster initialized: this node ({name}) is a manager.\n")
     click.echo("Start its controller (it also runs the node's store member):\n")
     click.echo("    meshctl controller run\n")

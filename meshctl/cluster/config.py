@@ -27,6 +27,7 @@ JOIN_PORT = 2377  # swarm's: where managers take joining nodes
 CLIENT_PORT = 2379
 PEER_PORT = 2380
 ROLES = ("manager", "worker")
+CERT_DAYS = 90.0  # swarm's default certificate expiry
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class ClusterConfig:
     prefix: str = "/meshctl"
     join_port: int = JOIN_PORT
     managers: tuple[str, ...] = field(default=())  # the managers' addresses, for joins
+    cert_days: float = CERT_DAYS  # how long the certificates a manager signs are valid
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

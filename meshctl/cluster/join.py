@@ -70,6 +70,7 @@ class Admission:
     root_password: str = ""
     members: dict[str, str] = field(default_factory=dict)
     member_id: int = 0
+    cert_days: float = cluster_config.CERT_DAYS
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Authority:
     # A manager's extras: the root password, and a seat in the store (node, address).
     root_password: Callable[[], str] = lambda: ""
     add_member: Callable[[str, str], StoreSeat] | None = None
+    cert_days: float = cluster_config.CERT_DAYS
 
     def admit(self, request: dict[str, Any]) -> Admission:
         """Check a join request and admit its node, or raise JoinRefused with one line."""
@@ -120,8 +122,9 @@ class Authority:
                 409,
             )
         cert = pki.issue(
-            self.ca_cert, self.ca_key, csr, node=node, role=token.role, addresses=[address]
-        )
+            self.ca_cert, self.ca_key, csr, node=node, role=token.role, addresses=[address],
+            days=self.cert_days,
+        )  # fmt: skip
         password = secrets.token_urlsafe(24)
         self.add_user(node, password, token.role)
         log.info("node %s joined as a %s from %s", node, token.role, address)
@@ -131,8 +134,18 @@ class Authority:
         seat = self.add_member(node, address)
         return dataclasses.replace(
             admitted, store=seat.clients, ca_key=self.ca_key, root_password=self.root_password(),
-            members=seat.members, member_id=seat.member_id,
+            members=seat.members, member_id=seat.member_id, cert_days=self.cert_days,
         )  # fmt: skip
+
+    def renew(self, peer_cert: bytes, csr: bytes) -> bytes:
+        """A new certificate for a member that presented its current one (verified against the
+        CA by TLS): the same node, role and addresses; refused once the node was removed."""
+        node, role = pki.identity(peer_cert)
+        if not self.known(node):
+            raise JoinRefused(f"node {node} was removed from the cluster")
+        addresses = pki.ip_addresses(peer_cert)
+        return pki.issue(self.ca_cert, self.ca_key, csr, node=node, role=role,
+                         addresses=addresses, days=self.cert_days)  # fmt: skip
 
 
 def _same_secret(token: Token, current: str | None) -> bool:
@@ -158,6 +171,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain")
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.path == "/v1/renew":
+            self._renew()
+            return
         if self.path != "/v1/join":
             self._send(404, b"not found\n", "text/plain")
             return
@@ -183,8 +199,27 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "root_password": admitted.root_password,
             "members": admitted.members,
             "member_id": admitted.member_id,
+            "cert_days": admitted.cert_days,
         }
         self._send(200, json.dumps(body).encode(), "application/json")
+
+    def _renew(self) -> None:
+        peer = self.connection.getpeercert(binary_form=True)
+        try:
+            if not peer:
+                raise JoinRefused("renewing needs the node's current certificate", 401)
+            length = int(self.headers.get("Content-Length", "0"))
+            if not 0 < length <= MAX_BODY:
+                raise JoinRefused("a renewal is a small JSON body", 400)
+            csr = str(json.loads(self.rfile.read(length))["csr"]).encode()
+            cert = self.server.authority.renew(ssl.DER_cert_to_PEM_cert(peer).encode(), csr)
+        except JoinRefused as err:
+            self._send(err.status, json.dumps({"error": str(err)}).encode(), "application/json")
+            return
+        except (KeyError, ValueError, MeshctlError) as err:
+            self._send(400, json.dumps({"error": str(err)}).encode(), "application/json")
+            return
+        self._send(200, json.dumps({"cert": cert.decode()}).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)
@@ -202,14 +237,24 @@ class JoinServer(http.server.ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], authority: Authority, cert: str, key: str):
+    def __init__(
+        self, address: tuple[str, int], authority: Authority, cert: str, key: str, ca: str = ""
+    ):
         super().__init__(address, _Handler)
         self.authority = authority
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        context.load_cert_chain(cert, key)
-        self.socket = context.wrap_socket(self.socket, server_side=True)
+        self.cert, self.key = cert, key
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_2
+        self.context.load_cert_chain(cert, key)
+        if ca:  # a member renewing presents its certificate; a joining node has none yet
+            self.context.verify_mode = ssl.CERT_OPTIONAL
+            self.context.load_verify_locations(ca)
+        self.socket = self.context.wrap_socket(self.socket, server_side=True)
         self._thread: threading.Thread | None = None
+
+    def reload(self) -> None:
+        """Serve the manager's renewed certificate to the next connections."""
+        self.context.load_cert_chain(self.cert, self.key)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.serve_forever, name="join", daemon=True)
@@ -250,6 +295,7 @@ def join(manager: str, token_text: str, node: str, address: str, state_dir: str)
         tuple(answer["store"]), answer["prefix"], answer["password"],
         answer.get("ca_key", "").encode(), answer.get("root_password", ""),
         dict(answer.get("members", {})), int(answer.get("member_id", 0)),
+        float(answer.get("cert_days", cluster_config.CERT_DAYS)),
     )  # fmt: skip
     paths.make_dir()
     pki.write_public(paths.ca_cert, admitted.ca)
@@ -266,8 +312,14 @@ def join(manager: str, token_text: str, node: str, address: str, state_dir: str)
     cluster_config.save(
         state_dir,
         cluster_config.ClusterConfig(
-            node, admitted.role, address, store, admitted.prefix, managers=(host,)
-        ),
+            node,
+            admitted.role,
+            address,
+            store,
+            admitted.prefix,
+            managers=(host,),
+            cert_days=admitted.cert_days,
+        ),  # fmt: skip
     )
     return admitted
 
@@ -299,6 +351,30 @@ def _post(url: str, body: dict[str, Any], ca_file: str) -> dict[str, Any]:
     if reply.status_code != 200:
         raise MeshctlError(f"the manager refused the join: {answer.get('error', reply.reason)}")
     return answer
+
+
+def renew_through(manager: str, paths: cluster_config.ClusterPaths) -> bytes:
+    """A new certificate for this node's key, signed by the manager at manager (HOST:PORT),
+    which knows the node by its current certificate."""
+    with open(paths.key, "rb") as f:
+        key = f.read()
+    with open(paths.cert, "rb") as f:
+        node, _ = pki.identity(f.read())
+    try:
+        reply = requests.post(
+            f"https://{manager}/v1/renew", json={"csr": pki.make_csr(key, node).decode()},
+            verify=paths.ca_cert, cert=(paths.cert, paths.key), timeout=TIMEOUT,
+        )  # fmt: skip
+    except requests.RequestException as err:
+        raise MeshctlError(f"cannot renew the certificate through {manager}: {err}") from None
+    try:
+        answer: dict[str, Any] = reply.json()
+    except ValueError:
+        answer = {}
+    if reply.status_code != 200:
+        why = answer.get("error", reply.reason)
+        raise MeshctlError(f"{manager} refused to renew the certificate: {why}")
+    return str(answer["cert"]).encode()
 
 
 def remove_membership(state_dir: str) -> None:

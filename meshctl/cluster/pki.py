@@ -198,6 +198,21 @@ def identity(cert_pem: bytes) -> tuple[str, str]:
     return nodes[0], roles[0]
 
 
+def ip_addresses(cert_pem: bytes) -> list[str]:
+    """The IP addresses a certificate names, but loopback (issue() adds 127.0.0.1 itself)."""
+    cert = _load_cert(cert_pem, "certificate")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return [str(ip) for ip in san.get_values_for_type(x509.IPAddress) if not ip.is_loopback]
+
+
+def valid_from(cert_pem: bytes) -> dt.datetime:
+    """When the certificate starts being valid (aware, UTC)."""
+    return _load_cert(cert_pem, "certificate").not_valid_before_utc
+
+
 def expires(cert_pem: bytes) -> dt.datetime:
     """When the certificate stops being valid (aware, UTC)."""
     return _load_cert(cert_pem, "certificate").not_valid_after_utc

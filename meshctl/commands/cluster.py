@@ -5,6 +5,7 @@ member and the join endpoint)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import secrets
 import threading
@@ -23,6 +24,7 @@ from meshctl.cluster.join import (
     StoreSeat,
     join,
     remove_membership,
+    renew_through,
 )
 from meshctl.cluster.tokens import make_token
 from meshctl.model import NODE, MeshctlError
@@ -109,7 +111,7 @@ def _host_port(endpoint: str) -> tuple[str, int]:
 
 
 def init(state_dir: str, node: str, address: str, client_port: int, peer_port: int,
-         join_port: int) -> JoinTokens:  # fmt: skip
+         join_port: int, cert_days: float = cluster_config.CERT_DAYS) -> JoinTokens:  # fmt: skip
     """Found a cluster on this node: CA, the manager's certificate, its etcd member with auth
     and roles, its store user, and a join token per role. Nothing is left half made: on a
     failure the membership files go and the member stops."""
@@ -119,10 +121,11 @@ def init(state_dir: str, node: str, address: str, client_port: int, peer_port: i
     paths.make_dir()
     config = ClusterConfig(
         node, "manager", address, store=(f"{address}:{client_port}",), join_port=join_port,
-        managers=(address,),
+        managers=(address,), cert_days=cert_days,
     )  # fmt: skip
     ca_cert, ca_key = pki.make_ca()
-    cert, key = pki.make_node_cert(ca_cert, ca_key, node=node, role="manager", addresses=[address])
+    cert, key = pki.make_node_cert(ca_cert, ca_key, node=node, role="manager", addresses=[address],
+                                   days=cert_days)  # fmt: skip
     pki.write_public(paths.ca_cert, ca_cert)
     pki.write_private(paths.ca_key, ca_key)
     pki.write_public(paths.cert, cert)
@@ -243,6 +246,47 @@ class ClusterDuties:
                 self.refresh_members(store)
             except (MeshctlError, StoreError, OSError) as err:
                 log.debug("store members not refreshed: %s", err)
+            try:
+                self.renew_if_due()
+            except (MeshctlError, OSError) as err:
+                log.warning("certificate not renewed yet: %s", err)
+
+    def renew_if_due(self, now: dt.datetime | None = None) -> bool:
+        """Renew this node's certificate (same key, node, role and addresses) once half its
+        lifetime has passed: a manager signs it itself, a worker asks a manager, which knows it
+        by its current one. The file is replaced whole; TLS reads it for each new connection,
+        so nothing restarts and no open connection drops."""
+        cert = _read(self.paths.cert)
+        issued, end = pki.valid_from(cert) + pki.CLOCK_SKEW, pki.expires(cert)
+        if (now or dt.datetime.now(dt.UTC)) < issued + (end - issued) / 2:
+            return False
+        if self.manager:
+            node, role = pki.identity(cert)
+            csr = pki.make_csr(_read(self.paths.key), node)
+            renewed = pki.issue(_read(self.paths.ca_cert), _read(self.paths.ca_key), csr,
+                                node=node, role=role, addresses=pki.ip_addresses(cert),
+                                days=self.config.cert_days)  # fmt: skip
+        else:
+            renewed = self._renew_through_a_manager()
+        if pki.identity(renewed) != pki.identity(cert) or not pki.verify(
+            renewed, _read(self.paths.ca_cert)
+        ):
+            raise MeshctlError("the renewed certificate is not this node's: kept the old one")
+        pki.write_public(self.paths.cert, renewed)
+        if self.join_server is not None:
+            self.join_server.reload()
+        log.info("certificate renewed: valid until %s", pki.expires(renewed).isoformat())
+        return True
+
+    def _renew_through_a_manager(self) -> bytes:
+        hosts = [*self.config.managers, *(_host_port(e)[0] for e in self.config.store)]
+        errors = []
+        for host in dict.fromkeys(hosts):
+            try:
+                return renew_through(f"{host}:{self.config.join_port}", self.paths)
+            except MeshctlError as err:
+                errors.append(str(err))
+        raise MeshctlError("; ".join(errors) or "no manager known")
 
     def refresh_members(self, store: EtcdStore) -> None:
         """Ask the store for its members and use every one's client endpoint from now on (in
@@ -317,10 +361,11 @@ class ClusterDuties:
                 local, tls, root, node, password, role),
             root_password=lambda: root.password,
             add_member=add_member,
+            cert_days=self.config.cert_days,
         )  # fmt: skip
         self.join_server = JoinServer(
             (self.config.address, self.config.join_port), authority, self.paths.cert,
-            self.paths.key,
+            self.paths.key, self.paths.ca_cert,
         )  # fmt: skip
         self.join_server.start()
         log.info("taking joining nodes on %s:%d", self.config.address, self.config.join_port)

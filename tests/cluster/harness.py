@@ -113,6 +113,7 @@ class Cluster:
         state_file: str | None = None,
         trust: bool = False,
         managers: int = 1,
+        init_args: Sequence[str] = (),
     ) -> None:
         self.prefix = prefix if prefix is not None else f"{TEST_NETNS_PREFIX}c{next(_clusters)}-"
         self.subnet = ipaddress.IPv4Network(subnet)
@@ -143,6 +144,7 @@ class Cluster:
         # and users), the others `cluster join`; nobody passes --store. Else one plain etcd.
         self.trust = trust
         self.managers = managers  # with trust: node1 to node<managers> are managers
+        self.init_args = tuple(init_args)  # more `cluster init` options
         self.joined_in: dict[str, float] = {}  # seconds from `cluster join` to the node up
         self.etcd_pid: int | None = None
         self._record: str | None = None  # state_file once it is this cluster's, kept up to date
@@ -201,7 +203,8 @@ class Cluster:
         """node1 founds the cluster and takes joins once its controller runs; the others join
         it, as managers up to `managers`, then as workers."""
         first = self.nodes["node1"]
-        self.cli("cluster", "init", "--advertise-addr", first.address, "--node", "node1")
+        self.cli("cluster", "init", "--advertise-addr", first.address, "--node", "node1",
+                 *self.init_args)  # fmt: skip
         self.start_controller("node1")
         self.wait_registered()
         tokens = {

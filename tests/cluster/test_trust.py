@@ -8,7 +8,9 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from functools import partial
 
 import pytest
 
@@ -20,6 +22,7 @@ from meshctl.store import StoreError
 from tests.cluster.harness import Cluster
 from tests.cluster.workloads import nodes, wait_live, web
 from tests.kernel.mesh import MESHCTL, wait_for
+from tests.kernel.restart_loops import Loops
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -152,3 +155,43 @@ def test_losing_the_first_manager_leaves_the_cluster_writable(tmp_path: str) -> 
             print(cluster.cli("service", "ps", "web", node="node2").stdout)
             print(cluster.logs("node2")[-3000:], cluster.logs("node3")[-3000:])
             raise
+
+
+def test_certificates_are_renewed_before_they_expire_and_no_request_fails() -> None:
+    """Certificates that last 40 s: each node renews its own at half its life (node1, a
+    manager, signs its own; node2, a worker, asks node1 with its current one), and works on
+    past the first certificates' expiry, while a client on node2 asks web's name and VIP."""
+    with Cluster(nodes=2, trust=True, init_args=("--cert-expiry", "40s")) as cluster:
+        web(cluster, 2)
+        web(cluster, 1, "--constraint", "node.name==node2", name="client")
+        (client,) = wait_live(cluster, "client", 1, 60)
+        wait_live(cluster, "web", 2, 60)
+        inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
+        vip = inspect["networks"][0]["vip"]
+        wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+        certs = {n: ClusterPaths(cluster.nodes[n].state_dir).cert for n in cluster.nodes}
+        first = {n: _read(path) for n, path in certs.items()}
+        expiry = max(pki.expires(c) for c in first.values()).timestamp()
+        with Loops(client["pid"], "web", vip, f"http://{vip}/") as loops:
+            wait_for(lambda: all(_read(p) != first[n] for n, p in certs.items()), 60,
+                     "every node to renew its certificate")  # fmt: skip
+            wait_for(lambda: time.time() > expiry + 3, 60, "the first certificates to expire")
+            wait_for(partial(loops.answered, 10), 30, "the loops to answer")
+            # Both controllers still reach the store: with the new certificates only.
+            assert set(cluster.node_statuses()) == {"node1", "node2"}
+            assert cluster.cli("node", "ls", node="node2").returncode == 0
+        assert loops.failures == []
+        for name, path in certs.items():
+            renewed = _read(path)
+            assert pki.identity(renewed) == pki.identity(first[name])
+            assert pki.expires(renewed).timestamp() > expiry
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _answers(cluster: Cluster, task_id: str, url: str) -> bool:
+    get = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
+    return cluster.in_task(task_id, *get).stdout == "200"
