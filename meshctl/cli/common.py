@@ -40,7 +40,7 @@ class Group(click.Group):
             command = (ctx.info_name or "", ctx.invoked_subcommand or "")
             raise click.ClickException(flag_error(err, command)) from None
         except (MeshctlError, StoreError) as err:
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(_explained(err)) from None
         except Exception as err:
             # Kernel errors carry their own one-line message; imported lazily (no root for --help).
             from kernel.errors import KernelError
@@ -48,6 +48,15 @@ class Group(click.Group):
             if isinstance(err, KernelError):
                 raise click.ClickException(str(err)) from None
             raise
+
+
+def _explained(err: Exception) -> str:
+    """The error, and on a cluster's worker whose write the store refused, why."""
+    found = click.get_current_context().find_object(Env)
+    cluster = found.cluster if found is not None else None
+    if cluster is not None and cluster.role == "worker" and "is not allowed to" in str(err):
+        return f"this node is not a manager: run it on a manager ({err})"
+    return str(err)
 
 
 def store_access(

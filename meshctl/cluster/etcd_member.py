@@ -287,6 +287,11 @@ def prefix_permission(prefix: str, perm: str = "READWRITE") -> dict[str, str]:
     }
 
 
+def key_permission(key: str, perm: str = "READWRITE") -> dict[str, str]:
+    """An etcd permission on one key."""
+    return {"permType": perm, "key": _b64(key.encode())}
+
+
 def authenticate(endpoint: str, tls: TlsFiles, credentials: Credentials) -> str:
     """A token for the user (etcd's simple token: it lapses after 5 idle minutes)."""
     body = {"name": credentials.name, "password": credentials.password}
@@ -298,10 +303,11 @@ def enable_auth(
     endpoint: str,
     tls: TlsFiles,
     root_password: str,
-    roles: Mapping[str, Sequence[str]] = ROLE_PREFIXES,
+    roles: Mapping[str, Sequence[str | Mapping[str, str]]] = ROLE_PREFIXES,
 ) -> None:
-    """Create root (with the root role) and each role with readwrite on its key prefixes, then
-    turn etcd's auth on. It can run again (with the same root password): on a bootstrap cut
+    """Create root (with the root role) and each role with its permissions (a key prefix:
+    readwrite on it; or a permission from prefix_permission/key_permission), then turn etcd's
+    auth on. It can run again (with the same root password): on a bootstrap cut
     short, each step already done is passed over; once auth is on, root grants the roles again."""
     try:
         token: str | None = authenticate(endpoint, tls, Credentials(ROOT, root_password))
@@ -312,21 +318,44 @@ def enable_auth(
     root = {"name": ROOT, "password": root_password}
     _post_unless(endpoint, tls, token, "/v3/auth/user/add", root)
     _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": ROOT, "role": ROOT})
-    for role, prefixes in roles.items():
-        _post_unless(endpoint, tls, token, "/v3/auth/role/add", {"name": role})
-        for prefix in prefixes:
-            body = {"name": role, "perm": prefix_permission(prefix)}
-            _post(endpoint, tls, token, "/v3/auth/role/grant", body)
+    for role, perms in roles.items():
+        _add_role(endpoint, tls, token, role, perms)
     _post(endpoint, tls, token, "/v3/auth/enable", {})
 
 
+def _add_role(
+    endpoint: str, tls: TlsFiles, token: str | None, role: str,
+    perms: Sequence[str | Mapping[str, str]],
+) -> None:  # fmt: skip
+    _post_unless(endpoint, tls, token, "/v3/auth/role/add", {"name": role})
+    for perm in perms:
+        grant = prefix_permission(perm) if isinstance(perm, str) else dict(perm)
+        _post(endpoint, tls, token, "/v3/auth/role/grant", {"name": role, "perm": grant})
+
+
+def add_role(
+    endpoint: str, tls: TlsFiles, root: Credentials, role: str,
+    perms: Sequence[str | Mapping[str, str]],
+) -> None:  # fmt: skip
+    """A role with these permissions (as enable_auth takes them); one that exists gains them."""
+    _add_role(endpoint, tls, authenticate(endpoint, tls, root), role, perms)
+
+
+def remove_role(endpoint: str, tls: TlsFiles, root: Credentials, role: str) -> None:
+    """Delete a role; one already gone is fine."""
+    token = authenticate(endpoint, tls, root)
+    _post_unless(endpoint, tls, token, "/v3/auth/role/delete", {"role": role}, "not found")
+
+
 def add_user(
-    endpoint: str, tls: TlsFiles, root: Credentials, name: str, password: str, role: str
-) -> None:
-    """A user for a node, with its role."""
+    endpoint: str, tls: TlsFiles, root: Credentials, name: str, password: str,
+    role: str | Sequence[str],
+) -> None:  # fmt: skip
+    """A user for a node, with its role (or roles)."""
     token = authenticate(endpoint, tls, root)
     _post(endpoint, tls, token, "/v3/auth/user/add", {"name": name, "password": password})
-    _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": role})
+    for each in [role] if isinstance(role, str) else role:
+        _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": each})
 
 
 def remove_user(endpoint: str, tls: TlsFiles, root: Credentials, name: str) -> None:

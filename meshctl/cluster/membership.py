@@ -61,10 +61,13 @@ def _process_alive(pid: int, start: int) -> bool:
 class Membership:
     """One controller's place in the cluster: its node, its lease, its status."""
 
-    def __init__(self, store: Store, node: Node, *, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self, store: Store, node: Node, *, ttl: float = DEFAULT_TTL, may_lead: bool = True
+    ) -> None:
         self.store = store
         self.node = node
         self.ttl = ttl
+        self.may_lead = may_lead  # a worker of a cluster made by `cluster init` never leads
         self.lease = 0
         self._status = NodeStatus(
             node.name,
@@ -227,6 +230,8 @@ class Membership:
         the last view), or took it because it was free."""
         if leader is not None:
             return leader == self.node.name
+        if not self.may_lead:
+            return False
         try:
             self.store.put(LEADER, LEADER_KEY, {"node": self.node.name}, expect=0, lease=self.lease)
         except (Conflict, LeaseExpired):

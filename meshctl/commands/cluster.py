@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+from meshctl import ipam
 from meshctl.cluster import config as cluster_config
 from meshctl.cluster import etcd_member, pki
 from meshctl.cluster.config import ClusterConfig, ClusterPaths, read_secret
@@ -27,22 +28,48 @@ from meshctl.cluster.join import (
     renew_through,
 )
 from meshctl.cluster.tokens import make_token
-from meshctl.model import NODE, MeshctlError
+from meshctl.model import NODE, NODE_STATUS, TASK, MeshctlError
 from meshctl.store import Store, StoreError
 from meshctl.store.etcd import EtcdAccess, EtcdStore
 
 log = logging.getLogger("meshctl.cluster")
 
-# Keys only managers may read or write (the worker role has no permission on them): the join
-# tokens. Not under the store's prefix: a permission on "/meshctl" is a key range that covers
-# every key that starts with it.
+# What each role may do in the store, enforced by etcd, not by the CLI. Managers write desired
+# state (networks, services, nodes' availability and labels) and read the join tokens, kept
+# outside the store's prefix (a permission on "/meshctl" is a key range that covers every key
+# starting with it). A worker reads the cluster and writes only what its controller must: its
+# tasks' states, the addresses it claims, and through a role of its own (node_role) its node
+# record and status. It cannot write a service (a task's command), a network, another node's
+# record or status, the leadership or the event log, nor read the join tokens.
 SECRETS_PREFIX = "/secrets/meshctl"
 JOIN_TOKEN = "join-token"
-ROLE_PREFIXES = {
-    "manager": (*etcd_member.ROLE_PREFIXES["manager"], SECRETS_PREFIX),
-    # Narrowed once a task's desired state and its node's reports are separate keys (#26).
-    "worker": tuple(etcd_member.ROLE_PREFIXES["worker"]),
+_PREFIX = cluster_config.ClusterConfig.prefix
+ROLE_PERMISSIONS: dict[str, tuple[str | dict[str, str], ...]] = {
+    "manager": (_PREFIX, SECRETS_PREFIX),
+    "worker": (
+        etcd_member.prefix_permission(_PREFIX, "READ"),
+        *(f"{_PREFIX}/{kind}/" for kind in (TASK, ipam.KIND, ipam.ADDRESS)),
+    ),
 }
+
+
+def node_role(node: str) -> tuple[str, tuple[dict[str, str], ...]]:
+    """A worker's own role: its node record and its status, and nobody else's."""
+    keys = (f"{_PREFIX}/{NODE}/{node}", f"{_PREFIX}/{NODE_STATUS}/{node}")
+    return f"node:{node}", tuple(etcd_member.key_permission(key) for key in keys)
+
+
+def add_node_user(endpoint: str, tls: TlsFiles, root: Credentials, node: str, password: str,
+                  role: str) -> None:  # fmt: skip
+    """The store user of a node: a manager's role, or the worker role and the node's own."""
+    roles = [role]
+    if role == "worker":
+        own, perms = node_role(node)
+        etcd_member.add_role(endpoint, tls, root, own, perms)
+        roles.append(own)
+    etcd_member.add_user(endpoint, tls, root, node, password, roles)
+
+
 START_TIMEOUT = 30.0
 MEMBERS_FIRST, MEMBERS_REFRESH = 2.0, 10.0  # seconds to the first look at the members, between
 RECONFIG_WAIT = 15.0
@@ -138,8 +165,8 @@ def init(state_dir: str, node: str, address: str, client_port: int, peer_port: i
     try:
         member.start(timeout=START_TIMEOUT)
         local = member.config.local_url
-        etcd_member.enable_auth(local, tls_files(paths), root.password, ROLE_PREFIXES)
-        etcd_member.add_user(local, tls_files(paths), root, node, password, "manager")
+        etcd_member.enable_auth(local, tls_files(paths), root.password, ROLE_PERMISSIONS)
+        add_node_user(local, tls_files(paths), root, node, password, "manager")
         cluster_config.save(state_dir, config)
         tokens = {role: make_token(pki.ca_digest(ca_cert), role) for role in ("worker", "manager")}
         with open_cluster_store(state_dir, SECRETS_PREFIX) as secrets_store:
@@ -357,7 +384,7 @@ class ClusterDuties:
             store=clients, prefix=self.config.prefix,
             current_token=current_token,
             known=lambda node: store.get(NODE, node) is not None,
-            add_user=lambda node, password, role: etcd_member.add_user(
+            add_user=lambda node, password, role: add_node_user(
                 local, tls, root, node, password, role),
             root_password=lambda: root.password,
             add_member=add_member,
@@ -388,9 +415,11 @@ def revoke(state_dir: str, node: str) -> None:
     root = Credentials(etcd_member.ROOT, read_secret(paths.root_password))
     port = _host_port(config.store[0])[1]
     deadline = time.monotonic() + 10
+    local = f"https://127.0.0.1:{port}"
     while True:
         try:
-            etcd_member.remove_user(f"https://127.0.0.1:{port}", tls_files(paths), root, node)
+            etcd_member.remove_user(local, tls_files(paths), root, node)
+            etcd_member.remove_role(local, tls_files(paths), root, node_role(node)[0])
             return
         except (StoreError, MeshctlError):
             if time.monotonic() > deadline:

@@ -97,12 +97,13 @@ class Controller:
         metrics_addr: str = "",
         events_window: float = DEFAULT_WINDOW,
         events_limit: int = DEFAULT_LIMIT,
+        may_lead: bool = True,
     ) -> None:
         self.metrics = Metrics()
         self.liveness = Liveness(2 * resync_period)
         kernel = counted(kernel, self.metrics.kernel_operation)
         dataplane = choose_dataplane(kernel, lb_backend)
-        self.membership = Membership(store, node, ttl=node_ttl)
+        self.membership = Membership(store, node, ttl=node_ttl, may_lead=may_lead)
         name = self.membership.join(lb_backend=dataplane.lb.name, vxlan_port=vxlan_port).name
         self.endpoints = None
         if metrics_addr:  # after joining: a second controller of the node is told that first

@@ -177,6 +177,7 @@ def run_controller(
         metrics_addr=settings.metrics_addr,
         events_window=settings.events_window,
         events_limit=settings.events_limit,
+        may_lead=duties is None or duties.manager,  # only managers place tasks
     )
     if duties is not None:
         duties.serve(store)

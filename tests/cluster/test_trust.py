@@ -70,6 +70,19 @@ def test_members_work_and_an_outsider_reaches_nothing(trusted: Cluster, tmp_path
                       f"https://{store}/v3/kv/range")  # fmt: skip
     assert '"kvs"' not in anonymous.stdout
     assert "pwn" not in trusted.cli("service", "ls").stdout
+    # A worker changes no desired state, through the CLI or straight through its login.
+    refused = trusted.cli("service", "create", "--name", "w", "--", "true", node="node2",
+                          check=False)  # fmt: skip
+    assert refused.returncode == 1 and "this node is not a manager" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    for kind, name, value in (("service", "pwn", {"name": "pwn"}), ("network", "x", {}),
+                              ("node-status", "node3", {}), ("node", "node1", {}),
+                              ("leader", "scheduler", {"node": "node2"})):  # fmt: skip
+        with pytest.raises(StoreError, match="not allowed"):
+            trusted.call_store(lambda s, k=kind, n=name, v=value: s.put(k, n, v), "node2")
+    assert "w" not in [s["name"] for s in json.loads(
+        trusted.cli("service", "ls", "--format", "json").stdout)]  # fmt: skip
+    assert nodes(trusted)["node1"]["leader"]  # only a manager leads
     # A worker's login cannot read the join tokens (a manager token would make it a manager).
     with pytest.raises(StoreError, match="not allowed|permission"):
         trusted.call_store(lambda s: s.get(JOIN_TOKEN, "manager"), "node2", SECRETS_PREFIX)
