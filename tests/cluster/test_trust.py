@@ -21,6 +21,7 @@ from meshctl.commands.cluster import JOIN_TOKEN, SECRETS_PREFIX
 from meshctl.store import StoreError
 from tests.cluster.harness import Cluster
 from tests.cluster.workloads import nodes, wait_live, web
+from tests.conftest import kill_processes_in
 from tests.kernel.mesh import MESHCTL, wait_for
 from tests.kernel.restart_loops import Loops
 
@@ -145,8 +146,6 @@ def test_losing_the_first_manager_leaves_the_cluster_writable(tmp_path: str) -> 
         node1 = cluster.nodes["node1"]
         cluster.stop_controller("node1", signal.SIGKILL)
         cluster.cut("node1")
-        from tests.conftest import kill_processes_in
-
         kill_processes_in(f"/run/netns/{node1.netns}")  # its etcd member and its tasks
 
         def scaled_from_node2() -> bool:
@@ -208,3 +207,30 @@ def _read(path: str) -> bytes:
 def _answers(cluster: Cluster, task_id: str, url: str) -> bool:
     get = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
     return cluster.in_task(task_id, *get).stdout == "200"
+
+
+def test_losing_quorum_stops_writes_in_one_line_and_the_data_plane_serves_on() -> None:
+    """Three managers, two lost whole: the third refuses writes with one line (its member
+    alone is no quorum), and its node keeps serving with its last state: a client there still
+    gets web's VIP from its DNS and answers through the VIP from the task on its own node."""
+    with Cluster(nodes=3, trust=True, managers=3) as cluster:
+        web(cluster, 3)
+        web(cluster, 1, "--constraint", "node.name==node3", name="client")
+        (client,) = wait_live(cluster, "client", 1, 60)
+        wait_live(cluster, "web", 3, 60)
+        inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
+        vip = inspect["networks"][0]["vip"]
+        wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+        for lost in ("node1", "node2"):
+            cluster.stop_controller(lost, signal.SIGKILL)
+            cluster.cut(lost)
+            kill_processes_in(f"/run/netns/{cluster.nodes[lost].netns}")
+        refused = cluster.cli("service", "scale", "web=5", "-d", node="node3", check=False,
+                              timeout=90)  # fmt: skip
+        assert refused.returncode == 1, refused
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        answered = sum(_answers(cluster, client["id"], f"http://{vip}/") for _ in range(12))
+        assert answered >= 1  # node3's own task, through node3's LB, on its last state
+        looked_up = cluster.in_task(client["id"], "dig", "+short", "+time=5", "+tries=1",
+                                    "@127.0.0.11", "web")  # fmt: skip
+        assert looked_up.stdout.split() == [vip]
