@@ -51,6 +51,9 @@ def test_a_restart_loses_no_query_and_no_request_and_replaces_nothing(mesh: Mesh
     for task in mesh.running("web"):  # each server listens before the loops begin
         url = f"http://{task['addresses']['front']}/"
         wait_for(partial(_answers, mesh, client["id"], url), 20, f"{task['name']} to listen")
+    # DNS answers from the first pass's records, the VIP only once the LB is programmed later
+    # in that pass: the loops begin when the VIP answers too.
+    wait_for(partial(_answers, mesh, client["id"], f"http://{vip}/"), 20, "web via its VIP")
     tasks = {t["id"]: t["pid"] for name in ("web", "client") for t in mesh.running(name)}
     ports = _dns_ports(mesh, list(tasks))
 
