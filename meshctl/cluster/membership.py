@@ -199,9 +199,12 @@ class Membership:
                     log.warning("node=%s cannot renew its lease: %s", self.node.name, err)
                     self._unreachable = True
 
-    def report(self, message: str, errors: dict[str, str]) -> None:
-        """Say how this node is doing (written only when it changed)."""
+    def report(self, message: str, errors: dict[str, str], programmed: int | None = None) -> None:
+        """Say how this node is doing (written only when it changed); programmed: the task
+        revision its load balancers now follow, if it has one to report."""
         status = dataclasses.replace(self._status, message=message, errors=dict(errors))
+        if programmed is not None:
+            status = dataclasses.replace(status, programmed=programmed)
         with self._lock:
             if status == self._written:
                 return
@@ -213,7 +216,9 @@ class Membership:
         with self._lock:
             self._status, self._written = status, status
 
-    def report_pass(self, failures: dict[str, str], message: str = "") -> None:
+    def report_pass(
+        self, failures: dict[str, str], message: str = "", programmed: int | None = None
+    ) -> None:
         """Tell the cluster how this node does after a pass (message: why the pass itself
         failed, if it did); log each failure once, when it starts. A store out of reach is
         logged: the next pass says it again."""
@@ -221,7 +226,7 @@ class Membership:
             log.warning("%s fails on this node: %s", what, failures[what])
         self.failures = failures
         try:
-            self.report(message, failures)
+            self.report(message, failures, programmed)
         except StoreError as err:
             log.warning("cannot report the node's status: %s", err)
 

@@ -45,6 +45,7 @@ from meshctl.controller.supervision import Supervision
 from meshctl.dns.sync import DnsSync
 from meshctl.events import DEFAULT_LIMIT, DEFAULT_WINDOW, EVENT, EventLog
 from meshctl.lb.backends import backend_named
+from meshctl.lb.endpoints import programmed_revision
 from meshctl.model import Node
 from meshctl.node.kernel import set_node_sysctls
 from meshctl.overlay.vxlan import VXLAN_PORT
@@ -159,7 +160,9 @@ class Controller:
 
             def finish(result: PassResult) -> str:
                 self.views.last = result.view
-                self.membership.report_pass(result.failures)
+                node = self.membership.node
+                programmed = programmed_revision(result.view, node.name, node.id, result.failures)
+                self.membership.report_pass(result.failures, programmed=programmed)
                 self.leader.flush_events()
                 problem = _problem(result.failures)
                 for wait in self.liveness.end(covered, problem):

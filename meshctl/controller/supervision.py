@@ -56,9 +56,14 @@ class Supervision:
         return frozenset(self.supervisor.wired(view))
 
     def open_connections(self, task: Task) -> int:
-        """TCP connections the task still serves through this node's load balancers, and
-        requests through its router."""
+        """TCP connections the task still serves: those its servers hold (whichever node's
+        load balancer sent them), those through this node's load balancers still being set
+        up, and requests through its router."""
         total = self.router.open_requests(task)
+        try:
+            total += self.kernel.sockets.served_connections(naming.task_netns(task.id))
+        except (KernelError, OSError):
+            pass  # its namespace is gone: it serves nothing any more
         view = self.last_view()
         for network, address in task.addresses.items():
             net = view.networks.get(network) if view else None

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from kernel.errors import KernelError
 from meshctl import naming, runtime
 from meshctl.cluster import tasks
+from meshctl.lb.endpoints import out_of_every_spread
 from meshctl.model import TASK, Health, Service, Task, TaskState
 from meshctl.reconcile import PassContext
 from meshctl.store import Conflict, Store
@@ -173,7 +174,7 @@ class Supervisor:
             if task.desired_state == "running" and service is not None:
                 when = self._keep_running(view, task, service, local, now)
             else:
-                when = self._wind_down(task, service, local, unwired)
+                when = self._wind_down(view, task, service, local, unwired)
             if when is not None:
                 deadline = min(deadline, when)
             self._write(view, task, local)
@@ -272,17 +273,25 @@ class Supervisor:
     # -- stopping ------------------------------------------------------------------------------
 
     def _wind_down(
-        self, task: Task, service: Service | None, local: Local, unwired: set[str]
+        self,
+        view: ClusterView,
+        task: Task,
+        service: Service | None,
+        local: Local,
+        unwired: set[str],
     ) -> float | None:
         if local.process is not None and local.stopping is None:
             grace = service.stop_grace_period if service else DEFAULT_GRACE
             now = time.time()
-            # Drain first: this pass already gave it weight 0 in the load balancer (it is
-            # leaving); stop it once its connections are done or the grace period is over.
+            # Drain first: this pass already gave it weight 0 in this node's load balancers (it
+            # is leaving); stop it once every other node's have taken it out too and its
+            # connections are done, or the grace period is over.
             if local.draining_since is None:
                 local.draining_since = now
                 return now + DRAIN_CHECK
-            if now - local.draining_since < grace and self.open_connections(task) > 0:
+            if now - local.draining_since < grace and (
+                not out_of_every_spread(view, task) or self.open_connections(task) > 0
+            ):
                 return now + DRAIN_CHECK
             self._begin_stop(task, local, grace, "stopped")
             return None

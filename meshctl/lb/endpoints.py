@@ -3,13 +3,15 @@
 A task joins its service's VIP and its DNS answers only when it runs and is healthy (or the
 service has no check). A task that is leaving (scaled away, updated, removed) or unhealthy
 stays a VIP backend with weight 0 while its process runs: no new connections, established
-ones continue; it is taken out when its process has stopped.
+ones continue; it is taken out when its process has stopped. Its own node stops it only once
+every other node balancing over it has taken it out of its spread too (the end of this file).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
+from meshctl import naming
 from meshctl.lb.spec import Backend
 from meshctl.model import Task
 from meshctl.view import ClusterView
@@ -68,3 +70,52 @@ def backends_of(
     """A VIP's backends on one network, each with its weight."""
     found = weights(view, tasks, network, node)
     return tuple(Backend(address, weight) for address, weight in sorted(found.items()))
+
+
+# -- a leaving task across nodes -------------------------------------------------------------
+# Every node balances over every task it reaches, so a task leaving (scaled away, updated,
+# removed) must keep running until every node has taken it out of its spread, not only the node
+# it runs on: else a node that learns later still sends it new connections, to a stopped task.
+# A node says how far its load balancers have followed the tasks by reporting the newest task
+# revision it has programmed (NodeStatus.programmed), and only while some task it reaches is
+# leaving: at rest nothing is written.
+
+
+def leaving(task: Task) -> bool:
+    """Whether the task runs on with weight 0 because it is to stop (not because it is ill)."""
+    return task.desired_state != "running" and backend_weight(task) == 0
+
+
+def programmed_revision(
+    view: ClusterView, node: str, node_id: str, failures: Mapping[str, str]
+) -> int | None:
+    """What `node` reports once its pass over view is done: the newest task revision its load
+    balancers now follow, while a task on another node that it balances over is leaving; None
+    (no report) when none is, or the load balancer of such a task's network failed this pass
+    (failures: the pass's, by kernel object)."""
+    networks = view.taking_part(node)
+    nets_of_leaving = {
+        net
+        for task in view.tasks.values()
+        if task.node != node and leaving(task)
+        for net in task.addresses
+        if net in networks and reachable(view, task, net, node)
+    }
+    if not nets_of_leaving:
+        return None
+    if any(naming.lb_netns(node_id, view.networks[net].id) in failures for net in nets_of_leaving):
+        return None
+    return max(view.task_revisions.values(), default=0)
+
+
+def out_of_every_spread(view: ClusterView, task: Task) -> bool:
+    """Whether every other live node that balances over the task has reported programming its
+    revision or a later one: none sends it new connections any more."""
+    revision = view.task_revisions.get(task.id, 0)
+    for node, status in view.statuses.items():
+        if node == task.node or status.programmed >= revision:
+            continue
+        shared = view.taking_part(node) & set(task.addresses)
+        if any(reachable(view, task, net, node) for net in shared):
+            return False
+    return True

@@ -83,6 +83,9 @@ class NodeStatus:
     boot_id: str = ""
     lb_backend: str = ""
     vxlan_port: int = 0  # the UDP port its overlays use
+    # the newest task revision its load balancers follow, reported while a task elsewhere that
+    # they balance over is leaving (meshctl.lb.endpoints): its node stops it only after that
+    programmed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class NodeStatus:
             "boot_id": self.boot_id,
             "lb_backend": self.lb_backend,
             "vxlan_port": self.vxlan_port,
+            "programmed": self.programmed,
         }
 
     @classmethod

@@ -6,7 +6,10 @@ every node, a killed task and a scale-down under load, a partition, and nothing 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -15,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from kernel import netns
 from tests.cluster.harness import Cluster
-from tests.cluster.workloads import HTTP, live, wait_live
+from tests.cluster.workloads import HTTP, live, nodes, wait_live
 from tests.kernel.mesh import wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
@@ -182,6 +186,83 @@ def test_the_routing_mesh_answers_on_every_node_and_loses_no_request(short: Clus
         stop.set()
         for worker in workers:
             worker.join()
+    assert failures == []
+
+
+@pytest.fixture
+def patient() -> Iterator[Cluster]:
+    """A cluster whose nodes stay up 30 s without their controller: one frozen for a few
+    seconds keeps its lease."""
+    with Cluster(nodes=3, controller_args=("--node-ttl", "30s")) as made:
+        yield made
+
+
+def test_a_leaving_task_runs_until_every_node_took_it_out_and_its_connections_end(
+    patient: Cluster,
+) -> None:
+    """A task scaled away on node1 keeps running while another node's controller is frozen (that
+    node's kernel still sends it connections through the published port), and after that while
+    connections that a third node's load balancer sent it are open: no request fails, and those
+    connections are answered. It used to stop as soon as node1's own load balancer let it go and
+    had no connection through it (#27)."""
+    cluster = patient
+    cluster.cli("network", "create", "front")
+    create(cluster, "web", 2, "--network", "front", "--publish", "8000:80",
+           "--constraint", "node.name==node1", "--stop-grace-period", "60s")  # fmt: skip
+    tasks = wait_live(cluster, "web", 2)
+    names = {t["name"] for t in tasks}
+    gone = next(t for t in tasks if t["name"] == "web.2")  # scaling to 1 keeps slot 1
+    leader = next(n for n, v in nodes(cluster).items() if v["leader"])
+    frozen = next(n for n in cluster.nodes if n not in ("node1", leader))
+    other = next(n for n in cluster.nodes if n not in ("node1", frozen))
+    url = f"http://{cluster.nodes[frozen].address}:8000/"
+
+    def ask() -> str | None:
+        got = cluster.in_client("curl", "-s", "--max-time", "3", url)
+        return got.stdout.strip() if got.returncode == 0 and got.stdout else None
+
+    def state_of(task_id: str) -> str:
+        return next((t["state"] for t in cluster.ps("web") if t["id"] == task_id), "gone")
+
+    wait_for(lambda: {ask() for _ in range(20)} == names, 30, f"{frozen} answering from both")
+    # Connections through the third node, idle until the end: the servers wait for requests.
+    held = [netns.run_in(cluster.client.netns, socket.create_connection,
+                         (cluster.nodes[other].address, 8000), 3) for _ in range(8)]  # fmt: skip
+    failures: list[float] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            if ask() is None:
+                failures.append(time.monotonic())
+
+    pid = cluster.nodes[frozen].pid
+    assert pid is not None
+    worker = threading.Thread(target=loop)
+    worker.start()
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            cluster.cli("service", "scale", "web=1", "-d")
+            time.sleep(3)  # node1 and the third node have long let it go; the frozen one has not
+            assert state_of(gone["id"]) == "running"
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        time.sleep(3)  # every node has let it go now, but it still serves the held connections
+        assert state_of(gone["id"]) == "running"
+        answers = set()
+        for conn in held:
+            conn.sendall(b"GET / HTTP/1.0\r\n\r\n")
+            answers.add(conn.makefile("rb").read().split(b"\r\n\r\n", 1)[-1].decode().strip())
+        assert answers == names
+        wait_for(lambda: state_of(gone["id"]) != "running", 20,
+                 "the task stopping once its connections ended")  # fmt: skip
+        time.sleep(1)
+    finally:
+        stop.set()
+        worker.join()
+        for conn in held:
+            conn.close()
     assert failures == []
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import socket
+import subprocess
 
 from kernel import netns
 from kernel.fake.sockets import FakeSockets
-from kernel.sockets import Sockets, parse_proc_net
+from kernel.sockets import Sockets, count_served, parse_proc_net
 from tests.conformance.conftest import KernelUnderTest
 
 
@@ -47,3 +48,49 @@ def test_parse_ignores_tcp_sockets_that_do_not_listen() -> None:
     )
     assert parse_proc_net(table, "tcp") == {(8000, "tcp")}
     assert parse_proc_net(table, "udp") == {(8000, "udp"), (8001, "udp")}
+
+
+def test_served_connections_counts_what_listeners_accepted_not_what_clients_opened(
+    kernel: KernelUnderTest,
+) -> None:
+    """What a leaving task's node waits for: connections its servers hold, from anywhere."""
+    ns = kernel.new_ns("serve")
+    sockets = FakeSockets(kernel.world) if kernel.is_fake and kernel.world else Sockets()
+    listener = _hold(kernel, ns, 8125, "tcp")
+    assert sockets.served_connections(ns) == 0
+    opened: list[socket.socket] = []
+    try:
+        if kernel.is_fake:
+            assert kernel.world is not None
+            FakeSockets(kernel.world).accept(ns, 8125)
+        else:
+            assert listener is not None
+            # A client in the same namespace: its own socket is not served, the accepted one is.
+            subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+            client = netns.run_in(ns, socket.create_connection, ("127.0.0.1", 8125), 2)
+            opened += [client, listener.accept()[0]]
+        assert sockets.served_connections(ns) == 1
+        if kernel.is_fake:
+            assert kernel.world is not None
+            FakeSockets(kernel.world).close(ns, 8125)
+        else:
+            for sock in opened:
+                sock.close()
+        # The server's side of a connection the client closed first waits in TIME_WAIT or
+        # FIN_WAIT: no longer established.
+        assert sockets.served_connections(ns) == 0
+    finally:
+        for sock in [*opened, listener]:
+            if sock is not None:
+                sock.close()
+
+
+def test_count_served_skips_outgoing_connections() -> None:
+    table = (
+        "  sl  local_address rem_address   st\n"
+        "   0: 00000000:0050 00000000:0000 0A\n"  # listening on 80
+        "   1: 0A000102:0050 0A000109:9C40 01\n"  # accepted on 80
+        "   2: 0A000102:9C41 0A000103:0050 01\n"  # opened to another server's 80
+        "   3: 0A000102:0050 0A000109:9C42 06\n"  # accepted, in TIME_WAIT
+    )
+    assert count_served(table) == 1
