@@ -5,6 +5,7 @@ turns readable), and the count of connections a draining task still serves."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -60,10 +61,8 @@ class Supervision:
         load balancer sent them), those through this node's load balancers still being set
         up, and requests through its router."""
         total = self.router.open_requests(task)
-        try:
+        with contextlib.suppress(KernelError, OSError):  # its namespace is gone: nothing more
             total += self.kernel.sockets.served_connections(naming.task_netns(task.id))
-        except (KernelError, OSError):
-            pass  # its namespace is gone: it serves nothing any more
         view = self.last_view()
         for network, address in task.addresses.items():
             net = view.networks.get(network) if view else None
