@@ -58,10 +58,7 @@ NAT_SNAT, NAT_DNAT = 0, 1
 NFPROTO_IPV4 = 2
 REJECT_ICMP_UNREACH, REJECT_TCP_RST = 0, 1
 PROTOCOLS = {"tcp": 6, "udp": 17}
-ICMP_CODES = {
-    "net-unreachable": 0, "host-unreachable": 1, "prot-unreachable": 2, "port-unreachable": 3,
-    "net-prohibited": 9, "host-prohibited": 10, "admin-prohibited": 13,
-}  # fmt: skip
+ICMP_CODES = {"host-unreachable": 1, "port-unreachable": 3, "admin-prohibited": 13}
 CT_STATUS_BITS = {"snat": 0x10, "dnat": 0x20}
 
 
@@ -181,9 +178,8 @@ class _Rule:
     def refuse(self, why: str) -> ValueError:
         return ValueError(f"nftables rule {self.rule!r}: {why}; meshctl writes only its own forms")
 
-    def peek(self, ahead: int = 0) -> str | None:
-        at = self.at + ahead
-        return self.tokens[at] if at < len(self.tokens) else None
+    def peek(self) -> str | None:
+        return self.tokens[self.at] if self.at < len(self.tokens) else None
 
     def take(self, *expected: str) -> str:
         token = self.peek()
@@ -244,8 +240,6 @@ class _Rule:
             self.set_lookup(self.take(), verdict_map=True)
         elif token.startswith("@"):
             self.set_lookup(token, verdict_map=False)
-        elif token == "!=":
-            self.out.append(cmp(CMP_NEQ, _value(self, proto, self.take())))
         else:
             self.out.append(cmp(CMP_EQ, _value(self, proto, token)))
 
@@ -276,17 +270,8 @@ class _Rule:
             raise self.refuse("numgen other than inc or random")
         self.take("mod")
         modulus = _int(self, self.take())
-        offset = 0
-        if self.peek() == "offset":
-            self.take()
-            offset = _int(self, self.take())
-        self.out.append(
-            expr("numgen", be32(1, REG_1), be32(2, modulus), be32(3, mode), be32(4, offset))
-        )
+        self.out.append(expr("numgen", be32(1, REG_1), be32(2, modulus), be32(3, mode), be32(4, 0)))
         self.take("vmap")
-        if self.peek() != "{":
-            self.set_lookup(self.take(), verdict_map=True)
-            return
         self.take("{")
         elements = []
         while True:
