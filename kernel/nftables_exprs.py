@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # -- netlink attributes ---------------------------------------------------------------------------
@@ -342,11 +342,8 @@ def compile_rule(rule: str, ctx: RuleContext) -> CompiledRule:
     return _Rule(rule, ctx).compile()
 
 
-def anonymous_map_elements(anonymous: AnonymousMap) -> Iterator[bytes]:
-    """The elements of an anonymous `numgen` verdict map: host-order integer key, verdict."""
-    for index, (key, code, chain) in enumerate(anonymous.elements, 1):
-        yield nested(
-            index,  # libnftnl numbers a list's elements: the kernel reads no type here
-            data_value(1, struct.pack("=I", key)),
-            verdict(2, code, chain),
-        )
+def anonymous_map_element(index: int, element: tuple[int, str, str]) -> bytes:
+    """One element of an anonymous `numgen` verdict map: host-order integer key, verdict;
+    numbered `index` in its list, as libnftnl numbers them (the kernel reads no type there)."""
+    key, code, chain = element
+    return nested(index & 0xFFFF, data_value(1, struct.pack("=I", key)), verdict(2, code, chain))

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from kernel.nftables_exprs import (
     PROTOCOLS,
     AnonymousMap,
     RuleContext,
-    anonymous_map_elements,
+    anonymous_map_element,
     attr,
     be32,
     compile_rule,
@@ -30,6 +31,8 @@ from kernel.nftables_exprs import (
     verdict,
 )
 from kernel.nftables_rules import FAMILY, TABLE, Chain, Hook, NftChange, NftSet
+
+T = TypeVar("T")
 
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
@@ -181,12 +184,12 @@ def anonymous_map_messages(anonymous: AnonymousMap, rule: str, chain: str) -> li
         (UDATA_DATA_INTERVAL, _u32(0)),
     ))  # fmt: skip
     what = f"declare the verdict map of rule `{rule}` in chain {chain}"
-    elements = _TABLE + text(2, "__map%d") + be32(4, anonymous.set_id)
-    elements += nested(3, *anonymous_map_elements(anonymous))
-    return [
-        Message(NEWSET, NLM_F_REQUEST | NLM_F_CREATE, attrs, what),
-        Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, elements, f"fill the {what[8:]}"),
+    head = _TABLE + text(2, "__map%d") + be32(4, anonymous.set_id)
+    fills = [
+        Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, head + elements, f"fill the {what[8:]}")
+        for _, elements in element_lists(anonymous.elements, anonymous_map_element)
     ]
+    return [Message(NEWSET, NLM_F_REQUEST | NLM_F_CREATE, attrs, what), *fills]
 
 
 def rule_messages(chain: str, rule: str, ctx: RuleContext) -> list[Message]:
@@ -221,29 +224,52 @@ def _field(value: str) -> bytes:
         ) from None
 
 
-def _element(index: int, key: str, value: str) -> bytes:
+def _element(index: int, item: tuple[str, str]) -> bytes:
+    key, value = item
     parts = [data_value(1, key_value(key))]
     if value:
         code, _, chain = value.partition(" ")
         if code not in ("goto", "jump", "accept", "drop", "return"):
             raise ValueError(f"nftables element {key} : {value}: a verdict such as `goto chain`")
         parts.append(verdict(2, code, chain or None))
-    return nested(index, *parts)  # numbered from 1, as libnftnl does
+    return nested(index & 0xFFFF, *parts)  # numbered as libnftnl does (a u16)
 
 
-def elements_message(
+def element_lists(
+    items: Sequence[T], build: Callable[[int, T], bytes]
+) -> Iterator[tuple[Sequence[T], bytes]]:
+    """items as NFTA_SET_ELEM_LIST_ELEMENTS attributes, as many per attribute as its 64 KiB
+    hold, numbered as libnftnl numbers them (build(index, item) makes one): from 1 on across
+    the attributes, skipping at each split the number of the element that did not fit."""
+    start, size, first = 0, 4, 1
+    for at, item in enumerate(items):
+        length = len(build(1, item))
+        if at > start and size + length > 0xFFFF:
+            yield items[start:at], _element_list(items[start:at], build, first)
+            start, size, first = at, 4, first + (at - start) + 1
+        size += length
+    if items:
+        yield items[start:], _element_list(items[start:], build, first)
+
+
+def _element_list(items: Sequence[T], build: Callable[[int, T], bytes], first: int) -> bytes:
+    return nested(3, *(build(index, item) for index, item in enumerate(items, first)))
+
+
+def elements_messages(
     set_name: str, elements: Mapping[str, str], set_id: int | None, add: bool
-) -> Message:
-    attrs = _TABLE + text(2, set_name)
-    if set_id is not None:
-        attrs += be32(4, set_id)
-    attrs += nested(3, *(_element(i, k, v) for i, (k, v) in enumerate(elements.items(), 1)))
-    keys = ", ".join(f"{k} : {v}" if v else k for k, v in elements.items())
-    if add:
-        what = f"add element(s) {{ {keys} }} to {set_name}"
-        return Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, attrs, what)
-    what = f"delete element(s) {{ {keys} }} of {set_name}"
-    return Message(DELSETELEM, NLM_F_REQUEST, attrs, what)
+) -> Iterator[Message]:
+    """Elements added to (or deleted from) a named set, in as many messages as they need."""
+    head = _TABLE + text(2, set_name) + (be32(4, set_id) if set_id is not None else b"")
+    for chunk, attrs in element_lists(list(elements.items()), _element):
+        shown = ", ".join(f"{k} : {v}" if v else k for k, v in chunk[:3])
+        more = ", ..." if len(chunk) > 3 else ""
+        some = f"{len(chunk)} element{'s' if len(chunk) > 1 else ''} {{ {shown}{more} }}"
+        if add:
+            yield Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, head + attrs,
+                          f"add {some} to {set_name}")  # fmt: skip
+        else:
+            yield Message(DELSETELEM, NLM_F_REQUEST, head + attrs, f"delete {some} of {set_name}")
 
 
 def flush_message(chain: str) -> Message:
@@ -271,12 +297,12 @@ def change_messages(change: NftChange, first_set_id: int = 1) -> Iterator[Messag
         ctx.set_ids[name] = ctx.new_id()
         yield set_message(name, nft_set, ctx.set_ids[name])
     for name, keys in change.delete_elements.items():
-        yield elements_message(name, dict.fromkeys(keys, ""), None, add=False)
+        yield from elements_messages(name, dict.fromkeys(keys, ""), None, add=False)
     yield from (flush_message(n) for n in change.replace if n not in change.new)
     yield from _rules(change.replace, ctx)
     for name, elements in change.add_elements.items():
         if elements:
-            yield elements_message(name, elements, ctx.set_ids.get(name), add=True)
+            yield from elements_messages(name, elements, ctx.set_ids.get(name), add=True)
     yield from (flush_message(name) for name in change.delete)
     yield from (delete_set_message(name) for name in change.delete_sets)
     yield from (delete_chain_message(name) for name in change.delete)

@@ -245,3 +245,19 @@ def test_a_change_starts_no_process(netns_factory: NetnsFactory) -> None:
     finally:
         counting[0] = False
     assert started == []
+
+
+def test_thousands_of_elements_split_where_nft_splits_them(netns_factory: NetnsFactory) -> None:
+    """A netlink attribute holds 64 KiB: the elements of a full sync take several messages."""
+    services = {f"10.{i >> 8}.{i & 0xFF}.1": "goto a" for i in range(5000)}
+    desired = NftTable(
+        chains={"a": Chain(("accept",))},
+        sets={
+            "services": NftSet("type ipv4_addr : verdict", True, services),
+            "no-endpoints": NftSet("type ipv4_addr", False, dict.fromkeys(services, "")),
+        },
+    )
+    change = table_change(desired, NftTable())
+    kinds = [m.kind for m in change_messages(change)]
+    assert kinds.count(NEWSETELEM) > 2
+    same_as_nft(netns_factory("nftnl"), change)

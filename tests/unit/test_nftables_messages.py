@@ -12,6 +12,7 @@ from kernel.nftables_batch import frame
 from kernel.nftables_messages import (
     NEWRULE,
     NEWSET,
+    NEWSETELEM,
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
     NLM_F_ACK,
@@ -69,3 +70,19 @@ def test_a_batch_is_framed_and_only_its_last_message_asks_for_an_ack() -> None:
     assert acks == [NEWRULE]  # the last message: its ack says every answer is in
     assert [m.kind for m in messages].count(NEWSET) == 1
     assert messages[-1].what == "add rule `ip daddr vmap @m` to chain a"
+
+
+def test_ten_thousand_elements_take_several_messages_none_over_an_attributes_size() -> None:
+    services = {f"10.{i >> 8 & 0xFF}.{i & 0xFF}.{i >> 16 + 1}": "goto a" for i in range(10_000)}
+    change = NftChange(add_elements={"services": services})
+
+    messages = [m for m in change_messages(change) if m.kind == NEWSETELEM]
+
+    assert len(messages) > 1
+    for message in messages:  # the table, the set's name, then the element list
+        at = 0
+        while at < len(message.attrs):
+            size, kind = struct.unpack_from("=HH", message.attrs, at)
+            at += (size + 3) & ~3
+        assert at == len(message.attrs), "an attribute's length overflowed its 16 bits"
+    assert sum(int(m.what.split()[1]) for m in messages) == len(services)  # "add N elements"
