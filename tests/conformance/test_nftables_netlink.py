@@ -212,7 +212,8 @@ def test_a_refusal_names_the_object_the_kernel_refused(netns_factory: NetnsFacto
     ns = netns_factory("nftnl")
     nft = Nftables()
     nft.apply(ns, table_change(TABLE, NftTable()))
-    broken = NftChange(replace={"a": Chain(("accept",)), "b": Chain(("goto nowhere",))})
+    # The refused message is not the last one, the only one that asks for an ack.
+    broken = NftChange(replace={"b": Chain(("goto nowhere",)), "a": Chain(("accept",))})
 
     with pytest.raises(NotFound, match="refused to add rule `goto nowhere` to chain b"):
         nft.apply(ns, broken)
