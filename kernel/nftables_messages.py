@@ -186,7 +186,7 @@ def anonymous_map_messages(anonymous: AnonymousMap, rule: str, chain: str) -> li
     what = f"declare the verdict map of rule `{rule}` in chain {chain}"
     head = _TABLE + text(2, "__map%d") + be32(4, anonymous.set_id)
     fills = [
-        Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, head + elements, f"fill the {what[8:]}")
+        Message(NEWSETELEM, NLM_F_REQUEST | NLM_F_CREATE, head + elements, f"fill {what[8:]}")
         for _, elements in element_lists(anonymous.elements, anonymous_map_element)
     ]
     return [Message(NEWSET, NLM_F_REQUEST | NLM_F_CREATE, attrs, what), *fills]
