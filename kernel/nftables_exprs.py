@@ -11,6 +11,7 @@ Pure: kernel.nftables_messages puts rules in messages, kernel.nftables sends the
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import struct
@@ -287,10 +288,7 @@ class _Rule:
 
     def nat(self, kind: int) -> None:
         self.take("to")
-        self.out += [
-            immediate_value(_address(self, self.take())),
-            expr("nat", be32(1, kind), be32(2, NFPROTO_IPV4), be32(3, REG_1)),
-        ]
+        self.out += [immediate_value(_address(self, self.take())), _nat(kind)]
 
     def reject(self) -> None:
         self.take("with")
@@ -306,6 +304,12 @@ class _Rule:
         if code is None:
             raise self.refuse(f"icmp code other than {', '.join(ICMP_CODES)}")
         self.out.append(expr("reject", be32(1, REJECT_ICMP_UNREACH), attr(2, bytes([code]))))
+
+
+@functools.cache
+def _nat(kind: int) -> bytes:
+    """The nat expression of `dnat to ADDR` (its address in register 1): the same every time."""
+    return expr("nat", be32(1, kind), be32(2, NFPROTO_IPV4), be32(3, REG_1))
 
 
 def _int(rule: _Rule, token: str) -> int:
@@ -342,8 +346,8 @@ def compile_rule(rule: str, ctx: RuleContext) -> CompiledRule:
     return _Rule(rule, ctx).compile()
 
 
-def anonymous_map_element(index: int, element: tuple[int, str, str]) -> bytes:
-    """One element of an anonymous `numgen` verdict map: host-order integer key, verdict;
-    numbered `index` in its list, as libnftnl numbers them (the kernel reads no type there)."""
+def anonymous_map_element(element: tuple[int, str, str]) -> bytes:
+    """The attributes of one element of an anonymous `numgen` verdict map: its host-order
+    integer key and its verdict."""
     key, code, chain = element
-    return nested(index & 0xFFFF, data_value(1, struct.pack("=I", key)), verdict(2, code, chain))
+    return data_value(1, struct.pack("=I", key)) + verdict(2, code, chain)

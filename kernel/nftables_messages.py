@@ -224,7 +224,7 @@ def _field(value: str) -> bytes:
         ) from None
 
 
-def _element(index: int, item: tuple[str, str]) -> bytes:
+def _element(item: tuple[str, str]) -> bytes:
     key, value = item
     parts = [data_value(1, key_value(key))]
     if value:
@@ -232,28 +232,29 @@ def _element(index: int, item: tuple[str, str]) -> bytes:
         if code not in ("goto", "jump", "accept", "drop", "return"):
             raise ValueError(f"nftables element {key} : {value}: a verdict such as `goto chain`")
         parts.append(verdict(2, code, chain or None))
-    return nested(index & 0xFFFF, *parts)  # numbered as libnftnl does (a u16)
+    return b"".join(parts)
 
 
 def element_lists(
-    items: Sequence[T], build: Callable[[int, T], bytes]
+    items: Sequence[T], build: Callable[[T], bytes]
 ) -> Iterator[tuple[Sequence[T], bytes]]:
-    """items as NFTA_SET_ELEM_LIST_ELEMENTS attributes, as many per attribute as its 64 KiB
-    hold, numbered as libnftnl numbers them (build(index, item) makes one): from 1 on across
-    the attributes, skipping at each split the number of the element that did not fit."""
+    """items as NFTA_SET_ELEM_LIST_ELEMENTS attributes (build(item) makes an element's
+    attributes), as many per attribute as its 64 KiB hold, numbered as libnftnl numbers them:
+    from 1 on across the attributes, skipping at each split the number of the element that did
+    not fit (a u16: the kernel reads no type there)."""
+    contents = [build(item) for item in items]
     start, size, first = 0, 4, 1
-    for at, item in enumerate(items):
-        length = len(build(1, item))
-        if at > start and size + length > 0xFFFF:
-            yield items[start:at], _element_list(items[start:at], build, first)
+    for at, content in enumerate(contents):
+        if at > start and size + 4 + len(content) > 0xFFFF:
+            yield items[start:at], _element_list(contents[start:at], first)
             start, size, first = at, 4, first + (at - start) + 1
-        size += length
+        size += 4 + len(content)
     if items:
-        yield items[start:], _element_list(items[start:], build, first)
+        yield items[start:], _element_list(contents[start:], first)
 
 
-def _element_list(items: Sequence[T], build: Callable[[int, T], bytes], first: int) -> bytes:
-    return nested(3, *(build(index, item) for index, item in enumerate(items, first)))
+def _element_list(contents: Sequence[bytes], first: int) -> bytes:
+    return nested(3, *(nested(i & 0xFFFF, c) for i, c in enumerate(contents, first)))
 
 
 def elements_messages(
