@@ -1,8 +1,11 @@
-"""nftables through the `nft` tool: meshctl's own table (`ip meshctl`) in a namespace, written by
-`nft -f -` transactions and read by `nft -j list table`, as kube-proxy's knftables does.
+"""nftables for meshctl's own table (`ip meshctl`) in a namespace: written as nf_tables netlink
+batches from this process (kernel.nftables_batch), read by `nft -j list table`.
 
-Each `apply` is one `nft -f` run, which the kernel commits atomically: a transaction it refuses
-changes nothing. The rules, their checks and their text are kernel.nftables_rules'.
+Each `apply` is one batch, which the kernel commits atomically, as it does an `nft -f` run: a
+transaction it refuses changes nothing, and the error names the object it refused. A change
+starts no process and reads nothing back: nft 1.0.6 read every chain of the namespace into its
+cache before each transaction, so a change cost more the more services there were. The rules,
+their checks and their text are kernel.nftables_rules'; their messages kernel.nftables_messages'.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Protocol
 from kernel import netns
 from kernel.errors import KernelError
 from kernel.gcpause import gc_paused
+from kernel.nftables_batch import has_table, write_batch
+from kernel.nftables_messages import change_messages, delete_table_message, get_table_message
 from kernel.nftables_rules import (
     FAMILY,
     TABLE,
@@ -21,7 +26,6 @@ from kernel.nftables_rules import (
     NftChange,
     NftTable,
     parse_table,
-    transaction_lines,
     validate,
 )
 from kernel.tool import Tool
@@ -57,10 +61,6 @@ def _run(
     return NFT_TOOL.run(ns, what, [NFT, *args], stdin, _HINT)
 
 
-def _write(ns: netns.Namespace, lines: Iterable[str]) -> None:
-    _run(ns, f"writing the nftables table {WHERE}", ["-f", "-"], lines)
-
-
 def _list(ns: netns.Namespace) -> NftTable:
     what = f"reading the nftables table {WHERE}"
     try:
@@ -74,8 +74,7 @@ def _list(ns: netns.Namespace) -> NftTable:
 
 
 def _has_table(ns: netns.Namespace) -> bool:
-    listing = _run(ns, "listing the nftables tables", ["list", "tables", FAMILY])
-    return f"table {WHERE}" in listing.splitlines()
+    return has_table(ns, get_table_message())
 
 
 class Nftables:
@@ -107,11 +106,12 @@ class Nftables:
         validate(change)
         if change.empty:
             return
+        messages = list(change_messages(change))  # a rule meshctl cannot encode: nothing sent
         with _LOCK:
-            _write(ns, transaction_lines(change))
+            write_batch(ns, messages, f"writing the nftables table {WHERE}")
 
     def delete_table(self, ns: netns.Namespace) -> None:
         """Delete meshctl's table in ns, if there is one; no other table is touched."""
         with _LOCK:
             if _has_table(ns):
-                _write(ns, [f"delete table {WHERE}"])
+                write_batch(ns, [delete_table_message()], f"deleting the nftables table {WHERE}")

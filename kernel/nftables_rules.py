@@ -1,6 +1,7 @@
 """meshctl's nftables table as data: its chains, rules, sets and maps in canonical form, the
 checks that keep a transaction inside it, the `nft -f` text of a transaction and the parser of
-`nft -j list table` output. Pure: kernel.nftables runs nft.
+`nft -j list table` output. Pure: kernel.nftables_messages makes a transaction's netlink
+messages, kernel.nftables sends them and runs nft to read.
 
 meshctl owns one table per namespace, `ip meshctl`, and never names another: every command this
 module renders starts with `<verb> <object> ip meshctl`, and no rule, name or element may hold a
@@ -149,7 +150,8 @@ def _elements(items: Iterator[str]) -> str:
 
 
 def transaction_lines(change: NftChange) -> Iterator[str]:
-    """The `nft -f` text of the change, one transaction (validate() it first).
+    """The `nft -f` text of the change, one transaction (validate() it first): what
+    kernel.nftables_messages' messages are checked against, byte for byte, through nft.
 
     Chains are declared and filled in `table { chain { ... } }` blocks, not one `add rule`
     command per rule: nft 1.0.6 took 36 s for 3,000 services' chains as commands, 7.5 s as

@@ -12,7 +12,8 @@ whose connections filter input refuses at once.
 IPVS's rr and the iptables backend's statistic nth do, so N connections spread N/n each, not
 only on average. A draining endpoint (weight 0) is left out of the numgen map and has no chain:
 conntrack carries its established flows on. A change rewrites only the service and endpoint
-chains and the map elements it touches.
+chains and the map elements it touches, in one nf_tables netlink batch (kernel.nftables): no
+process is started and nothing is read back.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class NftablesBackend:
     name: str = "nftables"
     needs: tuple[str, ...] = ("nftables",)
     settings: tuple[Setting, ...] = ()
-    parallel: bool = True  # nft parses and commits in its own process
+    parallel: bool = False  # its netlink batch is encoded and sent from this process
 
     def sysctls(self) -> dict[str, str]:
         return lb_sysctls(self.settings)
