@@ -219,9 +219,8 @@ class Supervisor:
             return None
         if local.process is not None:
             if local.health == "unhealthy" and self._may_restart(service, task, 1):
-                # As Docker does: an unhealthy task is replaced by a fresh process (its LB
-                # weight is 0 already, established connections finish in the grace period).
-                self._begin_stop(task, local, service.stop_grace_period, "unhealthy")
+                return self._replace_unhealthy(view, task, service, local, now)
+            local.draining_since = None
             return None
         if local.last_exit is not None or task.state in ("running", "starting", "failed"):
             # It ran before and stopped: the restart policy decides, with back-off.
@@ -236,6 +235,21 @@ class Supervisor:
             if now < local.not_before:
                 return local.not_before
         self._start(view, task, service, local)
+        return None
+
+    def _replace_unhealthy(
+        self, view: ClusterView, task: Task, service: Service, local: Local, now: float
+    ) -> float | None:
+        """As Docker does, an unhealthy task is replaced by a fresh process: once its record
+        says so (this node's load balancers gave it weight 0 in this pass) and every other
+        node's have too, or its grace period is over. Established connections finish in the
+        stop's grace period."""
+        if local.draining_since is None:
+            local.draining_since = now
+        out = task.health == "unhealthy" and out_of_every_spread(view, task)
+        if not out and now - local.draining_since < service.stop_grace_period:
+            return now + DRAIN_CHECK
+        self._begin_stop(task, local, service.stop_grace_period, "unhealthy")
         return None
 
     def _may_restart(self, service: Service, task: Task, code: int | None) -> bool:

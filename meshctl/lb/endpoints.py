@@ -72,38 +72,39 @@ def backends_of(
     return tuple(Backend(address, weight) for address, weight in sorted(found.items()))
 
 
-# -- a leaving task across nodes -------------------------------------------------------------
+# -- a task leaving the spread across nodes ----------------------------------------------------
 # Every node balances over every task it reaches, so a task leaving (scaled away, updated,
-# removed) must keep running until every node has taken it out of its spread, not only the node
-# it runs on: else a node that learns later still sends it new connections, to a stopped task.
+# removed) or unhealthy (to be replaced) must keep running until every node has taken it out of
+# its spread, not only the node it runs on: else a node that learns later still sends it new
+# connections, to a stopped task.
 # A node says how far its load balancers have followed the tasks by reporting the newest task
-# revision it has programmed (NodeStatus.programmed), and only while some task it reaches is
-# leaving: at rest nothing is written.
+# revision it has programmed (NodeStatus.programmed), and only while some task it reaches is out
+# of the spread: at rest nothing is written.
 
 
-def leaving(task: Task) -> bool:
-    """Whether the task runs on with weight 0 because it is to stop (not because it is ill)."""
-    return task.desired_state != "running" and backend_weight(task) == 0
+def out_of_spread(task: Task) -> bool:
+    """Whether the task runs on with weight 0: it is to stop, or ill (and to be replaced)."""
+    return backend_weight(task) == 0
 
 
 def programmed_revision(
     view: ClusterView, node: str, node_id: str, failures: Mapping[str, str]
 ) -> int | None:
     """What `node` reports once its pass over view is done: the newest task revision its load
-    balancers now follow, while a task on another node that it balances over is leaving; None
-    (no report) when none is, or the load balancer of such a task's network failed this pass
-    (failures: the pass's, by kernel object)."""
+    balancers now follow, while a task on another node that it balances over is out of the
+    spread (leaving or unhealthy); None (no report) when none is, or the load balancer of such a
+    task's network failed this pass (failures: the pass's, by kernel object)."""
     networks = view.taking_part(node)
-    nets_of_leaving = {
+    nets_out = {
         net
         for task in view.tasks.values()
-        if task.node != node and leaving(task)
+        if task.node != node and out_of_spread(task)
         for net in task.addresses
         if net in networks and reachable(view, task, net, node)
     }
-    if not nets_of_leaving:
+    if not nets_out:
         return None
-    if any(naming.lb_netns(node_id, view.networks[net].id) in failures for net in nets_of_leaving):
+    if any(naming.lb_netns(node_id, view.networks[net].id) in failures for net in nets_out):
         return None
     return max(view.task_revisions.values(), default=0)
 

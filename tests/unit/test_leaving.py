@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from meshctl import naming
-from meshctl.lb.endpoints import leaving, out_of_every_spread, programmed_revision
+from meshctl.lb.endpoints import out_of_every_spread, out_of_spread, programmed_revision
 from meshctl.model import Network, NodeStatus, Task
 from meshctl.view import ClusterView
 
@@ -37,11 +37,12 @@ def view(*tasks: Task, programmed: dict[str, int], revisions: dict[str, int]) ->
     )
 
 
-def test_a_task_to_stop_is_leaving_an_unhealthy_one_is_not() -> None:
-    assert leaving(task("web.1", "node1", "shutdown", front="10.0.1.2"))
-    assert not leaving(task("web.1", "node1", front="10.0.1.2"))
+def test_a_task_to_stop_or_unhealthy_is_out_of_the_spread() -> None:
+    assert out_of_spread(task("web.1", "node1", "shutdown", front="10.0.1.2"))
+    assert not out_of_spread(task("web.1", "node1", front="10.0.1.2"))
     ill = replace(task("web.1", "node1", front="10.0.1.2"), health="unhealthy")
-    assert not leaving(ill)
+    assert out_of_spread(ill)
+    assert not out_of_spread(replace(ill, health="starting"))
 
 
 def test_a_node_reports_only_while_a_task_elsewhere_it_balances_over_is_leaving() -> None:
