@@ -1,0 +1,486 @@
+"""The fault campaign of #27, shared by bench/faults.py and tests/cluster/test_faults.py: the
+world it runs in (a service of 6 tasks published on every node and routed by Host, a client
+task per node), the faults (each made and healed), the checks after a heal, and the runner that
+judges the traffic of each step (tests/cluster/traffic.py).
+
+The rule the campaign holds the cluster to: a request fails only if it went to a task that died,
+within the detection time; never because a healthy task left a load balancer, a node lost
+etcd, a rolling update or a scale ran, or the leader failed over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kernel import netns
+from kernel.system import real_kernel
+from meshctl.cluster.nodes import leader
+from meshctl.ipam import ADDRESS
+from meshctl.model import NETWORK, NODE, ROUTER, SERVICE, TASK
+from meshctl.naming import lb_netns, router_netns, task_netns
+from tests.cluster.harness import Cluster
+from tests.cluster.traffic import Death, Excluded, Judged, Result, Traffic, judge
+from tests.cluster.workloads import live, web
+from tests.conftest import kill_processes_in, scaled
+from tests.kernel.mesh import wait_for
+
+SERVICE_NAME = "web"
+REPLICAS = 6
+PORT = 8080  # published on every node; the router has 80
+HOST = "web.test"  # the router's route to the service
+GAP = 1.0  # seconds a killed controller stays away (its successor takes over within the lease)
+TASK_DETECTION = 3.0  # seconds from a task's death until no node sends to it
+CONVERGE_TIMEOUT = 90.0
+SETTLE = 1.0  # seconds of traffic after convergence that still count for the step
+
+
+@dataclass
+class World:
+    """The cluster under the campaign and what runs on it."""
+
+    cluster: Cluster
+    ttl: float  # the nodes' lease (--node-ttl)
+    sick: str  # a task whose name is a file in this directory fails its health check
+    traffic: Traffic | None = None
+    vip: str = ""
+    rounds: int = 0  # rolling updates made (each sets ROUND=<n>)
+
+    @property
+    def leader(self) -> str:
+        led = self.cluster.call_store(leader)
+        assert led is not None, "no node leads"
+        return led
+
+
+def build(cluster: Cluster, ttl: float, sick: str, interval: float, timeout: float) -> World:
+    """The service, the clients and the router, every loop running and every check passing."""
+    world = World(cluster, ttl, sick)
+    cluster.cli("router", "enable")
+    health = ("--health-cmd", f"test ! -e {sick}/$HOSTNAME", "--health-interval", "1s",
+              "--health-timeout", "2s", "--health-retries", "2")  # fmt: skip
+    web(cluster, REPLICAS, "--publish", f"{PORT}:80", "--hostname", HOST, "--restart-delay",
+        "0s", "--stop-grace-period", "2s", *health)  # fmt: skip
+    cluster.cli("service", "create", "--name", "client", "--replicas", str(len(cluster.nodes)),
+                "--network", "front", "--replicas-max-per-node", "1", "-d", "--",
+                "sleep", "infinity")  # fmt: skip
+    wait_for(lambda: _serving_count(world) == REPLICAS, 90, "web serving")
+    inspect = cluster.cli("service", "inspect", SERVICE_NAME, "--format", "json").stdout
+    world.vip = json.loads(inspect)["networks"][0]["vip"]
+    converged_in, held_by = wait_converged(world)
+    assert converged_in is not None, f"the world never converged: {held_by}"
+    world.traffic = Traffic(cluster, world.vip, PORT, HOST, interval, timeout)
+    world.traffic.follow()
+    return world
+
+
+# -- what the store says --------------------------------------------------------------------
+
+
+def _tasks(world: World) -> list[dict[str, Any]]:
+    return [r.value for r in world.cluster.call_store(lambda store: store.list(TASK))]
+
+
+def _serving(task: dict[str, Any]) -> bool:
+    """meshctl.lb.endpoints.serving, on a stored record."""
+    return task["desired_state"] == task["state"] == "running" and task.get("health", "none") in (
+        "none",
+        "healthy",
+    )
+
+
+def _serving_count(world: World) -> int:
+    return sum(_serving(t) for t in _tasks(world) if t["service"] == SERVICE_NAME)
+
+
+# -- checks after a heal --------------------------------------------------------------------
+
+
+def problems(world: World, with_diff: bool = True) -> list[str]:
+    """Every way the cluster differs from converged, on every node (empty: converged)."""
+    cluster = world.cluster
+    kinds = (TASK, SERVICE, NETWORK, ADDRESS, NODE, ROUTER)
+    records = cluster.call_store(lambda store: {k: store.list(k) for k in kinds})
+    tasks = [r.value for r in records[TASK]]
+    services = {r.value["name"]: r.value for r in records[SERVICE]}
+    found = _slot_problems(tasks, services)
+    network = next(r.value for r in records[NETWORK] if r.value["name"] == "front")
+    node_ids = {r.name: str(r.value["id"]) for r in records[NODE] if r.name in cluster.nodes}
+    serving = {
+        name: {t["addresses"]["front"] for t in tasks if t["service"] == name and _serving(t)}
+        for name in services
+    }
+    vips = {_vip(s): name for name, s in services.items() if _vip(s)}
+    clients = {t["node"]: t for t in tasks if t["service"] == "client" and _serving(t)}
+    for node in cluster.nodes:
+        lb = lb_netns(node_ids[node], network["id"])
+        endpoints = nft_endpoints(lb)
+        for vip, name in vips.items():
+            if endpoints.get(vip, set()) != serving[name]:
+                found.append(f"{node}: LB of {name} {sorted(endpoints.get(vip, set()))}, "
+                             f"serving {sorted(serving[name])}")  # fmt: skip
+        if node in clients:
+            answer = dns_answer(clients[node]["pid"], f"tasks.{SERVICE_NAME}")
+            if answer != serving[SERVICE_NAME]:
+                found.append(f"{node}: tasks.{SERVICE_NAME} answers {sorted(answer)}, "
+                             f"serving {sorted(serving[SERVICE_NAME])}")  # fmt: skip
+        else:
+            found.append(f"{node}: no client task serving")
+        found += _leaks(world, node, node_ids[node], tasks)
+    found += _claim_problems(records, services, tasks, set(node_ids))
+    if with_diff and not found:
+        for node in cluster.nodes:
+            diff = cluster.cli("diff", "--node", node, node=node, check=False)
+            if diff.returncode != 0:
+                found.append(f"{node}: meshctl diff: {(diff.stdout + diff.stderr).strip()[:300]}")
+    return found
+
+
+def _vip(service: dict[str, Any]) -> str:
+    """The service's VIP on the network front, if it has one."""
+    return next((str(a["vip"]) for a in service["networks"] if a["network"] == "front"
+                 and a.get("vip")), "")  # fmt: skip
+
+
+def _slot_problems(tasks: list[dict[str, Any]], services: dict[str, Any]) -> list[str]:
+    """Every slot of every service runs exactly once (as a running process, whatever its
+    desired state) and serves."""
+    found = []
+    for name, service in services.items():
+        running = Counter(t["slot"] for t in tasks if t["service"] == name
+                          and t["state"] == "running")  # fmt: skip
+        serving = Counter(t["slot"] for t in tasks if t["service"] == name and _serving(t))
+        want = Counter(range(1, int(service["replicas"]) + 1))
+        if running != want or serving != want:
+            found.append(f"{name}: slots running {dict(running)}, serving {dict(serving)}")
+    return found
+
+
+def _leaks(world: World, node: str, node_id: str, tasks: list[dict[str, Any]]) -> list[str]:
+    """meshctl namespaces hanging off node that no running task of it, nor its LB or router,
+    accounts for; and running tasks of it without their namespace."""
+    linked = world.cluster.linked_namespaces(node)
+    own = {task_netns(t["id"]) for t in tasks if t["node"] == node and t["state"] == "running"}
+    lbs = {n for n in linked if n.startswith(lb_netns(node_id, ""))}
+    extra = linked - own - lbs - {router_netns(node_id)}
+    missing = own - linked
+    return [f"{node}: namespace {n} leaked" for n in sorted(extra)] + [
+        f"{node}: task namespace {n} missing" for n in sorted(missing)
+    ]
+
+
+def _claim_problems(
+    records: dict[str, Any], services: dict[str, Any], tasks: list[dict[str, Any]], nodes: set[str]
+) -> list[str]:
+    """Every address claim's owner exists (a service's or the router's VIP, a task, a node's
+    LB or router)."""
+    vips = {s["id"] for s in services.values()} | {r.value["id"] for r in records[ROUTER]}
+    ids = {"task": {t["id"] for t in tasks}, "vip": vips, "lb": nodes, "router": nodes}
+    found = []
+    for record in records[ADDRESS]:
+        kind, _, owner = str(record.value.get("owner", "")).partition(":")
+        if kind in ids and owner not in ids[kind]:
+            found.append(f"claim {record.name} of {kind}:{owner} leaked")
+    return found
+
+
+_DNAT = re.compile(r"dnat to (\d+\.\d+\.\d+\.\d+)")
+_GOTO = re.compile(r"goto ([\w-]+)")
+
+
+def nft_endpoints(ns: str) -> dict[str, set[str]]:
+    """What the nftables backend's table in the LB namespace ns balances: VIP → the
+    addresses of its active endpoints (meshctl.lb.nftables's layout)."""
+    if not netns.exists(ns):
+        return {}
+    table = real_kernel().nftables.list_table(ns)
+    services = table.sets.get("services")
+    found: dict[str, set[str]] = {}
+    for vip, verdict in services.elements.items() if services else ():
+        chains = _GOTO.findall(verdict)
+        endpoints = [
+            c
+            for chain in chains
+            if chain in table.chains
+            for rule in table.chains[chain].rules
+            for c in _GOTO.findall(rule)
+        ]
+        found[vip] = {
+            address
+            for chain in endpoints
+            if chain in table.chains
+            for rule in table.chains[chain].rules
+            for address in _DNAT.findall(rule)
+        }
+    return found
+
+
+def dns_answer(pid: int, name: str) -> set[str]:
+    """The A records a task (its pid) gets for name from its resolver (127.0.0.11)."""
+    dig = ["nsenter", "-t", str(pid), "--net", "--mount", "--",
+           "dig", "+short", "+time=2", "+tries=1", name]  # fmt: skip
+    out = subprocess.run(dig, capture_output=True, text=True, timeout=10).stdout
+    return {line for line in out.split() if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", line)}
+
+
+def wait_converged(
+    world: World, timeout: float = CONVERGE_TIMEOUT
+) -> tuple[float | None, list[str]]:
+    """Seconds until every check passes (None if not within timeout), and the problems of the
+    last check that failed: what held convergence up last."""
+    began = time.monotonic()
+    held: list[str] = []
+    while time.monotonic() - began < scaled(timeout):
+        found = problems(world)
+        if not found:
+            return time.monotonic() - began, held
+        held = found
+        time.sleep(0.5)
+    return None, held
+
+
+# -- the faults: each made and healed -------------------------------------------------------
+
+
+@dataclass
+class Effects:
+    """What a fault did that the judge must know: tasks it killed, loops it stood on."""
+
+    what: str = ""
+    deaths: list[Death] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)  # loop labels, until converged
+
+
+Fault = Callable[[World, random.Random], Effects]
+
+
+def controller_kill(world: World, rng: random.Random) -> Effects:
+    node = rng.choice(sorted(world.cluster.nodes))
+    world.cluster.kill_controller(node)
+    time.sleep(scaled(GAP))
+    world.cluster.start_controller(node)
+    world.cluster.wait_registered()
+    return Effects(node)
+
+
+def node_loss(world: World, rng: random.Random) -> Effects:
+    """Every process of the node killed (its tasks', LB's and router's too), its leg cut; back
+    once the others run its tasks."""
+    cluster = world.cluster
+    node = rng.choice(sorted(cluster.nodes))
+    mine = [t for t in live(cluster, SERVICE_NAME) if t["node"] == node]
+    linked = cluster.linked_namespaces(node)
+    at = time.monotonic()
+    cluster.kill_controller(node)
+    for ns in (cluster.nodes[node].netns, *linked):
+        kill_processes_in(netns.path(ns))
+    cluster.cut(node)
+    # Its router dies with it: the routing mesh of every node balances over the routers.
+    lost = [t["name"] for t in mine] + [f"the router of {node}"]
+    deaths = [Death(name, at, at + world.ttl + scaled(TASK_DETECTION)) for name in lost]
+    elsewhere = lambda: _elsewhere(world, node)  # noqa: E731
+    wait_for(elsewhere, world.ttl + scaled(60), f"{node}'s tasks running elsewhere", 0.5)
+    cluster.heal(node)
+    cluster.start_controller(node)
+    cluster.wait_registered()
+    return Effects(node, deaths, [f"{kind}@{node}" for kind in ("vip", "port", "router")])
+
+
+def _elsewhere(world: World, node: str) -> bool:
+    """Whether every slot of the service serves on a node other than node."""
+    tasks = _tasks(world)
+    return sum(_serving(t) and t["node"] != node for t in tasks
+               if t["service"] == SERVICE_NAME) == REPLICAS  # fmt: skip
+
+
+def _cut_from_etcd(world: World, node: str) -> None:
+    etcd = world.cluster.etcd_host.address
+    for args in (("add", "table", "inet", "cut"),
+                 ("add", "chain", "inet", "cut", "out", "{ type filter hook output priority 0; }"),
+                 ("add", "rule", "inet", "cut", "out", "ip", "daddr", etcd, "tcp", "dport",
+                  "2379", "drop")):  # fmt: skip
+        done = world.cluster.in_node(node, "nft", *args)
+        assert done.returncode == 0, done.stderr
+
+
+def etcd_cut(world: World, rng: random.Random, lease_times: float) -> Effects:
+    """Node cut from etcd only for lease_times × its lease (its peers still reachable); when
+    longer than the lease, also until the leader has its tasks running elsewhere."""
+    cluster = world.cluster
+    node = rng.choice(sorted(cluster.nodes))
+    _cut_from_etcd(world, node)
+    try:
+        time.sleep(world.ttl * lease_times)
+        if lease_times > 1:
+            wait_for(lambda: _elsewhere(world, node), scaled(60), f"{node}'s tasks replaced", 0.5)
+    finally:
+        cluster.in_node(node, "nft", "delete", "table", "inet", "cut")
+    return Effects(f"{node} {world.ttl * lease_times:.0f}s")
+
+
+def etcd_down(world: World, rng: random.Random) -> Effects:
+    world.cluster.stop_etcd()
+    try:
+        time.sleep(world.ttl * 1.5)
+    finally:
+        world.cluster.start_etcd()
+    return Effects(f"{world.ttl * 1.5:.0f}s")
+
+
+def _kill_leader_when(world: World, ready: Callable[[], bool], what: str) -> str:
+    wait_for(ready, scaled(60), what, 0.2)
+    node = world.leader
+    world.cluster.kill_controller(node)
+    time.sleep(scaled(GAP))
+    world.cluster.start_controller(node)
+    world.cluster.wait_registered()
+    return node
+
+
+def leader_kill_update(world: World, rng: random.Random) -> Effects:
+    """A rolling update (a new ROUND in the tasks' environment), the leader SIGKILLed once
+    half the tasks are new, and restarted; done when every task is new and serving."""
+    cluster = world.cluster
+    old = {t["id"] for t in live(cluster, SERVICE_NAME)}
+    world.rounds += 1
+    cluster.cli("service", "update", SERVICE_NAME, "--env", f"ROUND={world.rounds}", "-d")
+
+    def new_serving() -> int:
+        return sum(_serving(t) and t["id"] not in old for t in _tasks(world)
+                   if t["service"] == SERVICE_NAME)  # fmt: skip
+
+    node = _kill_leader_when(world, lambda: new_serving() >= REPLICAS // 2, "half the update")
+    wait_for(lambda: new_serving() == REPLICAS, scaled(120), "the update done", 0.5)
+    return Effects(f"leader {node}")
+
+
+def leader_kill_scale(world: World, rng: random.Random) -> Effects:
+    """Scaled up by half, the leader SIGKILLed once one new task serves, and restarted; then
+    scaled back down."""
+    cluster = world.cluster
+    up = REPLICAS + REPLICAS // 2
+    cluster.cli("service", "scale", f"{SERVICE_NAME}={up}", "-d")
+    node = _kill_leader_when(world, lambda: _serving_count(world) > REPLICAS, "the scale begun")
+    wait_for(lambda: _serving_count(world) == up, scaled(60), f"{up} serving", 0.5)
+    cluster.cli("service", "scale", f"{SERVICE_NAME}={REPLICAS}", "-d")
+    wait_for(lambda: len(cluster.ps(SERVICE_NAME)) == REPLICAS, scaled(60), "scaled down", 0.5)
+    return Effects(f"leader {node}")
+
+
+def task_kill(world: World, rng: random.Random) -> Effects:
+    task = rng.choice(sorted(live(world.cluster, SERVICE_NAME), key=lambda t: t["name"]))
+    at = time.monotonic()
+    os.kill(task["pid"], signal.SIGKILL)
+    death = Death(task["name"], at, at + scaled(TASK_DETECTION))
+    wait_for(lambda: _serving_count(world) == REPLICAS, scaled(30), "the slot back", 0.2)
+    return Effects(task["name"], [death])
+
+
+def task_unhealthy(world: World, rng: random.Random) -> Effects:
+    """A task's health check fails until the store says unhealthy, then passes again."""
+    task = rng.choice(sorted(live(world.cluster, SERVICE_NAME), key=lambda t: t["name"]))
+    sick = os.path.join(world.sick, task["name"])
+    open(sick, "w").close()
+    try:
+        unhealthy = lambda: any(t["id"] == task["id"] and t["health"] == "unhealthy"  # noqa: E731
+                                for t in _tasks(world))  # fmt: skip
+        wait_for(unhealthy, scaled(30), f"{task['name']} unhealthy", 0.2)
+        time.sleep(scaled(2))
+    finally:
+        os.unlink(sick)
+    wait_for(lambda: _serving_count(world) == REPLICAS, scaled(30), "healthy again", 0.2)
+    return Effects(task["name"])
+
+
+FAULTS: dict[str, Fault] = {
+    "controller SIGKILL + restart": controller_kill,
+    "node lost and back": node_loss,
+    "etcd-only cut < TTL": lambda w, r: etcd_cut(w, r, 0.5),
+    "etcd-only cut > TTL": lambda w, r: etcd_cut(w, r, 2.5),
+    "etcd down and back": etcd_down,
+    "leader SIGKILL mid update": leader_kill_update,
+    "leader SIGKILL mid scale": leader_kill_scale,
+    "task SIGKILL": task_kill,
+    "task unhealthy": task_unhealthy,
+}
+
+
+# -- the runner -----------------------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    """One fault made, healed and judged."""
+
+    fault: str
+    what: str
+    began: float  # time.monotonic() when the fault was made
+    healed_in: float  # seconds from then until healed
+    converged_in: float | None
+    held_by: list[str]  # the last problems before convergence (or of the timeout)
+    judged: Judged
+
+    @property
+    def broken(self) -> list[str]:
+        """Every rule the step broke, one line each."""
+        lines = []
+        if self.converged_in is None:
+            lines = [f"{self.fault} ({self.what}): not converged: {p}" for p in self.held_by]
+        groups: dict[tuple[str, str], list[float]] = {}
+        for r in self.judged.unexplained:
+            groups.setdefault((r.label, r.said), []).append(r.began - self.began)
+        return lines + [
+            f"{self.fault} ({self.what}, healed at {self.healed_in:+.1f} s): {label} failed "
+            f"{len(times)} times from {min(times):+.1f} s to {max(times):+.1f} s: {said}"
+            for (label, said), times in sorted(groups.items(), key=lambda g: min(g[1]))
+        ]
+
+
+def run_step(world: World, name: str, rng: random.Random) -> Step:
+    """Make and heal fault `name`, wait until converged, and judge the traffic meanwhile."""
+    assert world.traffic is not None
+    began = time.monotonic()
+    effects = FAULTS[name](world, rng)
+    healed = time.monotonic()
+    converged_in, found = wait_converged(world)
+    world.traffic.follow()
+    time.sleep(SETTLE)
+    end = time.monotonic()
+    excluded = [Excluded(label, began, end) for label in effects.excluded]
+    results: list[Result] = world.traffic.since(began, end)
+    judged = judge(results, effects.deaths, excluded, world.traffic.timeout)
+    return Step(name, effects.what, began, healed - began, converged_in, found, judged)
+
+
+def table(steps: list[Step]) -> list[str]:
+    """The campaign's table in Markdown: one row per fault over all its steps."""
+    lines = [
+        "| fault | runs | requests | failed | of them to dead tasks | not attributable "
+        "| longest failure window (s) | converged after heal p50 / max (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in FAULTS:
+        mine = [s for s in steps if s.fault == name]
+        if not mine:
+            continue
+        times = [s.converged_in for s in mine if s.converged_in is not None]
+        converged = f"{statistics.median(times):.1f} / {max(times):.1f}" if times else "never"
+        if len(times) < len(mine):
+            converged += f" ({len(mine) - len(times)} never)"
+        j = [s.judged for s in mine]
+        lines.append(
+            f"| {name} | {len(mine)} | {sum(x.sent for x in j)} | {sum(x.failed for x in j)} "
+            f"| {sum(x.attributable for x in j)} | {sum(len(x.unexplained) for x in j)} "
+            f"| {max(x.longest for x in j):.2f} | {converged} |"
+        )
+    return lines
