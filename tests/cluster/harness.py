@@ -50,7 +50,7 @@ from meshctl.store import StoreError
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
 from tests.conftest import TEST_NETNS_PREFIX, kill_processes_in
 from tests.etcd import EtcdServer
-from tests.kernel.mesh import LB_BACKEND, MESHCTL, wait_for
+from tests.kernel.mesh import LB_BACKEND, MESHCTL, invoke_cli, wait_for
 
 T = TypeVar("T")
 BRIDGE = "br0"
@@ -346,6 +346,12 @@ class Cluster:
         if check and result.returncode != 0:
             raise AssertionError(f"meshctl {' '.join(args)} on {node}: {result.stderr.strip()}")
         return result
+
+    def diff(self, node: str) -> subprocess.CompletedProcess[str]:
+        """`meshctl diff` of node, run where its controller runs: in this process (a new
+        interpreter costs seconds on a loaded host), in a thread inside node's namespace."""
+        argv = [*self._store_args(), "diff", "--node", node]
+        return netns.run_in(self.nodes[node].netns, invoke_cli, argv, self.nodes[node].env)
 
     def ps(self, service: str, node: str = "node1") -> list[dict[str, Any]]:
         """`service ps SERVICE --format json`."""
