@@ -27,8 +27,10 @@ from kernel import netns
 from kernel.system import real_kernel
 from meshctl.cluster.nodes import leader
 from meshctl.ipam import ADDRESS
-from meshctl.model import NETWORK, NODE, ROUTER, SERVICE, TASK
+from meshctl.model import LEADER, NETWORK, NODE, NODE_STATUS, ROUTER, SERVICE, TASK
 from meshctl.naming import lb_netns, router_netns, task_netns
+from meshctl.store import Event
+from meshctl.store.etcd import EtcdStore
 from tests.cluster.harness import Cluster
 from tests.cluster.traffic import Death, Excluded, Judged, Result, Traffic, judge
 from tests.cluster.workloads import live, web
@@ -249,6 +251,26 @@ def wait_converged(
     return None, held
 
 
+def status_deletes(cluster: Cluster, since: int) -> list[str]:
+    """Every delete of a node's status (or of the leader key) in the store's history after
+    since: the leader takes such a node for down and reschedules its tasks at once."""
+
+    def history(store: EtcdStore) -> list[Event]:
+        events: list[Event] = []
+        revision, last = since, store.revision()
+        while revision < last:
+            batch = store.watch(revision, timeout=5)
+            events += batch
+            revision = batch[-1].revision if batch else last
+        return events
+
+    return [
+        f"{e.kind} {e.name} deleted at revision {e.revision}"
+        for e in cluster.call_store(history)
+        if e.type == "delete" and e.kind in (NODE_STATUS, LEADER)
+    ]
+
+
 # -- the faults: each made and healed -------------------------------------------------------
 
 
@@ -260,6 +282,7 @@ class Effects:
     deaths: list[Death] = field(default_factory=list)
     # loops that stand on something the fault took away (label, from when), until converged
     excluded: list[tuple[str, float]] = field(default_factory=list)
+    down: str = ""  # the node the fault takes down (its status deleted), if it does
 
 
 Fault = Callable[[World, random.Random], Effects]
@@ -294,7 +317,8 @@ def node_loss(world: World, rng: random.Random) -> Effects:
     cluster.heal(node)
     cluster.start_controller(node)
     cluster.wait_registered()
-    return Effects(node, deaths, [(f"{kind}@{node}", at) for kind in ("vip", "port", "router")])
+    excluded = [(f"{kind}@{node}", at) for kind in ("vip", "port", "router")]
+    return Effects(node, deaths, excluded, down=node)
 
 
 def _elsewhere(world: World, node: str) -> bool:
@@ -329,7 +353,8 @@ def etcd_cut(world: World, rng: random.Random, lease_times: float) -> Effects:
     # Down longer than its lease, the node gets its client task replaced at the heal: the loop
     # inside the old one ends with it (the cut itself is judged in full).
     replaced = [(f"vip@{node}", time.monotonic())] if lease_times > 1 else []
-    return Effects(f"{node} {world.ttl * lease_times:.0f}s", excluded=replaced)
+    down = node if lease_times > 1 else ""
+    return Effects(f"{node} {world.ttl * lease_times:.0f}s", excluded=replaced, down=down)
 
 
 def etcd_down(world: World, rng: random.Random) -> Effects:
@@ -433,11 +458,12 @@ class Step:
     converged_in: float | None
     held_by: list[str]  # the last problems before convergence (or of the timeout)
     judged: Judged
+    looked_down: list[str]  # statuses (and leader keys) deleted that the fault should not cost
 
     @property
     def broken(self) -> list[str]:
         """Every rule the step broke, one line each."""
-        lines = []
+        lines = [f"{self.fault} ({self.what}): {d}" for d in self.looked_down]
         if self.converged_in is None:
             lines = [f"{self.fault} ({self.what}): not converged: {p}" for p in self.held_by]
         groups: dict[tuple[str, str], list[float]] = {}
@@ -453,6 +479,7 @@ class Step:
 def run_step(world: World, name: str, rng: random.Random) -> Step:
     """Make and heal fault `name`, wait until converged, and judge the traffic meanwhile."""
     assert world.traffic is not None
+    revision = world.cluster.call_store(lambda store: store.revision())
     began = time.monotonic()
     effects = FAULTS[name](world, rng)
     healed = time.monotonic()
@@ -463,7 +490,11 @@ def run_step(world: World, name: str, rng: random.Random) -> Step:
     excluded = [Excluded(label, since, end) for label, since in effects.excluded]
     results: list[Result] = world.traffic.since(began, end)
     judged = judge(results, effects.deaths, excluded, world.traffic.timeout)
-    return Step(name, effects.what, began, healed - began, converged_in, found, judged)
+    down = f" {effects.down} " if effects.down else None
+    looked_down = [d for d in status_deletes(world.cluster, revision) if down is None
+                   or (down not in d and not d.startswith(LEADER))]  # fmt: skip
+    return Step(name, effects.what, began, healed - began, converged_in, found, judged,
+                looked_down)  # fmt: skip
 
 
 def table(steps: list[Step]) -> list[str]:
