@@ -16,7 +16,7 @@ Re-runs itself in a private mount namespace whose /run/netns is its own (bench/f
 it sees no other namespaces and no other controller sees its own. Needs root and etcd-server;
 everything it makes is removed in `finally` (also on Ctrl-C and SIGTERM).
 
-    .venv/bin/python bench/faults.py [--minutes 30] [--seed S] [--ttl 6]
+    .venv/bin/python bench/faults.py [--minutes 30] [--seed S] [--ttl 6] [--faults a,b]
 """
 
 from __future__ import annotations
@@ -65,15 +65,20 @@ def campaign(args: argparse.Namespace, seed: int) -> list[Step]:
         assert world.traffic is not None
         try:
             began = time.monotonic()
-            order = list(FAULTS)
+            order = list(args.faults)
             while order or time.monotonic() - began < args.minutes * 60:
-                name = order.pop(0) if order else rng.choice(list(FAULTS))
+                name = order.pop(0) if order else rng.choice(args.faults)
                 steps.append(run_step(world, name, rng))
                 print(step_line(len(steps), steps[-1]), flush=True)
                 for line in steps[-1].broken:
                     print(f"    BROKEN {line}", flush=True)
         finally:
             world.traffic.close()
+            if args.logs:
+                os.makedirs(args.logs, exist_ok=True)
+                for name in cluster.nodes:
+                    with open(os.path.join(args.logs, f"{name}.log"), "w") as out:
+                        out.write(cluster.logs(name))
     return steps
 
 
@@ -102,7 +107,13 @@ def main() -> None:
     parser.add_argument("--ttl", type=float, default=6.0, help="the nodes' lease (s)")
     parser.add_argument("--interval", type=float, default=0.05, help="between requests (s)")
     parser.add_argument("--timeout", type=float, default=2.0, help="of each request (s)")
+    parser.add_argument("--logs", help="a directory to keep the controllers' logs in")
+    parser.add_argument("--faults", default=",".join(FAULTS),
+                        help=f"which, comma-separated [{','.join(FAULTS)}]")  # fmt: skip
     args = parser.parse_args()
+    args.faults = args.faults.split(",")
+    if unknown := set(args.faults) - set(FAULTS):
+        parser.error(f"no such fault: {', '.join(sorted(unknown))}")
     isolate()  # re-executes itself first: the seed is drawn after
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 32)
     print(f"seed {seed}", flush=True)

@@ -29,11 +29,11 @@ from meshctl.cluster.nodes import leader
 from meshctl.ipam import ADDRESS
 from meshctl.model import LEADER, NETWORK, NODE, NODE_STATUS, ROUTER, SERVICE, TASK
 from meshctl.naming import lb_netns, router_netns, task_netns
-from meshctl.store import Event
+from meshctl.store import Event, StoreError
 from meshctl.store.etcd import EtcdStore
 from tests.cluster.harness import Cluster
 from tests.cluster.traffic import Death, Excluded, Judged, Result, Traffic, judge
-from tests.cluster.workloads import live, web
+from tests.cluster.workloads import web
 from tests.conftest import kill_processes_in, scaled
 from tests.kernel.mesh import wait_for
 
@@ -69,8 +69,10 @@ def build(cluster: Cluster, ttl: float, sick: str, interval: float, timeout: flo
     """The service, the clients and the router, every loop running and every check passing."""
     world = World(cluster, ttl, sick)
     cluster.cli("router", "enable")
-    health = ("--health-cmd", f"test ! -e {sick}/$HOSTNAME", "--health-interval", "1s",
-              "--health-timeout", "2s", "--health-retries", "2")  # fmt: skip
+    # Healthy once it answers HTTP (a task joins the VIP only then), until told to be sick.
+    check = f"test ! -e {sick}/$HOSTNAME && curl -sf -o /dev/null -m 1 http://127.0.0.1/"
+    health = ("--health-cmd", check, "--health-interval", "1s", "--health-timeout", "2s",
+              "--health-retries", "2")  # fmt: skip
     web(cluster, REPLICAS, "--publish", f"{PORT}:80", "--hostname", HOST, "--restart-delay",
         "0s", "--stop-grace-period", "2s", *health)  # fmt: skip
     cluster.cli("service", "create", "--name", "client", "--replicas", str(len(cluster.nodes)),
@@ -90,7 +92,24 @@ def build(cluster: Cluster, ttl: float, sick: str, interval: float, timeout: flo
 
 
 def _tasks(world: World) -> list[dict[str, Any]]:
-    return [r.value for r in world.cluster.call_store(lambda store: store.list(TASK))]
+    """Every task record; none while the store does not answer (a loaded host, a fault): the
+    waits that poll this go on polling."""
+    try:
+        return [r.value for r in world.cluster.call_store(lambda store: store.list(TASK))]
+    except StoreError:
+        return []
+
+
+def _name(task: dict[str, Any]) -> str:
+    """A task's name (its hostname, what it answers with): `web.3`."""
+    return f"{task['service']}.{task['slot']}"
+
+
+def _live(world: World) -> list[dict[str, Any]]:
+    """The service's tasks that should run and do, by name."""
+    tasks = [t for t in _tasks(world) if t["service"] == SERVICE_NAME]
+    return sorted((t for t in tasks if t["desired_state"] == t["state"] == "running"),
+                  key=lambda t: (t["slot"], t["id"]))  # fmt: skip
 
 
 def _serving(task: dict[str, Any]) -> bool:
@@ -112,7 +131,10 @@ def problems(world: World, with_diff: bool = True) -> list[str]:
     """Every way the cluster differs from converged, on every node (empty: converged)."""
     cluster = world.cluster
     kinds = (TASK, SERVICE, NETWORK, ADDRESS, NODE, ROUTER)
-    records = cluster.call_store(lambda store: {k: store.list(k) for k in kinds})
+    try:
+        records = cluster.call_store(lambda store: {k: store.list(k) for k in kinds})
+    except StoreError as err:
+        return [f"the store does not answer: {err}"]
     tasks = [r.value for r in records[TASK]]
     services = {r.value["name"]: r.value for r in records[SERVICE]}
     found = _slot_problems(tasks, services)
@@ -302,7 +324,7 @@ def node_loss(world: World, rng: random.Random) -> Effects:
     once the others run its tasks."""
     cluster = world.cluster
     node = rng.choice(sorted(cluster.nodes))
-    mine = [t for t in live(cluster, SERVICE_NAME) if t["node"] == node]
+    mine = [t for t in _live(world) if t["node"] == node]
     linked = cluster.linked_namespaces(node)
     at = time.monotonic()
     cluster.kill_controller(node)
@@ -310,7 +332,7 @@ def node_loss(world: World, rng: random.Random) -> Effects:
         kill_processes_in(netns.path(ns))
     cluster.cut(node)
     # Its router dies with it: the routing mesh of every node balances over the routers.
-    lost = [t["name"] for t in mine] + [f"the router of {node}"]
+    lost = [_name(t) for t in mine] + [f"the router of {node}"]
     deaths = [Death(name, at, at + world.ttl + scaled(TASK_DETECTION)) for name in lost]
     elsewhere = lambda: _elsewhere(world, node)  # noqa: E731
     wait_for(elsewhere, world.ttl + 60, f"{node}'s tasks running elsewhere", 0.5)
@@ -380,7 +402,7 @@ def leader_kill_update(world: World, rng: random.Random) -> Effects:
     """A rolling update (a new ROUND in the tasks' environment), the leader SIGKILLed once
     half the tasks are new, and restarted; done when every task is new and serving."""
     cluster = world.cluster
-    old = {t["id"] for t in live(cluster, SERVICE_NAME)}
+    old = {t["id"] for t in _live(world)}
     world.rounds += 1
     cluster.cli("service", "update", SERVICE_NAME, "--env", f"ROUND={world.rounds}", "-d")
 
@@ -407,40 +429,40 @@ def leader_kill_scale(world: World, rng: random.Random) -> Effects:
 
 
 def task_kill(world: World, rng: random.Random) -> Effects:
-    task = rng.choice(sorted(live(world.cluster, SERVICE_NAME), key=lambda t: t["name"]))
+    task = rng.choice(_live(world))
     at = time.monotonic()
     os.kill(task["pid"], signal.SIGKILL)
-    death = Death(task["name"], at, at + scaled(TASK_DETECTION))
+    death = Death(_name(task), at, at + scaled(TASK_DETECTION))
     wait_for(lambda: _serving_count(world) == REPLICAS, 30, "the slot back", 0.2)
-    return Effects(task["name"], [death])
+    return Effects(death.task, [death])
 
 
 def task_unhealthy(world: World, rng: random.Random) -> Effects:
     """A task's health check fails until the store says unhealthy, then passes again."""
-    task = rng.choice(sorted(live(world.cluster, SERVICE_NAME), key=lambda t: t["name"]))
-    sick = os.path.join(world.sick, task["name"])
+    task = rng.choice(_live(world))
+    sick = os.path.join(world.sick, _name(task))
     open(sick, "w").close()
     try:
         unhealthy = lambda: any(t["id"] == task["id"] and t["health"] == "unhealthy"  # noqa: E731
                                 for t in _tasks(world))  # fmt: skip
-        wait_for(unhealthy, 30, f"{task['name']} unhealthy", 0.2)
+        wait_for(unhealthy, 30, f"{_name(task)} unhealthy", 0.2)
         time.sleep(scaled(2))
     finally:
         os.unlink(sick)
     wait_for(lambda: _serving_count(world) == REPLICAS, 30, "healthy again", 0.2)
-    return Effects(task["name"])
+    return Effects(_name(task))
 
 
 FAULTS: dict[str, Fault] = {
-    "controller SIGKILL + restart": controller_kill,
-    "node lost and back": node_loss,
-    "etcd-only cut < TTL": lambda w, r: etcd_cut(w, r, 0.5),
-    "etcd-only cut > TTL": lambda w, r: etcd_cut(w, r, 2.5),
-    "etcd down and back": etcd_down,
-    "leader SIGKILL mid update": leader_kill_update,
-    "leader SIGKILL mid scale": leader_kill_scale,
-    "task SIGKILL": task_kill,
-    "task unhealthy": task_unhealthy,
+    "controller-kill": controller_kill,  # a node's controller SIGKILLed and restarted
+    "node-loss": node_loss,  # every process of a node killed, its leg cut; then back
+    "etcd-cut-short": lambda w, r: etcd_cut(w, r, 0.5),  # a node cut from etcd only, < TTL
+    "etcd-cut-long": lambda w, r: etcd_cut(w, r, 2.5),  # the same, > TTL
+    "etcd-down": etcd_down,  # etcd stopped for 1.5 TTL
+    "leader-kill-update": leader_kill_update,  # the leader SIGKILLed mid rolling update
+    "leader-kill-scale": leader_kill_scale,  # the leader SIGKILLed mid scale
+    "task-kill": task_kill,  # a task SIGKILLed
+    "task-unhealthy": task_unhealthy,  # a task's health check fails, then passes again
 }
 
 

@@ -41,7 +41,18 @@ def rng() -> random.Random:
     return random.Random(SEED)
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
+# A leaving task is stopped once its own node's LB has no connection to it, before the other
+# nodes' LBs took it out (meshctl/controller/supervisor.py; the lead's fix is on its way): in a
+# rolling update, requests through those nodes are refused. Remove the mark with that fix.
+LEAVING_TASK_BUG = pytest.mark.xfail(
+    reason="a leaving task stops before other nodes' LBs took it out (#27, being fixed)",
+    strict=False,
+)
+CASES = [pytest.param(f, marks=LEAVING_TASK_BUG) if f == "leader-kill-update" else f
+         for f in FAULTS]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", CASES)
 def test_a_fault_fails_only_requests_to_tasks_that_died(
     world: World, rng: random.Random, fault: str
 ) -> None:

@@ -188,7 +188,10 @@ class Traffic:
 
     def follow(self) -> None:
         """One VIP loop in the client task of every node that runs one."""
-        running = {t["node"]: t["id"] for t in live(self.cluster, "client")}
+        try:
+            running = {t["node"]: t["id"] for t in live(self.cluster, "client")}
+        except AssertionError:  # the CLI failed (the store did not answer): the next call
+            return
         for node in self.cluster.nodes:
             held = self._clients.get(node)
             if held is not None and held[0] != running.get(node):
