@@ -310,12 +310,27 @@ class Effects:
 Fault = Callable[[World, random.Random], Effects]
 
 
+def restart(cluster: Cluster, node: str, attempts: int = 5) -> None:
+    """Start node's controller until it registers, again 2 s after it exits, as systemd's unit
+    (systemd/, Restart=on-failure, RestartSec=2) does: a controller that finds the store out
+    of reach at start (a loaded host, a fault not yet healed) exits."""
+    for attempt in range(attempts):
+        cluster.start_controller(node)
+        try:
+            cluster.wait_registered()
+            return
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+            cluster.stop_controller(node)
+            time.sleep(2)
+
+
 def controller_kill(world: World, rng: random.Random) -> Effects:
     node = rng.choice(sorted(world.cluster.nodes))
     world.cluster.kill_controller(node)
     time.sleep(scaled(GAP))
-    world.cluster.start_controller(node)
-    world.cluster.wait_registered()
+    restart(world.cluster, node)
     return Effects(node)
 
 
@@ -337,8 +352,7 @@ def node_loss(world: World, rng: random.Random) -> Effects:
     elsewhere = lambda: _elsewhere(world, node)  # noqa: E731
     wait_for(elsewhere, world.ttl + 60, f"{node}'s tasks running elsewhere", 0.5)
     cluster.heal(node)
-    cluster.start_controller(node)
-    cluster.wait_registered()
+    restart(cluster, node)
     excluded = [(f"{kind}@{node}", at) for kind in ("vip", "port", "router")]
     return Effects(node, deaths, excluded, down=node)
 
@@ -393,8 +407,7 @@ def _kill_leader_when(world: World, ready: Callable[[], bool], what: str) -> str
     node = world.leader
     world.cluster.kill_controller(node)
     time.sleep(scaled(GAP))
-    world.cluster.start_controller(node)
-    world.cluster.wait_registered()
+    restart(world.cluster, node)
     return node
 
 
