@@ -106,7 +106,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=None, help="of the random faults")
     parser.add_argument("--ttl", type=float, default=6.0, help="the nodes' lease (s)")
     parser.add_argument("--interval", type=float, default=0.05, help="between requests (s)")
-    parser.add_argument("--timeout", type=float, default=2.0, help="of each request (s)")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="of each request (s): a client's usual wait")  # fmt: skip
     parser.add_argument("--logs", help="a directory to keep the controllers' logs in")
     parser.add_argument("--faults", default=",".join(FAULTS),
                         help=f"which, comma-separated [{','.join(FAULTS)}]")  # fmt: skip

@@ -14,6 +14,8 @@ import pytest
 
 from tests.cluster.faults import FAULTS, World, build, run_step
 from tests.cluster.harness import Cluster
+from tests.conftest import scaled
+from tests.kernel.restart_loops import CLIENT_TIMEOUT
 
 pytestmark = [pytest.mark.root, pytest.mark.cluster]
 
@@ -28,7 +30,7 @@ def world() -> Iterator[World]:
         tempfile.TemporaryDirectory(prefix="meshctl-sick-") as sick,
         Cluster(nodes=3, controller_args=("--node-ttl", f"{TTL:g}s")) as cluster,
     ):
-        made = build(cluster, TTL, sick, interval=0.1, timeout=2.0)
+        made = build(cluster, TTL, sick, interval=0.1, timeout=scaled(CLIENT_TIMEOUT))
         try:
             yield made
         finally:
