@@ -312,6 +312,17 @@ class Effects:
 Fault = Callable[[World, random.Random], Effects]
 
 
+def taken_over(cluster: Cluster, node: str) -> bool:
+    """Whether node's status in the store is its new controller's (not its predecessor's,
+    which stays until its lease runs out); raises RuntimeError if the controller exited."""
+    cluster.wait_registered()
+    try:
+        status = cluster.node_statuses().get(node)
+    except StoreError:
+        return False
+    return status is not None and status["pid"] == cluster.nodes[node].pid
+
+
 def restart(cluster: Cluster, node: str, attempts: int = 5) -> None:
     """Start node's controller until it registers, again 2 s after it exits, as systemd's unit
     (systemd/, Restart=on-failure, RestartSec=2) does: a controller that finds the store out
@@ -320,6 +331,7 @@ def restart(cluster: Cluster, node: str, attempts: int = 5) -> None:
         cluster.start_controller(node)
         try:
             cluster.wait_registered()
+            wait_for(lambda: taken_over(cluster, node), 30, f"{node}'s new controller", 0.1)
             return
         except RuntimeError:
             if attempt == attempts - 1:

@@ -13,7 +13,7 @@ from functools import partial
 
 import pytest
 
-from tests.cluster.faults import status_deletes
+from tests.cluster.faults import status_deletes, taken_over
 from tests.cluster.harness import Cluster
 from tests.cluster.workloads import live, wait_live, web
 from tests.conftest import scaled
@@ -37,12 +37,6 @@ def _slots(cluster: Cluster) -> dict[str, tuple[str, str, int]]:
 def _reaches(cluster: Cluster, task_id: str, url: str) -> bool:
     get = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
     return cluster.in_task(task_id, *get).stdout == "200"
-
-
-def _taken_over(cluster: Cluster, node: str) -> bool:
-    """Whether node's status in the store is its new controller's."""
-    status = cluster.node_statuses().get(node)
-    return status is not None and status["pid"] == cluster.nodes[node].pid
 
 
 def test_restarting_every_controller_loses_nothing_and_replaces_nothing(cluster: Cluster) -> None:
@@ -70,7 +64,7 @@ def test_restarting_every_controller_loses_nothing_and_replaces_nothing(cluster:
                 cluster.stop_controller(node, sig)
                 time.sleep(scaled(GAP))
                 cluster.start_controller(node)
-                wait_for(partial(_taken_over, cluster, node), 30, f"{node}'s new controller")
+                wait_for(partial(taken_over, cluster, node), 30, f"{node}'s new controller")
                 for each in loops:
                     wait_for(partial(each.answered, 4), 30, f"the loops after {node} restarted")
                 failures = [f for each in loops for f in each.failures]
