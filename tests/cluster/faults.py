@@ -80,7 +80,7 @@ def build(cluster: Cluster, ttl: float, sick: str, interval: float, timeout: flo
                 "sleep", "infinity")  # fmt: skip
     wait_for(lambda: _serving_count(world) == REPLICAS, 90, "web serving")
     inspect = cluster.cli("service", "inspect", SERVICE_NAME, "--format", "json").stdout
-    world.vip = json.loads(inspect)["networks"][0]["vip"]
+    world.vip = _vip(json.loads(inspect))
     converged_in, held_by = wait_converged(world)
     assert converged_in is not None, f"the world never converged: {held_by}"
     world.traffic = Traffic(cluster, world.vip, PORT, HOST, interval, timeout)
