@@ -33,6 +33,7 @@ from meshctl.model import (
     NodeStatus,
     from_record,
 )
+from meshctl.router.sync import ROUTER, ROUTER_STARTING
 from meshctl.runtime import read_start_time
 from meshctl.store import Conflict, LeaseExpired, Op, Put, Record, Store, StoreError
 
@@ -75,6 +76,7 @@ class Membership:
             pid=os.getpid(),
             pid_start=read_start_time(os.getpid()) or 0,
             boot_id=boot_id(),
+            errors={ROUTER: ROUTER_STARTING},  # until the first pass says how it does
         )
         self._written: NodeStatus | None = None
         self._lock = threading.Lock()

@@ -9,21 +9,30 @@ from meshctl.lb.endpoints import backends_of
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.model import INGRESS, Task
 from meshctl.overlay.vxlan import NO_UNDERLAY, Underlay
+from meshctl.router.sync import ROUTER, ROUTER_STARTING
 from meshctl.view import ClusterView
 
 
 def _router_vip(view: ClusterView, node: str) -> tuple[VirtualIp, ...]:
     """The router's VIP on the ingress network (mode ingress): it spreads over the router of
-    every node this one reaches that is up, as a service's VIP spreads over its tasks."""
+    every node this one reaches that is up and has started its router (a node that just came
+    back has none listening until its first pass), as a service's VIP spreads over its tasks."""
     router, ingress = view.router, view.networks.get(INGRESS)
     if router is None or router.vip is None or ingress is None:
         return ()
     backends = tuple(
         Backend(address)
         for (network, owner), address in sorted(view.router_addresses.items())
-        if network == INGRESS and (owner == node or (ingress.overlay and view.up(owner)))
+        if network == INGRESS and (owner == node or (ingress.overlay and _serves(view, owner)))
     )
     return (VirtualIp(router.id, "router", router.vip, backends),)
+
+
+def _serves(view: ClusterView, node: str) -> bool:
+    """Whether node is up and has run a pass since it started: its router has been started (a
+    router that fails later may still serve its last good configuration, so it stays)."""
+    status = view.statuses.get(node)
+    return status is not None and status.errors.get(ROUTER) != ROUTER_STARTING
 
 
 def lb_specs(

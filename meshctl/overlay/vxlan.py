@@ -76,14 +76,15 @@ class OverlaySpec:
 
 
 def remote_peers(view: ClusterView, network: Network, node: str) -> frozenset[Peer]:
-    """Every endpoint on the network that lives on another node that is up and advertises an
-    address: tasks (whatever their state: a draining one still answers), load balancers,
-    routers and attached containers."""
-    vteps = {
-        name: n.address
-        for name, n in view.nodes.items()
-        if name != node and n.address and view.up(name)
-    }
+    """Every endpoint on the network that lives on another node that advertises an address:
+    tasks (whatever their state: a draining one still answers), load balancers, routers and
+    attached containers.
+
+    Down nodes too: a node whose lease ran out may only have lost the store, and its tasks
+    still answer and its clients and load balancer still wait for replies; without its
+    entries every reply to it is dropped until the heal (#27). Its entries go when its
+    records do (its tasks removed, the node removed), as the data plane keeps its last state."""
+    vteps = {name: n.address for name, n in view.nodes.items() if name != node and n.address}
     endpoints: list[tuple[str, str]] = []  # (address, node)
     endpoints += [
         (t.addresses[network.name], t.node)

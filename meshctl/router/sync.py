@@ -42,6 +42,9 @@ from meshctl.view import ClusterView
 log = logging.getLogger("meshctl.router")
 
 ROUTER = "router"  # the key of the router's failures in the node's status
+# The router's state in a status written before the controller's first pass: the routing mesh
+# of other nodes sends to this node's router only once a pass found it serving (#27).
+ROUTER_STARTING = "not serving yet: the controller has not run its first pass"
 BACKOFF_FIRST = 0.5  # seconds before the first restart; doubles up to BACKOFF_CAP
 BACKOFF_CAP = 30.0
 STABLE_RUN = 10.0  # a run this long resets the back-off

@@ -50,7 +50,7 @@ from meshctl.store import StoreError
 from meshctl.store.etcd import EtcdStore, parse_etcd_url
 from tests.conftest import TEST_NETNS_PREFIX, kill_processes_in
 from tests.etcd import EtcdServer
-from tests.kernel.mesh import LB_BACKEND, MESHCTL, wait_for
+from tests.kernel.mesh import LB_BACKEND, MESHCTL, invoke_cli, wait_for
 
 T = TypeVar("T")
 BRIDGE = "br0"
@@ -347,6 +347,12 @@ class Cluster:
             raise AssertionError(f"meshctl {' '.join(args)} on {node}: {result.stderr.strip()}")
         return result
 
+    def diff(self, node: str) -> subprocess.CompletedProcess[str]:
+        """`meshctl diff` of node, run where its controller runs: in this process (a new
+        interpreter costs seconds on a loaded host), in a thread inside node's namespace."""
+        argv = [*self._store_args(), "diff", "--node", node]
+        return netns.run_in(self.nodes[node].netns, invoke_cli, argv, self.nodes[node].env)
+
     def ps(self, service: str, node: str = "node1") -> list[dict[str, Any]]:
         """`service ps SERVICE --format json`."""
         tasks: list[dict[str, Any]] = json.loads(
@@ -445,18 +451,21 @@ class Cluster:
     def _linked_namespaces(self) -> set[str]:
         """meshctl's namespaces with a veth peer in one of this cluster's node namespaces."""
         found: set[str] = set()
-        for node in self.nodes.values():
-            if node.netns not in self.made or not netns.exists(node.netns):
-                continue
-            links = json.loads(_ip("-n", node.netns, "-j", "link", "show"))
-            ids = json.loads(_ip("-n", node.netns, "-j", "netns", "list-id") or "[]")
-            names = {i["nsid"]: i.get("name", "") for i in ids}
-            peers = {
-                names.get(link["link_netnsid"], "") for link in links if "link_netnsid" in link
-            }
-            ours = (TASK_NETNS_PREFIX, LB_NETNS_PREFIX, ROUTER_NETNS_PREFIX)
-            found |= {p for p in peers if p.startswith(ours)}
+        for node in self.nodes:
+            found |= self.linked_namespaces(node)
         return found
+
+    def linked_namespaces(self, node: str) -> set[str]:
+        """meshctl's namespaces (task, LB, router) with a veth peer in node's namespace."""
+        n = self.nodes[node]
+        if n.netns not in self.made or not netns.exists(n.netns):
+            return set()
+        links = json.loads(_ip("-n", n.netns, "-j", "link", "show"))
+        ids = json.loads(_ip("-n", n.netns, "-j", "netns", "list-id") or "[]")
+        names = {i["nsid"]: i.get("name", "") for i in ids}
+        peers = {names.get(link["link_netnsid"], "") for link in links if "link_netnsid" in link}
+        ours = (TASK_NETNS_PREFIX, LB_NETNS_PREFIX, ROUTER_NETNS_PREFIX)
+        return {p for p in peers if p.startswith(ours)}
 
     def _remove_namespaces(self) -> None:
         for name in reversed(self.made[:]):

@@ -13,9 +13,7 @@ from functools import partial
 
 import pytest
 
-from meshctl.model import LEADER, NODE_STATUS
-from meshctl.store import Event
-from meshctl.store.etcd import EtcdStore
+from tests.cluster.faults import status_deletes, taken_over
 from tests.cluster.harness import Cluster
 from tests.cluster.workloads import live, wait_live, web
 from tests.conftest import scaled
@@ -39,32 +37,6 @@ def _slots(cluster: Cluster) -> dict[str, tuple[str, str, int]]:
 def _reaches(cluster: Cluster, task_id: str, url: str) -> bool:
     get = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
     return cluster.in_task(task_id, *get).stdout == "200"
-
-
-def _taken_over(cluster: Cluster, node: str) -> bool:
-    """Whether node's status in the store is its new controller's."""
-    status = cluster.node_statuses().get(node)
-    return status is not None and status["pid"] == cluster.nodes[node].pid
-
-
-def _status_deletes(cluster: Cluster, since: int) -> list[str]:
-    """Every delete of a node's status (or of the leader key) in the store's history after
-    since: the leader takes such a node for down and reschedules its tasks at once."""
-
-    def history(store: EtcdStore) -> list[Event]:
-        events: list[Event] = []
-        revision, last = since, store.revision()
-        while revision < last:
-            batch = store.watch(revision, timeout=5)
-            events += batch
-            revision = batch[-1].revision if batch else last
-        return events
-
-    return [
-        f"{e.kind} {e.name} deleted at revision {e.revision}"
-        for e in cluster.call_store(history)
-        if e.type == "delete" and e.kind in (NODE_STATUS, LEADER)
-    ]
 
 
 def test_restarting_every_controller_loses_nothing_and_replaces_nothing(cluster: Cluster) -> None:
@@ -92,10 +64,10 @@ def test_restarting_every_controller_loses_nothing_and_replaces_nothing(cluster:
                 cluster.stop_controller(node, sig)
                 time.sleep(scaled(GAP))
                 cluster.start_controller(node)
-                wait_for(partial(_taken_over, cluster, node), 30, f"{node}'s new controller")
+                wait_for(partial(taken_over, cluster, node), 30, f"{node}'s new controller")
                 for each in loops:
                     wait_for(partial(each.answered, 4), 30, f"the loops after {node} restarted")
                 failures = [f for each in loops for f in each.failures]
                 assert failures == [], f"after {node}'s controller got {sig.name}"
-                assert _status_deletes(cluster, since) == [], f"{node} looked down ({sig.name})"
+                assert status_deletes(cluster, since) == [], f"{node} looked down ({sig.name})"
     assert _slots(cluster) == before

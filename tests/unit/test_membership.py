@@ -13,6 +13,7 @@ from meshctl.cluster import nodes
 from meshctl.cluster.membership import Membership, NodeBusy, boot_id
 from meshctl.commands.node import update_node
 from meshctl.model import LEADER, LEADER_KEY, NODE_STATUS, Node, NodeStatus
+from meshctl.router.sync import ROUTER, ROUTER_STARTING
 from meshctl.runtime import read_start_time
 from meshctl.store import Store
 from tests.conftest import scaled
@@ -116,6 +117,9 @@ def test_report_writes_only_changes_and_one_leader_at_a_time(store: Store) -> No
     one.join()
     two = Membership(store, Node("node2"), ttl=5)
     two.join()
+    assert nodes.statuses(store)["node1"].errors == {ROUTER: ROUTER_STARTING}
+    one.report("", {})  # the first pass says the router runs (#27)
+    assert nodes.statuses(store)["node1"].errors == {}
     before = store.revision()
     one.report("", {})
     assert store.revision() == before  # nothing new to say

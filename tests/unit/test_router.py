@@ -5,6 +5,7 @@ router's namespace planned and applied on the fake kernel."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from meshctl.lb.desired import lb_specs
 from meshctl.model import (
     INGRESS,
     NetworkAttachment,
+    NodeStatus,
     NotFoundError,
     PublishedPort,
     Route,
@@ -45,6 +47,7 @@ from meshctl.router.desired import router_spec
 from meshctl.router.net import apply_router_net, plan_router_net, router_net_spec
 from meshctl.router.slots import Slot, plan_runtime, plan_servers
 from meshctl.router.spec import Backend, HttpRoute, RouterSpec, Server, SniRoute
+from meshctl.router.sync import ROUTER, ROUTER_STARTING
 from meshctl.store import Store
 from meshctl.store.sqlite import SqliteStore
 from meshctl.view import ClusterView, read_view
@@ -441,3 +444,30 @@ def test_the_namespace_gets_a_leg_per_network_and_loses_only_the_one_it_leaves(
     assert plan.delete_netns
     apply_router_net(kernel, plan, None)
     assert not kernel.netns.exists(naming.router_netns(node_id))
+
+
+def test_a_node_back_joins_the_router_vip_after_its_first_pass(tmp_path: Path) -> None:
+    """A node that came back has no HAProxy listening until its first pass: the others' routing
+    mesh leaves its router out until its status says the pass ran (#27)."""
+    store = _routed(tmp_path)
+    ipam.allocate_lb_address(store, get_network(store, INGRESS), "node1")
+    view = read_view(store)
+    here = view.router_addresses[(INGRESS, "node1")]
+    there = str(ipaddress.IPv4Address(here) + 50)
+    ingress = dataclasses.replace(view.networks[INGRESS], driver="overlay", vni=4196)
+
+    def backends(node2: NodeStatus) -> list[str]:
+        changed = dataclasses.replace(
+            view,
+            networks={**view.networks, INGRESS: ingress},
+            router_addresses={**view.router_addresses, (INGRESS, "node2"): there},
+            statuses={"node1": NodeStatus("node1"), "node2": node2},
+        )
+        (spec,) = [s for s in lb_specs(changed, "node1", "n1") if s.network_id == ingress.id]
+        (vip,) = [v for v in spec.vips if v.service_id == view.router.id]  # type: ignore[union-attr]
+        return [b.address for b in vip.backends]
+
+    assert backends(NodeStatus("node2", errors={ROUTER: ROUTER_STARTING})) == [here]
+    assert backends(NodeStatus("node2")) == [here, there]
+    # A router that fails later may still serve its last good configuration: it stays.
+    assert backends(NodeStatus("node2", errors={ROUTER: "haproxy -c refused"})) == [here, there]
