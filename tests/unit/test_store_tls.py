@@ -163,14 +163,15 @@ def test_a_plain_etcd_store_is_called_unprotected(
 
 def test_doctor_reports_a_plain_etcd_store(etcd_tls: TlsEtcd, etcd_server: EtcdServer) -> None:
     from kernel.features import Check
-    from meshctl.controller.doctor import overlay_checks
+    from meshctl.controller.doctor import store_checks
 
     with open_store(etcd_server.url(f"/test-{uuid.uuid4().hex[:12]}")) as plain:
-        assert overlay_checks(plain, "node1") == [
+        assert store_checks(plain) == [
             Check("store", False, False, str(unprotected_warning(plain)))
         ]
     with open_store(etcd_tls.url(), etcd_tls.access) as protected:
-        assert overlay_checks(protected, "node1") == []
+        assert store_checks(protected) == []
+    assert store_checks(None) == []
 
 
 @pytest.fixture
