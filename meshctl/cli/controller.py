@@ -168,7 +168,7 @@ def controller_run(
     )
     duties = None
     if cluster is not None:
-        from meshctl.commands.cluster import ClusterDuties
+        from meshctl.commands.cluster_duties import ClusterDuties
 
         duties = ClusterDuties(env.state_dir, cluster)
         duties.start_member()  # on a manager: the store this controller opens is (partly) its

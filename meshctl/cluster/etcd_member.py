@@ -44,11 +44,9 @@ RECONFIG_TIMEOUT = 30.0
 # a member connected for less than etcd's 5 s health interval ("unhealthy cluster").
 PASSING = ("in sync", "unhealthy cluster")
 
-# What each role may touch: key prefixes it reads and writes. The store's own prefix, without
-# its "/": EtcdStore.revision() reads the bare key "/meshctl". For now a worker writes the same
-# prefix as a manager: the store keeps a task's desired and actual state in one record, so a
-# worker's controller must write where its tasks are. The worker role is narrowed to its lease,
-# status and task states once the task model splits desired from actual state (#26).
+# The roles enable_auth makes unless told others: readwrite on the store's prefix, without its
+# "/" (EtcdStore.revision() reads the bare key "/meshctl"). A cluster made by `cluster init`
+# passes its own, narrower for workers (meshctl.commands.cluster.ROLE_PERMISSIONS).
 ROLE_PREFIXES: Mapping[str, Sequence[str]] = {
     "manager": (DEFAULT_PREFIX,),
     "worker": (DEFAULT_PREFIX,),
@@ -230,13 +228,7 @@ class EtcdMember:
 
     def healthy(self) -> bool:
         """Whether the member answers /health with "true" on loopback, over mutual TLS."""
-        try:
-            answer = requests.get(
-                f"{self.config.local_url}/health", timeout=REQUEST_TIMEOUT, **_tls(self.config.tls)
-            )
-            return answer.ok and answer.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
+        return answers(self.config.local_url, self.config.tls)
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """End the member (SIGTERM, SIGKILL after grace seconds); its data stays."""
@@ -247,6 +239,15 @@ class EtcdMember:
         self.process = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.config.data_dir, PROCESS_FILE))
+
+
+def answers(client_url: str, tls: TlsFiles, timeout: float = REQUEST_TIMEOUT) -> bool:
+    """Whether the member at client_url answers /health with "true" (it is in a quorum)."""
+    try:
+        answer = requests.get(f"{client_url}/health", timeout=timeout, **_tls(tls))
+        return answer.ok and answer.json().get("health") == "true"
+    except (requests.RequestException, ValueError):
+        return False
 
 
 # -- administration through the gateway --------------------------------------------------------
@@ -356,6 +357,27 @@ def add_user(
     _post(endpoint, tls, token, "/v3/auth/user/add", {"name": name, "password": password})
     for each in [role] if isinstance(role, str) else role:
         _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": each})
+
+
+def user_roles(endpoint: str, tls: TlsFiles, auth: Credentials, name: str) -> tuple[str, ...]:
+    """The roles of user name, asked as auth: root may ask of anyone, a user of itself (etcd
+    lets it). EtcdMemberError if etcd refuses, "user name not found" once the user is gone."""
+    token = authenticate(endpoint, tls, auth)
+    answer = _post(endpoint, tls, token, "/v3/auth/user/get", {"name": name})
+    return tuple(answer.get("roles", ()))
+
+
+def grant_role(endpoint: str, tls: TlsFiles, root: Credentials, name: str, role: str) -> None:
+    """Give user name a role it may already have."""
+    token = authenticate(endpoint, tls, root)
+    _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": role})
+
+
+def revoke_role(endpoint: str, tls: TlsFiles, root: Credentials, name: str, role: str) -> None:
+    """Take a role from user name; one it does not have is fine."""
+    token = authenticate(endpoint, tls, root)
+    body = {"name": name, "role": role}
+    _post_unless(endpoint, tls, token, "/v3/auth/user/revoke", body, "not granted")
 
 
 def remove_user(endpoint: str, tls: TlsFiles, root: Credentials, name: str) -> None:
