@@ -43,6 +43,9 @@ RECONFIG_TIMEOUT = 30.0
 # etcd's refusals of a membership change that pass with time: a learner behind the leader, and
 # a member connected for less than etcd's 5 s health interval ("unhealthy cluster").
 PASSING = ("in sync", "unhealthy cluster")
+# etcd's refusals while its members elect a leader, and how long an election may take here.
+ELECTING = ("leader changed", "no leader")
+ELECTION_WAIT = 10 * ELECTION_MS / 1000
 
 # The roles enable_auth makes unless told others: readwrite on the store's prefix, without its
 # "/" (EtcdStore.revision() reads the bare key "/meshctl"). A cluster made by `cluster init`
@@ -248,6 +251,16 @@ def answers(client_url: str, tls: TlsFiles, timeout: float = REQUEST_TIMEOUT) ->
         return answer.ok and answer.json().get("health") == "true"
     except (requests.RequestException, ValueError):
         return False
+
+
+def wait_answers(client_url: str, tls: TlsFiles, timeout: float = RECONFIG_TIMEOUT) -> None:
+    """Wait until the member at client_url is healthy again: after the leader was removed, the
+    others elect a new one, and etcd refuses requests meanwhile ("leader changed")."""
+    deadline = time.monotonic() + timeout
+    while not answers(client_url, tls):
+        if time.monotonic() > deadline:
+            raise EtcdMemberError(f"etcd at {client_url} is not healthy after {timeout:g}s")
+        time.sleep(0.2)
 
 
 # -- administration through the gateway --------------------------------------------------------
@@ -468,6 +481,21 @@ def _post_unless(
 
 
 def _post(
+    endpoint: str, tls: TlsFiles, token: str | None, path: str, body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One gateway call over mutual TLS, again while the members elect a leader (after a
+    leader was removed, or lost); EtcdMemberError with etcd's own one-line reason."""
+    deadline = time.monotonic() + ELECTION_WAIT
+    while True:
+        try:
+            return _post_once(endpoint, tls, token, path, body)
+        except EtcdMemberError as err:
+            if not any(r in str(err) for r in ELECTING) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _post_once(
     endpoint: str, tls: TlsFiles, token: str | None, path: str, body: Mapping[str, Any]
 ) -> dict[str, Any]:
     """One gateway call over mutual TLS; EtcdMemberError with etcd's own one-line reason.

@@ -100,7 +100,7 @@ class ClusterDuties:
 
     def follow_role(self, store: EtcdStore) -> bool:
         """Become what the store says this node is, if it says otherwise now; True if so."""
-        wanted = cluster_roles.own_role(self.state_dir, self.config)
+        wanted = cluster_roles.own_role(store)
         if wanted is None or wanted == self.config.role:
             return False
         if wanted == "manager":
@@ -166,7 +166,9 @@ class ClusterDuties:
         are away: no quorum) is left to come round; the controller waits for the store."""
         if not self.manager:
             return
-        if cluster_roles.own_role(self.state_dir, self.config) == "worker":
+        with open_cluster_store(self.state_dir) as store:
+            wanted = cluster_roles.own_role(store)
+        if wanted == "worker":
             try:  # demoted while no controller ran: its member was removed, it starts no more
                 self.config = cluster_roles.become_worker(self.state_dir, self.config, self.member)
                 log.info("this node was demoted meanwhile: it is a worker now")

@@ -153,8 +153,9 @@ def demote(state_dir: str, store: Store, node: str) -> bool:
         raise MeshctlError(refusal)
     others = [m for m in voters if m.name != node]
     admin = admin.through(next(u for m in others if (u := _answering_url(m, admin.tls))))
-    for member in seat:
+    for member in seat:  # if it led the store, the others elect a leader before going on
         etcd_member.remove_member(admin.endpoint, admin.tls, admin.root, member.id)
+        etcd_member.wait_answers(admin.endpoint, admin.tls)
     own, perms = node_role(node)
     etcd_member.add_role(admin.endpoint, admin.tls, admin.root, own, perms)
     for role in ("worker", own):
@@ -283,6 +284,7 @@ def _leave_as_manager(state_dir: str, config: ClusterConfig) -> str:
     for member in listed:
         if member.name == config.node:
             etcd_member.remove_member(admin.endpoint, admin.tls, admin.root, member.id)
+            etcd_member.wait_answers(admin.endpoint, admin.tls)
     revoke(admin, config.node)
     with admin.store(config) as store:
         remove_node(store, config.node)
@@ -292,17 +294,14 @@ def _leave_as_manager(state_dir: str, config: ClusterConfig) -> str:
 # -- on a node whose role changed: its controller follows ---------------------------------------
 
 
-def own_role(state_dir: str, config: ClusterConfig) -> str | None:
-    """This node's role as the store has it (its own user's roles); None if no member says."""
-    paths = ClusterPaths(state_dir)
-    me = Credentials(config.node, read_secret(paths.password))
-    for endpoint in config.store:
-        try:
-            roles = etcd_member.user_roles(f"https://{endpoint}", tls_files(paths), me, config.node)
-        except EtcdMemberError:
-            continue
-        return "manager" if "manager" in roles else "worker"
-    return None
+def own_role(store: EtcdStore) -> str | None:
+    """This node's role as the store has it (its own user's roles, asked with the login the
+    store holds); None if the store does not answer."""
+    try:
+        roles = store.user_roles()
+    except StoreError:
+        return None
+    return "manager" if "manager" in roles else "worker"
 
 
 def through_a_manager(config: ClusterConfig, ask: Callable[[str], T]) -> tuple[T, str]:

@@ -23,7 +23,7 @@ from meshctl.store import Event, StoreError, Unavailable, open_store
 from meshctl.store.etcd import EtcdAccess, EtcdStore, unprotected_warning
 from tests.conftest import scaled
 from tests.etcd import EtcdServer, TestCa
-from tests.unit.conftest import TLS_PREFIX, TlsEtcd, password_file
+from tests.unit.conftest import TLS_PREFIX, TLS_USER, TlsEtcd, password_file
 
 
 def _one_line(err: pytest.ExceptionInfo[StoreError], *secrets: str) -> str:
@@ -159,6 +159,19 @@ def test_a_plain_etcd_store_is_called_unprotected(
         assert unprotected_warning(protected) is None
     with open_store(f"sqlite://{tmp_path}/state.db") as local:
         assert unprotected_warning(local) is None
+
+
+def test_a_login_reads_its_own_roles_and_no_one_elses(
+    etcd_tls: TlsEtcd, etcd_server: EtcdServer
+) -> None:
+    """What a cluster node's controller asks every few seconds to follow its role (#26)."""
+    with open_store(etcd_tls.url(), etcd_tls.access) as store:
+        assert isinstance(store, EtcdStore)
+        assert store.user_roles() == (TLS_USER,)
+    with open_store(etcd_server.url()) as plain:
+        assert isinstance(plain, EtcdStore)
+        with pytest.raises(StoreError, match="no login"):
+            plain.user_roles()
 
 
 def test_doctor_reports_a_plain_etcd_store(etcd_tls: TlsEtcd, etcd_server: EtcdServer) -> None:
