@@ -20,13 +20,14 @@ ODD_MANAGERS = (
 
 @main.group(cls=Group)
 def cluster() -> None:
-    """Make a cluster, join it, and hand out its join tokens.
+    """Make a cluster, join it, hand out its join tokens, and leave it.
 
     \b
     Examples:
       meshctl cluster init --advertise-addr 10.0.0.1
       meshctl cluster join-token worker
       meshctl cluster join --token MESHCTL-1-... --advertise-addr 10.0.0.2 10.0.0.1
+      meshctl cluster leave
     """
 
 
@@ -120,3 +121,25 @@ def cluster_join_token(role: str, quiet: bool, rotate: bool) -> None:
         click.echo(f"The {role} join token was rotated: the old one admits no one now.")
     click.echo(f"To add a {role} to this cluster, run on it:\n")
     click.echo(f"    {tokens.join_command(role)}")
+
+
+@cluster.command("leave")
+@click.option("--force", is_flag=True,
+              help="Leave even as a manager (its member leaves the store; the last manager "
+              "takes the store down with it).")  # fmt: skip
+def cluster_leave(force: bool) -> None:
+    """Take this node out of its cluster; stop its controller first.
+
+    A worker asks a manager to retire it: its store user goes (its credentials open nothing
+    from then) and its record with it, and its tasks run elsewhere. A manager is demoted first
+    (`meshctl node demote NODE`), or leaves with --force. Then this node forgets the cluster:
+    its config, keys and passwords, and a manager's etcd member and data.
+
+    \b
+    Examples:
+      meshctl cluster leave
+      meshctl cluster leave --force
+    """
+    from meshctl.commands.cluster_roles import leave
+
+    click.echo(leave(common.env().state_dir, force))

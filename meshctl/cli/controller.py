@@ -29,7 +29,8 @@ from meshctl.model import NODE, check_name, duration
     "balancers to theirs); run it where that node's controller runs.",
 )
 def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
-    """Report what this kernel supports (IPVS, nftables or iptables, namespaces, conntrack...).
+    """Report what this kernel supports (IPVS, nftables or iptables, namespaces, conntrack...),
+    and warn of a store anyone can write (a plain etcd:// --store).
 
     \b
     Examples:
@@ -40,7 +41,10 @@ def doctor(fmt: Literal["table", "json"], node: str | None) -> None:
     from meshctl.cli.doctor import run_doctor
 
     env = common.env()
-    store = env.store if node is not None else None
+    # A store named by --store (or this node's cluster) is checked for its protection; the
+    # default SQLite file is not opened (doctor runs before anything exists).
+    named = node is not None or env.explicit_store or env.cluster is not None
+    store = env.store if named else None
     sys.exit(run_doctor(fmt, store, check_name(node, "--node") if node else None))
 
 
@@ -164,7 +168,7 @@ def controller_run(
     )
     duties = None
     if cluster is not None:
-        from meshctl.commands.cluster import ClusterDuties
+        from meshctl.commands.cluster_duties import ClusterDuties
 
         duties = ClusterDuties(env.state_dir, cluster)
         duties.start_member()  # on a manager: the store this controller opens is (partly) its

@@ -20,6 +20,7 @@ from meshctl.controller.doctor import (
     report_json,
     router_check,
     status,
+    store_checks,
     verdict_line,
     where,
 )
@@ -53,11 +54,12 @@ def run_doctor(
     fmt: Literal["table", "json"], store: Store | None = None, node: str | None = None
 ) -> int:
     """Probe, print the report (stdout) and the reasons (stderr); 0 iff the mesh can run.
-    With a store and a node of its cluster, also every overlay path to the node's peers."""
+    With a store, also whether it is protected; with a node of its cluster, every overlay path
+    to the node's peers."""
     if not features.privileged():
         click.echo(features.NOT_PRIVILEGED, err=True)
         return 1
-    checks = [*features.probe(), router_check(), *overlay_checks(store, node)]
+    checks = [*features.probe(), router_check(), *store_checks(store), *overlay_checks(store, node)]
     out, reasons, code = render(checks, fmt, read_sysctls())
     click.echo(out)
     for reason in reasons:

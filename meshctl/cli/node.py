@@ -1,4 +1,4 @@
-"""`meshctl node ls/inspect/update/rm`: the cluster's nodes."""
+"""`meshctl node ls/inspect/update/rm/promote/demote`: the cluster's nodes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,14 @@ from meshctl.model import NODE, Availability
 
 @main.group(cls=Group)
 def node() -> None:
-    """List, inspect, update and remove the cluster's nodes (each runs a controller).
+    """List, inspect, update, promote, demote and remove the cluster's nodes (each runs a
+    controller).
 
     \b
     Examples:
       meshctl node ls
       meshctl node update --availability drain node1
+      meshctl node promote node2
     """
 
 
@@ -95,17 +97,56 @@ def node_rm(name: str) -> None:
 
     Its record goes, with its tasks' and attached containers' records and every address it
     held (tasks, containers, its load balancers and router on each network). In a cluster
-    made by `meshctl cluster init`, its store user goes too (run it on a manager): its
-    certificate and password open nothing from that moment.
+    made by `meshctl cluster init` (run it on a manager), its store user goes first: its
+    certificate and password open nothing from that moment. A manager is demoted first.
 
     \b
     Example:
       meshctl node rm node3
     """
     env = common.env()
-    remove_node(env.store, name)
-    if env.cluster is not None:
-        from meshctl.commands.cluster import revoke
+    if env.cluster is None:
+        remove_node(env.store, name)
+    else:
+        from meshctl.commands.cluster_roles import Admin, retire
 
-        revoke(env.state_dir, name)
+        retire(Admin.here(env.state_dir), env.store, name)
     click.echo(name)
+
+
+@node.command("promote")
+@click.argument("name", shell_complete=names(NODE))
+def node_promote(name: str) -> None:
+    """Make worker NAME a manager (run it on a manager of a cluster made by `cluster init`).
+
+    Its store user may write desired state at once; its controller then takes a manager's
+    certificate and starts an etcd member of the store on its node (a learner, a voter once it
+    has caught up). Keep an odd number of managers (3 or 5).
+
+    \b
+    Example:
+      meshctl node promote node2
+    """
+    from meshctl.commands.cluster_roles import promote
+
+    changed = promote(common.env().state_dir, common.store(), name)
+    click.echo(f"node {name} is a manager {'now' if changed else 'already'}")
+
+
+@node.command("demote")
+@click.argument("name", shell_complete=names(NODE))
+def node_demote(name: str) -> None:
+    """Make manager NAME a worker (run it on a manager).
+
+    Its etcd member leaves the store first, which is refused for the last manager, or when the
+    managers left would not make a quorum; then its store user becomes a worker's, it gives up
+    the leadership, and its controller stops the member and forgets the managers' secrets.
+
+    \b
+    Example:
+      meshctl node demote node3
+    """
+    from meshctl.commands.cluster_roles import demote
+
+    changed = demote(common.env().state_dir, common.store(), name)
+    click.echo(f"node {name} is a worker {'now' if changed else 'already'}")

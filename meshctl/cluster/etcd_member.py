@@ -43,12 +43,13 @@ RECONFIG_TIMEOUT = 30.0
 # etcd's refusals of a membership change that pass with time: a learner behind the leader, and
 # a member connected for less than etcd's 5 s health interval ("unhealthy cluster").
 PASSING = ("in sync", "unhealthy cluster")
+# etcd's refusals while its members elect a leader, and how long an election may take here.
+ELECTING = ("leader changed", "no leader")
+ELECTION_WAIT = 10 * ELECTION_MS / 1000
 
-# What each role may touch: key prefixes it reads and writes. The store's own prefix, without
-# its "/": EtcdStore.revision() reads the bare key "/meshctl". For now a worker writes the same
-# prefix as a manager: the store keeps a task's desired and actual state in one record, so a
-# worker's controller must write where its tasks are. The worker role is narrowed to its lease,
-# status and task states once the task model splits desired from actual state (#26).
+# The roles enable_auth makes unless told others: readwrite on the store's prefix, without its
+# "/" (EtcdStore.revision() reads the bare key "/meshctl"). A cluster made by `cluster init`
+# passes its own, narrower for workers (meshctl.commands.cluster.ROLE_PERMISSIONS).
 ROLE_PREFIXES: Mapping[str, Sequence[str]] = {
     "manager": (DEFAULT_PREFIX,),
     "worker": (DEFAULT_PREFIX,),
@@ -230,13 +231,7 @@ class EtcdMember:
 
     def healthy(self) -> bool:
         """Whether the member answers /health with "true" on loopback, over mutual TLS."""
-        try:
-            answer = requests.get(
-                f"{self.config.local_url}/health", timeout=REQUEST_TIMEOUT, **_tls(self.config.tls)
-            )
-            return answer.ok and answer.json().get("health") == "true"
-        except (requests.RequestException, ValueError):
-            return False
+        return answers(self.config.local_url, self.config.tls)
 
     def stop(self, grace: float = STOP_GRACE) -> None:
         """End the member (SIGTERM, SIGKILL after grace seconds); its data stays."""
@@ -247,6 +242,25 @@ class EtcdMember:
         self.process = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(self.config.data_dir, PROCESS_FILE))
+
+
+def answers(client_url: str, tls: TlsFiles, timeout: float = REQUEST_TIMEOUT) -> bool:
+    """Whether the member at client_url answers /health with "true" (it is in a quorum)."""
+    try:
+        answer = requests.get(f"{client_url}/health", timeout=timeout, **_tls(tls))
+        return answer.ok and answer.json().get("health") == "true"
+    except (requests.RequestException, ValueError):
+        return False
+
+
+def wait_answers(client_url: str, tls: TlsFiles, timeout: float = RECONFIG_TIMEOUT) -> None:
+    """Wait until the member at client_url is healthy again: after the leader was removed, the
+    others elect a new one, and etcd refuses requests meanwhile ("leader changed")."""
+    deadline = time.monotonic() + timeout
+    while not answers(client_url, tls):
+        if time.monotonic() > deadline:
+            raise EtcdMemberError(f"etcd at {client_url} is not healthy after {timeout:g}s")
+        time.sleep(0.2)
 
 
 # -- administration through the gateway --------------------------------------------------------
@@ -358,6 +372,27 @@ def add_user(
         _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": each})
 
 
+def user_roles(endpoint: str, tls: TlsFiles, auth: Credentials, name: str) -> tuple[str, ...]:
+    """The roles of user name, asked as auth: root may ask of anyone, a user of itself (etcd
+    lets it). EtcdMemberError if etcd refuses, "user name not found" once the user is gone."""
+    token = authenticate(endpoint, tls, auth)
+    answer = _post(endpoint, tls, token, "/v3/auth/user/get", {"name": name})
+    return tuple(answer.get("roles", ()))
+
+
+def grant_role(endpoint: str, tls: TlsFiles, root: Credentials, name: str, role: str) -> None:
+    """Give user name a role it may already have."""
+    token = authenticate(endpoint, tls, root)
+    _post(endpoint, tls, token, "/v3/auth/user/grant", {"user": name, "role": role})
+
+
+def revoke_role(endpoint: str, tls: TlsFiles, root: Credentials, name: str, role: str) -> None:
+    """Take a role from user name; one it does not have is fine."""
+    token = authenticate(endpoint, tls, root)
+    body = {"name": name, "role": role}
+    _post_unless(endpoint, tls, token, "/v3/auth/user/revoke", body, "not granted")
+
+
 def remove_user(endpoint: str, tls: TlsFiles, root: Credentials, name: str) -> None:
     """Delete a node's user: its password and its tokens stop working at once. A user that is
     already gone is fine."""
@@ -446,6 +481,21 @@ def _post_unless(
 
 
 def _post(
+    endpoint: str, tls: TlsFiles, token: str | None, path: str, body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One gateway call over mutual TLS, again while the members elect a leader (after a
+    leader was removed, or lost); EtcdMemberError with etcd's own one-line reason."""
+    deadline = time.monotonic() + ELECTION_WAIT
+    while True:
+        try:
+            return _post_once(endpoint, tls, token, path, body)
+        except EtcdMemberError as err:
+            if not any(r in str(err) for r in ELECTING) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+def _post_once(
     endpoint: str, tls: TlsFiles, token: str | None, path: str, body: Mapping[str, Any]
 ) -> dict[str, Any]:
     """One gateway call over mutual TLS; EtcdMemberError with etcd's own one-line reason.

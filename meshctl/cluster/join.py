@@ -14,12 +14,16 @@ password; the node keeps them 0600 in its state directory (config.py). A manager
 what managers share, the CA's key and the store's root password (swarm's managers share the
 root CA through Raft), and a seat in the store: it is added as a learner, and is given the
 members' peer URLs to start its own member with.
+
+A member that presents its current certificate (verified against the CA) may also renew it
+(/v1/renew), take a manager's seat once the store made it a manager (/v1/promote, after `node
+promote`), or leave as a worker (/v1/leave). Its role is always the store's (its etcd user's
+roles, which only root changes), never what its certificate says.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hmac
 import http.server
 import json
 import logging
@@ -37,7 +41,7 @@ import urllib3
 
 from meshctl.cluster import config as cluster_config
 from meshctl.cluster import pki
-from meshctl.cluster.tokens import Token, parse_token
+from meshctl.cluster.tokens import check_ca, parse_token, same_secret
 from meshctl.model import MeshctlError
 
 log = logging.getLogger("meshctl.join")
@@ -100,6 +104,10 @@ class Authority:
     root_password: Callable[[], str] = lambda: ""
     add_member: Callable[[str, str], StoreSeat] | None = None
     cert_days: float = cluster_config.CERT_DAYS
+    # A member's role as the store has it (its etcd user's; None once removed), and how a
+    # manager retires a worker that leaves (its user and role, then its record).
+    role_of: Callable[[str], str | None] = lambda node: None
+    retire: Callable[[str], None] | None = None
 
     def admit(self, request: dict[str, Any]) -> Admission:
         """Check a join request and admit its node, or raise JoinRefused with one line."""
@@ -113,7 +121,7 @@ class Authority:
             raise JoinRefused(why, 400) from None
         if token.ca_digest != pki.ca_digest(self.ca_cert):
             raise JoinRefused("the token is for another cluster (its CA digest differs)")
-        if not _same_secret(token, self.current_token(token.role)):
+        if not same_secret(token, self.current_token(token.role)):
             raise JoinRefused(f"the {token.role} join token is wrong or was rotated")
         if self.known(node):
             raise JoinRefused(
@@ -131,31 +139,62 @@ class Authority:
         admitted = Admission(token.role, cert, self.ca_cert, self.store(), self.prefix, password)
         if token.role != "manager" or self.add_member is None:
             return admitted
+        return self._seated(admitted, node, address)
+
+    def _seated(self, admitted: Admission, node: str, address: str) -> Admission:
+        """A manager's admission: what managers share, and a seat in the store (a learner)."""
+        assert self.add_member is not None
         seat = self.add_member(node, address)
         return dataclasses.replace(
             admitted, store=seat.clients, ca_key=self.ca_key, root_password=self.root_password(),
             members=seat.members, member_id=seat.member_id, cert_days=self.cert_days,
         )  # fmt: skip
 
-    def renew(self, peer_cert: bytes, csr: bytes) -> bytes:
-        """A new certificate for a member that presented its current one (verified against the
-        CA by TLS): the same node, role and addresses; refused once the node was removed."""
-        node, role = pki.identity(peer_cert)
-        if not self.known(node):
+    def _member_role(self, peer_cert: bytes) -> tuple[str, str]:
+        """The (node, role) of a member that presented its certificate (verified against the
+        CA by TLS): the role the store gives it now, whatever the certificate says."""
+        node, _ = pki.identity(peer_cert)
+        role = self.role_of(node)
+        if role is None or not self.known(node):
             raise JoinRefused(f"node {node} was removed from the cluster")
+        return node, role
+
+    def renew(self, peer_cert: bytes, csr: bytes) -> bytes:
+        """A new certificate for a member: the same node and addresses, its role now (a node
+        promoted or demoted since gets its new one); refused once the node was removed."""
+        node, role = self._member_role(peer_cert)
         addresses = pki.ip_addresses(peer_cert)
         return pki.issue(self.ca_cert, self.ca_key, csr, node=node, role=role,
                          addresses=addresses, days=self.cert_days)  # fmt: skip
 
+    def seat(self, peer_cert: bytes, csr: bytes) -> Admission:
+        """A promoted worker's manager admission: a manager's certificate, what managers share
+        and a seat in the store. Refused unless the store made it a manager (`node promote`)."""
+        node, role = self._member_role(peer_cert)
+        if role != "manager" or self.add_member is None:
+            raise JoinRefused(f"node {node} is not a manager: meshctl node promote {node} first")
+        addresses = pki.ip_addresses(peer_cert)
+        cert = pki.issue(self.ca_cert, self.ca_key, csr, node=node, role=role,
+                         addresses=addresses, days=self.cert_days)  # fmt: skip
+        log.info("node %s takes its seat among the managers", node)
+        admitted = Admission(role, cert, self.ca_cert, self.store(), self.prefix, "")
+        return self._seated(admitted, node, addresses[0])
 
-def _same_secret(token: Token, current: str | None) -> bool:
-    if current is None:
-        return False
-    try:
-        stored = parse_token(current)
-    except MeshctlError:
-        return False
-    return stored.role == token.role and hmac.compare_digest(stored.secret, token.secret)
+    def leave(self, peer_cert: bytes) -> dict[str, Any]:
+        """A worker leaves: its user and role go, then its record (the answer: nothing more).
+        A manager is demoted first."""
+        node, role = self._member_role(peer_cert)
+        if self.retire is None:
+            raise JoinRefused("this endpoint retires no node", 404)
+        if role == "manager":
+            raise JoinRefused(
+                f"node {node} is a manager: demote it first (meshctl node demote {node}), or "
+                "leave with --force",
+                409,
+            )
+        self.retire(node)
+        log.info("node %s left the cluster", node)
+        return {}
 
 
 # -- the manager's endpoint ---------------------------------------------------------------------
@@ -171,55 +210,43 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(404, b"not found\n", "text/plain")
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.path == "/v1/renew":
-            self._renew()
-            return
-        if self.path != "/v1/join":
-            self._send(404, b"not found\n", "text/plain")
-            return
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-            if not 0 < length <= MAX_BODY:
-                raise JoinRefused("a join request is a small JSON body", 400)
-            admitted = self.server.authority.admit(json.loads(self.rfile.read(length)))
-        except JoinRefused as err:
-            self._send(err.status, json.dumps({"error": str(err)}).encode(), "application/json")
-            return
-        except (ValueError, MeshctlError) as err:
-            self._send(400, json.dumps({"error": str(err)}).encode(), "application/json")
-            return
-        body = {
-            "role": admitted.role,
-            "cert": admitted.cert.decode(),
-            "ca": admitted.ca.decode(),
-            "store": list(admitted.store),
-            "prefix": admitted.prefix,
-            "password": admitted.password,
-            "ca_key": admitted.ca_key.decode(),
-            "root_password": admitted.root_password,
-            "members": admitted.members,
-            "member_id": admitted.member_id,
-            "cert_days": admitted.cert_days,
+        authority = self.server.authority
+        handlers: dict[str, Callable[[bytes, dict[str, Any]], dict[str, Any]]] = {
+            "/v1/renew": lambda peer, body: {"cert": authority.renew(peer, _csr(body)).decode()},
+            "/v1/promote": lambda peer, body: admission_body(authority.seat(peer, _csr(body))),
+            "/v1/leave": lambda peer, body: authority.leave(peer),
         }
-        self._send(200, json.dumps(body).encode(), "application/json")
+        if self.path in handlers:
+            self._answer(lambda body: handlers[self.path](self._peer(), body))
+        elif self.path == "/v1/join":
+            self._answer(lambda body: admission_body(authority.admit(body)))
+        else:
+            self._send(404, b"not found\n", "text/plain")
 
-    def _renew(self) -> None:
+    def _peer(self) -> bytes:
+        """The certificate the member presented (TLS verified it against the CA), PEM."""
         peer = self.connection.getpeercert(binary_form=True)
+        if not peer:
+            raise JoinRefused("this request needs the node's current certificate", 401)
+        return ssl.DER_cert_to_PEM_cert(peer).encode()
+
+    def _answer(self, handle: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Read a small JSON body, handle it, and answer JSON: 200, or the refusal in one line."""
         try:
-            if not peer:
-                raise JoinRefused("renewing needs the node's current certificate", 401)
             length = int(self.headers.get("Content-Length", "0"))
             if not 0 < length <= MAX_BODY:
-                raise JoinRefused("a renewal is a small JSON body", 400)
-            csr = str(json.loads(self.rfile.read(length))["csr"]).encode()
-            cert = self.server.authority.renew(ssl.DER_cert_to_PEM_cert(peer).encode(), csr)
+                raise JoinRefused("a request here is a small JSON body", 400)
+            body = json.loads(self.rfile.read(length))
+            if not isinstance(body, dict):
+                raise JoinRefused("a request here is a JSON object", 400)
+            answer = handle(body)
         except JoinRefused as err:
             self._send(err.status, json.dumps({"error": str(err)}).encode(), "application/json")
             return
         except (KeyError, ValueError, MeshctlError) as err:
             self._send(400, json.dumps({"error": str(err)}).encode(), "application/json")
             return
-        self._send(200, json.dumps({"cert": cert.decode()}).encode(), "application/json")
+        self._send(200, json.dumps(answer).encode(), "application/json")
 
     def _send(self, status: int, body: bytes, kind: str) -> None:
         self.send_response(status)
@@ -230,6 +257,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's name
         return  # requests carry secrets: nothing of them goes to the log
+
+
+def _csr(body: dict[str, Any]) -> bytes:
+    return str(body["csr"]).encode()
+
+
+def admission_body(admitted: Admission) -> dict[str, Any]:
+    """An admission as the join endpoint sends it (admission_of reads it back)."""
+    body = dataclasses.asdict(admitted)
+    for name in ("cert", "ca", "ca_key"):
+        body[name] = body[name].decode()
+    body["store"] = list(admitted.store)
+    return body
+
+
+def admission_of(answer: dict[str, Any]) -> Admission:
+    """The admission in a join endpoint's answer."""
+    return Admission(
+        answer["role"], answer["cert"].encode(), answer["ca"].encode(),
+        tuple(answer["store"]), answer["prefix"], answer["password"],
+        answer.get("ca_key", "").encode(), answer.get("root_password", ""),
+        dict(answer.get("members", {})), int(answer.get("member_id", 0)),
+        float(answer.get("cert_days", cluster_config.CERT_DAYS)),
+    )  # fmt: skip
 
 
 class JoinServer(http.server.ThreadingHTTPServer):
@@ -278,11 +329,7 @@ def join(manager: str, token_text: str, node: str, address: str, state_dir: str)
     host, _, port = manager.partition(":")
     base = f"https://{host}:{port or cluster_config.JOIN_PORT}"
     ca = _fetch_ca(base)
-    if pki.ca_digest(ca) != token.ca_digest:
-        raise MeshctlError(
-            f"the cluster CA {host} presents is not the one the token names: a wrong address, "
-            "a token of another cluster, or someone in between"
-        )
+    check_ca(token, pki.ca_digest(ca), host)
     key = pki.make_key()
     request = {"token": token_text, "node": node, "address": address,
                "csr": pki.make_csr(key, node).decode()}  # fmt: skip
@@ -290,21 +337,14 @@ def join(manager: str, token_text: str, node: str, address: str, state_dir: str)
         ca_file.write(ca)
         ca_file.flush()
         answer = _post(f"{base}/v1/join", request, ca_file.name)
-    admitted = Admission(
-        answer["role"], answer["cert"].encode(), answer["ca"].encode(),
-        tuple(answer["store"]), answer["prefix"], answer["password"],
-        answer.get("ca_key", "").encode(), answer.get("root_password", ""),
-        dict(answer.get("members", {})), int(answer.get("member_id", 0)),
-        float(answer.get("cert_days", cluster_config.CERT_DAYS)),
-    )  # fmt: skip
+    admitted = admission_of(answer)
     paths.make_dir()
     pki.write_public(paths.ca_cert, admitted.ca)
     pki.write_public(paths.cert, admitted.cert)
     pki.write_private(paths.key, key)
     pki.write_private(paths.password, admitted.password.encode())
     if admitted.role == "manager":
-        pki.write_private(paths.ca_key, admitted.ca_key)
-        pki.write_private(paths.root_password, admitted.root_password.encode())
+        keep_managers_secrets(paths, admitted)
     store = admitted.store
     if admitted.role == "manager":  # its own member first: it answers when others are away
         own = f"{address}:{cluster_config.CLIENT_PORT}"
@@ -353,28 +393,55 @@ def _post(url: str, body: dict[str, Any], ca_file: str) -> dict[str, Any]:
     return answer
 
 
+def keep_managers_secrets(paths: cluster_config.ClusterPaths, admitted: Admission) -> None:
+    """Keep what managers share (the CA key, the store's root password), 0600."""
+    pki.write_private(paths.ca_key, admitted.ca_key)
+    pki.write_private(paths.root_password, admitted.root_password.encode())
+
+
 def renew_through(manager: str, paths: cluster_config.ClusterPaths) -> bytes:
     """A new certificate for this node's key, signed by the manager at manager (HOST:PORT),
-    which knows the node by its current certificate."""
+    which knows the node by its current certificate and gives it its role now."""
+    answer = _ask_as_member(manager, paths, "/v1/renew", "renew the certificate")
+    return str(answer["cert"]).encode()
+
+
+def seat_through(manager: str, paths: cluster_config.ClusterPaths) -> Admission:
+    """This promoted node's manager admission from the manager at manager (HOST:PORT): a
+    manager's certificate for its key, what managers share, and its seat in the store."""
+    return admission_of(_ask_as_member(manager, paths, "/v1/promote", "take a manager's seat"))
+
+
+def leave_through(manager: str, paths: cluster_config.ClusterPaths) -> None:
+    """Ask the manager at manager (HOST:PORT) to retire this worker: its user, then its record."""
+    _ask_as_member(manager, paths, "/v1/leave", "leave the cluster", csr=False)
+
+
+def _ask_as_member(
+    manager: str, paths: cluster_config.ClusterPaths, path: str, what: str, csr: bool = True
+) -> dict[str, Any]:
+    """POST to a manager's endpoint with this node's certificate (and a request for a new one
+    for its key, if csr); the JSON answer, or MeshctlError in one line."""
     with open(paths.key, "rb") as f:
         key = f.read()
     with open(paths.cert, "rb") as f:
         node, _ = pki.identity(f.read())
+    body = {"csr": pki.make_csr(key, node).decode()} if csr else {"node": node}
     try:
         reply = requests.post(
-            f"https://{manager}/v1/renew", json={"csr": pki.make_csr(key, node).decode()},
-            verify=paths.ca_cert, cert=(paths.cert, paths.key), timeout=TIMEOUT,
+            f"https://{manager}{path}", json=body, verify=paths.ca_cert,
+            cert=(paths.cert, paths.key), timeout=TIMEOUT,
         )  # fmt: skip
     except requests.RequestException as err:
-        raise MeshctlError(f"cannot renew the certificate through {manager}: {err}") from None
+        raise MeshctlError(f"cannot {what} through {manager}: {err}") from None
     try:
         answer: dict[str, Any] = reply.json()
     except ValueError:
         answer = {}
     if reply.status_code != 200:
         why = answer.get("error", reply.reason)
-        raise MeshctlError(f"{manager} refused to renew the certificate: {why}")
-    return str(answer["cert"]).encode()
+        raise MeshctlError(f"{manager} refused to {what}: {why}")
+    return answer
 
 
 def remove_membership(state_dir: str) -> None:

@@ -59,6 +59,13 @@ def _process_alive(pid: int, start: int) -> bool:
     return pid > 0 and read_start_time(pid) == start
 
 
+def controller_ended(status: NodeStatus) -> bool:
+    """Whether the controller that wrote status ran on this host (since its boot) and ended:
+    its status may be taken over, or ended, at once."""
+    here = status.boot_id == boot_id() and status.boot_id != ""
+    return here and not _process_alive(status.pid, status.pid_start)
+
+
 class Membership:
     """One controller's place in the cluster: its node, its lease, its status."""
 
@@ -138,10 +145,10 @@ class Membership:
     def _refuse_live(self, current: Record) -> None:
         """NodeBusy unless the status is a controller's of this host that has died."""
         other = from_record(NodeStatus, current)
-        here = other.boot_id == self._status.boot_id and other.boot_id != ""
-        if here and not _process_alive(other.pid, other.pid_start):
+        if controller_ended(other):
             log.info("node=%s taking over from pid %d, which ended", other.node, other.pid)
             return
+        here = other.boot_id == self._status.boot_id and other.boot_id != ""
         where = f"pid {other.pid} on this host" if here else "on another host"
         raise NodeBusy(
             f"node {self.node.name} already has a live controller ({where}); stop it first, "

@@ -147,12 +147,7 @@ def issue(
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_usage("digital_signature"), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
+        .add_extension(_NODE_EKU, critical=False)
         # An empty subject makes the SAN the only names, so RFC 5280 wants it critical.
         .add_extension(x509.SubjectAlternativeName(names), critical=True)
         .add_extension(
@@ -185,11 +180,9 @@ def make_node_cert(
 
 def identity(cert_pem: bytes) -> tuple[str, str]:
     """The (node, role) a node certificate names in its SAN URIs."""
-    cert = _load_cert(cert_pem, "node certificate")
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        raise MeshctlError("the node certificate has no subject alternative names") from None
+    san = _san(_load_cert(cert_pem, "node certificate"))
+    if san is None:
+        raise MeshctlError("the node certificate has no subject alternative names")
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     nodes = [uri.removeprefix(NODE_URI) for uri in uris if uri.startswith(NODE_URI)]
     roles = [uri.removeprefix(ROLE_URI) for uri in uris if uri.startswith(ROLE_URI)]
@@ -200,12 +193,18 @@ def identity(cert_pem: bytes) -> tuple[str, str]:
 
 def ip_addresses(cert_pem: bytes) -> list[str]:
     """The IP addresses a certificate names, but loopback (issue() adds 127.0.0.1 itself)."""
-    cert = _load_cert(cert_pem, "certificate")
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
+    san = _san(_load_cert(cert_pem, "certificate"))
+    if san is None:
         return []
     return [str(ip) for ip in san.get_values_for_type(x509.IPAddress) if not ip.is_loopback]
+
+
+def _san(cert: x509.Certificate) -> x509.SubjectAlternativeName | None:
+    """A certificate's subject alternative names, if it has them."""
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
 
 
 def valid_from(cert_pem: bytes) -> dt.datetime:

@@ -2,14 +2,15 @@
 
 The digest (meshctl.cluster.pki.ca_digest) pins the cluster CA, so a joining node can trust the
 manager it first talks to; the secret, a role letter ("w" worker, "m" manager) and 26 random
-base32 characters, admits it in that role. Managers store only the secret's hash, so the store
-never holds a usable token. No message here ever shows a secret.
+base32 characters, admits it in that role. The current token of each role is kept in the
+store where only managers' users may read it (swarm keeps its tokens in its Raft store too):
+`join-token` prints it again, and a manager compares a joining node's secret with it in
+constant time. No message here ever shows a secret.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
 import re
 import secrets
@@ -69,20 +70,23 @@ def parse_token(text: str) -> Token:
     return Token(digest, _ROLE_OF_LETTER[secret[0]], secret)
 
 
-def check_ca(token: Token, ca_digest: str) -> None:
-    """MeshctlError unless the CA a manager presented is the one the token pins."""
+def check_ca(token: Token, ca_digest: str, where: str) -> None:
+    """MeshctlError unless the CA presented at `where` is the one the token pins."""
     if not hmac.compare_digest(token.ca_digest, ca_digest):
         raise MeshctlError(
-            f"the manager's CA (sha256 {ca_digest[:12]}...) is not the one the join token pins "
-            f"({token.ca_digest[:12]}...): a token of another cluster, or not a meshctl manager"
+            f"the cluster CA {where} presents (sha256 {ca_digest[:12]}...) is not the one the "
+            f"token names ({token.ca_digest[:12]}...): a wrong address, a token of another "
+            "cluster, or someone in between"
         )
 
 
-def secret_hash(secret: str) -> str:
-    """The sha256 of a secret, hex: what managers store instead of the secret."""
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-def matches(token: Token, stored_hash: str) -> bool:
-    """True if the token's secret is the one whose hash was stored (in constant time)."""
-    return hmac.compare_digest(secret_hash(token.secret), stored_hash)
+def same_secret(token: Token, current: str | None) -> bool:
+    """Whether token carries the secret of current, the role's token now (None: there is none),
+    compared in constant time: a rotated token's secret is not the current one."""
+    if current is None:
+        return False
+    try:
+        stored = parse_token(current)
+    except MeshctlError:
+        return False
+    return stored.role == token.role and hmac.compare_digest(stored.secret, token.secret)

@@ -1,35 +1,28 @@
-"""The cluster's own verbs: init (CA, first etcd member, auth, tokens), join tokens, the store a
-member of the cluster opens, and what a manager's controller runs beside its passes (its etcd
-member and the join endpoint)."""
+"""The cluster's own verbs: init (CA, first etcd member, auth, tokens), join (and a new
+manager's seat in the store), join tokens, and the store a member of the cluster opens. What a
+node's controller runs beside its passes is meshctl.commands.cluster_duties; roles and leaving
+are meshctl.commands.cluster_roles."""
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as dt
 import logging
 import secrets
-import threading
-import time
+import shutil
 from dataclasses import dataclass
 from typing import Literal
 
 from meshctl import ipam
 from meshctl.cluster import config as cluster_config
 from meshctl.cluster import etcd_member, pki
-from meshctl.cluster.config import ClusterConfig, ClusterPaths, read_secret
+from meshctl.cluster.config import ClusterConfig, ClusterPaths
 from meshctl.cluster.etcd_member import Credentials, EtcdMember, MemberConfig, TlsFiles
 from meshctl.cluster.join import (
     Admission,
-    Authority,
-    JoinServer,
-    StoreSeat,
     join,
     remove_membership,
-    renew_through,
 )
 from meshctl.cluster.tokens import make_token
 from meshctl.model import NODE, NODE_STATUS, TASK, MeshctlError
-from meshctl.store import Store, StoreError
 from meshctl.store.etcd import EtcdAccess, EtcdStore
 
 log = logging.getLogger("meshctl.cluster")
@@ -71,8 +64,7 @@ def add_node_user(endpoint: str, tls: TlsFiles, root: Credentials, node: str, pa
 
 
 START_TIMEOUT = 30.0
-MEMBERS_FIRST, MEMBERS_REFRESH = 2.0, 10.0  # seconds to the first look at the members, between
-RECONFIG_WAIT = 15.0
+RECONFIG_WAIT = 15.0  # seconds etcd may refuse a membership change ("unhealthy cluster")
 
 
 @dataclass(frozen=True)
@@ -115,23 +107,25 @@ def open_cluster_store(state_dir: str, prefix: str | None = None) -> EtcdStore:
     if config is None:
         raise MeshctlError("this node is in no cluster: `meshctl cluster init` or `join` first")
     paths = ClusterPaths(state_dir)
-    endpoints = [_host_port(e) for e in config.store]
+    endpoints = [host_port(e) for e in config.store]
     return EtcdStore(endpoints, prefix or config.prefix, access=node_access(paths, config))
 
 
-def _read(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
 
 
-def _endpoint(url: str) -> str:
-    """HOST:PORT of an https://HOST:PORT client URL."""
-    return url.split("://", 1)[-1].rstrip("/")
-
-
-def _host_port(endpoint: str) -> tuple[str, int]:
+def host_port(endpoint: str) -> tuple[str, int]:
+    """(HOST, PORT) of HOST:PORT."""
     host, _, port = endpoint.rpartition(":")
     return host, int(port)
+
+
+def client_port(config: ClusterConfig) -> int:
+    """The client port of this node's member (a manager's), as its store endpoints say."""
+    own = f"{config.address}:{cluster_config.CLIENT_PORT}"
+    return host_port(own if own in config.store else config.store[0])[1]
 
 
 # -- init and tokens ----------------------------------------------------------------------------
@@ -174,47 +168,53 @@ def init(state_dir: str, node: str, address: str, client_port: int, peer_port: i
                 secrets_store.put(JOIN_TOKEN, role, {"token": token})
     except BaseException:
         member.stop()
-        _forget(paths)
+        forget(paths)
         raise
     return JoinTokens(tokens, f"{address}:{join_port}")
 
 
-def _forget(paths: ClusterPaths) -> None:
-    import shutil
-
+def forget(paths: ClusterPaths) -> None:
+    """Drop the node's whole cluster directory: config, keys, passwords, its member's data."""
     shutil.rmtree(paths.dir, ignore_errors=True)
 
 
 def join_cluster(state_dir: str, manager: str, token: str, node: str, address: str) -> Admission:
-    """Join through manager; a manager then starts its etcd member (added as a learner by the
-    manager that admitted it) and has it promoted to a voter once it has caught up."""
+    """Join through manager; a manager then starts its etcd member in the seat it was given."""
     admitted = join(manager, token, node, address, state_dir)
     if admitted.role != "manager":
         return admitted
     config = cluster_config.load(state_dir)
     assert config is not None
-    paths = ClusterPaths(state_dir)
-    member = EtcdMember(
-        member_config(
-            paths,
-            config,
-            cluster_config.CLIENT_PORT,
-            cluster_config.PEER_PORT,
-            "existing",
-            admitted.members,
-        )  # fmt: skip
-    )
+    try:
+        seat_member(ClusterPaths(state_dir), config, admitted, manager.partition(":")[0])
+    except BaseException:
+        remove_membership(state_dir)
+        raise
+    return admitted
+
+
+def seat_member(paths: ClusterPaths, config: ClusterConfig, admitted: Admission,
+                manager: str) -> None:  # fmt: skip
+    """Start a new manager's etcd member in the seat a manager (host) gave it, as a learner,
+    and have it promoted to a voter once it has caught up, asked of that manager's member (a
+    learner serves no client request). On a failure the learner is removed again, the member
+    stopped and its data dropped: no seat is left to weigh on the quorum."""
+    ports = cluster_config.CLIENT_PORT, cluster_config.PEER_PORT
+    member = EtcdMember(member_config(paths, config, *ports, "existing", admitted.members))
     root = Credentials(etcd_member.ROOT, admitted.root_password)
-    # A learner serves no client request: its promotion is asked of the manager that admitted it.
-    voter = f"https://{manager.partition(':')[0]}:{cluster_config.CLIENT_PORT}"
+    voter = f"https://{manager}:{cluster_config.CLIENT_PORT}"
     try:
         member.start(timeout=START_TIMEOUT)
         etcd_member.promote(voter, tls_files(paths), root, admitted.member_id)
     except BaseException:
         member.stop()
-        remove_membership(state_dir)
+        try:
+            etcd_member.remove_member(voter, tls_files(paths), root, admitted.member_id,
+                                      timeout=RECONFIG_WAIT)  # fmt: skip
+        except MeshctlError as err:
+            log.warning("the learner %x stays in the store: %s", admitted.member_id, err)
+        shutil.rmtree(paths.etcd_dir, ignore_errors=True)
         raise
-    return admitted
 
 
 def join_token(state_dir: str, role: str, *, rotate: bool = False) -> JoinTokens:
@@ -225,203 +225,9 @@ def join_token(state_dir: str, role: str, *, rotate: bool = False) -> JoinTokens
     paths = ClusterPaths(state_dir)
     with open_cluster_store(state_dir, SECRETS_PREFIX) as secrets_store:
         if rotate:
-            token = make_token(pki.ca_digest(_read(paths.ca_cert)), role)
+            token = make_token(pki.ca_digest(read_bytes(paths.ca_cert)), role)
             secrets_store.put(JOIN_TOKEN, role, {"token": token})
         record = secrets_store.get(JOIN_TOKEN, role)
     if record is None:
         raise MeshctlError(f"no {role} join token in the store: rotate one (--rotate)")
     return JoinTokens({role: str(record.value["token"])}, f"{config.address}:{config.join_port}")
-
-
-# -- a manager's controller ---------------------------------------------------------------------
-
-
-class ClusterDuties:
-    """What a cluster's node runs beside its controller's passes: every node keeps its list of
-    the store's members up to date (managers that joined after it); a manager also runs its
-    etcd member (adopted if it runs, else started: it outlives the controller as tasks do) and
-    the join endpoint."""
-
-    def __init__(self, state_dir: str, config: ClusterConfig) -> None:
-        self.state_dir = state_dir
-        self.config = config
-        self.paths = ClusterPaths(state_dir)
-        self.manager = config.role == "manager"
-        own = f"{config.address}:{cluster_config.CLIENT_PORT}"
-        client_port = _host_port(own if own in config.store else config.store[0])[1]
-        self.member = EtcdMember(
-            member_config(self.paths, config, client_port, cluster_config.PEER_PORT)
-        )
-        self.join_server: JoinServer | None = None
-        self._stop = threading.Event()
-        self._refresher: threading.Thread | None = None
-
-    def serve(self, store: Store) -> None:
-        if self.manager:
-            self.serve_joins(store)
-        if isinstance(store, EtcdStore):
-            self._refresher = threading.Thread(
-                target=self._refresh_members, args=(store,), name="members", daemon=True
-            )
-            self._refresher.start()
-
-    def _refresh_members(self, store: EtcdStore) -> None:
-        wait = MEMBERS_FIRST
-        while not self._stop.wait(wait):
-            wait = MEMBERS_REFRESH
-            try:
-                self.refresh_members(store)
-            except (MeshctlError, StoreError, OSError) as err:
-                log.debug("store members not refreshed: %s", err)
-            try:
-                self.renew_if_due()
-            except (MeshctlError, OSError) as err:
-                log.warning("certificate not renewed yet: %s", err)
-
-    def renew_if_due(self, now: dt.datetime | None = None) -> bool:
-        """Renew this node's certificate (same key, node, role and addresses) once half its
-        lifetime has passed: a manager signs it itself, a worker asks a manager, which knows it
-        by its current one. The file is replaced whole; TLS reads it for each new connection,
-        so nothing restarts and no open connection drops."""
-        cert = _read(self.paths.cert)
-        issued, end = pki.valid_from(cert) + pki.CLOCK_SKEW, pki.expires(cert)
-        if (now or dt.datetime.now(dt.UTC)) < issued + (end - issued) / 2:
-            return False
-        if self.manager:
-            node, role = pki.identity(cert)
-            csr = pki.make_csr(_read(self.paths.key), node)
-            renewed = pki.issue(_read(self.paths.ca_cert), _read(self.paths.ca_key), csr,
-                                node=node, role=role, addresses=pki.ip_addresses(cert),
-                                days=self.config.cert_days)  # fmt: skip
-        else:
-            renewed = self._renew_through_a_manager()
-        if pki.identity(renewed) != pki.identity(cert) or not pki.verify(
-            renewed, _read(self.paths.ca_cert)
-        ):
-            raise MeshctlError("the renewed certificate is not this node's: kept the old one")
-        pki.write_public(self.paths.cert, renewed)
-        if self.join_server is not None:
-            self.join_server.reload()
-        log.info("certificate renewed: valid until %s", pki.expires(renewed).isoformat())
-        return True
-
-    def _renew_through_a_manager(self) -> bytes:
-        hosts = [*self.config.managers, *(_host_port(e)[0] for e in self.config.store)]
-        errors = []
-        for host in dict.fromkeys(hosts):
-            try:
-                return renew_through(f"{host}:{self.config.join_port}", self.paths)
-            except MeshctlError as err:
-                errors.append(str(err))
-        raise MeshctlError("; ".join(errors) or "no manager known")
-
-    def refresh_members(self, store: EtcdStore) -> None:
-        """Ask the store for its members and use every one's client endpoint from now on (in
-        the open store and in cluster.json, for the CLI and the next controller)."""
-        found = [f"{host}:{port}" for host, port in store.member_endpoints()]
-        own = f"{self.config.address}:{cluster_config.CLIENT_PORT}"
-        if self.manager and own in found:  # its own member first
-            found = [own, *(e for e in found if e != own)]
-        if not found or tuple(found) == self.config.store:
-            return
-        self.config = dataclasses.replace(self.config, store=tuple(found))
-        cluster_config.save(self.state_dir, self.config)
-        store.use_endpoints([_host_port(e) for e in found])
-        log.info("store members: %s", ", ".join(found))
-
-    def start_member(self) -> None:
-        """The node's member, adopted or started (managers only). One that runs but is not
-        healthy (its peers are away: no quorum) is left to come round; the controller waits
-        for the store."""
-        if not self.manager:
-            return
-        adopted = self.member.adopt() is not None
-        try:
-            self.member.start(timeout=START_TIMEOUT)
-        except etcd_member.EtcdMemberError as err:
-            if self.member.adopt() is None:
-                raise
-            log.warning("%s", err)
-        log.info("%s the node's etcd member", "adopted" if adopted else "started")
-
-    def serve_joins(self, store: Store) -> None:
-        root = Credentials(etcd_member.ROOT, read_secret(self.paths.root_password))
-        local = self.member.config.local_url
-        tls = tls_files(self.paths)
-        secrets_store = open_cluster_store(self.state_dir, SECRETS_PREFIX)
-
-        def current_token(role: str) -> str | None:
-            record = secrets_store.get(JOIN_TOKEN, role)
-            return str(record.value["token"]) if record else None
-
-        def clients() -> tuple[str, ...]:
-            """Every started member's client endpoint: a joining node reaches any of them."""
-            listed = etcd_member.members(local, tls, root)
-            found = [_endpoint(url) for m in listed for url in m.client_urls]
-            return tuple(dict.fromkeys(found)) or self.config.store
-
-        def add_member(node: str, address: str) -> StoreSeat:
-            peer = f"https://{address}:{cluster_config.PEER_PORT}"
-            # etcd adds no member in the first seconds after another one connected
-            # ("unhealthy cluster"): managers joining one after another wait for that.
-            deadline = time.monotonic() + RECONFIG_WAIT
-            while True:
-                try:
-                    member_id = etcd_member.add_learner(local, tls, root, peer)
-                    break
-                except etcd_member.EtcdMemberError as err:
-                    if "unhealthy cluster" not in str(err) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-            listed = etcd_member.members(local, tls, root)
-            seats = {m.name or node: m.peer_urls[0] for m in listed if m.peer_urls}
-            own = f"{address}:{cluster_config.CLIENT_PORT}"
-            return StoreSeat(member_id, seats, tuple(dict.fromkeys([*clients(), own])))
-
-        authority = Authority(
-            ca_cert=_read(self.paths.ca_cert),
-            ca_key=_read(self.paths.ca_key),
-            store=clients, prefix=self.config.prefix,
-            current_token=current_token,
-            known=lambda node: store.get(NODE, node) is not None,
-            add_user=lambda node, password, role: add_node_user(
-                local, tls, root, node, password, role),
-            root_password=lambda: root.password,
-            add_member=add_member,
-            cert_days=self.config.cert_days,
-        )  # fmt: skip
-        self.join_server = JoinServer(
-            (self.config.address, self.config.join_port), authority, self.paths.cert,
-            self.paths.key, self.paths.ca_cert,
-        )  # fmt: skip
-        self.join_server.start()
-        log.info("taking joining nodes on %s:%d", self.config.address, self.config.join_port)
-
-    def stop(self) -> None:
-        """Stop taking joins; the member keeps running for the next controller."""
-        self._stop.set()
-        if self.join_server is not None:
-            self.join_server.stop()
-
-
-def revoke(state_dir: str, node: str) -> None:
-    """Delete a removed node's store user: its certificate and password open nothing from now."""
-    config = cluster_config.load(state_dir)
-    if config is None:
-        return
-    if config.role != "manager":
-        raise MeshctlError("removing a node is a manager's: run this on a manager")
-    paths = ClusterPaths(state_dir)
-    root = Credentials(etcd_member.ROOT, read_secret(paths.root_password))
-    port = _host_port(config.store[0])[1]
-    deadline = time.monotonic() + 10
-    local = f"https://127.0.0.1:{port}"
-    while True:
-        try:
-            etcd_member.remove_user(local, tls_files(paths), root, node)
-            etcd_member.remove_role(local, tls_files(paths), root, node_role(node)[0])
-            return
-        except (StoreError, MeshctlError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)

@@ -24,7 +24,7 @@ from meshctl.model import (
     check_name,
     from_record,
 )
-from meshctl.store import Delete, Store, retry_conflicts
+from meshctl.store import Delete, Record, Store, retry_conflicts
 from meshctl.store.changes import Changes, networks_by_name
 
 
@@ -59,20 +59,26 @@ def update_node(
     return retry_conflicts(attempt, f"updating node {name}")
 
 
+def check_removable(store: Store, name: str) -> Record:
+    """The record of a node that may be removed: it exists and is down."""
+    record = store.get(NODE, check_name(name, "node name"))
+    if record is None:
+        raise NotFoundError(f"node {name} not found; list nodes with: meshctl node ls")
+    if store.get(NODE_STATUS, name) is not None:
+        raise ValidationError(
+            f"node {name} is not down and cannot be removed; stop its controller first "
+            f"(or drain it: meshctl node update --availability drain {name})"
+        )
+    return record
+
+
 def remove_node(store: Store, name: str) -> Node:
     """Forget a node that is down: its record, the addresses its load balancers and its router
     held on every network, the records of the tasks it had (the leader has started their
     replacements elsewhere) and of the containers attached on it, with their addresses."""
 
     def attempt() -> Node:
-        record = store.get(NODE, check_name(name, "node name"))
-        if record is None:
-            raise NotFoundError(f"node {name} not found; list nodes with: meshctl node ls")
-        if store.get(NODE_STATUS, name) is not None:
-            raise ValidationError(
-                f"node {name} is not down and cannot be removed; stop its controller first "
-                f"(or drain it: meshctl node update --availability drain {name})"
-            )
+        record = check_removable(store, name)
         node = from_record(Node, record)
         changes = Changes(store)
         networks = networks_by_name(store)

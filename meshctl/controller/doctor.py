@@ -158,27 +158,32 @@ def overlay_check(probe: PeerProbe, answered: bool) -> Check:
     )  # fmt: skip
 
 
+def store_checks(store: Store | None) -> list[Check]:
+    """The store's protection: a warning for a plain etcd:// store, which anyone who reaches
+    it can write (not required to run a node: tests use one)."""
+    from meshctl.store.etcd import unprotected_warning
+
+    warning = unprotected_warning(store)
+    return [Check("store", False, False, warning)] if warning else []
+
+
 def overlay_checks(store: Store | None, node: str | None) -> list[Check]:
-    """The store's protection, and the overlay paths from this node (when it is a node of the
-    store's cluster)."""
+    """The overlay paths from this node (when it is a node of the store's cluster)."""
     if store is None or node is None:
         return []
     from kernel.system import real_kernel
     from meshctl.overlay.vxlan import VXLAN_PORT, peer_probes, underlay_of
-    from meshctl.store.etcd import unprotected_warning
     from meshctl.view import read_view
 
-    warning = unprotected_warning(store)
-    protection = [Check("store", False, False, warning)] if warning else []
     view = read_view(store)
     me = view.nodes.get(node)
     if me is None:
-        return protection
+        return []
     status = view.statuses.get(node)
     port = status.vxlan_port if status is not None and status.vxlan_port else VXLAN_PORT
     kernel = real_kernel()
     probes = peer_probes(view, node, me.id, underlay_of(kernel, me.address, port))
-    return [*protection, *(overlay_check(p, features.pings(p.netns, p.address)) for p in probes)]
+    return [overlay_check(p, features.pings(p.netns, p.address)) for p in probes]
 
 
 def router_check() -> Check:

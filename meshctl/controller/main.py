@@ -21,7 +21,7 @@ from meshctl.overlay.vxlan import VXLAN_PORT
 from meshctl.store import Store
 
 if TYPE_CHECKING:
-    from meshctl.commands.cluster import ClusterDuties
+    from meshctl.commands.cluster_duties import ClusterDuties
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -179,8 +179,8 @@ def run_controller(
         events_limit=settings.events_limit,
         may_lead=duties is None or duties.manager,  # only managers place tasks
     )
-    if duties is not None:
-        duties.serve(store)
+    if duties is not None:  # a node promoted or demoted may lead from then on, or may not
+        duties.serve(store, lambda manager: setattr(controller.membership, "may_lead", manager))
     try:
         asyncio.run(controller.run())
     finally:

@@ -168,6 +168,14 @@ class EtcdStore(ClosedOnExit):
         clients = self._make_clients(endpoints)
         self.endpoints, self._clients, self._current = list(endpoints), clients, 0
 
+    def user_roles(self) -> tuple[str, ...]:
+        """The etcd roles of the user this store logs in as (etcd lets a user read its own),
+        through the login it holds: no new login (etcd checks each one with bcrypt)."""
+        if self.access is None or not self.access.user:
+            raise StoreError(f"etcd {self}: no login, so no roles")
+        result = self._post("/auth/user/get", {"name": self.access.user})
+        return tuple(result.get("roles", ()))
+
     def member_endpoints(self) -> list[tuple[str, int]]:
         """The client endpoints the etcd cluster's members advertise (started members only)."""
         result = self._post("/cluster/member/list", {})

@@ -17,6 +17,7 @@ from kernel.ipvs import Ipvs
 from kernel.sysctl import Sysctl
 from meshctl.controller.dataplane import every_setting
 from tests.conftest import NetnsFactory, root_namespace_snapshot
+from tests.etcd import EtcdServer
 
 pytestmark = pytest.mark.root
 
@@ -76,6 +77,18 @@ def test_json_on_this_host_exits_0_and_names_the_backend() -> None:
     else:
         assert checks["ipvs"]["ok"] is True
         assert doc["lb_backend"] == "ipvs"
+
+
+def test_a_plain_etcd_store_is_warned_of_without_node(etcd_server: EtcdServer) -> None:
+    """`doctor --store etcd://...` warns that anyone who reaches the store controls every node,
+    as `controller run` does; the warning does not fail the verdict."""
+    done = meshctl("--store", etcd_server.url("/doctor"), "doctor", "--format", "json")
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert not checks["store"]["ok"] and not checks["store"]["required"]
+    assert (
+        "is unauthenticated: anyone who reaches it controls every node" in checks["store"]["detail"]
+    )
 
 
 def test_sysctls_report_this_namespace_for_the_node_and_a_new_one_for_the_lb(

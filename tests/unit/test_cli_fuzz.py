@@ -32,13 +32,14 @@ from meshctl.cli import main
 
 # Every leaf command that is fuzzed, by its path.
 FUZZED = [
-    ("cluster", "join-token"),
+    ("cluster", "join-token"), ("cluster", "leave"),
     ("completion",),
     ("container", "attach"), ("container", "detach"), ("container", "ls"),
     ("controller", "health"),
     ("events",),
     ("network", "create"), ("network", "inspect"), ("network", "ls"), ("network", "rm"),
-    ("node", "inspect"), ("node", "ls"), ("node", "rm"), ("node", "update"),
+    ("node", "demote"), ("node", "inspect"), ("node", "ls"), ("node", "promote"), ("node", "rm"),
+    ("node", "update"),
     ("router", "cert", "add"), ("router", "cert", "ls"), ("router", "cert", "rm"),
     ("router", "disable"), ("router", "enable"), ("router", "inspect"),
     ("service", "create"), ("service", "inspect"), ("service", "logs"), ("service", "ls"),

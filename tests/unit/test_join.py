@@ -9,10 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import requests
 
 from meshctl.cluster import config as cluster_config
 from meshctl.cluster import pki
-from meshctl.cluster.join import Authority, JoinRefused, JoinServer, join
+from meshctl.cluster.join import (
+    Authority,
+    JoinRefused,
+    JoinServer,
+    join,
+    leave_through,
+    renew_through,
+    seat_through,
+)
 from meshctl.cluster.tokens import make_token
 from meshctl.model import MeshctlError
 from tests.etcd import free_port
@@ -26,6 +35,7 @@ class Manager:
     tokens: dict[str, str]
     known: set[str] = field(default_factory=set)
     users: dict[str, tuple[str, str]] = field(default_factory=dict)  # node → (password, role)
+    retired: list[str] = field(default_factory=list)
     port: int = 0
 
 
@@ -43,13 +53,17 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
         made.users[node] = (password, role)
         made.known.add(node)
 
+    def role_of(node: str) -> str | None:
+        return made.users[node][1] if node in made.users else None
+
     authority = Authority(
         ca_cert, ca_key, lambda: ("127.0.0.1:2379",), "/meshctl", made.tokens.get,
-        made.known.__contains__, add_user,
+        made.known.__contains__, add_user, role_of=role_of, retire=made.retired.append,
     )  # fmt: skip
+    pki.write_public(str(tmp_path / "ca.crt"), ca_cert)
     made.port = free_port()
     server = JoinServer(("127.0.0.1", made.port), authority, str(tmp_path / "m.crt"),
-                        str(tmp_path / "m.key"))  # fmt: skip
+                        str(tmp_path / "m.key"), str(tmp_path / "ca.crt"))  # fmt: skip
     server.start()
     try:
         yield made
@@ -110,3 +124,44 @@ def test_admit_refuses_a_malformed_request(manager: Manager) -> None:
     with pytest.raises(JoinRefused) as refused:
         authority.admit({"token": "nonsense"})
     assert refused.value.status == 400
+
+
+def test_a_member_renews_with_its_current_certificate_and_gets_its_role_now(
+    manager: Manager, tmp_path: Path
+) -> None:
+    """POST /v1/renew: the same node and key, the role the store gives it now (a node promoted
+    since gets a manager's), refused once the node was removed and without a certificate."""
+    endpoint = f"127.0.0.1:{manager.port}"
+    state = str(tmp_path / "node2")
+    join(endpoint, manager.tokens["worker"], "node2", "10.0.0.2", state)
+    paths = cluster_config.ClusterPaths(state)
+    first = (tmp_path / "node2" / "cluster" / "node.crt").read_bytes()
+    renewed = renew_through(endpoint, paths)
+    assert pki.identity(renewed) == ("node2", "worker")
+    assert pki.verify(renewed, manager.ca_cert)
+    assert pki.ip_addresses(renewed) == ["10.0.0.2"]
+    assert renewed != first
+    manager.users["node2"] = (manager.users["node2"][0], "manager")  # `node promote node2`
+    assert pki.identity(renew_through(endpoint, paths)) == ("node2", "manager")
+    unsigned = requests.post(f"https://{endpoint}/v1/renew", json={"csr": "x"},
+                             verify=paths.ca_cert, timeout=10)  # fmt: skip
+    assert unsigned.status_code == 401
+    del manager.users["node2"]  # `node rm node2`
+    with pytest.raises(MeshctlError, match="node node2 was removed from the cluster"):
+        renew_through(endpoint, paths)
+
+
+def test_a_worker_leaves_through_a_manager_and_a_manager_is_demoted_first(
+    manager: Manager, tmp_path: Path
+) -> None:
+    endpoint = f"127.0.0.1:{manager.port}"
+    for node, role in (("node2", "worker"), ("node3", "manager")):
+        join(endpoint, manager.tokens["worker"], node, "10.0.0.2", str(tmp_path / node))
+        manager.users[node] = (manager.users[node][0], role)
+    with pytest.raises(MeshctlError, match="node node3 is a manager: demote it first"):
+        leave_through(endpoint, cluster_config.ClusterPaths(str(tmp_path / "node3")))
+    # A worker asking for a manager's seat is refused: only the store makes a manager.
+    with pytest.raises(MeshctlError, match="node node2 is not a manager"):
+        seat_through(endpoint, cluster_config.ClusterPaths(str(tmp_path / "node2")))
+    leave_through(endpoint, cluster_config.ClusterPaths(str(tmp_path / "node2")))
+    assert manager.retired == ["node2"]

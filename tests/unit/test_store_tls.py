@@ -23,7 +23,7 @@ from meshctl.store import Event, StoreError, Unavailable, open_store
 from meshctl.store.etcd import EtcdAccess, EtcdStore, unprotected_warning
 from tests.conftest import scaled
 from tests.etcd import EtcdServer, TestCa
-from tests.unit.conftest import TLS_PREFIX, TlsEtcd, password_file
+from tests.unit.conftest import TLS_PREFIX, TLS_USER, TlsEtcd, password_file
 
 
 def _one_line(err: pytest.ExceptionInfo[StoreError], *secrets: str) -> str:
@@ -161,16 +161,30 @@ def test_a_plain_etcd_store_is_called_unprotected(
         assert unprotected_warning(local) is None
 
 
+def test_a_login_reads_its_own_roles_and_no_one_elses(
+    etcd_tls: TlsEtcd, etcd_server: EtcdServer
+) -> None:
+    """What a cluster node's controller asks every few seconds to follow its role (#26)."""
+    with open_store(etcd_tls.url(), etcd_tls.access) as store:
+        assert isinstance(store, EtcdStore)
+        assert store.user_roles() == (TLS_USER,)
+    with open_store(etcd_server.url()) as plain:
+        assert isinstance(plain, EtcdStore)
+        with pytest.raises(StoreError, match="no login"):
+            plain.user_roles()
+
+
 def test_doctor_reports_a_plain_etcd_store(etcd_tls: TlsEtcd, etcd_server: EtcdServer) -> None:
     from kernel.features import Check
-    from meshctl.controller.doctor import overlay_checks
+    from meshctl.controller.doctor import store_checks
 
     with open_store(etcd_server.url(f"/test-{uuid.uuid4().hex[:12]}")) as plain:
-        assert overlay_checks(plain, "node1") == [
+        assert store_checks(plain) == [
             Check("store", False, False, str(unprotected_warning(plain)))
         ]
     with open_store(etcd_tls.url(), etcd_tls.access) as protected:
-        assert overlay_checks(protected, "node1") == []
+        assert store_checks(protected) == []
+    assert store_checks(None) == []
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ def test_token_of_a_real_ca() -> None:
     digest = pki.ca_digest(pki.make_ca()[0])
     token = tokens.parse_token(tokens.make_token(digest, "manager"))
     assert token.ca_digest == digest
-    tokens.check_ca(token, digest)
+    tokens.check_ca(token, digest, "10.0.0.1")
 
 
 def test_surrounding_whitespace_is_ignored() -> None:
@@ -83,24 +83,23 @@ def test_repr_hides_the_secret() -> None:
     assert "worker" in repr(token)
 
 
-def test_stored_hash_matches_only_its_secret() -> None:
-    token = tokens.parse_token(tokens.make_token(DIGEST, "worker"))
-    stored = tokens.secret_hash(token.secret)
-    assert re.fullmatch("[0-9a-f]{64}", stored)
-    assert token.secret not in stored
-    assert tokens.matches(token, stored)
-    other = tokens.parse_token(tokens.make_token(DIGEST, "worker"))
-    assert not tokens.matches(other, stored)
+def test_only_the_current_secret_of_the_role_matches() -> None:
+    current = tokens.make_token(DIGEST, "worker")
+    token = tokens.parse_token(current)
+    assert tokens.same_secret(token, current)
+    assert not tokens.same_secret(token, tokens.make_token(DIGEST, "worker"))  # rotated
+    assert not tokens.same_secret(token, None)
+    assert not tokens.same_secret(token, "garbage")
     # The role letter is part of the secret: a manager token with a worker's random part fails.
     promoted = tokens.Token(DIGEST, "manager", "m" + token.secret[1:])
-    assert not tokens.matches(promoted, stored)
+    assert not tokens.same_secret(promoted, current)
 
 
 def test_check_ca_refuses_another_clusters_ca() -> None:
     token = tokens.parse_token(tokens.make_token(DIGEST, "worker"))
-    tokens.check_ca(token, DIGEST)
+    tokens.check_ca(token, DIGEST, "10.0.0.1")
     with pytest.raises(MeshctlError) as excinfo:
-        tokens.check_ca(token, "cd" * 32)
+        tokens.check_ca(token, "cd" * 32, "10.0.0.1")
     message = str(excinfo.value)
-    assert "\n" not in message and "pins" in message
+    assert "\n" not in message and "is not the one the token names" in message
     assert token.secret not in message
