@@ -25,6 +25,7 @@ from typing import Any, Literal
 import requests
 
 from meshctl import runtime
+from meshctl.cluster.pki import PEER_NAME
 from meshctl.model import MeshctlError
 from meshctl.runtime.process import PROCESS_FILE
 from meshctl.store.etcd import DEFAULT_PREFIX
@@ -146,6 +147,7 @@ def etcd_argv(config: MemberConfig, etcd: str = ETCD) -> list[str]:
         f"--cert-file={tls.cert}",
         f"--key-file={tls.key}",
         "--peer-client-cert-auth",
+        f"--peer-cert-allowed-hostname={PEER_NAME}",  # a manager's certificate, no worker's
         f"--peer-trusted-ca-file={tls.ca}",
         f"--peer-cert-file={tls.cert}",
         f"--peer-key-file={tls.key}",

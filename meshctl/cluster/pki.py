@@ -29,6 +29,10 @@ from meshctl.model import MeshctlError
 ROLES = ("manager", "worker")
 NODE_URI = "meshctl://node/"
 ROLE_URI = "meshctl://role/"
+# A DNS name only managers' certificates carry: etcd's peer port admits no other
+# (--peer-cert-allowed-hostname), so a worker's certificate, signed by the same CA, cannot speak
+# to the members as one of them. ".invalid" is reserved: it never resolves (RFC 2606).
+PEER_NAME = "etcd-peer.meshctl.invalid"
 # What a node name may be in a SAN URI: no scheme characters, spaces or slashes to escape.
 _NODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 # not_before this far back, so a peer whose clock is a little behind accepts a fresh cert.
@@ -120,7 +124,8 @@ def issue(
 
     The names are the signer's, whatever the request asked for: an empty subject, SAN URIs of the
     node and its role, an IP address for each of `addresses` and 127.0.0.1, and DNS localhost.
-    It serves and authenticates TLS both ways: a manager's also serves etcd and the join endpoint.
+    It serves and authenticates TLS both ways: a manager's also serves etcd and the join endpoint,
+    and names PEER_NAME, which etcd's peers require.
     """
     if role not in ROLES:
         raise MeshctlError(f"invalid role {role!r}: use one of {', '.join(ROLES)}")
@@ -135,6 +140,8 @@ def issue(
         x509.UniformResourceIdentifier(ROLE_URI + role),
         x509.DNSName("localhost"),
     ]
+    if role == "manager":
+        names.append(x509.DNSName(PEER_NAME))
     names += [x509.IPAddress(ip) for ip in _ips(addresses)]
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (

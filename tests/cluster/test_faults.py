@@ -43,19 +43,7 @@ def rng() -> random.Random:
     return random.Random(SEED)
 
 
-# A leaving task is stopped once its own node's LB has no connection to it, before the other
-# nodes' LBs took it out (meshctl/controller/supervisor.py; the lead's fix is on its way): in a
-# rolling update, and when an unhealthy task is replaced by a fresh process, requests through
-# those nodes are refused. Remove the mark with that fix.
-LEAVING_TASK_BUG = pytest.mark.xfail(
-    reason="a leaving task stops before other nodes' LBs took it out (#27, being fixed)",
-    strict=False,
-)
-LEAVING = ("leader-kill-update", "task-unhealthy")
-CASES = [pytest.param(f, marks=LEAVING_TASK_BUG) if f in LEAVING else f for f in FAULTS]
-
-
-@pytest.mark.parametrize("fault", CASES)
+@pytest.mark.parametrize("fault", FAULTS)
 def test_a_fault_fails_only_requests_to_tasks_that_died(
     world: World, rng: random.Random, fault: str
 ) -> None:

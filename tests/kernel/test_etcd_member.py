@@ -44,10 +44,12 @@ def ca(tmp_path: Path) -> tuple[bytes, bytes]:
     return pki.make_ca()
 
 
-def node_tls(directory: Path, ca: tuple[bytes, bytes], node: str) -> TlsFiles:
+def node_tls(
+    directory: Path, ca: tuple[bytes, bytes], node: str, role: str = "manager"
+) -> TlsFiles:
     """A node certificate from ca in directory, as a node keeps its files."""
     directory.mkdir(parents=True, exist_ok=True)
-    cert, key = pki.make_node_cert(*ca, node=node, role="manager", addresses=[LOOPBACK])
+    cert, key = pki.make_node_cert(*ca, node=node, role=role, addresses=[LOOPBACK])
     files = TlsFiles(
         str(directory / "ca.crt"), str(directory / "node.crt"), str(directory / "node.key")
     )
@@ -137,6 +139,23 @@ def test_member_refuses_plain_http_no_certificate_and_a_foreign_ca(
     foreign = TlsFiles(config.tls.ca, stranger.cert, stranger.key)
     with pytest.raises(EtcdMemberError, match="TLS failed"):
         etcd_member.authenticate(config.local_url, foreign, Credentials("root", "pw-0"))
+    assert member.healthy()
+
+
+def test_the_peer_port_admits_a_managers_certificate_and_no_workers(
+    new_member: MemberFactory, ca: tuple[bytes, bytes], tmp_path: Path
+) -> None:
+    """A worker's certificate is signed by the same CA, yet it must not speak to the members as
+    one of them (raft messages, snapshots): the peer port asks for the managers' own name."""
+    member = new_member("node1")
+    member.start()
+    peer = f"https://{LOOPBACK}:{member.config.peer_port}/members"
+    tls = member.config.tls
+    answer = requests.get(peer, verify=tls.ca, cert=(tls.cert, tls.key), timeout=5)
+    assert answer.ok and "node1" in answer.text
+    worker = node_tls(tmp_path / "worker", ca, "node2", role="worker")
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(peer, verify=tls.ca, cert=(worker.cert, worker.key), timeout=5)
     assert member.healthy()
 
 

@@ -47,6 +47,7 @@ def test_argv_serves_tls_with_client_certificates_on_both_sides() -> None:
         "cert-file": "/s/node.crt",
         "key-file": "/s/node.key",
         "peer-client-cert-auth": "",
+        "peer-cert-allowed-hostname": "etcd-peer.meshctl.invalid",
         "peer-trusted-ca-file": "/s/ca.crt",
         "peer-cert-file": "/s/node.crt",
         "peer-key-file": "/s/node.key",

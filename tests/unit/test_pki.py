@@ -117,7 +117,7 @@ def test_node_cert_names(ca: tuple[bytes, bytes]) -> None:
         ipaddress.ip_address("fd00::5"),
         ipaddress.ip_address("127.0.0.1"),
     ]
-    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert san.get_values_for_type(x509.DNSName) == ["localhost", pki.PEER_NAME]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
     assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -349,3 +349,10 @@ def test_tls_handshake_between_manager_and_worker(
     client = tls_context(tmp_path, other_ca[0], stranger, server=False)
     with pytest.raises(ssl.SSLCertVerificationError):
         handshake(client, server)
+
+
+def test_a_workers_certificate_does_not_name_the_etcd_peers_name(ca: tuple[bytes, bytes]) -> None:
+    """Only managers' do (test_node_cert_names): etcd's peer port admits no worker."""
+    cert_pem, _ = pki.make_node_cert(*ca, node="node1", role="worker", addresses=["10.0.0.1"])
+    san = load(cert_pem).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["localhost"]
