@@ -1,6 +1,6 @@
 """What a node shows from outside meshctl: load-balancer rules and addresses (iptables, nftables
-or IPVS), links, processes and DNS answers, read with the kernel's own tools so the checks do
-not trust meshctl's readers.
+or IPVS), links, processes, DNS answers and what new connections hear, read with the kernel's
+own tools and with packets, so the checks do not trust meshctl's readers.
 
 Each reader returns plain data; the property test compares it with the store and its model.
 """
@@ -24,6 +24,7 @@ import dns.rcode
 import dns.rdatatype
 
 from kernel import netns
+from tests.conftest import tcp_read
 
 DNS_ADDRESS = "127.0.0.11"  # what a task's resolv.conf names (Docker's embedded DNS address)
 
@@ -481,17 +482,40 @@ def processes_with(marker: bytes) -> dict[int, Proc]:
     return found
 
 
-def descends_from(pid: int, ancestor: int) -> bool:
-    """Whether ancestor is pid's parent, grandparent, ... (False once the chain breaks)."""
-    seen = 0
-    while pid > 1 and seen < 64:
+def ancestors(pid: int) -> list[int]:
+    """pid's parent, grandparent, ... as far as the chain holds (at most 64)."""
+    found: list[int] = []
+    while pid > 1 and len(found) < 64:
         p = proc(pid)
         if p is None:
-            return False
-        if p.ppid == ancestor:
-            return True
-        pid, seen = p.ppid, seen + 1
-    return False
+            break
+        found.append(p.ppid)
+        pid = p.ppid
+    return found
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def connect(ns: str, address: str, port: int, count: int, timeout: float) -> list[str]:
+    """What count new TCP connections from namespace ns to address:port hear, one after
+    another: each the text the server sent before it closed, or `refused`, `timeout`, or the
+    error (timeout as tests.conftest.tcp_read scales it)."""
+
+    def body() -> list[str]:
+        heard = []
+        for _ in range(count):
+            try:
+                heard.append(tcp_read(address, port, timeout))
+            except ConnectionRefusedError:
+                heard.append("refused")
+            except TimeoutError:
+                heard.append("timeout")
+            except OSError as err:
+                heard.append(f"error: {err}")
+        return heard
+
+    return netns.run_in(ns, body)
 
 
 # -- DNS -----------------------------------------------------------------------------------------
