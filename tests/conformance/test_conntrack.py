@@ -1,6 +1,7 @@
 """kernel.conntrack against the fake and the real kernel, through the load balancer of every
 backend: when a service's backends change, UDP flows to a draining backend (weight 0) survive,
-flows to a removed one are deleted, and every other flow is untouched.
+flows to a removed one are deleted, and every other flow is untouched; a backend's open TCP
+connections are counted until they close.
 
 UDP has no end of connection, so a flow stays pinned to its backend until its conntrack entry
 goes (meshctl.lb.reconcile deletes those of removed backends). The real kernel's flows are made
@@ -31,7 +32,17 @@ from meshctl.lb.reconcile import LbReconciler
 from meshctl.lb.spec import Backend, LbSpec, VirtualIp, lb_spec
 from meshctl.naming import lb_netns_prefix
 from tests.conftest import NetnsFactory
-from tests.kernel.lb_world import LB_ADDRESS, TASKS, UDP_PORT, VIP, LbWorld, ask_udp, lb_world
+from tests.kernel.lb_world import (
+    LB_ADDRESS,
+    TASKS,
+    UDP_PORT,
+    VIP,
+    Conversation,
+    LbWorld,
+    ask_udp,
+    lb_world,
+)
+from tests.kernel.mesh import wait_for
 
 API_VIP = "10.77.0.101"  # another service's VIP, balanced to the task the web VIP loses
 KEEP, DRAIN, GONE = "web.1", "web.2", "web.3"
@@ -208,6 +219,32 @@ def test_deleting_a_flow_says_how_many_entries_went(scene: Scene) -> None:
     if scene.world is not None:  # the next datagram makes the flow again
         assert scene.ask("api", API_VIP) == GONE
         assert scene.flows() == FLOWS
+
+
+@pytest.mark.parametrize(("kernel", "backend"), CASES, indirect=["kernel"])
+def test_open_tcp_connections_count_for_their_backend_until_they_close(scene: Scene) -> None:
+    """What draining waits on before it removes a backend (count_tcp_connections): the
+    connections through the LB that its task answers, a closing one no longer counted."""
+
+    def counts() -> dict[str, int]:
+        count = scene.conntrack.count_tcp_connections
+        return {name: count(scene.lb, address) for name, address in TASKS.items()}
+
+    assert counts() == dict.fromkeys(TASKS, 0)
+    if scene.world is None:  # the fake is told what an open connection leaves
+        fake = scene.conntrack
+        assert isinstance(fake, FakeConntrack)
+        fake.set_tcp_connections(scene.lb, TASKS[KEEP], 1)
+        assert counts() == dict.fromkeys(TASKS, 0) | {KEEP: 1}
+        fake.set_tcp_connections(scene.lb, TASKS[KEEP], 0)
+    else:
+        conversation = scene.world.in_client(Conversation)
+        try:
+            answered = scene.world.in_client(conversation.ask)
+            assert counts() == dict.fromkeys(TASKS, 0) | {answered: 1}
+        finally:
+            conversation.close()
+    wait_for(lambda: counts() == dict.fromkeys(TASKS, 0), 5, "a closed connection uncounted")
 
 
 @pytest.mark.parametrize("kernel", ["fake", pytest.param("real", marks=pytest.mark.root)],
