@@ -1,7 +1,8 @@
 """A long campaign of the stateful property test (tests/property/machine.py): batches of
 random examples, each with a new random seed, until the time is up.
 
-Each batch is one pytest run of tests/property/test_mesh_machine.py (both backends) with
+Each batch is one pytest run of tests/property/test_mesh_machine.py (every backend the kernel
+has, or the one --backend names) with
 `--hypothesis-seed SEED` and MESHCTL_PROPERTY_EXAMPLES / MESHCTL_PROPERTY_STEPS set, so a
 failing batch is reproduced by the command the report prints (a timing-dependent failure may
 need a few tries); hypothesis also prints a @reproduce_failure blob for the exact example.
@@ -10,6 +11,10 @@ Needs root, like the root tests; like bench/failover.py it runs in a private mou
 with its own /run/netns, so no other controller on the host sees its namespaces.
 
     sudo .venv/bin/python bench/property.py [--minutes 60] [--examples 10] [--steps 60]
+
+IPVS runs in the QEMU lane's kernel (this host's has none), several times slower under TCG:
+
+    bench/vm .venv/bin/python bench/property.py --backend ipvs --minutes 30 --logs /tmp/prop
 """
 
 from __future__ import annotations
@@ -43,17 +48,17 @@ class Batch:
     command: str
 
 
-def run_batch(seed: int, examples: int, steps: int, logs: Path) -> Batch:
+def run_batch(seed: int, examples: int, steps: int, logs: Path, backend: str | None) -> Batch:
     env = {
         **os.environ,
         "MESHCTL_PROPERTY_EXAMPLES": str(examples),
         "MESHCTL_PROPERTY_STEPS": str(steps),
     }
     argv = [sys.executable, "-m", "pytest", TEST, "-p", "no:cacheprovider", "-q",
-            f"--hypothesis-seed={seed}"]  # fmt: skip
+            f"--hypothesis-seed={seed}"] + (["-k", backend] if backend else [])  # fmt: skip
     command = (
         f"MESHCTL_PROPERTY_EXAMPLES={examples} MESHCTL_PROPERTY_STEPS={steps} "
-        f".venv/bin/pytest {TEST} --hypothesis-seed={seed}"
+        f".venv/bin/pytest {TEST} --hypothesis-seed={seed}" + (f" -k {backend}" if backend else "")
     )
     began = time.monotonic()
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -72,6 +77,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="steps per example (at most)")
     parser.add_argument("--seed", type=int, help="the first batch's seed (then random ones)")
     parser.add_argument("--logs", help="where batch logs go (default: a new temp dir)")
+    parser.add_argument(
+        "--backend",
+        choices=("iptables", "nftables", "ipvs"),
+        help="run this backend only (default: every one the kernel has)",
+    )
     args = parser.parse_args()
     isolate()
     logs = Path(args.logs or tempfile.mkdtemp(prefix="meshprop-campaign-"))
@@ -81,7 +91,7 @@ def main() -> None:
     batches: list[Batch] = []
     seed = args.seed if args.seed is not None else random.getrandbits(32)
     while time.monotonic() < deadline:
-        batch = run_batch(seed, args.examples, args.steps, logs)
+        batch = run_batch(seed, args.examples, args.steps, logs, args.backend)
         batches.append(batch)
         verdict = "ok" if batch.passed else f"FAILED (log {batch.log})"
         print(f"seed {batch.seed}: {batch.examples} examples, {batch.steps} steps, "

@@ -29,6 +29,8 @@ class KernelUnderTest:
     iptables: Any  # kernel.iptables.IptablesAPI
     ipvs: Any  # kernel.ipvs.IpvsAPI
     nftables: Any  # kernel.nftables.NftablesAPI
+    conntrack: Any  # kernel.conntrack.ConntrackAPI
+    system: Any  # kernel.system.Kernel over these same subsystems, for what takes a whole kernel
     world: Any | None  # kernel.fake.world.FakeWorld for the fake, None for the real kernel
     new_ns: Callable[[str], str]  # a fresh namespace in this kernel, removed after the test
 
@@ -38,16 +40,13 @@ class KernelUnderTest:
 
 
 def _fake_kernel() -> KernelUnderTest:
-    from kernel.fake.iptables import FakeIptables
-    from kernel.fake.ipvs import FakeIpvs
-    from kernel.fake.links import FakeLinks
-    from kernel.fake.neighbours import FakeNeighbours
-    from kernel.fake.nftables import FakeNftables
-    from kernel.fake.sysctl import FakeSysctl
-    from kernel.fake.world import FakeNetns, FakeWorld
+    from kernel.fake.world import FakeNetns
+    from kernel.system import fake_kernel
 
-    world = FakeWorld()
-    fake_netns = FakeNetns(world)
+    system = fake_kernel()  # one world: the model of a kernel with IPVS
+    fake_netns = system.netns
+    assert isinstance(fake_netns, FakeNetns)
+    world = fake_netns.world
     counter = iter(range(1_000_000))
 
     def new_ns(tag: str) -> str:
@@ -58,35 +57,34 @@ def _fake_kernel() -> KernelUnderTest:
     return KernelUnderTest(
         name="fake",
         netns=fake_netns,
-        links=FakeLinks(world),
-        neighbours=FakeNeighbours(world),
-        sysctl=FakeSysctl(world, ipvs=True),
-        iptables=FakeIptables(world),
-        ipvs=FakeIpvs(world),
-        nftables=FakeNftables(world),
+        links=system.links,
+        neighbours=system.neighbours,
+        sysctl=system.sysctl,
+        iptables=system.iptables,
+        ipvs=system.ipvs,
+        nftables=system.nftables,
+        conntrack=system.conntrack,
+        system=system,
         world=world,
         new_ns=new_ns,
     )
 
 
 def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
-    from kernel.iptables import Iptables
-    from kernel.ipvs import Ipvs
-    from kernel.links import Links
-    from kernel.neighbours import Neighbours
-    from kernel.netns import Netns
-    from kernel.nftables import Nftables
-    from kernel.sysctl import Sysctl
+    from kernel.system import real_kernel
 
+    system = real_kernel()
     return KernelUnderTest(
         name="real",
-        netns=Netns(),
-        links=Links(),
-        neighbours=Neighbours(),
-        sysctl=Sysctl(),
-        iptables=Iptables(),
-        ipvs=Ipvs(),
-        nftables=Nftables(),
+        netns=system.netns,
+        links=system.links,
+        neighbours=system.neighbours,
+        sysctl=system.sysctl,
+        iptables=system.iptables,
+        ipvs=system.ipvs,
+        nftables=system.nftables,
+        conntrack=system.conntrack,
+        system=system,
         world=None,
         new_ns=netns_factory,
     )

@@ -10,7 +10,11 @@ for; after every step one invariant waits (bounded) until the node has settled a
   versions), so a refused command changed nothing;
 - every VIP's load balancer sends new connections to exactly its service's serving tasks
   (running, desired running, healthy or without a check), evenly, and refuses them when there
-  are none; the LB namespace holds exactly the VIPs and its own address;
+  are none; the LB namespace holds exactly the VIPs and its own address. Read twice: from its
+  rules (observe.LB_READERS, the backend's own tool), and with packets: every task answers a
+  TCP connection on TASK_PORT with its name and address, and a new connection per serving
+  task to each VIP, from the node namespace, must be answered by each serving task once
+  (every backend takes turns) and by no other, or refused when none serves;
 - the embedded DNS, asked from inside tasks, answers `<service>` with the VIPs and
   `tasks.<service>` with exactly the serving tasks on the networks the asker shares;
 - nothing is left that the store does not explain: task and LB namespaces, links in the node
@@ -21,7 +25,8 @@ for; after every step one invariant waits (bounded) until the node has settled a
 
 After teardown removes everything through the CLI, nothing of the run may remain.
 Settings (steps, seeds) come from the caller: tests/property/test_mesh_machine.py for CI,
-bench/property.py for long campaigns.
+bench/property.py for long campaigns. Every bound is scaled to the machine (tests.conftest.scaled),
+so the machine also runs in the QEMU lane's emulated CPU, with the ipvs backend.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from kernel import netns
 from kernel.errors import KernelError
 from meshctl.store import StoreError, open_store
-from tests.conftest import TEST_NETNS_PREFIX, kill_processes_in
+from tests.conftest import TEST_NETNS_PREFIX, kill_processes_in, scaled, scaled_duration
 from tests.kernel.mesh import Mesh, wait_for
 from tests.property import observe
 
@@ -65,13 +70,27 @@ NODE = "node1"
 # upstream: a quick SERVFAIL.
 UPSTREAM_ARGS = ("--upstream-dns", "127.0.0.1")
 
+# Bounds in seconds on a native host; each is scaled where it is used (tests.conftest.scaled).
 SETTLE = 20.0  # how long the node may take to settle after a step
 READY = 20.0  # how long a task may take to serve, back-off not counted
 SICK_OUT = 10.0  # how long a sick task may keep serving (interval 0.5 s × 2 retries + slack)
 LEAVING = 20.0  # how long a task on its way out may stay in the store
 BACKOFF_BASE, BACKOFF_CAP = 0.1, 60.0  # the supervisor's restart back-off (restart-delay 0)
 STABLE_RUN = 10.0  # a process that ran this long resets the back-off, however it ends (F4)
-HEALTH_ARGS = ("--health-interval", "500ms", "--health-retries", "2", "--health-timeout", "2s")
+HEALTH_ARGS = ("--health-interval", scaled_duration(0.5), "--health-retries", "2",
+               "--health-timeout", scaled_duration(2))  # fmt: skip
+# Every task answers a connection on TASK_PORT with its name (its hostname, as tests/kernel's
+# tasks do) and the address it was reached at, which tells a slot's new task from its old one;
+# shell builtins only, no process more per connection than the shell. The node namespace is
+# the client: its bridges hold the networks' gateway addresses, so it reaches each VIP as a
+# task on the network does, without being a backend.
+TASK_PORT = 80
+TASK_COMMAND = (
+    "socat",
+    f"TCP-LISTEN:{TASK_PORT},reuseaddr,fork",
+    "SYSTEM:read name </proc/sys/kernel/hostname; echo $name $SOCAT_SOCKADDR",
+)
+CONNECT_TIMEOUT = 1.0  # a connection sent to a task that is gone times out
 # Exceptions the controller logs that are reported product bugs (tests/property/
 # test_findings.py): counted, not failed on, so a campaign goes on to find others. Each is the
 # exception's last line, with the traceback before it removed from the log text checked.
@@ -85,6 +104,8 @@ class Stats:
     examples: int = 0
     steps: int = 0
     checks: int = 0
+    connections: int = 0  # new TCP connections sent through VIPs
+    connecting: float = 0.0  # seconds spent sending them
     settle_waits: list[float] = field(default_factory=list)
     warnings: Counter[str] = field(default_factory=Counter)  # controller warnings by text
     known: dict[str, int] = field(default_factory=dict)  # known finding → times seen
@@ -103,6 +124,7 @@ class Stats:
         times = sorted(self.example_times) or [0.0]
         lines = [
             f"{self.examples} examples, {self.steps} steps, {self.checks} checks, "
+            f"{self.connections} connections through VIPs ({self.connecting:.1f}s), "
             f"settled after median {waits[len(waits) // 2]:.1f}s, max {waits[-1]:.1f}s; "
             f"an example took median {times[len(times) // 2]:.0f}s",
             "actions: " + ", ".join(f"{k} {v}" for k, v in sorted(self.actions.items())),
@@ -369,7 +391,7 @@ class MeshMachine(RuleBasedStateMachine):
         return "ok"
 
     def _set_ready(self, name: str, extra: float = 0.0) -> None:
-        wait = READY + backoff(self.failures.get(name, 0)) + extra
+        wait = scaled(READY) + backoff(self.failures.get(name, 0)) + extra
         self.ready_by[name] = max(self.ready_by.get(name, 0.0), time.monotonic() + wait)
 
     def _health_args(self) -> list[str]:
@@ -444,7 +466,7 @@ class MeshMachine(RuleBasedStateMachine):
             args += ["--network", network]
         args += self._env_args(0) + (self._health_args() if health else [])
         args += ["--restart-condition", restart, "--restart-delay", "0s"]
-        args += ["--stop-grace-period", "1s", "--detach", "--", "sleep", "100000"]
+        args += ["--stop-grace-period", "1s", "--detach", "--", *TASK_COMMAND]
         if self._judge(self._cli(*args), expect, f"service create {name} {networks} x{replicas}"):
             service_id = json.loads(
                 self._cli("service", "inspect", name, "--format", "json").stdout
@@ -466,7 +488,7 @@ class MeshMachine(RuleBasedStateMachine):
             for slot in range(service.replicas + 1, replicas + 1):
                 self._set_ready(f"{name}.{slot}")
             service.replicas = replicas
-            service.settle_by = time.monotonic() + READY
+            service.settle_by = time.monotonic() + scaled(READY)
 
     def service_update(self, pick: int) -> None:
         """A new env: a rolling update, one task at a time, new before old (old first when no
@@ -485,9 +507,9 @@ class MeshMachine(RuleBasedStateMachine):
             service.version += 1
             service.rev = rev
             # One at a time: each replacement starts, turns healthy, then the old one stops.
-            service.settle_by = time.monotonic() + READY + 5 * service.replicas
+            service.settle_by = time.monotonic() + scaled(READY + 5 * service.replicas)
             for slot in range(1, service.replicas + 1):
-                self._set_ready(f"{name}.{slot}", 5 * slot)
+                self._set_ready(f"{name}.{slot}", scaled(5 * slot))
 
     def service_rm(self, pick: int) -> None:
         name = _pick(self.services, SERVICES, pick)
@@ -514,7 +536,8 @@ class MeshMachine(RuleBasedStateMachine):
             os.kill(task["pid"], signal.SIGKILL)
             self._note(f"kill -9 {task['pid']} ({task_name}, task {task['id']})")
             # Until it has died, a snapshot would still show it serving and pass as settled.
-            assert observe.wait_dead(task["pid"], p.start_time), f"{task_name} outlived kill -9"
+            died = observe.wait_dead(task["pid"], p.start_time, scaled(10))
+            assert died, f"{task_name} outlived kill -9"
             self.failures[task_name] = self.failures.get(task_name, 0) + 1
             self._set_ready(task_name)
             service = self.services.get(name)
@@ -542,7 +565,7 @@ class MeshMachine(RuleBasedStateMachine):
         else:
             open(flag, "w").close()
             self.sick_since[task_name] = now
-            self.sick_by[task_name] = now + SICK_OUT
+            self.sick_by[task_name] = now + scaled(SICK_OUT)
 
     def restart_controller(self, kill: bool) -> None:
         """Stop the controller (SIGKILL or SIGTERM) and start a new one: it adopts the tasks."""
@@ -580,11 +603,11 @@ class MeshMachine(RuleBasedStateMachine):
                 break
             if not problems[0].startswith(MOVED):
                 seen = problems
-            if time.monotonic() - began > SETTLE:
+            if time.monotonic() - began > scaled(SETTLE):
                 # The example's steps too: a failure that hypothesis cannot replay (timing)
                 # is reported without them.
                 raise AssertionError(
-                    f"not settled {SETTLE:g}s after the step:\n  "
+                    f"not settled {scaled(SETTLE):g}s after the step:\n  "
                     + "\n  ".join(problems)
                     + ("\nbefore that:\n  " + "\n  ".join(seen) if seen != problems else "")
                     + "\nsteps:\n  "
@@ -649,6 +672,8 @@ class MeshMachine(RuleBasedStateMachine):
         problems += self._address_problems(store)
         problems += self._dns_problems(store, answers)
         problems += self._progress_problems(tasks)
+        if not problems:
+            problems += self._traffic_problems(store)
         if not problems:
             diff = self.mesh.diff()
             if diff.returncode != 0:
@@ -722,7 +747,7 @@ class MeshMachine(RuleBasedStateMachine):
         answers = {}
         for networks, task_id in self._askers(store["task"]).items():
             try:
-                answers[networks] = observe.ask(f"mesh-t-{task_id}", questions)
+                answers[networks] = observe.ask(f"mesh-t-{task_id}", questions, scaled(2))
             except (OSError, KernelError):
                 continue  # the namespace went away meanwhile: the fingerprint will show it
         return answers
@@ -801,8 +826,11 @@ class MeshMachine(RuleBasedStateMachine):
             owner = expected.get(pid)
             if owner is not None and owner["start_time"] == p.start_time:
                 continue
-            if observe.descends_from(pid, controller.pid):
+            lineage = observe.ancestors(pid)
+            if controller.pid in lineage:
                 continue  # a health probe the controller runs inside a task
+            if any(ancestor in expected for ancestor in lineage):
+                continue  # a connection's server: the task's socat forked it
             # Started after the store was read, its task is still in it (recorded or not).
             held = next((tid for tid, t in tasks.items() if t["desired_state"] == "running"
                          and netns.exists(f"mesh-t-{tid}")
@@ -908,6 +936,32 @@ class MeshMachine(RuleBasedStateMachine):
             problems += [f"LB of {network['name']}: {p}" for p in reading.stray(vips)]
         return problems
 
+    def _traffic_problems(self, store: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+        """New TCP connections to every VIP from the node namespace: one per serving task,
+        each answered by a different serving task (all backends take turns), or one refused
+        when none serves."""
+        problems = []
+        tasks = store["task"].values()
+        for service in store["service"].values():
+            for attachment in service["networks"]:
+                vip, network = attachment["vip"], attachment["network"]
+                if not vip:
+                    continue
+                want = sorted(
+                    f"{t['name']} {t['addresses'][network]}"
+                    for t in tasks
+                    if t["service_id"] == service["id"] and network in t["addresses"] and serving(t)
+                )
+                expect = want or ["refused"]
+                began = time.monotonic()
+                heard = observe.connect(self.node_ns, vip, TASK_PORT, len(expect), CONNECT_TIMEOUT)
+                STATS.connecting += time.monotonic() - began
+                STATS.connections += len(heard)
+                if sorted(heard) != expect:
+                    problems.append(f"VIP {vip} of {service['name']} on {network}: new "
+                                    f"connections answered {heard}, want {expect}")  # fmt: skip
+        return problems
+
     def _mark_problems(
         self, store: dict[str, dict[str, dict[str, Any]]], tables: dict[str, Any]
     ) -> list[str]:
@@ -1000,7 +1054,7 @@ class MeshMachine(RuleBasedStateMachine):
         for task_id, task in tasks.items():
             if task["desired_state"] != "running":
                 since = self.leaving_since.setdefault(task_id, now)
-                if now - since > LEAVING:
+                if now - since > scaled(LEAVING):
                     problems.append(f"task {task['name']} ({task_id}) still {task['state']} "
                                     f"{now - since:.0f}s after it was told to leave")  # fmt: skip
         for name, service in self.services.items():

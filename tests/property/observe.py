@@ -1,5 +1,6 @@
-"""What a node shows from outside meshctl: load-balancer rules and addresses, links, processes
-and DNS answers, read with the kernel's own tools so the checks do not trust meshctl's readers.
+"""What a node shows from outside meshctl: load-balancer rules and addresses (iptables, nftables
+or IPVS), links, processes, DNS answers and what new connections hear, read with the kernel's
+own tools and with packets, so the checks do not trust meshctl's readers.
 
 Each reader returns plain data; the property test compares it with the store and its model.
 """
@@ -23,6 +24,7 @@ import dns.rcode
 import dns.rdatatype
 
 from kernel import netns
+from tests.conftest import tcp_read
 
 DNS_ADDRESS = "127.0.0.11"  # what a task's resolv.conf names (Docker's embedded DNS address)
 
@@ -42,6 +44,7 @@ class SavedRule:
     share: float | None = None
     to_destination: str | None = None
     comment: str | None = None
+    set_mark: int | None = None  # the mark a MARK rule sets (its --set-xmark value)
 
 
 def parse_rules(saved: str) -> dict[str, dict[str, list[SavedRule]]]:
@@ -58,7 +61,7 @@ def parse_rules(saved: str) -> dict[str, dict[str, list[SavedRule]]]:
             values: dict[str, str] = {}
             for flag, value in zip(words, words[1:], strict=False):
                 if flag in ("-A", "-d", "-j", "--probability", "--every", "--packet",
-                            "--to-destination", "--comment"):  # fmt: skip
+                            "--to-destination", "--comment", "--set-xmark"):  # fmt: skip
                     values.setdefault(flag, value)
             share = None
             if "--probability" in values:
@@ -72,6 +75,9 @@ def parse_rules(saved: str) -> dict[str, dict[str, list[SavedRule]]]:
                 share=share,
                 to_destination=values.get("--to-destination"),
                 comment=values.get("--comment"),
+                set_mark=int(values["--set-xmark"].split("/")[0], 0)
+                if "--set-xmark" in values
+                else None,
             )
             table.setdefault(rule.chain, []).append(rule)
     return tables
@@ -102,43 +108,47 @@ class VipPath:
     problems: tuple[str, ...]
 
 
+def follow(
+    table: dict[str, list[SavedRule]], chain: str, address: str, problems: list[str], depth: int = 0
+) -> list[SavedRule]:
+    """The rules a new connection to address ends at, from chain on through every jump whose
+    destination matches (a `statistic` match may or may not match, so each branch counts); a
+    MESH-SVC-* chain where several rules match spreads the connections, and must do so evenly:
+    rule i of n takes 1/(n-i) of what is left (at random or in turn), the last one the rest."""
+    if depth > 8:
+        problems.append(f"chain {chain}: jumps nest deeper than 8")
+        return []
+    matching = [r for r in table.get(chain, []) if _matches(r, address)]
+    if len(matching) > 1 and chain.startswith("MESH-SVC-"):
+        n = len(matching)
+        for i, rule in enumerate(matching):
+            want = None if i == n - 1 else 1 / (n - i)
+            have = rule.share
+            if (want is None) != (have is None) or (
+                want is not None and have is not None and abs(want - have) > 1e-6
+            ):
+                problems.append(f"{chain} rule {i + 1}/{n}: takes {have}, want {want}")
+    reached: list[SavedRule] = []
+    for rule in matching:
+        if rule.target in table and rule.target != chain:
+            reached.extend(follow(table, rule.target, address, problems, depth + 1))
+        else:
+            reached.append(rule)
+    return reached
+
+
+def refused(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> bool:
+    """Whether filter INPUT rejects a new connection to vip (a VIP with no backend)."""
+    ends = follow(tables.get("filter", {}), "INPUT", vip, [])
+    return any(r.target == "REJECT" for r in ends)
+
+
 def vip_path(tables: dict[str, dict[str, list[SavedRule]]], vip: str) -> VipPath:
-    """Follow a new connection to vip through nat PREROUTING and filter INPUT.
-
-    Every rule whose destination matches is followed (a `statistic` match may or may not
-    match, so each branch counts); a chain where several rules match spreads the connections,
-    and must do so evenly: rule i of n takes 1/(n-i) of what is left (at random or in turn),
-    the last one the rest.
-    """
-    nat, filter_ = tables.get("nat", {}), tables.get("filter", {})
+    """Follow a new connection to vip through nat PREROUTING (DNAT) and filter INPUT."""
     problems: list[str] = []
-
-    def walk(table: dict[str, list[SavedRule]], chain: str, depth: int) -> list[SavedRule]:
-        if depth > 8:
-            problems.append(f"chain {chain}: jumps nest deeper than 8")
-            return []
-        matching = [r for r in table.get(chain, []) if _matches(r, vip)]
-        if len(matching) > 1 and chain.startswith("MESH-SVC-"):
-            n = len(matching)
-            for i, rule in enumerate(matching):
-                want = None if i == n - 1 else 1 / (n - i)
-                have = rule.share
-                if (want is None) != (have is None) or (
-                    want is not None and have is not None and abs(want - have) > 1e-6
-                ):
-                    problems.append(f"{chain} rule {i + 1}/{n}: takes {have}, want {want}")
-        reached: list[SavedRule] = []
-        for rule in matching:
-            if rule.target in table and rule.target != chain:
-                reached.extend(walk(table, rule.target, depth + 1))
-            else:
-                reached.append(rule)
-        return reached
-
-    terminal = walk(nat, "PREROUTING", 0)
+    terminal = follow(tables.get("nat", {}), "PREROUTING", vip, problems)
     dnat = tuple(sorted(r.to_destination or "?" for r in terminal if r.target == "DNAT"))
-    refused = any(r.target == "REJECT" for r in walk(filter_, "INPUT", 0))
-    return VipPath(dnat, refused, tuple(problems))
+    return VipPath(dnat, refused(tables, vip), tuple(problems))
 
 
 # -- nftables (the LB namespace's table of the nftables backend) ---------------------------------
@@ -264,13 +274,115 @@ class NftablesLb:
         return nft_stray_vips(self.table, vips)
 
 
+# -- IPVS (the LB namespace's fwmark services of the ipvs backend) -------------------------------
+
+
+@dataclass(frozen=True)
+class IpvsDest:
+    """A destination of an IPVS service, as `ipvsadm -S -n` shows it."""
+
+    address: str
+    port: int
+    forward: str  # m: masquerade, g: direct routing, i: tunnel
+    weight: int
+
+
+@dataclass(frozen=True)
+class IpvsService:
+    scheduler: str
+    dests: tuple[IpvsDest, ...]
+
+
+def parse_ipvsadm(saved: str) -> dict[int, IpvsService]:
+    """fwmark → service, from `ipvsadm -S -n` text; services by address and port (not meshctl's
+    kind) are left out."""
+    schedulers: dict[int, str] = {}
+    dests: dict[int, list[IpvsDest]] = {}
+    for line in saved.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[1] != "-f":
+            continue
+        mark = int(words[2])
+        values = dict(zip(words, words[1:], strict=False))
+        if words[0] == "-A":
+            schedulers[mark] = values.get("-s", "")
+        elif words[0] == "-a":
+            address, _, port = values["-r"].partition(":")
+            forward = next((w[1:] for w in words if w in ("-m", "-g", "-i")), "?")
+            dests.setdefault(mark, []).append(
+                IpvsDest(address, int(port or 0), forward, int(values.get("-w", "1")))
+            )
+    return {
+        mark: IpvsService(scheduler, tuple(dests.get(mark, ())))
+        for mark, scheduler in schedulers.items()
+    }
+
+
+def ipvsadm_save(ns: str) -> dict[int, IpvsService]:
+    """The fwmark services of namespace ns, read with ipvsadm."""
+    argv = ["nsenter", f"--net={netns.path(ns)}", "--", "ipvsadm", "-S", "-n"]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=30).stdout
+    return parse_ipvsadm(out)
+
+
+@dataclass(frozen=True)
+class IpvsLb:
+    """An LB namespace of the ipvs backend: mangle marks a VIP's new connections, IPVS balances
+    each mark's fwmark service over its destinations (round robin, masquerading to the same
+    port; weight 0 drains: such a destination takes no new connection), filter refuses a VIP
+    with none."""
+
+    tables: dict[str, dict[str, list[SavedRule]]]
+    services: dict[int, IpvsService]
+
+    def marks(self, vip: str, problems: list[str]) -> list[int]:
+        """The marks mangle PREROUTING gives a new connection to vip."""
+        ends = follow(self.tables.get("mangle", {}), "PREROUTING", vip, problems)
+        return [r.set_mark for r in ends if r.target == "MARK" and r.set_mark is not None]
+
+    def vip_path(self, vip: str) -> VipPath:
+        problems: list[str] = []
+        marks = self.marks(vip, problems)
+        dnat: list[str] = []
+        if len(marks) > 1:
+            problems.append(f"marked {len(marks)} times: {[hex(m) for m in marks]}")
+        for mark in marks:
+            service = self.services.get(mark)
+            if service is None:
+                problems.append(f"marked {mark:#x}, which no IPVS service balances")
+                continue
+            if service.scheduler != "rr":
+                problems.append(f"fwmark {mark:#x} scheduled by {service.scheduler}, want rr")
+            for dest in service.dests:
+                if dest.forward != "m" or dest.port != 0 or dest.weight not in (0, 1):
+                    problems.append(f"fwmark {mark:#x}: destination {dest}, want masquerade "
+                                    "to the same port (0) with weight 1 or 0")  # fmt: skip
+                if dest.weight > 0:
+                    dnat.append(dest.address)
+        return VipPath(tuple(sorted(dnat)), refused(self.tables, vip), tuple(problems))
+
+    def stray(self, vips: Iterable[str]) -> list[str]:
+        """IPVS services no VIP's mark reaches, and marks for no VIP of vips."""
+        reached = {mark for vip in vips for mark in self.marks(vip, [])}
+        stray = [f"IPVS service fwmark {m:#x}" for m in sorted(set(self.services) - reached)]
+        known = {f"{vip}/32" for vip in vips}
+        stray += [
+            f"{r} for no VIP"
+            for rules in self.tables.get("mangle", {}).values()
+            for r in rules
+            if r.target == "MARK" and r.destination not in known
+        ]
+        return stray
+
+
 # What an LB namespace holds, read with the tool of the backend the controller runs: from its
 # name and its iptables-save (read for the marks whatever the backend; the iptables backend's
 # reading is that same snapshot, not a second one).
 SavedTables = dict[str, dict[str, list[SavedRule]]]
-LB_READERS: dict[str, Callable[[str, SavedTables], IptablesLb | NftablesLb]] = {
+LB_READERS: dict[str, Callable[[str, SavedTables], IptablesLb | NftablesLb | IpvsLb]] = {
     "iptables": lambda ns, saved: IptablesLb(saved),
     "nftables": lambda ns, saved: NftablesLb(nft_table(ns)),
+    "ipvs": lambda ns, saved: IpvsLb(saved, ipvsadm_save(ns)),
 }
 
 
@@ -370,17 +482,40 @@ def processes_with(marker: bytes) -> dict[int, Proc]:
     return found
 
 
-def descends_from(pid: int, ancestor: int) -> bool:
-    """Whether ancestor is pid's parent, grandparent, ... (False once the chain breaks)."""
-    seen = 0
-    while pid > 1 and seen < 64:
+def ancestors(pid: int) -> list[int]:
+    """pid's parent, grandparent, ... as far as the chain holds (at most 64)."""
+    found: list[int] = []
+    while pid > 1 and len(found) < 64:
         p = proc(pid)
         if p is None:
-            return False
-        if p.ppid == ancestor:
-            return True
-        pid, seen = p.ppid, seen + 1
-    return False
+            break
+        found.append(p.ppid)
+        pid = p.ppid
+    return found
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def connect(ns: str, address: str, port: int, count: int, timeout: float) -> list[str]:
+    """What count new TCP connections from namespace ns to address:port hear, one after
+    another: each the text the server sent before it closed, or `refused`, `timeout`, or the
+    error (timeout as tests.conftest.tcp_read scales it)."""
+
+    def body() -> list[str]:
+        heard = []
+        for _ in range(count):
+            try:
+                heard.append(tcp_read(address, port, timeout))
+            except ConnectionRefusedError:
+                heard.append("refused")
+            except TimeoutError:
+                heard.append("timeout")
+            except OSError as err:
+                heard.append(f"error: {err}")
+        return heard
+
+    return netns.run_in(ns, body)
 
 
 # -- DNS -----------------------------------------------------------------------------------------
