@@ -125,14 +125,19 @@ class NetlinkBatch:
     def _read(self, codes: dict[int, int], first: int, last: int) -> None:
         """Read one datagram of acks into codes (seq → errno); acks of earlier chunks whose
         reading was cut short are ignored."""
-        data = self._sock.recv(1 << 16)
-        offset = 0
-        while offset + 20 <= len(data):
-            length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-            if kind == NLMSG_ERROR and first <= seq <= last:
-                (code,) = struct.unpack_from("=i", data, offset + 16)
-                codes[seq] = -code
-            offset += max((length + 3) & ~3, 16)
+        read_acks(self._sock.recv(1 << 16), first, last, codes)
+
+
+def read_acks(data: bytes, first: int, last: int, codes: dict[int, int]) -> None:
+    """The acks and errors of one datagram whose sequence numbers are first..last, into codes
+    (seq → errno, 0 for an ack); any other message is skipped."""
+    offset = 0
+    while offset + 20 <= len(data):
+        length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
+        if kind == NLMSG_ERROR and first <= seq <= last:
+            (code,) = struct.unpack_from("=i", data, offset + 16)
+            codes[seq] = -code
+        offset += max((length + 3) & ~3, 16)
 
 
 def judged(guard: AbstractContextManager[None], code: int) -> None:

@@ -15,13 +15,12 @@ import errno
 import itertools
 import os
 import socket
-import struct
 import threading
 from collections.abc import Sequence
 
 from kernel import netns
 from kernel.errors import KernelError, translate
-from kernel.netlink import ANSWER_TIMEOUT, NETLINK_CAP_ACK, NLMSG_ERROR, SOL_NETLINK
+from kernel.netlink import ANSWER_TIMEOUT, NETLINK_CAP_ACK, SOL_NETLINK, read_acks
 from kernel.nftables_messages import (
     NFNL_MSG_BATCH_BEGIN,
     NFNL_MSG_BATCH_END,
@@ -90,7 +89,7 @@ def _exchange(data: bytes, begin: int, count: int, where: str) -> dict[int, int]
         codes: dict[int, int] = {}
         try:
             while last not in codes and not codes.get(begin):
-                _read(sock.recv(1 << 16), begin, last, codes)
+                read_acks(sock.recv(1 << 16), begin, last, codes)
         except TimeoutError as err:
             raise KernelError(
                 f"{where}: no answer to an nftables batch in {ANSWER_TIMEOUT} s; retry, and "
@@ -120,7 +119,7 @@ def has_table(ns: netns.Namespace, message: Message) -> bool:
             sock.send(message.encode(1, NLM_F_ACK))
             codes: dict[int, int] = {}
             while 1 not in codes:
-                _read(sock.recv(1 << 16), 1, 1, codes)
+                read_acks(sock.recv(1 << 16), 1, 1, codes)
             return codes[1]
 
     where = f"looking up the nftables table in netns {ns or '(node)'}"
@@ -139,13 +138,3 @@ def _size(sock: socket.socket, length: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, wanted)
         except PermissionError:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, wanted)
-
-
-def _read(data: bytes, first: int, last: int, codes: dict[int, int]) -> None:
-    offset = 0
-    while offset + 20 <= len(data):
-        length, kind, _flags, seq, _pid = struct.unpack_from("=IHHII", data, offset)
-        if kind == NLMSG_ERROR and first <= seq <= last:
-            (code,) = struct.unpack_from("=i", data, offset + 16)
-            codes[seq] = -code
-        offset += max((length + 3) & ~3, 16)

@@ -54,40 +54,25 @@ def _fake_kernel() -> KernelUnderTest:
         fake_netns.create(name)
         return name
 
-    return KernelUnderTest(
-        name="fake",
-        netns=fake_netns,
-        links=system.links,
-        neighbours=system.neighbours,
-        sysctl=system.sysctl,
-        iptables=system.iptables,
-        ipvs=system.ipvs,
-        nftables=system.nftables,
-        conntrack=system.conntrack,
-        system=system,
-        world=world,
-        new_ns=new_ns,
-    )
+    return _under_test("fake", system, world, new_ns)
 
 
 def _real_kernel(netns_factory: NetnsFactory) -> KernelUnderTest:
     from kernel.system import real_kernel
 
     system = real_kernel()
+    return _under_test("real", system, None, netns_factory)
+
+
+def _under_test(name: str, system: Any, world: Any | None, new_ns: Callable[[str], str]
+                ) -> KernelUnderTest:  # fmt: skip
+    """The kernel under test over one kernel.system.Kernel's subsystems."""
     return KernelUnderTest(
-        name="real",
-        netns=system.netns,
-        links=system.links,
-        neighbours=system.neighbours,
-        sysctl=system.sysctl,
-        iptables=system.iptables,
-        ipvs=system.ipvs,
-        nftables=system.nftables,
-        conntrack=system.conntrack,
-        system=system,
-        world=None,
-        new_ns=netns_factory,
-    )
+        name=name, netns=system.netns, links=system.links, neighbours=system.neighbours,
+        sysctl=system.sysctl, iptables=system.iptables, ipvs=system.ipvs,
+        nftables=system.nftables, conntrack=system.conntrack, system=system, world=world,
+        new_ns=new_ns,
+    )  # fmt: skip
 
 
 @pytest.fixture(params=["fake", pytest.param("real", marks=pytest.mark.root)])
