@@ -18,19 +18,22 @@
 #   --venv DIR           meshctl's venv (default: /opt/meshctl)
 #   --token-file FILE    every node but the first: its join token, which whoever holds the
 #                        first node's tokens writes there (the Vagrantfile, the lane); waited for
+#   --controller-option OPTION   one more `controller run` option (repeatable), in the unit too
 #   --no-install         install nothing: the packages and meshctl in --venv are there already
 #   --no-systemd LOGDIR  systemd does not run this machine: start the controller as its unit
 #                        would, in the background, its log in LOGDIR
 set -euo pipefail
 
 usage() {
-  echo "usage: $0 [--src DIR] [--venv DIR] [--token-file FILE] [--no-install] [--no-systemd LOGDIR] NODE NAME=ADDRESS..." >&2
+  echo "usage: $0 [--src DIR] [--venv DIR] [--token-file FILE] [--controller-option OPTION]..." \
+    "[--no-install] [--no-systemd LOGDIR] NODE NAME=ADDRESS..." >&2
   exit 2
 }
 
 src=/vagrant
 venv=/opt/meshctl
 token_file=""
+controller_options=()
 install=1
 logdir=""
 while (($#)); do
@@ -38,6 +41,7 @@ while (($#)); do
     --src) src=${2:?}; shift 2 ;;
     --venv) venv=${2:?}; shift 2 ;;
     --token-file) token_file=${2:?}; shift 2 ;;
+    --controller-option) controller_options+=("${2:?}"); shift 2 ;;
     --no-install) install=0; shift ;;
     --no-systemd) logdir=${2:?}; shift 2 ;;
     -*) usage ;;
@@ -127,7 +131,7 @@ else
 fi
 
 say "controller of $node"
-controller=("$meshctl" controller run)
+controller=("$meshctl" controller run "${controller_options[@]}")
 unit=/etc/systemd/system/meshctl-controller.service
 install -D -m 644 "$src/systemd/meshctl-controller.service" "$unit"
 mkdir -p "$unit.d"
