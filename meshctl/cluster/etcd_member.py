@@ -37,6 +37,7 @@ CLUSTER_TOKEN = "meshctl"
 # failover goal of #26 is measured against this election timeout.
 HEARTBEAT_MS = 100
 ELECTION_MS = 1000
+BCRYPT_COST = 4
 START_TIMEOUT = 30.0
 STOP_GRACE = 10.0
 REQUEST_TIMEOUT = 5.0
@@ -153,6 +154,11 @@ def etcd_argv(config: MemberConfig, etcd: str = ETCD) -> list[str]:
         f"--peer-key-file={tls.key}",
         f"--heartbeat-interval={config.heartbeat_ms}",
         f"--election-timeout={config.election_ms}",
+        # bcrypt's least cost: every password is meshctl's own, 24 random bytes, which no
+        # slow hash makes harder to guess, while each login (every controller's and CLI's)
+        # costs the member a hash: at the default cost, longer than a request's timeout on a
+        # slow machine (the multi-VM lane under TCG).
+        f"--bcrypt-cost={BCRYPT_COST}",
         # To stderr, which start() sends to the log file: a Go panic lands there too.
         "--logger=zap",
         "--log-outputs=stderr",

@@ -47,6 +47,10 @@ from meshctl.model import MeshctlError
 log = logging.getLogger("meshctl.join")
 
 TIMEOUT = 10.0
+# A manager's answer to a join may take a while: it adds the node's store user (etcd hashes
+# the password with bcrypt) and, for a manager, a member, waiting up to RECONFIG_WAIT (15 s)
+# for etcd to allow that. A join given up too early cannot simply be asked again.
+ADMIT_TIMEOUT = 120.0
 MAX_BODY = 64 * 1024
 
 
@@ -379,7 +383,7 @@ def _fetch_ca(base: str) -> bytes:
 
 def _post(url: str, body: dict[str, Any], ca_file: str) -> dict[str, Any]:
     try:
-        reply = requests.post(url, json=body, verify=ca_file, timeout=TIMEOUT)
+        reply = requests.post(url, json=body, verify=ca_file, timeout=(TIMEOUT, ADMIT_TIMEOUT))
     except requests.exceptions.SSLError:
         raise MeshctlError(f"{url}: the manager's certificate does not match its address") from None
     except requests.RequestException as err:

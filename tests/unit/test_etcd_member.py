@@ -53,6 +53,7 @@ def test_argv_serves_tls_with_client_certificates_on_both_sides() -> None:
         "peer-key-file": "/s/node.key",
         "heartbeat-interval": "100",
         "election-timeout": "1000",
+        "bcrypt-cost": "4",
         "logger": "zap",
         "log-outputs": "stderr",
     }

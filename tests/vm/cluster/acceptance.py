@@ -2,9 +2,11 @@
 
 Runs inside the first VM (node1; this VM's root namespace is that node) of the multi-VM lane,
 tests/vm/cluster/run, never on the host: pytest collects this file only when given its path.
-Every VM was provisioned by vagrant/provision.sh as a Vagrant box is (node1 also runs etcd),
-its controller on `--lb-backend auto`. The tests run in order on one cluster and one 6-replica
-service published on port 8000, with a client task on node1; the last powers a VM off.
+Every VM was provisioned by vagrant/provision.sh as a Vagrant box is: node1 founded the cluster
+(`cluster init`: its CA and the store's member, mutual TLS with a login per node), the others
+joined it with worker tokens (tests/vm/cluster/boot says why no more managers); each controller
+on `--lb-backend auto`. The tests run in order on one cluster and one 6-replica service
+published on port 8000, with a client task on node1; the last powers a worker's VM off.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import http.client
 import json
 import os
 import re
+import ssl
 import subprocess
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,10 +28,13 @@ import pytest
 
 from kernel import netns
 from meshctl.cli import output
-from meshctl.cluster import nodes
+from meshctl.cluster import nodes, pki
+from meshctl.cluster.config import CLIENT_PORT, PEER_PORT, ClusterPaths
+from meshctl.commands.cluster import open_cluster_store
 from meshctl.commands.read import get_network, get_service, list_tasks
 from meshctl.naming import lb_netns, task_netns
-from meshctl.store import Store, open_store
+from meshctl.store import Store, resolve_state_dir
+from meshctl.store.etcd import EtcdStore
 from tests.cluster.workloads import HTTP
 from tests.conftest import scaled
 from tests.kernel.mesh import invoke_cli, wait_for
@@ -38,16 +45,17 @@ PORT = 8000
 # NAME=ADDRESS of every VM, this one first (tests/vm/cluster/boot's list, through node).
 VMS = dict(pair.split("=", 1) for pair in os.environ.get("MESHCTL_VM_CLUSTER_VMS", "").split())
 HERE = next(iter(VMS), "")
+MANAGERS = 1  # the first VMs that are managers, each a member of the store (tests/vm/cluster/boot)
 
 
 @pytest.fixture(scope="module")
 def store() -> Iterator[Store]:
-    """The cluster's etcd, as the CLI finds it ($MESHCTL_STORE, set for login shells)."""
+    """The cluster's store as the CLI on this node opens it: its state directory names the
+    members, its certificate and login."""
     if not VMS:
         pytest.fail("no $MESHCTL_VM_CLUSTER_VMS: these run in the VMs of tests/vm/cluster/run")
-    opened = open_store(os.environ["MESHCTL_STORE"])
-    yield opened
-    opened.close()
+    with open_cluster_store(resolve_state_dir(None)) as opened:
+        yield opened
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +178,8 @@ def test_three_vms_are_ready_nodes_balancing_with_ipvs(store: Store) -> None:
     def all_ready() -> bool:
         return {n: v["state"] for n, v in node_list(store).items()} == dict.fromkeys(VMS, "ready")
 
-    # The other VMs may still be provisioning.
-    wait_for(all_ready, 48, "every VM's node ready", interval=2)
+    # The other VMs may still be provisioning: they join once this one is ready.
+    wait_for(all_ready, 96, "every VM's node ready", interval=2)
     table = meshctl("node", "ls")
     print(table)
     shown = {v["name"]: v for v in json.loads(meshctl("node", "ls", "--format", "json"))}
@@ -181,6 +189,81 @@ def test_three_vms_are_ready_nodes_balancing_with_ipvs(store: Store) -> None:
     assert sum(v["leader"] for v in shown.values()) == 1
     for n, address in VMS.items():
         assert re.search(rf"^{n} +\w+ +{re.escape(address)} +ready +active", table, re.M), table
+
+
+def members(store: Store) -> list[tuple[str, int]]:
+    """The client endpoints of the store's members."""
+    assert isinstance(store, EtcdStore)
+    return sorted(store.member_endpoints())
+
+
+def test_the_managers_run_the_stores_members(store: Store) -> None:
+    managers = list(VMS.values())[:MANAGERS]
+    assert members(store) == sorted((address, CLIENT_PORT) for address in managers)
+
+
+def health(address: str, port: int, context: ssl.SSLContext | None) -> str:
+    """What an etcd port answers to GET /health, over TLS with context, else plain HTTP."""
+    if context is None:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection(
+            address, port, timeout=scaled(2)
+        )
+    else:
+        conn = http.client.HTTPSConnection(address, port, timeout=scaled(2), context=context)
+    try:
+        conn.request("GET", "/health")
+        reply = conn.getresponse()
+        return f"{reply.status} {reply.read().decode(errors='replace').strip()}"
+    finally:
+        conn.close()
+
+
+def refused(address: str, port: int, context: ssl.SSLContext | None) -> bool:
+    """Whether the port refuses the client: the TLS handshake fails, or the connection closes,
+    or (plain HTTP to a TLS port) Go's own 400 answers it."""
+    try:
+        answer = health(address, port, context)
+    except (OSError, http.client.HTTPException):
+        return True
+    return context is None and answer.startswith("400 ")
+
+
+def tls_context(ca: str, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
+    """A client's TLS that trusts the cluster CA (so the server is the cluster's), presenting
+    cert and key if given."""
+    context = ssl.create_default_context(cafile=ca)
+    context.check_hostname = False  # members are addressed by IP; the CA is what is checked
+    if cert is not None and key is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            cert_file, key_file = os.path.join(folder, "crt"), os.path.join(folder, "key")
+            pki.write_public(cert_file, cert)
+            pki.write_private(key_file, key)
+            context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def test_an_outsider_is_refused_by_every_member_of_the_store(store: Store) -> None:
+    """Plain HTTP, TLS without a client certificate and TLS with another CA's certificate: no
+    answer from the client or the peer port of any member, nor a service stored through the
+    old plain `etcd://` way in. This node's own certificate gets one (the probe works)."""
+    paths = ClusterPaths(resolve_state_dir(None))
+    with open(paths.cert, "rb") as f, open(paths.key, "rb") as g:
+        own = tls_context(paths.ca_cert, f.read(), g.read())
+    other_ca, other_key = pki.make_ca("an outsider's CA")
+    stranger = tls_context(paths.ca_cert, *pki.make_node_cert(other_ca, other_key, node=HERE,
+                           role="manager", addresses=[VMS[HERE]], days=1))  # fmt: skip
+    outsiders = {"plain HTTP": None, "TLS without a certificate": tls_context(paths.ca_cert),
+                 "TLS with another CA's certificate": stranger}  # fmt: skip
+    for address, _ in members(store):
+        assert health(address, CLIENT_PORT, own).startswith("200 "), address
+        for port in (CLIENT_PORT, PEER_PORT):
+            for who, context in outsiders.items():
+                assert refused(address, port, context), f"{who} answered at {address}:{port}"
+    plain = f"etcd://{VMS[HERE]}:{CLIENT_PORT}"
+    done = invoke_cli(["--store", plain, "service", "create", "--name", "pwn", "-d", "--",
+                       "sh", "-c", "id -u"], dict(os.environ))  # fmt: skip
+    assert done.returncode != 0, done.stdout
+    assert "pwn" not in {r.name for r in store.list("service")}
 
 
 def test_six_replicas_spread_two_per_vm(store: Store, web: None) -> None:
