@@ -29,6 +29,7 @@ class Loops:
     # (began, ended) of each query or request, by client ("dig", "curl")
     sent: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    failed: list[tuple[str, float]] = field(default_factory=list)  # (client, began) of each
     _stop: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _mark: int = 0
@@ -72,6 +73,7 @@ class Loops:
             )  # fmt: skip
             self.sent[argv[0]].append((began, time.monotonic()))
             if done.stdout.strip() != expect:
+                self.failed.append((argv[0], began))
                 self.failures.append(
                     f"{argv[0]} after {time.monotonic() - began:.2f}s: "
                     f"{(done.stdout + done.stderr).strip()!r} (exit {done.returncode})"
