@@ -328,12 +328,16 @@ def become_manager(state_dir: str, config: ClusterConfig) -> ClusterConfig:
     own = f"{config.address}:{cluster_config.CLIENT_PORT}"
     store = (own, *(e for e in admitted.store if e != own))
     promoted = dataclasses.replace(config, role="manager", store=store)
+    with open(paths.cert, "rb") as f:
+        worker_cert = f.read()
+    # The member speaks to its peers with the manager's certificate: theirs admit no other.
+    pki.write_public(paths.cert, admitted.cert)
     try:
         seat_member(paths, promoted, admitted, host)
     except BaseException:
+        pki.write_public(paths.cert, worker_cert)
         _drop_managers_secrets(paths)
         raise
-    pki.write_public(paths.cert, admitted.cert)
     cluster_config.save(state_dir, promoted)
     return promoted
 
