@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -143,11 +144,7 @@ def test_losing_the_first_manager_leaves_the_cluster_writable(tmp_path: str) -> 
                  30, "node1 to list the three members")  # type: ignore[union-attr]  # fmt: skip
         web(cluster, 3)
         assert {t["node"] for t in wait_live(cluster, "web", 3, 60)} == set(cluster.nodes)
-        web(cluster, 1, "--constraint", "node.name==node3", name="client")
-        (client,) = wait_live(cluster, "client", 1, 60)
-        inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
-        vip = inspect["networks"][0]["vip"]
-        wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+        client, vip = _client_of_web(cluster, "node3")
         with Loops(client["pid"], "web", vip, f"http://{vip}/") as loops:
             wait_for(partial(loops.answered, 10), 30, "the loops to answer")
             node1 = cluster.nodes["node1"]
@@ -193,12 +190,8 @@ def test_certificates_are_renewed_before_they_expire_and_no_request_fails() -> N
     past the first certificates' expiry, while a client on node2 asks web's name and VIP."""
     with Cluster(nodes=2, trust=True, init_args=("--cert-expiry", "40s")) as cluster:
         web(cluster, 2)
-        web(cluster, 1, "--constraint", "node.name==node2", name="client")
-        (client,) = wait_live(cluster, "client", 1, 60)
         wait_live(cluster, "web", 2, 60)
-        inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
-        vip = inspect["networks"][0]["vip"]
-        wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+        client, vip = _client_of_web(cluster, "node2")
         certs = {n: ClusterPaths(cluster.nodes[n].state_dir).cert for n in cluster.nodes}
         first = {n: _read(path) for n, path in certs.items()}
         expiry = max(pki.expires(c) for c in first.values()).timestamp()
@@ -222,6 +215,16 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+def _client_of_web(cluster: Cluster, node: str) -> tuple[dict[str, Any], str]:
+    """A client task on node, and web's VIP once it answers the client: (the task, the VIP)."""
+    web(cluster, 1, "--constraint", f"node.name=={node}", name="client")
+    (client,) = wait_live(cluster, "client", 1, 60)
+    inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
+    vip = str(inspect["networks"][0]["vip"])
+    wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+    return client, vip
+
+
 def _answers(cluster: Cluster, task_id: str, url: str) -> bool:
     get = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5", url]
     return cluster.in_task(task_id, *get).stdout == "200"
@@ -233,12 +236,8 @@ def test_losing_quorum_stops_writes_in_one_line_and_the_data_plane_serves_on() -
     gets web's VIP from its DNS and answers through the VIP from the task on its own node."""
     with Cluster(nodes=3, trust=True, managers=3) as cluster:
         web(cluster, 3)
-        web(cluster, 1, "--constraint", "node.name==node3", name="client")
-        (client,) = wait_live(cluster, "client", 1, 60)
         wait_live(cluster, "web", 3, 60)
-        inspect = json.loads(cluster.cli("service", "inspect", "web", "--format", "json").stdout)
-        vip = inspect["networks"][0]["vip"]
-        wait_for(lambda: _answers(cluster, client["id"], f"http://{vip}/"), 60, "web via its VIP")
+        client, vip = _client_of_web(cluster, "node3")
         for lost in ("node1", "node2"):
             cluster.stop_controller(lost, signal.SIGKILL)
             cluster.cut(lost)
